@@ -1,0 +1,5 @@
+import sys
+
+from codellama.cli import main
+
+sys.exit(main())

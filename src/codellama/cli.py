@@ -1,0 +1,49 @@
+"""`codellama <command>`: one console command, one module per subcommand.
+
+Each command module exposes `register(subparsers)`, which adds its parser and sets `func`.
+Modules are imported only when listed here, so `codellama --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from codellama.errors import UserError
+
+# command name -> module that registers it
+COMMANDS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codellama",
+        description="Code Llama end to end: run, infill, chat, serve, train and evaluate code models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    registered = set()
+    for module_name in dict.fromkeys(COMMANDS.values()):
+        if module_name not in registered:
+            importlib.import_module(module_name).register(sub)
+            registered.add(module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"codellama {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

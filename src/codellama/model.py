@@ -1,0 +1,228 @@
+"""The Llama 2 / Code Llama transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU, KV cache.
+
+Knows nothing of parallelism, compilation, quantisation or serving: those wrap it from outside.
+
+Parameter names follow Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...), but the rows of
+wq and wk are stored in the Hugging Face "rotate half" order: within each head the first half of the rows
+holds the real parts and the second half the imaginary parts. checkpoints/meta.py and checkpoints/gguf.py
+permute Meta's interleaved order into this one on load, and back on save.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codellama.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype (Meta and HF both do), then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for the given positions: [..., head_dim/2] each, float32.
+
+    freq_i = theta^(-2i/head_dim); linear interpolation divides positions by `scaling`.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # [hd/2]
+    angles = (positions.float() / scaling)[..., None] * inv_freq  # [..., hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] by cos/sin [B, T, hd/2] in the half-split layout, computing in float32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]  # real, imaginary parts
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for `max_batch` sequence slots of `max_seq_len` positions each.
+
+    A static shape, so a compiled decode step never recompiles; slots let requests of different lengths
+    share one batch (each row writes and reads at its own positions).
+    """
+
+    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] at input_pos [B, T]; return the rows' whole caches [B, Hkv, S, hd]."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device) if slots is None else slots
+        # advanced indices on dims 0 and 2 -> the indexed view is [B, T, Hkv, hd]
+        self.k[rows[:, None], :, input_pos] = k.transpose(1, 2)
+        self.v[rows[:, None], :, input_pos] = v.transpose(1, 2)
+        if slots is None and B == self.k.shape[0]:
+            return self.k, self.v
+        return self.k[rows], self.v[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        slots: torch.Tensor | None,
+        kv_len: int | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_heads != self.n_kv_heads
+        if input_pos is None or self.cache is None:
+            # training / no cache: plain causal attention over this chunk
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            k, v = self.cache.update(input_pos, k, v, slots)  # [B, Hkv, S, hd]
+            if kv_len is not None:  # eager path: skip the unused tail of the static cache
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]: causal, per row
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None, slots=None, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, slots, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    # ---- KV cache ----
+    def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache (reused when the requested one fits in the current one)."""
+        c = self.config
+        dtype = dtype or self.output.weight.dtype
+        current = self.layers[0].attention.cache
+        if current is not None and current.k.dtype == dtype and current.k.shape[0] >= max_batch and (
+            current.k.shape[2] >= max_seq_len
+        ):
+            return
+        device = self.output.weight.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(max_batch, max_seq_len) of the allocated cache, or None."""
+        cache = self.layers[0].attention.cache
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+
+    # ---- forward ----
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only).
+
+        input_pos [B, T]: absolute positions, required to use the KV cache (set up with setup_cache).
+        slots [B]: which cache rows these sequences own (default: rows 0..B-1).
+        Without input_pos the call is a plain causal pass over positions 0..T-1 (training).
+        """
+        B, T = tokens.shape
+        c = self.config
+        if input_pos is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            kv_len = None
+        else:
+            positions = input_pos
+            # Eager decoding attends only to the filled part of the cache; a compiled step keeps static shapes.
+            kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        for layer in self.layers:
+            h = layer(h, cos, sin, input_pos, slots, kv_len)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+    # ---- initialisation for training from scratch ----
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) for embeddings and projections, with output projections of each residual branch
+        scaled by 1/sqrt(2 * n_layers) (GPT-2's rule); norms to one."""
+        residual_std = std / (2 * self.config.n_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,91 @@
+"""The transformer against transformers' LlamaForCausalLM, and the KV cache against a full pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama.config import PRESETS, ModelConfig, llama_ffn_hidden, preset
+from helpers import hf_twin, random_model
+
+CONFIGS = {
+    "mha-theta1e4": ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=300, ffn_hidden=176, rope_theta=1e4),
+    "gqa-theta1e6": ModelConfig(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=300, ffn_hidden=96, rope_theta=1e6),
+    "linear-scaling": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=300, ffn_hidden=128, rope_theta=1e5, rope_scaling=4.0),
+    "tied-theta1e5": ModelConfig(dim=96, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=300, ffn_hidden=128, rope_theta=1e5, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name):
+    model = random_model(CONFIGS[name])
+    hf = hf_twin(model)
+    tokens = torch.randint(0, 300, (2, 37))
+    with torch.no_grad():
+        ours = model(tokens)
+        ref = hf(tokens).logits
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kv_cache_equals_full_pass(name):
+    model = random_model(CONFIGS[name])
+    tokens = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(max_batch=2, max_seq_len=64)
+        pos = torch.arange(12).expand(2, 12)
+        step_logits = [model(tokens[:, :12], input_pos=pos)]
+        for t in range(12, 20):
+            step_logits.append(model(tokens[:, t : t + 1], input_pos=torch.full((2, 1), t)))
+    torch.testing.assert_close(torch.cat(step_logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_slots_let_rows_sit_at_different_positions():
+    model = random_model(CONFIGS["gqa-theta1e6"])
+    a, b = torch.randint(0, 300, (1, 9)), torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        ref_a, ref_b = model(a)[:, -1], model(b)[:, -1]
+        model.setup_cache(max_batch=4, max_seq_len=32)
+        # prefill each request into its own slot, then decode both in one batch
+        model(a[:, :8], input_pos=torch.arange(8)[None], slots=torch.tensor([3]))
+        model(b[:, :4], input_pos=torch.arange(4)[None], slots=torch.tensor([1]))
+        out = model(torch.cat([a[:, 8:], b[:, 4:]]), input_pos=torch.tensor([[8], [4]]), slots=torch.tensor([3, 1]))
+    torch.testing.assert_close(out[:, -1], torch.cat([ref_a, ref_b]), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_close_to_float32():
+    model = random_model(CONFIGS["gqa-theta1e6"])
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ref = model(tokens)
+        low = model.to(torch.bfloat16)(tokens)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "name,params,ffn",
+    [
+        ("codellama-7b", 6_738_546_688, 11008),
+        ("codellama-7b-python", 6_738_415_616, 11008),
+        ("codellama-13b", 13_016_028_160, 13824),
+        ("codellama-34b", 33_743_970_304, 22016),
+        ("codellama-70b", 68_976_910_336, 28672),
+    ],
+)
+def test_presets_have_the_papers_shapes(name, params, ffn):
+    cfg = preset(name)
+    assert cfg.ffn_hidden == ffn
+    assert cfg.num_params() == params
+    with torch.device("meta"):
+        from codellama.model import Transformer
+
+        assert Transformer(cfg).num_params() == params
+
+
+def test_ffn_rule_and_unknown_preset():
+    assert llama_ffn_hidden(8192, 4096, 1.3) == 28672
+    with pytest.raises(ValueError, match="known presets: .*codellama-7b"):
+        preset("codellama-8b")
+    assert "tiny" in PRESETS
