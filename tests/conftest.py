@@ -22,3 +22,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data folder {SHARED_DATA} not present (set CODELLAMA_SHARED_DATA)")
     return SHARED_DATA
+
+# Tokenizers built once per session (SentencePiece trained on code, Code Llama's vocabulary, SmolLM2's GGUF)
+from tokenizer_fixtures import codellama, smollm2, sp_dir  # noqa: E402, F401

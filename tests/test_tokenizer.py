@@ -12,7 +12,7 @@ from codellama import spm_proto
 from codellama.errors import UserError
 from codellama.tokenizer import (BPETokenizer, SentencePieceTokenizer, codellama_tokenizer, load_tokenizer,
                                  save_tokenizer, tokenizer_from_gguf, write_gguf_tokenizer)
-from tokenizer_fixtures import GGUF_SMOLLM2, INFILL, TRICKY, codellama, hf_codellama, smollm2, sp_dir  # noqa: F401
+from tokenizer_fixtures import GGUF_SMOLLM2, INFILL, TRICKY, hf_codellama
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_save_load_bpe_readable_by_transformers(tmp_path, smollm2):
         assert again.encode(s) == smollm2.encode(s) == hf.encode(s, add_special_tokens=False), repr(s)
 
 
-@pytest.mark.parametrize("which", ["codellama", "smollm2"])
+@pytest.mark.parametrize("which", ["codellama", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_gguf_write_read_round_trip(tmp_path, which, request):
     gguf = pytest.importorskip("gguf")
     tok = request.getfixturevalue(which)

