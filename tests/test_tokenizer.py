@@ -122,7 +122,10 @@ def test_spm_proto_round_trip(sp_dir):
     assert proto.to_bytes() == data
     assert proto.model_type == spm_proto.BPE and proto.add_dummy_prefix
     assert proto.special_ids() == {"unk": 0, "bos": 1, "eos": 2, "pad": -1}
-    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")  # protobuf's own parser agrees
+    try:  # protobuf's own parser agrees (sentencepiece's generated code needs a matching protobuf)
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+    except Exception as e:
+        pytest.skip(f"protobuf unavailable: {e}")
     ref = pb2.ModelProto()
     ref.ParseFromString(data)
     assert [p.piece for p in ref.pieces] == [p.piece for p in proto.pieces]
@@ -229,3 +232,45 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_config_files_beside_the_tokenizer(tmp_path, sp_dir):
+    """chat_template.jinja (newer transformers), named template lists and special_tokens_map.json."""
+    (tmp_path / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert load_tokenizer(tmp_path).chat_template == "{{ messages[0]['content'] }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+         "add_bos_token": False}))
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    assert tok.chat_template == "D" and not tok.add_bos
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="JSON object"):
+        load_tokenizer(tmp_path)
+
+
+def test_llama_style_tokenizer_json_infilling(tmp_path, sp_dir, sp_tok):
+    """A tokenizer.json with SentencePiece-style Metaspace (what HF ships beside tokenizer.model): the
+    infilling encode drops the implicit space, the infilling decode keeps the leading space."""
+    hf = hf_codellama(sp_dir)
+    hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert isinstance(tok, BPETokenizer) and tok.can_infill
+    assert tok.encode("x = 1") == sp_tok.encode("x = 1")
+    assert tok.encode_infilling("x = 1") == sp_tok.encode_infilling("x = 1") != sp_tok.encode("x = 1")
+    middle = sp_tok.encode_infilling(" y = 2")
+    assert tok.decode_infilling(middle) == " y = 2" and tok.decode(middle) == "y = 2"
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
+    (tmp_path / "tokenizer-codellama-base.model").write_bytes(b"\x0a\x03abc")
+    codellama_tokenizer.cache_clear()
+    try:
+        tok = codellama_tokenizer()
+    except UserError as e:
+        pytest.skip(str(e))
+    finally:
+        codellama_tokenizer.cache_clear()
+    assert tok.vocab_size == 32016
+    assert (tmp_path / "tokenizer-codellama-base.model").stat().st_size > 100_000

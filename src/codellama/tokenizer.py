@@ -401,14 +401,33 @@ def _guess_pre(tok: BPETokenizer) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Loading and saving
 # ---------------------------------------------------------------------------------------------------------
-def _read_config(directory: Path) -> dict:
-    path = directory / "tokenizer_config.json"
+def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a JSON object")
+    return data
+
+
+def _read_config(directory: Path) -> dict:
+    """tokenizer_config.json, completed from special_tokens_map.json and chat_template.jinja (which newer
+    transformers versions write beside it)."""
+    config = _read_json(directory / "tokenizer_config.json")
+    for key, value in _read_json(directory / "special_tokens_map.json").items():
+        config.setdefault(key, value)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja = directory / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    config["chat_template"] = template
+    return config
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -522,14 +541,17 @@ def codellama_tokenizer(variant: str = "base") -> SentencePieceTokenizer:
     if variant not in CODELLAMA_VARIANTS:
         raise UserError(f"unknown Code Llama tokenizer variant {variant!r}; known: {', '.join(CODELLAMA_VARIANTS)}")
     path = _cache_dir() / f"tokenizer-codellama-{variant}.model"
-    data = path.read_bytes() if path.is_file() else None
-    if data is None:
-        data = codellama_proto(variant)
+    if path.is_file():
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            tmp.replace(path)  # atomic: concurrent builders never see half a file
-        except OSError:
-            pass  # a read-only home is no reason to fail; we just rebuild next time
+            return SentencePieceTokenizer(path.read_bytes(), add_bos=True, source=str(path))
+        except UserError:
+            pass  # a damaged cache file: rebuild it below
+    data = codellama_proto(variant)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: concurrent builders never see half a file
+    except OSError:
+        pass  # a read-only home is no reason to fail; we just rebuild next time
     return SentencePieceTokenizer(data, add_bos=True, source=str(path))
