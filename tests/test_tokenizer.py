@@ -50,6 +50,22 @@ def test_codellama_encode_equals_sentencepiece_and_meta_infilling_trick(codellam
         assert codellama.decode_infilling(gen) == ref.decode([smiley] + gen)[1:], repr(s)
 
 
+def test_infilling_equals_meta_trick_on_random_code(codellama):
+    """Seeded fuzz: no-dummy-prefix encoding == Meta's encode("☺" + s)[2:], and the decodes agree."""
+    import random
+
+    ref = spm.SentencePieceProcessor(model_proto=codellama.model_proto)
+    smiley = ref.piece_to_id("☺")
+    alphabet = list(" \t\n\r☺aZ_()[]{}:;.,'\"#=+-*/<>!?0123456789éü中😀▁") + ["def ", "return", "    ", "self"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        ids = codellama.encode_infilling(s)
+        assert ids == ref.encode("☺" + s)[2:], repr(s)
+        gen = ref.encode(s)
+        assert codellama.decode_infilling(gen) == ref.decode([smiley] + gen)[1:], repr(s)
+
+
 def test_codellama_vocabulary(codellama):
     """Spec 2.1: 32016 pieces, infill ids 32007-32010, base ids, and the appended pieces' strings."""
     t = codellama
@@ -147,6 +163,13 @@ def test_smollm2_gguf_equals_llama_cpp(smollm2):
         assert ids == ref.tokenize(s.encode(), add_bos=False, special=True), repr(s)
         assert smollm2.decode(ids) == ref.detokenize(ids, special=False).decode(), repr(s)
         assert smollm2.encode_infilling(s) == ids  # byte-level BPE has no implicit space
+    import random
+
+    rng = random.Random(0)
+    alphabet = list(" \t\n\r aZé中😀_()'\"0123456789.,:#") + ["def ", "return", "    ", "<|im_end|>"]
+    for _ in range(1000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert smollm2.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=True), repr(s)
 
 
 def test_smollm2_specials(smollm2):
