@@ -265,8 +265,10 @@ def test_config_files_beside_the_tokenizer(tmp_path, sp_dir):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
          "add_bos_token": False}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     tok = load_tokenizer(tmp_path / "tokenizer.model")
     assert tok.chat_template == "D" and not tok.add_bos
+    assert tok.stop_ids == {2, 5}
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="JSON object"):
         load_tokenizer(tmp_path)

@@ -50,6 +50,8 @@ class Tokenizer:
     step_id: int | None
     chat_template: str | None
     add_bos: bool
+    # more ids that end a turn, e.g. from generation_config.json's eos_token_id list (HF checkpoints)
+    extra_stop_ids: frozenset[int] = frozenset()
 
     def _find_special_pieces(self) -> None:
         self.prefix_id = self.piece_to_id(INFILL_PIECES["prefix"])
@@ -67,6 +69,7 @@ class Tokenizer:
         """Ids that end a completion or a chat turn: EOS plus end-of-turn pieces (`<|im_end|>`, `<step>`...).
         EOT (`▁<EOT>`) is not here: it ends an infilling, which stops on `eot_id`."""
         ids = {self.eos_id} if self.eos_id is not None else set()
+        ids |= self.extra_stop_ids
         for piece in END_OF_TURN_PIECES:
             i = self.piece_to_id(piece)
             if i is not None:
@@ -288,7 +291,18 @@ def _gguf_value(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
         return default
-    return field.contents()
+    if hasattr(field, "contents"):
+        return field.contents()
+    # gguf < 0.11 has no ReaderField.contents(): decode the parts ourselves
+    from gguf import GGUFValueType
+
+    def one(i: int) -> Any:
+        part = field.parts[i]
+        return bytes(part).decode("utf-8") if field.types[-1] == GGUFValueType.STRING else part.tolist()[0]
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [one(i) for i in field.data]
+    return one(field.data[0])
 
 
 def tokenizer_from_gguf(reader) -> Tokenizer:
@@ -451,9 +465,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return tokenizer_from_gguf(reader)
     config = _read_config(p.parent)
     if p.suffix == ".json":
-        return BPETokenizer.from_file(p, config)
-    return SentencePieceTokenizer.from_file(p, chat_template=config.get("chat_template"),
-                                            add_bos=config.get("add_bos_token", True))
+        tok: Tokenizer = BPETokenizer.from_file(p, config)
+    else:
+        tok = SentencePieceTokenizer.from_file(p, chat_template=config.get("chat_template"),
+                                               add_bos=config.get("add_bos_token", True))
+    # generation_config.json may list several end ids (Code Llama 70B Instruct: [2, 32015])
+    eos = _read_json(p.parent / "generation_config.json").get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    tok.extra_stop_ids = frozenset(i for i in eos if isinstance(i, int) and 0 <= i < tok.vocab_size)
+    return tok
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
