@@ -121,12 +121,9 @@ def try_load_tokenizer(path: Path):
     return load_tokenizer(path)
 
 
-def find_instance(obj, cls_names: tuple[str, ...]):
-    """obj itself, or the first attribute of obj, whose class name is one of cls_names (duck typing over
-    the tokenizer's wrapped sentencepiece / tokenizers object, whatever the attribute is called)."""
-    if type(obj).__name__ in cls_names:
+def find_instance(obj, cls: type):
+    """obj itself, or the first of its attributes, that is an instance of cls: finds the sentencepiece /
+    tokenizers object a Tokenizer wraps, whatever the attribute is called."""
+    if isinstance(obj, cls):
         return obj
-    for value in getattr(obj, "__dict__", {}).values():
-        if type(value).__name__ in cls_names:
-            return value
-    return None
+    return next((v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, cls)), None)

@@ -179,7 +179,9 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
     if params["ffn_dim_multiplier"] is None:
         params.pop("ffn_dim_multiplier")
     (out / "params.json").write_text(json.dumps(params) + "\n")
-    sp = find_instance(tokenizer, ("SentencePieceProcessor",)) if tokenizer is not None else None
+    import sentencepiece
+
+    sp = find_instance(tokenizer, sentencepiece.SentencePieceProcessor) if tokenizer is not None else None
     if sp is not None:
         (out / "tokenizer.model").write_bytes(sp.serialized_model_proto())
     return out
