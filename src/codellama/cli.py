@@ -13,7 +13,10 @@ import sys
 from codellama.errors import UserError
 
 # command name -> module that registers it
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "convert": "codellama.commands.convert",
+    "info": "codellama.commands.info",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,8 +25,9 @@ _DTYPES = {
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """A torch dtype from a name; None (and "auto") stay None: the loader's default."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
@@ -34,8 +35,11 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None, stored: torch.dtype | None) -> torch.dtype:
-    """The dtype to load into: the one asked for; else float32 on CPU (fast and exact there); on an
-    accelerator the stored half precision, or float16 for quantised/float32 checkpoints."""
+    """The dtype to load into: the one asked for; "auto": as stored (float16 for quantised GGUF), so
+    conversions never widen; else float32 on CPU (fast and exact there); on an accelerator the stored
+    half precision, or float16 for quantised/float32 checkpoints."""
+    if dtype == "auto":
+        return stored or torch.float32
     asked = parse_dtype(dtype)
     if asked is not None:
         return asked

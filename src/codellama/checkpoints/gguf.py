@@ -168,7 +168,7 @@ def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
 
 def _stored_dtype(reader) -> torch.dtype:
     types = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
-    return torch.bfloat16 if types == {"BF16"} else torch.float16
+    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16) if len(types) == 1 else torch.float16
 
 
 def gguf_tokenizer(reader):

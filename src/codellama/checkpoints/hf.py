@@ -95,18 +95,30 @@ def _iter_ours(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, t
 
 
-def _stored_dtype(files: list[Path]) -> torch.dtype | None:
-    """The dtype of the first tensor, read from the safetensors header only."""
-    f = files[0]
-    if f.suffix != ".safetensors":
-        return None
+def read_safetensors_header(f: Path) -> dict:
+    """The JSON header of a .safetensors file, checked against the file size (a truncated download
+    fails here, naming the file, before any tensor is read)."""
+    bad = f"{f}: not a valid safetensors file"
     try:
+        size = f.stat().st_size
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the end of the file")
             header = json.loads(fh.read(n))
     except (OSError, ValueError) as e:
-        raise UserError(f"{f}: not a valid safetensors file ({e}); re-download or re-convert it") from None
-    for k, v in header.items():
+        raise UserError(f"{bad} ({e}); re-download or re-convert it") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{f}: truncated ({size} bytes, its header describes {8 + n + end}); re-download it")
+    return header
+
+
+def _stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The dtype of the first tensor, from the safetensors header only."""
+    if files[0].suffix != ".safetensors":
+        return None
+    for k, v in read_safetensors_header(files[0]).items():
         if k != "__metadata__":
             return _ST_DTYPES.get(v.get("dtype"))
     return None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from codellama.checkpoints.common import empty_model, parse_dtype, resolve_dtype
+from codellama.checkpoints.common import empty_model, resolve_dtype
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -120,12 +120,18 @@ def load_preset(name: str, device="cpu", dtype=None) -> LoadedModel:
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.init_weights()
-    tokenizer = None
-    if cfg.vocab_size in (32000, 32016):
-        from codellama.tokenizer import codellama_tokenizer
+    return LoadedModel(model=model.eval(), tokenizer=preset_tokenizer(cfg), config=cfg, source=name, format="preset")
 
-        tokenizer = codellama_tokenizer()
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, config=cfg, source=name, format="preset")
+
+def preset_tokenizer(cfg: ModelConfig):
+    """The Code Llama tokenizer for presets with its vocabulary (32000/32016 pieces), else None."""
+    if cfg.vocab_size not in (32000, 32016):
+        return None
+    try:
+        from codellama.tokenizer import codellama_tokenizer
+    except ImportError:  # tokenizer module not installed in this build
+        return None
+    return codellama_tokenizer()
 
 
 def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device, name: str) -> None:
@@ -144,5 +150,60 @@ def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device, name: str) -> None
         )
 
 
-def dtype_name(dtype) -> str:
-    return str(parse_dtype(dtype)).removeprefix("torch.")
+@dataclass
+class ModelInfo:
+    """What `codellama info` shows: everything but the weights."""
+
+    config: ModelConfig
+    tokenizer: object | None
+    source: str
+    format: str
+    weights: str  # how the weights are stored, e.g. "float16, 2 safetensors shards" or "Q4_1 x210, F32 x61"
+
+
+def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
+    """Config, tokenizer and storage description of a model spec, without loading the weights."""
+    import json
+    from collections import Counter
+
+    if spec is None or str(spec) == "default":
+        path = default_model_path()
+    else:
+        path = Path(str(spec)).expanduser()
+        if not path.exists():
+            if str(spec) not in PRESETS:
+                load_model(spec)  # raises the right UserError
+            if spec == "smollm2-135m":
+                path = default_model_path()
+            else:
+                cfg = preset(str(spec))
+                return ModelInfo(cfg, preset_tokenizer(cfg), str(spec), "preset", "random (no checkpoint)")
+    fmt = detect_format(path)
+    if path.is_file() and fmt != "gguf":
+        path = path.parent
+    if fmt == "gguf":
+        from codellama.checkpoints.gguf import gguf_config, gguf_tokenizer, open_reader
+
+        reader = open_reader(path)
+        cfg = gguf_config(reader, path)
+        counts = Counter(t.tensor_type.name for t in reader.tensors)
+        weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
+        return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
+    if fmt == "hf":
+        from codellama.checkpoints.common import try_load_tokenizer
+        from codellama.checkpoints.hf import read_hf_config, read_safetensors_header, weight_files
+
+        cfg = read_hf_config(path)
+        files = weight_files(path)
+        for f in files:
+            if f.suffix == ".safetensors":
+                read_safetensors_header(f)
+        dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
+        tok = None
+        if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+            tok = try_load_tokenizer(path)
+        return ModelInfo(cfg, tok, str(path), fmt, f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})")
+    from codellama.checkpoints.meta import meta_config
+
+    cfg, tok, files = meta_config(path)
+    return ModelInfo(cfg, tok, str(path), fmt, f"{len(files)} model-parallel shard(s)")

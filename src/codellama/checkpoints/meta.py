@@ -100,17 +100,18 @@ def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
         raise UserError(f"{f}: not a SentencePiece model ({e})") from None
 
 
-def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
-    """-> (model, tokenizer or None, config) from a Meta checkpoint directory (any number of MP shards)."""
-    path = Path(path)
+def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
+    """-> (config, tokenizer or None, shard files); reads only params.json, tokenizer.model and the
+    (memory-mapped) first shard's embedding shape."""
     params = read_params(path)
     files = shard_files(path)
-    shards = [_load_shard(f) for f in files]
-    emb = shards[0].get("tok_embeddings.weight")
+    if shard0 is None:
+        shard0 = _load_shard(files[0])
+    emb = shard0.get("tok_embeddings.weight")
     if emb is None:
         raise UserError(f"{files[0]}: no tok_embeddings.weight; not a Llama checkpoint")
     tokenizer, vocab = _tokenizer_vocab(path)
-    if vocab is None:  # no tokenizer.model: the (unsplit) embedding rows are the vocabulary
+    if vocab is None:  # no tokenizer.model: the embedding rows (never split) are the vocabulary
         vocab = emb.shape[0]
     try:
         cfg = ModelConfig.from_meta(params, vocab)
@@ -119,7 +120,16 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
     cfg.name = path.name
     if cfg.n_kv_heads % len(files) or cfg.n_heads % len(files):
         raise UserError(f"{path}: {len(files)} shards cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads")
-    dt = resolve_dtype(device, dtype, emb.dtype)
+    return cfg, tokenizer, files
+
+
+def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
+    """-> (model, tokenizer or None, config) from a Meta checkpoint directory (any number of MP shards)."""
+    path = Path(path)
+    files = shard_files(path)
+    shards = [_load_shard(f) for f in files]
+    cfg, tokenizer, _ = meta_config(path, shards[0])
+    dt = resolve_dtype(device, dtype, shards[0]["tok_embeddings.weight"].dtype)
     model = fill_model(cfg, _iter_merged(shards, cfg, str(path)), device=device, dtype=dt, source=str(path))
     return model, tokenizer, cfg
 
