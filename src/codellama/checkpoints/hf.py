@@ -61,21 +61,37 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
-def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of one weight file, read lazily (memory-mapped)."""
-    if f.suffix == ".safetensors":
-        from safetensors import safe_open
+def _iter_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read each tensor straight into its own fresh buffer (plain reads, no memory map): the process
+    then holds exactly the tensors it keeps, not also the file's pages (which a map would count in RSS)."""
+    header = read_safetensors_header(f)
+    with open(f, "rb", buffering=0) as fh:
+        start = 8 + int.from_bytes(fh.read(8), "little")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise UserError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}; only F32, F16, BF16 are supported")
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=dtype)
+            if t.numel() * t.element_size() != end - begin:
+                raise UserError(f"{f}: tensor {name!r} header is inconsistent (shape {info['shape']} vs {end - begin} bytes)")
+            fh.seek(start + begin)
+            buf = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+            done = 0
+            while done < len(buf):  # one read() returns at most ~2 GiB
+                n = fh.readinto(buf[done:])
+                if not n:
+                    raise UserError(f"{f}: truncated inside tensor {name!r}; re-download it")
+                done += n
+            yield name, t
 
-        try:
-            handle = safe_open(str(f), framework="pt")
-            names = list(handle.keys())
-        except Exception as e:  # SafetensorError: bad header, truncated file
-            raise UserError(f"{f}: not a valid safetensors file ({e}); re-download or re-convert it") from None
-        for name in names:
-            try:
-                yield name, handle.get_tensor(name)
-            except Exception as e:
-                raise UserError(f"{f}: cannot read tensor {name!r} ({e}); the file is corrupt or truncated") from None
+
+def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of one weight file, one tensor at a time."""
+    if f.suffix == ".safetensors":
+        yield from _iter_safetensors(f)
     else:
         try:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)

@@ -48,6 +48,8 @@ def run(args) -> int:
     if args.shards < 1:
         raise UserError("--shards must be at least 1")
     out = _check_output(Path(args.out), args.to, args.force)
+    if Path(args.src).exists() and Path(args.src).resolve() == out.resolve():
+        raise UserError("the output must differ from the source (the source is read while the output is written)")
     loaded = load_model(args.src, device="cpu", dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
