@@ -1,1 +1,1 @@
-"""CLI subcommands: one module each, exposing `register(subparsers)`; listed in codellama.cli.COMMANDS."""
+"""One module per `codellama` subcommand (see cli.COMMANDS)."""
