@@ -125,3 +125,19 @@ def test_console_command_prints_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "codellama", "info", str(tmp_path / "junk.gguf")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "junk.gguf" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_default_model_converts_to_hf_that_transformers_loads(tmp_path):
+    """SmolLM2 GGUF -> HF (float32): transformers' model and tokenizer agree with ours."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    assert run_cli("convert", "default", tmp_path / "hf", "--to", "hf", "--dtype", "float32") == 0
+    ours = load_model(None)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
+    ids = ours.tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, ours.model(torch.tensor([ids])), atol=1e-4, rtol=1e-4)

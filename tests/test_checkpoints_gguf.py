@@ -18,6 +18,7 @@ from codellama.checkpoints.gguf_reader import FastGGUFReader
 from codellama.checkpoints.load import default_model_path, load_model
 from codellama.config import ModelConfig
 from codellama.errors import UserError
+from codellama.tokenizer import BPETokenizer
 from helpers import random_model
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
@@ -132,7 +133,7 @@ def _assert_same_reader(f):
 
 
 def test_fast_reader_equals_gguf_reader(tmp_path):
-    model = random_model(CFG.replace(vocab_size=_bpe_tokenizer().get_vocab_size()))
+    model = random_model(CFG.replace(vocab_size=_bpe_tokenizer().vocab_size))
     _assert_same_reader(save_gguf(model, _bpe_tokenizer(), tmp_path / "m.gguf", "Q8_0"))
 
 
@@ -210,13 +211,13 @@ def _bpe_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["def f(x):\n    return x + 1\n", "hello world, print('hi')\n"] * 50, trainer)
-    return tok
+    return BPETokenizer(tok, eos_token="<|endoftext|>", chat_template="{{ messages[0]['content'] }}")
 
 
 def test_llama_cpp_loads_our_gguf_with_the_same_logits(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     tok = _bpe_tokenizer()
-    cfg = CFG.replace(vocab_size=tok.get_vocab_size(), bos_id=0, eos_id=0, rope_theta=1e4)
+    cfg = CFG.replace(vocab_size=tok.vocab_size, bos_id=0, eos_id=0, rope_theta=1e4)
     model = random_model(cfg)
     ids = [5, 100, 37, 200, 3, 77, 150, 9, 10, 11, 260]
     with torch.no_grad():
@@ -233,8 +234,11 @@ def test_llama_cpp_loads_our_gguf_with_the_same_logits(tmp_path):
                 ours = load_gguf(path)[0](torch.tensor([ids]))[0].numpy()
         np.testing.assert_allclose(ours, ref, atol=atol, rtol=0, err_msg=qtype)
         text = "hello world, print('hi') def f(x)"  # (runs of whitespace split differently: not ours to test)
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
         del llm
+    loaded = load_model(tmp_path / "m-F16.gguf")  # the tokenizer travels in the file
+    assert loaded.tokenizer.encode(text) == tok.encode(text) and loaded.tokenizer.eos_id == tok.eos_id
+    assert loaded.tokenizer.chat_template == tok.chat_template
 
 
 @pytest.mark.slow

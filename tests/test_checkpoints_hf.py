@@ -100,3 +100,24 @@ def test_missing_shard_is_named(tmp_path):
     victim.unlink()
     with pytest.raises(UserError, match=victim.name):
         load_model(tmp_path)
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from codellama.tokenizer import BPETokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer)
+    tok = BPETokenizer(raw, eos_token="<|endoftext|>", chat_template="{{ messages[0]['content'] }}")
+    model = random_model(GQA.replace(vocab_size=tok.vocab_size, eos_id=tok.eos_id))
+    save_hf(model, tok, tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_id or tok.eos_id in gen["eos_token_id"]
+    loaded = load_model(tmp_path)
+    assert loaded.tokenizer is not None and loaded.tokenizer.chat_template == tok.chat_template
+    assert loaded.tokenizer.encode("def f(x): return 1") == tok.encode("def f(x): return 1")

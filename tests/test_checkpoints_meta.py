@@ -15,6 +15,7 @@ from codellama.checkpoints.load import load_model
 from codellama.checkpoints.meta import load_meta, save_meta
 from codellama.config import ModelConfig, llama_ffn_hidden
 from codellama.errors import UserError
+from codellama.tokenizer import SentencePieceTokenizer
 from helpers import random_model
 
 # ffn_hidden follows Meta's rule for dim 128 (int(8*128/3)=341 -> 512 with multiple_of 256)
@@ -146,11 +147,12 @@ def test_vocab_from_tokenizer_model(tmp_path):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf, vocab_size=60,
                                    model_type="bpe", minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
-    cfg = MHA.replace(vocab_size=sp.vocab_size())
-    save_meta(random_model(cfg), sp, tmp_path, n_shards=1)
+    tok = SentencePieceTokenizer(buf.getvalue())
+    cfg = MHA.replace(vocab_size=tok.vocab_size)
+    save_meta(random_model(cfg), tok, tmp_path, n_shards=1)
     assert (tmp_path / "tokenizer.model").read_bytes() == buf.getvalue()
-    assert load_model(tmp_path).config.vocab_size == 60
+    loaded = load_model(tmp_path)
+    assert loaded.config.vocab_size == 60 and loaded.tokenizer.encode("def f(x)") == tok.encode("def f(x)")
 
     other = tmp_path / "other"
     save_meta(random_model(MHA), None, other)

@@ -116,18 +116,7 @@ def fill_model(
 
 
 def try_load_tokenizer(path: Path):
-    """The tokenizer stored at `path` (file or dir), or None when codellama.tokenizer is unavailable or
-    the path holds none."""
-    try:
-        from codellama.tokenizer import load_tokenizer
-    except ImportError:
-        return None
+    """The tokenizer stored at `path` (a tokenizer file or a dir holding one)."""
+    from codellama.tokenizer import load_tokenizer  # lazily: loading weights alone needs no tokenizer code
+
     return load_tokenizer(path)
-
-
-def find_instance(obj, cls: type):
-    """obj itself, or the first of its attributes, that is an instance of cls: finds the sentencepiece /
-    tokenizers object a Tokenizer wraps, whatever the attribute is called."""
-    if isinstance(obj, cls):
-        return obj
-    return next((v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, cls)), None)

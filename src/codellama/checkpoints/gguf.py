@@ -8,7 +8,6 @@ memory map, so only the final weights are ever held in full.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codellama.checkpoints.common import fill_model, find_instance, meta_to_ours, ours_to_meta, resolve_dtype
+from codellama.checkpoints.common import fill_model, meta_to_ours, ours_to_meta, resolve_dtype
 from codellama.config import ModelConfig
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -284,73 +283,17 @@ def save_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "F16
 
 
 def write_tokenizer(w, tok, cfg: ModelConfig) -> None:
-    """tokenizer.ggml.* fields from our Tokenizer (or a bare SentencePieceProcessor / tokenizers.Tokenizer)."""
-    import gguf
+    """The tokenizer.ggml.* fields (codellama.tokenizer's writer) plus llama.cpp's infill token ids."""
+    from codellama.tokenizer import write_gguf_tokenizer
 
-    import sentencepiece
-    import tokenizers
-
-    TT = gguf.TokenType
-    sp = find_instance(tok, sentencepiece.SentencePieceProcessor)
-    hf = None if sp is not None else find_instance(tok, tokenizers.Tokenizer)
-    if sp is not None:
-        n = sp.vocab_size()
-        tokens = [sp.id_to_piece(i) for i in range(n)]
-        scores = [sp.get_score(i) for i in range(n)]
-        types = [TT.UNKNOWN if sp.is_unknown(i) else TT.CONTROL if sp.is_control(i) else TT.BYTE if sp.is_byte(i)
-                 else TT.UNUSED if sp.is_unused(i) else TT.NORMAL for i in range(n)]
-        w.add_tokenizer_model("llama")
-        w.add_add_space_prefix(True)
-        unk = sp.unk_id()
-    elif hf is not None:
-        vocab = hf.get_vocab(with_added_tokens=True)
-        n = max(vocab.values()) + 1
-        tokens = [f"[PAD{i}]" for i in range(n)]
-        for piece, i in vocab.items():
-            tokens[i] = piece
-        special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
-        types = [TT.CONTROL if p in special else TT.NORMAL for p in tokens]
-        scores = None
-        merges = json.loads(hf.to_str())["model"].get("merges", [])
-        merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_merges(merges)
-        unk = None
-    else:
-        raise UserError(f"cannot store a {type(tok).__name__} tokenizer in GGUF (need SentencePiece or a tokenizers BPE)")
-    # llama.cpp requires exactly one token per embedding row
-    for i in range(len(tokens), cfg.vocab_size):
-        tokens.append(f"[PAD{i}]")
-        types.append(TT.UNUSED)
-        if scores is not None:
-            scores.append(-1e9)
-    tokens, types = tokens[: cfg.vocab_size], types[: cfg.vocab_size]
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in types])
-    if scores is not None:
-        w.add_token_scores(scores[: cfg.vocab_size])
-    def tok_id(attr: str, default: int | None) -> int | None:
-        value = getattr(tok, attr, None)
-        return value if isinstance(value, int) else default  # a bare sentencepiece has methods here
-
-    bos, eos = tok_id("bos_id", cfg.bos_id), tok_id("eos_id", cfg.eos_id)
-    if bos is not None and bos >= 0:
-        w.add_bos_token_id(bos)
-    if eos is not None and eos >= 0:
-        w.add_eos_token_id(eos)
-    if unk is not None and unk >= 0:
-        w.add_unk_token_id(unk)
-    pad = tok_id("pad_id", None)
-    if pad is not None and pad >= 0:
-        w.add_pad_token_id(pad)
-    w.add_add_bos_token(bool(getattr(tok, "add_bos", sp is not None)))
-    w.add_add_eos_token(False)
-    for key, attr in (("prefix", "prefix_id"), ("suffix", "suffix_id"), ("middle", "middle_id")):
-        tid = tok_id(attr, None)
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} embedding rows; "
+            "llama.cpp needs them equal"
+        )
+    write_gguf_tokenizer(tok, w)
+    for key, tid in (("fim_pre", tok.prefix_id), ("fim_suf", tok.suffix_id), ("fim_mid", tok.middle_id)):
         if tid is not None:
-            w.add_uint32(f"tokenizer.ggml.fim_{key[:3]}_token_id", tid)
-    if tok_id("eot_id", None) is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
+    if tok.eot_id is not None:
         w.add_eot_token_id(tok.eot_id)
-    if getattr(tok, "chat_template", None):
-        w.add_chat_template(tok.chat_template)

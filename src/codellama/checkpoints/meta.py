@@ -14,7 +14,6 @@ import torch
 
 from codellama.checkpoints.common import (
     fill_model,
-    find_instance,
     meta_to_ours,
     ours_to_meta,
     resolve_dtype,
@@ -90,14 +89,7 @@ def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
     if not f.is_file():
         return None, None
     tok = try_load_tokenizer(f)
-    if tok is not None:
-        return tok, tok.vocab_size
-    import sentencepiece as spm
-
-    try:
-        return None, spm.SentencePieceProcessor(model_file=str(f)).vocab_size()
-    except Exception as e:
-        raise UserError(f"{f}: not a SentencePiece model ({e})") from None
+    return tok, tok.vocab_size
 
 
 def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
@@ -189,10 +181,8 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
     if params["ffn_dim_multiplier"] is None:
         params.pop("ffn_dim_multiplier")
     (out / "params.json").write_text(json.dumps(params) + "\n")
-    import sentencepiece
-
-    sp = find_instance(tokenizer, sentencepiece.SentencePieceProcessor) if tokenizer is not None else None
-    if sp is not None:
-        (out / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    proto = getattr(tokenizer, "model_proto", None)  # SentencePieceTokenizer; Meta's layout has no BPE
+    if proto is not None:
+        (out / "tokenizer.model").write_bytes(proto)
     return out
 
