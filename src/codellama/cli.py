@@ -13,7 +13,13 @@ import sys
 from codellama.errors import UserError
 
 # command name -> module that registers it
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "complete": "codellama.commands.generate",
+    "infill": "codellama.commands.generate",
+    "chat": "codellama.commands.generate",
+    "convert": "codellama.commands.convert",
+    "info": "codellama.commands.info",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,11 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    registered = set()
-    for module_name in dict.fromkeys(COMMANDS.values()):
-        if module_name not in registered:
-            importlib.import_module(module_name).register(sub)
-            registered.add(module_name)
+    for module_name in dict.fromkeys(COMMANDS.values()):  # each module once, in table order
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

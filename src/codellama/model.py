@@ -67,17 +67,25 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None
+        self,
+        input_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor | None,
+        kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, hd] at input_pos [B, T]; return the rows' whole caches [B, Hkv, S, hd]."""
+        """Write k, v [B, Hkv, T, hd] at input_pos [B, T]; return the rows' caches [B, Hkv, kv_len or S, hd]."""
         B = k.shape[0]
         rows = torch.arange(B, device=k.device) if slots is None else slots
         # advanced indices on dims 0 and 2 -> the indexed view is [B, T, Hkv, hd]
         self.k[rows[:, None], :, input_pos] = k.transpose(1, 2)
         self.v[rows[:, None], :, input_pos] = v.transpose(1, 2)
+        keys, values = self.k, self.v
+        if kv_len is not None:
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         if slots is None and B == self.k.shape[0]:
-            return self.k, self.v
-        return self.k[rows], self.v[rows]
+            return keys, values
+        return keys[rows], values[rows]
 
 
 class Attention(nn.Module):
@@ -109,9 +117,8 @@ class Attention(nn.Module):
             # training / no cache: plain causal attention over this chunk
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            k, v = self.cache.update(input_pos, k, v, slots)  # [B, Hkv, S, hd]
-            if kv_len is not None:  # eager path: skip the unused tail of the static cache
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            # kv_len (eager path) skips the unused tail of the static cache
+            k, v = self.cache.update(input_pos, k, v, slots, kv_len)  # [B, Hkv, S, hd]
             key_pos = torch.arange(k.shape[2], device=x.device)
             mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]: causal, per row
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)

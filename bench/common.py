@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmark scripts: timing, medians, a transformers twin of our model, a table."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from codellama.checkpoints.hf_names import to_hf_name  # noqa: E402
+from codellama.model import Transformer  # noqa: E402
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median wall time of fn() over `repeats` runs (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hf_twin(model: Transformer):
+    """transformers' LlamaForCausalLM with our model's config and weights (the peer in every benchmark)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config.to_hf()
+    cfg.pop("torch_dtype")
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(LlamaConfig(**cfg))
+    sd = {to_hf_name(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    hf.load_state_dict(sd, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        hf.tie_weights()
+    hf.model.rotary_emb.to_empty(device=model.output.weight.device)  # re-create the rotary buffers
+    hf.model.rotary_emb.__init__(hf.config, device=model.output.weight.device)
+    return hf.eval()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = list(rows[0])
+    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))

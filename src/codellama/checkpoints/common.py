@@ -1,0 +1,122 @@
+"""What every checkpoint format shares: an empty (meta-device) model filled tensor by tensor, the q/k row
+permutation between Meta's interleaved RoPE order and ours, dtype defaults, and the optional tokenizer.
+
+Loading never holds two full copies of the weights: the Transformer is built on the meta device (no
+storage), and each tensor read from a memory-mapped file is converted and assigned on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+from codellama.model import Transformer
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name; None (and "auto") stay None: the loader's default."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None, stored: torch.dtype | None) -> torch.dtype:
+    """The dtype to load into: the one asked for; "auto": as stored (float16 for quantised GGUF), so
+    conversions never widen; else float32 on CPU (fast and exact there); on an accelerator the stored
+    half precision, or float16 for quantised/float32 checkpoints."""
+    if dtype == "auto":
+        return stored or torch.float32
+    asked = parse_dtype(dtype)
+    if asked is not None:
+        return asked
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.float16
+
+
+# ---- RoPE row order ----
+# Meta (and llama.cpp's GGUF) rotate interleaved pairs (x[2i], x[2i+1]); we, like HF, rotate halves
+# (x[i], x[i+hd/2]). Within each head, ours = [Meta's even rows..., Meta's odd rows...].
+
+
+def meta_to_ours(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk [n_heads*hd, dim] from Meta's interleaved row order to rotate-half order (spec 1.5)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def ours_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of meta_to_ours (what HF->Meta and llama.cpp's converter `permute` do)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- building a model from a stream of tensors ----
+
+
+def empty_model(cfg: ModelConfig) -> Transformer:
+    """The Transformer with every parameter on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def fill_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    source: str,
+) -> Transformer:
+    """Build the model from (our name, tensor) pairs, converting and assigning them one at a time.
+
+    Checks every shape (a mismatch names the tensor) and that nothing is missing; extra tensors named
+    `output.weight` are ignored for tied embeddings (HF tied checkpoints sometimes keep a copy).
+    """
+    model = empty_model(cfg)
+    expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
+    seen: set[str] = set()
+    for name, t in tensors:
+        if name not in expected:
+            if name == "output.weight" and cfg.tie_embeddings:
+                continue
+            raise UserError(f"{source}: unexpected tensor {name!r} for a Llama model with {cfg.n_layers} layers")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config implies "
+                f"{tuple(expected[name].shape)}; the config and the weights do not belong together"
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        # copy=False: a tensor already in the right dtype/device (e.g. mmap-backed) is used as is
+        value = t.to(device=device, dtype=dtype, copy=False)
+        setattr(module, attr, nn.Parameter(value, requires_grad=expected[name].requires_grad))
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{source}: checkpoint lacks tensors {shown}")
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def try_load_tokenizer(path: Path):
+    """The tokenizer stored at `path` (a tokenizer file or a dir holding one)."""
+    from codellama.tokenizer import load_tokenizer  # lazily: loading weights alone needs no tokenizer code
+
+    return load_tokenizer(path)

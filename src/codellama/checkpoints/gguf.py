@@ -1,0 +1,299 @@
+"""GGUF (llama.cpp) checkpoints: load F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights plus the tokenizer and
+chat template stored in the file; save F32/F16/Q8_0 files that llama.cpp and our loader both read.
+
+llama.cpp's converter permutes attn_q/attn_k rows HF->Meta (interleaved RoPE pairs), so we un-permute on
+load and permute on save (checkpoints/common.py). Tensors are dequantised one at a time from the reader's
+memory map, so only the final weights are ever held in full.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from codellama.checkpoints.common import fill_model, meta_to_ours, ours_to_meta, resolve_dtype
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+from codellama.model import Transformer
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SAVE_TYPES = ("F32", "F16", "Q8_0")
+
+# GGUF tensor name (per block, after "blk.N.") -> ours (after "layers.N.")
+_LAYER = {
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+_TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_BLK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_OURS = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_IGNORED = ("rope_freqs.weight",)
+
+
+def to_gguf_name(name: str) -> str:
+    m = _OURS.fullmatch(name)
+    if m:
+        return f"blk.{m.group(1)}.{_LAYER_INV[m.group(2)]}.weight"
+    return f"{_TOP_INV[name.removesuffix('.weight')]}.weight"
+
+
+def from_gguf_name(name: str) -> str | None:
+    if name in _IGNORED:
+        return None
+    m = _BLK.fullmatch(name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    base = name.removesuffix(".weight")
+    if base in _TOP and name.endswith(".weight"):
+        return f"{_TOP[base]}.weight"
+    raise KeyError(name)
+
+
+# ---- reading ----
+
+
+def open_reader(path: str | Path):
+    from codellama.checkpoints.gguf_reader import FastGGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return FastGGUFReader(path)
+    except Exception as e:  # bad magic, truncated header/tensor data, unknown value types
+        raise UserError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); it may be truncated, re-download it") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def gguf_config(reader, path: Path) -> ModelConfig:
+    arch = _field(reader, "general.architecture", "llama")
+    if arch != "llama":
+        raise UserError(f"{path}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
+
+    def need(key):
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise UserError(f"{path}: missing metadata key llama.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise UserError(f"{path}: no token_embd.weight tensor; not a Llama GGUF")
+    vocab = _field(reader, "llama.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else int(emb.shape[1])
+    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
+    scaling = 1.0
+    if _field(reader, "llama.rope.scaling.type") == "linear":
+        scaling = float(_field(reader, "llama.rope.scaling.factor", 1.0))
+    elif _field(reader, "llama.rope.scaling.type") not in (None, "none"):
+        kind = _field(reader, "llama.rope.scaling.type")
+        raise UserError(f"{path}: rope scaling {kind!r} is not supported (only linear)")
+    return ModelConfig(
+        dim=dim,
+        n_layers=int(need("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        vocab_size=int(vocab),
+        ffn_hidden=int(need("feed_forward_length")),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_seq_len=int(_field(reader, "llama.context_length", 4096)),
+        tie_embeddings="output.weight" not in names,  # SmolLM2 ships no output tensor
+        head_dim=int(_field(reader, "llama.attention.key_length", dim // n_heads)),
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id", 1),
+        eos_id=_field(reader, "tokenizer.ggml.eos_token_id", 2),
+        name=str(_field(reader, "general.name", path.stem)),
+    )
+
+
+def dequantize(data: np.ndarray, qtype) -> torch.Tensor:
+    """GGUF tensor data as GGUFReader gives it -> torch tensor in torch shape order [rows, cols].
+
+    F16/BF16 keep their dtype (no float32 detour); block types go through gguf.quants.dequantize (the
+    reference implementation) to float32."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize as np_dequantize
+
+    qtype = Q(qtype)
+    arr = np.asarray(data)
+    if qtype == Q.F32:
+        return torch.from_numpy(arr.view(np.float32).copy())  # copy: the reader's map is read-only
+    if qtype == Q.F16:
+        return torch.from_numpy(arr.view(np.float16).copy())
+    if qtype == Q.BF16:
+        return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
+    if qtype.name not in SUPPORTED_TYPES:
+        raise UserError(f"GGUF tensor type {qtype.name} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    return torch.from_numpy(np_dequantize(arr, qtype))
+
+
+def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for t in reader.tensors:
+        try:
+            name = from_gguf_name(t.name)
+        except KeyError:
+            raise UserError(f"{path}: unexpected tensor {t.name!r} in a Llama GGUF") from None
+        if name is None:
+            continue
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except UserError as e:
+            raise UserError(f"{path}: tensor {t.name}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{path}: cannot read tensor {t.name} ({e}); the file is corrupt or truncated") from None
+        if name.endswith("attention.wq.weight"):
+            w = meta_to_ours(w, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            w = meta_to_ours(w, cfg.n_kv_heads)
+        yield name, w
+
+
+def _stored_dtype(reader) -> torch.dtype:
+    types = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16) if len(types) == 1 else torch.float16
+
+
+def gguf_tokenizer(reader):
+    """The tokenizer (with chat template) embedded in the GGUF, or None without codellama.tokenizer."""
+    if reader.fields.get("tokenizer.ggml.tokens") is None:
+        return None
+    try:
+        from codellama.tokenizer import tokenizer_from_gguf
+    except ImportError:
+        return None
+    return tokenizer_from_gguf(reader)
+
+
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True):
+    """-> (model, tokenizer or None, config) from a .gguf file."""
+    path = Path(path)
+    reader = open_reader(path)
+    cfg = gguf_config(reader, path)
+    dt = resolve_dtype(device, dtype, _stored_dtype(reader))
+    model = fill_model(cfg, _iter_tensors(reader, cfg, path), device=device, dtype=dt, source=str(path))
+    tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
+    return model, tokenizer, cfg
+
+
+# ---- writing ----
+
+
+def _tensor_plan(model: Transformer, qtype: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(GGUF name, float32 tensor in llama.cpp row order, storage type) for every tensor."""
+    cfg = model.config
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue  # llama.cpp falls back to token_embd when output is absent
+        if name.endswith("attention.wq.weight"):
+            t = ours_to_meta(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = ours_to_meta(t, cfg.n_kv_heads)
+        kind = qtype
+        if t.ndim == 1:
+            kind = "F32"  # norms stay F32, as llama.cpp's converter keeps them
+        elif kind == "Q8_0" and t.shape[-1] % 32:
+            kind = "F16"  # Q8_0 needs rows in whole blocks of 32
+        yield to_gguf_name(name), t, kind
+
+
+def _encode(t: torch.Tensor, kind: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    a = t.detach().float().cpu().numpy()
+    if kind == "F32":
+        return a
+    if kind == "F16":
+        return a.astype(np.float16)
+    return quantize(a, Q[kind])
+
+
+def _nbytes(shape: tuple[int, ...], kind: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    block, size = GGML_QUANT_SIZES[Q[kind]]
+    return int(np.prod(shape)) // block * size
+
+
+def save_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "F16") -> Path:
+    """Write a llama-architecture GGUF (F32, F16 or Q8_0 matrices; norms F32) with the tokenizer fields,
+    streaming one tensor at a time."""
+    import gguf
+
+    qtype = qtype.upper()
+    if qtype not in SAVE_TYPES:
+        raise UserError(f"cannot write GGUF type {qtype!r}; choose one of {', '.join(SAVE_TYPES)}")
+    cfg = model.config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(cfg.name or "codellama")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is not None:
+        write_tokenizer(w, tokenizer, cfg)
+
+    # two passes over the weights (infos, then data) so no converted copy of the whole model is held
+    from gguf import GGMLQuantizationType as Q
+
+    for name, t, kind in _tensor_plan(model, qtype):
+        shape = tuple(t.shape)
+        w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, kind), raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, t, kind in _tensor_plan(model, qtype):
+        w.write_tensor_data(_encode(t, kind))
+    w.close()
+    return path
+
+
+def write_tokenizer(w, tok, cfg: ModelConfig) -> None:
+    """The tokenizer.ggml.* fields (codellama.tokenizer's writer) plus llama.cpp's infill token ids."""
+    from codellama.tokenizer import write_gguf_tokenizer
+
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} embedding rows; "
+            "llama.cpp needs them equal"
+        )
+    write_gguf_tokenizer(tok, w)
+    for key, tid in (("fim_pre", tok.prefix_id), ("fim_suf", tok.suffix_id), ("fim_mid", tok.middle_id)):
+        if tid is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
+    if tok.eot_id is not None:
+        w.add_eot_token_id(tok.eot_id)

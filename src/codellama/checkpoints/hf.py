@@ -1,0 +1,238 @@
+"""Hugging Face layout: config.json + model.safetensors (or shards + model.safetensors.index.json), with
+pytorch_model*.bin as a fallback; tokenizer files alongside. HF<->ours is a pure rename (hf_names.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from codellama.checkpoints.common import fill_model, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+from codellama.model import Transformer
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_hf_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg_file}: cannot read the model config ({e})") from None
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ("llama", "mistral", "codellama"):
+        raise UserError(f"{cfg_file}: model_type {model_type!r} is not a Llama-family model")
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as e:
+        raise UserError(f"{cfg_file}: missing field {e}") from None
+    except ValueError as e:
+        raise UserError(f"{cfg_file}: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of an HF dir, in the order the index lists them (safetensors preferred)."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: unreadable shard index ({e!r})") from None
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise UserError(f"{index} lists shard(s) {', '.join(absent)} that are missing from {path}")
+            return files
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise UserError(
+        f"{path}: no weights found; expected model.safetensors, sharded *.safetensors with {SAFE_INDEX}, "
+        "or pytorch_model*.bin"
+    )
+
+
+def _iter_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read each tensor straight into its own fresh buffer (plain reads, no memory map): the process
+    then holds exactly the tensors it keeps, not also the file's pages (which a map would count in RSS)."""
+    header = read_safetensors_header(f)
+    with open(f, "rb", buffering=0) as fh:
+        start = 8 + int.from_bytes(fh.read(8), "little")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise UserError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}; only F32, F16, BF16 are supported")
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=dtype)
+            if t.numel() * t.element_size() != end - begin:
+                raise UserError(f"{f}: tensor {name!r} header is inconsistent (shape {info['shape']} vs {end - begin} bytes)")
+            fh.seek(start + begin)
+            buf = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+            done = 0
+            while done < len(buf):  # one read() returns at most ~2 GiB
+                n = fh.readinto(buf[done:])
+                if not n:
+                    raise UserError(f"{f}: truncated inside tensor {name!r}; re-download it")
+                done += n
+            yield name, t
+
+
+def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of one weight file, one tensor at a time."""
+    if f.suffix == ".safetensors":
+        yield from _iter_safetensors(f)
+    else:
+        try:
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
+        yield from sd.items()
+
+
+def _iter_ours(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        for hf_name, t in _iter_file(f):
+            try:
+                name = from_hf_name(hf_name)
+            except KeyError as e:
+                raise UserError(f"{f}: {e.args[0]}") from None
+            if name is not None:
+                yield name, t
+
+
+def read_safetensors_header(f: Path) -> dict:
+    """The JSON header of a .safetensors file, checked against the file size (a truncated download
+    fails here, naming the file, before any tensor is read)."""
+    bad = f"{f}: not a valid safetensors file"
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{bad} ({e}); re-download or re-convert it") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{f}: truncated ({size} bytes, its header describes {8 + n + end}); re-download it")
+    return header
+
+
+def _stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The dtype of the first tensor, from the safetensors header only."""
+    if files[0].suffix != ".safetensors":
+        return None
+    for k, v in read_safetensors_header(files[0]).items():
+        if k != "__metadata__":
+            return _ST_DTYPES.get(v.get("dtype"))
+    return None
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True):
+    """-> (model, tokenizer or None, config) from an HF checkpoint directory."""
+    path = Path(path)
+    cfg = read_hf_config(path)
+    files = weight_files(path)
+    dt = resolve_dtype(device, dtype, _stored_dtype(files))
+    model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path))
+    tokenizer = None
+    if with_tokenizer and any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        tokenizer = try_load_tokenizer(path)
+    return model, tokenizer, cfg
+
+
+# ---- saving ----
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise UserError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or a number of bytes") from None
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and model.config.tie_embeddings:
+            continue  # HF drops lm_head when tie_word_embeddings is set
+        sd[to_hf_name(name)] = t.detach().contiguous()
+    return sd
+
+
+def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: int | str = "5GB") -> Path:
+    """Write config.json, generation_config.json, model.safetensors (or shards + index), and the tokenizer."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = hf_state_dict(model)
+    dtype = next(iter(sd.values())).dtype
+    limit = parse_size(max_shard_size)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.cpu()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / SAFE_INDEX).unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    hf_cfg = cfg.to_hf()
+    hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if tokenizer is not None:
+        hf_cfg["bos_token_id"] = tokenizer.bos_id
+        hf_cfg["eos_token_id"] = tokenizer.eos_id
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"_from_model_config": True, "bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}
+    if tokenizer is not None:
+        # every id that ends a turn (e.g. 70B's <step>, ChatML's <|im_end|>) stops HF generate too
+        stops = sorted(i for i in tokenizer.stop_ids if i is not None)
+        if len(stops) > 1:
+            gen["eos_token_id"] = stops
+        if tokenizer.pad_id is not None:
+            gen["pad_token_id"] = tokenizer.pad_id
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        from codellama.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, out)
+    return out

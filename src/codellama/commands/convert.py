@@ -1,0 +1,74 @@
+"""`codellama convert SRC OUT --to hf|gguf|meta`: rewrite a checkpoint in another layout.
+
+SRC is anything --model accepts (HF dir, Meta dir, .gguf, preset). Weights keep their stored precision
+(quantised GGUF becomes float16) so a conversion never needs more memory than the model itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from codellama.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint between HF, Meta and GGUF layouts",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="source: HF dir, Meta dir, .gguf file or preset name")
+    p.add_argument("out", help="output directory (hf, meta) or .gguf file (gguf)")
+    p.add_argument("--to", required=True, choices=["hf", "gguf", "meta"], help="output layout")
+    p.add_argument("--qtype", default="F16", type=str.upper, choices=["F16", "Q8_0", "F32"],
+                   help="GGUF tensor type (default F16)")
+    p.add_argument("--shards", type=int, default=1, help="Meta output: model-parallel shards (default 1)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF output: largest safetensors file (default 5GB)")
+    p.add_argument("--dtype", default="auto", help="weights dtype for hf/meta output (default: as stored)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=run)
+
+
+def _check_output(out: Path, to: str, force: bool) -> Path:
+    if to == "gguf":
+        if out.is_dir():
+            raise UserError(f"{out} is a directory; give the .gguf file to write")
+        if out.exists() and not force:
+            raise UserError(f"{out} exists; pass --force to overwrite it")
+        return out
+    if out.is_file():
+        raise UserError(f"{out} is a file; --to {to} writes a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; pass --force to write into it")
+    return out
+
+
+def run(args) -> int:
+    from codellama.checkpoints.load import load_model
+
+    if args.shards < 1:
+        raise UserError("--shards must be at least 1")
+    out = _check_output(Path(args.out), args.to, args.force)
+    if Path(args.src).exists() and Path(args.src).resolve() == out.resolve():
+        raise UserError("the output must differ from the source (the source is read while the output is written)")
+    loaded = load_model(args.src, device="cpu", dtype=args.dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if tok is None:
+        print(f"warning: {loaded.source} has no tokenizer this package can read; writing weights only",
+              file=sys.stderr)
+    if args.to == "hf":
+        from codellama.checkpoints.hf import save_hf
+
+        save_hf(model, tok, out, max_shard_size=args.max_shard_size)
+    elif args.to == "meta":
+        from codellama.checkpoints.meta import save_meta
+
+        save_meta(model, tok, out, n_shards=args.shards)
+    else:
+        from codellama.checkpoints.gguf import save_gguf
+
+        save_gguf(model, tok, out, qtype=args.qtype)
+    size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
+    what = f"GGUF {args.qtype}" if args.to == "gguf" else args.to.upper() if args.to == "hf" else "Meta"
+    print(f"wrote {out} ({what}, {loaded.config.num_params():,} parameters, {size / 2**20:.1f} MiB) "
+          f"from {loaded.format} {loaded.source}")
+    return 0

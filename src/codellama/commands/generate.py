@@ -1,0 +1,147 @@
+"""`codellama complete | infill | chat`: run a model from the command line, streaming text as it comes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from codellama.errors import UserError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="HF dir, Meta dir, .gguf file or preset name (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("complete", help="continue a prompt")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' or omitted: read stdin)")
+    p.add_argument("--file", type=Path, help="read the prompt from a file")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.2)  # Meta's example_completion default
+    p.set_defaults(func=run_complete)
+
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
+    p.add_argument("--prefix", help="code before the gap")
+    p.add_argument("--suffix", default="", help="code after the gap")
+    p.add_argument("--file", type=Path, help="a file containing one <FILL_ME> marker")
+    p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default: prefix-suffix-middle)")
+    p.add_argument("--full", action="store_true", help="print prefix + middle + suffix instead of the middle")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.0)  # Meta's example_infilling default: greedy
+    p.set_defaults(func=run_infill)
+
+    p = sub.add_parser("chat", help="chat with an instruct model (one message, or interactive without one)")
+    p.add_argument("message", nargs="?", help="a single user message; omit for an interactive session")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.2)
+    p.set_defaults(func=run_chat)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+
+
+def _load(args):
+    import torch
+
+    from codellama.generate import load
+    from codellama.sampling import SamplingParams
+
+    SamplingParams(**_sampling(args))  # reject bad values before loading anything
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load(args.model, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len)
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+def run_complete(args) -> int:
+    if args.file is not None:
+        prompt = _read_text(args.file)
+    elif args.prompt is None or args.prompt == "-":
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt
+    if not prompt:
+        raise UserError("the prompt is empty: pass text, --file, or pipe it on stdin")
+    gen = _load(args)
+    _emit(prompt)
+    gen.complete(prompt, on_text=_emit, **_sampling(args))
+    _emit("\n")
+    return 0
+
+
+def run_infill(args) -> int:
+    from codellama.prompts import split_fill_me
+
+    if args.file is not None:
+        prefix, suffix = split_fill_me(_read_text(args.file))
+    elif args.prefix is not None:
+        prefix, suffix = args.prefix, args.suffix
+    else:
+        raise UserError("give --prefix (and --suffix), or --file with a <FILL_ME> marker")
+    gen = _load(args)
+    if args.full:
+        _emit(prefix)
+    gen.infill(prefix, suffix, suffix_first=args.spm, on_text=_emit, **_sampling(args))
+    _emit(suffix if args.full else "\n")
+    return 0
+
+
+def run_chat(args) -> int:
+    gen = _load(args)
+    dialog = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message is not None:
+        dialog.append({"role": "user", "content": args.message})
+        gen.chat(dialog, on_text=_emit, **_sampling(args))
+        _emit("\n")
+        return 0
+    print("interactive chat: an empty line or Ctrl-D ends it, /reset clears the history", file=sys.stderr)
+    history = list(dialog)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            history = list(dialog)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            answer = gen.chat(history, on_text=_emit, **_sampling(args))
+        except UserError as e:  # a refused message must not end the session
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        _emit("\n")
+        history.append({"role": "assistant", "content": answer})
+    return 0

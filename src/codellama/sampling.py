@@ -1,0 +1,105 @@
+"""Sampling settings and the next-token sampler, vectorised over rows that each carry their own settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from codellama.errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is decoded. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
+    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's end-of-turn ids
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UserError(f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
+
+
+@dataclass
+class RowSampler:
+    """Per-row sampling state: settings as tensors, plus one random generator per seeded row."""
+
+    temperature: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64
+    generators: list[torch.Generator | None] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], device: torch.device) -> RowSampler:
+        gens = []
+        for p in params:
+            if p.seed is None:
+                gens.append(None)
+            else:
+                g = torch.Generator(device=device)
+                g.manual_seed(p.seed)
+                gens.append(g)
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            generators=gens,
+        )
+
+    def select(self, rows: torch.Tensor) -> RowSampler:
+        """The sampler for a subset of rows (indices into this one)."""
+        idx = rows.tolist()
+        return RowSampler(self.temperature[rows], self.top_p[rows], self.top_k[rows], [self.generators[i] for i in idx])
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] float32 -> next tokens [B]."""
+        greedy = logits.argmax(-1)
+        if bool((self.temperature == 0).all()):
+            return greedy
+        probs = filtered_probs(logits, self.temperature, self.top_p, self.top_k)  # [B, V]
+        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p without a host sync.
+        noise = torch.empty_like(probs)
+        for row, gen in enumerate(self.generators):
+            noise[row].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(-1)
+        return torch.where(self.temperature == 0, greedy, sampled)
+
+
+def filtered_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
+) -> torch.Tensor:
+    """Softmax of logits/T restricted to the top-k tokens and the top-p nucleus, per row.
+
+    The nucleus rule is Meta's: drop a token when the mass of the tokens ranked above it already exceeds p.
+    """
+    scaled = logits / temperature.clamp(min=1e-5)[:, None]  # [B, V]
+    if bool((top_p >= 1).all()) and bool((top_k == 0).all()):
+        return torch.softmax(scaled, dim=-1)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_above = sorted_probs.cumsum(-1) - sorted_probs
+    drop |= mass_above > top_p[:, None]
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+    return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)

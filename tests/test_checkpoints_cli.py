@@ -1,0 +1,143 @@
+"""`codellama convert` and `codellama info`, and the one-line errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama import cli
+from codellama.checkpoints.gguf import save_gguf
+from codellama.checkpoints.hf import save_hf
+from codellama.checkpoints.load import load_model
+from codellama.checkpoints.meta import save_meta
+from codellama.config import ModelConfig
+from helpers import random_model
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden=128, rope_theta=1e6,
+                  max_seq_len=256)
+TOKENS = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(0))
+
+
+def logits(spec) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(str(spec)).model(TOKENS)
+
+
+def run_cli(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def test_convert_meta_to_hf(tmp_path, capsys):
+    model = random_model(CFG)
+    save_meta(model, None, tmp_path / "meta", n_shards=2)
+    assert run_cli("convert", tmp_path / "meta", tmp_path / "hf", "--to", "hf") == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(tmp_path / "hf"), model(TOKENS), atol=0, rtol=0)
+
+
+def test_convert_hf_to_gguf_f16_and_q8_0_and_back(tmp_path):
+    model = random_model(CFG)
+    save_hf(model, None, tmp_path / "hf")
+    with torch.no_grad():
+        ref = model(TOKENS)
+    for qtype, tol in (("F16", 1e-2), ("Q8_0", 0.1)):
+        out = tmp_path / f"m-{qtype}.gguf"
+        assert run_cli("convert", tmp_path / "hf", out, "--to", "gguf", "--qtype", qtype.lower()) == 0
+        torch.testing.assert_close(logits(out), ref, atol=tol, rtol=0)
+        # GGUF -> HF float32 keeps exactly what the GGUF holds
+        assert run_cli("convert", out, tmp_path / f"hf-{qtype}", "--to", "hf", "--dtype", "float32") == 0
+        torch.testing.assert_close(logits(tmp_path / f"hf-{qtype}"), logits(out), atol=0, rtol=0)
+    # by default the stored precision: float16 (the F32 norms get rounded, as in any fp16 HF checkpoint)
+    assert run_cli("convert", tmp_path / "m-F16.gguf", tmp_path / "hf16", "--to", "hf") == 0
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "float16"
+    torch.testing.assert_close(logits(tmp_path / "hf16"), ref, atol=1e-2, rtol=0)
+
+
+def test_convert_hf_to_meta_shards(tmp_path):
+    model = random_model(CFG)
+    save_hf(model, None, tmp_path / "hf")
+    assert run_cli("convert", tmp_path / "hf", tmp_path / "meta", "--to", "meta", "--shards", "2") == 0
+    assert sorted(p.name for p in (tmp_path / "meta").glob("*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(tmp_path / "meta"), model(TOKENS), atol=0, rtol=0)
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    save_hf(random_model(CFG), None, tmp_path / "hf")
+    (tmp_path / "x.gguf").write_bytes(b"keep me")
+    assert run_cli("convert", tmp_path / "hf", tmp_path / "x.gguf", "--to", "gguf") == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "x.gguf").read_bytes() == b"keep me"
+
+
+def test_info_reports_config_and_exact_parameter_count(tmp_path, capsys):
+    model = random_model(CFG)
+    save_gguf(model, None, tmp_path / "m.gguf", "Q8_0")
+    assert run_cli("info", tmp_path / "m.gguf", "--json") == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["parameters"] == sum(p.numel() for p in model.parameters()) == CFG.num_params()
+    assert (d["n_kv_heads"], d["rope_theta"], d["context"], d["format"]) == (2, 1e6, 256, "gguf")
+    assert "Q8_0" in d["weights"] and d["can_infill"] is False
+    assert run_cli("info", "codellama-7b") == 0
+    assert "6,738,546,688" in capsys.readouterr().out  # spec 1.1
+
+
+def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
+    """name -> (model spec, text the error must contain)."""
+    save_hf(random_model(CFG), None, tmp / "hf")
+    st = tmp / "hf" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:3000])
+    save_gguf(random_model(CFG), None, tmp / "ok.gguf", "F16")
+    data = (tmp / "ok.gguf").read_bytes()
+    (tmp / "cut.gguf").write_bytes(data[: len(data) // 3])
+    (tmp / "empty").mkdir()
+    (tmp / "meta").mkdir()
+    (tmp / "meta" / "params.json").write_text("{not json")
+    return {
+        "missing": (tmp / "nope", "no such file"),
+        "neither": (tmp / "empty", "params.json"),
+        "corrupt-safetensors": (tmp / "hf", "model.safetensors"),
+        "truncated-gguf": (tmp / "cut.gguf", "cut.gguf"),
+        "bad-params": (tmp / "meta", "params.json"),
+        "unknown-preset": ("codellama-8b", "codellama-7b"),
+    }
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path, capsys):
+    for name, (spec, needle) in _bad_checkpoints(tmp_path).items():
+        for argv in (("info", spec), ("convert", spec, tmp_path / f"out-{name}", "--to", "hf")):
+            assert run_cli(*argv) == 2, (name, argv)
+            err = capsys.readouterr().err
+            assert needle in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_console_command_prints_no_traceback(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 5)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "codellama", "info", str(tmp_path / "junk.gguf")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "junk.gguf" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_default_model_converts_to_hf_that_transformers_loads(tmp_path):
+    """SmolLM2 GGUF -> HF (float32): transformers' model and tokenizer agree with ours."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    assert run_cli("convert", "default", tmp_path / "hf", "--to", "hf", "--dtype", "float32") == 0
+    ours = load_model(None)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
+    ids = ours.tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, ours.model(torch.tensor([ids])), atol=1e-4, rtol=1e-4)

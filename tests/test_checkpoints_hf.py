@@ -1,0 +1,123 @@
+"""Hugging Face layout: save -> load round trips, sharding, and transformers loading what we save."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from codellama.checkpoints.hf import load_hf, save_hf
+from codellama.checkpoints.load import load_model
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+from helpers import random_model
+
+GQA = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300, ffn_hidden=96, rope_theta=1e6)
+TIED = ModelConfig(dim=96, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=300, ffn_hidden=128, rope_theta=1e5,
+                   tie_embeddings=True)
+SCALED = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=300, ffn_hidden=128, rope_theta=1e5, rope_scaling=4.0)
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("cfg", [GQA, TIED, SCALED], ids=["gqa", "tied", "linear-rope"])
+def test_save_load_roundtrip_and_transformers_agrees(tmp_path, cfg):
+    from transformers import LlamaForCausalLM
+
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    save_hf(model, None, tmp_path)
+    loaded, tok, cfg2 = load_hf(tmp_path)
+    assert tok is None and cfg2.tie_embeddings == cfg.tie_embeddings and cfg2.rope_scaling == cfg.rope_scaling
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(model, tokens), atol=0, rtol=0)
+    if cfg.tie_embeddings:
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    torch.testing.assert_close(_logits(loaded, tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_save_writes_index_and_loads(tmp_path):
+    model = random_model(GQA)
+    save_hf(model, None, tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((tmp_path / f).is_file() for f in files)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert set(index["weight_map"]) >= {"model.embed_tokens.weight", "lm_head.weight"}
+    loaded = load_model(str(tmp_path)).model
+    tokens = torch.randint(0, 300, (1, 11))
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(model, tokens), atol=0, rtol=0)
+
+
+def test_bf16_checkpoint_loads_as_float32_on_cpu_and_as_stored_on_request(tmp_path):
+    model = random_model(GQA, dtype=torch.bfloat16)
+    save_hf(model, None, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load_model(tmp_path).model.output.weight.dtype == torch.float32
+    bf = load_model(tmp_path, dtype="bfloat16").model
+    assert bf.output.weight.dtype == torch.bfloat16
+    assert torch.equal(bf.layers[1].attention.wq.weight, model.layers[1].attention.wq.weight)
+
+
+def test_pytorch_bin_fallback(tmp_path):
+    from codellama.checkpoints.hf import hf_state_dict
+
+    model = random_model(GQA)
+    save_hf(model, None, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    loaded = load_model(tmp_path).model
+    assert torch.equal(loaded.layers[0].feed_forward.w2.weight, model.layers[0].feed_forward.w2.weight)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    save_hf(random_model(GQA), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"feed_forward.w[123].weight.*\((96, 64|64, 96)\).*\((128, 64|64, 128)\)"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    save_hf(random_model(GQA), None, tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    save_hf(random_model(GQA), None, tmp_path, max_shard_size="40KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(UserError, match=victim.name):
+        load_model(tmp_path)
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from codellama.tokenizer import BPETokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer)
+    tok = BPETokenizer(raw, eos_token="<|endoftext|>", chat_template="{{ messages[0]['content'] }}")
+    model = random_model(GQA.replace(vocab_size=tok.vocab_size, eos_id=tok.eos_id))
+    save_hf(model, tok, tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_id or tok.eos_id in gen["eos_token_id"]
+    loaded = load_model(tmp_path)
+    assert loaded.tokenizer is not None and loaded.tokenizer.chat_template == tok.chat_template
+    assert loaded.tokenizer.encode("def f(x): return 1") == tok.encode("def f(x): return 1")

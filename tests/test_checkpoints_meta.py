@@ -1,0 +1,175 @@
+"""Meta layout: shard merging, the q/k permutation (checked against an independent Meta-style forward with
+interleaved complex RoPE), and Meta -> HF -> transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codellama.checkpoints.hf import load_hf, save_hf
+from codellama.checkpoints.load import load_model
+from codellama.checkpoints.meta import load_meta, save_meta
+from codellama.config import ModelConfig, llama_ffn_hidden
+from codellama.errors import UserError
+from codellama.tokenizer import SentencePieceTokenizer
+from helpers import random_model
+
+# ffn_hidden follows Meta's rule for dim 128 (int(8*128/3)=341 -> 512 with multiple_of 256)
+GQA = ModelConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, rope_theta=1e6)
+MHA = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, ffn_hidden=96, rope_theta=1e4)
+
+
+# ---- an independent reference: Meta's llama/model.py forward, written from the spec (1.3) ----
+
+
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope_interleaved(x, theta):  # x [B, T, H, hd]; pairs (x[2i], x[2i+1]) as complex numbers
+    B, T, H, hd = x.shape
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
+    cis = torch.polar(torch.ones(T, hd // 2), torch.outer(torch.arange(T).float(), freqs))
+    xc = torch.view_as_complex(x.reshape(B, T, H, hd // 2, 2))
+    return torch.view_as_real(xc * cis[None, :, None, :]).flatten(3)
+
+
+def meta_reference_logits(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    B, T = tokens.shape
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+    h = sd["tok_embeddings.weight"][tokens]
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    for i in range(cfg.n_layers):
+        p = lambda n: sd[f"layers.{i}.{n}.weight"]  # noqa: E731
+        x = _rms(h, p("attention_norm"), cfg.norm_eps)
+        q = _rope_interleaved((x @ p("attention.wq").T).view(B, T, H, hd), cfg.rope_theta)
+        k = _rope_interleaved((x @ p("attention.wk").T).view(B, T, KV, hd), cfg.rope_theta)
+        v = (x @ p("attention.wv").T).view(B, T, KV, hd)
+        k, v = (t.repeat_interleave(H // KV, dim=2) for t in (k, v))  # kv head j serves q heads j*n_rep...
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, dim=-1) @ v
+        h = h + att.transpose(1, 2).reshape(B, T, -1) @ p("attention.wo").T
+        x = _rms(h, p("ffn_norm"), cfg.norm_eps)
+        h = h + (F.silu(x @ p("feed_forward.w1").T) * (x @ p("feed_forward.w3").T)) @ p("feed_forward.w2").T
+    return _rms(h, sd["norm.weight"], cfg.norm_eps) @ sd["output.weight"].T
+
+
+def random_meta_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,),
+              "output.weight": (cfg.vocab_size, cfg.dim)}
+    hd, F_ = cfg.dim // cfg.n_heads, cfg.ffn_hidden
+    for i in range(cfg.n_layers):
+        shapes |= {
+            f"layers.{i}.attention.wq.weight": (cfg.n_heads * hd, cfg.dim),
+            f"layers.{i}.attention.wk.weight": (cfg.n_kv_heads * hd, cfg.dim),
+            f"layers.{i}.attention.wv.weight": (cfg.n_kv_heads * hd, cfg.dim),
+            f"layers.{i}.attention.wo.weight": (cfg.dim, cfg.n_heads * hd),
+            f"layers.{i}.feed_forward.w1.weight": (F_, cfg.dim),
+            f"layers.{i}.feed_forward.w2.weight": (cfg.dim, F_),
+            f"layers.{i}.feed_forward.w3.weight": (F_, cfg.dim),
+            f"layers.{i}.attention_norm.weight": (cfg.dim,),
+            f"layers.{i}.ffn_norm.weight": (cfg.dim,),
+        }
+    return {n: (torch.rand(s, generator=g) + 0.5 if len(s) == 1 else torch.randn(s, generator=g) * 0.1)
+            for n, s in shapes.items()}
+
+
+def write_meta_by_hand(sd, cfg: ModelConfig, out, n_shards: int):
+    """fairscale's split, written independently of meta.py: column-parallel dim 0, row-parallel dim 1."""
+    col = ("wq", "wk", "wv", "w1", "w3", "output")
+    row = ("wo", "w2", "tok_embeddings")
+    for r in range(n_shards):
+        shard = {"rope.freqs": torch.zeros(cfg.dim // cfg.n_heads // 2)}
+        for n, t in sd.items():
+            key = n.split(".")[-2]
+            d = 0 if key in col else 1 if key in row else None
+            shard[n] = t.clone() if d is None else t.chunk(n_shards, d)[r].clone()
+        torch.save(shard, out / f"consolidated.{r:02d}.pth")
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": 256,
+              "ffn_dim_multiplier": None, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
+    if cfg.n_kv_heads != cfg.n_heads:
+        params["n_kv_heads"] = cfg.n_kv_heads
+    (out / "params.json").write_text(json.dumps(params))
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_meta_checkpoint_matches_meta_reference_forward(tmp_path, n_shards):
+    assert llama_ffn_hidden(GQA.dim) == GQA.ffn_hidden
+    sd = random_meta_weights(GQA)
+    write_meta_by_hand(sd, GQA, tmp_path, n_shards)
+    model, tok, cfg = load_meta(tmp_path)
+    assert (cfg.vocab_size, cfg.n_kv_heads, cfg.ffn_hidden, cfg.max_seq_len) == (320, 2, 512, 16384)
+    tokens = torch.randint(0, 320, (2, 13))
+    with torch.no_grad():
+        ref = meta_reference_logits(sd, GQA, tokens)
+        ours = model(tokens)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [GQA, MHA], ids=["gqa", "mha-nonstandard-ffn"])
+def test_save_meta_two_shards_then_hf_then_transformers(tmp_path, cfg):
+    from transformers import LlamaForCausalLM
+
+    model = random_model(cfg)
+    save_meta(model, None, tmp_path / "meta", n_shards=2)
+    files = sorted(p.name for p in (tmp_path / "meta").iterdir())
+    assert files == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert "vocab_size" not in params
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
+    assert shard["layers.0.attention.wk.weight"].shape == (cfg.n_kv_heads * cfg.head_dim // 2, cfg.dim)
+    assert shard["layers.0.attention.wo.weight"].shape == (cfg.dim, cfg.dim // 2)
+
+    loaded = load_model(tmp_path / "meta")
+    assert loaded.format == "meta" and loaded.config.ffn_hidden == cfg.ffn_hidden
+    tokens = torch.randint(0, cfg.vocab_size, (2, 15))
+    with torch.no_grad():
+        ref = model(tokens)
+        torch.testing.assert_close(loaded.model(tokens), ref, atol=0, rtol=0)
+        save_hf(loaded.model, None, tmp_path / "hf")
+        again, _, _ = load_hf(tmp_path / "hf")
+        torch.testing.assert_close(again(tokens), ref, atol=0, rtol=0)
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+        torch.testing.assert_close(hf(tokens).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vocab_from_tokenizer_model(tmp_path):
+    """params.json has no vocab: it comes from tokenizer.model; a mismatch names the embedding."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    text = "def f(x):\n    return x + 1\n" * 50 + "print('hello world')\n" * 50
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf, vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    tok = SentencePieceTokenizer(buf.getvalue())
+    cfg = MHA.replace(vocab_size=tok.vocab_size)
+    save_meta(random_model(cfg), tok, tmp_path, n_shards=1)
+    assert (tmp_path / "tokenizer.model").read_bytes() == buf.getvalue()
+    loaded = load_model(tmp_path)
+    assert loaded.config.vocab_size == 60 and loaded.tokenizer.encode("def f(x)") == tok.encode("def f(x)")
+
+    other = tmp_path / "other"
+    save_meta(random_model(MHA), None, other)
+    (other / "tokenizer.model").write_bytes(buf.getvalue())
+    with pytest.raises(UserError, match=r"tok_embeddings.weight.*\(256, 64\).*\(60, 64\)"):
+        load_model(other)
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    save_meta(random_model(MHA), None, tmp_path, n_shards=2)
+    f = tmp_path / "consolidated.01.pth"
+    f.write_bytes(f.read_bytes()[:3000])
+    with pytest.raises(UserError, match="consolidated.01.pth"):
+        load_model(tmp_path)
+
+
+def test_params_without_shards(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+    with pytest.raises(UserError, match="consolidated.00.pth"):
+        load_model(tmp_path)

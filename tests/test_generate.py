@@ -1,0 +1,136 @@
+"""Token-level generation: greedy against a full-recompute loop and transformers, batching, stops, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+from codellama.generate import Generator, longest_stop_prefix
+from codellama.sampling import SamplingParams, filtered_probs
+from helpers import hf_twin, random_model
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
+                  max_seq_len=128, eos_id=None)
+
+
+def letters(ids):  # a deterministic decode for stop-string tests: one letter per token
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return Generator(random_model(CFG, seed=1))
+
+
+def naive_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_full_recompute(gen):
+    prompt = [5, 17, 3, 88, 41]
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=20, stop_ids=()))[0]
+    assert out.tokens == naive_greedy(gen.model, prompt, 20)
+    assert out.finish_reason == "length" and out.prompt_tokens == 5
+
+
+def test_greedy_equals_transformers_generate(gen):
+    hf = hf_twin(gen.model)
+    prompt = [1, 9, 27, 64, 12, 7]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = gen.generate([prompt], SamplingParams(max_new_tokens=16, stop_ids=()))[0]
+    assert ours.tokens == ref[0, len(prompt):].tolist()
+
+
+def test_batch_equals_alone(gen):
+    prompts = [[3, 4, 5], [9] * 11, [1, 2, 3, 4, 5, 6, 7], [50]]
+    params = SamplingParams(max_new_tokens=12, stop_ids=())
+    alone = [gen.generate([p], params)[0].tokens for p in prompts]
+    together = [c.tokens for c in gen.generate(prompts, params)]
+    assert together == alone
+
+
+def test_seeded_sampling_reproducible_alone_and_in_batch(gen):
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=123, stop_ids=())
+    a = gen.generate([[7, 8, 9]], sp)[0].tokens
+    b = gen.generate([[7, 8, 9]], sp)[0].tokens
+    greedy = SamplingParams(max_new_tokens=3, stop_ids=())
+    c = gen.generate([[1, 2], [7, 8, 9]], [greedy, sp])[1].tokens  # the other row finishes early
+    assert a == b == c
+
+
+def test_stop_id_ends_row_and_is_not_returned(gen):
+    prompt = [5, 17, 3]
+    free = gen.generate([prompt], SamplingParams(max_new_tokens=10, stop_ids=()))[0].tokens
+    stop_at = free[4]
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=10, stop_ids=(stop_at,)))[0]
+    assert out.tokens == free[: free.index(stop_at)] and out.finish_reason == "stop"
+
+
+def test_stop_strings_cut_text_and_streaming_holds_back_partial_matches(gen):
+    prompt = [5, 17, 3]
+    free = gen.generate([prompt], SamplingParams(max_new_tokens=12, stop_ids=()), decode=letters)[0]
+    stop = free.text[5:7]
+    params = SamplingParams(max_new_tokens=12, stop=(stop,), stop_ids=())
+    events = list(gen.stream_generate([prompt], params, decode=letters))
+    final = events[-1].completion
+    assert final.text == free.text[: free.text.find(stop)] and final.finish_reason == "stop"
+    assert "".join(e.text for e in events) == final.text  # the stream never released past the stop
+
+
+def test_longest_stop_prefix():
+    assert longest_stop_prefix("abc\nde", ["\ndef"]) == 3
+    assert longest_stop_prefix("abc", ["xyz"]) == 0
+    assert longest_stop_prefix("ab\n", ["\nclass", "\n#"]) == 1
+
+
+def test_context_limits(gen):
+    with pytest.raises(UserError, match="more than the context"):
+        gen.generate([[1] * 200], SamplingParams(max_new_tokens=4))
+    out = gen.generate([[1] * 120], SamplingParams(max_new_tokens=50, stop_ids=()))[0]
+    assert len(out.tokens) == 8 and out.finish_reason == "length"  # clamped to the 128-token context
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_invalid_sampling_values_rejected(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_filtered_probs_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    one = torch.ones(1)
+    p = filtered_probs(logits, one, torch.tensor([0.6]), torch.tensor([0]))
+    # Meta's rule keeps a token while the mass ranked above it is <= p: 0.5 kept, 0.2 kept (0.5 above), 0.15 dropped
+    torch.testing.assert_close(p, torch.tensor([[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]]))
+    p = filtered_probs(logits, one, torch.tensor([1.0]), torch.tensor([2]))
+    torch.testing.assert_close(p, torch.tensor([[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]]))
+    p = filtered_probs(logits, torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0]))
+    torch.testing.assert_close(p, torch.softmax(logits / 2, -1))
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    from codellama.sampling import RowSampler
+
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    sampler = RowSampler.build([SamplingParams(temperature=1.0, seed=0)], torch.device("cpu"))
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[sampler.sample(probs.log()[None])[0]] += 1
+    freq = counts / counts.sum()
+    assert (freq - probs).abs().max() < 0.04  # ~4.5 sigma for n=3000
