@@ -12,8 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from codellama.checkpoints.hf_names import to_hf_name  # noqa: E402
-from codellama.model import Transformer  # noqa: E402
+from codellama.checkpoints.hf import to_transformers as hf_twin  # noqa: E402,F401
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -25,25 +24,6 @@ def timed(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def hf_twin(model: Transformer):
-    """transformers' LlamaForCausalLM with our model's config and weights (the peer in every benchmark)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = model.config.to_hf()
-    cfg.pop("torch_dtype")
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(LlamaConfig(**cfg))
-    sd = {to_hf_name(k): v for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    hf.load_state_dict(sd, strict=False, assign=True)
-    if model.config.tie_embeddings:
-        hf.tie_weights()
-    hf.model.rotary_emb.to_empty(device=model.output.weight.device)  # re-create the rotary buffers
-    hf.model.rotary_emb.__init__(hf.config, device=model.output.weight.device)
-    return hf.eval()
 
 
 def machine() -> str:

@@ -1,10 +1,10 @@
-"""Helpers shared by tests: build a transformers LlamaForCausalLM twin of one of our models."""
+"""Helpers shared by tests: random models with non-trivial weights, and their transformers twins."""
 
 from __future__ import annotations
 
 import torch
 
-from codellama.checkpoints.hf_names import to_hf_name
+from codellama.checkpoints.hf import to_transformers
 from codellama.config import ModelConfig
 from codellama.model import Transformer
 
@@ -21,15 +21,5 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transf
 
 
 def hf_twin(model: Transformer):
-    """A transformers LlamaForCausalLM with the same config and weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = model.config.to_hf()
-    hf_cfg.pop("torch_dtype")
-    hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
-    sd = {to_hf_name(k): v for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.to(next(model.parameters()).dtype)
+    """A transformers LlamaForCausalLM sharing the model's weights."""
+    return to_transformers(model)

@@ -236,3 +236,26 @@ def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: 
 
         save_tokenizer(tokenizer, out)
     return out
+
+
+def to_transformers(model: Transformer):
+    """transformers' LlamaForCausalLM sharing our model's weights (no copy): the reference in parity
+    tests and the peer in benchmarks. Needs the `transformers` package."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config.to_hf()
+    cfg.pop("torch_dtype")
+    device = model.output.weight.device
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(LlamaConfig(**cfg))
+    state = {to_hf_name(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"transformers twin: missing {missing}, unexpected {unexpected}")
+    if model.config.tie_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    # rotary tables are buffers built at init; rebuild them on the real device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)
+    return hf.eval()
