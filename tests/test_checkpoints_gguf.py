@@ -285,3 +285,32 @@ def test_truncated_gguf_names_the_file(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(UserError, match="junk.gguf.*GGUF"):
         load_model(tmp_path / "junk.gguf")
+
+
+def test_code_llama_vocabulary_through_gguf_meta_and_llama_cpp(tmp_path):
+    """The real Code Llama tokenizer (32016 pieces, infill tokens) survives GGUF and Meta layouts, and
+    llama.cpp tokenises with what we wrote exactly as we do."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from codellama.checkpoints.meta import save_meta
+    from codellama.tokenizer import codellama_tokenizer
+
+    try:
+        tok = codellama_tokenizer()
+    except UserError as e:
+        pytest.skip(str(e))
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, ffn_hidden=64, rope_theta=1e6,
+                      max_seq_len=64)
+    model = random_model(cfg)
+    path = save_gguf(model, tok, tmp_path / "cl.gguf", "F16")
+    fields = GGUFReader(path).fields
+    assert [fields[f"tokenizer.ggml.fim_{k}_token_id"].contents() for k in ("pre", "suf", "mid")] == [32007, 32008, 32009]
+    loaded = load_model(path)
+    assert loaded.tokenizer.can_infill and (loaded.tokenizer.prefix_id, loaded.tokenizer.eot_id) == (32007, 32010)
+    text = "def remove_non_ascii(s: str) -> str:\n    return ''.join(c for c in s if ord(c) < 128)"
+    assert loaded.tokenizer.encode(text) == tok.encode(text)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text)
+
+    save_meta(loaded.model, loaded.tokenizer, tmp_path / "meta", n_shards=2)
+    meta = load_model(tmp_path / "meta")
+    assert meta.config.vocab_size == 32016 and meta.tokenizer.encode(text) == tok.encode(text)
