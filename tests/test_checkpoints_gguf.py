@@ -253,13 +253,14 @@ def test_smollm2_gguf_matches_transformers_built_from_gguf_package():
     cfg = loaded.config
     hf_cfg = cfg.to_hf()
     hf_cfg.pop("torch_dtype")
-    hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
+    with torch.device("meta"):  # no random init of 135M parameters: every weight is assigned below
+        hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     sd = {}
-    for t in GGUFReader(path).tensors:
+    for t in FastGGUFReader(path).tensors:  # the same bytes as GGUFReader's (test above), faster
         w = ref_dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
         parts = t.name.split(".")
         if parts[0] == "blk":
@@ -268,9 +269,10 @@ def test_smollm2_gguf_matches_transformers_built_from_gguf_package():
             sd[f"model.layers.{parts[1]}.{names[parts[2]]}.weight"] = torch.from_numpy(np.array(w))
         else:
             sd[f"{names[parts[0]]}.weight"] = torch.from_numpy(np.array(w))
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)  # its inv_freq buffer was built on meta
     tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 198, 1489, 28, 253, 2]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
@@ -285,3 +287,32 @@ def test_truncated_gguf_names_the_file(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(UserError, match="junk.gguf.*GGUF"):
         load_model(tmp_path / "junk.gguf")
+
+
+def test_code_llama_vocabulary_through_gguf_meta_and_llama_cpp(tmp_path):
+    """The real Code Llama tokenizer (32016 pieces, infill tokens) survives GGUF and Meta layouts, and
+    llama.cpp tokenises with what we wrote exactly as we do."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from codellama.checkpoints.meta import save_meta
+    from codellama.tokenizer import codellama_tokenizer
+
+    try:
+        tok = codellama_tokenizer()
+    except UserError as e:
+        pytest.skip(str(e))
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, ffn_hidden=64, rope_theta=1e6,
+                      max_seq_len=64)
+    model = random_model(cfg)
+    path = save_gguf(model, tok, tmp_path / "cl.gguf", "F16")
+    fields = GGUFReader(path).fields
+    assert [fields[f"tokenizer.ggml.fim_{k}_token_id"].contents() for k in ("pre", "suf", "mid")] == [32007, 32008, 32009]
+    loaded = load_model(path)
+    assert loaded.tokenizer.can_infill and (loaded.tokenizer.prefix_id, loaded.tokenizer.eot_id) == (32007, 32010)
+    text = "def remove_non_ascii(s: str) -> str:\n    return ''.join(c for c in s if ord(c) < 128)"
+    assert loaded.tokenizer.encode(text) == tok.encode(text)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text)
+
+    save_meta(loaded.model, loaded.tokenizer, tmp_path / "meta", n_shards=2)
+    meta = load_model(tmp_path / "meta")
+    assert meta.config.vocab_size == 32016 and meta.tokenizer.encode(text) == tok.encode(text)

@@ -69,9 +69,17 @@ def ours_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def empty_model(cfg: ModelConfig) -> Transformer:
-    """The Transformer with every parameter on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        return Transformer(cfg)
+    """The Transformer with every parameter on the meta device: shapes only, no memory.
+
+    Linear/Embedding initialisation is skipped while building: meta tensors hold no values, and running
+    nn.Embedding's init under the meta device makes torch import torch._dynamo (seconds per process)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            return Transformer(cfg)
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 def fill_model(
@@ -120,3 +128,36 @@ def try_load_tokenizer(path: Path):
     from codellama.tokenizer import load_tokenizer  # lazily: loading weights alone needs no tokenizer code
 
     return load_tokenizer(path)
+
+
+# ---- keeping RSS at one copy ----
+
+_PAGE = 4096
+_MADV_DONTNEED = 4
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if "_LIBC" not in globals():
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC
+
+
+def drop_mapped_pages(addr: int, nbytes: int) -> None:
+    """Tell the kernel we are done with this range of a *read-only-used file mapping*: its resident pages
+    leave our RSS (they stay in the page cache, and would simply be re-read if touched again).
+
+    Only for memory-mapped checkpoint files we never wrote to (torch.load(mmap=True) storages, GGUF
+    memmaps): on anonymous memory MADV_DONTNEED would zero the data."""
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return
+    start = addr - addr % _PAGE
+    libc.madvise(start, addr + nbytes - start, _MADV_DONTNEED)

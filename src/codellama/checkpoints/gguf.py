@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codellama.checkpoints.common import fill_model, meta_to_ours, ours_to_meta, resolve_dtype
+from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
 from codellama.config import ModelConfig
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -162,6 +162,7 @@ def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
             w = meta_to_ours(w, cfg.n_heads)
         elif name.endswith("attention.wk.weight"):
             w = meta_to_ours(w, cfg.n_kv_heads)
+        drop_mapped_pages(t.data.ctypes.data, t.data.nbytes)  # w is a copy: the file's pages can go
         yield name, w
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from codellama.checkpoints.common import (
+    drop_mapped_pages,
     fill_model,
     meta_to_ours,
     ours_to_meta,
@@ -68,12 +69,16 @@ def _merge(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _iter_merged(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, source: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in shards[0]:
+def _iter_merged(
+    shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, dtype: torch.dtype, source: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged, permuted, converted tensors, one at a time; each shard piece's file pages are dropped from
+    RSS as soon as a copy of it exists, so the process holds about one copy of the weights."""
+    for name in list(shards[0]):
         if name in _IGNORED:
             continue
         try:
-            parts = [s[name] for s in shards]
+            parts = [s.pop(name) for s in shards]
         except KeyError:
             raise UserError(f"{source}: tensor {name!r} is missing from some model-parallel shards") from None
         t = _merge(name, parts)
@@ -81,6 +86,10 @@ def _iter_merged(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, source
             t = meta_to_ours(t, cfg.n_heads)
         elif name.endswith("attention.wk.weight"):
             t = meta_to_ours(t, cfg.n_kv_heads)
+        t = t.to(dtype)
+        if all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for p in parts):
+            for p in parts:  # a copy exists: the mapped pages of the pieces are no longer needed
+                drop_mapped_pages(p.data_ptr(), p.numel() * p.element_size())
         yield name, t
 
 
@@ -122,7 +131,7 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
     shards = [_load_shard(f) for f in files]
     cfg, tokenizer, _ = meta_config(path, shards[0])
     dt = resolve_dtype(device, dtype, shards[0]["tok_embeddings.weight"].dtype)
-    model = fill_model(cfg, _iter_merged(shards, cfg, str(path)), device=device, dtype=dt, source=str(path))
+    model = fill_model(cfg, _iter_merged(shards, cfg, dt, str(path)), device=device, dtype=dt, source=str(path))
     return model, tokenizer, cfg
 
 
