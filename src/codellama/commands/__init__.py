@@ -1,0 +1,1 @@
+"""One module per `codellama` subcommand (registered in codellama.cli.COMMANDS)."""
