@@ -48,8 +48,11 @@ def test_planted_humaneval_solutions_are_removed():
 
 def test_planted_mbpp_and_multipl_e_are_removed(full, shared_data):
     mbpp = {r["task_id"]: r for r in map(json.loads, (shared_data / "mbpp" / "mbpp.jsonl").read_text().splitlines())}
-    for tid in (2, 11, 600, 974):
-        m = full.match(reformat(mbpp[tid]["code"].replace("\r\n", "\n")))
+    for tid in (2, 11, 600, 974, 301):
+        code = mbpp[tid]["code"].replace("\r\n", "\n")
+        # tiny solutions with one-letter names (600, 301) are found only with their description
+        text = f"# {mbpp[tid]['text']}\n{code}" if tid in (600, 301) else code
+        m = full.match(reformat(text))
         assert m is not None and (m.item.benchmark, m.item.item) == ("mbpp", str(tid)), tid
     def multipl_e(lang: str, name: str) -> dict:
         lines = (shared_data / "multipl-e" / f"humaneval-{lang}.jsonl").read_text().splitlines()
@@ -71,17 +74,29 @@ def test_planted_mbpp_and_multipl_e_are_removed(full, shared_data):
 
 
 def test_boilerplate_shared_by_many_problems_is_not_used():
-    d = Decontaminator(n=3, max_groups=2)
+    d = Decontaminator(n=3, max_groups=2, min_matches=1)
     for g in range(3):
         d.add(Item("b", str(g), f"p{g}"), f"common boiler plate unique{g} words{g} here{g}")
     d.finish()
     assert d.match("x common boiler plate y") is None  # in 3 problems: boilerplate
     assert d.match("unique1 words1 here1").item.item == "1"
     # translations of one problem count once
-    t = Decontaminator(n=3, max_groups=1)
+    t = Decontaminator(n=3, max_groups=1, min_matches=1)
     t.add(Item("humaneval", "HumanEval/7", "HumanEval/7"), "filter strings by substring")
     t.add(Item("multipl-e/lua", "HumanEval_7_filter", "HumanEval/7"), "filter strings by substring")
     assert t.finish().match("-- filter strings by substring") is not None
+
+
+def test_one_coincident_ngram_is_not_enough():
+    d = Decontaminator(n=4, min_matches=2)
+    d.add(Item("b", "1", "p1"), "compute the rolling maximum of the given list of integers quickly")
+    d.add(Item("b", "2", "p2"), "parse nested parens")  # shorter than n: no n-gram, never matches
+    d.add(Item("b", "3", "p3"), "for i in range n for j in range n")  # no informative words: not indexed
+    d.finish()
+    assert d.match("we compute the rolling sum") is None  # no 4 words in common
+    assert d.match("so compute the rolling maximum, said nobody") is None  # one 4-gram: a coincidence
+    assert d.match("compute the rolling maximum of arrays").item.item == "1"  # two 4-grams: 5 words
+    assert d.match("for i in range n for j in range n: pass") is None
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):

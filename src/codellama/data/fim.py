@@ -40,6 +40,10 @@ from codellama.errors import UserError
 
 # the kinds a document can end up as; counted in the manifest
 KINDS = ("psm", "spm", "l2r", "l2r_too_long")
+# a FIM example has 4 more special tokens than the left-to-right one and splits the text in 3 places;
+# re-splitting can save a token or two at a boundary, never this many: a document whose left-to-right
+# encoding is longer than max_len + _FIM_SLACK cannot fit as FIM, so it is not encoded a second time
+_FIM_SLACK = 16
 
 
 class InfillTokenizer(Protocol):
@@ -121,15 +125,21 @@ def encode_document(
     """Tokens of one document and its kind ("psm", "spm", "l2r" or "l2r_too_long").
 
     `max_len` is the context length (seq_len): a FIM example longer than that is trained left to right
-    instead. `key` identifies the document (its content hash) and seeds its random choices.
+    instead. `key` identifies the document (its content hash) and seeds its random choices. Each
+    document is tokenised once, except one that turns out too long after its FIM encoding.
     """
     rng = document_rng(cfg, key)
     if rng.random() >= cfg.rate:
         return l2r_tokens(tok, text), "l2r"
     spm = rng.random() < cfg.spm_rate
     i, j = split_points(rng, len(text))
+    l2r = None
+    if len(text) > 2 * max_len:  # probably too long (> 2 characters a token): check the cheap way first
+        l2r = l2r_tokens(tok, text)
+        if len(l2r) > max_len + _FIM_SLACK:
+            return l2r, "l2r_too_long"
     prefix, middle, suffix = text[:i], text[i:j], text[j:]
     tokens = spm_tokens(tok, prefix, middle, suffix) if spm else psm_tokens(tok, prefix, middle, suffix)
     if len(tokens) > max_len:
-        return l2r_tokens(tok, text), "l2r_too_long"
+        return (l2r if l2r is not None else l2r_tokens(tok, text)), "l2r_too_long"
     return tokens, "spm" if spm else "psm"
