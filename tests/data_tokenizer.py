@@ -25,7 +25,7 @@ class SPTestTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), None
-        self.prefix_id, self.suffix_id, self.middle_id, self.eot_id = (self.sp.piece_to_id(p) for p in INFILL_PIECES)
+        self.prefix_id, self.suffix_id, self.middle_id, self.eot_id = (self.piece_to_id(p) for p in INFILL_PIECES)
         self.step_id = None
         self.add_bos = True
         self._smiley = self.sp.piece_to_id("☺")
@@ -67,7 +67,7 @@ class SPTestTokenizer:
 
 
 @functools.lru_cache(maxsize=None)
-def sp_test_tokenizer(vocab_size: int = 600) -> SPTestTokenizer:
+def sp_test_tokenizer(vocab_size: int = 600, infill: bool = True) -> SPTestTokenizer:
     text = "\n".join(p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py")))
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -76,7 +76,7 @@ def sp_test_tokenizer(vocab_size: int = 600) -> SPTestTokenizer:
         vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,
-        user_defined_symbols=["☺", *INFILL_PIECES],
+        user_defined_symbols=["☺", *INFILL_PIECES] if infill else ["☺"],
         character_coverage=1.0,
         add_dummy_prefix=True,
         remove_extra_whitespaces=False,

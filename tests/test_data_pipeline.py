@@ -194,3 +194,24 @@ def test_cli_builds_a_corpus(tmp_path, tok, capsys):
     m = read_manifest(tmp_path / "out")
     assert m["dedup"]["near"] == {"enabled": False, "threshold": 0.85, "removed": 0}
     assert "python" in out and "humaneval 1" in out and f"{m['splits']['train']['tokens']:,}" in out
+
+
+def test_cli_tokenizer_without_infill_pieces(tmp_path, capsys):
+    tokmod = pytest.importorskip("codellama.tokenizer")
+    make_tree(tmp_path / "repo")
+    plain = sp_test_tokenizer(infill=False)
+    assert not plain.can_infill
+    (tmp_path / "tokenizer.model").write_bytes(plain.model_proto)
+    argv = ["data", "--source", str(tmp_path / "repo"), "--tokenizer", str(tmp_path / "tokenizer.model"),
+            "--out", str(tmp_path / "out"), "--seq-len", "64", "--no-decontam"]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    if not hasattr(tokmod, "add_infill_tokens"):
+        assert rc == 2 and "no infill pieces" in captured.err
+        return
+    assert rc == 0, captured.err
+    t = read_manifest(tmp_path / "out")["tokenizer"]
+    assert t["vocab_size"] == plain.vocab_size + 4
+    assert sorted([t["prefix_id"], t["suffix_id"], t["middle_id"], t["eot_id"]]) == list(range(plain.vocab_size, plain.vocab_size + 4))
+    assert main(argv + ["--fim-rate", "0"]) == 0  # without FIM the tokenizer is used as it is
+    assert read_manifest(tmp_path / "out")["tokenizer"]["vocab_size"] == plain.vocab_size

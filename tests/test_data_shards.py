@@ -122,6 +122,19 @@ def test_state_round_trip(corpus):
         TokenShards(out, "train", seed=3).load_state_dict(state)
 
 
+def test_skip_equals_reading(corpus):
+    out, _ = corpus
+    for n in (0, 1, 5, 40, 41, 200):
+        a, b = TokenShards(out, "train", seed=1, rank=1, world_size=2), TokenShards(out, "train", seed=1, rank=1, world_size=2)
+        for _ in range(3):
+            next(a), next(b)
+        for _ in range(n):
+            next(a)
+        b.skip(n)
+        assert a.state_dict() == b.state_dict() and (a.epoch, a.position) == (b.epoch, b.position), n
+        assert np.array_equal(next(a), next(b))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_rank_split_disjoint_and_covering(corpus, world):
     out, _ = corpus

@@ -75,6 +75,25 @@ def load_data_tokenizer(spec: str):
     return loaded.tokenizer
 
 
+def with_infill_tokens(tok, spec: str):
+    """The tokenizer with ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT> appended, by the same function the trainer uses to
+    grow the model's vocabulary (codellama.tokenizer.add_infill_tokens), so the ids agree."""
+    try:
+        from codellama.tokenizer import add_infill_tokens
+    except ImportError:
+        raise UserError(
+            f"tokenizer {spec} has no infill pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>) and this installation cannot add "
+            "them: use --tokenizer codellama, or --fim-rate 0"
+        ) from None
+    new = add_infill_tokens(tok)
+    print(
+        f"note: tokenizer {spec} has no infill pieces; FIM uses appended ids PRE {new.prefix_id}, SUF {new.suffix_id}, "
+        f"MID {new.middle_id}, EOT {new.eot_id} (vocab {tok.vocab_size} -> {new.vocab_size}); train with "
+        "model.add_infill_tokens = true"
+    )
+    return new
+
+
 def run(args) -> int:
     from codellama.data.fim import FimConfig
     from codellama.data.filters import FilterConfig
@@ -105,7 +124,11 @@ def run(args) -> int:
 
     check_sources(specs)  # before the tokenizer loads: a typo should not cost a model load
     tok = load_data_tokenizer(args.tokenizer)
-    manifest = build_corpus(specs, tok, args.out, cfg, tokenizer_name=args.tokenizer)
+    name = args.tokenizer
+    if cfg.fim.rate > 0 and not tok.can_infill:
+        tok = with_infill_tokens(tok, args.tokenizer)
+        name += " + infill tokens"
+    manifest = build_corpus(specs, tok, args.out, cfg, tokenizer_name=name)
     print(summary(manifest, args.out))
     return 0
 

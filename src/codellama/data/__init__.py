@@ -10,3 +10,7 @@ tokenised shards. One module per job:
 - shards.py    the on-disk format: ShardWriter and the reader TokenShards the trainer consumes
 - pipeline.py  wires the above together for `codellama data` and the benchmark
 """
+
+from codellama.data.shards import TokenShards  # noqa: E402  (the trainer's entry point)
+
+__all__ = ["TokenShards"]

@@ -20,6 +20,7 @@ targets = w[1:]).
     ds.window(k)             window k as np.int64 [seq_len + 1]; stateless random access
     iter(ds) / next(it)      this rank's windows, forever, epoch after epoch (np.int64 [seq_len + 1])
     ds.next_batch(B)         np.int64 [B, seq_len + 1]: the next B windows of this rank
+    ds.skip(n)               advance past n windows of this rank without reading them
     ds.state_dict()          {"epoch", "consumed", "seed", "n_windows"}; load_state_dict(state)
     ds.epoch, ds.position    where this rank is (position = windows this rank took in this epoch)
 Order: each epoch visits a permutation of all windows (shuffle=False: 0, 1, 2, ...), a function of
@@ -323,6 +324,17 @@ class TokenShards:
         w = self.window(self._index())
         self.position += 1
         return w
+
+    def skip(self, n: int) -> None:
+        """Advance past this rank's next n windows without reading them (same state as n next() calls)."""
+        if n <= 0:
+            return
+        per = self.windows_per_rank
+        if per == 0:
+            next(self)  # raises the UserError
+        g = self.epoch * per + self.position + n  # windows this rank has taken since epoch 0
+        # next() rolls over to a new epoch lazily, so after a read position is in 1..per
+        self.epoch, self.position = (g - 1) // per, (g - 1) % per + 1
 
     def next_batch(self, batch_size: int) -> np.ndarray:
         """The next batch_size windows of this rank: np.int64 [batch_size, seq_len + 1]."""
