@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -129,6 +130,7 @@ def main() -> None:
     print(f"kept {m['splits']['train']['docs'] + m['splits']['val']['docs']} docs; filtered {m['filters']['removed']}; "
           f"dedup exact {m['dedup']['exact_removed']} near {m['dedup']['near']['removed']}; "
           f"decontam {m['decontamination']['removed']}")
+    print(f"peak RSS of this process (pipeline + stage runs): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(f"\n{'stage (1 process, texts in memory)':<44}{'seconds':>9}{'MB/s':>9}")
     for name, (s, rate) in stages.items():
         print(f"{name:<44}{s:>9.2f}{rate:>9.1f}")

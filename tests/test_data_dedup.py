@@ -55,3 +55,13 @@ def test_near_dedup_is_deterministic():
     text = (JSON_DIR / "encoder.py").read_text()
     a, b = NearDedup().signature(text), NearDedup().signature(text)
     assert (a.hashvalues == b.hashvalues).all()
+
+
+def test_word_hashes_do_not_depend_on_the_memo():
+    from codellama.data import words
+
+    ws = ["def", "f", "x", "héllo", "def"]
+    first = words.word_hashes(ws)
+    words._cache.clear()
+    assert (words.word_hashes(list(reversed(ws)))[::-1] == first).all()
+    assert first[0] == first[4] and len(set(first.tolist())) == 4

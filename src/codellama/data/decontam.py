@@ -24,37 +24,16 @@ import gzip
 import json
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from codellama.data.words import analyse, ngram_hashes
 from codellama.errors import UserError
 
-_WORD = re.compile(r"\w+")
 DATA_DIR_ENV = "CODELLAMA_DATA_DIR"
-
-
-def _word_hashes(words: list[str]) -> np.ndarray:
-    """64-bit hash per word: two crc32 with different seeds (fast, and collisions are negligible here)."""
-    return np.fromiter(
-        ((zlib.crc32(w.encode()) << 32) | zlib.crc32(w.encode(), 0x9E3779B9) for w in words),
-        dtype=np.uint64,
-        count=len(words),
-    )
-
-
-def ngram_hashes(words: list[str], n: int) -> np.ndarray:
-    """uint64 hash of every run of n consecutive words (none if fewer than n words)."""
-    if len(words) < n:
-        return np.zeros(0, dtype=np.uint64)
-    w = _word_hashes(words)
-    h = np.zeros(len(w) - n + 1, dtype=np.uint64)
-    for i in range(n):
-        h = h * np.uint64(0x100000001B3) + w[i : len(w) - n + 1 + i]
-    return h
 
 
 # informative words an n-gram needs to be indexed. Measured on 17k files of installed packages (numpy,
@@ -116,8 +95,8 @@ class Decontaminator:
     def add(self, item: Item, text: str) -> None:
         idx = len(self.items)
         self.items.append(item)
-        words = _WORD.findall(text)
-        for h in ngram_hashes(words, self.n)[informative(words, self.n)].tolist():
+        words, hashes = analyse(text)
+        for h in ngram_hashes(hashes, self.n)[informative(words, self.n)].tolist():
             first, groups = self._building.setdefault(h, (idx, set()))
             groups.add(item.group)
 
@@ -143,8 +122,8 @@ class Decontaminator:
     def match(self, text: str) -> Match | None:
         if not len(self._keys):
             return None
-        words = _WORD.findall(text)
-        h = ngram_hashes(words, self.n)
+        words, hashes = analyse(text)
+        h = ngram_hashes(hashes, self.n)
         if not len(h):
             return None
         pos = np.minimum(np.searchsorted(self._keys, h), len(self._keys) - 1)
