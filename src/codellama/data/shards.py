@@ -15,7 +15,8 @@ Reading: `TokenShards(path, split="train", seq_len=None, *, seed=0, rank=0, worl
 packs the split's token stream (all shards concatenated in order, documents back to back) into windows
 of seq_len + 1 tokens: window k = stream[k*seq_len : k*seq_len + seq_len + 1] (consecutive windows
 share one token, so every token after the first is a target exactly once; inputs = w[:-1],
-targets = w[1:]).
+targets = w[1:]). seq_len defaults to the manifest's, the length FIM examples were sized for: read
+with a shorter one and some FIM examples straddle two windows.
     len(ds)                  number of windows in the split (all ranks together)
     ds.window(k)             window k as np.int64 [seq_len + 1]; stateless random access
     iter(ds) / next(it)      this rank's windows, forever, epoch after epoch (np.int64 [seq_len + 1])
@@ -24,7 +25,8 @@ targets = w[1:]).
     ds.state_dict()          {"epoch", "consumed", "seed", "n_windows"}; load_state_dict(state)
     ds.epoch, ds.position    where this rank is (position = windows this rank took in this epoch)
 Order: each epoch visits a permutation of all windows (shuffle=False: 0, 1, 2, ...), a function of
-(seed, epoch) only. The permutation is split round robin across ranks: rank r takes entries
+(seed, epoch) only: blocks of 65,536 consecutive windows in random order, each block shuffled inside
+(one block in memory, and reads stay local). The permutation is split round robin across ranks: rank r takes entries
 r, r + W, r + 2W, ... (W = world_size), and every rank takes len // W per epoch (the remainder of fewer
 than W windows is skipped in that epoch), so ranks stay in lockstep and are disjoint.
 The state counts windows consumed by all ranks together ("consumed" = position * W), so a run resumes
