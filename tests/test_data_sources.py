@@ -93,6 +93,7 @@ def test_jsonl(tmp_path):
         g.write(json.dumps({"text": "hello"}) + "\n")
     docs = list(jsonl_documents(f, 10**6, SourceStats()))
     assert [(d.text, d.language) for d in docs] == [("def f(): pass\n", "python"), ("fn main() {}", "rust"), ("hello", "text")]
+    assert [d.text for d in path_documents(f, 10**6, SourceStats())] == [d.text for d in docs]  # --source FILE.jsonl
     assert docs[0].path.endswith("d.jsonl.gz:1:x/f.py")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"other": 1}\n')

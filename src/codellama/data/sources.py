@@ -201,10 +201,12 @@ def _git_files(root: Path) -> Iterator[str]:
 
 
 def path_documents(path: str | Path, max_bytes: int, stats: SourceStats) -> Iterator[Document]:
-    """A folder (walked), a git repository (git ls-files), or one file."""
+    """A folder (walked), a git repository (git ls-files), or one file (a .jsonl file is read as records)."""
     root = Path(path).expanduser()
     source = str(path)
-    if root.is_file():
+    if root.is_file() and root.name.endswith((".jsonl", ".jsonl.gz")):
+        yield from jsonl_documents(root, max_bytes, stats)
+    elif root.is_file():
         rel = root.name
         yield from _files_docs(root.parent, iter([rel]), source, max_bytes, stats)
     elif is_git_repo(root):
