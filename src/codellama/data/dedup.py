@@ -7,7 +7,8 @@ Near (the paper's "near-deduplicated" code, spec 4.2): MinHash (datasketch, 128 
 set of word 5-grams; candidates come from datasketch's MinHashLSH at Jaccard threshold 0.85 (banding
 weighted for recall), and a candidate counts as a duplicate only if the estimated Jaccard of the two
 signatures really reaches the threshold (LSH banding alone lets some less similar pairs through). The first document seen is kept.
-Memory per kept document: about 0.5 kB of signature plus the LSH band entries.
+Memory per kept document: 0.5 kB of signature plus datasketch's LSH entries (11 band hashes, about
+1.5 kB): a few GB for millions of files.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
     return np.unique(((h >> np.uint64(32)) ^ h).astype(np.uint32))  # folded to 32 bits (affine32 MinHash)
 
 
+_CHUNK = 4096  # signatures per block (2 MB): flat arrays, not one Python object per document
+
+
 class NearDedup:
     def __init__(self, threshold: float = 0.85, num_perm: int = 128, ngram: int = 5):
         from datasketch import MinHash, MinHashLSH
@@ -66,7 +70,8 @@ class NearDedup:
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
         # permutations are drawn once and shared by every signature (MinHash would redraw them each time)
         self._perms = MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations
-        self.signatures: list[np.ndarray] = []
+        self._chunks: list[np.ndarray] = []  # kept signatures, [_CHUNK, num_perm] uint32 blocks
+        self.kept = 0
         self.removed = 0
 
     def signature(self, text: str):
@@ -78,9 +83,12 @@ class NearDedup:
         """True (and counted) if a kept document is near-identical; else remember this one."""
         m = self.signature(text)
         for cand in self.lsh.query(m):
-            if np.mean(self.signatures[cand] == m.hashvalues) >= self.threshold:
+            if np.mean(self._chunks[cand // _CHUNK][cand % _CHUNK] == m.hashvalues) >= self.threshold:
                 self.removed += 1
                 return True
-        self.signatures.append(m.hashvalues.copy())
-        self.lsh.insert(len(self.signatures) - 1, m, check_duplication=False)
+        if self.kept % _CHUNK == 0:
+            self._chunks.append(np.empty((_CHUNK, self.num_perm), dtype=np.uint32))
+        self._chunks[-1][self.kept % _CHUNK] = m.hashvalues
+        self.lsh.insert(self.kept, m, check_duplication=False)
+        self.kept += 1
         return False
