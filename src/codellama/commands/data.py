@@ -33,12 +33,15 @@ def register(subparsers) -> None:
                      help="an installed Python distribution, e.g. numpy: its files")
     src.add_argument("--jsonl", action="append", default=[], metavar="FILE",
                      help="a .jsonl(.gz) file, one document per record in a `text` or `content` field")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; a previous corpus there is replaced)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; a previous corpus there is replaced)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, metavar="SPEC",
                    help="'codellama' (Code Llama's vocabulary with the infill pieces; the default), a tokenizer "
-                        "file or folder (tokenizer.model / tokenizer.json / .gguf), or a model spec whose tokenizer to use")
+                        "file or folder (tokenizer.model / tokenizer.json / .gguf), or a model spec whose "
+                        "tokenizer to use")
     p.add_argument("--seq-len", type=int, default=4096, help="training context length (default 4096, spec 4.4)")
-    p.add_argument("--fim-rate", type=float, default=0.9, help="share of documents turned into FIM examples (default 0.9)")
+    p.add_argument("--fim-rate", type=float, default=0.9,
+                   help="share of documents turned into FIM examples (default 0.9)")
     p.add_argument("--spm-rate", type=float, default=0.5, help="share of FIM examples in SPM order (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the FIM choices (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
@@ -82,8 +85,8 @@ def with_infill_tokens(tok, spec: str):
         from codellama.tokenizer import add_infill_tokens
     except ImportError:
         raise UserError(
-            f"tokenizer {spec} has no infill pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>) and this installation cannot add "
-            "them: use --tokenizer codellama, or --fim-rate 0"
+            f"tokenizer {spec} has no infill pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>) and this installation cannot "
+            "add them: use --tokenizer codellama, or --fim-rate 0"
         ) from None
     new = add_infill_tokens(tok)
     print(
@@ -142,7 +145,8 @@ def summary(m: dict, out) -> str:
         f"{sp['train']['tokens'] + sp['val']['tokens']:,} tokens "
         f"(train {sp['train']['tokens']:,} / val {sp['val']['tokens']:,}), {m['dtype']}, {n_shards} shard(s), "
         f"{m['seconds']:.1f} s",
-        f"read        {m['documents_read']} documents ({m['sources']['skipped_unknown_type']} files of unknown type skipped)",
+        f"read        {m['documents_read']} documents "
+        f"({m['sources']['skipped_unknown_type']} files of unknown type skipped)",
         "filtered    " + ", ".join(f"{k} {v}" for k, v in m["filters"]["removed"].items()),
         f"duplicates  exact {m['dedup']['exact_removed']}, near {m['dedup']['near']['removed']}",
     ]

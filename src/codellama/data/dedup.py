@@ -6,7 +6,8 @@ lines dropped). The same hash is the document's key for its FIM random stream an
 Near (the paper's "near-deduplicated" code, spec 4.2): MinHash (datasketch, 128 permutations) of the
 set of word 5-grams; candidates come from datasketch's MinHashLSH at Jaccard threshold 0.85 (banding
 weighted for recall), and a candidate counts as a duplicate only if the estimated Jaccard of the two
-signatures really reaches the threshold (LSH banding alone lets some less similar pairs through). The first document seen is kept.
+signatures really reaches the threshold (LSH banding alone lets some less similar pairs through). The
+first document seen is kept.
 Memory per kept document: 0.5 kB of signature plus datasketch's LSH entries (11 band hashes, about
 1.5 kB): a few GB for millions of files.
 """

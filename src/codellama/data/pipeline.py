@@ -73,7 +73,10 @@ def prepare_out_dir(out: Path) -> None:
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS)
         if foreign:
-            raise UserError(f"--out {out} is not empty and not a token corpus (it holds {', '.join(foreign[:3])}): pick another folder")
+            raise UserError(
+                f"--out {out} is not empty and not a token corpus (it holds {', '.join(foreign[:3])}): "
+                "pick another folder"
+            )
         (out / MANIFEST).unlink(missing_ok=True)
         (out / REPORT).unlink(missing_ok=True)
         for split in SPLITS:
@@ -132,7 +135,8 @@ def build_corpus(
     writers = {s: ShardWriter(out / s, dtype, shard_tokens=cfg.shard_tokens) for s in SPLITS}
     bar = _progress(cfg.progress)
     try:
-        for (split, language, n_bytes), tokens, kind in tokenize_documents(clean(), tok, cfg.fim, cfg.seq_len, cfg.workers):
+        stream = tokenize_documents(clean(), tok, cfg.fim, cfg.seq_len, cfg.workers)
+        for (split, language, n_bytes), tokens, kind in stream:
             writers[split].add(tokens)
             counts.add(split, language, n_bytes, len(tokens), kind)
             if bar is not None:
@@ -155,10 +159,11 @@ def build_corpus(
         )
     if kept == 0:
         _remove_splits(out, writers)
+        duplicates = exact.removed + (near.removed if near else 0)
+        contaminated = sum(decontam.removed.values()) if decontam else 0
         raise UserError(
-            f"all {n_read} documents were removed (filters: {filters.removed}, duplicates: "
-            f"{exact.removed + (near.removed if near else 0)}, decontaminated: {sum(decontam.removed.values()) if decontam else 0}): "
-            "nothing to train on"
+            f"all {n_read} documents were removed (filters: {filters.removed}, duplicates: {duplicates}, "
+            f"decontaminated: {contaminated}): nothing to train on"
         )
     if decontam is not None:
         _write_report(out / REPORT, decontam)
@@ -174,7 +179,11 @@ def build_corpus(
         filters={**filters.as_dict(), "config": asdict(cfg.filters)},
         dedup={
             "exact_removed": exact.removed,
-            "near": {"enabled": near is not None, "threshold": cfg.near_threshold, "removed": near.removed if near else 0},
+            "near": {
+                "enabled": near is not None,
+                "threshold": cfg.near_threshold,
+                "removed": near.removed if near else 0,
+            },
         },
         decontamination={"enabled": True, **decontam.summary(), "report": REPORT} if decontam else {"enabled": False},
         languages=counts.langs,

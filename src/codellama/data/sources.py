@@ -217,12 +217,16 @@ def path_documents(path: str | Path, max_bytes: int, stats: SourceStats) -> Iter
         raise UserError(f"source {path} does not exist: pass a folder, a git repository or a file")
 
 
+def _not_installed(name: str) -> str:
+    return f"package {name!r} is not installed in this Python environment: `pip install {name}` first"
+
+
 def package_documents(name: str, max_bytes: int, stats: SourceStats) -> Iterator[Document]:
     """The files of an installed distribution (importlib.metadata), e.g. `numpy`, that have a known language."""
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"package {name!r} is not installed in this Python environment: `pip install {name}` first") from None
+        raise UserError(_not_installed(name)) from None
     files = sorted(str(f) for f in (dist.files or []) if ".dist-info/" not in str(f) and ".egg-info/" not in str(f))
     source = f"package:{name}"
     root = Path(dist.locate_file(""))
@@ -276,7 +280,9 @@ class SourceSpec:
 def check_sources(specs: list[SourceSpec]) -> None:
     """Fail fast, before any work, on a source that does not exist."""
     if not specs:
-        raise UserError("no sources: pass --source PATH (folder, git repository or file), --package NAME or --jsonl FILE")
+        raise UserError(
+            "no sources: pass --source PATH (folder, git repository or file), --package NAME or --jsonl FILE"
+        )
     for s in specs:
         if s.kind == "path" and not Path(s.value).expanduser().exists():
             raise UserError(f"source {s.value} does not exist: pass a folder, a git repository or a file")
@@ -286,7 +292,7 @@ def check_sources(specs: list[SourceSpec]) -> None:
             try:
                 importlib.metadata.distribution(s.value)
             except importlib.metadata.PackageNotFoundError:
-                raise UserError(f"package {s.value!r} is not installed in this Python environment: `pip install {s.value}` first") from None
+                raise UserError(_not_installed(s.value)) from None
 
 
 def documents(specs: list[SourceSpec], max_bytes: int, stats: SourceStats) -> Iterator[Document]:
