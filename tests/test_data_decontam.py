@@ -14,7 +14,8 @@ from codellama.errors import UserError
 ORDINARY = [
     "from typing import List\n\n\ndef mean(xs: List[float]) -> float:\n    return sum(xs) / len(xs)\n",
     "import java.util.*;\nimport java.lang.reflect.*;\nimport org.javatuples.*;\nimport java.security.*;\n"
-    "import java.math.*;\nimport java.io.*;\nimport java.util.stream.*;\nclass Util { static int one() { return 1; } }\n",
+    "import java.math.*;\nimport java.io.*;\nimport java.util.stream.*;\n"
+    "class Util { static int one() { return 1; } }\n",
     "#include<assert.h>\n#include<bits/stdc++.h>\nint main() { std::vector<long> v; assert(v.empty()); }\n",
     (Path(json.__file__).parent / "decoder.py").read_text(),
 ]

@@ -19,8 +19,10 @@ except ImportError:  # until it is merged: spec 2.3 written out
 
     def infill_tokens(tok, prefix, suffix, suffix_first=False):
         if suffix_first:
-            return [tok.bos_id, tok.prefix_id, tok.suffix_id, *tok.encode_infilling(suffix), tok.middle_id, *tok.encode(prefix)]
-        return [tok.bos_id, tok.prefix_id, *tok.encode(prefix), tok.suffix_id, *tok.encode_infilling(suffix), tok.middle_id]
+            return [tok.bos_id, tok.prefix_id, tok.suffix_id, *tok.encode_infilling(suffix), tok.middle_id,
+                    *tok.encode(prefix)]
+        return [tok.bos_id, tok.prefix_id, *tok.encode(prefix), tok.suffix_id, *tok.encode_infilling(suffix),
+                tok.middle_id]
 
 
 CODE = '''import os
@@ -54,8 +56,10 @@ def test_spec_example_ids(tok):
     """Spec 2.3's PSM prompt for remove_non_ascii, on Code Llama's vocabulary: the FIM example starts with it."""
     if tok.vocab_size != 32016:
         pytest.skip("needs Code Llama's vocabulary")
-    prefix, middle, suffix = 'def remove_non_ascii(s: str) -> str:\n    """ ', "Remove non-ASCII.", '\n    return result\n'
-    ids = "1 32007 822 3349 29918 5464 29918 294 18869 29898 29879 29901 851 29897 1599 851 29901 13 1678 9995 29871 32008 13 1678 736 1121 13 32009"
+    prefix, suffix = 'def remove_non_ascii(s: str) -> str:\n    """ ', "\n    return result\n"
+    middle = "Remove non-ASCII."
+    ids = ("1 32007 822 3349 29918 5464 29918 294 18869 29898 29879 29901 851 29897 1599 851 29901 13 1678 9995 "
+           "29871 32008 13 1678 736 1121 13 32009")
     expected = [int(i) for i in ids.split()]
     tokens = psm_tokens(tok, prefix, middle, suffix)
     assert tokens[: len(expected)] == expected and tokens[-2:] == [32010, 2]

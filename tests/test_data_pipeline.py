@@ -34,7 +34,10 @@ def tok():
 
 def make_tree(root: Path) -> dict[str, str]:
     """A small repository: distinct files to keep, plus one file for every way to be removed."""
-    keep = {f"lib/m{i}.py": f"def f{i}(x):\n    '''Function number {i}.'''\n    return x * {i} + {i * i}\n" for i in range(40)}
+    keep = {
+        f"lib/m{i}.py": f"def f{i}(x):\n    '''Function number {i}.'''\n    return x * {i} + {i * i}\n"
+        for i in range(40)
+    }
     keep["lib/json_decoder.py"] = (JSON_DIR / "decoder.py").read_text()
     keep["src/main.rs"] = 'fn main() {\n    println!("hello {}", 42);\n}\n'
     keep["web/app.js"] = "export function add(a, b) {\n  return a + b;\n}\n"
@@ -111,7 +114,8 @@ def test_rebuild_replaces_and_foreign_folder_refused(tmp_path, tok):
     make_tree(tmp_path / "repo")
     src = [SourceSpec("path", str(tmp_path / "repo" / "lib" / "m3.py"))]
     out = tmp_path / "out"
-    build_corpus([SourceSpec("path", str(tmp_path / "repo"))], tok, out, PipelineConfig(seq_len=64, shard_tokens=500), "t")
+    cfg = PipelineConfig(seq_len=64, shard_tokens=500)
+    build_corpus([SourceSpec("path", str(tmp_path / "repo"))], tok, out, cfg, "t")
     m = build_corpus(src, tok, out, PipelineConfig(seq_len=64, val_fraction=0.0), "t")
     assert m["splits"]["train"]["docs"] == 1 and sorted(p.name for p in (out / "train").iterdir()) == [
         "shard_00000.bin", "shard_00000.idx"]
@@ -212,6 +216,7 @@ def test_cli_tokenizer_without_infill_pieces(tmp_path, capsys):
     assert rc == 0, captured.err
     t = read_manifest(tmp_path / "out")["tokenizer"]
     assert t["vocab_size"] == plain.vocab_size + 4
-    assert sorted([t["prefix_id"], t["suffix_id"], t["middle_id"], t["eot_id"]]) == list(range(plain.vocab_size, plain.vocab_size + 4))
+    added = sorted([t["prefix_id"], t["suffix_id"], t["middle_id"], t["eot_id"]])
+    assert added == list(range(plain.vocab_size, plain.vocab_size + 4))
     assert main(argv + ["--fim-rate", "0"]) == 0  # without FIM the tokenizer is used as it is
     assert read_manifest(tmp_path / "out")["tokenizer"]["vocab_size"] == plain.vocab_size

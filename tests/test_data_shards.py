@@ -125,7 +125,7 @@ def test_state_round_trip(corpus):
 def test_skip_equals_reading(corpus):
     out, _ = corpus
     for n in (0, 1, 5, 40, 41, 200):
-        a, b = TokenShards(out, "train", seed=1, rank=1, world_size=2), TokenShards(out, "train", seed=1, rank=1, world_size=2)
+        a, b = (TokenShards(out, "train", seed=1, rank=1, world_size=2) for _ in range(2))
         for _ in range(3):
             next(a), next(b)
         for _ in range(n):

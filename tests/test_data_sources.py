@@ -92,7 +92,8 @@ def test_jsonl(tmp_path):
         g.write(json.dumps({"content": "fn main() {}", "lang": "Rust"}) + "\n")
         g.write(json.dumps({"text": "hello"}) + "\n")
     docs = list(jsonl_documents(f, 10**6, SourceStats()))
-    assert [(d.text, d.language) for d in docs] == [("def f(): pass\n", "python"), ("fn main() {}", "rust"), ("hello", "text")]
+    expected = [("def f(): pass\n", "python"), ("fn main() {}", "rust"), ("hello", "text")]
+    assert [(d.text, d.language) for d in docs] == expected
     assert [d.text for d in path_documents(f, 10**6, SourceStats())] == [d.text for d in docs]  # --source FILE.jsonl
     assert docs[0].path.endswith("d.jsonl.gz:1:x/f.py")
     bad = tmp_path / "bad.jsonl"
@@ -115,4 +116,5 @@ def test_check_sources(tmp_path):
         check_sources([SourceSpec("package", "no-such-package-xyz")])
     (tmp_path / "a.py").write_text("x = 1\n")
     stats = SourceStats()
-    assert len(list(documents([SourceSpec("path", str(tmp_path)), SourceSpec("path", str(tmp_path / "a.py"))], 100, stats))) == 2
+    specs = [SourceSpec("path", str(tmp_path)), SourceSpec("path", str(tmp_path / "a.py"))]
+    assert len(list(documents(specs, 100, stats))) == 2
