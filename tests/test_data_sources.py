@@ -6,6 +6,7 @@ import gzip
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,14 @@ def test_git_repository_respects_gitignore(tmp_path):
     docs = list(path_documents(tmp_path, 10**6, SourceStats()))
     names = sorted(d.path.removeprefix(str(tmp_path) + "/") for d in docs)
     assert names == [".hidden_but_tracked.py", "tracked.py", "untracked.py"]
+    # a folder inside the repository: git's rules still hold
+    (tmp_path / "build" / "sub").mkdir()
+    (tmp_path / "build" / "sub" / "x.py").write_text("x = 1\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "ok.py").write_text("y = 1\n")
+    (tmp_path / "pkg" / "ignored.py").write_text("z = 1\n")
+    assert [Path(d.path).name for d in path_documents(tmp_path / "pkg", 10**6, SourceStats())] == ["ok.py"]
+    assert list(path_documents(tmp_path / "build", 10**6, SourceStats())) == []
 
 
 def test_installed_package():

@@ -181,7 +181,15 @@ def _walk(root: Path) -> Iterator[str]:
 
 
 def is_git_repo(path: Path) -> bool:
-    return (path / ".git").exists()
+    """A git work tree, or a folder inside one (then its files are listed by git, .gitignore applies)."""
+    if (path / ".git").exists():
+        return True
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
+                             capture_output=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.strip() == b"true"
 
 
 def _git_files(root: Path) -> Iterator[str]:
