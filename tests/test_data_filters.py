@@ -16,7 +16,7 @@ def doc(data: bytes | None = None, text: str | None = None, path: str = "x.py", 
 CASES = {
     "too_large": [doc(None, size=2_000_000), doc(b"x = 1\n" * 200_000)],
     "binary": [doc(b"\x7fELF\x02\x01\x00\x00abc"), doc(b"x = 1\n\0")],
-    "invalid_utf8": [doc(b"x = '\xff\xfe'\n"), doc(b"caf\xe9 = 1\n")],
+    "invalid_utf8": [doc(b"x = '\xff\xfe'\n"), doc(b"caf\xe9 = 1\n"), doc(text="x = '\ud800'\n", size=9)],
     "empty": [doc(b""), doc(b" \n\t\n")],
     "long_lines": [doc(("x = " + "1" * 2000 + "\n").encode()), doc((("abcdefghij" * 15) + "\n").encode() * 5)],
     "low_alnum": [doc(b"{}[]()<>;;::,,..!!\n" * 10), doc(text="=" * 60 + "\n" + "# ----\n" * 20)],

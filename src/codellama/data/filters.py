@@ -80,6 +80,11 @@ class Filters:
             except UnicodeDecodeError:
                 return "invalid_utf8"
             doc.data = None
+        else:
+            try:  # text from jsonl: JSON escapes can carry lone surrogates, which no tokenizer takes
+                doc.text.encode("utf-8")
+            except UnicodeEncodeError:
+                return "invalid_utf8"
         text = doc.text
         if not text.strip():
             return "empty"
