@@ -141,6 +141,8 @@ def build_corpus(
             counts.add(split, language, n_bytes, len(tokens), kind)
             if bar is not None:
                 bar.update(1)
+        for w in writers.values():  # finish the last shards (a full disk here is handled like above)
+            w.close()
     except BaseException:
         for w in writers.values():
             w.abort()
