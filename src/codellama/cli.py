@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "chat": "codellama.commands.generate",
     "convert": "codellama.commands.convert",
     "info": "codellama.commands.info",
+    "data": "codellama.commands.data",
 }
 
 
