@@ -13,7 +13,10 @@ import sys
 from codellama.errors import UserError
 
 # command name -> module that registers it
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "eval": "codellama.commands.eval",
+    "eval-sweep": "codellama.commands.eval",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,3 +77,13 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict]:
                 break
             raise UserError(f"{p}:{i + 1}: not valid JSON; remove the line or the file to start over") from None
     return rows
+
+
+def repair_tail(path: str | Path) -> None:
+    """Drop a torn last line (no trailing newline: the run was killed mid-write) before appending."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return
+    data = p.read_bytes()
+    if not data.endswith(b"\n"):
+        p.write_bytes(data[: data.rfind(b"\n") + 1])
