@@ -83,6 +83,7 @@ class Program:
     sentinel: str | None = None
     limits: Limits = field(default_factory=Limits)
     env: dict[str, str] = field(default_factory=dict)  # extra variables for toolchains (e.g. GOCACHE)
+    fail_on_stderr: bool = False  # for test libraries that report failures on stderr with status 0
 
 
 @dataclass
@@ -256,6 +257,12 @@ def _kill_uid(uid: int, grace: float = 2.0) -> None:
         time.sleep(0.002)
 
 
+def _chown_tree(root: str, uid: int) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, uid, uid)
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -330,9 +337,7 @@ class Sandbox:
                 else:
                     path.write_bytes(content)
             if uid is not None:
-                for dirpath, dirnames, filenames in os.walk(workdir):
-                    for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-                        os.chown(name, uid, uid)
+                _chown_tree(workdir, uid)
             os.chmod(workdir, 0o700)
             res = RunResult(status="failed", detail="no steps")
             for i, step in enumerate(program.steps):
@@ -340,6 +345,8 @@ class Sandbox:
                 limits = step.limits or program.limits
                 step_uid = uid if step.isolate_uid else None
                 res = self._run_step(step.argv, workdir, limits, step_uid, program.env)
+                if uid is not None and step_uid is None:
+                    _chown_tree(workdir, uid)  # what a toolchain built as us must be runnable by the uid
                 if res.status != "passed":
                     if not last and res.status == "failed":
                         res.detail = f"step `{step.argv[0]}` failed: {res.detail}"
@@ -347,6 +354,9 @@ class Sandbox:
                 if last and program.sentinel is not None and program.sentinel not in res.stdout:
                     res.status = "failed"
                     res.detail = "the tests did not run to the end (exited with status 0 before the sentinel)"
+                if last and program.fail_on_stderr and res.stderr.strip():
+                    res.status = "failed"
+                    res.detail = _last_error_line(res.stderr)
             res.duration = time.monotonic() - t0
             return res
         finally:
