@@ -98,5 +98,5 @@ def python_program(code: str, limits: Limits) -> Program:
 
     nonce = new_nonce()
     source = f"{code}\n\n__import__('os').write(1, b'\\n{nonce}\\n')\n"
-    return Program(files={"main.py": source}, steps=[Step((sandbox_python(), "-I", "main.py"))],
+    return Program(files={"main.py": source}, steps=[Step((sandbox_python(), "-I", "main.py"), python_script="main.py")],
                    sentinel=nonce, limits=limits)

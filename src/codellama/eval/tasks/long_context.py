@@ -113,7 +113,7 @@ def parse_answer(completion: str) -> int | None:
 
 def key_retrieval(model, tokenizer, out: Path, lengths=DEFAULT_LENGTHS, positions=DEFAULT_POSITIONS,
                   examples: int = DEFAULT_EXAMPLES, seed: int = 0, files: list[Path] | None = None,
-                  batch_size: int = 1, progress: bool = True) -> dict:
+                  batch_size: int = 1, progress: bool = True, plot: bool = True) -> dict:
     """Accuracy per (length, position); resumable via out/results.jsonl."""
     from tqdm import tqdm
 
@@ -150,9 +150,9 @@ def key_retrieval(model, tokenizer, out: Path, lengths=DEFAULT_LENGTHS, position
                 table[(length, pos)] = sum(r["passed"] for r in rows) / len(rows)
     from codellama.eval.plots import plot_heatmap
 
-    plot = plot_heatmap(table, out / "key_retrieval.png", "key retrieval accuracy")
+    png = plot_heatmap(table, out / "key_retrieval.png", "key retrieval accuracy") if plot else None
     summary = {"task": "long-context-key-retrieval", "examples": examples,
-               "accuracy": {f"{n}/{p:g}": acc for (n, p), acc in table.items()}, "plot": plot,
+               "accuracy": {f"{n}/{p:g}": acc for (n, p), acc in table.items()}, "plot": png,
                "report": format_grid(table, "accuracy %", lambda v: f"{100 * v:.1f}")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
