@@ -124,3 +124,50 @@ def test_bad_inputs(tmp_path):
         EvalConfig(task="humaneval", phase="both")
     with pytest.raises(UserError, match="does not exist"):
         get_task("mbpp", tmp_path / "nope").load()
+
+
+class NoisyGenerator(ReplayGenerator):
+    """Right with probability 1 - temperature (seeded), so pass@1 falls and pass@k rises with T."""
+
+    def complete(self, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=(), seed=None):
+        import random
+
+        rng = random.Random(seed)
+        return [BY_PROMPT[p]["canonical_solution"] if rng.random() > temperature else "    return None\n" for p in prompts]
+
+
+def test_temperature_sweep_table_and_plot(tmp_path):
+    from codellama.eval.runner import format_sweep, sweep
+
+    c = EvalConfig(task="humaneval", out=tmp_path / "sweep", limit=3, n=4, k=(1, 4), workers=2, batch_size=1,
+                   progress=False)
+    result = sweep(c, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 1))
+    assert [r["temperature"] for r in result["rows"]] == [0.1, 0.9]
+    assert all("pass@1" in r and "pass@4" in r for r in result["rows"])
+    assert (tmp_path / "sweep" / "temperature_sweep.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "T0.1" / "summary.json").exists()
+    table = format_sweep(result)
+    assert table.splitlines()[0].split() == ["T", "pass@1", "pass@4"]
+
+
+def test_cli_execute_phase_and_errors(tmp_path, capsys):
+    from codellama.cli import main
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": PROBLEMS["HumanEval/0"]["canonical_solution"]}) + "\n")
+    out = tmp_path / "o"
+    assert main(["eval", "--task", "humaneval", "--phase", "execute", "--samples", str(path), "--limit", "1",
+                 "--out", str(out), "--k", "1", "--workers", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "humaneval" in table and "100.0" in table
+    assert json.loads((out / "summary.json").read_text())["pass@1"] == 1.0
+
+    for argv, msg in [
+        (["eval", "--task", "nope"], "unknown task 'nope'"),
+        (["eval", "--task", "humaneval", "--phase", "execute", "--out", str(tmp_path / "empty")], "not found"),
+        (["eval", "--task", "mbpp", "--data-dir", str(tmp_path / "missing"), "--phase", "execute"], "does not exist"),
+        (["eval"], "--task is required"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err

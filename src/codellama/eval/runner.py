@@ -352,12 +352,13 @@ def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- temperature sweep
-def sweep(cfg: EvalConfig, temperatures: list[float]) -> dict:
+def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None = None) -> dict:
     """pass@k against temperature (the paper's Fig. 6): one run per T under out/T<t>/, then a table and
     out/temperature_sweep.png."""
     if not temperatures or any(t <= 0 for t in temperatures):
         raise UserError("--temperatures needs positive values, e.g. 0.1,0.4,0.6,0.8")
-    model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size) if cfg.phase in ("generate", "all") else None
+    if model is None and cfg.phase in ("generate", "all"):
+        model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     rows = []
     with Sandbox(workers=cfg.workers) as sb:
         for t in temperatures:
