@@ -70,18 +70,28 @@ class EvalConfig:
 class ModelAdapter:
     """The only place that talks to the generation API (codellama.load -> Generator)."""
 
-    def __init__(self, generator, batch_size: int = 8):
-        self.generator = generator
+    def __init__(self, generator=None, batch_size: int = 8, loader: Callable[[], object] | None = None):
+        self._generator = generator
+        self._loader = loader
         self.batch_size = max(1, batch_size)
+
+    @property
+    def generator(self):
+        if self._generator is None:  # loaded on first use: a rerun with nothing left to generate skips it
+            self._generator = self._loader()
+        return self._generator
 
     @classmethod
     def load(cls, spec: str | None, device: str | None = None, batch_size: int = 8) -> ModelAdapter:
-        import codellama
+        def loader():
+            import codellama
 
-        load = getattr(codellama, "load", None)
-        if load is None:
-            raise UserError("this build has no generation API (codellama.load); the generation phase cannot run")
-        return cls(load(spec, device=device), batch_size)
+            load = getattr(codellama, "load", None)
+            if load is None:
+                raise UserError("this build has no generation API (codellama.load); the generation phase cannot run")
+            return load(spec, device=device)
+
+        return cls(None, batch_size, loader)
 
     @property
     def tokenizer(self):

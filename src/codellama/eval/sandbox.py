@@ -417,14 +417,18 @@ class Sandbox:
             self._slots.release(slot)
 
     def map(self, programs: Iterable[Program]) -> Iterator[tuple[int, RunResult]]:
-        """Yields (index, result) as runs finish (not in order)."""
-        programs = list(programs)
-        with ThreadPoolExecutor(self.workers) as pool:
-            futures = {pool.submit(self.run, p): i for i, p in enumerate(programs)}
-            from concurrent.futures import as_completed
+        """Yields (index, result) as runs finish (not in order). Stopping early (an exception, Ctrl-C, the
+        consumer breaking off) cancels the runs not yet started."""
+        from concurrent.futures import as_completed
 
+        programs = list(programs)
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            futures = {pool.submit(self.run, p): i for i, p in enumerate(programs)}
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, program: Program, slot: int) -> RunResult:
         uid = UID_BASE + slot if self.caps.uid_drop else None
