@@ -36,18 +36,21 @@ def _before_last_brace(stmt: str, skip: int = 0) -> Callable[[str, str], str]:
     """Insert `stmt` before the closing brace of main (the last `}`, or the one before it when the class
     closes last: skip=1)."""
 
-    def f(tests: str, nonce: str) -> str:
+    def f(tests: str, nonce: str) -> str | None:
         end = len(tests)
         for _ in range(skip + 1):
-            end = tests.rindex("}", 0, end)
+            end = tests.rfind("}", 0, end)
+            if end < 0:
+                return None
         return tests[:end] + "    " + stmt.format(nonce=nonce) + "\n" + tests[end:]
 
     return f
 
 
-def _lua(tests: str, nonce: str) -> str:
+def _lua(tests: str, nonce: str) -> str | None:
     run = "os.exit(lu.LuaUnit.run())"
-    assert run in tests
+    if run not in tests:
+        return None
     return tests.replace(run, f'local __failures = lu.LuaUnit.run()\nif __failures == 0 then print("{nonce}") end\nos.exit(__failures)')
 
 
@@ -57,7 +60,9 @@ def _ruby_prefix(nonce: str) -> str:
     return f'at_exit {{ puts "{nonce}" if $!.nil? || ($!.is_a?(SystemExit) && $!.success?) }}\n'
 
 
-def _d(tests: str, nonce: str) -> str:
+def _d(tests: str, nonce: str) -> str | None:
+    if "void main(){}" not in tests:
+        return None
     return tests.replace("void main(){}", f'void main(){{ import std.stdio : writeln; writeln("{nonce}"); }}')
 
 
@@ -70,7 +75,7 @@ class Lang:
     steps: tuple[tuple[str, ...], ...]
     tools: tuple[str, ...]  # binaries that must be on PATH
     install: str
-    sentinel: Callable[[str, str], str] | None = None
+    sentinel: Callable[[str, str], str | None] | None = None  # None from it: no place for the nonce
     prefix: Callable[[str], str] | None = None  # code put before the prompt (ruby's at_exit)
     compile_steps: int = 0  # leading steps that build (longer limits)
     fail_on_stderr: bool = False
@@ -176,8 +181,10 @@ def _go_cache() -> str:
 
 def build_program(lang: Lang, prompt: str, completion: str, tests: str) -> Program:
     nonce = new_nonce() if lang.sentinel or lang.prefix else None
-    body = (lang.prefix(nonce) if lang.prefix else "") + prompt + completion + "\n"
-    body += lang.sentinel(tests, nonce) if lang.sentinel else tests
+    marked = lang.sentinel(tests, nonce) if lang.sentinel else None
+    if lang.sentinel and marked is None:
+        nonce = None  # tests of an unexpected shape: exit status only
+    body = (lang.prefix(nonce) if lang.prefix and nonce else "") + prompt + completion + "\n" + (marked or tests)
     jar = next((p for p in JAVATUPLES if Path(p).exists()), JAVATUPLES[0])
     stem = Path(lang.file).stem
     steps, env = [], dict(lang.env)
