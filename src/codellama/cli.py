@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "convert": "codellama.commands.convert",
     "info": "codellama.commands.info",
     "data": "codellama.commands.data",
+    "eval": "codellama.commands.eval",
+    "eval-sweep": "codellama.commands.eval",
 }
 
 

@@ -1,0 +1,89 @@
+"""Benchmark files: locating the data folder, reading/writing jsonl (plain or .gz)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from codellama.errors import UserError
+
+DATA_ENV = "CODELLAMA_DATA_DIR"
+
+
+def data_file(data_dir: str | Path | None, subdir: str, name: str, task: str) -> Path:
+    """Find `<data_dir>/<subdir>/<name>` (or `<data_dir>/<name>`); data_dir defaults to $CODELLAMA_DATA_DIR."""
+    root = data_dir or os.environ.get(DATA_ENV)
+    if not root:
+        raise UserError(
+            f"task {task} needs its data file {subdir}/{name}: pass --data-dir DIR (the folder holding {subdir}/) "
+            f"or set {DATA_ENV}"
+        )
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist (from --data-dir or {DATA_ENV}); point it at the folder holding {subdir}/")
+    for cand in (root / subdir / name, root / name):
+        if cand.is_file():
+            return cand
+    raise UserError(f"task {task}: {root / subdir / name} not found; point --data-dir at the folder holding {subdir}/")
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a .jsonl or .jsonl.gz file; a malformed line is a UserError naming file and line."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                yield row
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Append rows and flush, so an interrupted run keeps everything written so far."""
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+
+
+def read_jsonl_tolerant(path: str | Path) -> list[dict]:
+    """Rows of our own output file; a torn last line (the run was killed mid-write) is dropped."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    lines = p.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{p}:{i + 1}: not valid JSON; remove the line or the file to start over") from None
+    return rows
+
+
+def repair_tail(path: str | Path) -> None:
+    """Drop a torn last line (no trailing newline: the run was killed mid-write) before appending."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return
+    data = p.read_bytes()
+    if not data.endswith(b"\n"):
+        p.write_bytes(data[: data.rfind(b"\n") + 1])

