@@ -147,10 +147,14 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
     files = weight_files(path)
     dt = resolve_dtype(device, dtype, _stored_dtype(files))
     model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path))
-    tokenizer = None
-    if with_tokenizer and any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        tokenizer = try_load_tokenizer(path)
-    return model, tokenizer, cfg
+    return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
+
+
+def hf_tokenizer(path: Path):
+    """The tokenizer saved beside the weights (tokenizer.model or tokenizer.json), or None."""
+    if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return try_load_tokenizer(path)
+    return None
 
 
 # ---- saving ----

@@ -127,10 +127,8 @@ def preset_tokenizer(cfg: ModelConfig):
     """The Code Llama tokenizer for presets with its vocabulary (32000/32016 pieces), else None."""
     if cfg.vocab_size not in (32000, 32016):
         return None
-    try:
-        from codellama.tokenizer import codellama_tokenizer
-    except ImportError:  # tokenizer module not installed in this build
-        return None
+    from codellama.tokenizer import codellama_tokenizer
+
     return codellama_tokenizer()
 
 
@@ -190,8 +188,7 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
         return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
     if fmt == "hf":
-        from codellama.checkpoints.common import try_load_tokenizer
-        from codellama.checkpoints.hf import read_hf_config, read_safetensors_header, weight_files
+        from codellama.checkpoints.hf import hf_tokenizer, read_hf_config, read_safetensors_header, weight_files
 
         cfg = read_hf_config(path)
         files = weight_files(path)
@@ -199,10 +196,7 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
         dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
-        tok = None
-        if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-            tok = try_load_tokenizer(path)
-        return ModelInfo(cfg, tok, str(path), fmt, f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})")
+        return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})")
     from codellama.checkpoints.meta import meta_config
 
     cfg, tok, files = meta_config(path)
