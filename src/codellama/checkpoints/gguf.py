@@ -68,7 +68,9 @@ def open_reader(path: str | Path):
     try:
         return FastGGUFReader(path)
     except Exception as e:  # bad magic, truncated header/tensor data, unknown value types
-        raise UserError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); it may be truncated, re-download it") from None
+        raise UserError(
+            f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); it may be truncated, re-download it"
+        ) from None
 
 
 def _field(reader, key: str, default=None):
@@ -172,7 +174,9 @@ def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
 
 def _stored_dtype(reader) -> torch.dtype:
     types = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
-    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16) if len(types) == 1 else torch.float16
+    if len(types) != 1:
+        return torch.float16  # mixed or quantised: half precision on an accelerator
+    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16)
 
 
 def gguf_tokenizer(reader):

@@ -72,11 +72,15 @@ def _iter_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             dtype = _ST_DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise UserError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}; only F32, F16, BF16 are supported")
+                raise UserError(
+                    f"{f}: tensor {name!r} has dtype {info.get('dtype')}; only F32, F16, BF16 are supported"
+                )
             begin, end = info["data_offsets"]
             t = torch.empty(info["shape"], dtype=dtype)
             if t.numel() * t.element_size() != end - begin:
-                raise UserError(f"{f}: tensor {name!r} header is inconsistent (shape {info['shape']} vs {end - begin} bytes)")
+                raise UserError(
+                    f"{f}: tensor {name!r} header is inconsistent (shape {info['shape']} vs {end - begin} bytes)"
+                )
             fh.seek(start + begin)
             buf = memoryview(t.view(torch.uint8).reshape(-1).numpy())
             done = 0

