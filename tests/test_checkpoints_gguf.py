@@ -190,13 +190,14 @@ def test_q8_0_within_quantisation_error(tmp_path):
         torch.testing.assert_close(loaded(tokens), model(tokens), atol=0.05, rtol=0.05)
 
 
-def test_tied_embeddings_write_no_output_tensor(tmp_path):
-    cfg = CFG.replace(tie_embeddings=True)
+def test_tied_embeddings_and_linear_rope_scaling_roundtrip(tmp_path):
+    cfg = CFG.replace(tie_embeddings=True, rope_scaling=4.0)
     model = random_model(cfg)
     save_gguf(model, None, tmp_path / "t.gguf", "F32")
     assert "output.weight" not in {t.name for t in GGUFReader(tmp_path / "t.gguf").tensors}
     loaded, _, cfg2 = load_gguf(tmp_path / "t.gguf")
     assert cfg2.tie_embeddings and loaded.output.weight is loaded.tok_embeddings.weight
+    assert cfg2.rope_scaling == 4.0
     tokens = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)

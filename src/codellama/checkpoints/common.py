@@ -34,7 +34,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
 
 
-def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None, stored: torch.dtype | None) -> torch.dtype:
+def resolve_dtype(
+    device: str | torch.device, dtype: str | torch.dtype | None, stored: torch.dtype | None
+) -> torch.dtype:
     """The dtype to load into: the one asked for; "auto": as stored (float16 for quantised GGUF), so
     conversions never widen; else float32 on CPU (fast and exact there); on an accelerator the stored
     half precision, or float16 for quantised/float32 checkpoints."""

@@ -68,7 +68,9 @@ def open_reader(path: str | Path):
     try:
         return FastGGUFReader(path)
     except Exception as e:  # bad magic, truncated header/tensor data, unknown value types
-        raise UserError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); it may be truncated, re-download it") from None
+        raise UserError(
+            f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); it may be truncated, re-download it"
+        ) from None
 
 
 def _field(reader, key: str, default=None):
@@ -79,17 +81,17 @@ def _field(reader, key: str, default=None):
 
 
 def gguf_config(reader, path: Path) -> ModelConfig:
+    """ModelConfig from the llama.* metadata; vocab from llama.vocab_size, else the token list."""
     arch = _field(reader, "general.architecture", "llama")
     if arch != "llama":
         raise UserError(f"{path}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
 
-    def need(key):
+    def need(key: str):
         value = _field(reader, f"llama.{key}")
         if value is None:
             raise UserError(f"{path}: missing metadata key llama.{key}")
         return value
 
-    names = {t.name for t in reader.tensors}
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is None:
         raise UserError(f"{path}: no token_embd.weight tensor; not a Llama GGUF")
@@ -97,30 +99,34 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else int(emb.shape[1])
+    scaling_type = _field(reader, "llama.rope.scaling.type")
+    if scaling_type not in (None, "none", "linear"):
+        raise UserError(f"{path}: rope scaling {scaling_type!r} is not supported (only linear)")
     dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    scaling = 1.0
-    if _field(reader, "llama.rope.scaling.type") == "linear":
-        scaling = float(_field(reader, "llama.rope.scaling.factor", 1.0))
-    elif _field(reader, "llama.rope.scaling.type") not in (None, "none"):
-        kind = _field(reader, "llama.rope.scaling.type")
-        raise UserError(f"{path}: rope scaling {kind!r} is not supported (only linear)")
-    return ModelConfig(
-        dim=dim,
-        n_layers=int(need("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        vocab_size=int(vocab),
-        ffn_hidden=int(need("feed_forward_length")),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        max_seq_len=int(_field(reader, "llama.context_length", 4096)),
-        tie_embeddings="output.weight" not in names,  # SmolLM2 ships no output tensor
-        head_dim=int(_field(reader, "llama.attention.key_length", dim // n_heads)),
-        bos_id=_field(reader, "tokenizer.ggml.bos_token_id", 1),
-        eos_id=_field(reader, "tokenizer.ggml.eos_token_id", 2),
-        name=str(_field(reader, "general.name", path.stem)),
-    )
+    head_dim = int(_field(reader, "llama.attention.key_length", dim // n_heads))
+    rope_dims = _field(reader, "llama.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise UserError(f"{path}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+    try:
+        return ModelConfig(
+            dim=dim,
+            n_layers=int(need("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+            vocab_size=int(vocab),
+            ffn_hidden=int(need("feed_forward_length")),
+            norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+            rope_scaling=float(_field(reader, "llama.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0,
+            max_seq_len=int(_field(reader, "llama.context_length", 4096)),
+            tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),  # SmolLM2 ships no output
+            head_dim=head_dim,
+            bos_id=_field(reader, "tokenizer.ggml.bos_token_id", 1),
+            eos_id=_field(reader, "tokenizer.ggml.eos_token_id", 2),
+            name=str(_field(reader, "general.name", path.stem)),
+        )
+    except (ValueError, TypeError) as e:  # e.g. heads not divisible by kv heads, per-layer head counts
+        raise UserError(f"{path}: inconsistent model metadata ({e})") from None
 
 
 def dequantize(data: np.ndarray, qtype) -> torch.Tensor:
@@ -168,17 +174,17 @@ def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
 
 def _stored_dtype(reader) -> torch.dtype:
     types = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
-    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16) if len(types) == 1 else torch.float16
+    if len(types) != 1:
+        return torch.float16  # mixed or quantised: half precision on an accelerator
+    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16)
 
 
 def gguf_tokenizer(reader):
-    """The tokenizer (with chat template) embedded in the GGUF, or None without codellama.tokenizer."""
+    """The tokenizer (with chat template) embedded in the GGUF, or None when it carries none."""
     if reader.fields.get("tokenizer.ggml.tokens") is None:
         return None
-    try:
-        from codellama.tokenizer import tokenizer_from_gguf
-    except ImportError:
-        return None
+    from codellama.tokenizer import tokenizer_from_gguf
+
     return tokenizer_from_gguf(reader)
 
 

