@@ -456,13 +456,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not p.is_file():
         raise UserError(f"tokenizer file {p} does not exist")
     if p.suffix == ".gguf":
-        import gguf
+        from codellama.checkpoints.gguf import open_reader
 
-        try:
-            reader = gguf.GGUFReader(p)
-        except Exception as e:
-            raise UserError(f"{p} is not a readable GGUF file ({e})") from None
-        return tokenizer_from_gguf(reader)
+        return tokenizer_from_gguf(open_reader(p))
     config = _read_config(p.parent)
     if p.suffix == ".json":
         tok: Tokenizer = BPETokenizer.from_file(p, config)
@@ -527,9 +523,9 @@ def _llama2_gguf() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _llama2_pieces() -> tuple[spm_proto.Piece, ...]:
-    import gguf
+    from codellama.checkpoints.gguf import open_reader
 
-    reader = gguf.GGUFReader(_llama2_gguf())
+    reader = open_reader(_llama2_gguf())
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
     scores = _gguf_value(reader, "tokenizer.ggml.scores")
     types = _gguf_value(reader, "tokenizer.ggml.token_type")
