@@ -299,3 +299,22 @@ def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
         codellama_tokenizer.cache_clear()
     assert tok.vocab_size == 32016
     assert (tmp_path / "tokenizer-codellama-base.model").stat().st_size > 100_000
+
+
+def test_add_infill_tokens_to_bpe_and_sentencepiece(smollm2):
+    from codellama.prompts import infill_tokens
+    from codellama.tokenizer import add_infill_tokens
+
+    python_vocab = codellama_tokenizer("python")
+    for tok in (smollm2, python_vocab):
+        assert not tok.can_infill
+        grown = add_infill_tokens(tok)
+        n = tok.vocab_size
+        assert grown.vocab_size == n + 4
+        assert [grown.prefix_id, grown.suffix_id, grown.middle_id, grown.eot_id] == [n, n + 1, n + 2, n + 3]
+        text = "def f(x):\n    return x  # ünï\n"
+        assert grown.encode(text) == tok.encode(text)  # ordinary text is untouched
+        ids = infill_tokens(grown, "def f(x):", "\n    return y")
+        assert n in ids[:2] and ids[-1] == n + 2 and n + 1 in ids  # <PRE> first (after BOS), <MID> last
+        assert grown.decode(ids) == tok.decode([i for i in ids if i < n])  # decode drops the pieces
+        assert add_infill_tokens(grown) is grown

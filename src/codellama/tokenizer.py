@@ -277,6 +277,36 @@ class BPETokenizer(Tokenizer):
         return piece
 
 
+def add_infill_tokens(tok: Tokenizer) -> Tokenizer:
+    """A copy of `tok` with the four infilling pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>) appended at ids
+    vocab_size .. vocab_size+3, for training a model that lacks them (the paper's recipe adds them to
+    Llama 2's vocabulary). Returns `tok` itself when it can already infill. The pieces are added as
+    special/user-defined tokens: prompts insert them by id, and decode drops them."""
+    if tok.can_infill:
+        return tok
+    names = [INFILL_PIECES[k] for k in ("prefix", "suffix", "middle", "eot")]
+    if isinstance(tok, SentencePieceTokenizer):
+        proto = spm_proto.ModelProto.from_bytes(tok.model_proto)
+        proto.pieces += [spm_proto.Piece(n, 0.0, spm_proto.USER_DEFINED) for n in names]
+        proto.set_vocab_size()
+        new: Tokenizer = SentencePieceTokenizer(proto.to_bytes(), chat_template=tok.chat_template, add_bos=tok.add_bos)
+    elif isinstance(tok, BPETokenizer):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        inner = HFTokenizer.from_str(tok.tok.to_str())
+        inner.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+        new = BPETokenizer(inner, tok.bos_id, tok.eos_id, tok.pad_id, tok.chat_template, tok.add_bos, tok.pre)
+    else:
+        raise UserError(f"cannot add infilling tokens to a {type(tok).__name__}")
+    new.extra_stop_ids = tok.extra_stop_ids
+    expected = list(range(tok.vocab_size, tok.vocab_size + 4))
+    if [new.prefix_id, new.suffix_id, new.middle_id, new.eot_id] != expected:
+        raise UserError(f"adding the infilling pieces gave ids {[new.prefix_id, new.suffix_id, new.middle_id, new.eot_id]},"
+                        f" expected {expected}: the vocabulary already holds some of them under other ids")
+    return new
+
+
 def _token_str(tok: Any) -> str | None:
     # tokenizer_config.json writes special tokens either as "<s>" or as an AddedToken dict
     if isinstance(tok, dict):
