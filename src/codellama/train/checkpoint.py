@@ -12,6 +12,7 @@ Multi-node runs need the run directory on a filesystem every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -25,8 +26,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from codellama.errors import UserError
 from codellama.train.distributed import DistEnv, barrier
 
-# single-process runs use DCP without a process group, which it announces on every call
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+@contextlib.contextmanager
+def _quiet():
+    """Single-process runs use DCP without a process group, which it announces on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -72,7 +78,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
         tmp.mkdir()
     barrier(env)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     barrier(env)
     if env.is_main:
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
@@ -108,7 +115,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     check_fits(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    with _quiet():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
     set_rng_state(trainer_state["rng"])
