@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -86,8 +88,10 @@ class Trainer:
                  env: DistEnv | None = None, progress: bool = True, resume: bool = True):
         self.recipe, self.progress = recipe, progress
         t = recipe.train
+        # the batch must split over the ranks: a UserError before the process group or the model exist
+        recipe.grad_accum(env.world_size if env else int(os.environ.get("WORLD_SIZE", "1")))
         self.env = env or init_distributed(t.device)
-        self.accum = recipe.grad_accum(self.env.world_size)  # UserError before any work when it does not fit
+        self.accum = recipe.grad_accum(self.env.world_size)
         self.out_dir = Path(t.out_dir)
         self.bf16 = t.dtype == "bf16" and self.env.device.type == "cuda"
         parallel = dict(activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=self.bf16)
@@ -289,7 +293,9 @@ class Trainer:
                 from codellama.checkpoints.hf import save_hf  # checkpoints helper's module
             except ImportError:
                 save_hf = None
-            if save_hf is not None:
+            if save_hf is None:
+                print("Hugging Face export skipped: codellama.checkpoints.hf is not available", file=sys.stderr)
+            else:
                 with torch.device("meta"):
                     plain = Transformer(self.cfg)
                 plain.load_state_dict(sd, assign=True, strict=False)

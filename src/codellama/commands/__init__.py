@@ -1,0 +1,1 @@
+"""One module per `codellama` subcommand; cli.COMMANDS maps command names to them."""
