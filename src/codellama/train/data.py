@@ -85,8 +85,12 @@ class InMemoryTokens:
             raise UserError(f"cannot read {path} as a .npy token array: {e}") from None
         return cls(arr, seq_len, seed, name=name)
 
-    def max_token(self) -> int:
-        return int(self.tokens.max())
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id (a full pass, done once)."""
+        if not hasattr(self, "_vocab"):
+            self._vocab = int(self.tokens.max()) + 1
+        return self._vocab
 
     def next(self) -> Example:
         i = self.order.take() * self.seq_len
@@ -195,28 +199,40 @@ class ChatExamples:
 
 
 class ShardsSource:
-    """Adapter for `codellama.data.TokenShards(path, split)` (the corpus pipeline's reader of packed,
-    FIM-transformed shards): it yields windows of seq_len+1 tokens and has state_dict/load_state_dict.
-    We read it unsplit (rank 0 of 1) so every rank sees the same stream; ranks slice it themselves."""
+    """Adapter for `codellama.data.TokenShards(path, split, seq_len, seed=, rank=, world_size=)`, the reader
+    of `codellama data`'s packed shards (FIM already applied when the corpus was built). We read it unsplit
+    (rank 0 of 1) so every rank sees the same stream; ranks slice it themselves (RankBatches)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0, fim_rate: float | None = None,
-                 fim_spm_rate: float | None = None, name: str = "shards"):
+                 name: str = "shards"):
         try:
             from codellama.data import TokenShards
         except ImportError:
-            raise UserError("source kind 'shards' needs codellama.data.TokenShards (the corpus pipeline); "
-                            "use kind = 'tokens' with a .npy file meanwhile") from None
+            try:
+                from codellama.data.shards import TokenShards
+            except ImportError:
+                raise UserError("source kind 'shards' needs codellama.data.shards.TokenShards (the corpus "
+                                "pipeline); use kind = 'tokens' with a .npy file meanwhile") from None
         if not Path(path).exists():
-            raise UserError(f"shards {path} for source {name!r} do not exist; build them with `codellama data`")
-        wanted = dict(seq_len=seq_len, seed=seed, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate, rank=0, world_size=1)
+            raise UserError(f"corpus {path} for source {name!r} does not exist; build it with `codellama data`")
+        wanted = dict(seq_len=seq_len, seed=seed, rank=0, world_size=1)
         accepted = inspect.signature(TokenShards).parameters
-        kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
-        self.reader = TokenShards(path, split, **kwargs)
+        self.reader = TokenShards(path, split, **{k: v for k, v in wanted.items() if k in accepted})
         self.name, self.seq_len = name, seq_len
+        manifest = getattr(self.reader, "manifest", {}) or {}
+        self.vocab_size = manifest.get("vocab_size")  # ids are below it: checked against the model
+        built_fim = (manifest.get("fim") or {}).get("rate")
+        if fim_rate is not None and built_fim is not None and split == "train" and abs(built_fim - fim_rate) > 1e-9:
+            raise UserError(f"corpus {path} was built with FIM rate {built_fim} but the recipe asks for "
+                            f"data.fim_rate = {fim_rate}: rebuild it with `codellama data --fim-rate {fim_rate}` "
+                            "or change the recipe")
+        built_seq = manifest.get("seq_len")
+        if built_fim and built_seq and seq_len < built_seq:
+            raise UserError(f"corpus {path} packs FIM documents for contexts of {built_seq} tokens; training at "
+                            f"seq_len {seq_len} would cut them across windows: rebuild it with --seq-len {seq_len}")
         self._start = self.reader.state_dict()
         self._it = iter(self.reader)
-        first = self._pull(allow_empty=True)
-        if first is None:
+        if self._pull(allow_empty=True) is None:
             raise UserError(f"corpus {path} (split {split!r}) has no window of {seq_len + 1} tokens")
         self.reader.load_state_dict(self._start)
         self._it = iter(self.reader)

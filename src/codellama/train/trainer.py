@@ -44,7 +44,7 @@ def _source_seed(seed: int, name: str) -> int:
 
 def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | None, list]:
     """The recipe's sources for `split` ("train" or "valid") as one (mixed) stream; None when no source has
-    that split. Also returns the in-memory token sources, for the vocabulary check."""
+    that split. Also returns the (name, source) pairs, for the vocabulary check."""
     d, t = recipe.data, recipe.train
     root = Path(d.root or ".")
     sources, weights, arrays = {}, {}, []
@@ -52,7 +52,7 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
         seed = _source_seed(t.seed, s.name)
         if s.kind == "shards":
             try:
-                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, d.fim_spm_rate, name=s.name)
+                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, name=s.name)
             except UserError:
                 if split == "train":
                     raise
@@ -63,7 +63,6 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
                 continue
             if s.kind == "tokens":
                 src = InMemoryTokens.from_file(root / path, t.seq_len, seed, name=s.name)
-                arrays.append(src)
             else:
                 if tokenizer is None:
                     raise UserError(f"source {s.name!r} is chat data: the model needs a tokenizer "
@@ -71,8 +70,8 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
                 src = ChatExamples.from_jsonl(root / path, tokenizer, t.seq_len, seed, name=s.name)
         sources[s.name], weights[s.name] = src, s.weight
     if not sources:
-        return None, arrays
-    return make_source(sources, weights, _source_seed(t.seed, f"mixture-{split}")), arrays
+        return None, []
+    return make_source(sources, weights, _source_seed(t.seed, f"mixture-{split}")), list(sources.items())
 
 
 def _shape_of(cfg: ModelConfig) -> dict:
@@ -103,10 +102,11 @@ class Trainer:
         if train_source is None:
             train_source, arrays = build_sources(recipe, self.tokenizer, "train")
             valid_source, _ = build_sources(recipe, self.tokenizer, "valid")
-        for a in arrays:
-            if a.max_token() >= self.cfg.vocab_size:
-                raise UserError(f"corpus has token id {a.max_token()} >= the model's vocabulary "
-                                f"{self.cfg.vocab_size}: it was tokenised for another model")
+        for name, src in arrays:
+            bound = getattr(src, "vocab_size", None)  # pre-tokenised sources know their largest id
+            if bound is not None and bound > self.cfg.vocab_size:
+                raise UserError(f"source {name!r} has token ids up to {bound - 1}, beyond the model's vocabulary "
+                                f"of {self.cfg.vocab_size}: it was tokenised for another model")
         G = t.global_batch_seqs
         self.batches = RankBatches(train_source, G, self.env.rank, self.env.world_size)
         self.valid = RankBatches(valid_source, G, self.env.rank, self.env.world_size) if valid_source else None
