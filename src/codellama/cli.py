@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "data": "codellama.commands.data",
     "eval": "codellama.commands.eval",
     "eval-sweep": "codellama.commands.eval",
+    "train": "codellama.commands.train",
 }
 
 

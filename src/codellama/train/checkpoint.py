@@ -1,0 +1,123 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP): resumable exactly, on any number of ranks.
+
+Layout of a run directory:
+    step_00000100/          one checkpoint: DCP shards of model + optimizer, and trainer_state.pt
+                            (step, data-loader state, RNG, recipe) written by rank 0
+    latest                  text file naming the newest complete checkpoint
+A checkpoint is written into `.tmp-step_...` and renamed only when every rank has finished, then `latest`
+is replaced atomically (os.replace), so a crash mid-save never leaves a corrupt checkpoint as latest.
+DCP stores global shapes with each shard, so a checkpoint from N ranks loads on M ranks (resharding).
+Multi-node runs need the run directory on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from codellama.errors import UserError
+from codellama.train.distributed import DistEnv, barrier
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Single-process runs use DCP without a process group, which it announces on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    if not (path / ".metadata").is_file() or not (path / TRAINER_STATE).is_file():
+        raise UserError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an older "
+                        "step_* directory or delete it to start over")
+    return path
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, env: DistEnv,
+                    keep: int = 3) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"step_{step:08d}"
+    tmp = run_dir / f".tmp-{final.name}"
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        tmp.mkdir()
+    barrier(env)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    barrier(env)
+    if env.is_main:
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = run_dir / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, run_dir / "latest")
+        for _, old in _step_dirs(run_dir)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(env)
+    return final
+
+
+def check_fits(path: Path, model) -> None:
+    """UserError, before any loading, when the checkpoint's tensors do not have the model's shapes."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, shape in ours.items():
+        if k not in saved:
+            raise UserError(f"checkpoint {path} has no tensor {k!r}: it was written by a different model; "
+                            "use a fresh train.out_dir or the recipe that wrote it")
+        if saved[k] != shape:
+            raise UserError(f"checkpoint {path}: {k} has shape {saved[k]}, the recipe's model needs {shape}; "
+                            "use the recipe that wrote it or a fresh train.out_dir")
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Collective. Restores model, optimizer and RNG in place; returns the trainer state (step, data...)."""
+    check_fits(path, model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _quiet():
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+    set_rng_state(trainer_state["rng"])
+    return trainer_state

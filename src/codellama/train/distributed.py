@@ -1,0 +1,163 @@
+"""Everything parallel, applied to a plain Transformer from outside (torchtitan's habit).
+
+`init_distributed` reads torchrun's environment; `parallelize` applies, per block and in this order,
+activation checkpointing -> torch.compile -> FSDP2 `fully_shard`, then shards the root.
+`init_params` gives the same weights whatever the sharding, so 1 rank and N ranks start equal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import zlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from codellama.model import Transformer
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from codellama.errors import UserError
+
+            raise UserError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_pref: str = "auto") -> DistEnv:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank, world, local_rank, device)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- wrapping the model
+
+
+def apply_activation_checkpointing(block: nn.Module) -> None:
+    """Recompute the block's activations in backward. Done by replacing the instance's forward, so the
+    parameter names (and hence checkpoints) stay those of the plain model."""
+    block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def parallelize(model: Transformer, env: DistEnv, *, activation_checkpointing: bool = False,
+                compile: bool = False, bf16: bool = False) -> Transformer:
+    """AC -> compile -> FSDP2 per block, then FSDP2 on the root (torchtitan's order).
+
+    With FSDP2 on CUDA and bf16, parameters are all-gathered in bf16 and gradients reduced in fp32
+    (MixedPrecisionPolicy); the trainer then needs no autocast. The last block keeps its gathered
+    parameters after forward, since backward needs them at once.
+    """
+    for block in model.layers:
+        if activation_checkpointing:
+            apply_activation_checkpointing(block)
+        if compile:
+            block.compile(fullgraph=True)
+    if env.distributed:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        n = len(model.layers)
+        for i, block in enumerate(model.layers):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def uses_fsdp_mixed_precision(env: DistEnv, bf16: bool) -> bool:
+    return env.distributed and bf16
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def _param_std(name: str, n_layers: int, std: float) -> float | None:
+    """Transformer.init_weights' rule: N(0, std); residual-branch outputs scaled by 1/sqrt(2L); norms = 1."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("wo.weight", "w2.weight")):
+        return std / (2 * n_layers) ** 0.5
+    return std
+
+
+@torch.no_grad()
+def init_params(model: Transformer, seed: int, std: float = 0.02) -> None:
+    """Initialise (possibly FSDP-sharded, just materialised) parameters identically on any number of ranks:
+    each full tensor is drawn on CPU from a generator seeded by (seed, name) and each rank keeps its shard.
+    One full parameter at a time is in memory."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        s = _param_std(name, model.config.n_layers, std)
+        full = torch.ones(p.shape) if s is None else torch.randn(p.shape, generator=g) * s
+        if isinstance(p, DTensor):
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().copy_(local)
+        else:
+            p.copy_(full)
+
+
+def build_from_scratch(cfg, env: DistEnv, seed: int, **parallel) -> Transformer:
+    """Meta-device construction -> parallelize -> materialise on the device -> seeded init."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parallelize(model, env, **parallel)
+    model.to_empty(device=env.device)
+    if cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
+        model.output.weight = model.tok_embeddings.weight
+    init_params(model, seed)
+    return model
+
+
+def place_loaded(model: Transformer, env: DistEnv, **parallel) -> Transformer:
+    """A model loaded in full on CPU: move it, then parallelize (fully_shard keeps each rank's shard)."""
+    model.to(device=env.device, dtype=torch.float32)
+    return parallelize(model, env, **parallel)

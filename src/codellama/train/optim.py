@@ -1,0 +1,36 @@
+"""AdamW and the paper's learning-rate schedule (spec 4.4): linear warm-up, cosine down to peak/30."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from codellama.train.config import OptimSection
+
+
+def lr_at(step: int, total_steps: int, o: OptimSection) -> float:
+    """Learning rate for optimizer step `step` (0-based): warm-up reaches the peak at step warmup-1, then
+    a half cosine reaches lr/final_lr_div at step `total_steps` (and stays there)."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    final = o.lr / o.final_lr_div
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    return final + 0.5 * (o.lr - final) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, o: OptimSection) -> torch.optim.AdamW:
+    """Weight decay on matrices (projections, embeddings) only; norm gains are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach: one fused kernel launch per group; works with FSDP2's DTensor parameters too
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

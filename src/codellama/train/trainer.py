@@ -1,0 +1,319 @@
+"""The training loop: gradient accumulation, AdamW with warm-up + cosine, clipping, bf16 on CUDA,
+periodic validation, logs, DCP checkpoints with exact resume, and a Hugging Face export at the end.
+
+Loss = cross-entropy of the next token, summed over the targets the mask keeps and divided by the number
+of kept targets in the whole global batch (all micro-batches, all ranks), so gradient accumulation and
+any number of ranks give the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from codellama.config import ModelConfig, PRESETS, preset
+from codellama.errors import UserError
+from codellama.model import Transformer
+from codellama.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from codellama.train.config import Recipe
+from codellama.train.data import (ChatExamples, InMemoryTokens, RankBatches, ShardsSource, TokenSource,
+                                  make_source)
+from codellama.train.distributed import (DistEnv, all_reduce_sum, barrier, build_from_scratch, init_distributed,
+                                         place_loaded)
+from codellama.train.metrics import MetricsLog, memory_gib, mfu, peak_flops
+from codellama.train.optim import build_optimizer, lr_at, set_lr
+
+
+def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T], mask [B, T] bool -> summed cross-entropy over kept targets."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # [B*T]
+    return (ce * mask.flatten()).sum()
+
+
+def _source_seed(seed: int, name: str) -> int:
+    return seed * 7919 + zlib.crc32(name.encode())
+
+
+def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | None, list]:
+    """The recipe's sources for `split` ("train" or "valid") as one (mixed) stream; None when no source has
+    that split. Also returns the (name, source) pairs, for the vocabulary check."""
+    d, t = recipe.data, recipe.train
+    root = Path(d.root or ".")
+    sources, weights, arrays = {}, {}, []
+    for s in d.sources:
+        seed = _source_seed(t.seed, s.name)
+        if s.kind == "shards":
+            try:
+                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, name=s.name)
+            except UserError:
+                if split == "train":
+                    raise
+                continue
+        else:
+            path = s.path if split == "train" else s.valid_path
+            if not path:
+                continue
+            if s.kind == "tokens":
+                src = InMemoryTokens.from_file(root / path, t.seq_len, seed, name=s.name)
+            else:
+                if tokenizer is None:
+                    raise UserError(f"source {s.name!r} is chat data: the model needs a tokenizer "
+                                    "(model.tokenizer, or a checkpoint that carries one)")
+                src = ChatExamples.from_jsonl(root / path, tokenizer, t.seq_len, seed, name=s.name)
+        sources[s.name], weights[s.name] = src, s.weight
+    if not sources:
+        return None, []
+    return make_source(sources, weights, _source_seed(t.seed, f"mixture-{split}")), list(sources.items())
+
+
+def _shape_of(cfg: ModelConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim")}
+
+
+class Trainer:
+    """One training run of a recipe. Sources, model config and environment can be given directly (tests,
+    benchmarks); otherwise they are built from the recipe."""
+
+    def __init__(self, recipe: Recipe, *, model_config: ModelConfig | None = None, tokenizer=None,
+                 train_source: TokenSource | None = None, valid_source: TokenSource | None = None,
+                 env: DistEnv | None = None, progress: bool = True, resume: bool = True):
+        self.recipe, self.progress = recipe, progress
+        t = recipe.train
+        # the batch must split over the ranks: a UserError before the process group or the model exist
+        recipe.grad_accum(env.world_size if env else int(os.environ.get("WORLD_SIZE", "1")))
+        self.env = env or init_distributed(t.device)
+        self.accum = recipe.grad_accum(self.env.world_size)
+        self.out_dir = Path(t.out_dir)
+        self.bf16 = t.dtype == "bf16" and self.env.device.type == "cuda"
+        parallel = dict(activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=self.bf16)
+
+        self.model, self.tokenizer = self._build_model(model_config, tokenizer, parallel)
+        self.cfg: ModelConfig = self.model.config
+
+        arrays = []
+        if train_source is None:
+            train_source, arrays = build_sources(recipe, self.tokenizer, "train")
+            valid_source, _ = build_sources(recipe, self.tokenizer, "valid")
+        for name, src in arrays:
+            bound = getattr(src, "vocab_size", None)  # pre-tokenised sources know their largest id
+            if bound is not None and bound > self.cfg.vocab_size:
+                raise UserError(f"source {name!r} has token ids up to {bound - 1}, beyond the model's vocabulary "
+                                f"of {self.cfg.vocab_size}: it was tokenised for another model")
+        G = t.global_batch_seqs
+        self.batches = RankBatches(train_source, G, self.env.rank, self.env.world_size)
+        self.valid = RankBatches(valid_source, G, self.env.rank, self.env.world_size) if valid_source else None
+        self.valid_start = self.valid.state_dict() if self.valid else None
+
+        self.optimizer = build_optimizer(self.model, recipe.optim)
+        self.step = 0
+        self.tokens_seen = 0
+        ckpt = latest_checkpoint(self.out_dir) if resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.batches.load_state_dict(state["data"])
+        self.resumed_from = ckpt
+        # FSDP2 mixed precision already computes in bf16; otherwise autocast on CUDA
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not self.env.distributed
+                         else contextlib.nullcontext())
+        self.peak = peak_flops(self.env.device)
+        self.log = MetricsLog(self.out_dir, enabled=self.env.is_main)
+
+    # ---------------------------------------------------------------- model
+
+    def _build_model(self, model_config, tokenizer, parallel) -> tuple[Transformer, object]:
+        m, t = self.recipe.model, self.recipe.train
+        if model_config is None and m.init:
+            from codellama.checkpoints.load import load_model  # checkpoints helper's module
+
+            loaded = load_model(m.init, device="cpu", dtype=torch.float32)
+            model, cfg = loaded.model, loaded.config
+            tokenizer = tokenizer or loaded.tokenizer
+            if m.preset:
+                want = _shape_of(self._preset(m.preset))
+                got = _shape_of(cfg)
+                if want != got:
+                    diff = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in want if got[k] != want[k])
+                    raise UserError(f"checkpoint {m.init} does not have the shape of preset {m.preset!r} ({diff}); "
+                                    "fix model.preset or leave it empty")
+            if m.tokenizer:
+                tokenizer = self._load_tokenizer(m.tokenizer)
+            if m.add_infill_tokens:
+                from codellama.train.vocab import ensure_infill_tokens
+
+                tokenizer = ensure_infill_tokens(model, tokenizer, seed=t.seed)
+            self._adjust_config(model.config)
+            return place_loaded(model, self.env, **parallel), tokenizer
+        cfg = model_config.replace() if model_config is not None else self._preset(m.preset)
+        if tokenizer is None and m.tokenizer:
+            tokenizer = self._load_tokenizer(m.tokenizer)
+        self._adjust_config(cfg)
+        return build_from_scratch(cfg, self.env, t.seed, **parallel), tokenizer
+
+    @staticmethod
+    def _preset(name: str) -> ModelConfig:
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return preset(name)
+
+    @staticmethod
+    def _load_tokenizer(path: str):
+        from codellama.tokenizer import load_tokenizer  # tokenizer helper's module
+
+        return load_tokenizer(path)
+
+    def _adjust_config(self, cfg: ModelConfig) -> None:
+        """LCFT raises RoPE theta (forward reads it from the config); the context grows to seq_len."""
+        if self.recipe.model.rope_theta > 0:
+            cfg.rope_theta = self.recipe.model.rope_theta
+        cfg.max_seq_len = max(cfg.max_seq_len, self.recipe.train.seq_len)
+
+    # ---------------------------------------------------------------- steps
+
+    def _micro_batches(self, batch):
+        tokens, mask = batch.tokens.to(self.env.device), batch.mask.to(self.env.device)
+        mb = self.recipe.train.micro_batch
+        for i in range(0, tokens.shape[0], mb):
+            yield tokens[i : i + mb, :-1], tokens[i : i + mb, 1:], mask[i : i + mb]  # [b, T] each
+
+    def train_step(self) -> dict:
+        model, env = self.model, self.env
+        batch = self.batches.next_batch()
+        n_kept = all_reduce_sum(batch.mask.sum().to(env.device, torch.float32), env)  # global kept targets
+        loss_sum = torch.zeros((), device=env.device)
+        for i, (x, y, m) in enumerate(self._micro_batches(batch)):
+            if env.distributed:  # reduce-scatter gradients only on the last micro-batch
+                model.set_requires_gradient_sync(i == self.accum - 1)
+            with self.autocast:
+                logits = model(x)  # [b, T, V]
+            s = masked_ce_sum(logits, y, m)
+            # FSDP averages gradients over ranks, hence the world_size factor
+            (s * env.world_size / n_kept.clamp(min=1)).backward()
+            loss_sum += s.detach()
+        clip = self.recipe.optim.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = all_reduce_sum(loss_sum, env) / n_kept.clamp(min=1)
+        return {"loss": loss.item(), "grad_norm": norm.item(), "kept_targets": int(n_kept.item())}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the first eval_batches global batches of the validation stream (the same ones
+        every time)."""
+        if self.valid is None:
+            return None
+        self.valid.load_state_dict(self.valid_start)
+        total = torch.zeros((), device=self.env.device)
+        count = torch.zeros((), device=self.env.device)
+        for _ in range(max(1, self.recipe.train.eval_batches)):
+            batch = self.valid.next_batch()
+            for x, y, m in self._micro_batches(batch):
+                with self.autocast:
+                    logits = self.model(x)
+                total += masked_ce_sum(logits, y, m)
+                count += m.sum()
+        all_reduce_sum(total, self.env)
+        all_reduce_sum(count, self.env)
+        return (total / count.clamp(min=1)).item()
+
+    def save(self) -> Path:
+        state = {"tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
+                 "recipe": self.recipe.to_dict(), "model_config": self.cfg.__dict__.copy()}
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
+                               self.recipe.train.keep_checkpoints)
+
+    def run(self, stop_after: int | None = None) -> list[dict]:
+        """Train to recipe.train.steps (or stop after step `stop_after`, as if killed there).
+        Returns the records logged by this process (train and validation)."""
+        from tqdm import tqdm
+
+        t, o, env = self.recipe.train, self.recipe.optim, self.env
+        tokens_per_step = t.global_batch_seqs * t.seq_len
+        flops_per_token = self.cfg.flops_per_token(t.seq_len)
+        records = []
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < t.steps and (stop_after is None or self.step < stop_after):
+                lr = lr_at(self.step, t.steps, o)
+                set_lr(self.optimizer, lr)
+                t0 = time.perf_counter()
+                out = self.train_step()
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+                dt = time.perf_counter() - t0
+                if not math.isfinite(out["loss"]):
+                    raise RuntimeError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
+                                       "resume from an earlier checkpoint")
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                tps = tokens_per_step / dt
+                rec = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": lr,
+                       "grad_norm": out["grad_norm"], "tokens_per_s": tps,
+                       "mfu": mfu(tps, flops_per_token, self.peak, env.world_size),
+                       "memory_gib": memory_gib(env.device), "tokens": self.tokens_seen}
+                records.append(rec)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self.log.log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    val = self.evaluate()
+                    if val is not None:
+                        vrec = {"kind": "valid", "step": self.step, "loss": val}
+                        records.append(vrec)
+                        self.log.log(vrec)
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                    self.save()
+            if self.step == t.steps and t.export_hf:
+                self.export_hf(self.out_dir / "hf")
+        finally:
+            bar.close()
+        return records
+
+    def export_hf(self, out_dir: Path) -> Path | None:
+        """Gather the full weights on rank 0 and write the Hugging Face layout (checkpoints.hf.save_hf)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        done = None
+        if self.env.is_main:
+            try:
+                from codellama.checkpoints.hf import save_hf  # checkpoints helper's module
+            except ImportError:
+                save_hf = None
+            if save_hf is None:
+                print("Hugging Face export skipped: codellama.checkpoints.hf is not available", file=sys.stderr)
+            else:
+                with torch.device("meta"):
+                    plain = Transformer(self.cfg)
+                plain.load_state_dict(sd, assign=True, strict=False)
+                if self.cfg.tie_embeddings:
+                    plain.output.weight = plain.tok_embeddings.weight
+                save_hf(plain, self.tokenizer, out_dir)
+                done = out_dir
+        barrier(self.env)
+        return done
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def train(recipe: Recipe, **kwargs) -> list[dict]:
+    """Build a Trainer for the recipe, run it to the end, return the records."""
+    trainer = Trainer(recipe, **kwargs)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

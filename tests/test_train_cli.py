@@ -1,0 +1,103 @@
+"""`codellama train` end to end on a tiny .npy corpus, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import train_worker as w
+from codellama.cli import main
+
+RECIPE = """
+stage = "custom"
+[model]
+preset = "tiny"
+[data]
+root = "{root}"
+[[data.sources]]
+name = "synthetic"
+kind = "tokens"
+path = "train.npy"
+valid_path = "valid.npy"
+[optim]
+lr = 1e-3
+warmup_steps = 2
+[train]
+steps = 4
+seq_len = 16
+global_batch_tokens = 64
+micro_batch = 2
+eval_every = 2
+eval_batches = 1
+ckpt_every = 2
+export_hf = false
+device = "cpu"
+"""
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    toks = w.corpus(3000)
+    np.save(tmp_path / "train.npy", toks[:2500].astype(np.uint16))
+    np.save(tmp_path / "valid.npy", toks[2500:].astype(np.uint16))
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE.format(root=tmp_path))
+    return path
+
+
+def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    assert "trained to step 4" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"loss", "lr", "tokens_per_s", "mfu", "memory_gib", "grad_norm"} <= set(train[0])
+    assert train[0]["mfu"] is None  # CPU: no peak FLOP/s to compare with
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [2, 4]
+    assert (out / "latest").read_text().strip() == "step_00000004"
+    # asking for more steps continues from the checkpoint
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
+                 "--set", "train.steps=6"]) == 0
+    assert "trained to step 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "train.stepz=3"], "unknown recipe key 'train.stepz'"),
+        (["--set", "train.steps='many'"], "'train.steps' must be int"),
+        (["--scale", "7b"], "unknown scale '7b'"),
+        (["--set", "data.sources=[]"], "data.sources is empty"),
+        (["--set", 'model.preset="gpt5"'], "unknown model preset 'gpt5'"),
+    ],
+)
+def test_cli_bad_input_is_one_line(recipe_file, tmp_path, capsys, extra, message):
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypatch):
+    np.save(tmp_path / "train.npy", np.zeros(0, dtype=np.uint16))
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "empty or too short" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it: checked before joining a process group
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "world size 3 does not divide the global batch of 4 sequences" in capsys.readouterr().err
+
+
+def test_cli_corpus_from_another_vocabulary(recipe_file, tmp_path, capsys):
+    np.save(tmp_path / "train.npy", np.full(1000, 40000, dtype=np.uint16))
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "token ids up to 40000, beyond the model's vocabulary of 32016" in capsys.readouterr().err
+
+
+def test_cli_lists_and_prints_recipes(capsys):
+    assert main(["train", "--list"]) == 0
+    assert {"code", "python", "lcft", "instruct"} <= set(capsys.readouterr().out.split())
+    assert main(["train", "--recipe", "code", "--scale", "7b", "--print-recipe"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["train"]["global_batch_tokens"] == 4194304 and r["data"]["fim_rate"] == 0.9

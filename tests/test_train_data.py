@@ -1,0 +1,151 @@
+"""Training data streams: answers-only loss masks, mixtures, rank slicing, resumable state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from codellama.errors import UserError
+from codellama.train.data import ChatExamples, InMemoryTokens, Mixture, RankBatches, answer_mask
+
+BOS, EOS = 1, 2
+
+
+def enc(text: str) -> list[int]:
+    return [ord(c) + 3 for c in text]
+
+
+def dec(ids) -> str:
+    return "".join(chr(i - 3) if i > 2 else {1: "<s>", 2: "</s>"}[i] for i in ids)
+
+
+def inst_chat(messages: list[dict]) -> list[int]:
+    """Llama 2's [INST] format on a character vocabulary (the shape of prompts.chat_tokens' output)."""
+    ids = []
+    for m in messages:
+        if m["role"] == "user":
+            ids += [BOS] + enc(f"[INST] {m['content']} [/INST]")
+        else:
+            ids += enc(f" {m['content']} ") + [EOS]
+    return ids
+
+
+CONV = [
+    {"role": "user", "content": "add 1 and 2"},
+    {"role": "assistant", "content": "3"},
+    {"role": "user", "content": "now times 4"},
+    {"role": "assistant", "content": "12, since 3*4"},
+]
+
+
+def test_answer_mask_covers_exactly_the_answers():
+    ids, ans = answer_mask(CONV, inst_chat)
+    assert ids == inst_chat(CONV)
+    spans, cur = [], []
+    for i, a in zip(ids, ans):
+        if a:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    assert [dec(s) for s in spans] == [" 3 </s>", " 12, since 3*4 </s>"]
+
+
+def test_answer_mask_with_the_real_chat_format():
+    prompts = pytest.importorskip("codellama.prompts")
+    tok_mod = pytest.importorskip("codellama.tokenizer")
+    try:
+        tok = tok_mod.codellama_tokenizer()
+    except Exception as e:  # the vocabulary package is optional
+        pytest.skip(f"Code Llama tokenizer unavailable: {e}")
+    ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m))
+    answer_text = tok.decode([i for i, a in zip(ids, ans) if a])
+    prompt_text = tok.decode([i for i, a in zip(ids, ans) if not a])
+    assert "3" in answer_text and "12, since 3*4" in answer_text
+    assert "add 1 and 2" in prompt_text and "add" not in answer_text and "INST" not in answer_text
+    assert tok.eos_id in [i for i, a in zip(ids, ans) if a]  # the end of each answer is learnt
+
+
+def test_chat_examples_shift_pad_and_truncate():
+    convs = [answer_mask(CONV, inst_chat), answer_mask(CONV[:2], inst_chat)]
+    T = 40
+    ds = ChatExamples(convs, seq_len=T, pad_id=0, seed=0)
+    seen = set()
+    for _ in range(2):
+        ex = ds.next()
+        assert ex.tokens.shape == (T + 1,) and ex.mask.shape == (T,)
+        ids, ans = next(c for c in convs if c[0][:T + 1] == ex.tokens[: len(c[0][:T + 1])].tolist())
+        seen.add(len(ids))
+        for j in range(T):  # mask[j] <=> target tokens[j+1] is an answer token
+            assert bool(ex.mask[j]) == (j + 1 < len(ids) and ans[j + 1])
+        if len(ids) < T + 1:
+            assert (ex.tokens[len(ids):] == 0).all() and not ex.mask[len(ids) - 1:].any()
+    assert len(seen) == 2
+
+
+def test_chat_without_answers_in_context_is_an_error(tmp_path):
+    convs = [answer_mask([{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y"}], inst_chat)]
+    with pytest.raises(UserError, match="no conversation with an assistant answer"):
+        ChatExamples(convs, seq_len=16, pad_id=0)
+
+
+def test_chat_jsonl_errors(tmp_path):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    pytest.importorskip("codellama.prompts")
+    with pytest.raises(UserError, match=r"c.jsonl:1: expected"):
+        ChatExamples.from_jsonl(bad, tokenizer=None, seq_len=16)
+
+
+def test_in_memory_tokens_epochs_and_state():
+    toks = np.arange(1001)
+    src = InMemoryTokens(toks, seq_len=10, seed=3)
+    first_epoch = [int(src.next().tokens[0]) for _ in range(100)]
+    assert sorted(first_epoch) == list(range(0, 1000, 10))  # every window once per epoch
+    ex = src.next()
+    assert ex.tokens.tolist() == list(range(int(ex.tokens[0]), int(ex.tokens[0]) + 11))  # T+1 consecutive
+    state = src.state_dict()
+    after = [src.next().tokens.tolist() for _ in range(5)]
+    again = InMemoryTokens(toks, seq_len=10, seed=3)
+    again.load_state_dict(state)
+    assert [again.next().tokens.tolist() for _ in range(5)] == after
+    with pytest.raises(UserError, match="empty or too short.*seq_len\\+1 = 11"):
+        InMemoryTokens(np.arange(5), seq_len=10)
+    with pytest.raises(UserError, match="does not exist"):
+        InMemoryTokens.from_file("/nonexistent.npy", 10)
+
+
+def test_mixture_proportions_and_resume():
+    a = InMemoryTokens(np.zeros(10_001, dtype=np.int64), 10, seed=1)
+    b = InMemoryTokens(np.ones(10_001, dtype=np.int64), 10, seed=2)
+    c = InMemoryTokens(np.full(10_001, 2, dtype=np.int64), 10, seed=3)
+    mix = Mixture({"a": a, "b": b, "c": c}, {"a": 0.85, "b": 0.08, "c": 0.07}, seed=0)
+    n = 20_000
+    counts = np.bincount([int(mix.next().tokens[0]) for _ in range(n)], minlength=3) / n
+    assert np.allclose(counts, [0.85, 0.08, 0.07], atol=0.01), counts
+    state = mix.state_dict()
+    nxt = [mix.next().tokens.tolist() for _ in range(20)]
+    mix.load_state_dict(state)
+    assert [mix.next().tokens.tolist() for _ in range(20)] == nxt
+    mix.load_state_dict(state)
+    mix.skip(7)  # skipping equals drawing
+    assert mix.next().tokens.tolist() == nxt[7]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_slices_concatenate_to_the_single_rank_batch(world):
+    toks = np.arange(5001)
+    G = 8
+    one = RankBatches(InMemoryTokens(toks, 10, seed=5), G)
+    ranks = [RankBatches(InMemoryTokens(toks, 10, seed=5), G, r, world) for r in range(world)]
+    for _ in range(3):
+        full = one.next_batch()
+        parts = [rb.next_batch() for rb in ranks]
+        assert torch.equal(torch.cat([p.tokens for p in parts]), full.tokens)
+        assert full.mask.all()
+    assert all(rb.state_dict() == one.state_dict() for rb in ranks)  # state does not depend on the rank

@@ -1,0 +1,59 @@
+"""Two CPU ranks (gloo) under torchrun with FSDP2 equal one rank on the same global batch, and a checkpoint
+written by 2 ranks resumes on 1 (DCP resharding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_worker as w
+from codellama.train.data import InMemoryTokens
+from codellama.train.trainer import Trainer
+
+TESTS = Path(__file__).resolve().parent
+
+
+def torchrun(nproc: int, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(TESTS / "train_worker.py"), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def one_rank(out_dir: Path, steps: int, stop: int | None = None) -> Trainer:
+    toks = w.corpus()
+    return Trainer(w.recipe(str(out_dir), steps), model_config=w.CFG,
+                   train_source=InMemoryTokens(toks[:3000], w.SEQ, 1), valid_source=InMemoryTokens(toks[3000:], w.SEQ, 2),
+                   progress=False)
+
+
+@pytest.mark.slow
+def test_two_ranks_fsdp_equal_one_rank_and_resume_on_one(tmp_path):
+    two = torchrun(2, str(tmp_path / "two"), "6", "4")  # 2 ranks, killed after step 4
+    assert two["world_size"] == 2 and two["resumed_from"] is None
+    ref = one_rank(tmp_path / "one", 6)
+    assert ref.accum == 4  # 1 rank: 4 micro-batches of 2; each of 2 ranks: 2 micro-batches of 2
+    records = ref.run()
+    full = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    valid = [(r["step"], r["loss"]) for r in records if r["kind"] == "valid"]
+    assert [s for s, _ in two["train"]] == [1, 2, 3, 4]
+    assert full[0][1] == pytest.approx(two["train"][0][1], abs=1e-6)  # same initial weights on any sharding
+    for (s1, l1), (s2, l2) in zip(full, two["train"]):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-5)
+    assert two["valid"][0][0] == valid[0][0] == 3
+    assert two["valid"][0][1] == pytest.approx(valid[0][1], rel=1e-5)  # validation split over ranks too
+
+    resumed = one_rank(tmp_path / "two", 6)  # the checkpoint 2 ranks wrote at step 4, now on 1 rank
+    assert resumed.step == 4 and resumed.resumed_from.name == "step_00000004"
+    rest = [(r["step"], r["loss"]) for r in resumed.run() if r["kind"] == "train"]
+    assert [s for s, _ in rest] == [5, 6]
+    for (s1, l1), (s2, l2) in zip(full[4:], rest):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-5)
+

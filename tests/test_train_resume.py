@@ -1,0 +1,107 @@
+"""Kill and resume: the resumed run reproduces the uninterrupted loss curve exactly; checkpoints are
+atomic (a crash mid-save leaves the previous one as latest), pruned, and checked against the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import train_worker as w
+from codellama.errors import UserError
+from codellama.train import checkpoint as ckpt_mod
+from codellama.train.checkpoint import latest_checkpoint
+from codellama.train.data import InMemoryTokens
+from codellama.train.trainer import Trainer
+
+
+def make(out_dir, steps, cfg=w.CFG, **kw):
+    toks = w.corpus()
+    return Trainer(w.recipe(str(out_dir), steps), model_config=cfg, train_source=InMemoryTokens(toks[:3000], w.SEQ, 1),
+                   valid_source=InMemoryTokens(toks[3000:], w.SEQ, 2), progress=False, **kw)
+
+
+def losses(records, kind="train"):
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == kind]
+
+
+def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):
+    full = make(tmp_path / "full", 8).run()
+    assert losses(full)[-1][1] < losses(full)[0][1]  # it learns
+
+    killed = make(tmp_path / "run", 8)
+    part = killed.run(stop_after=5)  # "killed" after step 5: the last checkpoint is step 4
+    killed.close()
+    assert losses(part) == losses(full)[:5]
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+
+    resumed = make(tmp_path / "run", 8)
+    assert resumed.step == 4 and resumed.resumed_from.name == "step_00000004"
+    rest = resumed.run()
+    assert losses(rest) == losses(full)[4:]  # bit-exact: same data order, weights, optimizer state
+    assert losses(rest, "valid") == [v for v in losses(full, "valid") if v[0] > 4]
+    # keep_checkpoints = 3: older ones pruned
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000006", "step_00000008"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 + 1 + 4 + 2  # train + valid records of both processes
+
+
+def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
+    t = make(tmp_path, 8)
+    t.run(stop_after=2)
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    real_save = ckpt_mod.dcp.save
+
+    def dying_save(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)  # shards written ...
+        raise OSError("No space left on device")  # ... then the process dies before the rename
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", dying_save)
+    with pytest.raises(OSError):
+        t.run(stop_after=4)
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert (tmp_path / ".tmp-step_00000004").exists() and not (tmp_path / "step_00000004").exists()
+    monkeypatch.setattr(ckpt_mod.dcp, "save", real_save)
+    again = make(tmp_path, 8)
+    assert again.step == 2
+    again.run(stop_after=4)  # the stale temp directory is replaced
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    assert not (tmp_path / ".tmp-step_00000004").exists()
+
+
+def test_latest_pointing_at_incomplete_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "step_00000009").mkdir()
+    (tmp_path / "latest").write_text("step_00000009\n")
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        latest_checkpoint(tmp_path)
+
+
+def test_checkpoint_of_another_shape_is_refused_before_loading(tmp_path):
+    make(tmp_path, 8).run(stop_after=2)
+    wider = w.CFG.replace(dim=48, ffn_hidden=96)
+    with pytest.raises(UserError, match=r"tok_embeddings.weight has shape \(96, 32\).*needs \(96, 48\)"):
+        make(tmp_path, 8, cfg=wider)
+    assert make(tmp_path, 8, cfg=wider, resume=False).step == 0
+
+
+def test_world_size_not_dividing_batch_fails_before_model_is_built(tmp_path):
+    from codellama.train.distributed import DistEnv
+
+    with pytest.raises(UserError, match="world size 3 does not divide the global batch of 8 sequences"):
+        make(tmp_path, 8, env=DistEnv(rank=0, world_size=3))
+    assert not any(tmp_path.iterdir())
+
+
+def test_loss_mask_selects_the_targets(tmp_path):
+    """The trained loss is the mean over kept targets only: masking half the targets of a batch equals
+    the loss of those targets alone."""
+    from codellama.train.trainer import masked_ce_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    assert torch.allclose(masked_ce_sum(logits, targets, mask), expected)
+    assert masked_ce_sum(logits, targets, torch.zeros_like(mask)) == 0
