@@ -41,10 +41,14 @@ def _child(req, out_fd, err_fd, sock):
     os.dup2(err_fd, 2)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    for fd in os.listdir("/proc/self/fd"):  # the control socket, pipe copies: nothing of ours stays reachable
-        if int(fd) > 2:
+    try:  # the control socket, pipe copies: nothing of ours stays reachable
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc (not Linux)
+        fds = range(3, 4096)
+    for fd in fds:
+        if fd > 2:
             try:
-                os.close(int(fd))
+                os.close(fd)
             except OSError:
                 pass
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
@@ -63,7 +67,8 @@ def _child(req, out_fd, err_fd, sock):
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if hasattr(_libc, "prctl"):  # Linux: die with the zygote
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])

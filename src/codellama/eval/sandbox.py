@@ -295,7 +295,7 @@ class _Zygote:
         def preexec() -> None:
             if netns:
                 _unshare_net()
-            if _libc is not None:
+            if hasattr(_libc, "prctl"):
                 _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
         self.proc = subprocess.Popen(
@@ -304,7 +304,7 @@ class _Zygote:
         )
         theirs.close()
         self.sock = ours
-        self.reader = ours.makefile("rb")
+        self._buf = b""  # replies received but not yet consumed (a pid and a status may come in one recv)
 
     def start(self, request: dict, out_w: int, err_w: int) -> int:
         import json
@@ -317,10 +317,18 @@ class _Zygote:
         import json
 
         self.sock.settimeout(timeout)
-        line = self.reader.readline()
-        if not line:
-            raise OSError("sandbox zygote exited")
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise OSError("sandbox zygote exited")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
+
+    def has_reply(self) -> bool:
+        import select
+
+        return b"\n" in self._buf or bool(select.select([self.sock], [], [], 0)[0])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -331,7 +339,6 @@ class _Zygote:
             self.proc.wait(timeout=5)
         except (OSError, subprocess.SubprocessError):
             pass
-        self.reader.close()
         self.sock.close()
 
 
@@ -345,11 +352,8 @@ class _ZygoteChild:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            import select
-
-            if select.select([self.zygote.sock], [], [], 0)[0]:
-                self._status(5.0)
+        if self.returncode is None and self.zygote.has_reply():
+            self._status(5.0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -530,7 +534,7 @@ class Sandbox:
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
-            if _libc is not None:  # die with the harness (cleared by setuid, so set after it)
+            if hasattr(_libc, "prctl"):  # die with the harness (cleared by setuid, so set after it); Linux
                 _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
         t0 = time.monotonic()
