@@ -391,7 +391,11 @@ class Sandbox:
 
     @property
     def notes(self) -> list[str]:
-        return self.caps.notes
+        notes = list(self.caps.notes)
+        if self.caps.uid_drop and not runs_isolated(sandbox_python()):
+            notes.append("sandbox: no Python interpreter is readable by the sandbox uid (install python3 system-wide), "
+                         "so Python programs run as your own user")
+        return notes
 
     def _clean(self) -> None:
         while (path := self._trash.get()) is not None:
