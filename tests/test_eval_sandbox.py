@@ -214,6 +214,7 @@ def test_zygote_runs_programs_like_a_fresh_interpreter():
 
 
 def test_zygote_children_do_not_share_random_state():
+    # (random reseeds itself after fork: os.register_at_fork; this guards that nothing undoes it)
     from codellama.eval.sandbox import Program, Step, sandbox_python
 
     py = sandbox_python()

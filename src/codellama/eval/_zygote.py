@@ -64,8 +64,6 @@ def _child(req, out_fd, err_fd, sock):
     os.environ.clear()
     os.environ.update(req["env"])
     sys.argv = [req["script"]]
-    if "random" in sys.modules:  # forked children would otherwise share one random state
-        sys.modules["random"].seed()
     # fresh text streams on the redirected descriptors (the zygote's own were /dev/null)
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout = open(1, "w", closefd=False, encoding="utf-8", errors="backslashreplace")
