@@ -31,3 +31,16 @@ def test_eval_cli_default_model(tmp_path, capsys, instruct):
     # the rerun resumes: nothing left to do, same numbers
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["pass@1"] == summary["pass@1"]
+
+
+@pytest.mark.slow
+def test_batched_chat_equals_one_by_one():
+    if not hasattr(codellama, "load"):
+        pytest.skip("codellama.load (the generation API) is not in this build yet")
+    from codellama.eval.runner import ModelAdapter
+
+    model = ModelAdapter(codellama.load(), batch_size=3)
+    convs = [[{"role": "user", "content": q}] for q in ("Write a Python function that adds two numbers.",
+                                                         "What is 2 + 2?", "Say hello in French.")]
+    one_by_one = [model.chat(c, max_new_tokens=24, temperature=0.0) for c in convs]
+    assert model.chat_many(convs, max_new_tokens=24, temperature=0.0) == one_by_one

@@ -180,3 +180,46 @@ def test_plain_program_passes_and_nonce_is_fresh():
         a, b = python_program("assert True", Limits(timeout=5)), python_program("assert True", Limits(timeout=5))
         assert a.sentinel != b.sentinel
         assert sb.run(a).passed
+
+
+SEMANTICS = {
+    "main_name": "print(__name__, __file__.endswith('main.py'))",
+    "argv": "import sys; print(sys.argv[0].endswith('main.py'), sys.flags.isolated)",
+    "exit_code": "raise SystemExit(3)",
+    "exit_message": "import sys; sys.exit('bye')",
+    "exception": "def f():\n    raise KeyError('k')\nf()",
+    "atexit": "import atexit\natexit.register(lambda: print('from atexit'))\nprint('body')",
+    "atexit_exit": "import atexit, os\natexit.register(lambda: os._exit(7))",
+    "stdin_eof": "import sys; print(repr(sys.stdin.read()))",
+    "cwd_and_home": "import os; print(os.getcwd() == os.environ['HOME'], sorted(os.listdir('.')))",
+    "unicode": "print('h\\u00e9llo \\u2603')",
+    "recursion": "import sys; sys.setrecursionlimit(50)\ndef r(n): return r(n + 1)\nr(0)",
+}
+
+
+def test_zygote_runs_programs_like_a_fresh_interpreter():
+    """The fast path (forked from a pre-started interpreter) gives what `python -I main.py` gives."""
+    from codellama.eval.sandbox import Program, Step, sandbox_python
+
+    py = sandbox_python()
+    progs = [Program(files={"main.py": code}, steps=[Step((py, "-I", "main.py"), python_script="main.py")],
+                     limits=Limits(timeout=10)) for code in SEMANTICS.values()]
+    with Sandbox(workers=2) as fast, Sandbox(workers=2, use_zygote=False) as plain:
+        a, b = dict(fast.map(progs)), dict(plain.map(progs))
+    for i, name in enumerate(SEMANTICS):
+        assert (a[i].status, a[i].returncode, a[i].stdout) == (b[i].status, b[i].returncode, b[i].stdout), name
+        assert a[i].detail.split(":")[0] == b[i].detail.split(":")[0], (name, a[i].detail, b[i].detail)
+    assert a[list(SEMANTICS).index("exit_code")].returncode == 3
+    assert a[list(SEMANTICS).index("atexit")].stdout == "body\nfrom atexit\n"
+
+
+def test_zygote_children_do_not_share_random_state():
+    # (random reseeds itself after fork: os.register_at_fork; this guards that nothing undoes it)
+    from codellama.eval.sandbox import Program, Step, sandbox_python
+
+    py = sandbox_python()
+    prog = Program(files={"main.py": "import random; print(random.random())"},
+                   steps=[Step((py, "-I", "main.py"), python_script="main.py")], limits=Limits(timeout=10))
+    with Sandbox(workers=1) as sb:
+        outs = {sb.run(prog).stdout for _ in range(4)}
+    assert len(outs) == 4

@@ -1,13 +1,13 @@
 """A pre-started Python that forks one child per sandboxed Python program (stdlib only; run as a script).
 
 Starting an interpreter costs 20-40 ms, more than running a HumanEval test. The harness starts one of
-these per worker slot (inside the slot's network namespace, so every child inherits it) and sends it
-requests over a unix socket: the program's working dir, script, uid, limits and environment, plus the
-write ends of its stdout/stderr pipes (SCM_RIGHTS). For each request it forks; the child closes every
-other descriptor, becomes a session leader, sets the resource limits, drops to the sandbox uid, and runs
+these per worker slot (inside the slot's network namespace, so every child inherits it). The zygote keeps
+one forked child waiting; that child takes the next request from the unix socket (the program's working
+dir, script, uid, limits and environment, plus the write ends of its stdout/stderr pipes via SCM_RIGHTS),
+reports its pid, closes every other descriptor, becomes a session leader, sets the resource limits, drops to the sandbox uid, and runs
 the script as __main__ exactly like `python -I script` would (exit status from SystemExit, traceback on
-stderr and status 1 on an exception, atexit handlers run). The zygote reports the child's pid, reaps it
-and reports its wait status. The harness keeps all policy: timeouts, output caps and killing.
+stderr and status 1 on an exception, atexit handlers run). The zygote reaps it, reports its wait status and
+forks the next one. The harness keeps all policy: timeouts, output caps and killing.
 """
 
 import atexit
@@ -41,12 +41,7 @@ def _child(req, out_fd, err_fd, sock):
     os.dup2(err_fd, 2)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    for fd in os.listdir("/proc/self/fd"):  # the control socket, pipe copies: nothing of ours stays reachable
-        if int(fd) > 2:
-            try:
-                os.close(int(fd))
-            except OSError:
-                pass
+    os.closerange(3, 65536)  # the control socket, pipe copies: nothing of ours stays reachable (close_range)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     os.umask(0o077)
@@ -63,13 +58,12 @@ def _child(req, out_fd, err_fd, sock):
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if hasattr(_libc, "prctl"):  # Linux: die with the zygote
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
     sys.argv = [req["script"]]
-    if "random" in sys.modules:  # forked children would otherwise share one random state
-        sys.modules["random"].seed()
     # fresh text streams on the redirected descriptors (the zygote's own were /dev/null)
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout = open(1, "w", closefd=False, encoding="utf-8", errors="backslashreplace")
@@ -120,6 +114,21 @@ def _exit_code(e):
     return 1
 
 
+def _take_request(sock):
+    """(request, [out_fd, err_fd]) from the harness, or (None, []) when it has gone."""
+    buf, fds = b"", []
+    while not buf.endswith(b"\n"):
+        msg, got, _flags, _addr = socket.recv_fds(sock, 1 << 16, 2)
+        if not msg:
+            return None, []
+        buf += msg
+        fds += got
+    return json.loads(buf), fds
+
+
+EXIT_HARNESS_GONE = 250
+
+
 def main():
     import importlib
 
@@ -128,27 +137,29 @@ def main():
             importlib.import_module(name)
         except ImportError:
             pass
+    import gc
+
+    gc.collect()
+    gc.freeze()  # children's collections skip the inherited objects: fewer copy-on-write page faults
     sock = socket.socket(fileno=int(sys.argv[1]))
-    buf = b""
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 2)
-        if not msg:
-            return
-        buf += msg
-        if not buf.endswith(b"\n"):
-            continue
-        req, buf = json.loads(buf), b""
-        out_fd, err_fd = fds
+        # The next child is forked before its request arrives (while the harness is still preparing the
+        # program), so the fork is off the critical path. The child reads the request itself.
         pid = os.fork()
         if pid == 0:
             try:
-                _child(req, out_fd, err_fd, sock)
+                if hasattr(_libc, "prctl"):
+                    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                req, fds = _take_request(sock)
+                if req is None:
+                    os._exit(EXIT_HARNESS_GONE)
+                _send(sock, {"pid": os.getpid()})
+                _child(req, fds[0], fds[1], sock)
             finally:
                 os._exit(127)
-        os.close(out_fd)
-        os.close(err_fd)
-        _send(sock, {"pid": pid})
         _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_HARNESS_GONE:
+            return
         _send(sock, {"status": status})
 
 

@@ -111,6 +111,49 @@ class ModelAdapter:
     def chat(self, messages: list[dict], **kw) -> str:
         return self.generator.chat(messages, **kw)
 
+    def _batched(self, ids: list[list[int]], kw: dict, stop_ids=None, lstrip: bool = False) -> list[str] | None:
+        """Decode several token prompts together through Generator.generate (one batch on the CPU/GPU
+        instead of one call each); None when the generator has no such API."""
+        gen = self.generator
+        try:
+            from codellama.sampling import SamplingParams
+        except ImportError:
+            return None
+        if not hasattr(gen, "generate") or getattr(gen, "tokenizer", None) is None:
+            return None
+        params = SamplingParams(**kw)
+        if stop_ids is not None:
+            params.stop_ids = stop_ids
+        outs = gen.generate(ids, params, decode=gen.tokenizer.decode_infilling)
+        return [o.text.lstrip() if lstrip else o.text for o in outs]
+
+    def chat_many(self, conversations: list[list[dict]], **kw) -> list[str]:
+        """Same answers as chat() on each conversation (greedy), decoded as one batch."""
+        try:
+            from codellama.prompts import chat_tokens
+        except ImportError:
+            chat_tokens = None
+        tok = getattr(self.generator, "tokenizer", None)
+        if chat_tokens is not None and tok is not None and len(conversations) > 1:
+            out = self._batched([chat_tokens(tok, list(m)) for m in conversations], kw, lstrip=True)
+            if out is not None:
+                return out
+        return [self.chat(m, **kw) for m in conversations]
+
+    def infill_many(self, parts: list[tuple[str, str]], suffix_first: bool, **kw) -> list[str]:
+        """Same middles as infill() on each (prefix, suffix) (greedy), decoded as one batch."""
+        try:
+            from codellama.prompts import infill_tokens
+        except ImportError:
+            infill_tokens = None
+        tok = getattr(self.generator, "tokenizer", None)
+        if infill_tokens is not None and tok is not None and len(parts) > 1:
+            ids = [infill_tokens(tok, p, s, suffix_first=suffix_first) for p, s in parts]
+            out = self._batched(ids, kw, stop_ids=(tok.eot_id, *sorted(tok.stop_ids)))
+            if out is not None:
+                return out
+        return [self.infill(p, s, suffix_first, **kw) for p, s in parts]
+
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
@@ -155,17 +198,14 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     rng = random.Random(cfg.seed)
     t0 = time.perf_counter()
     bar = _progress(len(todo), f"generate {task.name}", cfg.progress)
-    batch = model.batch_size if task.mode == "complete" and not cfg.instruct else 1
+    batch = model.batch_size
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         seed = rng.randrange(2**31) if cfg.temperature > 0 else None
         if cfg.instruct:
-            gens = [model.chat(task.chat_messages(p), seed=seed, **params) for p, _ in chunk]
+            gens = model.chat_many([task.chat_messages(p) for p, _ in chunk], seed=seed, **params)
         elif task.mode == "infill":
-            gens = []
-            for p, _ in chunk:
-                prefix, suffix = task.infill_parts(p)
-                gens.append(model.infill(prefix, suffix, suffix_first=task.suffix_first, seed=seed, **params))
+            gens = model.infill_many([task.infill_parts(p) for p, _ in chunk], task.suffix_first, seed=seed, **params)
         else:
             gens = model.complete([task.prompt(p) for p, _ in chunk], stop=task.stop, seed=seed, **params)
         append_jsonl(path, [

@@ -293,10 +293,10 @@ class _Zygote:
         script = str(Path(__file__).with_name("_zygote.py"))
 
         def preexec() -> None:
+            # no PDEATHSIG here: it fires when the *thread* that started us ends (a pool thread), not the
+            # harness. The zygote ends instead when the harness's end of the socket closes.
             if netns:
                 _unshare_net()
-            if _libc is not None:
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
         self.proc = subprocess.Popen(
             [python, "-I", script, str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
@@ -304,23 +304,31 @@ class _Zygote:
         )
         theirs.close()
         self.sock = ours
-        self.reader = ours.makefile("rb")
+        self._buf = b""  # replies received but not yet consumed (a pid and a status may come in one recv)
 
-    def start(self, request: dict, out_w: int, err_w: int) -> int:
+    def start(self, request: dict, out_w: int, err_w: int) -> None:
+        """Hand a program to the waiting child; its pid is read later, when needed (see _ZygoteChild)."""
         import json
         import socket
 
         socket.send_fds(self.sock, [json.dumps(request).encode() + b"\n"], [out_w, err_w])
-        return self._read(30.0)["pid"]
 
     def _read(self, timeout: float | None) -> dict:
         import json
 
         self.sock.settimeout(timeout)
-        line = self.reader.readline()
-        if not line:
-            raise OSError("sandbox zygote exited")
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise OSError("sandbox zygote exited")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
+
+    def has_reply(self) -> bool:
+        import select
+
+        return b"\n" in self._buf or bool(select.select([self.sock], [], [], 0)[0])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -331,25 +339,32 @@ class _Zygote:
             self.proc.wait(timeout=5)
         except (OSError, subprocess.SubprocessError):
             pass
-        self.reader.close()
         self.sock.close()
 
 
 class _ZygoteChild:
     """The Popen-like face of a zygote-forked program, for _collect."""
 
-    def __init__(self, zygote: _Zygote, pid: int, out_r: int, err_r: int):
-        self.zygote, self.pid = zygote, pid
+    def __init__(self, zygote: _Zygote, out_r: int, err_r: int):
+        self.zygote = zygote
+        self._pid: int | None = None
         self.stdout = os.fdopen(out_r, "rb", buffering=0)
         self.stderr = os.fdopen(err_r, "rb", buffering=0)
         self.returncode: int | None = None
 
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            import select
+    @property
+    def pid(self) -> int:
+        if self._pid is None:  # the child's first word; it is sent before the program starts
+            self._pid = self.zygote._read(30.0)["pid"]
+        return self._pid
 
-            if select.select([self.zygote.sock], [], [], 0)[0]:
-                self._status(5.0)
+    def poll(self) -> int | None:
+        if self.returncode is None and self.zygote.has_reply():
+            if self._pid is None:
+                self.pid  # noqa: B018 - consume the pid reply first
+                if not self.zygote.has_reply():
+                    return None
+            self._status(5.0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -361,6 +376,7 @@ class _ZygoteChild:
         return self.returncode
 
     def _status(self, timeout: float | None) -> None:
+        self.pid  # noqa: B018 - the pid reply comes first
         self.returncode = os.waitstatus_to_exitcode(self.zygote._read(timeout)["status"])
 
 
@@ -387,7 +403,11 @@ class Sandbox:
 
     @property
     def notes(self) -> list[str]:
-        return self.caps.notes
+        notes = list(self.caps.notes)
+        if self.caps.uid_drop and not runs_isolated(sandbox_python()):
+            notes.append("sandbox: no Python interpreter is readable by the sandbox uid (install python3 system-wide), "
+                         "so Python programs run as your own user")
+        return notes
 
     def _clean(self) -> None:
         while (path := self._trash.get()) is not None:
@@ -434,6 +454,7 @@ class Sandbox:
         uid = UID_BASE + slot if self.caps.uid_drop else None
         workdir = tempfile.mkdtemp(dir=self._root, prefix=f"s{slot}-")
         t0 = time.monotonic()
+        cleaned = False
         try:
             for rel, content in program.files.items():
                 path = Path(workdir, rel)
@@ -464,10 +485,11 @@ class Sandbox:
                     res.status = "failed"
                     res.detail = _last_error_line(res.stderr)
             res.duration = time.monotonic() - t0
+            cleaned = True
             return res
         finally:
-            if uid is not None:
-                _kill_uid(uid)  # no-op unless a step was interrupted: each step already cleaned up
+            if uid is not None and not cleaned:
+                _kill_uid(uid)  # a step was interrupted; a finished step has already cleaned up
             # out of reach at once (a root-only dir), deleted later
             gone = os.path.join(self._trash_dir, os.path.basename(workdir))
             os.rename(workdir, gone)
@@ -491,12 +513,12 @@ class Sandbox:
         try:
             z = self._zygote(slot, step.argv[0])
             try:
-                pid = z.start(request, out_w, err_w)
-            except (OSError, ValueError, KeyError):  # it died: one fresh start
+                z.start(request, out_w, err_w)
+            except OSError:  # it died: one fresh start
                 z.close()
                 self._zygotes.pop(slot, None)
                 z = self._zygote(slot, step.argv[0])
-                pid = z.start(request, out_w, err_w)
+                z.start(request, out_w, err_w)
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -504,7 +526,7 @@ class Sandbox:
         finally:
             os.close(out_w)
             os.close(err_w)
-        return _ZygoteChild(z, pid, out_r, err_r)
+        return _ZygoteChild(z, out_r, err_r)
 
     def _run_step(
         self, step: Step, workdir: str, limits: Limits, uid: int | None, extra_env: dict[str, str], slot: int
@@ -530,7 +552,7 @@ class Sandbox:
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
-            if _libc is not None:  # die with the harness (cleared by setuid, so set after it)
+            if hasattr(_libc, "prctl"):  # die with the harness (cleared by setuid, so set after it); Linux
                 _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
         t0 = time.monotonic()

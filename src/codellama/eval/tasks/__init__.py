@@ -11,22 +11,11 @@ from codellama.eval.tasks.base import Task
 
 def _registry() -> dict[str, Callable[..., Task]]:
     from codellama.eval.tasks.humaneval import HumanEval
+    from codellama.eval.tasks.infill import infill_tasks
     from codellama.eval.tasks.mbpp import MBPP
+    from codellama.eval.tasks.multipl_e import multipl_e_tasks
 
-    reg: dict[str, Callable[..., Task]] = {"humaneval": HumanEval, "mbpp": MBPP}
-    try:
-        from codellama.eval.tasks.multipl_e import multipl_e_tasks
-
-        reg.update(multipl_e_tasks())
-    except ImportError:
-        pass
-    try:
-        from codellama.eval.tasks.infill import infill_tasks
-
-        reg.update(infill_tasks())
-    except ImportError:
-        pass
-    return reg
+    return {"humaneval": HumanEval, "mbpp": MBPP, **multipl_e_tasks(), **infill_tasks()}
 
 
 # tasks that do not run programs; the runner dispatches them to their own evaluate()

@@ -94,9 +94,11 @@ def python_program(code: str, limits: Limits) -> Program:
     """A Python script that writes a fresh nonce after `code` (which ends with the asserts); passing needs
     exit status 0 and the nonce, so an early exit(0) fails. The nonce goes straight to fd 1, past any
     print/sys.stdout the program may have replaced."""
-    from codellama.eval.sandbox import Step, new_nonce, sandbox_python
+    from codellama.eval.sandbox import Step, new_nonce, runs_isolated, sandbox_python
 
     nonce = new_nonce()
     source = f"{code}\n\n__import__('os').write(1, b'\\n{nonce}\\n')\n"
-    return Program(files={"main.py": source}, steps=[Step((sandbox_python(), "-I", "main.py"), python_script="main.py")],
+    py = sandbox_python()  # no interpreter the sandbox uid can run: run as us (Sandbox.notes says so)
+    return Program(files={"main.py": source},
+                   steps=[Step((py, "-I", "main.py"), python_script="main.py", isolate_uid=runs_isolated(py))],
                    sentinel=nonce, limits=limits)
