@@ -298,9 +298,12 @@ class Trainer:
             else:
                 with torch.device("meta"):
                     plain = Transformer(self.cfg)
-                plain.load_state_dict(sd, assign=True, strict=False)
+                missing, unexpected = plain.load_state_dict(sd, assign=True, strict=False)
                 if self.cfg.tie_embeddings:
                     plain.output.weight = plain.tok_embeddings.weight
+                    missing = [k for k in missing if k != "output.weight"]
+                if missing or unexpected:
+                    raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
                 save_hf(plain, self.tokenizer, out_dir)
                 done = out_dir
         barrier(self.env)
