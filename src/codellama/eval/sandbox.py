@@ -11,7 +11,10 @@ Each program gets
   all) and a dedicated unprivileged uid per worker slot. The uid makes RLIMIT_NPROC effective (root ignores
   it), makes the user's files and home unreadable/unwritable, stops the program from signalling us, and
   lets us find every straggler afterwards, including processes that escaped the group with setsid or a
-  double fork: after each run every process owned by the slot's uid is SIGKILLed.
+  double fork: after each run every process owned by the slot's uid is SIGKILLed. Each Sandbox locks a
+  block of uids of its own, so concurrent harnesses never kill each other's programs.
+- Python programs take a fast path: forked from a pre-started interpreter per slot (_zygote.py) rather
+  than started from scratch, with the same limits, uid and namespace, behaving like `python -I main.py`.
 - without root (a normal user): same limits, group kill and scrubbed env, but no uid separation and no
   network namespace. A program can then read the user's files, signal the harness, open sockets, and a
   daemon that called setsid can outlive the run. `Sandbox.notes` says so, and the CLI prints it.
