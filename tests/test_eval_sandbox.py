@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from codellama.eval.sandbox import UID_BASE, Limits, Sandbox, capabilities
+from codellama.eval.sandbox import Limits, Sandbox, capabilities
 from codellama.eval.tasks.base import python_program
 from codellama.eval.tasks.humaneval import HumanEval
 
@@ -102,14 +102,15 @@ def results(env):
         programs = [task.program(problem, module_level(wrong if n in WRONG_ANSWER else right, cases[n])) for n in names]
         programs.append(task.program(problem, task.reference(problem)))  # a control that must pass
         out = dict(sb.map(programs))
-    return {**{n: out[i] for i, n in enumerate(names)}, "_control": out[len(names)]}
+        uid_base = sb.uid_base
+    return {**{n: out[i] for i, n in enumerate(names)}, "_control": out[len(names)], "_uid_base": uid_base}
 
 
 def test_control_passes(results):
     assert results["_control"].passed, results["_control"].result
 
 
-@pytest.mark.parametrize("name", list(hostile_cases({"canary": __import__("pathlib").Path("/x/y"), "port": 1, "home": __import__("pathlib").Path("/h")})))
+@pytest.mark.parametrize("name", [n for n in hostile_cases({"canary": __import__("pathlib").Path("/x/y"), "port": 1, "home": __import__("pathlib").Path("/h")})])
 def test_hostile_completion_fails(results, name):
     res = results[name]
     assert not res.passed, f"{name} passed: {res.result}"
@@ -170,7 +171,7 @@ def test_no_survivors(results):
         time.sleep(0.05)
     assert not _alive(pid), "the child the program left behind is still running"
     if CAPS.uid_drop:
-        uids = set(range(UID_BASE, UID_BASE + WORKERS))
+        uids = set(range(results["_uid_base"], results["_uid_base"] + WORKERS))
         left = [e.name for e in os.scandir("/proc") if e.name.isdigit() and e.stat().st_uid in uids and _alive(int(e.name))]
         assert not left, f"sandbox processes left: {left}"
 
@@ -223,3 +224,17 @@ def test_zygote_children_do_not_share_random_state():
     with Sandbox(workers=1) as sb:
         outs = {sb.run(prog).stdout for _ in range(4)}
     assert len(outs) == 4
+
+
+@needs_uid
+def test_concurrent_sandboxes_do_not_kill_each_other():
+    """Two harnesses at once (e.g. an eval run beside the test suite) get distinct uid blocks, so one's
+    cleanup never kills the other's programs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prog = python_program("import time\ntime.sleep(0.3)", Limits(timeout=10))
+    with Sandbox(workers=2) as a, Sandbox(workers=2) as b:
+        assert a.uid_base != b.uid_base
+        with ThreadPoolExecutor(2) as pool:
+            ra, rb = pool.map(lambda sb: [r for _, r in sb.map([prog] * 6)], (a, b))
+    assert all(r.passed for r in ra + rb), [r.result for r in ra + rb if not r.passed]

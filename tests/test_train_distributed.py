@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 
 import train_worker as w
+from train_worker import one_thread  # noqa: F401  (fixture)
 from codellama.train.data import InMemoryTokens
 from codellama.train.trainer import Trainer
 
 TESTS = Path(__file__).resolve().parent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(nproc: int, *args: str) -> dict:

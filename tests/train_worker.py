@@ -9,6 +9,8 @@ import json
 import sys
 
 import numpy as np
+import pytest
+import torch
 
 from codellama.config import ModelConfig
 from codellama.train.config import recipe_from_dict
@@ -18,6 +20,16 @@ from codellama.train.trainer import Trainer
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden=64, max_seq_len=64)
 SEQ = 16
+
+
+@pytest.fixture
+def one_thread():
+    """The test models are a few dozen wide: a second thread gains nothing, and on a busy machine two
+    spinning threads per process make the tests many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def recipe(out_dir: str, steps: int):

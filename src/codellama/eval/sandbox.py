@@ -11,7 +11,10 @@ Each program gets
   all) and a dedicated unprivileged uid per worker slot. The uid makes RLIMIT_NPROC effective (root ignores
   it), makes the user's files and home unreadable/unwritable, stops the program from signalling us, and
   lets us find every straggler afterwards, including processes that escaped the group with setsid or a
-  double fork: after each run every process owned by the slot's uid is SIGKILLed.
+  double fork: after each run every process owned by the slot's uid is SIGKILLed. Each Sandbox locks a
+  block of uids of its own, so concurrent harnesses never kill each other's programs.
+- Python programs take a fast path: forked from a pre-started interpreter per slot (_zygote.py) rather
+  than started from scratch, with the same limits, uid and namespace, behaving like `python -I main.py`.
 - without root (a normal user): same limits, group kill and scrubbed env, but no uid separation and no
   network namespace. A program can then read the user's files, signal the harness, open sockets, and a
   daemon that called setsid can outlive the run. `Sandbox.notes` says so, and the CLI prints it.
@@ -37,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -46,7 +49,13 @@ from pathlib import Path
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 # Unprivileged uids for the worker slots when we run as root: far above any real account, below 2**31.
+# Every Sandbox locks its own block of UID_BLOCK uids (a flock on a file per block), so harnesses running
+# at the same time (two eval runs, a test suite beside a run) never share a uid and never kill each
+# other's programs. PROBE_UID only ever runs a process that exits at once (capability probes).
 UID_BASE = int(os.environ.get("CODELLAMA_SANDBOX_UID_BASE", "1990000000"))
+UID_BLOCK = 256
+UID_BLOCKS = 4096
+PROBE_UID = UID_BASE - 1
 MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if os.name == "posix" else None
@@ -120,7 +129,7 @@ def _last_error_line(stderr: str) -> str:
 class Capabilities:
     root: bool
     netns: bool  # unshare(CLONE_NEWNET) works
-    uid_drop: bool  # setuid to UID_BASE works
+    uid_drop: bool  # setuid to an unprivileged uid works
 
     @property
     def notes(self) -> list[str]:
@@ -160,7 +169,7 @@ def capabilities() -> Capabilities:
         return Capabilities(root=False, netns=False, uid_drop=False)
     root = os.geteuid() == 0
     netns = _probe(_unshare_net)
-    uid_drop = root and _probe(lambda: (os.setgroups([]), os.setgid(UID_BASE), os.setuid(UID_BASE)))
+    uid_drop = root and _probe(lambda: (os.setgroups([]), os.setgid(PROBE_UID), os.setuid(PROBE_UID)))
     return Capabilities(root=root, netns=netns, uid_drop=uid_drop)
 
 
@@ -174,8 +183,8 @@ def runs_isolated(argv0: str) -> bool:
 
     def check() -> None:
         os.setgroups([])
-        os.setgid(UID_BASE)
-        os.setuid(UID_BASE)
+        os.setgid(PROBE_UID)
+        os.setuid(PROBE_UID)
         if not os.access(os.path.realpath(exe), os.X_OK):
             raise PermissionError(exe)
         # the interpreter's own files (e.g. a venv under /root) must be readable too
@@ -196,8 +205,25 @@ def sandbox_python() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the runner
+def _lock_uid_block() -> tuple[int, int]:
+    """(first uid of a block no other live Sandbox holds, the lock's fd: closing it frees the block)."""
+    import fcntl
+
+    lock_dir = Path("/run/codellama-sandbox") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir(), "codellama-sandbox-uids")
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    for block in range(UID_BLOCKS):
+        fd = os.open(lock_dir / f"{block}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return UID_BASE + block * UID_BLOCK, fd
+    raise RuntimeError(f"all {UID_BLOCKS} sandbox uid blocks are in use")
+
+
 class _Slots:
-    """Worker slots: each concurrent run owns one, and with uid separation one uid (UID_BASE + slot)."""
+    """Worker slots: each concurrent run owns one, and with uid separation one uid (uid_base + slot)."""
 
     def __init__(self, n: int):
         self._free = list(range(n))
@@ -384,11 +410,12 @@ class Sandbox:
     """Runs Programs, `workers` at a time. Thread-safe; `map` keeps `workers` processes busy."""
 
     def __init__(self, workers: int | None = None, network: bool = False, use_zygote: bool = True):
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.workers = max(1, min(workers or os.cpu_count() or 1, UID_BLOCK))
         self.network = network
         self.use_zygote = use_zygote  # Python programs forked from a pre-started interpreter (fast path)
         self.caps = capabilities()
         self._slots = _Slots(self.workers)
+        self.uid_base, self._uid_lock = _lock_uid_block() if self.caps.uid_drop else (None, None)
         self._zygotes: dict[int, _Zygote] = {}
         # Removing a directory costs ~3 ms of (mostly I/O) wait on ext4 with discard: done off the
         # critical path by one background thread; close() waits for it.
@@ -421,6 +448,11 @@ class Sandbox:
             z.close()
         self._zygotes.clear()
         _rmtree(self._root)
+        if self._uid_lock is not None:
+            for slot in range(self.workers):
+                _kill_uid(self.uid_base + slot)
+            os.close(self._uid_lock)  # the block is free for the next Sandbox
+            self._uid_lock = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -451,7 +483,7 @@ class Sandbox:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, program: Program, slot: int) -> RunResult:
-        uid = UID_BASE + slot if self.caps.uid_drop else None
+        uid = self.uid_base + slot if self.uid_base is not None else None
         workdir = tempfile.mkdtemp(dir=self._root, prefix=f"s{slot}-")
         t0 = time.monotonic()
         cleaned = False

@@ -37,7 +37,7 @@ class SourceSpec:
     path: str = ""  # relative to data.root (or --data-root)
     weight: float = 1.0  # sampling proportion (normalised over the sources)
     kind: str = "shards"  # shards: `codellama data` output | tokens: a 1-D .npy token array | chat: jsonl
-    valid_path: str = ""  # validation split (tokens/chat kinds); shards read their own "valid" split
+    valid_path: str = ""  # validation split (tokens/chat kinds); shards read their own "val" split
 
 
 @dataclass

@@ -109,32 +109,32 @@ class InMemoryTokens:
 # ---------------------------------------------------------------- chat SFT (answers-only loss)
 
 
-def answer_mask(messages: list[dict], encode_chat: Callable[[list[dict]], list[int]]) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, per token, whether it belongs to an assistant answer.
+def answer_mask(messages: list[dict], encode_chat: Callable[[list[dict]], list[int]],
+                stop_ids: set[int]) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation in the model's chat format and, per token, whether it belongs to an
+    assistant answer (the answer's text and the token that ends its turn: EOS, <|im_end|>, <step>).
 
-    The chat format is whatever `encode_chat` (prompts.chat_tokens) produces; an answer's tokens are found
-    as the growth of the encoding when that answer is appended: [lcp(before, full), lcp(through, full)).
-    So the answer text and its end-of-turn token are trained on, never the prompts or the format's tags.
+    `encode_chat` is prompts.chat_tokens, which builds the prompt for the next answer, so it wants the
+    conversation to end with a user turn: the whole conversation is encoded with a dummy user turn
+    appended (then cut off), and answer k starts where the prompt for it, encode_chat(messages[:k]),
+    stops matching, and ends at the first stop token after that.
     """
-    full = encode_chat(messages)
+    answers = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not answers:
+        return [], []
+    msgs = list(messages[: answers[-1] + 1])
+    full = encode_chat(msgs + [{"role": "user", "content": "."}])
     in_answer = [False] * len(full)
-
-    def lcp(a: list[int]) -> int:
-        n = 0
-        for x, y in zip(a, full):
-            if x != y:
-                break
-            n += 1
-        return n
-
-    for k, msg in enumerate(messages):
-        if msg.get("role") != "assistant":
-            continue
-        start = lcp(encode_chat(messages[:k])) if k else 0
-        end = lcp(encode_chat(messages[: k + 1])) if k + 1 < len(messages) else len(full)
-        for j in range(start, end):
-            in_answer[j] = True
-    return full, in_answer
+    end = 0
+    for k in answers:
+        prompt = encode_chat(msgs[:k])
+        start = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+        stop = next((i for i in range(start, len(full)) if full[i] in stop_ids), None)
+        if stop is None:
+            raise UserError(f"cannot find where assistant message {k} ends in the chat format (no stop token)")
+        in_answer[start : stop + 1] = [True] * (stop + 1 - start)
+        end = stop + 1
+    return full[:end], in_answer[:end]
 
 
 class ChatExamples:
@@ -146,7 +146,7 @@ class ChatExamples:
 
     def __init__(self, convs: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id: int, seed: int = 0,
                  name: str = "chat"):
-        self.convs = [c for c in convs if any(c[1][1 : seq_len + 1])]
+        self.convs = [c for c in convs if any(c[1][1 : seq_len + 1])]  # an answer inside the window
         if not self.convs:
             raise UserError(f"chat data {name!r} has no conversation with an assistant answer inside the first "
                             f"{seq_len} tokens")
@@ -171,7 +171,10 @@ class ChatExamples:
                 except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
                     raise UserError(f'{path}:{lineno}: expected {{"messages": [{{"role": ..., "content": ...}}]}}') \
                         from None
-                convs.append(answer_mask(messages, lambda m: chat_tokens(tokenizer, m)))
+                try:
+                    convs.append(answer_mask(messages, lambda m: chat_tokens(tokenizer, m), tokenizer.stop_ids))
+                except UserError as e:
+                    raise UserError(f"{path}:{lineno}: {e}") from None
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
         return cls(convs, seq_len, pad, seed, name)
 

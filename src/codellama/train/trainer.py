@@ -43,7 +43,7 @@ def _source_seed(seed: int, name: str) -> int:
 
 
 def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | None, list]:
-    """The recipe's sources for `split` ("train" or "valid") as one (mixed) stream; None when no source has
+    """The recipe's sources for `split` ("train" or "val", the corpus pipeline's split names) as one (mixed) stream; None when no source has
     that split. Also returns the (name, source) pairs, for the vocabulary check."""
     d, t = recipe.data, recipe.train
     root = Path(d.root or ".")
@@ -101,7 +101,7 @@ class Trainer:
         arrays = []
         if train_source is None:
             train_source, arrays = build_sources(recipe, self.tokenizer, "train")
-            valid_source, _ = build_sources(recipe, self.tokenizer, "valid")
+            valid_source, _ = build_sources(recipe, self.tokenizer, "val")
         for name, src in arrays:
             bound = getattr(src, "vocab_size", None)  # pre-tokenised sources know their largest id
             if bound is not None and bound > self.cfg.vocab_size:
@@ -165,10 +165,11 @@ class Trainer:
         return preset(name)
 
     @staticmethod
-    def _load_tokenizer(path: str):
-        from codellama.tokenizer import load_tokenizer  # tokenizer helper's module
+    def _load_tokenizer(spec: str):
+        """A tokenizer file or directory, or "codellama" for Code Llama's own vocabulary."""
+        from codellama import tokenizer  # tokenizer helper's module
 
-        return load_tokenizer(path)
+        return tokenizer.codellama_tokenizer() if spec == "codellama" else tokenizer.load_tokenizer(spec)
 
     def _adjust_config(self, cfg: ModelConfig) -> None:
         """LCFT raises RoPE theta (forward reads it from the config); the context grows to seq_len."""
@@ -298,9 +299,12 @@ class Trainer:
             else:
                 with torch.device("meta"):
                     plain = Transformer(self.cfg)
-                plain.load_state_dict(sd, assign=True, strict=False)
+                missing, unexpected = plain.load_state_dict(sd, assign=True, strict=False)
                 if self.cfg.tie_embeddings:
                     plain.output.weight = plain.tok_embeddings.weight
+                    missing = [k for k in missing if k != "output.weight"]
+                if missing or unexpected:
+                    raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
                 save_hf(plain, self.tokenizer, out_dir)
                 done = out_dir
         barrier(self.env)
