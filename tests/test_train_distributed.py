@@ -21,8 +21,9 @@ TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def torchrun(nproc: int, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]), OMP_NUM_THREADS="1")
+def torchrun(nproc: int, *args: str, tied: bool = False) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]), OMP_NUM_THREADS="1",
+               TRAIN_WORKER_TIED="1" if tied else "0")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(TESTS / "train_worker.py"), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
@@ -30,18 +31,19 @@ def torchrun(nproc: int, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def one_rank(out_dir: Path, steps: int, stop: int | None = None) -> Trainer:
+def one_rank(out_dir: Path, steps: int, tied: bool) -> Trainer:
     toks = w.corpus()
-    return Trainer(w.recipe(str(out_dir), steps), model_config=w.CFG,
+    return Trainer(w.recipe(str(out_dir), steps), model_config=w.CFG.replace(tie_embeddings=tied),
                    train_source=InMemoryTokens(toks[:3000], w.SEQ, 1), valid_source=InMemoryTokens(toks[3000:], w.SEQ, 2),
                    progress=False)
 
 
 @pytest.mark.slow
-def test_two_ranks_fsdp_equal_one_rank_and_resume_on_one(tmp_path):
-    two = torchrun(2, str(tmp_path / "two"), "6", "4")  # 2 ranks, killed after step 4
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])  # tied: SmolLM2's layout
+def test_two_ranks_fsdp_equal_one_rank_and_resume_on_one(tmp_path, tied):
+    two = torchrun(2, str(tmp_path / "two"), "6", "4", tied=tied)  # 2 ranks, killed after step 4
     assert two["world_size"] == 2 and two["resumed_from"] is None
-    ref = one_rank(tmp_path / "one", 6)
+    ref = one_rank(tmp_path / "one", 6, tied)
     assert ref.accum == 4  # 1 rank: 4 micro-batches of 2; each of 2 ranks: 2 micro-batches of 2
     records = ref.run()
     full = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
@@ -53,7 +55,7 @@ def test_two_ranks_fsdp_equal_one_rank_and_resume_on_one(tmp_path):
     assert two["valid"][0][0] == valid[0][0] == 3
     assert two["valid"][0][1] == pytest.approx(valid[0][1], rel=1e-5)  # validation split over ranks too
 
-    resumed = one_rank(tmp_path / "two", 6)  # the checkpoint 2 ranks wrote at step 4, now on 1 rank
+    resumed = one_rank(tmp_path / "two", 6, tied)  # the checkpoint 2 ranks wrote at step 4, now on 1 rank
     assert resumed.step == 4 and resumed.resumed_from.name == "step_00000004"
     rest = [(r["step"], r["loss"]) for r in resumed.run() if r["kind"] == "train"]
     assert [s for s, _ in rest] == [5, 6]

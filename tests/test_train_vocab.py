@@ -68,3 +68,32 @@ def test_ensure_infill_tokens():
     except ImportError:
         with pytest.raises(UserError, match="add_infill_tokens"):
             ensure_infill_tokens(random_model(CFG), _tok(False))
+
+
+@pytest.mark.slow
+def test_smollm2_gets_the_four_infill_tokens():
+    """The real default model (SmolLM2-135M, no FIM pieces): tokenizer and model grow together, old
+    predictions are kept, and an infilling prompt runs."""
+    load = pytest.importorskip("codellama.checkpoints.load")
+    prompts = pytest.importorskip("codellama.prompts")
+    if not hasattr(pytest.importorskip("codellama.tokenizer"), "add_infill_tokens"):
+        pytest.skip("codellama.tokenizer.add_infill_tokens not available")
+    try:
+        loaded = load.load_model(None, dtype=torch.float32)
+    except UserError as e:
+        pytest.skip(str(e))
+    model, tok = loaded.model, loaded.tokenizer
+    assert not tok.can_infill and model.config.vocab_size == 49152
+    x = torch.tensor([tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")])
+    with torch.no_grad():
+        before = torch.log_softmax(model(x), -1)
+    tok2 = ensure_infill_tokens(model, tok)
+    assert tok2.can_infill and model.config.vocab_size == 49156
+    assert [tok2.prefix_id, tok2.suffix_id, tok2.middle_id, tok2.eot_id] == [49152, 49153, 49154, 49155]
+    assert model.output.weight is model.tok_embeddings.weight  # SmolLM2 ties them
+    assert tok2.encode("def fibonacci(n):") == tok.encode("def fibonacci(n):")  # old text, old ids
+    with torch.no_grad():
+        after = torch.log_softmax(model(x), -1)
+        assert (after[..., :49152] - before).abs().max() < 0.05
+        ids = prompts.infill_tokens(tok2, "def add(a, b):\n    ", "\n")
+        assert model(torch.tensor([ids])).shape == (1, len(ids), 49156)

@@ -1,11 +1,13 @@
 """Run by tests under torchrun (or plainly): a tiny from-scratch training run on a synthetic corpus.
 
 usage: python tests/train_worker.py OUT_DIR STEPS [STOP_AFTER] -> prints one json line of train losses.
+TRAIN_WORKER_TIED=1 in the environment ties the embeddings (as SmolLM2 does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -56,7 +58,8 @@ def main() -> None:
     out_dir, steps = sys.argv[1], int(sys.argv[2])
     stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
     toks = corpus()
-    trainer = Trainer(recipe(out_dir, steps), model_config=CFG, train_source=InMemoryTokens(toks[:3000], SEQ, 1),
+    cfg = CFG.replace(tie_embeddings=os.environ.get("TRAIN_WORKER_TIED") == "1")
+    trainer = Trainer(recipe(out_dir, steps), model_config=cfg, train_source=InMemoryTokens(toks[:3000], SEQ, 1),
                       valid_source=InMemoryTokens(toks[3000:], SEQ, 2), progress=False)
     records = trainer.run(stop_after=stop)
     trainer.close()

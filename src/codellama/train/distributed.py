@@ -11,7 +11,6 @@ import datetime
 import os
 import zlib
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -81,7 +80,12 @@ def barrier(env: DistEnv) -> None:
 def apply_activation_checkpointing(block: nn.Module) -> None:
     """Recompute the block's activations in backward. Done by replacing the instance's forward, so the
     parameter names (and hence checkpoints) stay those of the plain model."""
-    block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    inner = block.forward
+
+    def forward(*args, **kwargs):  # a plain function, so torch.compile traces into it (a partial it skips)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
 
 
 def parallelize(model: Transformer, env: DistEnv, *, activation_checkpointing: bool = False,
