@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--per-problem", type=int, default=3, choices=[1, 2, 3])
     ap.add_argument("--timeout", type=float, default=3.0)
-    ap.add_argument("--rounds", type=int, default=3, help="alternate the two harnesses this many times")
+    ap.add_argument("--rounds", type=int, default=5, help="alternate the two harnesses this many times")
     args = ap.parse_args()
 
     problems = list(read_problems().values())
