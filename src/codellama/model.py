@@ -83,8 +83,8 @@ class KVCache(nn.Module):
         keys, values = self.k, self.v
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        if slots is None and B == self.k.shape[0]:
-            return keys, values
+        if slots is None:  # rows 0..B-1: a view, no copy
+            return keys[:B], values[:B]
         return keys[rows], values[rows]
 
 
