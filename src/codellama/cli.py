@@ -13,7 +13,9 @@ import sys
 from codellama.errors import UserError
 
 # command name -> module that registers it
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "serve": "codellama.commands.serve",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

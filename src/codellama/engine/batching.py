@@ -73,8 +73,8 @@ class Scheduler:
     ) -> Request:
         """Queue a request (UserError for an empty or too long prompt); it joins at the next step."""
         prompt = list(prompt)
+        check_prompt(len(self.waiting) if request_id is None else request_id, len(prompt), self.context_len)
         rid = next(self._ids) if request_id is None else request_id
-        check_prompt(rid, len(prompt), self.context_len)
         stop_ids = set(params.stop_ids) if params.stop_ids is not None else self.default_stop_ids
         row = RowState(len(prompt), params, stop_ids, min(params.max_new_tokens, self.context_len - len(prompt)), decode)
         req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device))
@@ -100,7 +100,12 @@ class Scheduler:
             req.slot = heapq.heappop(self.free_slots)
             self.active.append(req)
             self.active.sort(key=lambda r: r.slot)
-            logits = self.decoder.prefill(req.prompt, req.slot)[None]  # [1, V]
+            try:
+                logits = self.decoder.prefill(req.prompt, req.slot)[None]  # [1, V]
+            except Exception:  # a prompt that breaks the model fails alone (the slot is simply freed)
+                log.exception("request %s: prefill failed", req.id)
+                self._finish(req, "error", events)
+                continue
             self._accept([req], logits, events)
         if self.active:
             rows = list(self.active)

@@ -37,8 +37,8 @@ class Decoder:
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
         """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
-        self.model.setup_cache(max_batch, max_seq_len)
-        self.max_batch, self.max_seq_len = self.model.cache_shape
+        self.model.setup_cache(max_batch, max_seq_len)  # keeps a larger cache: we use its first rows
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @torch.inference_mode()
     def prefill(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
