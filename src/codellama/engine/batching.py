@@ -17,7 +17,7 @@ import heapq
 import itertools
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +60,7 @@ class Scheduler:
         self.free_slots = list(range(decoder.max_batch))  # a heap: the lowest slot first keeps rows packed
         self._ids = itertools.count()
         self._sampler: tuple[tuple[int, ...], RowSampler] | None = None
+        self.finished = Counter()  # finish reason -> requests, over the scheduler's life
 
     # ---- requests ----
     def submit(
@@ -138,6 +139,7 @@ class Scheduler:
             return
         req.finished = True
         req.row.finish_reason = req.row.finish_reason or reason
+        self.finished[req.row.finish_reason] += 1
         if req.slot is not None:
             self.active.remove(req)
             heapq.heappush(self.free_slots, req.slot)
@@ -206,7 +208,8 @@ class Engine:
         return self.decoder.max_batch
 
     def stats(self) -> dict:
-        return {"active": len(self.scheduler.active), "waiting": len(self.scheduler.waiting), "slots": self.max_batch}
+        s = self.scheduler
+        return {"active": len(s.active), "waiting": len(s.waiting), "slots": self.max_batch, "finished": dict(s.finished)}
 
     # ---- lifecycle ----
     def start(self) -> Engine:

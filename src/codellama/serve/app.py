@@ -173,7 +173,8 @@ class Server:
     def _completion_jobs(self, body: CompletionRequest) -> tuple[list[_Job], list[str], int]:
         jobs, prompt_texts, prompt_tokens = [], [], 0
         for pi, prompt in enumerate(body.prompts()):
-            decode = None if self.tokenizer is None else self.tokenizer.decode
+            # a continuation keeps the leading space of its first piece ("x =" -> " 1"), as editors expect
+            decode = None if self.tokenizer is None else self.tokenizer.decode_infilling
             stop_ids = None
             if isinstance(prompt, str):
                 tok = self._require_tokenizer("A text prompt")
@@ -181,7 +182,6 @@ class Server:
                     from codellama.prompts import infill_tokens
 
                     ids = infill_tokens(tok, prompt, body.suffix)  # UserError (-> 400) if the model cannot infill
-                    decode = tok.decode_infilling
                     stop_ids = tuple(set(tok.stop_ids) | {tok.eot_id})
                 else:
                     ids = tok.encode(prompt, bos=tok.add_bos)
