@@ -40,7 +40,7 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context_len = max_seq_len or model.config.max_seq_len
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
         self.compile = compile
         self.prefill_chunk = prefill_chunk
         self._decoder: Decoder | None = None

@@ -75,11 +75,15 @@ class KVCache(nn.Module):
         kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] at input_pos [B, T]; return the rows' caches [B, Hkv, kv_len or S, hd]."""
-        B = k.shape[0]
+        B, H, T, hd = k.shape
         rows = torch.arange(B, device=k.device) if slots is None else slots
-        # advanced indices on dims 0 and 2 -> the indexed view is [B, T, Hkv, hd]
-        self.k[rows[:, None], :, input_pos] = k.transpose(1, 2)
-        self.v[rows[:, None], :, input_pos] = v.transpose(1, 2)
+        # One index_copy_ into the flattened cache: row (b, h, t) lands at (slot_b * H + h) * S + pos_bt.
+        # (Advanced-index assignment does the same but costs ~10x more per call on the CPU.)
+        S = self.k.shape[2]
+        heads = torch.arange(H, device=k.device)
+        idx = ((rows[:, None, None] * H + heads[None, :, None]) * S + input_pos[:, None, :]).reshape(-1)  # [B*H*T]
+        self.k.view(-1, hd).index_copy_(0, idx, k.reshape(-1, hd).to(self.k.dtype))
+        self.v.view(-1, hd).index_copy_(0, idx, v.reshape(-1, hd).to(self.v.dtype))
         keys, values = self.k, self.v
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
@@ -121,8 +125,22 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v, slots, kv_len)  # [B, Hkv, S, hd]
             key_pos = torch.arange(k.shape[2], device=x.device)
             mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]: causal, per row
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+            if T == 1 and x.device.type == "cpu":
+                out = _decode_attention(q, k, v, mask)  # CPU SDPA's fixed cost dominates for one query
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row: q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B, 1, S] -> [B, H, 1, hd]."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, hd)  # the query heads sharing each key/value head, as rows
+    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5  # [B, Hkv, H/Hkv, S]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hkv, H/Hkv, hd]
+    return out.reshape(B, H, 1, hd)
 
 
 class FeedForward(nn.Module):
@@ -166,13 +184,13 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache (reused when the requested one fits in the current one)."""
         c = self.config
-        dtype = dtype or self.output.weight.dtype
+        dtype = dtype or self.tok_embeddings.weight.dtype
         current = self.layers[0].attention.cache
         if current is not None and current.k.dtype == dtype and current.k.shape[0] >= max_batch and (
             current.k.shape[2] >= max_seq_len
         ):
             return
-        device = self.output.weight.device
+        device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
 

@@ -29,7 +29,7 @@ class Decoder:
         compile: bool | None = None,
     ):
         self.model = model.eval()
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self._step = None

@@ -36,6 +36,7 @@ class _Common(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0  # an extension (vLLM, llama.cpp server): 0 = off
+    ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
     seed: int | None = None
@@ -66,6 +67,8 @@ class _Common(BaseModel):
     def sampling(self, max_new: int, choice: int, stop_ids: tuple[int, ...] | None = None) -> SamplingParams:
         """Settings of one choice; with a seed, choice j draws from seed + j so n > 1 choices differ."""
         seed = None if self.seed is None else self.seed + choice
+        if self.ignore_eos:
+            stop_ids = ()
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
                                   top_k=self.top_k, stop=self.stops(), stop_ids=stop_ids, seed=seed)
