@@ -11,7 +11,14 @@ from torch import nn
 
 from codellama.config import ModelConfig
 from codellama.engine import quant
-from codellama.engine.quant import QuantLinear, dequantize_int4, quantize, quantize_int4, quantize_int8
+from codellama.engine.quant import (
+    QuantLinear,
+    dequantize_int4,
+    fuse_projections,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+)
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 from helpers import random_model
@@ -59,6 +66,17 @@ def test_quantisation_round_trip_error():
     assert (q.float() * s[:, None] - w).abs().max() <= s.max() / 2 + 1e-6  # half a step at most
     p, sz = quantize_int4(w)
     assert (dequantize_int4(p, sz) - w).abs().max() <= sz[..., 0].max() / 2 + 1e-6
+
+
+def test_fused_projections_compute_the_same():
+    model = random_model(CFG, seed=4)
+    fused = fuse_projections(copy.deepcopy(model))
+    assert fused.layers[0].attention.wqkv is not None and not hasattr(fused.layers[0].attention, "wq")
+    tokens = torch.randint(0, CFG.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+    prompt, params = [3, 1, 4, 1, 5], SamplingParams(max_new_tokens=12, stop_ids=())
+    assert Generator(fused).generate([prompt], params)[0].tokens == Generator(model).generate([prompt], params)[0].tokens
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

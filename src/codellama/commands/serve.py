@@ -64,9 +64,10 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     loaded = load_model(args.model, device=device, dtype=dtype)
-    if args.quantize != "none":
-        from codellama.engine.quant import quantize
+    from codellama.engine.quant import fuse_projections, quantize
 
+    fuse_projections(loaded.model)  # the server only decodes: fewer, larger matmuls
+    if args.quantize != "none":
         quantize(loaded.model, args.quantize)
     context = min(args.context or loaded.config.max_seq_len, loaded.config.max_seq_len)
     _setup_logging(args.log_file)

@@ -119,10 +119,40 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.mode}"
 
 
-def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Replace every nn.Linear in the model (in place) by a QuantLinear; returns the model."""
+def _stack(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([m.weight.detach() for m in linears], dim=0)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight.data.copy_(w)
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Stack each layer's wq/wk/wv into one wqkv and w1/w3 into one w13 (in place; inference only).
+
+    The same bytes are read, in 2 matmul calls instead of 5 per layer: decoding small models is dominated
+    by per-call overhead as much as by bandwidth.
+    """
+    for layer in model.layers:
+        att, ffn = layer.attention, layer.feed_forward
+        if att.wqkv is None:
+            att.wqkv = _stack([att.wq, att.wk, att.wv])
+            del att.wq, att.wk, att.wv
+        if ffn.w13 is None:
+            ffn.w13 = _stack([ffn.w1, ffn.w3])
+            del ffn.w1, ffn.w3
+    return model
+
+
+def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Module:
+    """Replace every nn.Linear in the model (in place) by a QuantLinear; returns the model.
+
+    fuse: first stack q/k/v and w1/w3 (fuse_projections), so each layer makes 4 quantised matmuls, not 7.
+    """
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4")
+    if fuse and hasattr(model, "layers"):
+        fuse_projections(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode == "int4":
         bad = [name for name, m in targets if m.in_features % GROUP]
