@@ -10,6 +10,8 @@ permute Meta's interleaved order into this one on load, and back on save.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same formula, one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 whatever the activation dtype (Meta and HF both do), then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,6 +57,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+@dataclass
+class CacheStep:
+    """Where one forward call writes and reads the KV cache: computed once, shared by every layer."""
+
+    input_pos: torch.Tensor  # [B, T] absolute positions
+    slots: torch.Tensor | None  # [B] cache rows (None: rows 0..B-1)
+    kv_len: int | None  # read only the first kv_len positions (eager); None: the whole static cache
+    write_idx: torch.Tensor  # [B*Hkv*T] rows of the flattened cache [slots*Hkv*S, hd] to write
+    mask: torch.Tensor  # [B, T, kv_len or S] causal, per row
+
+    @classmethod
+    def plan(cls, cache: KVCache, input_pos: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> CacheStep:
+        B = input_pos.shape[0]
+        _, H, S, _ = cache.k.shape
+        device = input_pos.device
+        rows = torch.arange(B, device=device) if slots is None else slots
+        heads = torch.arange(H, device=device)
+        # row (b, h, t) of the new keys lands at (slot_b * H + h) * S + pos_bt of the flattened cache
+        idx = ((rows[:, None, None] * H + heads[None, :, None]) * S + input_pos[:, None, :]).reshape(-1)
+        key_pos = torch.arange(S if kv_len is None else kv_len, device=device)
+        mask = key_pos[None, None, :] <= input_pos[:, :, None]
+        return cls(input_pos, slots, kv_len, idx, mask)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for `max_batch` sequence slots of `max_seq_len` positions each.
 
@@ -66,30 +94,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self,
-        input_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        slots: torch.Tensor | None,
-        kv_len: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, hd] at input_pos [B, T]; return the rows' caches [B, Hkv, kv_len or S, hd]."""
-        B, H, T, hd = k.shape
-        rows = torch.arange(B, device=k.device) if slots is None else slots
-        # One index_copy_ into the flattened cache: row (b, h, t) lands at (slot_b * H + h) * S + pos_bt.
-        # (Advanced-index assignment does the same but costs ~10x more per call on the CPU.)
-        S = self.k.shape[2]
-        heads = torch.arange(H, device=k.device)
-        idx = ((rows[:, None, None] * H + heads[None, :, None]) * S + input_pos[:, None, :]).reshape(-1)  # [B*H*T]
-        self.k.view(-1, hd).index_copy_(0, idx, k.reshape(-1, hd).to(self.k.dtype))
-        self.v.view(-1, hd).index_copy_(0, idx, v.reshape(-1, hd).to(self.v.dtype))
+    def update(self, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] at the step's positions; return the rows' caches [B, Hkv, kv_len or S, hd]."""
+        B, hd = k.shape[0], k.shape[-1]
+        # one index_copy_ into the flattened cache (advanced-index assignment costs ~10x more on the CPU)
+        self.k.view(-1, hd).index_copy_(0, step.write_idx, k.reshape(-1, hd).to(self.k.dtype))
+        self.v.view(-1, hd).index_copy_(0, step.write_idx, v.reshape(-1, hd).to(self.v.dtype))
         keys, values = self.k, self.v
-        if kv_len is not None:
-            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        if slots is None:  # rows 0..B-1: a view, no copy
+        if step.kv_len is not None:
+            keys, values = keys[:, :, : step.kv_len], values[:, :, : step.kv_len]
+        if step.slots is None:  # rows 0..B-1: a view, no copy
             return keys[:B], values[:B]
-        return keys[rows], values[rows]
+        return keys[step.slots], values[step.slots]
 
 
 class Attention(nn.Module):
@@ -108,9 +124,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        input_pos: torch.Tensor | None,
-        slots: torch.Tensor | None,
-        kv_len: int | None,
+        step: CacheStep | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.wqkv is not None:  # one matmul instead of three
@@ -123,14 +137,13 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if input_pos is None or self.cache is None:
+        if step is None or self.cache is None:
             # training / no cache: plain causal attention over this chunk
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             # kv_len (eager path) skips the unused tail of the static cache
-            k, v = self.cache.update(input_pos, k, v, slots, kv_len)  # [B, Hkv, S, hd]
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]: causal, per row
+            k, v = self.cache.update(step, k, v)  # [B, Hkv, S, hd]
+            mask = step.mask  # [B, T, S]: causal, per row
             if T == 1 and x.device.type == "cpu":
                 out = _decode_attention(q, k, v, mask)  # CPU SDPA's fixed cost dominates for one query
             else:
@@ -174,8 +187,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, slots=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, slots, kv_len)
+    def forward(self, x, cos, sin, step: CacheStep | None = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -230,17 +243,20 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         c = self.config
+        step = None
+        cache = self.layers[0].attention.cache
         if input_pos is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-            kv_len = None
         else:
             positions = input_pos
-            # Eager decoding attends only to the filled part of the cache; a compiled step keeps static shapes.
-            kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+            if cache is not None:
+                # Eager decoding attends only to the filled part of the cache; a compiled step keeps static shapes.
+                kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+                step = CacheStep.plan(cache, input_pos, slots, kv_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, slots, kv_len)
+            h = layer(h, cos, sin, step)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
