@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from codellama.config import preset
-from codellama.engine.quant import quantize, weight_bytes
+from codellama.engine.quant import fuse_projections, quantize, weight_bytes
 from codellama.generate import Generator
 from codellama.model import Transformer
 from codellama.sampling import SamplingParams
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"model: {what}; prompt {len(prompt)} tokens, {n} new tokens, {args.threads} threads, {args.reps} reps")
 
     runners = {}
-    ours = {"ours fp32": base, "ours int8": quantize(copy.deepcopy(base), "int8"),
+    ours = {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
             "ours int4": quantize(copy.deepcopy(base), "int4")}
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     for name, model in ours.items():
