@@ -1,6 +1,7 @@
 """Batch-1 decode speed on the CPU: ours (float32, int8, int4) vs transformers vs llama.cpp, same run.
 
     python bench/bench_decode.py [--tokens 64] [--reps 5] [--random]
+    python bench/bench_decode.py --device cuda --preset codellama-7b     # GPU: compiled bf16 vs transformers
 
 Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load_model(None) (random
 weights of the smollm2-135m preset with --random or when the loader is unavailable). transformers runs a
@@ -71,7 +72,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--random", action="store_true", help="random weights instead of the real model")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
+    ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
     args = ap.parse_args()
+    if args.device != "cpu":
+        return gpu_main(args)
     torch.set_num_threads(args.threads)
     n = args.tokens
 
@@ -132,6 +137,74 @@ def main() -> None:
         gbs = runners[name][1] * v / 1e9
         ll = f"{v / ref_ll:12.2f}" if ref_ll else f"{'-':>12}"
         print(f"{name:<20} {v:8.1f} {1000 / v:8.1f} {gbs:7.1f} {v / ref_hf:15.2f} {ll}")
+
+
+def gpu_main(args) -> None:
+    """GPU: our compiled bf16 decode (and int8) vs transformers' generate, random weights of --preset."""
+    cfg = preset(args.preset or "codellama-7b")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=args.device)
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    n, prompt = args.tokens, [1] + list(range(100, 115))
+    params = SamplingParams(max_new_tokens=n, stop_ids=())
+    runners = {}
+    gen = Generator(fuse_projections(model), max_seq_len=len(prompt) + n + 1, compile=True)
+    runners["ours bf16 compiled"] = (lambda: gen.generate([prompt], params), weight_bytes(model))
+    hf = hf_twin_from_state(model, cfg, args.device)
+    ids = torch.tensor([prompt], device=args.device)
+
+    def run_hf():
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    runners["transformers bf16"] = (run_hf, weight_bytes(model))
+    for run, _ in runners.values():
+        run()  # compile / warm up
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.reps):
+        for name, (run, _) in runners.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    tps = {k: n / statistics.median(v) for k, v in times.items()}
+    print(f"{cfg.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
+    for name, v in tps.items():
+        print(f"{name:<22} {v:8.1f} tok/s {runners[name][1] * v / 1e9:8.1f} GB/s {v / tps['transformers bf16']:6.2f}x")
+
+
+def hf_twin_from_state(model: Transformer, cfg, device):
+    """transformers' LlamaForCausalLM with our (possibly fused) weights, unfused back into HF names."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = cfg.to_hf()
+    hf_cfg.pop("torch_dtype")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # built in place: a 7B model never passes through host memory
+            hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.tok_embeddings.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        hf.lm_head.weight.copy_(model.output.weight)
+        for ours, theirs in zip(model.layers, hf.model.layers):
+            wq, wk, wv = ours.attention.wqkv.weight.split([q, kv, kv])
+            w1, w3 = ours.feed_forward.w13.weight.chunk(2)
+            for dst, src in ((theirs.self_attn.q_proj, wq), (theirs.self_attn.k_proj, wk),
+                             (theirs.self_attn.v_proj, wv), (theirs.self_attn.o_proj, ours.attention.wo.weight),
+                             (theirs.mlp.gate_proj, w1), (theirs.mlp.up_proj, w3),
+                             (theirs.mlp.down_proj, ours.feed_forward.w2.weight)):
+                dst.weight.copy_(src)
+            theirs.input_layernorm.weight.copy_(ours.attention_norm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm.weight)
+    return hf
 
 
 if __name__ == "__main__":

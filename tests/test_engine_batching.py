@@ -172,3 +172,12 @@ def test_engine_survives_a_request_that_breaks_the_model(model):
         assert bad.finish_reason == "error"
         ok = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0]
         assert ok.tokens == naive_greedy(model, PROMPTS[0], 3)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_same_greedy_tokens(model):
+    # the CUDA-graph path compiled on the CPU (no graphs there, same trace): fullgraph, whole static cache
+    gen = Generator(random_model(CFG, seed=1), compile=True)
+    params = SamplingParams(max_new_tokens=8, stop_ids=())
+    out = gen.generate(PROMPTS[:3], params)
+    assert [o.tokens for o in out] == [naive_greedy(model, p, 8) for p in PROMPTS[:3]]

@@ -10,7 +10,7 @@ permute Meta's interleaved order into this one on load, and back on save.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-@dataclass
-class CacheStep:
+class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a graph break
     """Where one forward call writes and reads the KV cache: computed once, shared by every layer."""
 
     input_pos: torch.Tensor  # [B, T] absolute positions
