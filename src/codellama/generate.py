@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import torch
 
 from codellama.engine.batching import Scheduler
 from codellama.engine.decode import Decoder

@@ -28,8 +28,10 @@ def register(subparsers) -> None:
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantisation of the linear layers")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
-    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence, prompt + completion (default: the model's context, at most 4096; "
+                   "the KV cache holds max-batch x context positions)")
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="generations running or queued before new requests get 429")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -69,7 +71,7 @@ def run(args) -> int:
     fuse_projections(loaded.model)  # the server only decodes: fewer, larger matmuls
     if args.quantize != "none":
         quantize(loaded.model, args.quantize)
-    context = min(args.context or loaded.config.max_seq_len, loaded.config.max_seq_len)
+    context = min(args.context or 4096, loaded.config.max_seq_len)
     _setup_logging(args.log_file)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
                     compile=args.compile)
@@ -79,11 +81,18 @@ def run(args) -> int:
     import uvicorn
 
     print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
-          f"[{device}, {args.max_batch} slots x {context} tokens, auth {'on' if args.api_key else 'off'}]",
+          f"[{device}, {args.max_batch} slots x {context} tokens, "
+          f"KV cache {_cache_gb(loaded.config, args.max_batch, context, loaded.model):.2f} GB, "
+          f"auth {'on' if args.api_key else 'off'}]",
           file=sys.stderr)
     with engine:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _cache_gb(cfg, slots: int, context: int, model) -> float:
+    dtype_bytes = model.tok_embeddings.weight.element_size()
+    return 2 * cfg.n_layers * slots * cfg.n_kv_heads * context * cfg.head_dim * dtype_bytes / 1e9
 
 
 def _setup_logging(log_file: Path | None) -> None:

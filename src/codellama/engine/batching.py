@@ -77,7 +77,8 @@ class Scheduler:
         check_prompt(len(self.waiting) if request_id is None else request_id, len(prompt), self.context_len)
         rid = next(self._ids) if request_id is None else request_id
         stop_ids = set(params.stop_ids) if params.stop_ids is not None else self.default_stop_ids
-        row = RowState(len(prompt), params, stop_ids, min(params.max_new_tokens, self.context_len - len(prompt)), decode)
+        max_new = min(params.max_new_tokens, self.context_len - len(prompt))
+        row = RowState(len(prompt), params, stop_ids, max_new, decode)
         req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device))
         self.waiting.append(req)
         return req
@@ -209,7 +210,8 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"active": len(s.active), "waiting": len(s.waiting), "slots": self.max_batch, "finished": dict(s.finished)}
+        return {"active": len(s.active), "waiting": len(s.waiting), "slots": self.max_batch,
+                "finished": dict(s.finished)}
 
     # ---- lifecycle ----
     def start(self) -> Engine:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from codellama.engine.batching import Engine
-from codellama.engine.rows import Completion, StreamEvent, TokenLogprob
+from codellama.engine.rows import Completion, StreamEvent
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
 from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
@@ -98,7 +98,8 @@ class Server:
         ctx = self.engine.context_len
         if prompt_len >= ctx:
             raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                              f"{prompt_len} tokens. Shorten the prompt.", param="prompt", code="context_length_exceeded")
+                              f"{prompt_len} tokens. Shorten the prompt.", param="prompt",
+                              code="context_length_exceeded")
         limit = self.config.max_tokens or ctx
         if requested is None:
             return min(limit, ctx - prompt_len)
@@ -190,7 +191,8 @@ class Server:
                 if body.suffix is not None:
                     raise OpenAIError(400, "`suffix` needs a text prompt", param="suffix")
                 if not all(isinstance(t, int) and 0 <= t < self.engine.decoder.model.config.vocab_size for t in prompt):
-                    raise OpenAIError(400, "token ids in the prompt must be integers in [0, vocab_size)", param="prompt")
+                    raise OpenAIError(400, "token ids in the prompt must be integers in [0, vocab_size)",
+                                      param="prompt")
                 ids = list(prompt)
                 prompt_texts.append(decode(ids) if decode else "")
             if not ids:
