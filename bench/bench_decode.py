@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,6 +31,24 @@ from codellama.model import Transformer
 from codellama.sampling import SamplingParams
 
 PROMPT = "def quicksort(arr):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
+
+# llama.cpp runs in its own process: its worker threads must not share an OpenMP runtime with torch's
+# (in one process they slowed each other by an order of magnitude). It prints the prompt's ids, then one
+# elapsed time per line it reads.
+LLAMA_WORKER = r"""
+import sys, time
+from llama_cpp import Llama
+path, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, verbose=False)
+prompt = llm.tokenize(sys.argv[4].encode())
+print(",".join(map(str, prompt)), flush=True)
+for _ in sys.stdin:
+    t = time.perf_counter()
+    for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        if i + 1 == n:
+            break
+    print(time.perf_counter() - t, flush=True)
+"""
 
 
 def gguf_path() -> Path:
@@ -83,10 +103,9 @@ def main() -> None:
     base, what = load_ours(args.random)
     llm = None
     if not args.no_llamacpp:
-        from llama_cpp import Llama
-
-        llm = Llama(model_path=str(gguf_path()), n_ctx=512, n_threads=args.threads, verbose=False)
-        prompt = llm.tokenize(PROMPT.encode())
+        cmd = [sys.executable, "-c", LLAMA_WORKER, str(gguf_path()), str(args.threads), str(n), PROMPT]
+        llm = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        prompt = [int(t) for t in llm.stdout.readline().split(",")]
     else:
         prompt = [1] + list(range(100, 120))
     print(f"model: {what}; prompt {len(prompt)} tokens, {n} new tokens, {args.threads} threads, {args.reps} reps")
@@ -115,10 +134,9 @@ def main() -> None:
 
     if llm is not None:
         def run_llama():
-            llm.reset()
-            for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
-                if i + 1 == n:
-                    break
+            llm.stdin.write("run\n")
+            llm.stdin.flush()
+            return float(llm.stdout.readline())
         runners["llama.cpp Q4_1"] = (run_llama, gguf_path().stat().st_size)
 
     for run, _ in runners.values():  # warm up (builds the int8/int4 kernels on first use)
@@ -127,8 +145,11 @@ def main() -> None:
     for _ in range(args.reps):
         for name, (run, _) in runners.items():
             t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
+            inner = run()  # llama.cpp reports its own time (without the pipe)
+            times[name].append(inner if isinstance(inner, float) else time.perf_counter() - t)
+    if llm is not None:
+        llm.stdin.close()
+        llm.wait()
 
     tps = {k: n / statistics.median(v) for k, v in times.items()}
     ref_hf, ref_ll = tps["transformers fp32"], tps.get("llama.cpp Q4_1")
