@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "eval": "codellama.commands.eval",
     "eval-sweep": "codellama.commands.eval",
     "train": "codellama.commands.train",
+    "serve": "codellama.commands.serve",
 }
 
 

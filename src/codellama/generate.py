@@ -12,90 +12,41 @@ so a prompt decodes to the same tokens alone or in a batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from codellama.errors import UserError
+from codellama.engine.batching import Scheduler
+from codellama.engine.decode import Decoder
+from codellama.engine.rows import Completion, StreamEvent, check_prompt, longest_stop_prefix  # noqa: F401
 from codellama.model import Transformer
-from codellama.sampling import RowSampler, SamplingParams
-
-
-@dataclass
-class Completion:
-    tokens: list[int]  # generated ids, without the stop token
-    text: str
-    finish_reason: str  # "stop" (stop token or string) or "length"
-    prompt_tokens: int
-
-
-@dataclass
-class StreamEvent:
-    row: int  # index of the prompt in the batch
-    text: str  # newly released text ('' when only a finish is reported)
-    completion: Completion | None  # set once, when the row finishes
-
-
-def longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that could still grow into one of the stop strings."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-class _Row:
-    """Decoding state of one sequence: its tokens, decoded text and how much of it was released."""
-
-    def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], max_new: int):
-        self.prompt_len = prompt_len
-        self.params = params
-        self.stop_ids = stop_ids
-        self.max_new = max_new
-        self.tokens: list[int] = []
-        self.text = ""
-        self.released = 0
-        self.finish_reason: str | None = None
-
-    def push(self, token: int, decode) -> str:
-        """Add a token; return the text that can now be released (never part of a possible stop string)."""
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-        else:
-            self.tokens.append(token)
-            if decode is not None:
-                self.text = decode(self.tokens)
-                cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
-                if cut >= 0:
-                    self.text, self.finish_reason = self.text[:cut], "stop"
-            if self.finish_reason is None and len(self.tokens) >= self.max_new:
-                self.finish_reason = "length"
-        end = len(self.text)
-        if self.finish_reason is None:
-            end -= longest_stop_prefix(self.text, self.params.stop)
-            while end > self.released and self.text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                end -= 1
-        delta, self.released = self.text[self.released : end], max(self.released, end)
-        return delta
-
-    def completion(self) -> Completion:
-        return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len)
+from codellama.sampling import SamplingParams
 
 
 class Generator:
-    """A model and its tokenizer, ready to complete, infill and chat."""
+    """A model and its tokenizer, ready to complete, infill and chat.
 
-    def __init__(self, model: Transformer, tokenizer=None, max_seq_len: int | None = None):
+    compile: compile the decode step with CUDA graphs (default: on CUDA). prefill_chunk: prompt tokens per
+    prefill forward (bounds memory for very long prompts).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_seq_len: int | None = None,
+        compile: bool | None = None,
+        prefill_chunk: int = 2048,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context_len = max_seq_len or model.config.max_seq_len
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
+        self.compile = compile
+        self.prefill_chunk = prefill_chunk
+        self._decoder: Decoder | None = None
 
     # ---- token level ----
-    @torch.inference_mode()
     def stream_generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], decode=None
     ) -> Iterator[StreamEvent]:
@@ -105,52 +56,22 @@ class Generator:
         all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(all_params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
-        rows = [self._new_row(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, all_params))]
-        B = len(rows)
-        self.model.setup_cache(B, max(r.prompt_len + r.max_new for r in rows))
-        sampler = RowSampler.build(all_params, self.device)
+        for i, p in enumerate(prompts):
+            check_prompt(i, len(p), self.context_len)
+        cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
+        scheduler = Scheduler(self._decoder_for(len(prompts), cache_len), self.context_len, self._default_stop_ids())
+        for i, (p, sp) in enumerate(zip(prompts, all_params)):
+            scheduler.submit(p, sp, decode, request_id=i)
+        while scheduler.has_work:
+            for _, event in scheduler.step():
+                yield event
 
-        first = []
-        for i, prompt in enumerate(prompts):  # prefill each prompt into its own cache slot
-            tokens = torch.tensor([list(prompt)], device=self.device)  # [1, T]
-            pos = torch.arange(tokens.shape[1], device=self.device)[None]
-            first.append(self.model(tokens, input_pos=pos, slots=torch.tensor([i], device=self.device), last_only=True)[:, -1])
-        next_tokens = sampler.sample(torch.cat(first))  # [B]
-
-        active = list(range(B))
-        while True:
-            still = []
-            for j, token in zip(active, next_tokens.tolist()):
-                row = rows[j]
-                delta = row.push(token, decode)
-                done = row.finish_reason is not None
-                if delta or done:
-                    yield StreamEvent(j, delta, row.completion() if done else None)
-                if not done:
-                    still.append(j)
-            if not still:
-                return
-            if still != active:  # drop finished rows; seeded rows keep their random streams
-                keep = torch.tensor([active.index(j) for j in still], device=self.device)
-                sampler = sampler.select(keep)
-            active = still
-            idx = torch.tensor(active, device=self.device)
-            last = torch.tensor([[rows[j].tokens[-1]] for j in active], device=self.device)  # [b, 1]
-            pos = torch.tensor([[rows[j].prompt_len + len(rows[j].tokens) - 1] for j in active], device=self.device)
-            logits = self.model(last, input_pos=pos, slots=idx)[:, -1]  # [b, V]
-            next_tokens = sampler.sample(logits)
-
-    def _new_row(self, i: int, prompt: Sequence[int], params: SamplingParams) -> _Row:
-        n = len(prompt)
-        if n == 0:
-            raise UserError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
-        if n >= self.context_len:
-            raise UserError(
-                f"prompt {i} is {n} tokens, {n - self.context_len + 1} more than the context of "
-                f"{self.context_len} allows (leave room for at least one new token)"
-            )
-        stop_ids = set(params.stop_ids) if params.stop_ids is not None else self._default_stop_ids()
-        return _Row(n, params, stop_ids, min(params.max_new_tokens, self.context_len - n))
+    def _decoder_for(self, batch: int, cache_len: int) -> Decoder:
+        if self._decoder is None:
+            self._decoder = Decoder(self.model, batch, cache_len, self.prefill_chunk, self.compile)
+        else:
+            self._decoder.ensure(batch, cache_len)
+        return self._decoder
 
     def _default_stop_ids(self) -> set[int]:
         if self.tokenizer is not None:

@@ -10,6 +10,8 @@ permute Meta's interleaved order into this one on load, and back on save.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same formula, one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 whatever the activation dtype (Meta and HF both do), then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,6 +57,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a graph break
+    """Where one forward call writes and reads the KV cache: computed once, shared by every layer."""
+
+    input_pos: torch.Tensor  # [B, T] absolute positions
+    slots: torch.Tensor | None  # [B] cache rows (None: rows 0..B-1)
+    kv_len: int | None  # read only the first kv_len positions (eager); None: the whole static cache
+    write_idx: torch.Tensor  # [B*Hkv*T] rows of the flattened cache [slots*Hkv*S, hd] to write
+    mask: torch.Tensor  # [B, T, kv_len or S] causal, per row
+
+    @classmethod
+    def plan(cls, cache: KVCache, input_pos: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> CacheStep:
+        B = input_pos.shape[0]
+        _, H, S, _ = cache.k.shape
+        device = input_pos.device
+        rows = torch.arange(B, device=device) if slots is None else slots
+        heads = torch.arange(H, device=device)
+        # row (b, h, t) of the new keys lands at (slot_b * H + h) * S + pos_bt of the flattened cache
+        idx = ((rows[:, None, None] * H + heads[None, :, None]) * S + input_pos[:, None, :]).reshape(-1)
+        key_pos = torch.arange(S if kv_len is None else kv_len, device=device)
+        mask = key_pos[None, None, :] <= input_pos[:, :, None]
+        return cls(input_pos, slots, kv_len, idx, mask)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for `max_batch` sequence slots of `max_seq_len` positions each.
 
@@ -66,26 +93,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self,
-        input_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        slots: torch.Tensor | None,
-        kv_len: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, hd] at input_pos [B, T]; return the rows' caches [B, Hkv, kv_len or S, hd]."""
-        B = k.shape[0]
-        rows = torch.arange(B, device=k.device) if slots is None else slots
-        # advanced indices on dims 0 and 2 -> the indexed view is [B, T, Hkv, hd]
-        self.k[rows[:, None], :, input_pos] = k.transpose(1, 2)
-        self.v[rows[:, None], :, input_pos] = v.transpose(1, 2)
+    def update(self, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] at the step's positions; return the rows' caches [B, Hkv, kv_len or S, hd]."""
+        B, hd = k.shape[0], k.shape[-1]
+        # one index_copy_ into the flattened cache (advanced-index assignment costs ~10x more on the CPU)
+        self.k.view(-1, hd).index_copy_(0, step.write_idx, k.reshape(-1, hd).to(self.k.dtype))
+        self.v.view(-1, hd).index_copy_(0, step.write_idx, v.reshape(-1, hd).to(self.v.dtype))
         keys, values = self.k, self.v
-        if kv_len is not None:
-            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        if slots is None and B == self.k.shape[0]:
-            return keys, values
-        return keys[rows], values[rows]
+        if step.kv_len is not None:
+            keys, values = keys[:, :, : step.kv_len], values[:, :, : step.kv_len]
+        if step.slots is None:  # rows 0..B-1: a view, no copy
+            return keys[:B], values[:B]
+        return keys[step.slots], values[step.slots]
 
 
 class Attention(nn.Module):
@@ -96,6 +115,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv stacked, set by engine.fuse_projections (inference)
         self.cache: KVCache | None = None
 
     def forward(
@@ -103,26 +123,42 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        input_pos: torch.Tensor | None,
-        slots: torch.Tensor | None,
-        kv_len: int | None,
+        step: CacheStep | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.wqkv is not None:  # one matmul instead of three
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if input_pos is None or self.cache is None:
+        if step is None or self.cache is None:
             # training / no cache: plain causal attention over this chunk
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             # kv_len (eager path) skips the unused tail of the static cache
-            k, v = self.cache.update(input_pos, k, v, slots, kv_len)  # [B, Hkv, S, hd]
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]: causal, per row
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+            k, v = self.cache.update(step, k, v)  # [B, Hkv, S, hd]
+            mask = step.mask  # [B, T, S]: causal, per row
+            if T == 1 and x.device.type == "cpu":
+                out = _decode_attention(q, k, v, mask)  # CPU SDPA's fixed cost dominates for one query
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row: q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B, 1, S] -> [B, H, 1, hd]."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, hd)  # the query heads sharing each key/value head, as rows
+    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5  # [B, Hkv, H/Hkv, S]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hkv, H/Hkv, hd]
+    return out.reshape(B, H, 1, hd)
 
 
 class FeedForward(nn.Module):
@@ -133,8 +169,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w13: nn.Module | None = None  # w1 and w3 stacked, set by engine.fuse_projections (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -146,8 +186,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, slots=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, slots, kv_len)
+    def forward(self, x, cos, sin, step: CacheStep | None = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -166,13 +206,13 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache (reused when the requested one fits in the current one)."""
         c = self.config
-        dtype = dtype or self.output.weight.dtype
+        dtype = dtype or self.tok_embeddings.weight.dtype
         current = self.layers[0].attention.cache
         if current is not None and current.k.dtype == dtype and current.k.shape[0] >= max_batch and (
             current.k.shape[2] >= max_seq_len
         ):
             return
-        device = self.output.weight.device
+        device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
 
@@ -202,17 +242,20 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         c = self.config
+        step = None
+        cache = self.layers[0].attention.cache
         if input_pos is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-            kv_len = None
         else:
             positions = input_pos
-            # Eager decoding attends only to the filled part of the cache; a compiled step keeps static shapes.
-            kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+            if cache is not None:
+                # Eager decoding attends only to the filled part of the cache; a compiled step keeps static shapes.
+                kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+                step = CacheStep.plan(cache, input_pos, slots, kv_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, slots, kv_len)
+            h = layer(h, cos, sin, step)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

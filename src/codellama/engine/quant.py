@@ -1,0 +1,179 @@
+"""Weight-only quantisation of the linear layers: int8 per output channel, int4 in groups of 32.
+
+Decoding reads every weight once per token, so fewer bytes per weight is speed. On the CPU a small C++
+kernel (csrc/qlinear.cpp, AVX2 + FMA, built on first use with torch's extension builder and cached in
+TORCH_EXTENSIONS_DIR) multiplies float32 activations by the quantised weights directly; without a compiler,
+or for large M (prefill), or on a GPU, the weights are widened and multiplied with F.linear (on a GPU that
+is gpt-fast's int8 formulation, which torch.compile fuses into the matmul).
+
+The embedding table stays in floating point (a lookup reads one row); a tied output projection gets its
+own quantised copy. A quantised model is for inference only.
+
+Accuracy (tests/test_engine_quant.py, random-weight models): int8 logits within ~1% of their scale and
+greedy tokens nearly always the same; int4 within a few percent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+GROUP = 32  # int4 group size (the kernel's layout assumes 32)
+KERNEL_MAX_M = 32  # above this many rows (prefill) the widen-then-GEMM path is faster
+
+_kernels: object | None | bool = None  # the built extension, False when unavailable
+
+
+def cpu_kernels():
+    """The compiled CPU kernels, built on first use; None when they cannot be (no AVX2, no compiler)."""
+    global _kernels
+    if _kernels is None:
+        _kernels = _build() or False
+    return _kernels or None
+
+
+def _build():
+    if os.environ.get("CODELLAMA_NO_KERNELS"):
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("CPU without AVX2: quantised layers use the portable path")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        src = Path(__file__).with_name("csrc") / "qlinear.cpp"
+        return load(name="codellama_qlinear", sources=[str(src)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler / ninja / headers: correct but slower
+        log.warning("could not build the CPU kernels (%s); quantised layers use the portable path", e)
+        return None
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale float32 [N]) with w ~ q * scale, symmetric per output row."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, K/2], scale/min float32 [N, K/32, 2]), w ~ q * scale + min, q in 0..15.
+
+    Byte j of each 32-weight group holds weight j in its low nibble and weight j + 16 in its high one.
+    """
+    N, K = w.shape
+    g = w.float().view(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)  # [N, G, 16]
+    return packed.reshape(N, K // 2).contiguous(), torch.stack((scale, lo), dim=-1).contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    N = packed.shape[0]
+    b = packed.view(N, -1, 16)
+    q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()  # [N, G, 32]
+    return (q * sz[..., :1] + sz[..., 1:]).reshape(N, -1)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free nn.Linear with int8 or int4 weights; float activations in and out."""
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        super().__init__()
+        self.mode, self.in_features, self.out_features = mode, linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        q, s = quantize_int8(w) if mode == "int8" else quantize_int4(w)
+        self.register_buffer("qweight", q.to(w.device))
+        self.register_buffer("scales", s.to(w.device))
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        if self.mode == "int8":
+            return (self.qweight.float() * self.scales[:, None]).to(dtype)
+        return dequantize_int4(self.qweight, self.scales).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        kernels = None
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x2.shape[0] <= KERNEL_MAX_M:
+            kernels = cpu_kernels()
+        if kernels is not None:
+            fn = kernels.int8_linear if self.mode == "int8" else kernels.int4_linear
+            y = fn(x2.contiguous(), self.qweight, self.scales)
+        elif self.mode == "int8":  # gpt-fast's form: compiled, the widening fuses into the matmul
+            y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantized(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.mode}"
+
+
+def _stack(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([m.weight.detach() for m in linears], dim=0)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight.data.copy_(w)
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Stack each layer's wq/wk/wv into one wqkv and w1/w3 into one w13 (in place; inference only).
+
+    The same bytes are read, in 2 matmul calls instead of 5 per layer: decoding small models is dominated
+    by per-call overhead as much as by bandwidth.
+    """
+    for layer in model.layers:
+        att, ffn = layer.attention, layer.feed_forward
+        if att.wqkv is None:
+            att.wqkv = _stack([att.wq, att.wk, att.wv])
+            del att.wq, att.wk, att.wv
+        if ffn.w13 is None:
+            ffn.w13 = _stack([ffn.w1, ffn.w3])
+            del ffn.w1, ffn.w3
+    return model
+
+
+def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Module:
+    """Replace every nn.Linear in the model (in place) by a QuantLinear; returns the model.
+
+    fuse: first stack q/k/v and w1/w3 (fuse_projections), so each layer makes 4 quantised matmuls, not 7.
+    """
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4")
+    if fuse and hasattr(model, "layers"):
+        fuse_projections(model)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if mode == "int4":
+        bad = [name for name, m in targets if m.in_features % GROUP]
+        if bad:
+            raise ValueError(f"int4 needs in_features divisible by {GROUP}; not so for {bad[:3]}")
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QuantLinear(linear, mode))
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear layer's (quantised or not) and the norms."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.qweight.numel() * m.qweight.element_size() + m.scales.numel() * m.scales.element_size()
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, nn.Module) and hasattr(m, "weight") and not isinstance(m, nn.Embedding):
+            w = m.weight
+            total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 1 else 0
+    return total

@@ -1,0 +1,105 @@
+"""Per-sequence decoding state shared by every decode loop: stop ids, stop strings, streaming hold-back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from codellama.errors import UserError
+from codellama.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """The model's log-probability of a generated token, and the `top` most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, without the stop token
+    text: str
+    finish_reason: str  # "stop" (stop token or string), "length", or "cancelled"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+
+
+@dataclass
+class StreamEvent:
+    row: int  # the request's id (the index of the prompt in a Generator batch)
+    text: str  # newly released text ('' when only a finish is reported)
+    completion: Completion | None  # set once, when the row finishes
+
+
+def longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into one of the stop strings."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def check_prompt(i: int, n: int, context_len: int) -> None:
+    """UserError unless a prompt of n tokens leaves room for at least one new token."""
+    if n == 0:
+        raise UserError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
+    if n >= context_len:
+        raise UserError(
+            f"prompt {i} is {n} tokens, {n - context_len + 1} more than the context of "
+            f"{context_len} allows (leave room for at least one new token)"
+        )
+
+
+class RowState:
+    """Decoding state of one sequence: its tokens, decoded text and how much of it was released."""
+
+    def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], max_new: int, decode=None):
+        self.prompt_len = prompt_len
+        self.params = params
+        self.stop_ids = stop_ids
+        self.max_new = max_new
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.text = ""
+        self.released = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def position(self) -> int:
+        """Cache position of the last accepted token (the next decode step's input)."""
+        return self.prompt_len + len(self.tokens) - 1
+
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> str:
+        """Add a token; return the text that can now be released (never part of a possible stop string)."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        else:
+            self.tokens.append(token)
+            if logprob is not None:
+                if self.logprobs is None:
+                    self.logprobs = []
+                self.logprobs.append(logprob)
+            if self.decode is not None:
+                self.text = self.decode(self.tokens)
+                cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
+                if cut >= 0:
+                    self.text, self.finish_reason = self.text[:cut], "stop"
+            if self.finish_reason is None and len(self.tokens) >= self.max_new:
+                self.finish_reason = "length"
+        end = len(self.text)
+        if self.finish_reason is None:
+            end -= longest_stop_prefix(self.text, self.params.stop)
+            while end > self.released and self.text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                end -= 1
+        delta, self.released = self.text[self.released : end], max(self.released, end)
+        return delta
+
+    def completion(self) -> Completion:
+        return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len, self.logprobs)

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine."""

@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP API: /v1/completions (with `suffix` infilling), /v1/chat/completions,
+/v1/models, /health. Streaming as server-sent events ending with `data: [DONE]`.
+
+Every request runs as one or more engine requests (one per prompt and choice); a client that disconnects
+cancels them, which frees their cache slots at the engine's next step. Errors are answered in OpenAI's
+shape and never reach the engine loop; each request logs one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from codellama.engine.batching import Engine
+from codellama.engine.rows import Completion, StreamEvent
+from codellama.errors import UserError
+from codellama.sampling import SamplingParams
+from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
+
+log = logging.getLogger("codellama.serve")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None  # None: no authentication
+    max_concurrent: int = 64  # choices running or queued at once; beyond: 429
+    max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
+
+
+@dataclass
+class _Job:
+    """One engine request: a prompt's token ids and how to decode the choice."""
+
+    prompt: list[int]
+    params: SamplingParams
+    decode: object  # callable(ids) -> str, or None without a tokenizer
+    logprobs: int | None
+    prompt_index: int
+
+
+class Server:
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.config = config
+        self.created = int(time.time())
+
+    # ---- helpers ----
+    def _check_auth(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.config.api_key.encode()):
+            raise OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with the "
+                              "key the server was started with", code="invalid_api_key")
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise OpenAIError(404, f"The model {name!r} does not exist; this server serves "
+                              f"{self.config.model_name!r} (see /v1/models)", param="model", code="model_not_found")
+
+    async def _parse(self, request: Request, cls):
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or None
+            more = f" (and {len(e.errors()) - 1} more errors)" if len(e.errors()) > 1 else ""
+            raise OpenAIError(400, f"Invalid value for {field!r}: {err['msg']}{more}", param=field) from None
+
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise OpenAIError(400, f"{what} needs a tokenizer and this model was loaded without one; "
+                              "send the prompt as a list of token ids")
+        return self.tokenizer
+
+    def _max_new(self, requested: int | None, prompt_len: int, param: str) -> int:
+        ctx = self.engine.context_len
+        if prompt_len >= ctx:
+            raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                              f"{prompt_len} tokens. Shorten the prompt.", param="prompt",
+                              code="context_length_exceeded")
+        limit = self.config.max_tokens or ctx
+        if requested is None:
+            return min(limit, ctx - prompt_len)
+        if requested < 1:
+            raise OpenAIError(400, f"{param} must be at least 1, got {requested}", param=param)
+        if requested > limit:
+            raise OpenAIError(400, f"{param} is {requested}, more than this server allows ({limit})", param=param)
+        if prompt_len + requested > ctx:
+            raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but you requested "
+                              f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                              f"completion). Shorten the prompt or lower {param}.", param=param,
+                              code="context_length_exceeded")
+        return requested
+
+    def _check_capacity(self, n: int) -> None:
+        # counts the engine's own requests (running + queued), so nothing can leak when a client vanishes
+        stats = self.engine.stats()
+        if stats["active"] + stats["waiting"] + n > self.config.max_concurrent:
+            raise OpenAIError(429, f"The server is at its limit of {self.config.max_concurrent} concurrent "
+                              "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
+
+    def _token_text(self, token: int) -> str:
+        tok = self.tokenizer
+        if tok is None:
+            return str(token)
+        text = tok.decode([token])
+        if tok.id_to_piece(token).startswith("\u2581") and not text.startswith(" "):
+            text = " " + text  # SentencePiece drops a word's leading space when it is decoded alone
+        return text
+
+    async def _run(self, jobs: list[_Job], request: Request) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
+        reqs = []
+        try:
+            for i, job in enumerate(jobs):
+                def on_event(ev: StreamEvent, i: int = i) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+                reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs))
+            remaining = len(jobs)
+            while remaining:
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if ev.completion is not None:
+                    remaining -= 1
+                yield i, ev
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    self.engine.cancel(r)
+
+    def _log(self, kind: str, rid: str, start: float, first: float | None, prompt_tokens: int,
+             completions: list[Completion | None], stream: bool, status: str) -> None:
+        done = [c for c in completions if c is not None]
+        latency = time.perf_counter() - start
+        n_out = sum(len(c.tokens) for c in done)
+        log.info(json.dumps({
+            "event": "request", "id": rid, "endpoint": kind, "stream": stream, "status": status,
+            "prompt_tokens": prompt_tokens, "completion_tokens": n_out, "latency_s": round(latency, 4),
+            "ttft_s": None if first is None else round(first - start, 4),
+            "tokens_per_s": round(n_out / latency, 2) if latency > 0 else None,
+            "finish_reasons": [c.finish_reason for c in done],
+        }))
+
+    # ---- building the jobs ----
+    def _completion_jobs(self, body: CompletionRequest) -> tuple[list[_Job], list[str], int]:
+        jobs, prompt_texts, prompt_tokens = [], [], 0
+        for pi, prompt in enumerate(body.prompts()):
+            # a continuation keeps the leading space of its first piece ("x =" -> " 1"), as editors expect
+            decode = None if self.tokenizer is None else self.tokenizer.decode_infilling
+            stop_ids = None
+            if isinstance(prompt, str):
+                tok = self._require_tokenizer("A text prompt")
+                if body.suffix is not None:
+                    from codellama.prompts import infill_tokens
+
+                    ids = infill_tokens(tok, prompt, body.suffix)  # UserError (-> 400) if the model cannot infill
+                    stop_ids = tuple(set(tok.stop_ids) | {tok.eot_id})
+                else:
+                    ids = tok.encode(prompt, bos=tok.add_bos)
+                prompt_texts.append(prompt)
+            else:
+                if body.suffix is not None:
+                    raise OpenAIError(400, "`suffix` needs a text prompt", param="suffix")
+                if not all(isinstance(t, int) and 0 <= t < self.engine.decoder.model.config.vocab_size for t in prompt):
+                    raise OpenAIError(400, "token ids in the prompt must be integers in [0, vocab_size)",
+                                      param="prompt")
+                ids = list(prompt)
+                prompt_texts.append(decode(ids) if decode else "")
+            if not ids:
+                raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
+            max_new = self._max_new(body.max_tokens, len(ids), "max_tokens")
+            prompt_tokens += len(ids)
+            for j in range(body.n):
+                jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi))
+        return jobs, prompt_texts, prompt_tokens
+
+    def _chat_jobs(self, body: ChatRequest) -> tuple[list[_Job], int]:
+        tok = self._require_tokenizer("Chat")
+        from codellama.prompts import chat_tokens
+
+        ids = chat_tokens(tok, body.message_dicts())
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_new = self._max_new(requested, len(ids), param)
+        lp = (body.top_logprobs or 0) if body.logprobs else None
+        return [_Job(ids, body.sampling(max_new, j), tok.decode, lp, 0) for j in range(body.n)], len(ids)
+
+    # ---- response pieces ----
+    def _completion_logprobs(self, c: Completion, offset: int) -> dict | None:
+        if c.logprobs is None:
+            return None
+        tokens, offsets = [], []
+        for lp in c.logprobs:
+            offsets.append(offset)
+            text = self._token_text(lp.token)
+            tokens.append(text)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in c.logprobs],
+            "top_logprobs": [{self._token_text(t): v for t, v in lp.top.items()} for lp in c.logprobs],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, c: Completion) -> dict | None:
+        if c.logprobs is None:
+            return None
+
+        def entry(token: int, value: float) -> dict:
+            text = self._token_text(token)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        return {"content": [
+            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
+            for lp in c.logprobs
+        ]}
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completions: list[Completion | None]) -> dict:
+        n_out = sum(len(c.tokens) for c in completions if c is not None)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
+
+    # ---- endpoints ----
+    async def completions(self, request: Request):
+        self._check_auth(request)
+        body = await self._parse(request, CompletionRequest)
+        self._check_model(body.model)
+        jobs, prompt_texts, prompt_tokens = self._completion_jobs(body)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        echo = [prompt_texts[j.prompt_index] if body.echo else "" for j in jobs]
+
+        def chunk(i: int, text: str, finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        def final(completions: list[Completion]) -> dict:
+            choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
+                        "logprobs": self._completion_logprobs(c, len(echo[i]))} for i, c in enumerate(completions)]
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
+                    "choices": choices, "usage": self._usage(prompt_tokens, completions)}
+
+        return await self._respond("completions", rid, request, body, jobs, prompt_tokens, chunk, final, echo)
+
+    async def chat(self, request: Request):
+        self._check_auth(request)
+        body = await self._parse(request, ChatRequest)
+        self._check_model(body.model)
+        jobs, prompt_tokens = self._chat_jobs(body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(i: int, text: str | None, finish: str | None) -> dict:
+            delta = {} if text is None else ({"role": "assistant", "content": ""} if text == "" else {"content": text})
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def final(completions: list[Completion]) -> dict:
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
+                       for i, c in enumerate(completions)]
+            return {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
+                    "choices": choices, "usage": self._usage(prompt_tokens, completions)}
+
+        return await self._respond("chat", rid, request, body, jobs, prompt_tokens, chunk, final, None)
+
+    async def _respond(self, kind, rid, request, body, jobs, prompt_tokens, chunk, final, echo):
+        self._check_capacity(len(jobs))
+        start, first = time.perf_counter(), None
+        completions: list[Completion | None] = [None] * len(jobs)
+        if not body.stream:
+            status = "disconnected"
+            try:
+                async for i, ev in self._run(jobs, request):
+                    first = first or time.perf_counter()
+                    if ev.completion is not None:
+                        completions[i] = ev.completion
+                status = "ok" if all(c is not None for c in completions) else "disconnected"
+                if any(c is not None and c.finish_reason == "error" for c in completions):
+                    status = "error"
+                    raise OpenAIError(500, "generation failed inside the engine; see the server log",
+                                      type="server_error", code="engine_error")
+                if status == "disconnected":
+                    return JSONResponse({}, status_code=499)
+                return JSONResponse(final(completions))
+            finally:
+                self._log(kind, rid, start, first, prompt_tokens, completions, False, status)
+
+        async def sse() -> AsyncIterator[str]:
+            nonlocal first
+            status = "disconnected"
+            try:
+                for i in range(len(jobs)):  # a chat stream opens each choice with its role; echo sends the prompt
+                    if echo is None:
+                        yield _sse(chunk(i, "", None))
+                    elif echo[i]:
+                        yield _sse(chunk(i, echo[i], None))
+                async for i, ev in self._run(jobs, request):
+                    first = first or time.perf_counter()
+                    if ev.text:
+                        yield _sse(chunk(i, ev.text, None))
+                    if ev.completion is not None:
+                        completions[i] = ev.completion
+                        if ev.completion.finish_reason == "error":
+                            yield _sse(OpenAIError(500, "generation failed inside the engine", type="server_error",
+                                                   code="engine_error").body())
+                        else:
+                            yield _sse(chunk(i, None if echo is None else "", ev.completion.finish_reason))
+                if body.include_usage():
+                    usage = chunk(0, None, None)
+                    usage["choices"], usage["usage"] = [], self._usage(prompt_tokens, completions)
+                    yield _sse(usage)
+                yield "data: [DONE]\n\n"
+                status = "ok"
+            finally:
+                self._log(kind, rid, start, first, prompt_tokens, completions, True, status)
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def models(self, request: Request):
+        self._check_auth(request)
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "codellama"}]}
+
+    async def health(self, request: Request):
+        return {"status": "ok", "model": self.config.model_name, **self.engine.stats()}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving `engine` (which the caller starts and closes)."""
+    server = Server(engine, config)
+    app = FastAPI(title="codellama", version="0.1.0")
+    app.state.server = server
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError):
+        return JSONResponse(OpenAIError(400, str(exc)).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(OpenAIError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error serving %s", request.url.path)
+        body = OpenAIError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    return app

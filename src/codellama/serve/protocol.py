@@ -1,0 +1,124 @@
+"""Request bodies of the OpenAI API subset we serve, validated strictly (a wrong type is a 400).
+
+Fields OpenAI defines that we cannot honour are rejected with a clear message, except the ones clients
+send by default with neutral values (penalties, logit_bias, user), which are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from codellama.errors import UserError
+from codellama.sampling import SamplingParams
+
+Stop = str | list[str] | None
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # an extension (vLLM, llama.cpp server): 0 = off
+    ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: Stop = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    # accepted for compatibility, not applied
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Stop) -> Stop:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def sampling(self, max_new: int, choice: int, stop_ids: tuple[int, ...] | None = None) -> SamplingParams:
+        """Settings of one choice; with a seed, choice j draws from seed + j so n > 1 choices differ."""
+        seed = None if self.seed is None else self.seed + choice
+        if self.ignore_eos:
+            stop_ids = ()
+        try:
+            return SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
+                                  top_k=self.top_k, stop=self.stops(), stop_ids=stop_ids, seed=seed)
+        except UserError as e:
+            raise OpenAIError(400, str(e)) from None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as texts or token lists (OpenAI accepts all four shapes)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise OpenAIError(400, "prompt is empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+
+    def text(self) -> str:
+        """The content as text (a list of parts is joined; only text parts are supported)."""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise OpenAIError(400, "only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_completion_tokens: int | None = None
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]

@@ -1,0 +1,183 @@
+"""Continuous batching: requests joining and leaving a running batch decode exactly as they would alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from codellama.config import ModelConfig
+from codellama.engine.batching import Engine, Scheduler
+from codellama.engine.decode import Decoder
+from codellama.errors import UserError
+from codellama.generate import Generator
+from codellama.sampling import SamplingParams
+from helpers import random_model
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
+                  max_seq_len=96, eos_id=None)
+PROMPTS = [[5, 17, 3, 88, 41], [9] * 11, [1, 2, 3, 4, 5, 6, 7], [50], [33, 34] * 9, [70, 1, 70]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CFG, seed=1)
+
+
+def letters(ids):  # a deterministic decode: one letter per token
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def naive_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def run(sched: Scheduler, arrivals: dict[int, list[tuple]] | None = None) -> dict[int, object]:
+    """Step until idle; arrivals[k] = requests (prompt, params) submitted before step k."""
+    arrivals = dict(arrivals or {})
+    out, k = {}, 0
+    while sched.has_work or arrivals:
+        for prompt, params in arrivals.pop(k, []):
+            sched.submit(prompt, params)
+        for req, ev in sched.step():
+            if ev.completion is not None:
+                out[req.id] = ev.completion
+        k += 1
+    return out
+
+
+def test_staggered_arrivals_equal_full_recompute(model):
+    # 3 slots for 6 requests of different lengths arriving at different steps: rows join and leave
+    sched = Scheduler(Decoder(model, max_batch=3, max_seq_len=96), stop_ids=())
+    lengths = [12, 3, 9, 7, 15, 1]
+    arrivals = {0: [], 2: [], 5: []}
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths)):
+        arrivals[[0, 0, 2, 2, 5, 5][i]].append((p, SamplingParams(max_new_tokens=n)))
+    out = run(sched, arrivals)
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths)):
+        assert out[i].tokens == naive_greedy(model, p, n), i
+        assert out[i].finish_reason == "length"
+    assert sorted(sched.free_slots) == [0, 1, 2] and not sched.active
+
+
+def test_scheduler_equals_generator_alone(model):
+    gen = Generator(random_model(CFG, seed=1))  # a twin: the scheduler below owns `model`'s cache
+    params = SamplingParams(max_new_tokens=10, stop_ids=())
+    alone = [gen.generate([p], params)[0].tokens for p in PROMPTS]
+    sched = Scheduler(Decoder(model, max_batch=8, max_seq_len=96), stop_ids=())
+    out = run(sched, {0: [(p, params) for p in PROMPTS]})
+    assert [out[i].tokens for i in range(len(PROMPTS))] == alone
+
+
+def test_seeded_sampling_same_alone_and_among_others(model):
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=7)
+    alone = run(Scheduler(Decoder(model, 4, 96), stop_ids=()), {0: [(PROMPTS[0], sp)]})[0].tokens
+    others = [(p, SamplingParams(max_new_tokens=5, temperature=1.0, seed=i)) for i, p in enumerate(PROMPTS[1:4])]
+    out = run(Scheduler(Decoder(model, 4, 96), stop_ids=()), {0: others, 3: [(PROMPTS[0], sp)]})
+    assert out[3].tokens == alone
+
+
+def test_cancel_frees_slot_for_waiting_request(model):
+    sched = Scheduler(Decoder(model, max_batch=2, max_seq_len=96), stop_ids=())
+    long = SamplingParams(max_new_tokens=50)
+    a, b = sched.submit(PROMPTS[0], long), sched.submit(PROMPTS[1], long)
+    c = sched.submit(PROMPTS[2], SamplingParams(max_new_tokens=4))
+    sched.step()
+    assert {r.id for r in sched.active} == {a.id, b.id} and c.slot is None and not sched.free_slots
+    a.cancel()
+    events = sched.step()
+    done = {req.id: ev.completion for req, ev in events if ev.completion is not None}
+    assert done[a.id].finish_reason == "cancelled" and c.slot is not None  # c took a's slot at once
+    out = run(sched)
+    assert out[c.id].tokens == naive_greedy(model, PROMPTS[2], 4)
+    b.cancel()
+    run(sched)
+    assert sorted(sched.free_slots) == [0, 1]
+
+
+def test_stop_ids_and_lengths_per_request(model):
+    free = naive_greedy(model, PROMPTS[0], 10)
+    sched = Scheduler(Decoder(model, 4, 96), stop_ids=())
+    out = run(sched, {0: [(PROMPTS[0], SamplingParams(max_new_tokens=10, stop_ids=(free[3],))),
+                          (PROMPTS[0], SamplingParams(max_new_tokens=2))]})
+    assert out[0].tokens == free[: free.index(free[3])] and out[0].finish_reason == "stop"
+    assert out[1].tokens == free[:2] and out[1].finish_reason == "length"
+
+
+def test_context_clamps_and_rejects(model):
+    sched = Scheduler(Decoder(model, 2, 32), stop_ids=())
+    with pytest.raises(UserError, match="more than the context"):
+        sched.submit([1] * 32, SamplingParams(max_new_tokens=1))
+    out = run(sched, {0: [([1] * 28, SamplingParams(max_new_tokens=100))]})
+    assert len(out[0].tokens) == 4
+
+
+def test_chunked_prefill_matches_single_pass(model):
+    prompt = list(range(3, 80))
+    whole = Decoder(model, 1, 96, prefill_chunk=2048).prefill(prompt, 0)
+    chunked = Decoder(model, 1, 96, prefill_chunk=16).prefill(prompt, 0)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    gen = Generator(model, prefill_chunk=7)
+    assert gen.generate([prompt], SamplingParams(max_new_tokens=8, stop_ids=()))[0].tokens == naive_greedy(model, prompt, 8)
+
+
+def test_logprobs_are_the_model_distribution(model):
+    sched = Scheduler(Decoder(model, 2, 96), stop_ids=())
+    req = sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=3), logprobs=2)
+    out = run(sched)[req.id]
+    ids = list(PROMPTS[0]) + out.tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0], -1)  # [T, V]
+    for k, lp in enumerate(out.logprobs):
+        row = ref[len(PROMPTS[0]) - 1 + k]
+        assert lp.token == out.tokens[k] and abs(lp.logprob - float(row[lp.token])) < 1e-4
+        assert list(lp.top) == row.topk(2).indices.tolist()
+
+
+def test_engine_thread_blocking_and_async(model):
+    params = SamplingParams(max_new_tokens=6)
+    with Engine(model, max_batch=4, context_len=96) as engine:
+        outs = engine.generate(PROMPTS, params)
+        assert [o.tokens for o in outs] == [naive_greedy(model, p, 6) for p in PROMPTS]
+
+        async def first_two_then_leave():
+            got = []
+            async for ev in engine.stream(PROMPTS[1], SamplingParams(max_new_tokens=80), decode=letters):
+                got.append(ev)
+                if len(got) == 2:
+                    break
+            return got
+
+        async def whole():
+            return [ev async for ev in engine.stream(PROMPTS[2], params)]
+
+        async def both():
+            return await asyncio.gather(first_two_then_leave(), whole())
+
+        left, full = asyncio.run(both())
+        assert len(left) == 2 and full[-1].completion.tokens == naive_greedy(model, PROMPTS[2], 6)
+        # the abandoned request was cancelled and its slot freed; the engine keeps serving
+        assert engine.generate([PROMPTS[3]], params)[0].tokens == naive_greedy(model, PROMPTS[3], 6)
+        assert engine.stats()["active"] == 0 and len(engine.scheduler.free_slots) == 4
+
+
+def test_engine_survives_a_request_that_breaks_the_model(model):
+    with Engine(model, max_batch=2, context_len=96) as engine:
+        bad = engine.generate([[5, 1000]], SamplingParams(max_new_tokens=3))[0]  # id out of the vocabulary
+        assert bad.finish_reason == "error"
+        ok = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0]
+        assert ok.tokens == naive_greedy(model, PROMPTS[0], 3)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_same_greedy_tokens(model):
+    # the CUDA-graph path compiled on the CPU (no graphs there, same trace): fullgraph, whole static cache
+    gen = Generator(random_model(CFG, seed=1), compile=True)
+    params = SamplingParams(max_new_tokens=8, stop_ids=())
+    out = gen.generate(PROMPTS[:3], params)
+    assert [o.tokens for o in out] == [naive_greedy(model, p, 8) for p in PROMPTS[:3]]

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible server against the official `openai` client and raw HTTP: completion, infilling
+through `suffix`, chat, streaming, n > 1, stop sequences, logprobs, auth, and 4xx answers to bad input."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from codellama.generate import Generator
+from codellama.sampling import SamplingParams
+from serve_helpers import MODEL, running_server, tiny_model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    with running_server(tiny_model(), tok, max_batch=8, max_tokens=200) as (url, engine):
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tok):
+    """The plain Generator on a twin of the served model (same seed, same weights, its own cache)."""
+    gen = Generator(tiny_model(), tok)
+
+    def run(ids, max_new, decode=None, stop=(), stop_ids=None):
+        params = SamplingParams(max_new_tokens=max_new, stop=stop, stop_ids=stop_ids)
+        # completions keep the first piece's leading space (they continue the prompt); chat answers do not
+        return gen.generate([ids], params, decode=decode or tok.decode_infilling)[0]
+
+    return run
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["slots"] == 8
+
+
+def test_completion_equals_plain_generator(client, tok, reference):
+    prompt = "def fibonacci(n):"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    ref = reference(tok.encode(prompt, bos=True), 12)
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == len(tok.encode(prompt, bos=True))
+    assert out.usage.completion_tokens == len(ref.tokens)
+
+
+def test_infilling_through_suffix(client, tok, reference):
+    from codellama.prompts import infill_tokens
+
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
+    out = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=10, temperature=0)
+    ref = reference(infill_tokens(tok, prefix, suffix), 10, tok.decode_infilling,
+                    stop_ids=tuple(tok.stop_ids | {tok.eot_id}))
+    assert out.choices[0].text == ref.text
+    assert out.usage.prompt_tokens == len(infill_tokens(tok, prefix, suffix))
+
+
+def test_chat(client, tok, reference):
+    from codellama.prompts import chat_tokens
+
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Sort a list."}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    ref = reference(chat_tokens(tok, messages), 10, tok.decode)
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == ref.text
+    assert out.object == "chat.completion"
+
+
+def test_streaming_equals_non_streaming(client):
+    kw = dict(model=MODEL, prompt="import numpy as np\n", max_tokens=16, temperature=0)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    msgs = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0).choices[0]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+    assert chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "x = ", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_n_choices(client):
+    greedy = client.completions.create(model=MODEL, prompt="for i in", max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and len({c.text for c in greedy.choices}) == 1
+    kw = dict(model=MODEL, prompt="for i in", max_tokens=8, temperature=1.5, n=4, seed=11)
+    sampled = client.completions.create(**kw)
+    assert len({c.text for c in sampled.choices}) > 1  # choices draw from different seeds
+    assert [c.text for c in client.completions.create(**kw).choices] == [c.text for c in sampled.choices]
+    streamed = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        streamed[chunk.choices[0].index] = streamed.get(chunk.choices[0].index, "") + chunk.choices[0].text
+    assert [streamed[i] for i in range(4)] == [c.text for c in sampled.choices]
+    two_prompts = client.completions.create(model=MODEL, prompt=["a", "b = 1"], max_tokens=4, temperature=0, n=2)
+    assert len(two_prompts.choices) == 4
+
+
+def test_stop_sequences(client):
+    kw = dict(model=MODEL, prompt="class Stack:", max_tokens=24, temperature=0)
+    free = client.completions.create(**kw).choices[0].text
+    stop = free[6:9]
+    assert stop and free.find(stop) >= 0
+    out = client.completions.create(stop=[stop, "@@never@@"], **kw).choices[0]
+    assert out.text == free[: free.find(stop)] and out.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw))
+    assert streamed == out.text
+
+
+def test_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt="while True:", max_tokens=5, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and len(top) <= 3 and abs(max(top.values()) - chosen) < 1e-5  # greedy: the top one
+    assert "".join(lp.tokens) == out.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+
+
+def test_token_id_prompts(client, reference):
+    ids = [1, 822, 22172, 7295]
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert out.choices[0].text == reference(ids, 6).text
+
+
+def _post(url, path, body, **kw):
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=30, **kw)
+
+
+@pytest.mark.parametrize(
+    "body,status,match",
+    [
+        ("{not json", 400, "not valid JSON"),
+        ("[1, 2]", 400, "JSON object"),
+        ({"model": MODEL}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
+        ({"model": MODEL, "prompt": 42}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 150}, 200, None),
+        ({"model": MODEL, "prompt": "word " * 600}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": "word " * 400, "max_tokens": 150}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+        ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": MODEL, "prompt": [5, 99999]}, 400, "token ids"),
+        ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+    ],
+)
+def test_bad_completion_requests_get_openai_errors(server, body, status, match):
+    r = _post(server[0], "/v1/completions", body)
+    assert r.status_code == status, r.text
+    if match:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and match in err["message"]
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"model": MODEL, "messages": [{"role": "assistant", "content": "first"}]}, ""),  # prompts' own rule
+    ],
+)
+def test_bad_chat_requests(server, body, match):
+    r = _post(server[0], "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    assert match in r.json()["error"]["message"]
+
+
+def test_unknown_route_and_method(server):
+    r = httpx.get(server[0] + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server[0] + "/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_server_keeps_answering_after_bad_input(client):
+    out = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_auth_accepted_and_refused():
+    with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="s3cret") as (url, _):
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="a", max_tokens=2).choices
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            bad.completions.create(model=MODEL, prompt="a", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.post(url + "/v1/completions", json={"prompt": "a"}).status_code == 401  # no header at all
+        assert httpx.get(url + "/health").status_code == 200  # health stays open for probes
+
+
+def test_infilling_refused_on_a_model_without_infill_tokens():
+    with running_server(tiny_model(vocab_size=32000), tokenizer("python"), max_batch=2) as (url, _):
+        r = _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "suffix": "):", "max_tokens": 4})
+        assert r.status_code == 400 and "infill" in r.json()["error"]["message"].lower()
+        assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "max_tokens": 2}).status_code == 200
