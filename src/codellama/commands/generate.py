@@ -15,6 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantised linear layers (faster CPU decoding; first use builds a C++ kernel)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -65,7 +67,7 @@ def _load(args):
 
     SamplingParams(**_sampling(args))  # reject bad values before loading anything
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load(args.model, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len)
+    return load(args.model, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len, quantize=args.quantize)
 
 
 def _emit(text: str) -> None:
