@@ -23,3 +23,17 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transf
 def hf_twin(model: Transformer):
     """A transformers LlamaForCausalLM sharing the model's weights."""
     return to_transformers(model)
+
+
+def letters(ids) -> str:
+    """A deterministic decode for stop-string tests: one letter per token."""
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def naive_greedy(model: Transformer, prompt, n: int) -> list[int]:
+    """Greedy decoding by recomputing the whole sequence every step: the reference for cached decoding."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -13,7 +13,7 @@ from codellama.engine.decode import Decoder
 from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
-from helpers import random_model
+from helpers import naive_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=96, eos_id=None)
@@ -25,16 +25,6 @@ def model():
     return random_model(CFG, seed=1)
 
 
-def letters(ids):  # a deterministic decode: one letter per token
-    return "".join(chr(ord("a") + i % 26) for i in ids)
-
-
-def naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def run(sched: Scheduler, arrivals: dict[int, list[tuple]] | None = None) -> dict[int, object]:

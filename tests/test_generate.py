@@ -9,27 +9,17 @@ from codellama.config import ModelConfig
 from codellama.errors import UserError
 from codellama.generate import Generator, longest_stop_prefix
 from codellama.sampling import SamplingParams, filtered_probs
-from helpers import hf_twin, random_model
+from helpers import hf_twin, letters, naive_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=128, eos_id=None)
 
-
-def letters(ids):  # a deterministic decode for stop-string tests: one letter per token
-    return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
 @pytest.fixture(scope="module")
 def gen():
     return Generator(random_model(CFG, seed=1))
 
-
-def naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_greedy_equals_full_recompute(gen):

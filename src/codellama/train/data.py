@@ -61,7 +61,22 @@ class _Permuted:
         self.pos = int(state["pos"])
 
 
-class InMemoryTokens:
+class _PermutedSource:
+    """A source that walks its examples in a seeded permutation (`self.order`): skip and resume by position."""
+
+    order: _Permuted
+
+    def skip(self, n: int) -> None:
+        self.order.pos += n
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+
+class InMemoryTokens(_PermutedSource):
     """A 1-D token array (list, numpy array or memmap) cut into windows of seq_len+1 at stride seq_len
     (a window's last token is the next one's first), visited in a per-epoch shuffled order."""
 
@@ -96,14 +111,6 @@ class InMemoryTokens:
         i = self.order.take() * self.seq_len
         return Example(torch.from_numpy(self.tokens[i : i + self.seq_len + 1].astype(np.int64)))
 
-    def skip(self, n: int) -> None:
-        self.order.pos += n
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
 
 
 # ---------------------------------------------------------------- chat SFT (answers-only loss)
@@ -137,7 +144,7 @@ def answer_mask(messages: list[dict], encode_chat: Callable[[list[dict]], list[i
     return full[:end], in_answer[:end]
 
 
-class ChatExamples:
+class ChatExamples(_PermutedSource):
     """Conversations as one padded row each: tokens [T+1], loss mask on assistant answers only.
 
     mask[j] says whether target tokens[j+1] is an answer token. Longer conversations are truncated; rows
@@ -188,14 +195,6 @@ class ChatExamples:
         mask[: len(ans) - 1] = torch.tensor(ans[1:], dtype=torch.bool)
         return Example(tokens, mask)
 
-    def skip(self, n: int) -> None:
-        self.order.pos += n
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
 
 
 # ---------------------------------------------------------------- the data helper's packed shards
