@@ -13,7 +13,7 @@ from codellama.engine.decode import Decoder
 from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
-from helpers import naive_greedy, random_model
+from helpers import letters, naive_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=96, eos_id=None)
