@@ -317,9 +317,11 @@ class TokenShards:
 
     def __next__(self) -> np.ndarray:
         if self.windows_per_rank == 0:
+            hint = " or a larger --val-fraction" if self.split == "val" else ""
             raise UserError(
                 f"split {self.split!r} of {self.path} has {self.n_tokens} tokens: too few for one window of "
-                f"{self.seq_len + 1} tokens per rank on {self.world_size} rank(s); use more data or a shorter seq_len"
+                f"{self.seq_len + 1} tokens per rank on {self.world_size} rank(s); use more data{hint} or a "
+                "shorter seq_len"
             )
         if self.position >= self.windows_per_rank:
             self.epoch, self.position = self.epoch + 1, 0
