@@ -41,9 +41,7 @@ CONV = [
 ]
 
 
-def test_answer_mask_covers_exactly_the_answers():
-    ids, ans = answer_mask(CONV, inst_chat, {EOS})
-    assert ids == inst_chat(CONV)
+def _spans(ids, ans):
     spans, cur = [], []
     for i, a in zip(ids, ans):
         if a:
@@ -51,9 +49,13 @@ def test_answer_mask_covers_exactly_the_answers():
         elif cur:
             spans.append(cur)
             cur = []
-    if cur:
-        spans.append(cur)
-    assert [dec(s) for s in spans] == [" 3 </s>", " 12, since 3*4 </s>"]
+    return spans + [cur] if cur else spans
+
+
+def test_answer_mask_covers_exactly_the_answers():
+    ids, ans = answer_mask(CONV, inst_chat, {EOS})
+    assert ids == inst_chat(CONV)
+    assert [dec(s) for s in _spans(ids, ans)] == [" 3 </s>", " 12, since 3*4 </s>"]
 
 
 def test_answer_mask_with_the_real_chat_format():
@@ -73,17 +75,6 @@ def test_answer_mask_with_the_real_chat_format():
         expected += [(i, k >= len(prompt)) for k, i in enumerate(pair)]
     assert list(zip(ids, ans)) == expected
     assert ids[-1] == tok.eos_id and ans[-1]  # the end of each answer is learnt
-
-
-def _spans(ids, ans):
-    spans, cur = [], []
-    for i, a in zip(ids, ans):
-        if a:
-            cur.append(i)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    return spans + [cur] if cur else spans
 
 
 def test_answer_mask_with_a_chat_template():
