@@ -118,8 +118,7 @@ class Generator:
 
         tok = self._require_tokenizer()
         ids = chat_tokens(tok, list(messages))
-        answer = self._run([ids], SamplingParams(**sampling), on_text, lstrip=True)[0]
-        return answer
+        return self._run([ids], SamplingParams(**sampling), on_text, lstrip=True)[0]
 
     def _run(
         self, ids: list[list[int]], params: SamplingParams, on_text: Callable[[str], None] | None, lstrip: bool = False
