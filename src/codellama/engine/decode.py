@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.model import Transformer
 
 
@@ -33,6 +34,8 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self._step = None
+        # CPU: each layer one C++ call (engine/cpu_decode.py) when the model allows it
+        self._fused = None if self.compiled else FusedCPUDecode.for_model(model)
         self.ensure(max_batch, max_seq_len)
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
@@ -70,6 +73,8 @@ class Decoder:
         return logits[torch.tensor(list(slots), device=self.device)]
 
     def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return self._fused(tokens, pos)
         return self.model(tokens, input_pos=pos)[:, -1]
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Weight-only quantisation of the linear layers: int8 per output channel, int4 in groups of 32.
 
 Decoding reads every weight once per token, so fewer bytes per weight is speed. On the CPU a small C++
-kernel (csrc/qlinear.cpp, AVX2 + FMA, built on first use with torch's extension builder and cached in
-TORCH_EXTENSIONS_DIR) multiplies float32 activations by the quantised weights directly; without a compiler,
+kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
+quantised weights directly; without a compiler,
 or for large M (prefill), or on a GPU, the weights are widened and multiplied with F.linear (on a GPU that
 is gpt-fast's int8 formulation, which torch.compile fuses into the matmul).
 
@@ -15,46 +15,14 @@ greedy tokens nearly always the same; int4 within a few percent.
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from codellama.engine.kernels import cpu_kernels
 
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 KERNEL_MAX_M = 32  # above this many rows (prefill) the widen-then-GEMM path is faster
-
-_kernels: object | None | bool = None  # the built extension, False when unavailable
-
-
-def cpu_kernels():
-    """The compiled CPU kernels, built on first use; None when they cannot be (no AVX2, no compiler)."""
-    global _kernels
-    if _kernels is None:
-        _kernels = _build() or False
-    return _kernels or None
-
-
-def _build():
-    if os.environ.get("CODELLAMA_NO_KERNELS"):
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        log.info("CPU without AVX2: quantised layers use the portable path")
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        src = Path(__file__).with_name("csrc") / "qlinear.cpp"
-        return load(name="codellama_qlinear", sources=[str(src)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler / ninja / headers: correct but slower
-        log.warning("could not build the CPU kernels (%s); quantised layers use the portable path", e)
-        return None
-
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q int8 [N, K], scale float32 [N]) with w ~ q * scale, symmetric per output row."""
@@ -107,8 +75,7 @@ class QuantLinear(nn.Module):
         if x.device.type == "cpu" and x.dtype == torch.float32 and x2.shape[0] <= KERNEL_MAX_M:
             kernels = cpu_kernels()
         if kernels is not None:
-            fn = kernels.int8_linear if self.mode == "int8" else kernels.int4_linear
-            y = fn(x2.contiguous(), self.qweight, self.scales)
+            y = kernels.linear(x2.contiguous(), self.qweight, self.scales)
         elif self.mode == "int8":  # gpt-fast's form: compiled, the widening fuses into the matmul
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         else:

@@ -1,18 +1,26 @@
-// Weight-only quantised linear layers for the CPU, for the small M of decoding (batch 1 to a few dozen).
+// Linear layers for the small M of decoding (batch 1 to a few dozen rows), float32 activations:
 //
-//   int8: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]               q int8 [N, K], per-output-row scale
-//   int4: y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g])
-//         q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
+//   float32: y[m, n] = sum_k x[m, k] * w[n, k]
+//   int8:    y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]               q int8 [N, K], per-output-row scale
+//   int4:    y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g])
+//            q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
 //
-// Decoding is bound by reading the weights, so the win is bytes: 1 (or 0.5) instead of 4 per weight. The
-// kernels widen 8 weights at a time to float32 and FMA against x, 4 output rows at once so each x load is
-// reused, and 2 rows of x at once so each widened weight is reused. AVX2 + FMA; at::parallel_for over
-// blocks of output rows.
-#include <torch/extension.h>
+// Work is split in blocks of 4 output rows (at::parallel_for over blocks). For one or two rows of x the
+// quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
+// the weights, so the win is bytes (1 or 0.5 instead of 4 per weight). For more rows the block is widened
+// once into a float32 buffer that stays in cache and every row of x is multiplied against it, 3 rows at a
+// time, so the widening is paid once per block rather than once per row (continuous batching). AVX2 + FMA.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <vector>
+
+#include "kernels.h"
+
 namespace {
+
+constexpr int64_t NB = 4;         // output rows per block
+constexpr int64_t STREAM_M = 2;   // up to this many rows of x, quantised weights are widened in registers
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -23,32 +31,6 @@ inline float hsum(__m256 v) {
 
 inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 float32
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-constexpr int64_t NB = 4;  // output rows per block
-
-// rows [n0, n0 + 4) of the int8 weight against rows m (and m + 1 when two) of x
-template <int MR>
-inline void int8_block(const float* x, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N,
-                       int64_t m, int64_t n0) {
-  __m256 acc[MR][NB];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
-  const int64_t K8 = K & ~int64_t(7);
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x + (m + r) * K + k);
-    for (int j = 0; j < NB; ++j) {
-      __m256 wv = widen8(w + (n0 + j) * K + k);
-      for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NB; ++j) {
-      float s = hsum(acc[r][j]);
-      for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * float(w[(n0 + j) * K + k]);
-      y[(m + r) * N + n0 + j] = s * scale[n0 + j];
-    }
 }
 
 // 32 packed 4-bit weights (16 bytes) of one group -> 4 x 8 float32 in k order, as q * s + z
@@ -62,41 +44,169 @@ inline void widen_group4(const uint8_t* p, __m256 s, __m256 z, __m256 out[4]) {
   out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, z);
 }
 
+// y[m + r, n0 + j] = post[j] * (x[m + r] . rows[j]) for r < MR, j < NB; rows are float32 [K]
 template <int MR>
-inline void int4_block(const float* x, int64_t K, const uint8_t* w, const float* sz, float* y, int64_t N,
-                       int64_t m, int64_t n0) {
-  // w: [N, K/2] bytes; sz: [N, G, 2] (scale, min) per group of 32
-  const int64_t G = K / 32;
+inline void float_tile(const float* x, int64_t K, const float* const rows[NB], const float post[NB], float* y,
+                       int64_t N, int64_t m, int64_t n0) {
   __m256 acc[MR][NB];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 xv[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < 4; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + g * 32 + c * 8);
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x + (m + r) * K + k);
     for (int j = 0; j < NB; ++j) {
-      const float* p = sz + ((n0 + j) * G + g) * 2;
-      __m256 wv[4];
-      widen_group4(w + (n0 + j) * (K / 2) + g * 16, _mm256_set1_ps(p[0]), _mm256_set1_ps(p[1]), wv);
-      for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < 4; ++c) acc[r][j] = _mm256_fmadd_ps(wv[c], xv[r][c], acc[r][j]);
+      const __m256 wv = _mm256_loadu_ps(rows[j] + k);
+      for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r], acc[r][j]);
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum(acc[r][j]);
+      for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * rows[j][k];
+      y[(m + r) * N + n0 + j] = s * post[j];
+    }
 }
 
-template <typename Block1, typename Block2>
-void run_blocks(int64_t M, int64_t N, Block1 one, Block2 two, std::function<void(int64_t, int64_t)> tail) {
-  const int64_t full = N / NB;
-  at::parallel_for(0, full, 8, [&](int64_t b0, int64_t b1) {
+// All rows of x against one block of float rows, 3 rows of x at a time. Not inlined: inlined into the
+// quantised callers, GCC allocated the 3 x 4 accumulators worse and the tile ran at half speed.
+__attribute__((noinline)) void float_block(const float* x, int64_t M, int64_t K, const float* const rows[NB], const float post[NB],
+                        float* y, int64_t N, int64_t n0) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) float_tile<3>(x, K, rows, post, y, N, m, n0);
+  if (M - m == 2) float_tile<2>(x, K, rows, post, y, N, m, n0);
+  if (M - m == 1) float_tile<1>(x, K, rows, post, y, N, m, n0);
+}
+
+// The three weight formats. Each gives: stream<MR> (widen in registers, for M <= STREAM_M), widen (the
+// block as float32 rows, possibly into buf) with a per-row factor applied after the sum, and one weight.
+struct Float32W {
+  const float* w;
+  int64_t K;
+  static constexpr bool quantised = false;
+  void widen(int64_t n0, float*, const float* rows[NB], float post[NB]) const {
+    for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + j) * K, post[j] = 1.0f;
+  }
+  template <int MR>
+  void stream(const float*, float*, int64_t, int64_t, int64_t) const {}
+  float at(int64_t n, int64_t k) const { return w[n * K + k]; }
+};
+
+struct Int8W {
+  const int8_t* w;
+  const float* scale;
+  int64_t K;
+  static constexpr bool quantised = true;
+  void widen(int64_t n0, float* buf, const float* rows[NB], float post[NB]) const {
+    for (int j = 0; j < NB; ++j) {
+      float* out = buf + j * K;
+      const int8_t* q = w + (n0 + j) * K;
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, widen8(q + k));
+      for (; k < K; ++k) out[k] = float(q[k]);
+      rows[j] = out, post[j] = scale[n0 + j];
+    }
+  }
+  template <int MR>
+  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0) const {
+    __m256 acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~int64_t(7);
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 xv[MR];
+      for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x + (m + r) * K + k);
+      for (int j = 0; j < NB; ++j) {
+        const __m256 wv = widen8(w + (n0 + j) * K + k);
+        for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) {
+        float s = hsum(acc[r][j]);
+        for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * float(w[(n0 + j) * K + k]);
+        y[(m + r) * N + n0 + j] = s * scale[n0 + j];
+      }
+  }
+  float at(int64_t n, int64_t k) const { return float(w[n * K + k]) * scale[n]; }
+};
+
+struct Int4W {
+  const uint8_t* w;  // [N, K/2]
+  const float* sz;   // [N, K/32, 2]: (scale, min) per group
+  int64_t K;
+  static constexpr bool quantised = true;
+  void widen(int64_t n0, float* buf, const float* rows[NB], float post[NB]) const {
+    const int64_t G = K / 32;
+    for (int j = 0; j < NB; ++j) {
+      float* out = buf + j * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = sz + ((n0 + j) * G + g) * 2;
+        __m256 wv[4];
+        widen_group4(w + (n0 + j) * (K / 2) + g * 16, _mm256_set1_ps(p[0]), _mm256_set1_ps(p[1]), wv);
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + g * 32 + c * 8, wv[c]);
+      }
+      rows[j] = out, post[j] = 1.0f;
+    }
+  }
+  template <int MR>
+  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0) const {
+    const int64_t G = K / 32;
+    __m256 acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 xv[MR][4];
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < 4; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + g * 32 + c * 8);
+      for (int j = 0; j < NB; ++j) {
+        const float* p = sz + ((n0 + j) * G + g) * 2;
+        __m256 wv[4];
+        widen_group4(w + (n0 + j) * (K / 2) + g * 16, _mm256_set1_ps(p[0]), _mm256_set1_ps(p[1]), wv);
+        for (int r = 0; r < MR; ++r)
+          for (int c = 0; c < 4; ++c) acc[r][j] = _mm256_fmadd_ps(wv[c], xv[r][c], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
+  }
+  float at(int64_t n, int64_t k) const {
+    const int64_t g = k / 32, j = k % 32, G = K / 32;
+    const uint8_t byte = w[n * (K / 2) + g * 16 + (j % 16)];
+    const int q = j < 16 ? (byte & 0x0F) : (byte >> 4);
+    return q * sz[(n * G + g) * 2] + sz[(n * G + g) * 2 + 1];
+  }
+};
+
+template <class W>
+torch::Tensor run(const W& w, const torch::Tensor& x, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = N / NB;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool stream = W::quantised && M <= STREAM_M;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(W::quantised && !stream ? NB * K : 0);  // this thread's widened block
+    const float* rows[NB];
+    float post[NB];
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t m = 0;
-      for (; m + 1 < M; m += 2) two(m, b * NB);
-      if (m < M) one(m, b * NB);
+      const int64_t n0 = b * NB;
+      if (stream) {
+        if (M == 2) w.template stream<2>(xp, yp, N, 0, n0);
+        else w.template stream<1>(xp, yp, N, 0, n0);
+      } else {
+        w.widen(n0, buf.data(), rows, post);
+        float_block(xp, M, K, rows, post, yp, N, n0);
+      }
     }
   });
-  for (int64_t n = full * NB; n < N; ++n) tail(n, n + 1);
+  for (int64_t n = blocks * NB; n < N; ++n)  // the last N % 4 rows
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0;
+      for (int64_t k = 0; k < K; ++k) s += xp[m * K + k] * w.at(n, k);
+      yp[m * N + n] = s;
+    }
+  return y;
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
@@ -107,60 +217,30 @@ void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& 
 
 }  // namespace
 
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
+  if (w.scalar_type() == torch::kInt8) return int8_linear(x, w, s);
+  if (w.scalar_type() == torch::kUInt8) return int4_linear(x, w, s);
+  // float32: torch's GEMM for many rows; for a few, ours (torch's small-M path is 2-4x slower here)
+  return x.size(0) <= 32 ? float_linear(x, w) : at::linear(x, w);
+}
+
+torch::Tensor float_linear(torch::Tensor x, torch::Tensor w) {
+  check(x, w, x);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.size(1) == x.size(1), "float32 weight [N, K]");
+  return run(Float32W{w.data_ptr<float>(), w.size(1)}, x, w.size(0));
+}
+
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   check(x, w, scale);
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.size(1) == x.size(1), "int8 weight [N, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  run_blocks(
-      M, N, [&](int64_t m, int64_t n0) { int8_block<1>(xp, K, wp, sp, yp, N, m, n0); },
-      [&](int64_t m, int64_t n0) { int8_block<2>(xp, K, wp, sp, yp, N, m, n0); },
-      [&](int64_t n0, int64_t n1) {
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = n0; n < n1; ++n) {
-            float s = 0;
-            for (int64_t k = 0; k < K; ++k) s += xp[m * K + k] * float(wp[n * K + k]);
-            yp[m * N + n] = s * sp[n];
-          }
-      });
-  return y;
+  TORCH_CHECK(scale.numel() == w.size(0), "scale [N]");
+  return run(Int8W{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)}, x, w.size(0));
 }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sz) {
   check(x, w, sz);
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 32) * 2, "scales [N, K/32, 2]");
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = sz.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t G = K / 32;
-  run_blocks(
-      M, N, [&](int64_t m, int64_t n0) { int4_block<1>(xp, K, wp, sp, yp, N, m, n0); },
-      [&](int64_t m, int64_t n0) { int4_block<2>(xp, K, wp, sp, yp, N, m, n0); },
-      [&](int64_t n0, int64_t n1) {
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = n0; n < n1; ++n) {
-            float s = 0;
-            for (int64_t k = 0; k < K; ++k) {
-              const int64_t g = k / 32, j = k % 32;
-              const uint8_t byte = wp[n * (K / 2) + g * 16 + (j % 16)];
-              const int q = j < 16 ? (byte & 0x0F) : (byte >> 4);
-              s += xp[m * K + k] * (q * sp[(n * G + g) * 2] + sp[(n * G + g) * 2 + 1]);
-            }
-            yp[m * N + n] = s;
-          }
-      });
-  return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "x [M, K] float32 @ (int8 [N, K] * scale [N]).T");
-  m.def("int4_linear", &int4_linear, "x [M, K] float32 @ dequant(uint8 [N, K/2], scale/min [N, K/32, 2]).T");
+  return run(Int4W{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N);
 }

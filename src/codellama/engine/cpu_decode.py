@@ -1,0 +1,76 @@
+"""The CPU decode step with each decoder layer as one C++ call (csrc/decode_layer.cpp).
+
+Eager PyTorch pays ~10 us per operator and a layer is ~45 operators for one token, which is most of the
+time of a small model's decode step on a CPU. FusedCPUDecode runs the embedding, the RoPE tables, the final
+norm and the output projection in PyTorch and each layer in one call, with the same arithmetic as
+model.py (tests/test_engine_cpu_decode.py checks the logits and the greedy tokens against the eager path).
+
+It serves float32 models on the CPU whose projections are fused (engine.quant.fuse_projections, which
+quantize() also applies), with float32 or int8/int4 linear layers; Decoder falls back to the eager model
+for anything else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from codellama.engine.kernels import cpu_kernels
+from codellama.engine.quant import QuantLinear
+from codellama.model import Transformer, rope_cos_sin
+
+_NO_SCALES = torch.empty(0)
+
+
+def _weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, scales) as decode_layer takes them, or None for a layer it cannot run."""
+    if isinstance(linear, QuantLinear):
+        return linear.qweight, linear.scales
+    if type(linear) is nn.Linear and linear.bias is None and linear.weight.dtype == torch.float32:
+        return linear.weight.detach(), _NO_SCALES
+    return None
+
+
+class FusedCPUDecode:
+    """One decode step (one token per row, rows = cache slots 0..B-1) of a Transformer on the CPU."""
+
+    def __init__(self, model: Transformer, kernels):
+        self.model, self.kernels = model, kernels
+        self.output = _weights(model.output)
+        self.layers = []  # per layer: (attn_norm, wqkv, wqkv_s, wo, wo_s, ffn_norm, w13, w13_s, w2, w2_s)
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            w = [_weights(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
+            self.layers.append((layer.attention_norm.weight.detach(), *w[0], *w[1],
+                                layer.ffn_norm.weight.detach(), *w[2], *w[3]))
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> FusedCPUDecode | None:
+        """The fused step for this model, or None when it does not apply (GPU, bf16, unfused, no kernels)."""
+        emb = model.tok_embeddings.weight
+        if emb.device.type != "cpu" or emb.dtype != torch.float32:
+            return None
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            if att.wqkv is None or ffn.w13 is None:
+                return None
+            if any(_weights(m) is None for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)):
+                return None
+            if any(n.weight.dtype != torch.float32 for n in (layer.attention_norm, layer.ffn_norm)):
+                return None
+        if _weights(model.output) is None:
+            return None
+        kernels = cpu_kernels()
+        return None if kernels is None else cls(model, kernels)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens, pos [B, 1] (row b = cache slot b) -> logits [B, V] float32."""
+        m, c = self.model, self.model.config
+        cos, sin = rope_cos_sin(pos[:, 0], c.head_dim, c.rope_theta, c.rope_scaling)  # [B, hd/2]
+        positions = pos[:, 0].contiguous()
+        h = m.tok_embeddings(tokens[:, 0])  # [B, dim]
+        decode_layer = self.kernels.decode_layer
+        for layer, weights in zip(m.layers, self.layers):
+            cache = layer.attention.cache
+            h = decode_layer(h, positions, cos, sin, *weights, cache.k, cache.v, c.n_heads, c.norm_eps)
+        return self.kernels.linear(m.norm(h), *self.output)  # [B, V] float32

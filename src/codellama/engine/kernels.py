@@ -1,0 +1,46 @@
+"""The engine's C++ CPU kernels (csrc/): int8/int4 matmuls and a fused decoder layer, AVX2 + FMA.
+
+Built on first use with torch's extension builder (a C++ compiler and ninja) and cached in
+TORCH_EXTENSIONS_DIR; every caller has a pure-PyTorch fallback when they cannot be built, so a machine
+without a compiler is correct, only slower. CODELLAMA_NO_KERNELS=1 forces the fallbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("qlinear.cpp", "decode_layer.cpp", "module.cpp")
+
+_kernels: object | None | bool = None  # the built extension, False when unavailable
+
+
+def cpu_kernels():
+    """The compiled CPU kernels, built on first use; None when they cannot be (no AVX2, no compiler)."""
+    global _kernels
+    if _kernels is None:
+        _kernels = _build() or False
+    return _kernels or None
+
+
+def _build():
+    if os.environ.get("CODELLAMA_NO_KERNELS"):
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("CPU without AVX2: the engine uses its portable PyTorch path")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        csrc = Path(__file__).with_name("csrc")
+        return load(name="codellama_cpu_kernels", sources=[str(csrc / s) for s in SOURCES],
+                    extra_include_paths=[str(csrc)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler / ninja / headers: correct but slower
+        log.warning("could not build the CPU kernels (%s); using the portable PyTorch path", e)
+        return None

@@ -1,0 +1,81 @@
+"""The fused CPU decode step (each layer one C++ call) against the eager model it replaces."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from codellama.config import ModelConfig
+from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine.decode import Decoder
+from codellama.engine.kernels import cpu_kernels
+from codellama.engine.quant import fuse_projections, quantize
+from codellama.generate import Generator
+from codellama.sampling import SamplingParams
+from helpers import naive_greedy, random_model
+
+# GQA (4 query heads on 2 kv heads), head_dim 16, a vocabulary that is not a multiple of 4 output rows
+CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden=96, max_seq_len=128,
+                  rope_theta=1e6, norm_eps=1e-5, name="gqa")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_kernels():
+    if cpu_kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no AVX2 or no compiler)")
+
+
+def prepared(mode: str):
+    model = random_model(CFG, seed=3)
+    return fuse_projections(model) if mode == "float32" else quantize(model, mode)
+
+
+def decode_both(model, prompts, positions_after):
+    """Prefill each prompt into its slot, then one decode step for all rows, fused and eager."""
+    out = []
+    for fused in (True, False):
+        dec = Decoder(copy.deepcopy(model), max_batch=len(prompts) + 1, max_seq_len=64)
+        assert dec._fused is not None
+        if not fused:
+            dec._fused = None  # the eager model, same weights
+        for slot, p in enumerate(prompts):
+            dec.prefill(p, slot)
+        slots = list(range(len(prompts)))
+        out.append(dec.decode(slots, [7, 50, 99][: len(prompts)], positions_after))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["float32", "int8", "int4"])
+def test_fused_step_equals_eager_step(mode):
+    model = prepared(mode)
+    assert FusedCPUDecode.for_model(model) is not None
+    prompts = [[1, 2, 3], list(range(5, 25)), [4] * 40]  # rows at different positions, attention lengths
+    fused, eager = decode_both(model, prompts, [len(p) for p in prompts])
+    assert fused.shape == (3, CFG.vocab_size)
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["float32", "int4"])
+def test_fused_greedy_equals_full_recompute(mode):
+    model = prepared(mode)
+    prompts = [[1, 2, 3, 4], list(range(10, 30))]
+    gen = Generator(model, max_seq_len=64)
+    outs = gen.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=()))
+    assert gen._decoder._fused is not None
+    # full recompute with the same (fused, possibly quantised) linear layers, no cache involved
+    assert [o.tokens for o in outs] == [naive_greedy(model, p, 12) for p in prompts]
+
+
+def test_fused_step_needs_fused_float32_model():
+    plain = random_model(CFG)
+    assert FusedCPUDecode.for_model(plain) is None  # q/k/v not stacked: the eager path
+    assert FusedCPUDecode.for_model(fuse_projections(random_model(CFG, dtype=torch.bfloat16))) is None
+    assert FusedCPUDecode.for_model(fuse_projections(plain)) is not None
+
+
+def test_fused_step_refuses_a_position_outside_the_cache():
+    dec = Decoder(prepared("float32"), max_batch=1, max_seq_len=16)
+    with pytest.raises(RuntimeError, match="position outside the cache"):
+        dec._fused(torch.tensor([[1]]), torch.tensor([[16]]))
