@@ -2,8 +2,8 @@
 
     python bench/bench_serve.py [--quantize int8] [--tokens 64] [--requests 2] [--random]
 
-The server runs in its own process (so clients and server do not share a GIL) over SmolLM2-135M-Instruct
-(random smollm2-135m weights with --random or until the checkpoint loader is available). Each client sends
+The server is `codellama serve` in its own process (what users run), over SmolLM2-135M-Instruct (random
+weights of the smollm2-135m preset with --random), 16 batch slots. Each client sends
 --requests greedy completions one after another (different prompts, max_tokens=--tokens, ignore_eos);
 aggregate tokens/s = all completion tokens / wall time. The peer is our own server at one client, in the
 same run: the ratio shows what continuous batching buys.
@@ -21,37 +21,10 @@ import httpx
 
 from codellama.serve.runner import free_port
 
-SERVER = r"""
-import sys, torch, uvicorn
-from codellama.config import preset
-from codellama.engine.batching import Engine
-from codellama.model import Transformer
-from codellama.serve.app import ServerConfig, create_app
-port, quant, random, threads = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
-torch.set_num_threads(threads)
-model = tok = None
-if not random:
-    try:
-        from codellama.checkpoints.load import load_model
-        loaded = load_model(None)
-        model, tok = loaded.model.float().eval(), loaded.tokenizer
-    except ImportError:
-        pass
-if model is None:
-    torch.manual_seed(0)
-    model = Transformer(preset("smollm2-135m")); model.init_weights(); model.eval()
-if quant != "none":
-    from codellama.engine.quant import quantize
-    quantize(model, quant)
-engine = Engine(model, tok, max_batch=16, context_len=1024).start()
-uvicorn.run(create_app(engine, ServerConfig("bench")), host="127.0.0.1", port=port, log_level="warning")
-"""
-
-
-async def client(http: httpx.AsyncClient, url: str, cid: int, requests: int, tokens: int) -> int:
+async def client(http: httpx.AsyncClient, url: str, model: str, cid: int, requests: int, tokens: int) -> int:
     done = 0
     for r in range(requests):
-        body = {"model": "bench", "prompt": [1] + [100 + (cid * 7 + r * 13 + i) % 5000 for i in range(12)],
+        body = {"model": model, "prompt": [1] + [100 + (cid * 7 + r * 13 + i) % 5000 for i in range(12)],
                 "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
         resp = await http.post(url + "/v1/completions", json=body)
         resp.raise_for_status()
@@ -59,10 +32,10 @@ async def client(http: httpx.AsyncClient, url: str, cid: int, requests: int, tok
     return done
 
 
-async def measure(url: str, clients: int, requests: int, tokens: int) -> tuple[float, int]:
+async def measure(url: str, model: str, clients: int, requests: int, tokens: int) -> tuple[float, int]:
     async with httpx.AsyncClient(timeout=600) as http:
         t = time.perf_counter()
-        counts = await asyncio.gather(*(client(http, url, c, requests, tokens) for c in range(clients)))
+        counts = await asyncio.gather(*(client(http, url, model, c, requests, tokens) for c in range(clients)))
         return sum(counts) / (time.perf_counter() - t), sum(counts)
 
 
@@ -76,8 +49,9 @@ def main() -> None:
     ap.add_argument("--random", action="store_true")
     args = ap.parse_args()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port), args.quantize, "1" if args.random else "0",
-                             str(args.threads)])
+    cmd = [sys.executable, "-m", "codellama", "serve", "--port", str(port), "--max-batch", "16", "--context", "1024",
+           "--quantize", args.quantize, "--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd + (["--model", "smollm2-135m"] if args.random else []))
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -86,10 +60,11 @@ def main() -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
-        asyncio.run(measure(url, 2, 1, 8))  # warm up (kernels, allocator)
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        asyncio.run(measure(url, model, 2, 1, 8))  # warm up (kernels, allocator)
         results = {}
         for c in [int(x) for x in args.clients.split(",")]:
-            results[c] = asyncio.run(measure(url, c, args.requests, args.tokens))
+            results[c] = asyncio.run(measure(url, model, c, args.requests, args.tokens))
         one = results.get(1, (None,))[0]
         print(f"quantize={args.quantize}, {args.tokens} tokens/request, {args.requests} requests/client")
         print(f"{'clients':>8} {'tokens':>8} {'tok/s':>9} {'x 1 client':>11}")

@@ -9,7 +9,9 @@ import torch
 
 from codellama.config import ModelConfig
 from codellama.engine.batching import Engine, Scheduler
+from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.decode import Decoder
+from codellama.engine.quant import fuse_projections
 from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
@@ -20,11 +22,15 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ff
 PROMPTS = [[5, 17, 3, 88, 41], [9] * 11, [1, 2, 3, 4, 5, 6, 7], [50], [33, 34] * 9, [70, 1, 70]]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(CFG, seed=1)
-
-
+@pytest.fixture(scope="module", params=["eager", "fused"])
+def model(request):
+    """The same weights run by the eager model, or (projections fused) by the fused CPU step."""
+    model = random_model(CFG, seed=1)
+    if request.param == "fused":
+        fuse_projections(model)
+        if FusedCPUDecode.for_model(model) is None:
+            pytest.skip("the CPU kernels cannot be built here")
+    return model
 
 
 def run(sched: Scheduler, arrivals: dict[int, list[tuple]] | None = None) -> dict[int, object]:
@@ -109,8 +115,8 @@ def test_context_clamps_and_rejects(model):
 
 def test_chunked_prefill_matches_single_pass(model):
     prompt = list(range(3, 80))
-    whole = Decoder(model, 1, 96, prefill_chunk=2048).prefill(prompt, 0)
-    chunked = Decoder(model, 1, 96, prefill_chunk=16).prefill(prompt, 0)
+    whole = Decoder(model, 1, 96, prefill_chunk=2048).prefill([prompt], [0])[0]
+    chunked = Decoder(model, 1, 96, prefill_chunk=16).prefill([prompt], [0])[0]
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
     gen = Generator(model, prefill_chunk=7)
     assert gen.generate([prompt], SamplingParams(max_new_tokens=8, stop_ids=()))[0].tokens == naive_greedy(model, prompt, 8)

@@ -17,7 +17,7 @@ from codellama.sampling import SamplingParams
 from helpers import naive_greedy, random_model
 
 # GQA (4 query heads on 2 kv heads), head_dim 16, a vocabulary that is not a multiple of 4 output rows
-CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden=96, max_seq_len=128,
+CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden=96, max_seq_len=512,
                   rope_theta=1e6, norm_eps=1e-5, name="gqa")
 
 
@@ -32,29 +32,26 @@ def prepared(mode: str):
     return fuse_projections(model) if mode == "float32" else quantize(model, mode)
 
 
-def decode_both(model, prompts, positions_after):
-    """Prefill each prompt into its slot, then one decode step for all rows, fused and eager."""
-    out = []
-    for fused in (True, False):
-        dec = Decoder(copy.deepcopy(model), max_batch=len(prompts) + 1, max_seq_len=64)
-        assert dec._fused is not None
-        if not fused:
-            dec._fused = None  # the eager model, same weights
-        for slot, p in enumerate(prompts):
-            dec.prefill(p, slot)
-        slots = list(range(len(prompts)))
-        out.append(dec.decode(slots, [7, 50, 99][: len(prompts)], positions_after))
-    return out
+def fused_and_eager(model, max_batch: int = 4) -> tuple[Decoder, Decoder]:
+    fused, eager = (Decoder(copy.deepcopy(model), max_batch=max_batch, max_seq_len=320) for _ in range(2))
+    assert fused._fused is not None
+    eager._fused = None  # the eager model, same weights
+    return fused, eager
 
 
 @pytest.mark.parametrize("mode", ["float32", "int8", "int4"])
-def test_fused_step_equals_eager_step(mode):
+def test_fused_prefill_and_decode_equal_eager(mode):
     model = prepared(mode)
-    assert FusedCPUDecode.for_model(model) is not None
-    prompts = [[1, 2, 3], list(range(5, 25)), [4] * 40]  # rows at different positions, attention lengths
-    fused, eager = decode_both(model, prompts, [len(p) for p in prompts])
-    assert fused.shape == (3, CFG.vocab_size)
-    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    fused, eager = fused_and_eager(model)
+    # three prompts in one fused prefill (one longer than a fused chunk); the eager path runs them one by one
+    prompts = [[1, 2, 3], [(5 * i) % 101 for i in range(300)], [4] * 40]
+    slots = [2, 0, 1]
+    torch.testing.assert_close(fused.prefill(prompts, slots), eager.prefill(prompts, slots), atol=1e-4, rtol=1e-4)
+    # one decode step for slots 0 and 2 only (slot 1 idle): rows at different positions
+    args = ([0, 2], [7, 50], [300, 3])
+    out = fused.decode(*args)
+    assert out.shape == (2, CFG.vocab_size)
+    torch.testing.assert_close(out, eager.decode(*args), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["float32", "int4"])
@@ -75,7 +72,10 @@ def test_fused_step_needs_fused_float32_model():
     assert FusedCPUDecode.for_model(fuse_projections(plain)) is not None
 
 
-def test_fused_step_refuses_a_position_outside_the_cache():
+def test_fused_step_refuses_rows_outside_the_cache():
     dec = Decoder(prepared("float32"), max_batch=1, max_seq_len=16)
+    one = torch.tensor([1])
     with pytest.raises(RuntimeError, match="position outside the cache"):
-        dec._fused(torch.tensor([[1]]), torch.tensor([[16]]))
+        dec._fused(one, torch.tensor([0]), torch.tensor([16]))
+    with pytest.raises(RuntimeError, match="slot outside the cache"):
+        dec._fused(one, torch.tensor([1]), torch.tensor([0]))

@@ -6,8 +6,9 @@ its own sampling settings, stop conditions and length. A finished or cancelled r
 once. `Generator.stream_generate` drives one directly; `Engine` runs one on a background thread for the
 server, with thread-safe `submit`/`cancel` and an asyncio-friendly `stream`.
 
-Every request is prefilled alone into its own slot and decoded at its own positions, so its greedy
-tokens do not depend on which other requests share the batch.
+Every request is prefilled into its own slot (requests admitted in the same step share prefill calls
+where the decoder can) and decoded at its own positions, so its greedy tokens do not depend on which
+other requests share the batch.
 """
 
 from __future__ import annotations
@@ -94,21 +95,17 @@ class Scheduler:
         events: list[tuple[Request, StreamEvent]] = []
         for req in [r for r in self.active if r.cancelled]:
             self._finish(req, "cancelled", events)
+        admitted = []
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
             if req.cancelled:
                 self._finish(req, "cancelled", events)
                 continue
             req.slot = heapq.heappop(self.free_slots)
-            self.active.append(req)
-            self.active.sort(key=lambda r: r.slot)
-            try:
-                logits = self.decoder.prefill(req.prompt, req.slot)[None]  # [1, V]
-            except Exception:  # a prompt that breaks the model fails alone (the slot is simply freed)
-                log.exception("request %s: prefill failed", req.id)
-                self._finish(req, "error", events)
-                continue
-            self._accept([req], logits, events)
+            admitted.append(req)
+        if admitted:
+            self.active = sorted(self.active + admitted, key=lambda r: r.slot)
+            self._prefill(admitted, events)
         if self.active:
             rows = list(self.active)
             logits = self.decoder.decode(
@@ -116,6 +113,20 @@ class Scheduler:
             )  # [b, V]
             self._accept(rows, logits, events)
         return events
+
+    def _prefill(self, reqs: list[Request], events: list) -> None:
+        """Prefill the admitted requests together; a prompt that breaks the model fails alone."""
+        try:
+            logits = self.decoder.prefill([r.prompt for r in reqs], [r.slot for r in reqs])  # [n, V]
+        except Exception:
+            if len(reqs) > 1:  # find the culprit: one at a time
+                for req in reqs:
+                    self._prefill([req], events)
+                return
+            log.exception("request %s: prefill failed", reqs[0].id)
+            self._finish(reqs[0], "error", events)  # its slot is simply freed
+            return
+        self._accept(reqs, logits, events)
 
     def abort_all(self, reason: str = "error") -> list[tuple[Request, StreamEvent]]:
         """Finish every request (after a failed step), freeing all slots."""

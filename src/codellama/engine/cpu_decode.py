@@ -1,9 +1,10 @@
-"""The CPU decode step with each decoder layer as one C++ call (csrc/decode_layer.cpp).
+"""The CPU decode and prefill steps with each decoder layer as one C++ call (csrc/decode_layer.cpp).
 
 Eager PyTorch pays ~10 us per operator and a layer is ~45 operators for one token, which is most of the
 time of a small model's decode step on a CPU. FusedCPUDecode runs the embedding, the RoPE tables, the final
 norm and the output projection in PyTorch and each layer in one call, with the same arithmetic as
 model.py (tests/test_engine_cpu_decode.py checks the logits and the greedy tokens against the eager path).
+Rows are (slot, position) pairs, so one call can also prefill several prompts at once.
 
 It serves float32 models on the CPU whose projections are fused (engine.quant.fuse_projections, which
 quantize() also applies), with float32 or int8/int4 linear layers; Decoder falls back to the eager model
@@ -32,7 +33,7 @@ def _weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 class FusedCPUDecode:
-    """One decode step (one token per row, rows = cache slots 0..B-1) of a Transformer on the CPU."""
+    """Decode and prefill steps of a Transformer on the CPU, over its slot KV cache."""
 
     def __init__(self, model: Transformer, kernels):
         self.model, self.kernels = model, kernels
@@ -63,14 +64,21 @@ class FusedCPUDecode:
         kernels = cpu_kernels()
         return None if kernels is None else cls(model, kernels)
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """tokens, pos [B, 1] (row b = cache slot b) -> logits [B, V] float32."""
+    def __call__(
+        self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run rows of new tokens, row r being token tokens[r] of the sequence in cache slot slots[r] at
+        position pos[r] (all [R] int64): one row per slot to decode, consecutive positions to prefill.
+
+        Returns logits [R, V] float32, or only those of out_rows (e.g. each prompt's last row).
+        """
         m, c = self.model, self.model.config
-        cos, sin = rope_cos_sin(pos[:, 0], c.head_dim, c.rope_theta, c.rope_scaling)  # [B, hd/2]
-        positions = pos[:, 0].contiguous()
-        h = m.tok_embeddings(tokens[:, 0])  # [B, dim]
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling)  # [R, hd/2]
+        h = m.tok_embeddings(tokens)  # [R, dim]
         decode_layer = self.kernels.decode_layer
         for layer, weights in zip(m.layers, self.layers):
             cache = layer.attention.cache
-            h = decode_layer(h, positions, cos, sin, *weights, cache.k, cache.v, c.n_heads, c.norm_eps)
-        return self.kernels.linear(m.norm(h), *self.output)  # [B, V] float32
+            h = decode_layer(h, slots, pos, cos, sin, *weights, cache.k, cache.v, c.n_heads, c.norm_eps)
+        if out_rows is not None:
+            h = h[out_rows]
+        return self.kernels.linear(m.norm(h).contiguous(), *self.output)  # [R, V] float32

@@ -1,13 +1,17 @@
 """Prefill and decode steps over the model's static slot cache.
 
-Prefill runs one prompt into its slot in chunks (memory stays bounded for 16k-100k token prompts). Decode
-runs one token for every active slot at once. Rows are addressed by slot index: a step covers slots
-0..n-1 as a contiguous prefix of the cache (a view, no gather); a free slot inside that range carries a
-dummy token whose cache write is harmless (the next prompt prefilled there overwrites it, and attention
-never reads past a row's own position).
+Prefill writes prompts into their slots in chunks (memory stays bounded for 16k-100k token prompts).
+Decode runs one token for every active slot at once.
 
-On CUDA the decode step is compiled with CUDA graphs (gpt-fast's recipe): always all max_batch rows and
-the whole static cache, so shapes never change and the step compiles once.
+Three ways to run a step, picked once per Decoder:
+- CPU, float32 model with fused projections: FusedCPUDecode (engine/cpu_decode.py), each layer one C++
+  call. Rows are (slot, position) pairs, so a decode step runs exactly the active slots and one prefill
+  call can take several prompts (up to FUSED_PREFILL_ROWS tokens per call).
+- CUDA: the decode step compiled with CUDA graphs (gpt-fast's recipe): always all max_batch rows and the
+  whole static cache, so shapes never change and the step compiles once.
+- Otherwise the eager model. A step covers slots 0..n-1 as a contiguous prefix of the cache (a view, no
+  gather); a free slot inside that range carries a dummy token whose cache write is harmless (the next
+  prompt prefilled there overwrites it, and attention never reads past a row's own position).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import torch
 
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.model import Transformer
+
+# Tokens per fused prefill call: large enough that the matmuls run as GEMMs, small enough that the
+# per-row attention loop (quadratic in the chunk) stays cheap.
+FUSED_PREFILL_ROWS = 256
 
 
 class Decoder:
@@ -34,7 +42,6 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self._step = None
-        # CPU: each layer one C++ call (engine/cpu_decode.py) when the model allows it
         self._fused = None if self.compiled else FusedCPUDecode.for_model(model)
         self.ensure(max_batch, max_seq_len)
 
@@ -44,8 +51,14 @@ class Decoder:
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @torch.inference_mode()
-    def prefill(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
-        """Write the prompt's keys/values into `slot`; return the logits after its last token [V] float32."""
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        """Write each prompt's keys/values into its slot; return the logits after each prompt's last token,
+        [len(prompts), V] float32."""
+        if self._fused is not None:
+            return self._fused_prefill(prompts, slots)
+        return torch.stack([self._prefill_one(p, s) for p, s in zip(prompts, slots)])
+
+    def _prefill_one(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
         tokens = torch.tensor([list(prompt)], device=self.device)  # [1, n]
         slots = torch.tensor([slot], device=self.device)
         logits = None
@@ -55,12 +68,31 @@ class Decoder:
             logits = self.model(piece, input_pos=pos, slots=slots, last_only=True)
         return logits[0, -1]
 
+    def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token
+        for prompt, slot in zip(prompts, slots):
+            tokens += prompt
+            row_slots += [slot] * len(prompt)
+            positions += range(len(prompt))
+            last.append(len(tokens) - 1)
+        tokens_t, slots_t, pos_t = (torch.tensor(v, device=self.device) for v in (tokens, row_slots, positions))
+        last_t = torch.tensor(last, device=self.device)
+        chunk = min(self.prefill_chunk, FUSED_PREFILL_ROWS)
+        out = []
+        for start in range(0, len(tokens), chunk):  # a later chunk attends to what earlier ones cached
+            end = start + chunk
+            want = last_t[(last_t >= start) & (last_t < end)] - start
+            out.append(self._fused(tokens_t[start:end], slots_t[start:end], pos_t[start:end], want))
+        return torch.cat(out)
+
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """One step for the rows in `slots` (ascending), each feeding `tokens[i]` at `positions[i]`.
 
         Returns logits [len(slots), V] float32 in the same order.
         """
+        if self._fused is not None:
+            return self._fused(*(torch.tensor(list(v), device=self.device) for v in (tokens, slots, positions)))
         n = self.max_batch if self.compiled else slots[-1] + 1
         tok, pos = [0] * n, [0] * n
         for s, t, p in zip(slots, tokens, positions):
@@ -73,8 +105,6 @@ class Decoder:
         return logits[torch.tensor(list(slots), device=self.device)]
 
     def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None:
-            return self._fused(tokens, pos)
         return self.model(tokens, input_pos=pos)[:, -1]
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

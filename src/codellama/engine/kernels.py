@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("qlinear.cpp", "decode_layer.cpp", "module.cpp")
+SOURCES = ("parallel.cpp", "qlinear.cpp", "decode_layer.cpp", "module.cpp")
 
 _kernels: object | None | bool = None  # the built extension, False when unavailable
 

@@ -13,8 +13,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
 // x [M, K] float32 @ dequant(uint8 [N, K/2], scale/min [N, K/32, 2]).T -> [M, N]
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sz);
 
-// One Llama decoder layer for one new token per row (see decode_layer.cpp).
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor pos, torch::Tensor cos, torch::Tensor sin,
+// One Llama decoder layer for rows of new tokens, each at its own (slot, position) (see decode_layer.cpp).
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor slots, torch::Tensor pos, torch::Tensor cos, torch::Tensor sin,
                            torch::Tensor attn_norm, torch::Tensor wqkv, torch::Tensor wqkv_s, torch::Tensor wo,
                            torch::Tensor wo_s, torch::Tensor ffn_norm, torch::Tensor w13, torch::Tensor w13_s,
                            torch::Tensor w2, torch::Tensor w2_s, torch::Tensor cache_k, torch::Tensor cache_v,

@@ -5,17 +5,17 @@
 //   int4:    y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g])
 //            q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
 //
-// Work is split in blocks of 4 output rows (at::parallel_for over blocks). For one or two rows of x the
+// Work is split in blocks of 4 output rows (parallel_for over blocks, parallel.h). For one or two rows of x the
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
 // the weights, so the win is bytes (1 or 0.5 instead of 4 per weight). For more rows the block is widened
 // once into a float32 buffer that stays in cache and every row of x is multiplied against it, 3 rows at a
 // time, so the widening is paid once per block rather than once per row (continuous batching). AVX2 + FMA.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 
 namespace {
 
@@ -185,7 +185,7 @@ torch::Tensor run(const W& w, const torch::Tensor& x, int64_t N) {
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const bool stream = W::quantised && M <= STREAM_M;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+  parallel_for(blocks, 8, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(W::quantised && !stream ? NB * K : 0);  // this thread's widened block
     const float* rows[NB];
     float post[NB];
