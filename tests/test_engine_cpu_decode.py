@@ -75,7 +75,7 @@ def test_fused_step_needs_fused_float32_model():
 def test_fused_step_refuses_rows_outside_the_cache():
     dec = Decoder(prepared("float32"), max_batch=1, max_seq_len=16)
     one = torch.tensor([1])
-    with pytest.raises(RuntimeError, match="position outside the cache"):
+    with pytest.raises(IndexError, match="out of bounds"):  # no RoPE angle for it, nor a cache row
         dec._fused(one, torch.tensor([0]), torch.tensor([16]))
     with pytest.raises(RuntimeError, match="slot outside the cache"):
         dec._fused(one, torch.tensor([1]), torch.tensor([0]))

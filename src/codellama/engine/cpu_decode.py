@@ -38,12 +38,22 @@ class FusedCPUDecode:
     def __init__(self, model: Transformer, kernels):
         self.model, self.kernels = model, kernels
         self.output = _weights(model.output)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.layers = []  # per layer: (attn_norm, wqkv, wqkv_s, wo, wo_s, ffn_norm, w13, w13_s, w2, w2_s)
         for layer in model.layers:
             att, ffn = layer.attention, layer.feed_forward
             w = [_weights(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
             self.layers.append((layer.attention_norm.weight.detach(), *w[0], *w[1],
                                 layer.ffn_norm.weight.detach(), *w[2], *w[3]))
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every position of the cache [S, hd/2], computed once (torch's sin/cos of a few
+        hundred values cost more than a whole layer here)."""
+        S = self.model.layers[0].attention.cache.k.shape[2]
+        if self._rope is None or self._rope[0].shape[0] != S:
+            c = self.model.config
+            self._rope = rope_cos_sin(torch.arange(S), c.head_dim, c.rope_theta, c.rope_scaling)
+        return self._rope
 
     @classmethod
     def for_model(cls, model: Transformer) -> FusedCPUDecode | None:
@@ -73,7 +83,8 @@ class FusedCPUDecode:
         Returns logits [R, V] float32, or only those of out_rows (e.g. each prompt's last row).
         """
         m, c = self.model, self.model.config
-        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling)  # [R, hd/2]
+        cos_table, sin_table = self._rope_tables()
+        cos, sin = cos_table[pos], sin_table[pos]  # [R, hd/2]
         h = m.tok_embeddings(tokens)  # [R, dim]
         decode_layer = self.kernels.decode_layer
         for layer, weights in zip(m.layers, self.layers):

@@ -15,6 +15,7 @@
 // those of this call included: causal attention within a chunk. RoPE uses model.py's half-split layout.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -33,6 +34,88 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float r = _mm_cvtss_f32(s);
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
+}
+
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+// error < 2e-7, as float32 rounding), 2^n put into the exponent bits. Inputs below -87 give 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2 in two parts, for precision
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float exp1(float x) {  // exp8 for one value, so tails give the same numbers
+  float v[8] = {x};
+  _mm256_storeu_ps(v, exp8(_mm256_loadu_ps(v)));
+  return v[0];
+}
+
+// o[0:n] += w * v[0:n]
+inline void axpy(float* o, float w, const float* v, int64_t n) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+  for (; i < n; ++i) o[i] += w * v[i];
+}
+
+// p[0:n] = exp(p - mx); returns their sum
+inline float exp_shifted(float* p, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), m));
+    _mm256_storeu_ps(p + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  const float ones[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  float sum = dot(reinterpret_cast<const float*>(&acc), ones, 8);
+  for (; t < n; ++t) sum += (p[t] = exp1(p[t] - mx));
+  return sum;
+}
+
+// Attention of `group` query heads q [group, hd] (consecutive) to positions 0..L-1 of one kv head
+// K, V [S, hd]: out [group, hd]. Position-major, so each key and value row is read once for the group.
+// p: scratch of group * L floats.
+void attend(const float* q, int64_t group, const float* K, const float* V, int64_t L, int64_t hd, float scale,
+            float* p, float* out) {
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t r = 0; r < group; ++r) p[r * L + t] = dot(q + r * hd, K + t * hd, hd) * scale;
+  std::vector<float> inv(group);
+  for (int64_t r = 0; r < group; ++r) {
+    float* pr = p + r * L;
+    const float mx = *std::max_element(pr, pr + L);
+    inv[r] = 1.0f / exp_shifted(pr, L, mx);
+  }
+  std::fill_n(out, group * hd, 0.0f);
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t r = 0; r < group; ++r) axpy(out + r * hd, p[r * L + t] * inv[r], V + t * hd, hd);
+}
+
+// [B, 2F] (gate | up) -> [B, F]: silu(gate) * up = gate / (1 + e^-gate) * up
+torch::Tensor swiglu(const torch::Tensor& gu) {
+  const int64_t B = gu.size(0), F = gu.size(1) / 2;
+  auto y = torch::empty({B, F}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    const float *g = gp + b * 2 * F, *u = g + F;
+    float* o = yp + b * F;
+    int64_t j = 0;
+    for (; j + 8 <= F; j += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + j);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+    }
+    for (; j < F; ++j) o[j] = g[j] / (1.0f + exp1(-g[j])) * u[j];
+  }
+  return y;
 }
 
 // [B, D] -> [B, D]: x * rsqrt(mean(x^2) + eps) * weight
@@ -117,39 +200,17 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor slots, torch::Tensor p
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, g = i % Hkv, L = pp[b] + 1;
-      const float* K = kc + (sp[b] * Hkv + g) * S * hd;  // [S, hd] of this row's kv head
-      const float* V = vc + (sp[b] * Hkv + g) * S * hd;
-      p.resize(L);
-      for (int64_t r = 0; r < group; ++r) {  // the query heads sharing kv head g
-        const int64_t h = g * group + r;
-        const float* q = qkvp + b * row + h * hd;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, p[t] = dot(q, K + t * hd, hd) * scale);
-        float sum = 0;
-        for (int64_t t = 0; t < L; ++t) sum += (p[t] = std::exp(p[t] - mx));
-        float* o = ap + b * qdim + h * hd;
-        std::fill_n(o, hd, 0.0f);
-        for (int64_t t = 0; t < L; ++t) {
-          const float w = p[t] / sum;
-          const float* v = V + t * hd;
-          for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
-        }
-      }
+      const int64_t cache_row = (sp[b] * Hkv + g) * S * hd;  // [S, hd] of this row's kv head
+      p.resize(group * L);
+      // the query heads g * group .. (g + 1) * group - 1 share kv head g
+      attend(qkvp + b * row + g * group * hd, group, kc + cache_row, vc + cache_row, L, hd, scale, p.data(),
+             ap + b * qdim + g * group * hd);
     }
   });
 
   auto h = linear(att, wo, wo_s);  // [B, D], then the residual
   add_into(h, x);
   auto gu = linear(rmsnorm(h, ffn_norm, eps), w13, w13_s).contiguous();  // [B, 2F]: gate | up
-  const int64_t F = gu.size(1) / 2;
-  auto act = torch::empty({B, F}, x.options());
-  const float* gp = gu.data_ptr<float>();
-  float* actp = act.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < F; ++j) {
-      const float gate = gp[b * 2 * F + j];
-      actp[b * F + j] = gate / (1.0f + std::exp(-gate)) * gp[b * 2 * F + F + j];
-    }
-  add_into(h, linear(act, w2, w2_s));
+  add_into(h, linear(swiglu(gu), w2, w2_s));
   return h;
 }
