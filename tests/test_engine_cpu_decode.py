@@ -27,8 +27,15 @@ def need_kernels():
         pytest.skip("the CPU kernels cannot be built here (no AVX2 or no compiler)")
 
 
-def prepared(mode: str):
-    model = random_model(CFG, seed=3)
+# head_dim 72: the value sums in a full 8-register chunk plus one more vector; 20: not a multiple of 8
+WIDE = ModelConfig(dim=144, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=101, ffn_hidden=96, max_seq_len=512,
+                   name="hd72")
+ODD = ModelConfig(dim=80, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=101, ffn_hidden=96, max_seq_len=512,
+                  name="hd20")
+
+
+def prepared(mode: str, cfg: ModelConfig = CFG):
+    model = random_model(cfg, seed=3)
     return fuse_projections(model) if mode == "float32" else quantize(model, mode)
 
 
@@ -39,9 +46,10 @@ def fused_and_eager(model, max_batch: int = 4) -> tuple[Decoder, Decoder]:
     return fused, eager
 
 
-@pytest.mark.parametrize("mode", ["float32", "int8", "int4"])
-def test_fused_prefill_and_decode_equal_eager(mode):
-    model = prepared(mode)
+@pytest.mark.parametrize("mode,cfg", [("float32", CFG), ("int8", CFG), ("int4", CFG), ("float32", WIDE),
+                                      ("int8", WIDE), ("float32", ODD)])
+def test_fused_prefill_and_decode_equal_eager(mode, cfg):
+    model = prepared(mode, cfg)
     fused, eager = fused_and_eager(model)
     # three prompts in one fused prefill (one longer than a fused chunk); the eager path runs them one by one
     prompts = [[1, 2, 3], [(5 * i) % 101 for i in range(300)], [4] * 40]
@@ -50,7 +58,7 @@ def test_fused_prefill_and_decode_equal_eager(mode):
     # one decode step for slots 0 and 2 only (slot 1 idle): rows at different positions
     args = ([0, 2], [7, 50], [300, 3])
     out = fused.decode(*args)
-    assert out.shape == (2, CFG.vocab_size)
+    assert out.shape == (2, cfg.vocab_size)
     torch.testing.assert_close(out, eager.decode(*args), atol=1e-4, rtol=1e-4)
 
 

@@ -79,22 +79,62 @@ inline float exp_shifted(float* p, int64_t n, float mx) {
   return sum;
 }
 
+// out[0..3] = q . k[i] for the 4 rows k[i] = K + i * hd (hd % 8 == 0): 4 independent FMA chains
+inline __m128 dot4(const float* q, const float* K, int64_t hd) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < hd; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + i), a0);
+    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + hd + i), a1);
+    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * hd + i), a2);
+    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * hd + i), a3);
+  }
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// out[0 : NV*8] = scale * sum_t p[t] * V[t, 0 : NV*8] (row stride hd), the sums held in registers
+template <int NV>
+inline void weighted_rows(const float* p, const float* V, int64_t L, int64_t hd, float scale, float* out) {
+  __m256 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const __m256 w = _mm256_set1_ps(p[t]);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + t * hd + j * 8), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + j * 8, _mm256_mul_ps(acc[j], _mm256_set1_ps(scale)));
+}
+
 // Attention of `group` query heads q [group, hd] (consecutive) to positions 0..L-1 of one kv head
-// K, V [S, hd]: out [group, hd]. Position-major, so each key and value row is read once for the group.
-// p: scratch of group * L floats.
+// K, V [S, hd]: out [group, hd]. p: scratch of group * L floats.
 void attend(const float* q, int64_t group, const float* K, const float* V, int64_t L, int64_t hd, float scale,
             float* p, float* out) {
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t r = 0; r < group; ++r) p[r * L + t] = dot(q + r * hd, K + t * hd, hd) * scale;
-  std::vector<float> inv(group);
+  const bool simd = hd % 8 == 0;
   for (int64_t r = 0; r < group; ++r) {
+    const float* qr = q + r * hd;
     float* pr = p + r * L;
-    const float mx = *std::max_element(pr, pr + L);
-    inv[r] = 1.0f / exp_shifted(pr, L, mx);
+    int64_t t = 0;
+    if (simd)
+      for (; t + 4 <= L; t += 4) _mm_storeu_ps(pr + t, _mm_mul_ps(dot4(qr, K + t * hd, hd), _mm_set1_ps(scale)));
+    for (; t < L; ++t) pr[t] = dot(qr, K + t * hd, hd) * scale;
+    const float inv = 1.0f / exp_shifted(pr, L, *std::max_element(pr, pr + L));
+    float* o = out + r * hd;
+    if (!simd) {
+      std::fill_n(o, hd, 0.0f);
+      for (int64_t u = 0; u < L; ++u) axpy(o, pr[u] * inv, V + u * hd, hd);
+      continue;
+    }
+    for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (8 registers) at a time
+      switch (std::min<int64_t>(8, (hd - c) / 8)) {
+        case 8: weighted_rows<8>(pr, V + c, L, hd, inv, o + c); break;
+        case 4: weighted_rows<4>(pr, V + c, L, hd, inv, o + c); break;
+        case 2: weighted_rows<2>(pr, V + c, L, hd, inv, o + c); break;
+        case 1: weighted_rows<1>(pr, V + c, L, hd, inv, o + c); break;
+        default:
+          for (int64_t j = c; j < hd; j += 8) weighted_rows<1>(pr, V + j, L, hd, inv, o + j);
+      }
+    }
   }
-  std::fill_n(out, group * hd, 0.0f);
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t r = 0; r < group; ++r) axpy(out + r * hd, p[r * L + t] * inv[r], V + t * hd, hd);
 }
 
 // [B, 2F] (gate | up) -> [B, F]: silu(gate) * up = gate / (1 + e^-gate) * up

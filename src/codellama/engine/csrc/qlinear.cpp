@@ -47,7 +47,7 @@ inline void widen_group4(const uint8_t* p, __m256 s, __m256 z, __m256 out[4]) {
 // y[m + r, n0 + j] = post[j] * (x[m + r] . rows[j]) for r < MR, j < NB; rows are float32 [K]
 template <int MR>
 inline void float_tile(const float* x, int64_t K, const float* const rows[NB], const float post[NB], float* y,
-                       int64_t N, int64_t m, int64_t n0) {
+                       int64_t N, int64_t m, int64_t n0, const char* prefetch = nullptr, int64_t prefetch_bytes = 0) {
   __m256 acc[MR][NB];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
@@ -55,6 +55,11 @@ inline void float_tile(const float* x, int64_t K, const float* const rows[NB], c
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x + (m + r) * K + k);
+    if (prefetch && (k & 15) == 0) {  // spread over the k loop: one cache line of the next block per step
+      const int64_t at = (k / 16) * 64 * 4;
+      for (int c = 0; c < 4; ++c)
+        if (at + c * 64 < prefetch_bytes) _mm_prefetch(prefetch + at + c * 64, _MM_HINT_T0);
+    }
     for (int j = 0; j < NB; ++j) {
       const __m256 wv = _mm256_loadu_ps(rows[j] + k);
       for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r], acc[r][j]);
@@ -71,11 +76,12 @@ inline void float_tile(const float* x, int64_t K, const float* const rows[NB], c
 // All rows of x against one block of float rows, 3 rows of x at a time. Not inlined: inlined into the
 // quantised callers, GCC allocated the 3 x 4 accumulators worse and the tile ran at half speed.
 __attribute__((noinline)) void float_block(const float* x, int64_t M, int64_t K, const float* const rows[NB], const float post[NB],
-                        float* y, int64_t N, int64_t n0) {
+                        float* y, int64_t N, int64_t n0, const char* prefetch, int64_t prefetch_bytes) {
+  // the first tile also prefetches the next block
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) float_tile<3>(x, K, rows, post, y, N, m, n0);
-  if (M - m == 2) float_tile<2>(x, K, rows, post, y, N, m, n0);
-  if (M - m == 1) float_tile<1>(x, K, rows, post, y, N, m, n0);
+  for (; m + 3 <= M; m += 3) float_tile<3>(x, K, rows, post, y, N, m, n0, m ? nullptr : prefetch, prefetch_bytes);
+  if (M - m == 2) float_tile<2>(x, K, rows, post, y, N, m, n0, m ? nullptr : prefetch, prefetch_bytes);
+  if (M - m == 1) float_tile<1>(x, K, rows, post, y, N, m, n0, m ? nullptr : prefetch, prefetch_bytes);
 }
 
 // The three weight formats. Each gives: stream<MR> (widen in registers, for M <= STREAM_M), widen (the
@@ -90,6 +96,8 @@ struct Float32W {
   template <int MR>
   void stream(const float*, float*, int64_t, int64_t, int64_t) const {}
   float at(int64_t n, int64_t k) const { return w[n * K + k]; }
+  const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
+  int64_t raw_bytes() const { return NB * K * 4; }
 };
 
 struct Int8W {
@@ -129,6 +137,8 @@ struct Int8W {
       }
   }
   float at(int64_t n, int64_t k) const { return float(w[n * K + k]) * scale[n]; }
+  const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
+  int64_t raw_bytes() const { return NB * K; }
 };
 
 struct Int4W {
@@ -176,6 +186,8 @@ struct Int4W {
     const int q = j < 16 ? (byte & 0x0F) : (byte >> 4);
     return q * sz[(n * G + g) * 2] + sz[(n * G + g) * 2 + 1];
   }
+  const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * (K / 2)); }
+  int64_t raw_bytes() const { return NB * K / 2; }
 };
 
 template <class W>
@@ -196,7 +208,9 @@ torch::Tensor run(const W& w, const torch::Tensor& x, int64_t N) {
         else w.template stream<1>(xp, yp, N, 0, n0);
       } else {
         w.widen(n0, buf.data(), rows, post);
-        float_block(xp, M, K, rows, post, yp, N, n0);
+        // the next block's weights come in from memory while this one is multiplied out of cache
+        const bool next = b + 1 < b1;
+        float_block(xp, M, K, rows, post, yp, N, n0, next ? w.raw(n0 + NB) : nullptr, next ? w.raw_bytes() : 0);
       }
     }
   });
