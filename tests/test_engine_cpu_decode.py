@@ -39,7 +39,7 @@ def prepared(mode: str, cfg: ModelConfig = CFG):
     return fuse_projections(model) if mode == "float32" else quantize(model, mode)
 
 
-def fused_and_eager(model, max_batch: int = 4) -> tuple[Decoder, Decoder]:
+def fused_and_eager(model, max_batch: int = 5) -> tuple[Decoder, Decoder]:
     fused, eager = (Decoder(copy.deepcopy(model), max_batch=max_batch, max_seq_len=320) for _ in range(2))
     assert fused._fused is not None
     eager._fused = None  # the eager model, same weights
@@ -51,14 +51,16 @@ def fused_and_eager(model, max_batch: int = 4) -> tuple[Decoder, Decoder]:
 def test_fused_prefill_and_decode_equal_eager(mode, cfg):
     model = prepared(mode, cfg)
     fused, eager = fused_and_eager(model)
-    # three prompts in one fused prefill (one longer than a fused chunk); the eager path runs them one by one
-    prompts = [[1, 2, 3], [(5 * i) % 101 for i in range(300)], [4] * 40]
-    slots = [2, 0, 1]
+    # short prompts share fused calls (the second and third calls start inside a prompt); the long one
+    # goes through the eager model. The eager decoder runs each alone.
+    long = [(5 * i) % 101 for i in range(300)]
+    prompts = [[1, 2, 3], [(3 * i) % 101 for i in range(200)], long, [4] * 40, [(7 * i) % 101 for i in range(250)]]
+    slots = [2, 0, 3, 1, 4]
     torch.testing.assert_close(fused.prefill(prompts, slots), eager.prefill(prompts, slots), atol=1e-4, rtol=1e-4)
-    # one decode step for slots 0 and 2 only (slot 1 idle): rows at different positions
-    args = ([0, 2], [7, 50], [300, 3])
+    # one decode step for slots 0, 2 and 3 only (1 and 4 idle): rows at different positions
+    args = ([0, 2, 3], [7, 50, 9], [200, 3, 300])
     out = fused.decode(*args)
-    assert out.shape == (2, cfg.vocab_size)
+    assert out.shape == (3, cfg.vocab_size)
     torch.testing.assert_close(out, eager.decode(*args), atol=1e-4, rtol=1e-4)
 
 

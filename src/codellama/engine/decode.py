@@ -6,7 +6,8 @@ Decode runs one token for every active slot at once.
 Three ways to run a step, picked once per Decoder:
 - CPU, float32 model with fused projections: FusedCPUDecode (engine/cpu_decode.py), each layer one C++
   call. Rows are (slot, position) pairs, so a decode step runs exactly the active slots and one prefill
-  call can take several prompts (up to FUSED_PREFILL_ROWS tokens per call).
+  call can take several short prompts (up to FUSED_PREFILL_ROWS tokens per call); a longer prompt is
+  prefilled by the eager model, whose attention suits long sequences.
 - CUDA: the decode step compiled with CUDA graphs (gpt-fast's recipe): always all max_batch rows and the
   whole static cache, so shapes never change and the step compiles once.
 - Otherwise the eager model. A step covers slots 0..n-1 as a contiguous prefix of the cache (a view, no
@@ -23,8 +24,8 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.model import Transformer
 
-# Tokens per fused prefill call: large enough that the matmuls run as GEMMs, small enough that the
-# per-row attention loop (quadratic in the chunk) stays cheap.
+# Tokens per fused prefill call, and the longest prompt prefilled that way: enough rows for the matmuls to
+# run as GEMMs, few enough that the per-row attention loop (quadratic in the prompt) stays cheap.
 FUSED_PREFILL_ROWS = 256
 
 
@@ -54,9 +55,20 @@ class Decoder:
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         """Write each prompt's keys/values into its slot; return the logits after each prompt's last token,
         [len(prompts), V] float32."""
-        if self._fused is not None:
-            return self._fused_prefill(prompts, slots)
-        return torch.stack([self._prefill_one(p, s) for p, s in zip(prompts, slots)])
+        if self._fused is None:
+            return torch.stack([self._prefill_one(p, s) for p, s in zip(prompts, slots)])
+        # Short prompts go through the fused step, several per call; long ones through the model's SDPA
+        # (the fused step's attention loops per row, which a long prompt makes quadratic).
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        short = [i for i, p in enumerate(prompts) if len(p) <= FUSED_PREFILL_ROWS]
+        if short:
+            logits = self._fused_prefill([prompts[i] for i in short], [slots[i] for i in short])
+            for i, row in zip(short, logits):
+                out[i] = row
+        for i, (p, s) in enumerate(zip(prompts, slots)):
+            if out[i] is None:
+                out[i] = self._prefill_one(p, s)
+        return torch.stack(out)
 
     def _prefill_one(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
         tokens = torch.tensor([list(prompt)], device=self.device)  # [1, n]
