@@ -14,7 +14,7 @@ from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import fuse_projections, quantize
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
-from helpers import naive_greedy, random_model
+from helpers import hf_twin, naive_greedy, random_model
 
 # GQA (4 query heads on 2 kv heads), head_dim 16, a vocabulary that is not a multiple of 4 output rows
 CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden=96, max_seq_len=512,
@@ -89,3 +89,18 @@ def test_fused_step_refuses_rows_outside_the_cache():
         dec._fused(one, torch.tensor([0]), torch.tensor([16]))
     with pytest.raises(RuntimeError, match="slot outside the cache"):
         dec._fused(one, torch.tensor([1]), torch.tensor([0]))
+
+
+@pytest.mark.slow
+def test_real_smollm2_fused_greedy_equals_transformers():
+    from codellama.checkpoints.load import load_model
+
+    loaded = load_model(None)
+    model = loaded.model.float().eval()
+    hf = hf_twin(model)
+    ids = loaded.tokenizer.encode("def fibonacci(n):\n", bos=loaded.tokenizer.add_bos)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    gen = Generator(fuse_projections(model), loaded.tokenizer)
+    ours = gen.generate([ids], SamplingParams(max_new_tokens=24, stop_ids=()))[0]
+    assert gen._decoder._fused is not None
+    assert ours.tokens == ref[0, len(ids):].tolist()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from codellama.config import ModelConfig
+from codellama.engine.quant import fuse_projections
 from codellama.errors import UserError
 from codellama.generate import Generator, longest_stop_prefix
 from codellama.sampling import SamplingParams, filtered_probs
@@ -16,10 +17,11 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ff
 
 
 
-@pytest.fixture(scope="module")
-def gen():
-    return Generator(random_model(CFG, seed=1))
-
+@pytest.fixture(scope="module", params=["eager", "fused"])
+def gen(request):
+    """The eager model, or the same weights with fused projections (the fused CPU decode step)."""
+    model = random_model(CFG, seed=1)
+    return Generator(model if request.param == "eager" else fuse_projections(model))
 
 
 def test_greedy_equals_full_recompute(gen):
@@ -30,7 +32,7 @@ def test_greedy_equals_full_recompute(gen):
 
 
 def test_greedy_equals_transformers_generate(gen):
-    hf = hf_twin(gen.model)
+    hf = hf_twin(random_model(CFG, seed=1))  # gen's weights (q/k/v may be stacked in gen.model)
     prompt = [1, 9, 27, 64, 12, 7]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = gen.generate([prompt], SamplingParams(max_new_tokens=16, stop_ids=()))[0]
