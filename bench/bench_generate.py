@@ -15,6 +15,7 @@ import torch
 from common import hf_twin, machine, print_table, timed
 
 from codellama.checkpoints.load import load_model
+from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 
@@ -30,8 +31,8 @@ def main() -> None:
 
     loaded = load_model(args.model, device="cpu", dtype=torch.float32)
     model = loaded.model
-    gen = Generator(model, loaded.tokenizer)
     hf = hf_twin(model)
+    gen = Generator(fuse_projections(model), loaded.tokenizer)  # as codellama.load prepares it
     vocab = model.config.vocab_size
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:

@@ -40,7 +40,8 @@ def prepared(mode: str, cfg: ModelConfig = CFG):
 
 
 def fused_and_eager(model, max_batch: int = 5) -> tuple[Decoder, Decoder]:
-    fused, eager = (Decoder(copy.deepcopy(model), max_batch=max_batch, max_seq_len=320) for _ in range(2))
+    # prefill_chunk=128: fused calls of 128 rows, eager chunks of 128 tokens
+    fused, eager = (Decoder(copy.deepcopy(model), max_batch, 320, prefill_chunk=128) for _ in range(2))
     assert fused._fused is not None
     eager._fused = None  # the eager model, same weights
     return fused, eager

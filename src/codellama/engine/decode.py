@@ -6,8 +6,8 @@ Decode runs one token for every active slot at once.
 Three ways to run a step, picked once per Decoder:
 - CPU, float32 model with fused projections: FusedCPUDecode (engine/cpu_decode.py), each layer one C++
   call. Rows are (slot, position) pairs, so a decode step runs exactly the active slots and one prefill
-  call can take several short prompts (up to FUSED_PREFILL_ROWS tokens per call); a longer prompt is
-  prefilled by the eager model, whose attention suits long sequences.
+  call can take several short prompts (FUSED_PREFILL_ROWS tokens per call); a longer prompt is prefilled
+  by the eager model, whose attention suits long sequences.
 - CUDA: the decode step compiled with CUDA graphs (gpt-fast's recipe): always all max_batch rows and the
   whole static cache, so shapes never change and the step compiles once.
 - Otherwise the eager model. A step covers slots 0..n-1 as a contiguous prefix of the cache (a view, no
@@ -24,9 +24,10 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.model import Transformer
 
-# Tokens per fused prefill call, and the longest prompt prefilled that way: enough rows for the matmuls to
-# run as GEMMs, few enough that the per-row attention loop (quadratic in the prompt) stays cheap.
-FUSED_PREFILL_ROWS = 256
+# The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt),
+# and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs).
+FUSED_PREFILL_MAX_PROMPT = 256
+FUSED_PREFILL_ROWS = 1024
 
 
 class Decoder:
@@ -60,7 +61,7 @@ class Decoder:
         # Short prompts go through the fused step, several per call; long ones through the model's SDPA
         # (the fused step's attention loops per row, which a long prompt makes quadratic).
         out: list[torch.Tensor | None] = [None] * len(prompts)
-        short = [i for i, p in enumerate(prompts) if len(p) <= FUSED_PREFILL_ROWS]
+        short = [i for i, p in enumerate(prompts) if len(p) <= FUSED_PREFILL_MAX_PROMPT]
         if short:
             logits = self._fused_prefill([prompts[i] for i in short], [slots[i] for i in short])
             for i, row in zip(short, logits):
