@@ -194,6 +194,7 @@ template <class W>
 torch::Tensor run(const W& w, const torch::Tensor& x, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1), blocks = N / NB;
   auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const bool stream = W::quantised && M <= STREAM_M;
