@@ -1,6 +1,6 @@
 """Aggregate generation throughput of our server at 1, 4 and 16 concurrent clients.
 
-    python bench/bench_serve.py [--quantize int8] [--tokens 64] [--requests 2] [--random]
+    python bench/bench_serve.py [--quantize int8] [--tokens 64] [--requests 2] [--reps 3] [--random]
 
 The server is `codellama serve` in its own process (what users run), over SmolLM2-135M-Instruct (random
 weights of the smollm2-135m preset with --random), 16 batch slots. Each client sends
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--random", action="store_true")
     args = ap.parse_args()
     port = free_port()
@@ -62,14 +64,18 @@ def main() -> None:
                 time.sleep(0.5)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(measure(url, model, 2, 1, 8))  # warm up (kernels, allocator)
-        results = {}
-        for c in [int(x) for x in args.clients.split(",")]:
-            results[c] = asyncio.run(measure(url, model, c, args.requests, args.tokens))
-        one = results.get(1, (None,))[0]
-        print(f"quantize={args.quantize}, {args.tokens} tokens/request, {args.requests} requests/client")
-        print(f"{'clients':>8} {'tokens':>8} {'tok/s':>9} {'x 1 client':>11}")
-        for c, (tps, total) in results.items():
-            print(f"{c:>8} {total:>8} {tps:9.1f} {tps / one if one else float('nan'):11.2f}")
+        clients = [int(x) for x in args.clients.split(",")]
+        runs: dict[int, list[float]] = {c: [] for c in clients}
+        for _ in range(args.reps):  # interleaved: machine noise hits every client count alike
+            for c in clients:
+                runs[c].append(asyncio.run(measure(url, model, c, args.requests, args.tokens))[0])
+        results = {c: statistics.median(v) for c, v in runs.items()}
+        one = results.get(1)
+        print(f"quantize={args.quantize}, {args.tokens} tokens/request, {args.requests} requests/client, "
+              f"median of {args.reps}")
+        print(f"{'clients':>8} {'tok/s':>9} {'x 1 client':>11}")
+        for c, tps in results.items():
+            print(f"{c:>8} {tps:9.1f} {tps / one if one else float('nan'):11.2f}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
