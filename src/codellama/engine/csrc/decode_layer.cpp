@@ -2,8 +2,8 @@
 //
 // Decoding a small model on the CPU costs more in per-operator overhead than in arithmetic: eager PyTorch
 // spends ~45 operator calls per layer on a token (norms, RoPE, cache writes, attention, SwiGLU), ~14 ms per
-// token for SmolLM2-135M's 30 layers. Here the whole layer is one call: the four matmuls go to the int8 /
-// int4 kernels (or torch's float32 matmul), and everything between them is a plain loop over a few
+// token for SmolLM2-135M's 30 layers. Here the whole layer is one call: the four matmuls go to linear()
+// (qlinear.cpp: float32, int8 or int4 weights), and everything between them is a plain loop over a few
 // thousand floats. The arithmetic is model.py's, in float32:
 //
 //   h = x + wo(attention(rope(q), rope(k) -> cache, v -> cache))     q, k, v = wqkv(rmsnorm(x))
@@ -36,8 +36,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return r;
 }
 
-// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
-// error < 2e-7, as float32 rounding), 2^n put into the exponent bits. Inputs below -87 give 0.
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (truncation
+// error about 2e-7 relative, near float32 rounding), 2^n put into the exponent bits. x is clamped to
+// [-87, 88], where 2^n stays a normal float.
 inline __m256 exp8(__m256 x) {
   x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
@@ -138,9 +139,9 @@ void attend(const float* q, int64_t group, const float* K, const float* V, int64
 }
 
 // [B, 2F] (gate | up) -> [B, F]: silu(gate) * up = gate / (1 + e^-gate) * up
-torch::Tensor swiglu(const torch::Tensor& gu) {
+at::Tensor swiglu(const at::Tensor& gu) {
   const int64_t B = gu.size(0), F = gu.size(1) / 2;
-  auto y = torch::empty({B, F}, gu.options());
+  auto y = at::empty({B, F}, gu.options());
   const float* gp = gu.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -159,9 +160,9 @@ torch::Tensor swiglu(const torch::Tensor& gu) {
 }
 
 // [B, D] -> [B, D]: x * rsqrt(mean(x^2) + eps) * weight
-torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t B = x.size(0), D = x.size(1);
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -174,7 +175,7 @@ torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& weight, doubl
 }
 
 // y += x, both contiguous float32 of the same size (a plain loop: no parallel region for a few floats)
-inline void add_into(torch::Tensor& y, const torch::Tensor& x) {
+inline void add_into(at::Tensor& y, const at::Tensor& x) {
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += xp[i];
@@ -193,17 +194,17 @@ inline void rope(float* v, int64_t heads, int64_t hd, const float* cos, const fl
 
 }  // namespace
 
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor slots, torch::Tensor pos, torch::Tensor cos, torch::Tensor sin,
-                           torch::Tensor attn_norm, torch::Tensor wqkv, torch::Tensor wqkv_s, torch::Tensor wo,
-                           torch::Tensor wo_s, torch::Tensor ffn_norm, torch::Tensor w13, torch::Tensor w13_s,
-                           torch::Tensor w2, torch::Tensor w2_s, torch::Tensor cache_k, torch::Tensor cache_v,
+at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tensor cos, at::Tensor sin,
+                           at::Tensor attn_norm, at::Tensor wqkv, at::Tensor wqkv_s, at::Tensor wo,
+                           at::Tensor wo_s, at::Tensor ffn_norm, at::Tensor w13, at::Tensor w13_s,
+                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_k, at::Tensor cache_v,
                            int64_t n_heads, double eps) {
   // x [B, D] float32; slots, pos [B] int64; cos/sin [B, hd/2] float32; cache_k/v [slots, Hkv, S, hd] float32
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: float32 [B, D]");
-  TORCH_CHECK(cache_k.scalar_type() == torch::kFloat32 && cache_k.is_contiguous() && cache_v.is_contiguous(),
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [B, D]");
+  TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() && cache_v.is_contiguous(),
               "cache: contiguous float32 [slots, Hkv, S, hd]");
-  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.numel() == x.size(0), "pos: int64 [B]");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == x.size(0),
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == x.size(0), "pos: int64 [B]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: int64 [B]");
   const int64_t B = x.size(0), Hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
   const int64_t H = n_heads, group = H / Hkv, qdim = H * hd, kvdim = Hkv * hd;
@@ -233,7 +234,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor slots, torch::Tensor p
     }
   }
 
-  auto att = torch::empty({B, qdim}, x.options());  // [B, H * hd]
+  auto att = at::empty({B, qdim}, x.options());  // [B, H * hd]
   float* ap = att.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(hd));
   parallel_for(B * Hkv, 1, [&](int64_t i0, int64_t i1) {

@@ -1,5 +1,7 @@
 // Python bindings of the CPU kernels (built on first use by engine/kernels.py). Both release the GIL while
 // they run, as torch's own operators do: the server's event loop keeps answering during a decode step.
+#include <torch/extension.h>
+
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -191,9 +191,9 @@ struct Int4W {
 };
 
 template <class W>
-torch::Tensor run(const W& w, const torch::Tensor& x, int64_t N) {
+at::Tensor run(const W& w, const at::Tensor& x, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1), blocks = N / NB;
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -224,38 +224,38 @@ torch::Tensor run(const W& w, const torch::Tensor& x, int64_t N) {
   return y;
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && s.is_contiguous() && s.scalar_type() == torch::kFloat32,
+void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && s.is_contiguous() && s.scalar_type() == at::kFloat,
               "weights: contiguous [N, *], float32 scales");
 }
 
 }  // namespace
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
-  if (w.scalar_type() == torch::kInt8) return int8_linear(x, w, s);
-  if (w.scalar_type() == torch::kUInt8) return int4_linear(x, w, s);
+at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s) {
+  if (w.scalar_type() == at::kChar) return int8_linear(x, w, s);
+  if (w.scalar_type() == at::kByte) return int4_linear(x, w, s);
   // float32: torch's GEMM for many rows; for a few, ours (torch's small-M path is 2-4x slower here)
   return x.size(0) <= 32 ? float_linear(x, w) : at::linear(x, w);
 }
 
-torch::Tensor float_linear(torch::Tensor x, torch::Tensor w) {
+at::Tensor float_linear(at::Tensor x, at::Tensor w) {
   check(x, w, x);
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.size(1) == x.size(1), "float32 weight [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.size(1) == x.size(1), "float32 weight [N, K]");
   return run(Float32W{w.data_ptr<float>(), w.size(1)}, x, w.size(0));
 }
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale) {
   check(x, w, scale);
-  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.size(1) == x.size(1), "int8 weight [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "int8 weight [N, K]");
   TORCH_CHECK(scale.numel() == w.size(0), "scale [N]");
   return run(Int8W{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)}, x, w.size(0));
 }
 
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sz) {
+at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   check(x, w, sz);
   const int64_t K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
+  TORCH_CHECK(w.scalar_type() == at::kByte && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 32) * 2, "scales [N, K/32, 2]");
   return run(Int4W{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N);
 }
