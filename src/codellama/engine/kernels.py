@@ -39,8 +39,7 @@ def _build():
 
         csrc = Path(__file__).with_name("csrc")
         return load(name="codellama_cpu_kernels", sources=[str(csrc / s) for s in SOURCES],
-                    extra_include_paths=[str(csrc)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_include_paths=[str(csrc)], extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
     except Exception as e:  # no compiler / ninja / headers: correct but slower
         log.warning("could not build the CPU kernels (%s); using the portable PyTorch path", e)
         return None

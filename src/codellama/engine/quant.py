@@ -2,9 +2,9 @@
 
 Decoding reads every weight once per token, so fewer bytes per weight is speed. On the CPU a small C++
 kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
-quantised weights directly; without a compiler,
-or for large M (prefill), or on a GPU, the weights are widened and multiplied with F.linear (on a GPU that
-is gpt-fast's int8 formulation, which torch.compile fuses into the matmul).
+quantised weights directly; without a compiler, or for large M (prefill), or on a GPU, the weights are
+widened and multiplied with F.linear (on a GPU that is gpt-fast's int8 formulation, which torch.compile
+fuses into the matmul).
 
 The embedding table stays in floating point (a lookup reads one row); a tied output projection gets its
 own quantised copy. A quantised model is for inference only.
