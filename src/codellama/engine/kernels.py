@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
+NAME = "codellama_cpu_kernels"
 SOURCES = ("parallel.cpp", "qlinear.cpp", "decode_layer.cpp", "module.cpp")
 
 _kernels: object | None | bool = None  # the built extension, False when unavailable
@@ -35,10 +37,13 @@ def _build():
         log.info("CPU without AVX2: the engine uses its portable PyTorch path")
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        if not any(root.glob(f"*/{NAME}/{NAME}*.so")):  # say why the first run pauses
+            print("codellama: compiling the CPU kernels (first use only, about a minute)", file=sys.stderr)
         csrc = Path(__file__).with_name("csrc")
-        return load(name="codellama_cpu_kernels", sources=[str(csrc / s) for s in SOURCES],
+        return load(name=NAME, sources=[str(csrc / s) for s in SOURCES],
                     extra_include_paths=[str(csrc)], extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
     except Exception as e:  # no compiler / ninja / headers: correct but slower
         log.warning("could not build the CPU kernels (%s); using the portable PyTorch path", e)
