@@ -40,7 +40,9 @@ def _build():
         from torch.utils.cpp_extension import get_default_build_root, load
 
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-        if not any(root.glob(f"*/{NAME}/{NAME}*.so")):  # say why the first run pauses
+        # torch builds in ROOT/NAME under TORCH_EXTENSIONS_DIR, else in ROOT/<python>_<cuda>/NAME
+        built = [*root.glob(f"{NAME}/{NAME}*.so"), *root.glob(f"*/{NAME}/{NAME}*.so")]
+        if not built:  # say why the first run pauses
             print("codellama: compiling the CPU kernels (first use only, about a minute)", file=sys.stderr)
         csrc = Path(__file__).with_name("csrc")
         return load(name=NAME, sources=[str(csrc / s) for s in SOURCES],
