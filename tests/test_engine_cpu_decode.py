@@ -105,3 +105,24 @@ def test_real_smollm2_fused_greedy_equals_transformers():
     ours = gen.generate([ids], SamplingParams(max_new_tokens=24, stop_ids=()))[0]
     assert gen._decoder._fused is not None
     assert ours.tokens == ref[0, len(ids):].tolist()
+
+
+def _child_matmul(queue) -> None:
+    x, w = torch.ones(16, 64), torch.ones(256, 64)  # 64 blocks of 4 rows: a parallel loop
+    queue.put(float(cpu_kernels().linear(x, w, torch.empty(0)).sum()))
+
+
+def test_kernels_work_in_a_forked_child():
+    import multiprocessing
+
+    cpu_kernels().linear(torch.ones(16, 64), torch.ones(256, 64), torch.empty(0))  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_matmul, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung on the parent's thread pool"
+    assert queue.get(timeout=5) == 16 * 256 * 64

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -81,6 +82,13 @@ class Pool {
 std::mutex pool_mutex;  // one loop at a time uses the pool
 std::unique_ptr<Pool> pool;
 thread_local bool inside = false;
+
+// A forked child has none of the pool's threads: forget the pool (not destroyed: its threads cannot be
+// joined there), so the child's first loop starts a new one instead of waiting forever.
+const bool fork_handler = [] {
+  pthread_atfork(nullptr, nullptr, [] { (void)pool.release(); });
+  return true;
+}();
 
 }  // namespace
 
