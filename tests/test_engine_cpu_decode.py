@@ -19,19 +19,17 @@ from helpers import hf_twin, naive_greedy, random_model
 # GQA (4 query heads on 2 kv heads), head_dim 16, a vocabulary that is not a multiple of 4 output rows
 CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden=96, max_seq_len=512,
                   rope_theta=1e6, norm_eps=1e-5, name="gqa")
+# head_dim 72: the value sums in a full 8-register chunk plus one more vector; 20: not a multiple of 8
+WIDE = ModelConfig(dim=144, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=101, ffn_hidden=96, max_seq_len=512,
+                   name="hd72")
+ODD = ModelConfig(dim=80, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=101, ffn_hidden=96, max_seq_len=512,
+                  name="hd20")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def need_kernels():
     if cpu_kernels() is None:
         pytest.skip("the CPU kernels cannot be built here (no AVX2 or no compiler)")
-
-
-# head_dim 72: the value sums in a full 8-register chunk plus one more vector; 20: not a multiple of 8
-WIDE = ModelConfig(dim=144, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=101, ffn_hidden=96, max_seq_len=512,
-                   name="hd72")
-ODD = ModelConfig(dim=80, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=101, ffn_hidden=96, max_seq_len=512,
-                  name="hd20")
 
 
 def prepared(mode: str, cfg: ModelConfig = CFG):
