@@ -51,9 +51,10 @@ def _weights(fmt: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return w, torch.empty(0), w
 
 
-# M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the widened block (3-row tiles and their remainders),
-# 33 past the float32 kernel's limit; N % 4 != 0 exercises the tail rows, K % 8 != 0 the tail columns.
-@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33])
+# M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the
+# widened block (3-row tiles and their remainders), 257 past our float32 kernel's limit (torch's GEMM);
+# N % 4 != 0 exercises the tail rows, K % 8 != 0 the tail columns.
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
 def test_linear_kernel_equals_matmul(fmt, M, N, K):
