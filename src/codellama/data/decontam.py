@@ -20,7 +20,6 @@ has fewer; the report names the benchmark item and the first matching n-gram.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import numpy as np
 
 from codellama.data.words import analyse, ngram_hashes
 from codellama.errors import UserError
+from codellama.eval.data import read_jsonl
 
 DATA_DIR_ENV = "CODELLAMA_DATA_DIR"
 
@@ -175,17 +175,9 @@ def _humaneval_items() -> Iterator[tuple[Item, str]]:
         yield Item("humaneval", task_id, task_id), p["prompt"] + p["canonical_solution"]
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 def _mbpp_items(data_dir: Path) -> Iterator[tuple[Item, str]]:
     for path in sorted(data_dir.rglob("mbpp.jsonl")):
-        for rec in _read_jsonl(path):
+        for rec in read_jsonl(path):
             tid = str(rec["task_id"])
             yield Item("mbpp", tid, f"mbpp/{tid}"), rec.get("text", "") + "\n" + rec["code"]
     for path in sorted(data_dir.rglob("sanitized-mbpp.json")):
@@ -200,7 +192,7 @@ _MULTIPLE_NAME = re.compile(r"HumanEval_(\d+)_")
 def _multipl_e_items(data_dir: Path) -> Iterator[tuple[Item, str]]:
     for path in sorted(data_dir.rglob("humaneval-*.jsonl")):
         lang = path.stem.removeprefix("humaneval-")
-        for rec in _read_jsonl(path):
+        for rec in read_jsonl(path):
             name = rec.get("name", "")
             m = _MULTIPLE_NAME.match(name)
             group = f"HumanEval/{m.group(1)}" if m else f"multipl-e/{name}"
