@@ -10,8 +10,8 @@ import sentencepiece as spm
 from codellama.errors import UserError
 from codellama.prompts import (chat_format, chat_stop_ids, chat_tokens, infill_tokens, instruct_tokens,
                                split_fill_me, step_tokens)
-from codellama.tokenizer import BPETokenizer, SentencePieceTokenizer, codellama_tokenizer, load_tokenizer, save_tokenizer
-from tokenizer_fixtures import LLAMA2_TEMPLATE, hf_codellama
+from codellama.tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
+from tokenizer_fixtures import LLAMA2_TEMPLATE, fresh_codellama_tokenizers, hf_codellama
 
 SPEC_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """ '
 SPEC_SUFFIX = "\n    return result\n"
@@ -101,12 +101,7 @@ def test_split_fill_me():
 
 
 def test_infill_refused_without_infill_tokens(smollm2, tmp_path, monkeypatch):
-    monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
-    codellama_tokenizer.cache_clear()
-    try:
-        python_vocab = codellama_tokenizer("python")
-    finally:
-        codellama_tokenizer.cache_clear()
+    [python_vocab] = fresh_codellama_tokenizers(monkeypatch, tmp_path, "python")
     for tok in (smollm2, python_vocab):
         with pytest.raises(UserError) as e:
             infill_tokens(tok, "a", "b")
@@ -171,12 +166,7 @@ def test_instruct_equals_transformers_chat_template(codellama, tmp_path):
 
 # --- 70B Instruct Source/<step> ----------------------------------------------------------------------------
 def test_step_layout_equals_spec(tmp_path, monkeypatch):
-    monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
-    codellama_tokenizer.cache_clear()
-    try:
-        t = codellama_tokenizer("70b-instruct")
-    finally:
-        codellama_tokenizer.cache_clear()
+    [t] = fresh_codellama_tokenizers(monkeypatch, tmp_path, "70b-instruct")
     sp = spm.SentencePieceProcessor(model_proto=t.model_proto)
     step = 32015
     assert chat_format(t) == "step" and chat_stop_ids(t) == {2, step}

@@ -12,7 +12,7 @@ from codellama import spm_proto
 from codellama.errors import UserError
 from codellama.tokenizer import (BPETokenizer, SentencePieceTokenizer, codellama_tokenizer, load_tokenizer,
                                  save_tokenizer, tokenizer_from_gguf, write_gguf_tokenizer)
-from tokenizer_fixtures import GGUF_SMOLLM2, INFILL, TRICKY, hf_codellama
+from tokenizer_fixtures import GGUF_SMOLLM2, INFILL, TRICKY, fresh_codellama_tokenizers, hf_codellama
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +80,10 @@ def test_codellama_vocabulary(codellama):
 
 
 def test_codellama_variants(tmp_path, monkeypatch):
-    monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
-    codellama_tokenizer.cache_clear()
     try:
-        py = codellama_tokenizer("python")
-        inst70 = codellama_tokenizer("70b-instruct")
+        py, inst70 = fresh_codellama_tokenizers(monkeypatch, tmp_path, "python", "70b-instruct")
     except UserError as e:
         pytest.skip(str(e))
-    finally:
-        codellama_tokenizer.cache_clear()
     assert (tmp_path / "tokenizer-codellama-python.model").is_file()  # cached where $CODELLAMA_CACHE says
     assert py.vocab_size == 32000 and not py.can_infill and py.prefix_id is None
     assert inst70.vocab_size == 32016 and inst70.step_id == 32015 and inst70.can_infill
@@ -288,15 +283,11 @@ def test_llama_style_tokenizer_json_infilling(tmp_path, sp_dir, sp_tok):
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
     (tmp_path / "tokenizer-codellama-base.model").write_bytes(b"\x0a\x03abc")
-    codellama_tokenizer.cache_clear()
     try:
-        tok = codellama_tokenizer()
+        [tok] = fresh_codellama_tokenizers(monkeypatch, tmp_path, "base")
     except UserError as e:
         pytest.skip(str(e))
-    finally:
-        codellama_tokenizer.cache_clear()
     assert tok.vocab_size == 32016
     assert (tmp_path / "tokenizer-codellama-base.model").stat().st_size > 100_000
 

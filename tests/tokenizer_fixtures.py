@@ -14,6 +14,7 @@ from codellama.assets import SMOLLM2_GGUF, package_file
 import sentencepiece as spm
 
 from codellama import spm_proto
+from codellama.tokenizer import codellama_tokenizer
 
 INFILL = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
 
@@ -26,6 +27,17 @@ TRICKY = [
 ]
 
 GGUF_SMOLLM2 = package_file(*SMOLLM2_GGUF)
+
+
+def fresh_codellama_tokenizers(monkeypatch, cache_dir, *variants):
+    """codellama_tokenizer(variant) for each variant, built with $CODELLAMA_CACHE at cache_dir and the
+    function's in-memory cache cleared before and after (so no other test sees these objects)."""
+    monkeypatch.setenv("CODELLAMA_CACHE", str(cache_dir))
+    codellama_tokenizer.cache_clear()
+    try:
+        return [codellama_tokenizer(v) for v in variants]
+    finally:
+        codellama_tokenizer.cache_clear()
 
 
 def _training_text() -> list[str]:
