@@ -44,10 +44,13 @@ inline void widen_group4(const uint8_t* p, __m256 s, __m256 z, __m256 out[4]) {
   out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, z);
 }
 
-// y[m + r, n0 + j] = post[j] * (x[m + r] . rows[j]) for r < MR, j < NB; rows are float32 [K]
-template <int MR>
-inline void float_tile(const float* x, int64_t K, const float* const rows[NB], const float post[NB], float* y,
-                       int64_t N, int64_t m, int64_t n0, const char* prefetch = nullptr, int64_t prefetch_bytes = 0) {
+// y[m + r, n0 + j] = post[j] * sum_k x[m + r, k] * w_j[k] for r < MR, j < NB, where load(j, k) gives the
+// 8 weights w_j[k : k + 8] as float32 (read, or widened from a quantised row) and one(j, k) a single one
+// (the K % 8 tail). With `prefetch`, also pulls the next block's weights into cache, a cache line per 4
+// columns of k, so the next block is not waited for.
+template <int MR, class Load, class One>
+inline void tile(const float* x, int64_t K, Load load, One one, const float* post, float* y, int64_t N, int64_t m,
+                 int64_t n0, const char* prefetch = nullptr, int64_t prefetch_bytes = 0) {
   __m256 acc[MR][NB];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
@@ -55,22 +58,31 @@ inline void float_tile(const float* x, int64_t K, const float* const rows[NB], c
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x + (m + r) * K + k);
-    if (prefetch && (k & 15) == 0) {  // spread over the k loop: one cache line of the next block per step
+    if (prefetch && (k & 15) == 0) {
       const int64_t at = (k / 16) * 64 * 4;
       for (int c = 0; c < 4; ++c)
         if (at + c * 64 < prefetch_bytes) _mm_prefetch(prefetch + at + c * 64, _MM_HINT_T0);
     }
     for (int j = 0; j < NB; ++j) {
-      const __m256 wv = _mm256_loadu_ps(rows[j] + k);
+      const __m256 wv = load(j, k);
       for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r], acc[r][j]);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[r][j]);
-      for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * rows[j][k];
+      for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * one(j, k);
       y[(m + r) * N + n0 + j] = s * post[j];
     }
+}
+
+// tile() over float32 rows
+template <int MR>
+inline void float_tile(const float* x, int64_t K, const float* const rows[NB], const float post[NB], float* y,
+                       int64_t N, int64_t m, int64_t n0, const char* prefetch, int64_t prefetch_bytes) {
+  tile<MR>(
+      x, K, [&](int j, int64_t k) { return _mm256_loadu_ps(rows[j] + k); }, [&](int j, int64_t k) { return rows[j][k]; },
+      post, y, N, m, n0, prefetch, prefetch_bytes);
 }
 
 // All rows of x against one block of float rows, 3 rows of x at a time. Not inlined: inlined into the
@@ -84,8 +96,9 @@ __attribute__((noinline)) void float_block(const float* x, int64_t M, int64_t K,
   if (M - m == 1) float_tile<1>(x, K, rows, post, y, N, m, n0, m ? nullptr : prefetch, prefetch_bytes);
 }
 
-// The three weight formats. Each gives: stream<MR> (widen in registers, for M <= STREAM_M), widen (the
-// block as float32 rows, possibly into buf) with a per-row factor applied after the sum, and one weight.
+// The three weight formats. Each gives: widen (the block as float32 rows, possibly into buf, with a
+// per-row factor applied after the sum), one weight (at), its raw bytes (for prefetching) and, quantised
+// ones only, stream<MR> (widened in registers, for M <= STREAM_M).
 struct Float32W {
   const float* w;
   int64_t K;
@@ -93,8 +106,6 @@ struct Float32W {
   void widen(int64_t n0, float*, const float* rows[NB], float post[NB]) const {
     for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + j) * K, post[j] = 1.0f;
   }
-  template <int MR>
-  void stream(const float*, float*, int64_t, int64_t, int64_t) const {}
   float at(int64_t n, int64_t k) const { return w[n * K + k]; }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
   int64_t raw_bytes() const { return NB * K * 4; }
@@ -117,24 +128,10 @@ struct Int8W {
   }
   template <int MR>
   void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0) const {
-    __m256 acc[MR][NB];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
-    const int64_t K8 = K & ~int64_t(7);
-    for (int64_t k = 0; k < K8; k += 8) {
-      __m256 xv[MR];
-      for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x + (m + r) * K + k);
-      for (int j = 0; j < NB; ++j) {
-        const __m256 wv = widen8(w + (n0 + j) * K + k);
-        for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r], acc[r][j]);
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NB; ++j) {
-        float s = hsum(acc[r][j]);
-        for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * float(w[(n0 + j) * K + k]);
-        y[(m + r) * N + n0 + j] = s * scale[n0 + j];
-      }
+    const int8_t* rows = w + n0 * K;
+    tile<MR>(
+        x, K, [&](int j, int64_t k) { return widen8(rows + j * K + k); },
+        [&](int j, int64_t k) { return float(rows[j * K + k]); }, scale + n0, y, N, m, n0);
   }
   float at(int64_t n, int64_t k) const { return float(w[n * K + k]) * scale[n]; }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
@@ -204,15 +201,17 @@ at::Tensor run(const W& w, const at::Tensor& x, int64_t N) {
     float post[NB];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB;
-      if (stream) {
-        if (M == 2) w.template stream<2>(xp, yp, N, 0, n0);
-        else w.template stream<1>(xp, yp, N, 0, n0);
-      } else {
-        w.widen(n0, buf.data(), rows, post);
-        // the next block's weights come in from memory while this one is multiplied out of cache
-        const bool next = b + 1 < b1;
-        float_block(xp, M, K, rows, post, yp, N, n0, next ? w.raw(n0 + NB) : nullptr, next ? w.raw_bytes() : 0);
+      if constexpr (W::quantised) {  // float32 weights have no stream()
+        if (stream) {
+          if (M == 2) w.template stream<2>(xp, yp, N, 0, n0);
+          else w.template stream<1>(xp, yp, N, 0, n0);
+          continue;
+        }
       }
+      w.widen(n0, buf.data(), rows, post);
+      // the next block's weights come in from memory while this one is multiplied out of cache
+      const bool next = b + 1 < b1;
+      float_block(xp, M, K, rows, post, yp, N, n0, next ? w.raw(n0 + NB) : nullptr, next ? w.raw_bytes() : 0);
     }
   });
   for (int64_t n = blocks * NB; n < N; ++n)  // the last N % 4 rows
