@@ -7,6 +7,7 @@ without a compiler is correct, only slower. CODELLAMA_NO_KERNELS=1 forces the fa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -45,8 +46,10 @@ def _build():
         if not built:  # say why the first run pauses
             print("codellama: compiling the CPU kernels (first use only, about a minute)", file=sys.stderr)
         csrc = Path(__file__).with_name("csrc")
-        return load(name=NAME, sources=[str(csrc / s) for s in SOURCES],
-                    extra_include_paths=[str(csrc)], extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+        # torch rebuilds when the sources or flags change, not the headers: put their hash in the flags
+        headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(csrc.glob("*.h")))).hexdigest()[:16]
+        return load(name=NAME, sources=[str(csrc / s) for s in SOURCES], extra_include_paths=[str(csrc)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", f"-DCODELLAMA_HEADERS={headers}"], verbose=False)
     except Exception as e:  # no compiler / ninja / headers: correct but slower
         log.warning("could not build the CPU kernels (%s); using the portable PyTorch path", e)
         return None

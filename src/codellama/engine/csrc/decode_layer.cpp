@@ -21,6 +21,7 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace {
 
@@ -28,10 +29,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float r = _mm_cvtss_f32(s);
+  float r = hsum(acc);
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
 }
@@ -74,8 +72,7 @@ inline float exp_shifted(float* p, int64_t n, float mx) {
     _mm256_storeu_ps(p + t, e);
     acc = _mm256_add_ps(acc, e);
   }
-  const float ones[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-  float sum = dot(reinterpret_cast<const float*>(&acc), ones, 8);
+  float sum = hsum(acc);
   for (; t < n; ++t) sum += (p[t] = exp1(p[t] - mx));
   return sum;
 }

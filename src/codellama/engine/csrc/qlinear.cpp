@@ -16,18 +16,12 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace {
 
 constexpr int64_t NB = 4;         // output rows per block
 constexpr int64_t STREAM_M = 2;   // up to this many rows of x, quantised weights are widened in registers
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 float32
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
