@@ -33,11 +33,12 @@ async def client(http: httpx.AsyncClient, url: str, model: str, cid: int, reques
     return done
 
 
-async def measure(url: str, model: str, clients: int, requests: int, tokens: int) -> tuple[float, int]:
+async def measure(url: str, model: str, clients: int, requests: int, tokens: int) -> float:
+    """Aggregate completion tokens/s of `clients` concurrent clients."""
     async with httpx.AsyncClient(timeout=600) as http:
         t = time.perf_counter()
         counts = await asyncio.gather(*(client(http, url, model, c, requests, tokens) for c in range(clients)))
-        return sum(counts) / (time.perf_counter() - t), sum(counts)
+        return sum(counts) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
         runs: dict[int, list[float]] = {c: [] for c in clients}
         for _ in range(args.reps):  # interleaved: machine noise hits every client count alike
             for c in clients:
-                runs[c].append(asyncio.run(measure(url, model, c, args.requests, args.tokens))[0])
+                runs[c].append(asyncio.run(measure(url, model, c, args.requests, args.tokens)))
         results = {c: statistics.median(v) for c, v in runs.items()}
         one = results.get(1)
         print(f"quantize={args.quantize}, {args.tokens} tokens/request, {args.requests} requests/client, "
