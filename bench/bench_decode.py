@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
     ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
+    ap.add_argument("--int8", action="store_true", help="GPU: also our compiled weight-only int8 model")
     args = ap.parse_args()
     if args.device != "cpu":
         return gpu_main(args)
@@ -162,7 +163,7 @@ def main() -> None:
 
 
 def gpu_main(args) -> None:
-    """GPU: our compiled bf16 decode (and int8) vs transformers' generate, random weights of --preset."""
+    """GPU: our compiled bf16 decode (and int8 with --int8) vs transformers' generate, random weights of --preset."""
     cfg = preset(args.preset or "codellama-7b")
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -175,6 +176,10 @@ def gpu_main(args) -> None:
     runners = {}
     gen = Generator(fuse_projections(model), max_seq_len=len(prompt) + n + 1, compile=True)
     runners["ours bf16 compiled"] = (lambda: gen.generate([prompt], params), weight_bytes(model))
+    if args.int8:
+        q8 = quantize(copy.deepcopy(model), "int8")
+        gen8 = Generator(q8, max_seq_len=len(prompt) + n + 1, compile=True)
+        runners["ours int8 compiled"] = (lambda: gen8.generate([prompt], params), weight_bytes(q8))
     hf = hf_twin_from_state(model, cfg, args.device)
     ids = torch.tensor([prompt], device=args.device)
 
