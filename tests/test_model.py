@@ -89,3 +89,17 @@ def test_ffn_rule_and_unknown_preset():
     with pytest.raises(ValueError, match="known presets: .*codellama-7b"):
         preset("codellama-8b")
     assert "tiny" in PRESETS
+
+
+def test_blocks_compiled_with_dynamic_shapes_match_eager():
+    # The trainer compiles each block; a symbolic sequence length must not break tracing (SDPA's
+    # is_causal takes a plain bool) and the compiled numbers must stay the eager ones.
+    model = random_model(CONFIGS["gqa-theta1e6"])
+    tokens = [torch.randint(0, 300, (2, t)) for t in (16, 24)]
+    with torch.no_grad():
+        eager = [model(x) for x in tokens]
+        for block in model.layers:
+            block.compile(fullgraph=True, dynamic=True)
+        compiled = [model(x) for x in tokens]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
