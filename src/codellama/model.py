@@ -107,10 +107,6 @@ class KVCache(nn.Module):
         return keys[step.slots], values[step.slots]
 
 
-# Devices whose one-query (decode) attention runs as plain matmul/softmax ops rather than SDPA.
-PLAIN_DECODE_ATTENTION = {"cpu"}
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,8 +143,9 @@ class Attention(nn.Module):
             # kv_len (eager path) skips the unused tail of the static cache
             k, v = self.cache.update(step, k, v)  # [B, Hkv, S, hd]
             mask = step.mask  # [B, T, S]: causal, per row
-            if T == 1 and x.device.type in PLAIN_DECODE_ATTENTION:
-                out = _decode_attention(q, k, v, mask)  # SDPA's fixed cost dominates for one query
+            if T == 1 and x.device.type == "cpu":
+                # CPU SDPA's fixed cost dominates for one query (on an H200 the plain ops were no faster)
+                out = _decode_attention(q, k, v, mask)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,85 @@
+"""Where a GPU decode step's time goes: the host, or the kernels (and which kernels).
+
+    python bench/profile_decode.py --preset smollm2-135m     # on a GPU; random bf16 weights of the preset
+
+Prints, for our compiled decode step (CUDA graphs):
+- per-token wall time of Generator.generate (host and device in turn, one host sync per token),
+- per-step time of the compiled step replayed back to back (the host runs ahead: device time alone),
+- the kernels of one step from torch.profiler: how many, their summed time, the most expensive.
+The gap between the first two figures is host overhead per token; the third says what the device does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from codellama.config import preset
+from codellama.engine.quant import fuse_projections
+from codellama.generate import Generator
+from codellama.model import Transformer
+from codellama.sampling import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(preset(args.preset))
+    model = fuse_projections(model.to_empty(device="cuda"))
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    prompt, n = [1] + list(range(100, 115)), args.tokens
+    params = SamplingParams(max_new_tokens=n, stop_ids=())
+    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=True)
+    t0 = time.perf_counter()
+    for _ in range(2):  # compile, record the graph
+        gen.generate([prompt], params)
+    print(f"{args.preset} on {torch.cuda.get_device_name()}: compile and warm-up {time.perf_counter() - t0:.0f} s")
+
+    walls = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gen.generate([prompt], params)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+    wall_us = statistics.median(walls) / n * 1e6
+
+    decoder = gen._decoder
+    with torch.inference_mode():  # the mode generate runs in, so the same compiled graph is used
+        tok = torch.zeros(decoder.max_batch, 1, dtype=torch.long, device="cuda")
+        pos = torch.full((decoder.max_batch, 1), len(prompt), dtype=torch.long, device="cuda")
+        for _ in range(5):
+            decoder._compiled_step(tok, pos)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            decoder._compiled_step(tok, pos)
+        torch.cuda.synchronize()
+        step_us = (time.perf_counter() - t) / 200 * 1e6
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                decoder._compiled_step(tok, pos)
+            torch.cuda.synchronize()
+    print(f"generate: {wall_us:.0f} us/token ({1e6 / wall_us:.1f} tok/s); compiled step back to back: "
+          f"{step_us:.0f} us ({1e6 / step_us:.1f} steps/s); host overhead ~{wall_us - step_us:.0f} us/token")
+
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    print(f"{len(kernels) / 10:.0f} kernels per step, {sum(e.device_time for e in kernels) / 10:.0f} us of kernel time:")
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
+        print(f"  {sum(times) / 10:8.1f} us  x{len(times) / 10:5.1f}  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
