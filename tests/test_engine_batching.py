@@ -33,6 +33,12 @@ def model(request):
     return model
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def scheduler(request):
+    """Scheduler, reading each step's tokens at once or (overlap, the GPU default) after queueing the next."""
+    return lambda decoder, **kw: Scheduler(decoder, overlap=request.param, **kw)
+
+
 def run(sched: Scheduler, arrivals: dict[int, list[tuple]] | None = None) -> dict[int, object]:
     """Step until idle; arrivals[k] = requests (prompt, params) submitted before step k."""
     arrivals = dict(arrivals or {})
@@ -47,9 +53,9 @@ def run(sched: Scheduler, arrivals: dict[int, list[tuple]] | None = None) -> dic
     return out
 
 
-def test_staggered_arrivals_equal_full_recompute(model):
+def test_staggered_arrivals_equal_full_recompute(model, scheduler):
     # 3 slots for 6 requests of different lengths arriving at different steps: rows join and leave
-    sched = Scheduler(Decoder(model, max_batch=3, max_seq_len=96), stop_ids=())
+    sched = scheduler(Decoder(model, max_batch=3, max_seq_len=96), stop_ids=())
     lengths = [12, 3, 9, 7, 15, 1]
     arrivals = {0: [], 2: [], 5: []}
     for i, (p, n) in enumerate(zip(PROMPTS, lengths)):
@@ -61,25 +67,25 @@ def test_staggered_arrivals_equal_full_recompute(model):
     assert sorted(sched.free_slots) == [0, 1, 2] and not sched.active
 
 
-def test_scheduler_equals_generator_alone(model):
+def test_scheduler_equals_generator_alone(model, scheduler):
     gen = Generator(random_model(CFG, seed=1))  # a twin: the scheduler below owns `model`'s cache
     params = SamplingParams(max_new_tokens=10, stop_ids=())
     alone = [gen.generate([p], params)[0].tokens for p in PROMPTS]
-    sched = Scheduler(Decoder(model, max_batch=8, max_seq_len=96), stop_ids=())
+    sched = scheduler(Decoder(model, max_batch=8, max_seq_len=96), stop_ids=())
     out = run(sched, {0: [(p, params) for p in PROMPTS]})
     assert [out[i].tokens for i in range(len(PROMPTS))] == alone
 
 
-def test_seeded_sampling_same_alone_and_among_others(model):
+def test_seeded_sampling_same_alone_and_among_others(model, scheduler):
     sp = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=7)
-    alone = run(Scheduler(Decoder(model, 4, 96), stop_ids=()), {0: [(PROMPTS[0], sp)]})[0].tokens
+    alone = run(scheduler(Decoder(model, 4, 96), stop_ids=()), {0: [(PROMPTS[0], sp)]})[0].tokens
     others = [(p, SamplingParams(max_new_tokens=5, temperature=1.0, seed=i)) for i, p in enumerate(PROMPTS[1:4])]
-    out = run(Scheduler(Decoder(model, 4, 96), stop_ids=()), {0: others, 3: [(PROMPTS[0], sp)]})
+    out = run(scheduler(Decoder(model, 4, 96), stop_ids=()), {0: others, 3: [(PROMPTS[0], sp)]})
     assert out[3].tokens == alone
 
 
-def test_cancel_frees_slot_for_waiting_request(model):
-    sched = Scheduler(Decoder(model, max_batch=2, max_seq_len=96), stop_ids=())
+def test_cancel_frees_slot_for_waiting_request(model, scheduler):
+    sched = scheduler(Decoder(model, max_batch=2, max_seq_len=96), stop_ids=())
     long = SamplingParams(max_new_tokens=50)
     a, b = sched.submit(PROMPTS[0], long), sched.submit(PROMPTS[1], long)
     c = sched.submit(PROMPTS[2], SamplingParams(max_new_tokens=4))
@@ -96,17 +102,39 @@ def test_cancel_frees_slot_for_waiting_request(model):
     assert sorted(sched.free_slots) == [0, 1]
 
 
-def test_stop_ids_and_lengths_per_request(model):
+def test_stop_ids_and_lengths_per_request(model, scheduler):
     free = naive_greedy(model, PROMPTS[0], 10)
-    sched = Scheduler(Decoder(model, 4, 96), stop_ids=())
+    sched = scheduler(Decoder(model, 4, 96), stop_ids=())
     out = run(sched, {0: [(PROMPTS[0], SamplingParams(max_new_tokens=10, stop_ids=(free[3],))),
                           (PROMPTS[0], SamplingParams(max_new_tokens=2))]})
     assert out[0].tokens == free[: free.index(free[3])] and out[0].finish_reason == "stop"
     assert out[1].tokens == free[:2] and out[1].finish_reason == "length"
 
 
-def test_context_clamps_and_rejects(model):
-    sched = Scheduler(Decoder(model, 2, 32), stop_ids=())
+def test_overlap_queues_the_next_step_before_reading_this_one(model):
+    free = naive_greedy(model, PROMPTS[2], 10)  # its 4th token appears there first
+    calls = {}
+    for overlap in (False, True):
+        decoder = Decoder(model, 2, 96)
+        decode, n = decoder.decode, [0]
+
+        def counted(*args, decode=decode, n=n):
+            n[0] += 1
+            return decode(*args)
+        decoder.decode = counted
+        sched = Scheduler(decoder, stop_ids=(), overlap=overlap)
+        req = sched.submit(PROMPTS[2], SamplingParams(max_new_tokens=10, stop_ids=(free[3],)))
+        sched.step()  # prefill (token 0), then the first decode step: read at once, or left queued
+        assert (len(req.row.tokens), sched._pending is not None) == ((1, True) if overlap else (2, False))
+        out = run(sched)[req.id]
+        assert out.tokens == free[:3] and out.finish_reason == "stop"
+        calls[overlap] = n[0]
+    # decode produced tokens 1, 2 and the stop token; overlap also ran one step past the stop, discarded
+    assert calls == {False: 3, True: 4}
+
+
+def test_context_clamps_and_rejects(model, scheduler):
+    sched = scheduler(Decoder(model, 2, 32), stop_ids=())
     with pytest.raises(UserError, match="more than the context"):
         sched.submit([1] * 32, SamplingParams(max_new_tokens=1))
     out = run(sched, {0: [([1] * 28, SamplingParams(max_new_tokens=100))]})
@@ -122,8 +150,8 @@ def test_chunked_prefill_matches_single_pass(model):
     assert gen.generate([prompt], SamplingParams(max_new_tokens=8, stop_ids=()))[0].tokens == naive_greedy(model, prompt, 8)
 
 
-def test_logprobs_are_the_model_distribution(model):
-    sched = Scheduler(Decoder(model, 2, 96), stop_ids=())
+def test_logprobs_are_the_model_distribution(model, scheduler):
+    sched = scheduler(Decoder(model, 2, 96), stop_ids=())
     req = sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=3), logprobs=2)
     out = run(sched)[req.id]
     ids = list(PROMPTS[0]) + out.tokens

@@ -9,6 +9,12 @@ server, with thread-safe `submit`/`cancel` and an asyncio-friendly `stream`.
 Every request is prefilled into its own slot (requests admitted in the same step share prefill calls
 where the decoder can) and decoded at its own positions, so its greedy tokens do not depend on which
 other requests share the batch.
+
+Overlap (the default on a GPU): the host reads a step's sampled tokens only after it has queued the next
+step, fed with those tokens on the device, so the GPU does not wait for the host's work between steps
+(1-2 ms per token on an H200 when each step was read at once, BENCHMARKS.md). A row that stops on a stop token or string
+has one step computed past its end, which is discarded; rows ending by length are known ahead and skipped.
+The chain pauses for one step whenever waiting requests can be admitted.
 """
 
 from __future__ import annotations
@@ -49,10 +55,44 @@ class Request:
         self.cancelled = True
 
 
+class HostTokens:
+    """Sampled tokens on their way to the host: the copy starts now and is read later, so the device can
+    run ahead (a plain .tolist() would also wait for every step queued after it)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.event = None
+        if tokens.device.type == "cuda":
+            self.buf = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.buf.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buf = tokens
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buf.tolist()
+
+
+@dataclass(eq=False)
+class Launched:
+    """One step's output for its rows, sampled on the device and not yet accepted by the host."""
+
+    rows: list[Request]
+    logits: torch.Tensor  # [n, V] float32
+    tokens: torch.Tensor  # [n] sampled next tokens, on the device
+    host: HostTokens
+
+
 class Scheduler:
-    def __init__(self, decoder: Decoder, context_len: int | None = None, stop_ids: Sequence[int] = ()):
+    def __init__(
+        self, decoder: Decoder, context_len: int | None = None, stop_ids: Sequence[int] = (), overlap: bool | None = None
+    ):
         self.decoder = decoder
         self.device = decoder.device
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap  # see the module's docstring
+        self._pending: Launched | None = None  # the step queued but not yet read (overlap only)
         ctx = context_len or decoder.model.config.max_seq_len
         self.context_len = min(ctx, decoder.max_seq_len)  # longest prompt + completion one slot holds
         self.default_stop_ids = set(stop_ids)
@@ -86,15 +126,25 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self._pending)
 
     # ---- the loop body ----
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, StreamEvent]]:
-        """Admit waiting requests into free slots, then decode one token for every active request."""
+        """Admit waiting requests into free slots, then decode one token for every active request.
+
+        With overlap, the tokens decoded by one call are accepted (and their events returned) by the next.
+        """
         events: list[tuple[Request, StreamEvent]] = []
         for req in [r for r in self.active if r.cancelled]:
             self._finish(req, "cancelled", events)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if not (self.waiting and self.free_slots):  # nothing to admit: queue the next step first
+                self._pending = self._chain(pending)
+            self._accept(pending, events)
+            if self._pending is not None:
+                return events
         admitted = []
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
@@ -108,11 +158,29 @@ class Scheduler:
             self._prefill(admitted, events)
         if self.active:
             rows = list(self.active)
-            logits = self.decoder.decode(
-                [r.slot for r in rows], [r.row.tokens[-1] for r in rows], [r.row.position for r in rows]
-            )  # [b, V]
-            self._accept(rows, logits, events)
+            launched = self._decode(rows, [r.row.tokens[-1] for r in rows], [r.row.position for r in rows])
+            if self.overlap:
+                self._pending = launched
+            else:
+                self._accept(launched, events)
         return events
+
+    def _decode(self, rows: list[Request], tokens: Sequence[int] | torch.Tensor, positions: list[int]) -> Launched:
+        logits = self.decoder.decode([r.slot for r in rows], tokens, positions)  # [b, V]
+        return self._sample(rows, logits)
+
+    def _chain(self, pending: Launched) -> Launched | None:
+        """The next step for the pending step's rows, fed with its sampled tokens while still on the device.
+
+        Rows already finished, or whose pending token is their last by length, are left out."""
+        keep = [i for i, r in enumerate(pending.rows) if not r.finished and len(r.row.tokens) + 1 < r.row.max_new]
+        if not keep:
+            return None
+        tokens = pending.tokens
+        if len(keep) < len(pending.rows):
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+        rows = [pending.rows[i] for i in keep]
+        return self._decode(rows, tokens, [r.row.position + 1 for r in rows])
 
     def _prefill(self, reqs: list[Request], events: list) -> None:
         """Prefill the admitted requests together; a prompt that breaks the model fails alone."""
@@ -126,20 +194,27 @@ class Scheduler:
             log.exception("request %s: prefill failed", reqs[0].id)
             self._finish(reqs[0], "error", events)  # its slot is simply freed
             return
-        self._accept(reqs, logits, events)
+        self._accept(self._sample(reqs, logits), events)
 
     def abort_all(self, reason: str = "error") -> list[tuple[Request, StreamEvent]]:
         """Finish every request (after a failed step), freeing all slots."""
+        self._pending = None
         events: list[tuple[Request, StreamEvent]] = []
         for req in list(self.active) + list(self.waiting):
             self._finish(req, reason, events)
         self.waiting.clear()
         return events
 
-    def _accept(self, rows: list[Request], logits: torch.Tensor, events: list) -> None:
-        tokens = self._sampler_for(rows).sample(logits).tolist()  # the one host sync per step
-        lps = self._logprobs(rows, logits, tokens)
-        for req, token, lp in zip(rows, tokens, lps):
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> Launched:
+        tokens = self._sampler_for(rows).sample(logits)  # [n] on the device
+        return Launched(rows, logits, tokens, HostTokens(tokens))
+
+    def _accept(self, step: Launched, events: list) -> None:
+        tokens = step.host.wait()  # the one host sync per step
+        lps = self._logprobs(step.rows, step.logits, tokens)
+        for req, token, lp in zip(step.rows, tokens, lps):
+            if req.finished:  # stopped or cancelled while this step ran (overlap): its token is past the end
+                continue
             delta = req.row.push(token, lp)
             if req.row.finish_reason is not None:
                 self._finish(req, req.row.finish_reason, events, delta)

@@ -99,18 +99,26 @@ class Decoder:
         return torch.cat(out)
 
     @torch.inference_mode()
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(
+        self, slots: Sequence[int], tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]
+    ) -> torch.Tensor:
         """One step for the rows in `slots` (ascending), each feeding `tokens[i]` at `positions[i]`.
 
+        tokens may be a tensor on the model's device (the previous step's samples, never read by the host).
         Returns logits [len(slots), V] float32 in the same order.
         """
+        tokens_t = torch.as_tensor(tokens, device=self.device)  # [b]
         if self._fused is not None:
-            return self._fused(*(torch.tensor(list(v), device=self.device) for v in (tokens, slots, positions)))
+            return self._fused(tokens_t, *(torch.tensor(list(v), device=self.device) for v in (slots, positions)))
         n = self.max_batch if self.compiled else slots[-1] + 1
-        tok, pos = [0] * n, [0] * n
-        for s, t, p in zip(slots, tokens, positions):
-            tok[s], pos[s] = t, p
-        tok_t = torch.tensor(tok, device=self.device)[:, None]  # [n, 1]
+        if len(slots) == n:  # slots are exactly 0..n-1
+            tok_t = tokens_t[:, None]  # [n, 1]
+        else:  # rows outside `slots` carry a dummy token 0 at position 0
+            tok_t = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+            tok_t[torch.tensor(list(slots), device=self.device), 0] = tokens_t
+        pos = [0] * n
+        for s, p in zip(slots, positions):
+            pos[s] = p
         pos_t = torch.tensor(pos, device=self.device)[:, None]
         logits = self._compiled_step(tok_t, pos_t) if self.compiled else self._eager_step(tok_t, pos_t)  # [n, V]
         if len(slots) == n:  # slots are exactly 0..n-1
