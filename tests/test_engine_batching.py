@@ -205,3 +205,14 @@ def test_compiled_decode_step_same_greedy_tokens(model):
     params = SamplingParams(max_new_tokens=8, stop_ids=())
     out = gen.generate(PROMPTS[:3], params)
     assert [o.tokens for o in out] == [naive_greedy(model, p, 8) for p in PROMPTS[:3]]
+
+
+def test_sampling_on_one_thread_restores_torch_threads(model):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sched = Scheduler(Decoder(model, 2, 96), stop_ids=())
+        out = run(sched, {0: [(PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0.8, seed=1))]})
+        assert len(out[0].tokens) == 4 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codellama.engine.decode import Decoder
+from codellama.engine.kernels import torch_on_one_thread
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt
 from codellama.sampling import RowSampler, SamplingParams
 
@@ -206,12 +207,14 @@ class Scheduler:
         return events
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> Launched:
-        tokens = self._sampler_for(rows).sample(logits)  # [n] on the device
+        with torch_on_one_thread(self.device):
+            tokens = self._sampler_for(rows).sample(logits)  # [n] on the device
         return Launched(rows, logits, tokens, HostTokens(tokens))
 
     def _accept(self, step: Launched, events: list) -> None:
         tokens = step.host.wait()  # the one host sync per step
-        lps = self._logprobs(step.rows, step.logits, tokens)
+        with torch_on_one_thread(self.device):
+            lps = self._logprobs(step.rows, step.logits, tokens)
         for req, token, lp in zip(step.rows, tokens, lps):
             if req.finished:  # stopped or cancelled while this step ran (overlap): its token is past the end
                 continue
