@@ -130,25 +130,15 @@ class Server:
             text = " " + text  # SentencePiece drops a word's leading space when it is decoded alone
         return text
 
-    async def _run(
-        self, jobs: list[_Job], request: Request, stream: bool, first_token: list[float]
-    ) -> AsyncIterator[tuple[int, StreamEvent]]:
-        """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs.
-
-        Without `stream` only each job's final event is passed on: waking the event loop once per token
-        and request costs the engine CPU time at many concurrent clients. first_token gets the time the
-        first event arrived (on the engine thread).
-        """
+    async def _run(self, jobs: list[_Job], request: Request) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
         reqs = []
         try:
             for i, job in enumerate(jobs):
                 def on_event(ev: StreamEvent, i: int = i) -> None:
-                    if not first_token:
-                        first_token.append(time.perf_counter())
-                    if stream or ev.completion is not None:
-                        loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
                 reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs))
             remaining = len(jobs)
@@ -167,7 +157,7 @@ class Server:
                 if not r.finished:
                     self.engine.cancel(r)
 
-    def _log(self, kind: str, rid: str, start: float, first_token: list[float], prompt_tokens: int,
+    def _log(self, kind: str, rid: str, start: float, first: float | None, prompt_tokens: int,
              completions: list[Completion | None], stream: bool, status: str) -> None:
         done = [c for c in completions if c is not None]
         latency = time.perf_counter() - start
@@ -175,7 +165,7 @@ class Server:
         log.info(json.dumps({
             "event": "request", "id": rid, "endpoint": kind, "stream": stream, "status": status,
             "prompt_tokens": prompt_tokens, "completion_tokens": n_out, "latency_s": round(latency, 4),
-            "ttft_s": round(first_token[0] - start, 4) if first_token else None,
+            "ttft_s": None if first is None else round(first - start, 4),
             "tokens_per_s": round(n_out / latency, 2) if latency > 0 else None,
             "finish_reasons": [c.finish_reason for c in done],
         }))
@@ -303,12 +293,13 @@ class Server:
 
     async def _respond(self, kind, rid, request, body, jobs, prompt_tokens, chunk, final, echo):
         self._check_capacity(len(jobs))
-        start, first_token = time.perf_counter(), []
+        start, first = time.perf_counter(), None
         completions: list[Completion | None] = [None] * len(jobs)
         if not body.stream:
             status = "disconnected"
             try:
-                async for i, ev in self._run(jobs, request, False, first_token):
+                async for i, ev in self._run(jobs, request):
+                    first = first or time.perf_counter()
                     if ev.completion is not None:
                         completions[i] = ev.completion
                 status = "ok" if all(c is not None for c in completions) else "disconnected"
@@ -320,9 +311,10 @@ class Server:
                     return JSONResponse({}, status_code=499)
                 return JSONResponse(final(completions))
             finally:
-                self._log(kind, rid, start, first_token, prompt_tokens, completions, False, status)
+                self._log(kind, rid, start, first, prompt_tokens, completions, False, status)
 
         async def sse() -> AsyncIterator[str]:
+            nonlocal first
             status = "disconnected"
             try:
                 for i in range(len(jobs)):  # a chat stream opens each choice with its role; echo sends the prompt
@@ -330,7 +322,8 @@ class Server:
                         yield _sse(chunk(i, "", None))
                     elif echo[i]:
                         yield _sse(chunk(i, echo[i], None))
-                async for i, ev in self._run(jobs, request, True, first_token):
+                async for i, ev in self._run(jobs, request):
+                    first = first or time.perf_counter()
                     if ev.text:
                         yield _sse(chunk(i, ev.text, None))
                     if ev.completion is not None:
@@ -347,7 +340,7 @@ class Server:
                 yield "data: [DONE]\n\n"
                 status = "ok"
             finally:
-                self._log(kind, rid, start, first_token, prompt_tokens, completions, True, status)
+                self._log(kind, rid, start, first, prompt_tokens, completions, True, status)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
