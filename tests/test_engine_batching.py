@@ -163,9 +163,10 @@ def test_logprobs_are_the_model_distribution(model, scheduler):
         assert list(lp.top) == row.topk(2).indices.tolist()
 
 
-def test_engine_thread_blocking_and_async(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_engine_thread_blocking_and_async(model, overlap):
     params = SamplingParams(max_new_tokens=6)
-    with Engine(model, max_batch=4, context_len=96) as engine:
+    with Engine(model, max_batch=4, context_len=96, overlap=overlap) as engine:
         outs = engine.generate(PROMPTS, params)
         assert [o.tokens for o in outs] == [naive_greedy(model, p, 6) for p in PROMPTS]
 
@@ -190,8 +191,9 @@ def test_engine_thread_blocking_and_async(model):
         assert engine.stats()["active"] == 0 and len(engine.scheduler.free_slots) == 4
 
 
-def test_engine_survives_a_request_that_breaks_the_model(model):
-    with Engine(model, max_batch=2, context_len=96) as engine:
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_engine_survives_a_request_that_breaks_the_model(model, overlap):
+    with Engine(model, max_batch=2, context_len=96, overlap=overlap) as engine:
         bad = engine.generate([[5, 1000]], SamplingParams(max_new_tokens=3))[0]  # id out of the vocabulary
         assert bad.finish_reason == "error"
         ok = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0]

@@ -275,6 +275,7 @@ class Engine:
         context_len: int | None = None,
         prefill_chunk: int = 2048,
         compile: bool | None = None,
+        overlap: bool | None = None,
     ):
         context_len = context_len or model.config.max_seq_len
         self.tokenizer = tokenizer
@@ -283,7 +284,7 @@ class Engine:
             stop_ids = tokenizer.stop_ids
         else:
             stop_ids = {model.config.eos_id} - {None}
-        self.scheduler = Scheduler(self.decoder, context_len, stop_ids)
+        self.scheduler = Scheduler(self.decoder, context_len, stop_ids, overlap)
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # submit vs. abort_all
