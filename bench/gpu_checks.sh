@@ -4,7 +4,7 @@
 #   issue 5: batch-1 decode, ours (bf16, compiled with CUDA graphs) vs transformers' generate, for the
 #            Code Llama 7B shape (target >= 170 tok/s, >= 5x) and the SmolLM2-135M shape (>= 1000 tok/s)
 #            where a SmolLM2 step's time goes (host vs kernels; bench/profile_decode.py);
-#            at the end the 7B shape again with our weight-only int8 model beside them
+#            at the end the 7B shape again with our weight-only int8 model beside them, and its profile
 #   issue 4: training tokens/s and MFU, ours vs transformers, SmolLM2-135M shape @ 2048 and ~1B @ 4096
 #            (targets >= 2.5x, MFU >= 0.45 and >= 0.55)
 # First the card's copy bandwidth, the ceiling for decoding's GB/s. About 7 minutes on an H200 (2026-11-26).
@@ -32,3 +32,4 @@ timeout 120 python3 bench/bench_decode.py --device cuda --preset smollm2-135m --
 timeout 100 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
 timeout 260 python3 bench/bench_train.py 2>&1 | tee "$out/train.txt"
 timeout 200 python3 bench/bench_decode.py --device cuda --preset codellama-7b --reps 3 --int8 2>&1 | tee "$out/decode_int8.txt"
+timeout 120 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt"
