@@ -76,7 +76,8 @@ def main() -> None:
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.device_time)
-    print(f"{len(kernels) / 10:.0f} kernels per step, {sum(e.device_time for e in kernels) / 10:.0f} us of kernel time:")
+    kernel_us = sum(e.device_time for e in kernels) / 10
+    print(f"{len(kernels) / 10:.0f} kernels per step, {kernel_us:.0f} us of kernel time:")
     for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"  {sum(times) / 10:8.1f} us  x{len(times) / 10:5.1f}  {name[:100]}")
 

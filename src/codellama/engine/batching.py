@@ -12,9 +12,9 @@ other requests share the batch.
 
 Overlap (the default on a GPU): the host reads a step's sampled tokens only after it has queued the next
 step, fed with those tokens on the device, so the GPU does not wait for the host's work between steps
-(1-2 ms per token on an H200 when each step was read at once, BENCHMARKS.md). A row that stops on a stop token or string
-has one step computed past its end, which is discarded; rows ending by length are known ahead and skipped.
-The chain pauses for one step whenever waiting requests can be admitted.
+(1-2 ms per token on an H200 when each step was read at once, BENCHMARKS.md). A row that stops on a stop
+token or string has one step computed past its end, which is discarded; rows ending by length are known
+ahead and skipped. The chain pauses for one step whenever waiting requests can be admitted.
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ class Launched:
 
 class Scheduler:
     def __init__(
-        self, decoder: Decoder, context_len: int | None = None, stop_ids: Sequence[int] = (), overlap: bool | None = None
+        self,
+        decoder: Decoder,
+        context_len: int | None = None,
+        stop_ids: Sequence[int] = (),
+        overlap: bool | None = None,
     ):
         self.decoder = decoder
         self.device = decoder.device
