@@ -81,6 +81,18 @@ def test_fused_step_needs_fused_float32_model():
     assert FusedCPUDecode.for_model(fuse_projections(plain)) is not None
 
 
+def test_quantising_after_generating_uses_the_new_weights():
+    model = prepared("float32")
+    prompts, params = [[1, 2, 3, 4]], SamplingParams(max_new_tokens=12, stop_ids=())
+    gen = Generator(model, max_seq_len=64)
+    before = gen.generate(prompts, params)[0].tokens
+    assert before == naive_greedy(model, prompts[0], 12)
+    quantize(model, "int4")  # in place, under the same Generator
+    after = gen.generate(prompts, params)[0].tokens
+    assert gen._decoder._fused is not None and after == naive_greedy(model, prompts[0], 12)
+    assert after != before  # int4 moves this random model's greedy path: the check above has teeth
+
+
 def test_fused_step_refuses_rows_outside_the_cache():
     dec = Decoder(prepared("float32"), max_batch=1, max_seq_len=16)
     one = torch.tensor([1])

@@ -32,19 +32,44 @@ def _weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def _capture(model: Transformer) -> tuple[tuple, list[tuple]] | None:
+    """(output weights, per-layer weights) as the kernels take them, or None for a model they cannot run.
+
+    Per layer: (attn_norm, wqkv, wqkv_s, wo, wo_s, ffn_norm, w13, w13_s, w2, w2_s)."""
+    output = _weights(model.output)
+    if output is None:
+        return None
+    layers = []
+    for layer in model.layers:
+        att, ffn = layer.attention, layer.feed_forward
+        if att.wqkv is None or ffn.w13 is None:
+            return None
+        w = [_weights(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
+        norms = (layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach())
+        if any(x is None for x in w) or any(n.dtype != torch.float32 for n in norms):
+            return None
+        layers.append((norms[0], *w[0], *w[1], norms[1], *w[2], *w[3]))
+    return output, layers
+
+
+def _storage(captured: tuple[tuple, list[tuple]]) -> list[tuple[int, torch.dtype]]:
+    output, layers = captured
+    return [(t.data_ptr(), t.dtype) for t in (*output, *(t for layer in layers for t in layer))]
+
+
 class FusedCPUDecode:
     """Decode and prefill steps of a Transformer on the CPU, over its slot KV cache."""
 
-    def __init__(self, model: Transformer, kernels):
+    def __init__(self, model: Transformer, kernels, captured: tuple[tuple, list[tuple]]):
         self.model, self.kernels = model, kernels
-        self.output = _weights(model.output)
+        self.output, self.layers = captured
+        self._storage = _storage(captured)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.layers = []  # per layer: (attn_norm, wqkv, wqkv_s, wo, wo_s, ffn_norm, w13, w13_s, w2, w2_s)
-        for layer in model.layers:
-            att, ffn = layer.attention, layer.feed_forward
-            w = [_weights(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
-            self.layers.append((layer.attention_norm.weight.detach(), *w[0], *w[1],
-                                layer.ffn_norm.weight.detach(), *w[2], *w[3]))
+
+    def current(self) -> bool:
+        """Whether the model still holds the weights captured here (not quantised, replaced or converted since)."""
+        captured = _capture(self.model)
+        return captured is not None and _storage(captured) == self._storage
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position of the cache [S, hd/2], computed once (torch's sin/cos of a few
@@ -61,18 +86,11 @@ class FusedCPUDecode:
         emb = model.tok_embeddings.weight
         if emb.device.type != "cpu" or emb.dtype != torch.float32:
             return None
-        for layer in model.layers:
-            att, ffn = layer.attention, layer.feed_forward
-            if att.wqkv is None or ffn.w13 is None:
-                return None
-            if any(_weights(m) is None for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)):
-                return None
-            if any(n.weight.dtype != torch.float32 for n in (layer.attention_norm, layer.ffn_norm)):
-                return None
-        if _weights(model.output) is None:
+        captured = _capture(model)
+        if captured is None:
             return None
         kernels = cpu_kernels()
-        return None if kernels is None else cls(model, kernels)
+        return None if kernels is None else cls(model, kernels, captured)
 
     def __call__(
         self, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, out_rows: torch.Tensor | None = None

@@ -3,7 +3,8 @@
 Prefill writes prompts into their slots in chunks (memory stays bounded for 16k-100k token prompts).
 Decode runs one token for every active slot at once.
 
-Three ways to run a step, picked once per Decoder:
+Three ways to run a step, picked when a Decoder is made (the fused step is rebuilt at the next prefill
+if the model was quantised or converted since):
 - CPU, float32 model with fused projections: FusedCPUDecode (engine/cpu_decode.py), each layer one C++
   call. Rows are (slot, position) pairs, so a decode step runs exactly the active slots and one prefill
   call can take several short prompts (FUSED_PREFILL_ROWS tokens per call); a longer prompt is prefilled
@@ -56,6 +57,8 @@ class Decoder:
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         """Write each prompt's keys/values into its slot; return the logits after each prompt's last token,
         [len(prompts), V] float32."""
+        if self._fused is not None and not self._fused.current():  # the model was quantised or converted
+            self._fused = FusedCPUDecode.for_model(self.model)
         if self._fused is None:
             return torch.stack([self._prefill_one(p, s) for p, s in zip(prompts, slots)])
         # Short prompts go through the fused step, several per call; long ones through the model's SDPA
