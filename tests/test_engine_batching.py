@@ -201,12 +201,14 @@ def test_engine_survives_a_request_that_breaks_the_model(model, overlap):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_same_greedy_tokens(model):
-    # the CUDA-graph path compiled on the CPU (no graphs there, same trace): fullgraph, whole static cache
-    gen = Generator(random_model(CFG, seed=1), compile=True)
-    params = SamplingParams(max_new_tokens=8, stop_ids=())
-    out = gen.generate(PROMPTS[:3], params)
-    assert [o.tokens for o in out] == [naive_greedy(model, p, 8) for p in PROMPTS[:3]]
+def test_compiled_decode_step_same_greedy_tokens(model, scheduler):
+    # the CUDA-graph path compiled on the CPU (no graphs there, same trace): fullgraph, whole static cache,
+    # all 4 rows every step; rows of different lengths leave the batch at different steps
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True)
+    lengths = [8, 3, 6]
+    out = run(scheduler(decoder, stop_ids=()),
+              {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
+    assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
 
 
 def test_sampling_on_one_thread_restores_torch_threads(model):
