@@ -11,7 +11,6 @@ so a prompt decodes to the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -22,8 +21,6 @@ from codellama.engine.decode import Decoder
 from codellama.engine.rows import Completion, StreamEvent, check_prompt, longest_stop_prefix  # noqa: F401
 from codellama.model import Transformer
 from codellama.sampling import SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 class Generator:
@@ -174,9 +171,6 @@ def load(
     loaded = load_model(spec, device=device or default_device(), dtype=dtype)
     fuse_projections(loaded.model)  # inference only: fewer, larger matmuls (and the fused CPU decode step)
     if quantize in ("int8", "int4"):
-        if loaded.model.tok_embeddings.weight.is_cuda:
-            log.warning("%s weights on a GPU save memory but decode slower than bfloat16 there (BENCHMARKS.md: "
-                        "89 vs 194 tok/s for the 7B shape with int8); leave --quantize off for speed", quantize)
         quantize_model(loaded.model, quantize)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")

@@ -15,11 +15,15 @@ greedy tokens nearly always the same; int4 within a few percent.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from codellama.engine.kernels import cpu_kernels
+
+log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 KERNEL_MAX_M = 32  # above this many rows (prefill) the widen-then-GEMM path is faster
@@ -118,6 +122,9 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
     """
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4")
+    if any(p.is_cuda for p in model.parameters()):
+        log.warning("%s weights on a GPU save memory but decode slower than bfloat16 there (BENCHMARKS.md: "
+                    "89 vs 194 tok/s for the 7B shape with int8); leave quantisation off for speed", mode)
     if fuse and hasattr(model, "layers"):
         fuse_projections(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
