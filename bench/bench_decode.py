@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import hf_twin, random_model
 
-from codellama.config import preset
 from codellama.engine.quant import fuse_projections, quantize, weight_bytes
 from codellama.generate import Generator
 from codellama.model import Transformer
@@ -65,25 +65,7 @@ def load_ours(random: bool) -> tuple[Transformer, str]:
             return loaded.model.float().eval(), f"SmolLM2-135M-Instruct ({loaded.source})"
         except ImportError:
             pass
-    torch.manual_seed(0)
-    model = Transformer(preset("smollm2-135m"))
-    model.init_weights()
-    return model.eval(), "smollm2-135m shape, random weights"
-
-
-def hf_twin(model: Transformer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from codellama.checkpoints.hf_names import to_hf_name
-
-    cfg = model.config.to_hf()
-    cfg.pop("torch_dtype")
-    hf = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    sd = {to_hf_name(k): v for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    hf.load_state_dict(sd, strict=False)
-    return hf
+    return random_model("smollm2-135m", "cpu", torch.float32), "smollm2-135m shape, random weights"
 
 
 def main() -> None:
@@ -164,13 +146,8 @@ def main() -> None:
 
 def gpu_main(args) -> None:
     """GPU: our compiled bf16 decode (and int8 with --int8) vs transformers' generate, random weights of --preset."""
-    cfg = preset(args.preset or "codellama-7b")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=args.device)
-    model.init_weights()
-    model = model.to(torch.bfloat16).eval()
+    model = random_model(args.preset or "codellama-7b", args.device, torch.bfloat16)
+    hf = hf_twin(model)  # shares the weights; built before our q/k/v and w1/w3 are stacked
     n, prompt = args.tokens, [1] + list(range(100, 115))
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     runners = {}
@@ -180,7 +157,6 @@ def gpu_main(args) -> None:
         q8 = quantize(copy.deepcopy(model), "int8")
         gen8 = Generator(q8, max_seq_len=len(prompt) + n + 1, compile=True)
         runners["ours int8 compiled"] = (lambda: gen8.generate([prompt], params), weight_bytes(q8))
-    hf = hf_twin_from_state(model, cfg, args.device)
     ids = torch.tensor([prompt], device=args.device)
 
     def run_hf():
@@ -198,40 +174,9 @@ def gpu_main(args) -> None:
             torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     tps = {k: n / statistics.median(v) for k, v in times.items()}
-    print(f"{cfg.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
+    print(f"{model.config.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
     for name, v in tps.items():
         print(f"{name:<22} {v:8.1f} tok/s {runners[name][1] * v / 1e9:8.1f} GB/s {v / tps['transformers bf16']:6.2f}x")
-
-
-def hf_twin_from_state(model: Transformer, cfg, device):
-    """transformers' LlamaForCausalLM with our (possibly fused) weights, unfused back into HF names."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = cfg.to_hf()
-    hf_cfg.pop("torch_dtype")
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):  # built in place: a 7B model never passes through host memory
-            hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
-    finally:
-        torch.set_default_dtype(default)
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.copy_(model.tok_embeddings.weight)
-        hf.model.norm.weight.copy_(model.norm.weight)
-        hf.lm_head.weight.copy_(model.output.weight)
-        for ours, theirs in zip(model.layers, hf.model.layers):
-            wq, wk, wv = ours.attention.wqkv.weight.split([q, kv, kv])
-            w1, w3 = ours.feed_forward.w13.weight.chunk(2)
-            for dst, src in ((theirs.self_attn.q_proj, wq), (theirs.self_attn.k_proj, wk),
-                             (theirs.self_attn.v_proj, wv), (theirs.self_attn.o_proj, ours.attention.wo.weight),
-                             (theirs.mlp.gate_proj, w1), (theirs.mlp.up_proj, w3),
-                             (theirs.mlp.down_proj, ours.feed_forward.w2.weight)):
-                dst.weight.copy_(src)
-            theirs.input_layernorm.weight.copy_(ours.attention_norm.weight)
-            theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm.weight)
-    return hf
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, medians, a transformers twin of our model, a table."""
+"""Helpers shared by the benchmark scripts: timing, medians, random models, a transformers twin of our
+model, a table."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from codellama.checkpoints.hf import to_transformers as hf_twin  # noqa: E402,F401
+from codellama.config import preset  # noqa: E402
+from codellama.model import Transformer  # noqa: E402
+
+
+def random_model(name: str, device: str, dtype: torch.dtype) -> Transformer:
+    """Random weights of a preset's shape, built in place on `device` (a 7B never passes through host
+    memory), in inference mode."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(preset(name))
+    model = model.to_empty(device=device)
+    model.init_weights()
+    return model.to(dtype).eval()
 
 
 def timed(fn, repeats: int = 3) -> float:

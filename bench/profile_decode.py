@@ -16,11 +16,10 @@ import statistics
 import time
 
 import torch
+from common import random_model
 
-from codellama.config import preset
 from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
-from codellama.model import Transformer
 from codellama.sampling import SamplingParams
 
 
@@ -30,12 +29,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=12, help="kernels listed")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(preset(args.preset))
-    model = fuse_projections(model.to_empty(device="cuda"))
-    model.init_weights()
-    model = model.to(torch.bfloat16).eval()
+    model = fuse_projections(random_model(args.preset, "cuda", torch.bfloat16))
     prompt, n = [1] + list(range(100, 115)), args.tokens
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=True)
