@@ -2,6 +2,7 @@
 
     python bench/bench_decode.py [--tokens 64] [--reps 5] [--random]
     python bench/bench_decode.py --device cuda --preset codellama-7b     # GPU: compiled bf16 vs transformers
+    python bench/bench_decode.py --device cuda --engine 16x4096          # also the server's engine (slots x context)
 
 Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load_model(None) (random
 weights of the smollm2-135m preset with --random or when the loader is unavailable). transformers runs a
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from common import hf_twin, random_model
 
+from codellama.engine.batching import Engine
 from codellama.engine.quant import fuse_projections, quantize, weight_bytes
 from codellama.generate import Generator
 from codellama.model import Transformer
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
     ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
     ap.add_argument("--int8", action="store_true", help="GPU: also our compiled weight-only int8 model")
+    ap.add_argument("--engine", default=None, metavar="SLOTSxCONTEXT",
+                    help="GPU: also the server's engine with this cache, one request and SLOTS at once")
     args = ap.parse_args()
     if args.device != "cpu":
         return gpu_main(args)
@@ -145,39 +149,55 @@ def main() -> None:
 
 
 def gpu_main(args) -> None:
-    """GPU: our compiled bf16 decode (and int8 with --int8) vs transformers' generate, random weights of --preset."""
+    """GPU: our compiled bf16 decode (and int8 with --int8) vs transformers' generate, random weights of --preset.
+
+    With --engine the server's engine (continuous batching, a cache of SLOTS x CONTEXT positions) decodes one
+    request, then SLOTS requests at once (aggregate tok/s).
+    """
     model = random_model(args.preset or "codellama-7b", args.device, torch.bfloat16)
     hf = hf_twin(model)  # shares the weights; built before our q/k/v and w1/w3 are stacked
     n, prompt = args.tokens, [1] + list(range(100, 115))
     params = SamplingParams(max_new_tokens=n, stop_ids=())
-    runners = {}
+    runners = {}  # name: (run, bytes of weights read per step, tokens per run)
     gen = Generator(fuse_projections(model), max_seq_len=len(prompt) + n + 1, compile=True)
-    runners["ours bf16 compiled"] = (lambda: gen.generate([prompt], params), weight_bytes(model))
+    runners["ours bf16 compiled"] = (lambda: gen.generate([prompt], params), weight_bytes(model), n)
     if args.int8:
         q8 = quantize(copy.deepcopy(model), "int8")
         gen8 = Generator(q8, max_seq_len=len(prompt) + n + 1, compile=True)
-        runners["ours int8 compiled"] = (lambda: gen8.generate([prompt], params), weight_bytes(q8))
+        runners["ours int8 compiled"] = (lambda: gen8.generate([prompt], params), weight_bytes(q8), n)
+    engine = None
+    if args.engine:
+        slots, context = (int(v) for v in args.engine.split("x"))
+        # its own copy of the weights: the Generator above keeps its own small cache in `model`
+        engine = Engine(copy.deepcopy(model), max_batch=slots, context_len=context, compile=True).start()
+        runners[f"ours engine {args.engine}, 1"] = (lambda: engine.generate([prompt], params), weight_bytes(model), n)
+        runners[f"ours engine {args.engine}, {slots}"] = (
+            lambda: engine.generate([prompt] * slots, params), weight_bytes(model), slots * n)
     ids = torch.tensor([prompt], device=args.device)
 
     def run_hf():
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    runners["transformers bf16"] = (run_hf, weight_bytes(model))
-    for run, _ in runners.values():
+    runners["transformers bf16"] = (run_hf, weight_bytes(model), n)
+    for run, _, _ in runners.values():
         run()  # compile / warm up
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.reps):
-        for name, (run, _) in runners.items():
+        for name, (run, _, _) in runners.items():
             torch.cuda.synchronize()
             t = time.perf_counter()
             run()
             torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
-    tps = {k: n / statistics.median(v) for k, v in times.items()}
+    if engine is not None:
+        engine.close()
+    tps = {k: runners[k][2] / statistics.median(v) for k, v in times.items()}
     print(f"{model.config.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
+    print("(GB/s: weights only, read once per step; the engine's rows share each read)")
     for name, v in tps.items():
-        print(f"{name:<22} {v:8.1f} tok/s {runners[name][1] * v / 1e9:8.1f} GB/s {v / tps['transformers bf16']:6.2f}x")
-
+        steps = v * n / runners[name][2]
+        print(f"{name:<28} {v:8.1f} tok/s {runners[name][1] * steps / 1e9:8.1f} GB/s "
+              f"{v / tps['transformers bf16']:6.2f}x")
 
 if __name__ == "__main__":
     main()

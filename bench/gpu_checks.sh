@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, in one prepared run on the device machine (one H100 or H200; its
-# image has torch, transformers and safetensors; nothing else is needed since all weights are random):
-#   issue 5: batch-1 decode, ours (bf16, compiled with CUDA graphs) vs transformers' generate, for the
-#            Code Llama 7B shape (target >= 170 tok/s, >= 5x) and the SmolLM2-135M shape (>= 1000 tok/s)
-#            where a SmolLM2 step's time goes (host vs kernels; bench/profile_decode.py);
-#            at the end the 7B shape again with our weight-only int8 model beside them, and its profile
-#   issue 4: training tokens/s and MFU, ours vs transformers, SmolLM2-135M shape @ 2048 and ~1B @ 4096
-#            (targets >= 2.5x, MFU >= 0.45 and >= 0.55)
-# First the card's copy bandwidth, the ceiling for decoding's GB/s. About 7 minutes on an H200 (2026-11-26).
+# Every GPU figure the issues ask for, in prepared runs on the device machine (one H100 or H200; its image
+# has torch, transformers and safetensors; nothing else is needed since all weights are random):
+#   decode  (issue 5, ~7 min on an H200): the card's copy bandwidth, the ceiling for decoding's GB/s; the
+#           GPU tests (tests/test_engine_gpu.py);
+#           batch-1 decode, ours (bf16, compiled with CUDA graphs) vs transformers' generate, for the Code
+#           Llama 7B shape (target >= 170 tok/s, >= 5x) and the SmolLM2-135M shape (>= 1000 tok/s), each
+#           also through the server's engine (a cache of 16 slots: one request, then 16 at once); where a
+#           step's time goes (host vs kernels; bench/profile_decode.py)
+#   train   (issue 4, ~4 min): training tokens/s and MFU, ours vs transformers, SmolLM2-135M shape @ 2048
+#           and ~1B @ 4096 (targets >= 2.5x, MFU >= 0.45 and >= 0.55)
+#   int8    (~3 min): the 7B shape with our weight-only int8 model beside bf16
 # Logs go to $OUT (the device tool brings them back) or ./gpu-results.
-#   run: bash bench/gpu_checks.sh        (timeout_s 600)
+#   run: bash bench/gpu_checks.sh decode        (timeout_s 600; then `train`, `int8` in later calls)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/machine.txt" 2>&1
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-    >> "$out/machine.txt" 2>&1
-python3 -c "
+parts=${*:-decode train int8}
+
+for part in $parts; do
+  case $part in
+    decode)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/machine.txt" 2>&1
+      python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+          >> "$out/machine.txt" 2>&1
+      python3 -c "
 import torch
 x = torch.empty(2**30, dtype=torch.float32, device='cuda'); y = torch.empty_like(x)
 for _ in range(3): y.copy_(x)
@@ -27,9 +34,21 @@ for _ in range(10): y.copy_(x)
 b.record(); torch.cuda.synchronize()
 print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 1e9:.0f} GB/s (read + write)')
 " >> "$out/machine.txt" 2>&1
-timeout 200 python3 bench/bench_decode.py --device cuda --preset codellama-7b --reps 3 2>&1 | tee "$out/decode.txt"
-timeout 120 python3 bench/bench_decode.py --device cuda --preset smollm2-135m --reps 3 2>&1 | tee -a "$out/decode.txt"
-timeout 100 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
-timeout 260 python3 bench/bench_train.py 2>&1 | tee "$out/train.txt"
-timeout 200 python3 bench/bench_decode.py --device cuda --preset codellama-7b --reps 3 --int8 2>&1 | tee "$out/decode_int8.txt"
-timeout 120 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt"
+      cat "$out/machine.txt"
+      # the decode path queues steps without waiting for the GPU; the compiled buckets decode correctly
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt"
+      # the 7B's engine cache: 16 slots x 2048 positions = 17 GB beside two copies of the weights
+      timeout 270 python3 bench/bench_decode.py --device cuda --preset codellama-7b --reps 3 --engine 16x2048 2>&1 \
+          | tee "$out/decode.txt"
+      timeout 150 python3 bench/bench_decode.py --device cuda --preset smollm2-135m --reps 3 --engine 16x4096 2>&1 \
+          | tee -a "$out/decode.txt"
+      timeout 80 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
+      timeout 80 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt" ;;
+    train)
+      timeout 280 python3 bench/bench_train.py 2>&1 | tee "$out/train.txt" ;;
+    int8)
+      timeout 200 python3 bench/bench_decode.py --device cuda --preset codellama-7b --reps 3 --int8 2>&1 \
+          | tee "$out/decode_int8.txt" ;;
+    *) echo "unknown part '$part': use decode, train or int8" >&2; exit 2 ;;
+  esac
+done

@@ -18,6 +18,7 @@ import time
 import torch
 from common import random_model
 
+from codellama.engine.decode import MIN_KV_BUCKET, _bucket
 from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
@@ -49,19 +50,20 @@ def main() -> None:
 
     decoder = gen._decoder
     with torch.inference_mode():  # the mode generate runs in, so the same compiled graph is used
-        tok = torch.zeros(decoder.max_batch, 1, dtype=torch.long, device="cuda")
-        pos = torch.full((decoder.max_batch, 1), len(prompt), dtype=torch.long, device="cuda")
+        tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        pos = torch.full((1, 1), len(prompt), dtype=torch.long, device="cuda")
+        kv_len = _bucket(len(prompt) + 1, MIN_KV_BUCKET, decoder.max_seq_len)  # the bucket generate used first
         for _ in range(5):
-            decoder._compiled_step(tok, pos)
+            decoder._compiled_step(tok, pos, kv_len)
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(200):
-            decoder._compiled_step(tok, pos)
+            decoder._compiled_step(tok, pos, kv_len)
         torch.cuda.synchronize()
         step_us = (time.perf_counter() - t) / 200 * 1e6
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                decoder._compiled_step(tok, pos)
+                decoder._compiled_step(tok, pos, kv_len)
             torch.cuda.synchronize()
     print(f"generate: {wall_us:.0f} us/token ({1e6 / wall_us:.1f} tok/s); compiled step back to back: "
           f"{step_us:.0f} us ({1e6 / step_us:.1f} steps/s); host overhead ~{wall_us - step_us:.0f} us/token")

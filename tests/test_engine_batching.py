@@ -10,6 +10,7 @@ import torch
 from codellama.config import ModelConfig
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine import decode
 from codellama.engine.decode import Decoder
 from codellama.engine.quant import fuse_projections
 from codellama.errors import UserError
@@ -200,10 +201,31 @@ def test_engine_survives_a_request_that_breaks_the_model(model, overlap):
         assert ok.tokens == naive_greedy(model, PROMPTS[0], 3)
 
 
+def test_compiled_step_covers_buckets_of_rows_and_positions(monkeypatch):
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=8, max_seq_len=36, compile=True)
+    assert decoder.model.cache_shape == (8, 40)  # a multiple of MIN_KV_BUCKET positions
+    calls = []
+
+    def step(tokens, pos, kv_units):  # the step uncompiled, recording the sizes the compiled one gets
+        calls.append((tokens.shape[0], kv_units * decode.KV_UNIT, pos[:, 0].tolist()))
+        return decoder._unit_step(tokens, pos, kv_units)
+
+    decoder._step = step
+    decoder.prefill([PROMPTS[0], PROMPTS[1]], [0, 4])
+    decoder.decode([0, 4], [7, 8], [5, 11])  # rows 0..4 -> 8; positions up to 11 -> 16
+    decoder.decode([0], [7], [6])  # one row; the fewest positions
+    decoder.decode([4], [8], [33])  # the bucket (64) capped at the cache's 40 positions
+    assert calls == [(8, 16, [5, 0, 0, 0, 11, 0, 0, 0]), (1, 8, [6]), (8, 40, [0, 0, 0, 0, 33, 0, 0, 0])]
+
+
 @pytest.mark.slow
-def test_compiled_decode_step_same_greedy_tokens(model, scheduler):
-    # the CUDA-graph path compiled on the CPU (no graphs there, same trace): fullgraph, whole static cache,
-    # all 4 rows every step; rows of different lengths leave the batch at different steps
+def test_compiled_decode_step_same_greedy_tokens(model, scheduler, monkeypatch):
+    # the CUDA-graph path compiled on the CPU (no graphs there, same trace, the same dynamic sizes): the
+    # step's buckets change as rows leave at different steps (4 rows, then 1) and positions grow (8, 16, 32)
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
     decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True)
     lengths = [8, 3, 6]
     out = run(scheduler(decoder, stop_ids=()),

@@ -62,9 +62,9 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
 
     input_pos: torch.Tensor  # [B, T] absolute positions
     slots: torch.Tensor | None  # [B] cache rows (None: rows 0..B-1)
-    kv_len: int | None  # read only the first kv_len positions (eager); None: the whole static cache
+    kv_len: int | None  # read only the first kv_len positions; None: the whole static cache
     write_idx: torch.Tensor  # [B*Hkv*T] rows of the flattened cache [slots*Hkv*S, hd] to write
-    mask: torch.Tensor  # [B, T, kv_len or S] causal, per row
+    bias: torch.Tensor  # [B, 1, T, kv_len or S] causal, per row: 0 where a query sees a key, else -inf
 
     @classmethod
     def plan(cls, cache: KVCache, input_pos: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> CacheStep:
@@ -76,8 +76,10 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
         # row (b, h, t) of the new keys lands at (slot_b * H + h) * S + pos_bt of the flattened cache
         idx = ((rows[:, None, None] * H + heads[None, :, None]) * S + input_pos[:, None, :]).reshape(-1)
         key_pos = torch.arange(S if kv_len is None else kv_len, device=device)
-        mask = key_pos[None, None, :] <= input_pos[:, :, None]
-        return cls(input_pos, slots, kv_len, idx, mask)
+        seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
+        # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
+        bias = torch.zeros(seen.shape, dtype=cache.k.dtype, device=device).masked_fill_(~seen, float("-inf"))
+        return cls(input_pos, slots, kv_len, idx, bias)
 
 
 class KVCache(nn.Module):
@@ -140,24 +142,21 @@ class Attention(nn.Module):
             # training / no cache: plain causal attention over this chunk
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # q and k: the same T positions
         else:
-            # kv_len (eager path) skips the unused tail of the static cache
-            k, v = self.cache.update(step, k, v)  # [B, Hkv, S, hd]
-            mask = step.mask  # [B, T, S]: causal, per row
+            k, v = self.cache.update(step, k, v)  # [B, Hkv, kv_len, hd]
             if T == 1 and x.device.type == "cpu":
                 # CPU SDPA's fixed cost dominates for one query (on an H200 the plain ops were no faster)
-                out = _decode_attention(q, k, v, mask)
+                out = _decode_attention(q, k, v, step.bias)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row: q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B, 1, S] -> [B, H, 1, hd]."""
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row: q [B, H, 1, hd], k/v [B, Hkv, S, hd], bias [B, 1, 1, S] -> [B, H, 1, hd]."""
     B, H, _, hd = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, hd)  # the query heads sharing each key/value head, as rows
-    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5  # [B, Hkv, H/Hkv, S]
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5 + bias  # [B, Hkv, H/Hkv, S]
     out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hkv, H/Hkv, hd]
     return out.reshape(B, H, 1, hd)
 
@@ -234,11 +233,14 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
         last_only: bool = False,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only).
 
         input_pos [B, T]: absolute positions, required to use the KV cache (set up with setup_cache).
         slots [B]: which cache rows these sequences own (default: rows 0..B-1).
+        kv_len: attend over the first kv_len cache positions, more than any input position (default: just
+        enough when eager, the whole static cache when compiled).
         Without input_pos the call is a plain causal pass over positions 0..T-1 (training).
         """
         B, T = tokens.shape
@@ -250,8 +252,8 @@ class Transformer(nn.Module):
         else:
             positions = input_pos
             if cache is not None:
-                # Eager decoding attends only to the filled part of the cache; a compiled step keeps static shapes.
-                kv_len = None if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+                if kv_len is None and not torch.compiler.is_compiling():
+                    kv_len = int(input_pos.max()) + 1  # only the filled part of the cache
                 step = CacheStep.plan(cache, input_pos, slots, kv_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]

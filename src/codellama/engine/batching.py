@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codellama.engine.decode import Decoder
+from codellama.engine.decode import Decoder, to_device
 from codellama.engine.kernels import torch_on_one_thread
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt
 from codellama.sampling import RowSampler, SamplingParams
@@ -183,7 +183,7 @@ class Scheduler:
             return None
         tokens = pending.tokens
         if len(keep) < len(pending.rows):
-            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            tokens = tokens[to_device(keep, tokens.device)]
         rows = [pending.rows[i] for i in keep]
         return self._decode(rows, tokens, [r.row.position + 1 for r in rows])
 

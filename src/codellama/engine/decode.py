@@ -9,11 +9,15 @@ if the model was quantised or converted since):
   call. Rows are (slot, position) pairs, so a decode step runs exactly the active slots and one prefill
   call can take several short prompts (FUSED_PREFILL_ROWS tokens per call); a longer prompt is prefilled
   by the eager model, whose attention suits long sequences.
-- CUDA: the decode step compiled with CUDA graphs (gpt-fast's recipe): always all max_batch rows and the
-  whole static cache, so shapes never change and the step compiles once.
-- Otherwise the eager model. A step covers slots 0..n-1 as a contiguous prefix of the cache (a view, no
-  gather); a free slot inside that range carries a dummy token whose cache write is harmless (the next
-  prompt prefilled there overwrites it, and attention never reads past a row's own position).
+- CUDA: the decode step compiled with CUDA graphs (gpt-fast's recipe), over buckets of rows and of cache
+  positions: the first 2^i slots and the first 2^j positions (at least MIN_KV_BUCKET) covering every
+  active row. Attention reads what the bucket covers, not the whole static cache (a server's cache of 16
+  slots x 4096 positions holds 34 GB for the 7B, 2.5x its weights). Sizes are symbolic in the compiled
+  code, so the step compiles twice (one row, several rows) and a CUDA graph is recorded per bucket pair.
+- Otherwise the eager model, over exactly the slots and positions in use.
+Both cover slots 0..n-1 as a contiguous prefix of the cache (a view, no gather); a free slot inside that
+range carries a dummy token whose cache write is harmless (the next prompt prefilled there overwrites it,
+and attention never reads past a row's own position).
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from codellama.model import Transformer
 # and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs).
 FUSED_PREFILL_MAX_PROMPT = 256
 FUSED_PREFILL_ROWS = 1024
+# The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
+# positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count
+# (at least 2: dynamo would specialise a 1), so it knows every size and stride of the cache slice and of the
+# attention bias is a multiple of 8, the alignment SDPA's kernels need (else it pads a copy of the bias in
+# every layer); the cache holds a multiple of MIN_KV_BUCKET positions.
+KV_UNIT = 128
+MIN_KV_BUCKET = 2 * KV_UNIT
 
 
 class Decoder:
@@ -50,7 +61,8 @@ class Decoder:
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
         """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
-        self.model.setup_cache(max_batch, max_seq_len)  # keeps a larger cache: we use its first rows
+        cache_len = -(-max_seq_len // MIN_KV_BUCKET) * MIN_KV_BUCKET if self.compiled else max_seq_len
+        self.model.setup_cache(max_batch, cache_len)  # keeps a larger cache: we use its first rows
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @torch.inference_mode()
@@ -110,29 +122,48 @@ class Decoder:
         tokens may be a tensor on the model's device (the previous step's samples, never read by the host).
         Returns logits [len(slots), V] float32 in the same order.
         """
-        tokens_t = torch.as_tensor(tokens, device=self.device)  # [b]
+        tokens_t = tokens if isinstance(tokens, torch.Tensor) else to_device(tokens, self.device)  # [b]
         if self._fused is not None:
-            return self._fused(tokens_t, *(torch.tensor(list(v), device=self.device) for v in (slots, positions)))
-        n = self.max_batch if self.compiled else slots[-1] + 1
-        if len(slots) == n:  # slots are exactly 0..n-1
-            tok_t = tokens_t[:, None]  # [n, 1]
-        else:  # rows outside `slots` carry a dummy token 0 at position 0
-            tok_t = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-            tok_t[torch.tensor(list(slots), device=self.device), 0] = tokens_t
-        pos = [0] * n
+            return self._fused(tokens_t, to_device(slots, self.device), to_device(positions, self.device))
+        n, kv_len = slots[-1] + 1, max(positions) + 1
+        if self.compiled:
+            n, kv_len = _bucket(n, 1, self.max_batch), _bucket(kv_len, MIN_KV_BUCKET, self.model.cache_shape[1])
+        pos = [0] * n  # rows outside `slots` carry a dummy token 0 at position 0
         for s, p in zip(slots, positions):
             pos[s] = p
-        pos_t = torch.tensor(pos, device=self.device)[:, None]
-        logits = self._compiled_step(tok_t, pos_t) if self.compiled else self._eager_step(tok_t, pos_t)  # [n, V]
+        pos_t = to_device(pos, self.device)[:, None]  # [n, 1]
         if len(slots) == n:  # slots are exactly 0..n-1
-            return logits
-        return logits[torch.tensor(list(slots), device=self.device)]
+            tok_t = tokens_t[:, None]  # [n, 1]
+        else:
+            slots_t = to_device(slots, self.device)
+            tok_t = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+            tok_t[slots_t, 0] = tokens_t
+        step = self._compiled_step if self.compiled else self._eager_step
+        logits = step(tok_t, pos_t, kv_len)  # [n, V]
+        return logits if len(slots) == n else logits[slots_t]
 
-    def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, input_pos=pos)[:, -1]
+    def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1]
 
-    def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self._step is None:
-            self._step = torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True)
+            # dynamic: one compiled graph serves every bucket (cudagraph trees record one CUDA graph per size)
+            self._step = torch.compile(self._unit_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
         # clone: CUDA-graph outputs are overwritten by the next replay
-        return self._step(tokens, pos).clone()
+        return self._step(tokens, pos, kv_len // KV_UNIT).clone()
+
+    def _unit_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
+        return self._eager_step(tokens, pos, kv_units * KV_UNIT)
+
+
+def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on `device`, without waiting for the device: a plain copy from pageable
+    memory first waits for the GPU stream to drain, which would stall the overlapped scheduler every step
+    (from pinned memory the copy is queued; torch keeps the pinned block until the copy has run)."""
+    t = torch.tensor(list(values), dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _bucket(n: int, least: int, most: int) -> int:
+    """The smallest power of two >= n and >= least, at most `most`."""
+    return min(most, max(least, 1 << (n - 1).bit_length()))

@@ -1,0 +1,52 @@
+"""On a GPU: the decode path queues work without waiting for the device (what overlapped decoding needs),
+and the compiled step (CUDA graphs, buckets of rows and positions) decodes the eager model's greedy tokens.
+
+Skipped without CUDA; `bash bench/gpu_checks.sh decode` runs this file on the device machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama.engine import decode
+from codellama.engine.batching import Scheduler
+from codellama.engine.decode import Decoder
+from codellama.sampling import SamplingParams
+from helpers import naive_greedy, random_model
+from test_engine_batching import CFG, PROMPTS, run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_busy() -> torch.cuda.Event:
+    """Keep the GPU busy for a while (about a second); the event completes when it is done."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # clock cycles
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_decode_step_is_queued_without_waiting_for_the_gpu(compiled):
+    decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=4, max_seq_len=96, compile=compiled)
+    decoder.prefill([PROMPTS[0], PROMPTS[1]], [0, 2])
+    for _ in range(3):  # compile, warm up and record the graph first
+        decoder.decode([0, 2], [7, 8], [5, 11])
+    done = gpu_busy()
+    tokens = torch.tensor([7, 8], device="cuda")  # the previous step's samples, as the overlap feeds them
+    logits = decoder.decode([0, 2], tokens, [5, 11])
+    assert not done.query(), "the host waited for the GPU while queueing a decode step"
+    assert logits.shape == (2, CFG.vocab_size)
+
+
+def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch):
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    model = random_model(CFG, seed=1)
+    decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=4, max_seq_len=96, compile=True)
+    lengths = [8, 3, 6]
+    out = run(Scheduler(decoder, stop_ids=(), overlap=True),
+              {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
+    assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
