@@ -86,8 +86,11 @@ class RowSampler:
         probs = filtered_probs(logits, self.temperature, self.top_p, self.top_k, self.unfiltered)  # [B, V]
         # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p without a host sync.
         noise = torch.empty_like(probs)
-        for row, gen in enumerate(self.generators):
-            noise[row].exponential_(generator=gen)
+        if not any(self.generators):  # no seeded row: one draw from the global stream (one kernel, not B)
+            noise.exponential_()
+        else:
+            for row, gen in enumerate(self.generators):
+                noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(-1)
         return torch.where(self.temperature == 0, greedy, sampled)
 
