@@ -242,3 +242,22 @@ def test_sampling_on_one_thread_restores_torch_threads(model):
         assert len(out[0].tokens) == 4 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):
+    engine = Engine(model, max_batch=4, context_len=96)
+    rows_per_step = []
+    decode_step = engine.decoder.decode
+
+    def spy(slots, tokens, positions):
+        rows_per_step.append(len(slots))
+        return decode_step(slots, tokens, positions)
+
+    engine.decoder.decode = spy
+    engine.warm_up()
+    assert set(rows_per_step) == {1, 2}  # both compiled variants of a GPU step (one row, several)
+    assert engine.stats() == {"active": 0, "waiting": 0, "slots": 4, "finished": {}}
+    with engine:
+        assert engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0].tokens == naive_greedy(model, PROMPTS[0], 5)
+        with pytest.raises(RuntimeError, match="before start"):
+            engine.warm_up()

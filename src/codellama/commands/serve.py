@@ -80,6 +80,9 @@ def run(args) -> int:
 
     import uvicorn
 
+    compiling = " (compiling it: a minute or two)" if engine.decoder.compiled else ""
+    print(f"warming up the decode step{compiling}", file=sys.stderr)
+    engine.warm_up()
     print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
           f"[{device}, {args.max_batch} slots x {context} tokens, "
           f"KV cache {_cache_gb(loaded.config, args.max_batch, context, loaded.model):.2f} GB, "

@@ -308,6 +308,20 @@ class Engine:
                 "finished": dict(s.finished)}
 
     # ---- lifecycle ----
+    def warm_up(self) -> None:
+        """Decode two tiny requests, alone and then together, before serving: the first clients then do
+        not wait for the CPU kernels to build or for the GPU step to compile (for one row and for several),
+        a minute or more each. Runs on this thread, before start()."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up() runs before start()")
+        params = SamplingParams(max_new_tokens=3, stop_ids=())
+        for n in sorted({1, min(2, self.max_batch)}):
+            for _ in range(n):
+                self.scheduler.submit([0], params)
+            while self.scheduler.has_work:
+                self.scheduler.step()
+        self.scheduler.finished.clear()
+
     def start(self) -> Engine:
         if self._thread is None:
             self._stop = False
