@@ -103,3 +103,20 @@ def test_blocks_compiled_with_dynamic_shapes_match_eager():
         compiled = [model(x) for x in tokens]
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-kernel-path"])
+def test_cached_attention_paths_match_the_definition(heads, T, fused):
+    # the GPU's path (fused=True: grouped heads folded into rows, or keys repeated) runs here on the CPU too
+    from codellama.model import cached_attention
+
+    H, Hkv = heads
+    B, S, hd = 3, 11, 16
+    q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
+    pos = torch.tensor([[4], [7], [10]]) - torch.arange(T - 1, -1, -1)  # [B, T] each row's query positions
+    bias = torch.zeros(B, 1, T, S).masked_fill_(torch.arange(S) > pos[:, None, :, None], float("-inf"))
+    kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # head h reads kv head h // g
+    ref = torch.softmax(q @ kr.transpose(-1, -2) / hd**0.5 + bias, dim=-1) @ vr
+    torch.testing.assert_close(cached_attention(q, k, v, bias, fused=fused), ref, atol=1e-5, rtol=1e-5)

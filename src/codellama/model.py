@@ -143,22 +143,35 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # q and k: the same T positions
         else:
             k, v = self.cache.update(step, k, v)  # [B, Hkv, kv_len, hd]
-            if T == 1 and x.device.type == "cpu":
-                # CPU SDPA's fixed cost dominates for one query (on an H200 the plain ops were no faster)
-                out = _decode_attention(q, k, v, step.bias)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.bias, enable_gqa=gqa)
+            out = cached_attention(q, k, v, step.bias)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row: q [B, H, 1, hd], k/v [B, Hkv, S, hd], bias [B, 1, 1, S] -> [B, H, 1, hd]."""
-    B, H, _, hd = q.shape
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, fused: bool | None = None
+) -> torch.Tensor:
+    """Attention over cached keys: q [B, H, T, hd], k/v [B, Hkv, S, hd], bias [B, 1, T, S] -> [B, H, T, hd].
+
+    fused: the path for SDPA's fused kernels (default: off the CPU). Those take a mask or grouped-query
+    heads, not both: SDPA(enable_gqa=True) with a mask runs its unfused math kernels on CUDA, materialising
+    float32 scores for every head (52 GB for a 2048-token chunk of a 100k prompt on the 70B). So one query
+    per row puts the query heads that share a key/value head in the rows of one attention over that head
+    (no GQA left), and longer chunks repeat the keys and values per query head.
+    """
+    B, H, T, hd = q.shape
     Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, hd)  # the query heads sharing each key/value head, as rows
-    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5 + bias  # [B, Hkv, H/Hkv, S]
-    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hkv, H/Hkv, hd]
-    return out.reshape(B, H, 1, hd)
+    fused = q.device.type != "cpu" if fused is None else fused
+    if T == 1:
+        qg = q.reshape(B, Hkv, H // Hkv, hd)  # the query heads sharing each key/value head, as rows
+        if fused:
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)  # bias broadcasts over the rows
+        else:  # CPU SDPA's fixed cost dominates for one query: plain ops
+            scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5 + bias  # [B, Hkv, H/Hkv, S]
+            out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hkv, H/Hkv, hd]
+        return out.reshape(B, H, 1, hd)
+    if fused and H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # [B, H, S, hd]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != H)
 
 
 class FeedForward(nn.Module):
