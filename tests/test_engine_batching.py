@@ -12,7 +12,7 @@ from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine import decode
 from codellama.engine.decode import Decoder
-from codellama.engine.quant import fuse_projections
+from codellama.engine.quant import fuse_projections, quantize
 from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
@@ -261,3 +261,13 @@ def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):
         assert engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0].tokens == naive_greedy(model, PROMPTS[0], 5)
         with pytest.raises(RuntimeError, match="before start"):
             engine.warm_up()
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_of_an_int8_model_same_greedy_tokens():
+    # the compiled step of a quantised model (on a GPU with gpt-fast's tuning option) traces the widening
+    # matmul, not the CPU kernels, and decodes what the eager quantised model decodes
+    model = quantize(random_model(CFG, seed=1), "int8")
+    decoder = Decoder(quantize(random_model(CFG, seed=1), "int8"), max_batch=2, max_seq_len=96, compile=True)
+    out = run(Scheduler(decoder, stop_ids=()), {0: [(p, SamplingParams(max_new_tokens=6)) for p in PROMPTS[:2]]})
+    assert [out[i].tokens for i in range(2)] == [naive_greedy(model, p, 6) for p in PROMPTS[:2]]

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine.quant import QuantLinear
 from codellama.model import Transformer
 
 # The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt),
@@ -147,8 +148,13 @@ class Decoder:
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self._step is None:
+            options = {"triton.cudagraphs": True}  # mode="reduce-overhead"
+            if any(isinstance(m, QuantLinear) for m in self.model.modules()):
+                # gpt-fast's setting: inductor then turns a one-row matmul into a reduction, into which the
+                # int8 weights' widening fuses (else the widened weights are written out and read again)
+                options["coordinate_descent_tuning"] = True
             # dynamic: one compiled graph serves every bucket (cudagraph trees record one CUDA graph per size)
-            self._step = torch.compile(self._unit_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
+            self._step = torch.compile(self._unit_step, fullgraph=True, dynamic=True, options=options)
         # clone: CUDA-graph outputs are overwritten by the next replay
         return self._step(tokens, pos, kv_len // KV_UNIT).clone()
 

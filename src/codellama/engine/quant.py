@@ -76,7 +76,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         kernels = None
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x2.shape[0] <= KERNEL_MAX_M:
+        small_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and x2.shape[0] <= KERNEL_MAX_M
+        if small_cpu and not torch.compiler.is_compiling():  # a compiled graph cannot call the C++ kernels
             kernels = cpu_kernels()
         if kernels is not None:
             y = kernels.linear(x2.contiguous(), self.qweight, self.scales)
