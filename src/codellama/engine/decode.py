@@ -22,6 +22,7 @@ and attention never reads past a row's own position).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,8 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.quant import QuantLinear
 from codellama.model import Transformer
+
+log = logging.getLogger(__name__)
 
 # The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt),
 # and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs).
@@ -155,8 +158,13 @@ class Decoder:
                 options["coordinate_descent_tuning"] = True
             # dynamic: one compiled graph serves every bucket (cudagraph trees record one CUDA graph per size)
             self._step = torch.compile(self._unit_step, fullgraph=True, dynamic=True, options=options)
-        # clone: CUDA-graph outputs are overwritten by the next replay
-        return self._step(tokens, pos, kv_len // KV_UNIT).clone()
+        try:
+            # clone: CUDA-graph outputs are overwritten by the next replay
+            return self._step(tokens, pos, kv_len // KV_UNIT).clone()
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no triton or no C compiler: not the input
+            log.warning("could not compile the decode step; decoding without compiling (slower): %s", e)
+            self.compiled, self._step = False, None
+            return self._eager_step(tokens, pos, kv_len)
 
     def _unit_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
         return self._eager_step(tokens, pos, kv_units * KV_UNIT)
