@@ -283,3 +283,21 @@ def test_a_decode_step_that_cannot_compile_decodes_eagerly(monkeypatch, caplog):
     out = run(Scheduler(decoder, stop_ids=()), {0: [(PROMPTS[0], SamplingParams(max_new_tokens=4))]})
     assert out[0].tokens == naive_greedy(model, PROMPTS[0], 4)
     assert not decoder.compiled and "could not compile the decode step" in caplog.text
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_variant_the_engine_thread_needs(monkeypatch):
+    # after warm_up the serving thread reuses its compiled graphs: more rows and longer positions
+    # (other buckets) compile nothing new
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    model = random_model(CFG, seed=1)
+    engine = Engine(random_model(CFG, seed=1), max_batch=4, context_len=96, compile=True)
+    engine.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    with engine:
+        out = engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=12))
+    assert [o.tokens for o in out] == [naive_greedy(model, p, 12) for p in PROMPTS[:3]]
+    assert counters["stats"]["unique_graphs"] == graphs
