@@ -221,11 +221,12 @@ def test_compiled_step_covers_buckets_of_rows_and_positions(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_same_greedy_tokens(model, scheduler, monkeypatch):
+def test_compiled_decode_step_same_greedy_tokens(scheduler, monkeypatch):
     # the CUDA-graph path compiled on the CPU (no graphs there, same trace, the same dynamic sizes): the
     # step's buckets change as rows leave at different steps (4 rows, then 1) and positions grow (8, 16, 32)
     monkeypatch.setattr(decode, "KV_UNIT", 4)
     monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    model = random_model(CFG, seed=1)
     decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True)
     lengths = [8, 3, 6]
     out = run(scheduler(decoder, stop_ids=()),
