@@ -275,13 +275,12 @@ def test_compiled_decode_step_of_an_int8_model_same_greedy_tokens():
 
 
 @pytest.mark.slow
-def test_a_decode_step_that_cannot_compile_decodes_eagerly(monkeypatch, caplog):
+def test_a_decode_step_that_cannot_compile_decodes_eagerly(caplog):
     # a real compile failure: inductor's C++ compiler is missing (on a GPU machine: no triton, no gcc)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler",))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     model = random_model(CFG, seed=1)
     decoder = Decoder(random_model(CFG, seed=1), max_batch=2, max_seq_len=96, compile=True)
-    out = run(Scheduler(decoder, stop_ids=()), {0: [(PROMPTS[0], SamplingParams(max_new_tokens=4))]})
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-compiler",), "fx_graph_cache": False}):
+        out = run(Scheduler(decoder, stop_ids=()), {0: [(PROMPTS[0], SamplingParams(max_new_tokens=4))]})
     assert out[0].tokens == naive_greedy(model, PROMPTS[0], 4)
     assert not decoder.compiled and "could not compile the decode step" in caplog.text
 
