@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from codellama.engine import decode
-from codellama.engine.batching import Scheduler
+from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.decode import Decoder
 from codellama.sampling import SamplingParams
 from helpers import naive_greedy, random_model
@@ -50,3 +50,15 @@ def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch):
     out = run(Scheduler(decoder, stop_ids=(), overlap=True),
               {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
     assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+
+
+def test_engine_warmed_up_then_serving_on_its_thread_decodes_the_greedy_tokens():
+    # compiled and its CUDA graphs first recorded on the main thread (warm_up), then replayed and recorded
+    # again on the engine's thread (cudagraph trees are per thread), overlapped
+    model = random_model(CFG, seed=1)
+    engine = Engine(random_model(CFG, seed=1).cuda(), max_batch=4, context_len=96)
+    assert engine.decoder.compiled and engine.scheduler.overlap
+    engine.warm_up()
+    with engine:
+        out = engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=8))
+    assert [o.tokens for o in out] == [naive_greedy(model, p, 8) for p in PROMPTS[:3]]
