@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -301,3 +302,18 @@ def test_warm_up_compiles_every_variant_the_engine_thread_needs(monkeypatch):
         out = engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=12))
     assert [o.tokens for o in out] == [naive_greedy(model, p, 12) for p in PROMPTS[:3]]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_engine_thread_shares_the_cuda_graph_trees_of_the_thread_that_started_it(model):
+    # warm_up records CUDA graphs on this thread; the engine thread must find them (and, on torch 2.11,
+    # find the trees' thread-local at all: pytorch#123177)
+    import torch._inductor.cudagraph_trees  # noqa: F401
+
+    seen = []
+    engine = Engine(model, max_batch=2, context_len=96, compile=True)
+    with engine:  # one token: prefill only, nothing compiles
+        req = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=1),
+                            lambda ev: seen.append(torch._C._get_obj_in_tls("tree_manager_containers")))
+        while not req.finished:
+            time.sleep(0.01)
+    assert seen and all(obj is torch._C._get_obj_in_tls("tree_manager_containers") for obj in seen)

@@ -264,6 +264,19 @@ class Scheduler:
         return out
 
 
+def _cuda_graph_state() -> dict:
+    """This thread's CUDA-graph trees (the compiled step's recorded graphs), to hand to the engine thread.
+
+    They live in a thread-local that torch copies only into autograd's threads; torch 2.11 asserts that it
+    exists in any thread that records a graph (pytorch#123177), and later versions would build the engine
+    thread a second tree, without the graphs warm_up() recorded.
+    """
+    import torch._inductor.cudagraph_trees  # noqa: F401  (creates this thread's state)
+
+    keys = ("tree_manager_containers", "tree_manager_locks")
+    return {key: torch._C._get_obj_in_tls(key) for key in keys if torch._C._is_key_in_tls(key)}
+
+
 class Engine:
     """A Scheduler on a background thread: the server's interface to the model.
 
@@ -325,7 +338,8 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
+            state = _cuda_graph_state() if self.decoder.compiled else {}
+            self._thread = threading.Thread(target=self._loop, args=(state,), name="codellama-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -342,7 +356,9 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _loop(self) -> None:
+    def _loop(self, cuda_graph_state: dict) -> None:
+        for key, obj in cuda_graph_state.items():  # as autograd's threads get it
+            torch._C._stash_obj_in_tls(key, obj)
         sched = self.scheduler
         while not self._stop:
             if not sched.has_work:
