@@ -62,3 +62,36 @@ def test_engine_warmed_up_then_serving_on_its_thread_decodes_the_greedy_tokens()
     with engine:
         out = engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=8))
     assert [o.tokens for o in out] == [naive_greedy(model, p, 8) for p in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("backend", ["default", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
+@pytest.mark.parametrize("T", [1, 7])
+def test_cached_attention_in_bf16_matches_the_definition(backend, T):
+    # the shapes of Code Llama 70B's heads (64 query heads on 8 key/value heads, head_dim 128) in bf16,
+    # whichever fused kernel SDPA picks on this card (cuDNN first on H100/H200) or is made to use
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from codellama.model import cached_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, S, hd = 2, 64, 8, 256, 128
+    q = torch.randn(B, H, T, hd, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(2, B + 1, Hkv, 2 * S, hd, device="cuda", dtype=torch.bfloat16)
+    k, v = cache[0, :B, :, :S], cache[1, :B, :, :S]  # slices of a larger static cache, as decoding reads
+    pos = torch.tensor([[100], [S - 1]], device="cuda") - torch.arange(T - 1, -1, -1, device="cuda")
+    seen = torch.arange(S, device="cuda") <= pos[:, None, :, None]  # [B, 1, T, S]
+    bias = torch.zeros(seen.shape, device="cuda", dtype=torch.bfloat16).masked_fill_(~seen, float("-inf"))
+    g = H // Hkv
+    kr, vr = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    ref = torch.softmax(q.float() @ kr.transpose(-1, -2) / hd**0.5 + bias.float(), dim=-1) @ vr
+    try:
+        if backend == "default":
+            out = cached_attention(q, k, v, bias)
+        else:
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                out = cached_attention(q, k, v, bias)
+    except RuntimeError as e:
+        if "No available kernel" in str(e):
+            pytest.skip(f"{backend} cannot run these inputs on this card")
+        raise
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

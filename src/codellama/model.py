@@ -266,7 +266,9 @@ class Transformer(nn.Module):
             positions = input_pos
             if cache is not None:
                 if kv_len is None and not torch.compiler.is_compiling():
-                    kv_len = int(input_pos.max()) + 1  # only the filled part of the cache
+                    # the filled part of the cache, rounded up to 8 positions: SDPA's CUDA kernels copy a
+                    # bias whose rows are not 8-aligned (the extra positions are masked)
+                    kv_len = min(-(-(int(input_pos.max()) + 1) // 8) * 8, cache.k.shape[2])
                 step = CacheStep.plan(cache, input_pos, slots, kv_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
