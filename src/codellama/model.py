@@ -152,11 +152,12 @@ def cached_attention(
 ) -> torch.Tensor:
     """Attention over cached keys: q [B, H, T, hd], k/v [B, Hkv, S, hd], bias [B, 1, T, S] -> [B, H, T, hd].
 
-    fused: the path for SDPA's fused kernels (default: off the CPU). Those take a mask or grouped-query
-    heads, not both: SDPA(enable_gqa=True) with a mask runs its unfused math kernels on CUDA, materialising
-    float32 scores for every head (52 GB for a 2048-token chunk of a 100k prompt on the 70B). So one query
-    per row puts the query heads that share a key/value head in the rows of one attention over that head
-    (no GQA left), and longer chunks repeat the keys and values per query head.
+    fused: the path for SDPA's fused CUDA kernels (default: off the CPU). Flash takes no mask, and the
+    memory-efficient kernel (torch 2.11) no grouped-query heads, so SDPA(enable_gqa=True) with a mask runs
+    the unfused math kernels wherever cuDNN's does not apply, materialising float32 scores for every head
+    (52 GB for a 2048-token chunk of a 100k prompt on the 70B). So one query per row puts the query heads
+    that share a key/value head in the rows of one attention over that head (no GQA left), and longer
+    chunks repeat the keys and values per query head.
     """
     B, H, T, hd = q.shape
     Hkv = k.shape[1]
