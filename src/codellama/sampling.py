@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from codellama.engine.host import to_device
 from codellama.errors import UserError
 
 
@@ -70,9 +71,9 @@ class RowSampler:
         """A sampler for rows with these settings; pass `generators` to continue rows' existing streams."""
         gens = [cls.generator(p, device) for p in params] if generators is None else list(generators)
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            temperature=to_device([p.temperature for p in params], device, torch.float32),
+            top_p=to_device([p.top_p for p in params], device, torch.float32),
+            top_k=to_device([p.top_k for p in params], device),
             generators=gens,
             all_greedy=all(p.temperature == 0 for p in params),
             unfiltered=all(p.top_p >= 1 and p.top_k == 0 for p in params),

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codellama.engine.decode import Decoder, to_device
+from codellama.engine.decode import Decoder
+from codellama.engine.host import HostTokens, to_device
 from codellama.engine.kernels import torch_on_one_thread
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt
 from codellama.sampling import RowSampler, SamplingParams
@@ -54,26 +55,6 @@ class Request:
     def cancel(self) -> None:
         """Ask the scheduler to drop this request at its next step (safe from any thread)."""
         self.cancelled = True
-
-
-class HostTokens:
-    """Sampled tokens on their way to the host: the copy starts now and is read later, so the device can
-    run ahead (a plain .tolist() would also wait for every step queued after it)."""
-
-    def __init__(self, tokens: torch.Tensor):
-        self.event = None
-        if tokens.device.type == "cuda":
-            self.buf = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.buf.copy_(tokens, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.buf = tokens
-
-    def wait(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.buf.tolist()
 
 
 @dataclass(eq=False)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine.host import to_device
 from codellama.engine.quant import QuantLinear
 from codellama.model import Transformer
 
@@ -168,14 +169,6 @@ class Decoder:
 
     def _unit_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
         return self._eager_step(tokens, pos, kv_units * KV_UNIT)
-
-
-def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Host ints as an int64 tensor on `device`, without waiting for the device: a plain copy from pageable
-    memory first waits for the GPU stream to drain, which would stall the overlapped scheduler every step
-    (from pinned memory the copy is queued; torch keeps the pinned block until the copy has run)."""
-    t = torch.tensor(list(values), dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _bucket(n: int, least: int, most: int) -> int:
