@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 FUSED_PREFILL_MAX_PROMPT = 256
 FUSED_PREFILL_ROWS = 1024
 # The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
-# positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count
-# (at least 2: dynamo would specialise a 1), so it knows every size and stride of the cache slice and of the
-# attention bias is a multiple of 8, the alignment SDPA's kernels need (else it pads a copy of the bias in
-# every layer); the cache holds a multiple of MIN_KV_BUCKET positions.
+# positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count,
+# so it knows every size and stride of the cache slice and of the attention bias is a multiple of 8, the
+# alignment SDPA's kernels need (else it pads a copy of the bias in every layer); the cache holds a
+# multiple of MIN_KV_BUCKET positions.
 KV_UNIT = 128
 MIN_KV_BUCKET = 2 * KV_UNIT
 
