@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
     ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
     ap.add_argument("--int8", action="store_true", help="GPU: also our compiled weight-only int8 model")
+    ap.add_argument("--coordinate-descent", action="store_true",
+                    help="GPU: compile with inductor's coordinate-descent tuning (gpt-fast's setting; one-row "
+                    "matmuls become tuned reductions instead of cuBLAS calls), to compare")
     ap.add_argument("--engine", default=None, metavar="SLOTSxCONTEXT",
                     help="GPU: also the server's engine with this cache, one request and SLOTS at once")
     args = ap.parse_args()
@@ -154,6 +157,10 @@ def gpu_main(args) -> None:
     With --engine the server's engine (continuous batching, a cache of SLOTS x CONTEXT positions) decodes one
     request, then SLOTS requests at once (aggregate tok/s).
     """
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True  # for every compile in this process
     model = random_model(args.preset or "codellama-7b", args.device, torch.bfloat16)
     hf = hf_twin(model)  # shares the weights; built before our q/k/v and w1/w3 are stacked
     n, prompt = args.tokens, [1] + list(range(100, 115))

@@ -6,8 +6,9 @@
 #           (tests/test_engine_gpu.py); batch-1 decode of the Code Llama 7B shape, ours (bf16, compiled
 #           with CUDA graphs) vs transformers' generate (target >= 170 tok/s, >= 5x), also through the
 #           server's engine (a cache of 16 slots: one request, then 16 at once)
-#   profile (issue 5): the same for the SmolLM2-135M shape (target >= 1000 tok/s); then where a step's
-#           time goes, host vs kernels, and which kernels (bench/profile_decode.py), SmolLM2 and 7B
+#   profile (issue 5): the same for the SmolLM2-135M shape (target >= 1000 tok/s), and again compiled
+#           with coordinate-descent tuning (gpt-fast's setting) to compare; then where a step's time goes,
+#           host vs kernels, and which kernels (bench/profile_decode.py), SmolLM2 and 7B
 #   int8    (~3 min): the 7B shape with our weight-only int8 model beside bf16
 #   train   (issue 4, ~4 min): training tokens/s and MFU, ours vs transformers, SmolLM2-135M shape @ 2048
 #           and ~1B @ 4096 (targets >= 2.5x, MFU >= 0.45 and >= 0.55)
@@ -44,6 +45,9 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     profile)
       timeout 150 python3 bench/bench_decode.py --device cuda --preset smollm2-135m --reps 3 --engine 16x4096 2>&1 \
           | tee "$out/decode_smollm2.txt"
+      # the same without cuBLAS for one-row matmuls: inductor's tuned reductions, which fuse their neighbours
+      timeout 120 python3 bench/bench_decode.py --device cuda --preset smollm2-135m --reps 3 --coordinate-descent 2>&1 \
+          | tee -a "$out/decode_smollm2.txt"
       timeout 90 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
       timeout 90 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt" ;;
     train)
