@@ -82,6 +82,12 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
         return cls(input_pos, slots, kv_len, idx, bias)
 
 
+def kv_read_len(filled: int, cache_len: int) -> int:
+    """Cache positions attention reads for `filled` used ones: rounded up to 8, since SDPA's CUDA kernels
+    copy a bias whose rows are not 8-aligned (the extra positions are masked), at most the cache's."""
+    return min(-(-filled // 8) * 8, cache_len)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for `max_batch` sequence slots of `max_seq_len` positions each.
 
@@ -253,8 +259,8 @@ class Transformer(nn.Module):
 
         input_pos [B, T]: absolute positions, required to use the KV cache (set up with setup_cache).
         slots [B]: which cache rows these sequences own (default: rows 0..B-1).
-        kv_len: attend over the first kv_len cache positions, more than any input position (default: just
-        enough when eager, the whole static cache when compiled).
+        kv_len: attend over the first kv_len cache positions, more than any input position (default: the
+        filled ones as kv_read_len rounds them when eager, the whole static cache when compiled).
         Without input_pos the call is a plain causal pass over positions 0..T-1 (training).
         """
         B, T = tokens.shape
@@ -267,9 +273,7 @@ class Transformer(nn.Module):
             positions = input_pos
             if cache is not None:
                 if kv_len is None and not torch.compiler.is_compiling():
-                    # the filled part of the cache, rounded up to 8 positions: SDPA's CUDA kernels copy a
-                    # bias whose rows are not 8-aligned (the extra positions are masked)
-                    kv_len = min(-(-(int(input_pos.max()) + 1) // 8) * 8, cache.k.shape[2])
+                    kv_len = kv_read_len(int(input_pos.max()) + 1, cache.k.shape[2])
                 step = CacheStep.plan(cache, input_pos, slots, kv_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]

@@ -30,7 +30,7 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.host import to_device
 from codellama.engine.quant import QuantLinear
-from codellama.model import Transformer
+from codellama.model import Transformer, kv_read_len
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,11 @@ class Decoder:
         tokens_t = tokens if isinstance(tokens, torch.Tensor) else to_device(tokens, self.device)  # [b]
         if self._fused is not None:
             return self._fused(tokens_t, to_device(slots, self.device), to_device(positions, self.device))
-        n, kv_len = slots[-1] + 1, max(positions) + 1
+        n, kv_len, cache_len = slots[-1] + 1, max(positions) + 1, self.model.cache_shape[1]
         if self.compiled:
-            n, kv_len = _bucket(n, 1, self.max_batch), _bucket(kv_len, MIN_KV_BUCKET, self.model.cache_shape[1])
+            n, kv_len = _bucket(n, 1, self.max_batch), _bucket(kv_len, MIN_KV_BUCKET, cache_len)
+        else:
+            kv_len = kv_read_len(kv_len, cache_len)
         pos = [0] * n  # rows outside `slots` carry a dummy token 0 at position 0
         for s, p in zip(slots, positions):
             pos[s] = p
