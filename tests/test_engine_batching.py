@@ -317,3 +317,19 @@ def test_engine_thread_shares_the_cuda_graph_trees_of_the_thread_that_started_it
         while not req.finished:
             time.sleep(0.01)
     assert seen and all(obj is torch._C._get_obj_in_tls("tree_manager_containers") for obj in seen)
+
+
+def test_eager_step_reads_the_used_cache_positions_rounded_to_8():
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=36)  # projections not stacked: eager
+    calls = []
+    eager_step = decoder._eager_step
+
+    def step(tokens, pos, kv_len):
+        calls.append((tokens.shape[0], kv_len))
+        return eager_step(tokens, pos, kv_len)
+
+    decoder._eager_step = step
+    decoder.prefill([PROMPTS[0], PROMPTS[1]], [0, 2])
+    decoder.decode([0, 2], [7, 8], [5, 11])  # exactly rows 0..2; 12 positions -> 16
+    decoder.decode([0], [7], [34])  # 35 -> 40, capped at the cache's 36
+    assert calls == [(3, 16), (1, 36)]
