@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from codellama.config import ModelConfig
+from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.cpu_decode import FusedCPUDecode
-from codellama.engine import decode
 from codellama.engine.decode import Decoder
 from codellama.engine.quant import fuse_projections, quantize
 from codellama.errors import UserError
@@ -260,7 +260,8 @@ def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):
     assert set(rows_per_step) == {1, 2}  # both compiled variants of a GPU step (one row, several)
     assert engine.stats() == {"active": 0, "waiting": 0, "slots": 4, "finished": {}}
     with engine:
-        assert engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0].tokens == naive_greedy(model, PROMPTS[0], 5)
+        out = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0]
+        assert out.tokens == naive_greedy(model, PROMPTS[0], 5)
         with pytest.raises(RuntimeError, match="before start"):
             engine.warm_up()
 
