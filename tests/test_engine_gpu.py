@@ -53,8 +53,8 @@ def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch):
 
 
 def test_engine_warmed_up_then_serving_on_its_thread_decodes_the_greedy_tokens():
-    # compiled and its CUDA graphs first recorded on the main thread (warm_up), then replayed and recorded
-    # again on the engine's thread (cudagraph trees are per thread), overlapped
+    # compiled and its first CUDA graphs recorded on the main thread (warm_up), then replayed, and graphs
+    # for new buckets recorded, on the engine's thread, which shares the main thread's cudagraph trees
     model = random_model(CFG, seed=1)
     engine = Engine(random_model(CFG, seed=1).cuda(), max_batch=4, context_len=96)
     assert engine.decoder.compiled and engine.scheduler.overlap

@@ -4,7 +4,8 @@ Decoding reads every weight once per token, so fewer bytes per weight is speed. 
 kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
 quantised weights directly; without a compiler, or for large M (prefill), or on a GPU, the weights are
 widened and multiplied with F.linear (on a GPU that is gpt-fast's int8 formulation; compiled without
-autotuning it decoded the 7B shape at 89 tok/s against bfloat16's 194 on an H200: memory, not speed).
+tuning it decoded the 7B shape at 89 tok/s against bfloat16's 194 on an H200: memory, not speed; the
+compiled step now uses gpt-fast's coordinate-descent tuning for it, not yet measured).
 
 The embedding table stays in floating point (a lookup reads one row); a tied output projection gets its
 own quantised copy. A quantised model is for inference only.
@@ -124,8 +125,9 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4")
     if any(p.is_cuda for p in model.parameters()):
-        log.warning("%s weights on a GPU save memory but decode slower than bfloat16 there (BENCHMARKS.md: "
-                    "89 vs 194 tok/s for the 7B shape with int8); leave quantisation off for speed", mode)
+        log.warning("%s weights on a GPU save memory but decoded slower than bfloat16 there (BENCHMARKS.md: "
+                    "89 vs 194 tok/s for the 7B shape with int8, before the step's tuning); leave "
+                    "quantisation off for speed", mode)
     if fuse and hasattr(model, "layers"):
         fuse_projections(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
