@@ -186,8 +186,10 @@ def gpu_main(args) -> None:
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     runners["transformers bf16"] = (run_hf, weight_bytes(model), n)
-    for run, _, _ in runners.values():
+    for name, (run, _, _) in runners.items():
+        t = time.perf_counter()
         run()  # compile / warm up
+        print(f"{name}: first run (compile, warm-up) {time.perf_counter() - t:.0f} s", flush=True)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.reps):
         for name, (run, _, _) in runners.items():

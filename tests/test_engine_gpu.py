@@ -1,7 +1,7 @@
 """On a GPU: the decode path queues work without waiting for the device (what overlapped decoding needs),
 and the compiled step (CUDA graphs, buckets of rows and positions) decodes the eager model's greedy tokens.
 
-Skipped without CUDA; `bash bench/gpu_checks.sh decode` runs this file on the device machine.
+Skipped without CUDA; `bash bench/gpu_checks.sh tests` runs this file on the device machine.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def test_decode_step_is_queued_without_waiting_for_the_gpu(compiled):
     decoder.prefill([PROMPTS[0], PROMPTS[1]], [0, 2])
     for _ in range(3):  # compile, warm up and record the graph first
         decoder.decode([0, 2], [7, 8], [5, 11])
+    # the previous step's samples, as the overlap feeds them; made first: a copy from pageable host memory
+    # waits for the GPU (which is what the decode step itself must avoid)
+    tokens = torch.tensor([7, 8], device="cuda")
     done = gpu_busy()
-    tokens = torch.tensor([7, 8], device="cuda")  # the previous step's samples, as the overlap feeds them
     logits = decoder.decode([0, 2], tokens, [5, 11])
     assert not done.query(), "the host waited for the GPU while queueing a decode step"
     assert logits.shape == (2, CFG.vocab_size)
