@@ -18,7 +18,7 @@ import time
 import torch
 from common import random_model
 
-from codellama.engine.decode import MIN_KV_BUCKET, _bucket
+from codellama.engine.decode import MIN_KV_BUCKET, bucket
 from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
@@ -52,7 +52,7 @@ def main() -> None:
     with torch.inference_mode():  # the mode generate runs in, so the same compiled graph is used
         tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         pos = torch.full((1, 1), len(prompt), dtype=torch.long, device="cuda")
-        kv_len = _bucket(len(prompt) + 1, MIN_KV_BUCKET, decoder.model.cache_shape[1])  # as generate's first step
+        kv_len = bucket(len(prompt) + 1, MIN_KV_BUCKET, decoder.model.cache_shape[1])  # as generate's first step
         for _ in range(5):
             decoder._compiled_step(tok, pos, kv_len)
         torch.cuda.synchronize()

@@ -82,10 +82,14 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
         return cls(input_pos, slots, kv_len, idx, bias)
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def kv_read_len(filled: int, cache_len: int) -> int:
     """Cache positions attention reads for `filled` used ones: rounded up to 8, since SDPA's CUDA kernels
     copy a bias whose rows are not 8-aligned (the extra positions are masked), at most the cache's."""
-    return min(-(-filled // 8) * 8, cache_len)
+    return min(round_up(filled, 8), cache_len)
 
 
 class KVCache(nn.Module):

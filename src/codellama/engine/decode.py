@@ -30,7 +30,7 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.host import to_device
 from codellama.engine.quant import QuantLinear
-from codellama.model import Transformer, kv_read_len
+from codellama.model import Transformer, kv_read_len, round_up
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Decoder:
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
         """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
-        cache_len = -(-max_seq_len // MIN_KV_BUCKET) * MIN_KV_BUCKET if self.compiled else max_seq_len
+        cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
         self.model.setup_cache(max_batch, cache_len)  # keeps a larger cache: we use its first rows
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
@@ -132,7 +132,7 @@ class Decoder:
             return self._fused(tokens_t, to_device(slots, self.device), to_device(positions, self.device))
         n, kv_len, cache_len = slots[-1] + 1, max(positions) + 1, self.model.cache_shape[1]
         if self.compiled:
-            n, kv_len = _bucket(n, 1, self.max_batch), _bucket(kv_len, MIN_KV_BUCKET, cache_len)
+            n, kv_len = bucket(n, 1, self.max_batch), bucket(kv_len, MIN_KV_BUCKET, cache_len)
         else:
             kv_len = kv_read_len(kv_len, cache_len)
         pos = [0] * n  # rows outside `slots` carry a dummy token 0 at position 0
@@ -173,6 +173,6 @@ class Decoder:
         return self._eager_step(tokens, pos, kv_units * KV_UNIT)
 
 
-def _bucket(n: int, least: int, most: int) -> int:
+def bucket(n: int, least: int, most: int) -> int:
     """The smallest power of two >= n and >= least, at most `most`."""
     return min(most, max(least, 1 << (n - 1).bit_length()))
