@@ -13,11 +13,14 @@
 #   engine    [420 s] the server's engine, 7B with 16 slots x 2048 positions: one request, then 16 at once
 #   int8      [200 s] the 7B shape with our weight-only int8 model beside bf16
 #   train     [280 s] issue 4: training tokens/s and MFU, ours vs transformers
+#   cache     [10 s]  inductor's compile cache as $OUT/inductor-cache.tgz (if under the 16 MB a returned
+#                     file may have): saved as .gpu-cache/inductor-cache.tgz here (git-ignored) and carried
+#                     (`carry: [".gpu-cache"]`), a later machine starts from it instead of compiling cold
 # A machine's first compile is slow (cold caches): on the H100 on 2026-11-26 the SmolLM2 parts ran past 100 s
 # without a result (the 7B part finished in under 140 s). Each bench prints its compile time as it goes.
 # Logs go to $OUT (the device tool brings them back) or ./gpu-results. A session's 15 device minutes hold
 # about two calls; the first call is the one that answers issue 5:
-#   run: bash bench/gpu_checks.sh machine smollm2 7b tests        (timeout_s 600)
+#   run: bash bench/gpu_checks.sh machine smollm2 7b tests cache        (timeout_s 600)
 #   then, at once while the machine is warm: bash bench/gpu_checks.sh profile smollm2-cd
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -25,6 +28,10 @@ out=${OUT:-gpu-results}
 mkdir -p "$out"
 parts=${*:-machine smollm2 7b tests}
 decode="python3 bench/bench_decode.py --device cuda"  # word-split on purpose below
+cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
+if [ -f .gpu-cache/inductor-cache.tgz ]; then  # carried from an earlier machine
+  mkdir -p "$cache_dir" && tar -xzf .gpu-cache/inductor-cache.tgz -C "$cache_dir" && echo "inductor cache restored"
+fi
 
 for part in $parts; do
   echo "== $part ($(date +%T))"
@@ -55,6 +62,11 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     engine) timeout 420 $decode --preset codellama-7b --reps 3 --engine 16x2048 2>&1 | tee "$out/decode_engine.txt" ;;
     int8) timeout 200 $decode --preset codellama-7b --reps 3 --int8 2>&1 | tee "$out/decode_int8.txt" ;;
     train) timeout 280 python3 bench/bench_train.py 2>&1 | tee "$out/train.txt" ;;
-    *) echo "unknown part '$part': machine smollm2 7b tests smollm2-cd profile engine int8 train" >&2; exit 2 ;;
+    cache)
+      tar -czf "$out/inductor-cache.tgz" -C "$cache_dir" . && du -h "$out/inductor-cache.tgz"
+      if [ "$(stat -c %s "$out/inductor-cache.tgz")" -gt 16000000 ]; then
+        echo "inductor cache over 16 MB: not returned"; rm "$out/inductor-cache.tgz"
+      fi ;;
+    *) echo "unknown part '$part': machine smollm2 7b tests smollm2-cd profile engine int8 train cache" >&2; exit 2 ;;
   esac
 done
