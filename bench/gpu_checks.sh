@@ -26,7 +26,7 @@ set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-parts=${*:-machine smollm2 7b tests}
+parts=${*:-machine smollm2 7b tests cache}
 decode="python3 bench/bench_decode.py --device cuda"  # word-split on purpose below
 cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
 if [ -f .gpu-cache/inductor-cache.tgz ]; then  # carried from an earlier machine
