@@ -208,5 +208,6 @@ def gpu_main(args) -> None:
         print(f"{name:<28} {v:8.1f} tok/s {runners[name][1] * steps / 1e9:8.1f} GB/s "
               f"{v / tps['transformers bf16']:6.2f}x")
 
+
 if __name__ == "__main__":
     main()

@@ -80,7 +80,7 @@ def run(args) -> int:
 
     import uvicorn
 
-    compiling = " (compiling it: a minute or two)" if engine.decoder.compiled else ""
+    compiling = " (compiling it: minutes the first time, less once cached)" if engine.decoder.compiled else ""
     print(f"warming up the decode step{compiling}", file=sys.stderr)
     engine.warm_up()
     print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
