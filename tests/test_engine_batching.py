@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -264,6 +265,29 @@ def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):
         assert out.tokens == naive_greedy(model, PROMPTS[0], 5)
         with pytest.raises(RuntimeError, match="before start"):
             engine.warm_up()
+
+
+@pytest.mark.slow
+def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once(monkeypatch):
+    # Read from the code inductor generates for the GPU's attention path (SDPA with the bias), compiled on
+    # the CPU. torch 2.11 turned a cache write through a view into copies of the whole cache in every layer
+    # (loops over all of it), and each layer's SDPA input rebuilt the bias: one bias buffer per layer.
+    from torch._inductor.utils import run_and_get_code
+
+    import codellama.model as model_module
+
+    sdpa_attention = model_module.cached_attention
+    monkeypatch.setattr(model_module, "cached_attention",
+                        lambda q, k, v, bias, fused=None: sdpa_attention(q, k, v, bias, fused=True))
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True)
+    tokens, pos = torch.tensor([[7]]), torch.tensor([[5]])
+    with torch.inference_mode():
+        _, codes = run_and_get_code(decoder._compiled_step, tokens, pos, decode.MIN_KV_BUCKET)
+    code = codes[-1]
+    loop_lengths = [int(n) for n in re.findall(r"< ?static_cast<int64_t>\((\d+)L\)", code)]
+    cache_half = decoder.model.layers[0].attention.cache.kv[0].numel()  # all the keys (or values) of a layer
+    assert loop_lengths and max(loop_lengths) < cache_half
+    assert len(re.findall(r"empty_strided_cpu\(\(1, 1, 1, ", code)) == 1  # the bias [rows, 1, 1, positions]
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
     @classmethod
     def plan(cls, cache: KVCache, input_pos: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> CacheStep:
         B = input_pos.shape[0]
-        _, H, S, _ = cache.k.shape
+        _, H, S, _ = cache.shape
         device = input_pos.device
         rows = torch.arange(B, device=device) if slots is None else slots
         heads = torch.arange(H, device=device)
@@ -78,7 +78,10 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
         key_pos = torch.arange(S if kv_len is None else kv_len, device=device)
         seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
         # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
-        bias = torch.zeros(seen.shape, dtype=cache.k.dtype, device=device).masked_fill_(~seen, float("-inf"))
+        bias = torch.zeros(seen.shape, dtype=cache.kv.dtype, device=device).masked_fill_(~seen, float("-inf"))
+        if torch.compiler.is_compiling():
+            # one buffer: else inductor rebuilds the bias inside every layer's attention (kernels per layer)
+            bias = torch.ops.prims.inductor_force_stride_order(bias, bias.stride())
         return cls(input_pos, slots, kv_len, idx, bias)
 
 
@@ -97,20 +100,31 @@ class KVCache(nn.Module):
 
     A static shape, so a compiled decode step never recompiles; slots let requests of different lengths
     share one batch (each row writes and reads at its own positions).
+
+    Keys and values live in one buffer, `kv` [2, max_batch * n_kv_heads * max_seq_len, head_dim], written by
+    one index_copy_ on the buffer itself: torch.compile (2.11) turned a write through a view of the cache
+    into two copies of the whole cache per layer and step.
     """
 
     def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
         super().__init__()
-        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        rows = max_batch * n_kv_heads * max_seq_len
+        self.register_buffer("kv", torch.zeros(2, rows, head_dim, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[0].view(self.shape)  # [max_batch, Hkv, max_seq_len, hd]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1].view(self.shape)
 
     def update(self, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] at the step's positions; return the rows' caches [B, Hkv, kv_len or S, hd]."""
         B, hd = k.shape[0], k.shape[-1]
-        # one index_copy_ into the flattened cache (advanced-index assignment costs ~10x more on the CPU)
-        self.k.view(-1, hd).index_copy_(0, step.write_idx, k.reshape(-1, hd).to(self.k.dtype))
-        self.v.view(-1, hd).index_copy_(0, step.write_idx, v.reshape(-1, hd).to(self.v.dtype))
+        # index_copy_ (advanced-index assignment costs ~10x more on the CPU)
+        self.kv.index_copy_(1, step.write_idx, torch.stack((k, v)).reshape(2, -1, hd).to(self.kv.dtype))
         keys, values = self.k, self.v
         if step.kv_len is not None:
             keys, values = keys[:, :, : step.kv_len], values[:, :, : step.kv_len]
@@ -232,8 +246,8 @@ class Transformer(nn.Module):
         c = self.config
         dtype = dtype or self.tok_embeddings.weight.dtype
         current = self.layers[0].attention.cache
-        if current is not None and current.k.dtype == dtype and current.k.shape[0] >= max_batch and (
-            current.k.shape[2] >= max_seq_len
+        if current is not None and current.kv.dtype == dtype and current.shape[0] >= max_batch and (
+            current.shape[2] >= max_seq_len
         ):
             return
         device = self.tok_embeddings.weight.device
@@ -248,7 +262,7 @@ class Transformer(nn.Module):
     def cache_shape(self) -> tuple[int, int] | None:
         """(max_batch, max_seq_len) of the allocated cache, or None."""
         cache = self.layers[0].attention.cache
-        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+        return None if cache is None else (cache.shape[0], cache.shape[2])
 
     # ---- forward ----
     def forward(
@@ -277,7 +291,7 @@ class Transformer(nn.Module):
             positions = input_pos
             if cache is not None:
                 if kv_len is None and not torch.compiler.is_compiling():
-                    kv_len = kv_read_len(int(input_pos.max()) + 1, cache.k.shape[2])
+                    kv_len = kv_read_len(int(input_pos.max()) + 1, cache.shape[2])
                 step = CacheStep.plan(cache, input_pos, slots, kv_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]

@@ -74,7 +74,7 @@ class FusedCPUDecode:
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position of the cache [S, hd/2], computed once (torch's sin/cos of a few
         hundred values cost more than a whole layer here)."""
-        S = self.model.layers[0].attention.cache.k.shape[2]
+        S = self.model.layers[0].attention.cache.shape[2]
         if self._rope is None or self._rope[0].shape[0] != S:
             c = self.model.config
             self._rope = rope_cos_sin(torch.arange(S), c.head_dim, c.rope_theta, c.rope_scaling)
