@@ -6,9 +6,10 @@
 #   smollm2   [240 s] issue 5: batch-1 decode of the SmolLM2-135M shape, ours (bf16, compiled with CUDA
 #                     graphs) vs transformers' generate (target >= 1000 tok/s)
 #   7b        [180 s] issue 5: the same for the Code Llama 7B shape (target >= 170 tok/s, >= 5x)
+#   7b-cd     [300 s] the 7B again compiled with coordinate-descent tuning (gpt-fast's setting: inductor turns
+#                     each one-row matmul into a tuned reduction instead of a cuBLAS call)
 #   tests     [120 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets decode right
-#   smollm2-cd [240 s] SmolLM2 again compiled with coordinate-descent tuning (gpt-fast's setting: one-row
-#                     matmuls become tuned reductions that fuse their neighbours, instead of cuBLAS calls)
+#   smollm2-cd [240 s] SmolLM2 again compiled with coordinate-descent tuning (as 7b-cd)
 #   profile   [200 s] where a step's time goes, host vs kernels, and which kernels: SmolLM2, then 7B
 #   engine    [420 s] the server's engine, 7B with 16 slots x 2048 positions: one request, then 16 at once
 #   int8      [200 s] the 7B shape with our weight-only int8 model beside bf16
@@ -19,14 +20,15 @@
 # A machine's first compile is slow (cold caches): on the H100 on 2026-11-26 the SmolLM2 parts ran past 100 s
 # without a result (the 7B part finished in under 140 s). Each bench prints its compile time as it goes.
 # Logs go to $OUT (the device tool brings them back) or ./gpu-results. A session's 15 device minutes hold
-# about two calls; the first call is the one that answers issue 5:
-#   run: bash bench/gpu_checks.sh machine smollm2 7b tests cache        (timeout_s 600)
-#   then, at once while the machine is warm: bash bench/gpu_checks.sh profile smollm2-cd
+# about two calls; the first call is the one that answers issue 5 (the parts run in order, so what ran out
+# of time is the last one):
+#   run: bash bench/gpu_checks.sh machine smollm2 7b cache 7b-cd         (timeout_s 600)
+#   then, at once while the machine is warm: bash bench/gpu_checks.sh tests profile
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-parts=${*:-machine smollm2 7b tests cache}
+parts=${*:-machine smollm2 7b cache 7b-cd}
 decode="python3 bench/bench_decode.py --device cuda"  # word-split on purpose below
 cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
 if [ -f .gpu-cache/inductor-cache.tgz ]; then  # carried from an earlier machine
@@ -53,6 +55,7 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
       cat "$out/machine.txt" ;;
     smollm2) timeout 240 $decode --preset smollm2-135m --reps 5 2>&1 | tee "$out/decode_smollm2.txt" ;;
     7b) timeout 180 $decode --preset codellama-7b --reps 3 2>&1 | tee "$out/decode_7b.txt" ;;
+    7b-cd) timeout 300 $decode --preset codellama-7b --reps 3 --coordinate-descent 2>&1 | tee "$out/decode_7b_cd.txt" ;;
     tests) timeout 120 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
     smollm2-cd)
       timeout 240 $decode --preset smollm2-135m --reps 5 --coordinate-descent 2>&1 | tee "$out/decode_smollm2_cd.txt" ;;
@@ -67,6 +70,6 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
       if [ "$(stat -c %s "$out/inductor-cache.tgz")" -gt 16000000 ]; then
         echo "inductor cache over 16 MB: not returned"; rm "$out/inductor-cache.tgz"
       fi ;;
-    *) echo "unknown part '$part': machine smollm2 7b tests smollm2-cd profile engine int8 train cache" >&2; exit 2 ;;
+    *) echo "unknown part '$part': machine smollm2 7b 7b-cd tests smollm2-cd profile engine int8 train cache" >&2; exit 2 ;;
   esac
 done
