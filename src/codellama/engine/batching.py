@@ -245,6 +245,9 @@ class Scheduler:
         return out
 
 
+_STASHED_STATE: list = []
+
+
 def _cuda_graph_state() -> dict:
     """This thread's CUDA-graph trees (the compiled step's recorded graphs), to hand to the engine thread.
 
@@ -339,6 +342,9 @@ class Engine:
 
     def _loop(self, cuda_graph_state: dict) -> None:
         for key, obj in cuda_graph_state.items():  # as autograd's threads get it
+            # torch 2.11 drops a reference it never took when this thread ends (the state was freed while
+            # the starting thread still used it: a segfault later): hold one more for each thread
+            _STASHED_STATE.append(obj)
             torch._C._stash_obj_in_tls(key, obj)
         sched = self.scheduler
         while not self._stop:
