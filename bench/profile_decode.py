@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--top", type=int, default=12, help="kernels listed")
+    ap.add_argument("--top", type=int, default=20, help="kernels listed")
     args = ap.parse_args()
     model = fuse_projections(random_model(args.preset, "cuda", torch.bfloat16))
     prompt, n = [1] + list(range(100, 115)), args.tokens
