@@ -6,6 +6,8 @@ Skipped without CUDA; `bash bench/gpu_checks.sh tests` runs this file on the dev
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -52,6 +54,22 @@ def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch):
     out = run(Scheduler(decoder, stop_ids=(), overlap=True),
               {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
     assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+
+
+def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once():
+    # the Triton code of the step (tests/test_engine_batching.py reads the CPU's): torch 2.11 turned the
+    # cache write into copies of the whole cache in every layer, and rebuilt the bias in every layer
+    from torch._inductor.utils import run_and_get_code
+
+    decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=4, max_seq_len=96, compile=True)
+    tokens, pos = torch.tensor([[7]], device="cuda"), torch.tensor([[5]], device="cuda")
+    with torch.inference_mode():
+        _, codes = run_and_get_code(decoder._compiled_step, tokens, pos, decode.MIN_KV_BUCKET)
+    code = "\n".join(codes)
+    numels = [int(n) for n in re.findall(r"[xr]numel = (\d+)", code)]
+    cache_half = decoder.model.layers[0].attention.cache.kv[0].numel()
+    assert numels and max(numels) < cache_half
+    assert len(re.findall(r"empty_strided_cuda\(\(1, 1, 1, ", code)) == 1  # the bias [rows, 1, 1, positions]
 
 
 def test_engine_warmed_up_then_serving_on_its_thread_decodes_the_greedy_tokens():
