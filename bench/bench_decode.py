@@ -83,6 +83,10 @@ def main() -> None:
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="GPU: compile with inductor's coordinate-descent tuning (gpt-fast's setting; one-row "
                     "matmuls become tuned reductions instead of cuBLAS calls), to compare")
+    ap.add_argument("--separate-projections", action="store_true",
+                    help="GPU: keep q/k/v and w1/w3 as separate matmuls (as gpt-fast does): with coordinate-descent "
+                    "tuning, w1 and w3 become two reductions over the same rows that inductor can fuse with "
+                    "the SwiGLU product, which the stacked w13 cannot")
     ap.add_argument("--engine", default=None, metavar="SLOTSxCONTEXT",
                     help="GPU: also the server's engine with this cache, one request and SLOTS at once")
     args = ap.parse_args()
@@ -166,8 +170,11 @@ def gpu_main(args) -> None:
     n, prompt = args.tokens, [1] + list(range(100, 115))
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     runners = {}  # name: (run, bytes of weights read per step, tokens per run)
-    gen = Generator(fuse_projections(model), max_seq_len=len(prompt) + n + 1, compile=True)
-    runners["ours bf16 compiled"] = (lambda: gen.generate([prompt], params), weight_bytes(model), n)
+    ours = model if args.separate_projections else fuse_projections(model)
+    gen = Generator(ours, max_seq_len=len(prompt) + n + 1, compile=True)
+    name = "ours bf16 compiled" + (", cd" if args.coordinate_descent else "") + (
+        ", separate q/k/v, w1/w3" if args.separate_projections else "")
+    runners[name] = (lambda: gen.generate([prompt], params), weight_bytes(model), n)
     if args.int8:
         q8 = quantize(copy.deepcopy(model), "int8")
         gen8 = Generator(q8, max_seq_len=len(prompt) + n + 1, compile=True)
@@ -203,9 +210,10 @@ def gpu_main(args) -> None:
     tps = {k: runners[k][2] / statistics.median(v) for k, v in times.items()}
     print(f"{model.config.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
     print("(GB/s: weights only, read once per step; the engine's rows share each read)")
+    width = max(map(len, tps))
     for name, v in tps.items():
         steps = v * n / runners[name][2]
-        print(f"{name:<28} {v:8.1f} tok/s {runners[name][1] * steps / 1e9:8.1f} GB/s "
+        print(f"{name:<{width}} {v:8.1f} tok/s {runners[name][1] * steps / 1e9:8.1f} GB/s "
               f"{v / tps['transformers bf16']:6.2f}x")
 
 

@@ -8,6 +8,7 @@
 #   7b        [180 s] issue 5: the same for the Code Llama 7B shape (target >= 170 tok/s, >= 5x)
 #   7b-cd     [300 s] the 7B again compiled with coordinate-descent tuning (gpt-fast's setting: inductor turns
 #                     each one-row matmul into a tuned reduction instead of a cuBLAS call)
+#   7b-cd-sep [300 s] 7b-cd with q/k/v and w1/w3 as separate matmuls (gpt-fast's layout; run it if 7b-cd wins)
 #   tests     [120 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets decode right
 #   smollm2-cd [240 s] SmolLM2 again compiled with coordinate-descent tuning (as 7b-cd)
 #   profile   [200 s] where a step's time goes, host vs kernels, and which kernels: SmolLM2, then 7B
@@ -56,6 +57,8 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     smollm2) timeout 240 $decode --preset smollm2-135m --reps 5 2>&1 | tee "$out/decode_smollm2.txt" ;;
     7b) timeout 180 $decode --preset codellama-7b --reps 3 2>&1 | tee "$out/decode_7b.txt" ;;
     7b-cd) timeout 300 $decode --preset codellama-7b --reps 3 --coordinate-descent 2>&1 | tee "$out/decode_7b_cd.txt" ;;
+    7b-cd-sep) timeout 300 $decode --preset codellama-7b --reps 3 --coordinate-descent --separate-projections 2>&1 \
+        | tee "$out/decode_7b_cd_sep.txt" ;;
     tests) timeout 120 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
     smollm2-cd)
       timeout 240 $decode --preset smollm2-135m --reps 5 --coordinate-descent 2>&1 | tee "$out/decode_smollm2_cd.txt" ;;
@@ -70,6 +73,6 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
       if [ "$(stat -c %s "$out/inductor-cache.tgz")" -gt 16000000 ]; then
         echo "inductor cache over 16 MB: not returned"; rm "$out/inductor-cache.tgz"
       fi ;;
-    *) echo "unknown part '$part': machine smollm2 7b 7b-cd tests smollm2-cd profile engine int8 train cache" >&2; exit 2 ;;
+    *) echo "unknown part '$part': machine smollm2 7b 7b-cd 7b-cd-sep tests smollm2-cd profile engine int8 train cache" >&2; exit 2 ;;
   esac
 done
