@@ -229,3 +229,13 @@ def test_infilling_refused_on_a_model_without_infill_tokens():
         r = _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "suffix": "):", "max_tokens": 4})
         assert r.status_code == 400 and "infill" in r.json()["error"]["message"].lower()
         assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "max_tokens": 2}).status_code == 200
+
+
+def test_null_fields_mean_their_defaults(client):
+    # the openai client sends `null` for an argument given as None; OpenAI reads it as the default
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None)
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=None, logprobs=None, **nulls)
+    assert len(out.choices) == 1 and out.choices[0].logprobs is None
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          logprobs=None, top_logprobs=None, **nulls)
+    assert chat.choices[0].message.content is not None and chat.choices[0].logprobs is None

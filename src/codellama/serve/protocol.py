@@ -6,9 +6,10 @@ send by default with neutral values (penalties, logit_bias, user), which are acc
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
@@ -26,6 +27,10 @@ class OpenAIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
 
 class _Common(BaseModel):
@@ -47,6 +52,16 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # OpenAI reads `"temperature": null` (what the openai client sends for temperature=None) as "the
+        # default"; drop such nulls for fields that cannot hold None, rather than failing them as wrong types
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or _accepts_none(cls.model_fields[k].annotation)}
 
     @field_validator("stop")
     @classmethod
