@@ -174,6 +174,10 @@ def _post(url, path, body, **kw):
         ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "prompt": [5, 99999]}, 400, "token ids"),
         ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "x", "n": 2, "best_of": 2, "max_tokens": 1}, 200, None),
+        ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+        ({"model": MODEL, "prompt": "x", "stream": True, "logprobs": 0}, 400, "logprobs"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(server, body, status, match):
@@ -190,6 +194,7 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, match):
         ({"model": MODEL, "messages": []}, "messages"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True, "logprobs": True}, "logprobs"),
         ({"model": MODEL, "messages": [{"role": "assistant", "content": "first"}]}, ""),  # prompts' own rule
     ],
 )

@@ -79,6 +79,11 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def _refuse_streamed_logprobs(self, wanted: bool) -> None:
+        # the engine streams text, not per-token logprobs: fail loudly rather than drop them
+        if wanted and self.stream:
+            raise OpenAIError(400, "logprobs are not available in streams; send stream: false", param="logprobs")
+
     def sampling(self, max_new: int, choice: int, stop_ids: tuple[int, ...] | None = None) -> SamplingParams:
         """Settings of one choice; with a seed, choice j draws from seed + j so n > 1 choices differ."""
         seed = None if self.seed is None else self.seed + choice
@@ -98,6 +103,16 @@ class CompletionRequest(_Common):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError(400, f"best_of is {self.best_of} and n is {self.n}: this server returns every choice "
+                              "it generates, so best_of must equal n (or be left out)", param="best_of")
+        if self.echo and self.logprobs is not None:  # the engine keeps no logits of the prompt
+            raise OpenAIError(400, "echo with logprobs (the prompt tokens' logprobs) is not supported", param="echo")
+        self._refuse_streamed_logprobs(self.logprobs is not None)
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as texts or token lists (OpenAI accepts all four shapes)."""
@@ -134,6 +149,11 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatRequest:
+        self._refuse_streamed_logprobs(self.logprobs)
+        return self
 
     def message_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
