@@ -173,6 +173,8 @@ def _post(url, path, body, **kw):
         ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
         ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "prompt": [5, 99999]}, 400, "token ids"),
+        ({"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
+        ({"model": MODEL, "prompt": "x", "seed": 2**63 - 1, "n": 2, "max_tokens": 1}, 200, None),
         ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
         ({"model": MODEL, "prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
         ({"model": MODEL, "prompt": "x", "n": 2, "best_of": 2, "max_tokens": 1}, 200, None),

@@ -44,7 +44,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's seeds are int64
     stream: bool = False
     stream_options: dict | None = None
     # accepted for compatibility, not applied
@@ -86,7 +86,7 @@ class _Common(BaseModel):
 
     def sampling(self, max_new: int, choice: int, stop_ids: tuple[int, ...] | None = None) -> SamplingParams:
         """Settings of one choice; with a seed, choice j draws from seed + j so n > 1 choices differ."""
-        seed = None if self.seed is None else self.seed + choice
+        seed = None if self.seed is None else (self.seed + choice) % 2**64  # torch's range (it wraps -1 too)
         if self.ignore_eos:
             stop_ids = ()
         try:
