@@ -246,3 +246,13 @@ def test_null_fields_mean_their_defaults(client):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                           logprobs=None, top_logprobs=None, **nulls)
     assert chat.choices[0].message.content is not None and chat.choices[0].logprobs is None
+
+
+def test_type_errors_name_the_field_once(client):
+    # a value that fits no member of a union is one problem of that field, not one per member
+    with pytest.raises(openai.BadRequestError, match=r"'prompt': expected str or list\[str\]") as e:
+        client.completions.create(model=MODEL, prompt=[1, "a"], max_tokens=2)
+    assert e.value.param == "prompt" and "more" not in e.value.message
+    with pytest.raises(openai.BadRequestError, match="Invalid value for 'messages.0.content'") as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=2)
+    assert e.value.param == "messages.0.content"

@@ -83,10 +83,8 @@ class Server:
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or None
-            more = f" (and {len(e.errors()) - 1} more errors)" if len(e.errors()) > 1 else ""
-            raise OpenAIError(400, f"Invalid value for {field!r}: {err['msg']}{more}", param=field) from None
+            field, message = _explain(e)
+            raise OpenAIError(400, message, param=field) from None
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
@@ -352,6 +350,30 @@ class Server:
 
     async def health(self, request: Request):
         return {"status": "ok", "model": self.config.model_name, **self.engine.stats()}
+
+
+def _union_member(part: object) -> bool:
+    # pydantic reports a value that fits no member of a union once per member, named like 'str' or 'list[int]'
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def _explain(e: ValidationError) -> tuple[str | None, str]:
+    """(param, message) for the first problem of a request body, in words a client's user can act on."""
+
+    def place(loc: tuple) -> tuple:  # where the problem is: the loc up to a union member's name
+        return loc[: next((k for k, part in enumerate(loc) if _union_member(part)), len(loc))]
+
+    errors = e.errors()
+    first, head = errors[0], place(errors[0]["loc"])
+    field = ".".join(str(x) for x in head) or None
+    if len(head) < len(first["loc"]):  # one error per union member: name the accepted shapes once
+        members = [str(err["loc"][len(head)]) for err in errors if place(err["loc"]) == head]
+        problem = "expected " + " or ".join(dict.fromkeys(members))
+    else:
+        problem = first["msg"].removeprefix("Value error, ")
+    message = f"{field!r} is required" if first["type"] == "missing" else f"Invalid value for {field!r}: {problem}"
+    others = len({place(err["loc"]) for err in errors}) - 1
+    return field, message + (f" (and {others} more)" if others else "")
 
 
 def _sse(obj: dict) -> str:
