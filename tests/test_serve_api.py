@@ -45,6 +45,9 @@ def reference(tok):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["slots"] == 8
 

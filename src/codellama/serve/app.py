@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/completions (with `suffix` infilling), /v1/chat/completions,
-/v1/models, /health. Streaming as server-sent events ending with `data: [DONE]`.
+/v1/models, /v1/models/{model}, /health. Streaming as server-sent events ending with `data: [DONE]`.
 
 Every request runs as one or more engine requests (one per prompt and choice); a client that disconnects
 cancels them, which frees their cache slots at the engine's next step. Errors are answered in OpenAI's
@@ -343,10 +343,17 @@ class Server:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def _model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "codellama"}
+
     async def models(self, request: Request):
         self._check_auth(request)
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "codellama"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, request: Request, model: str):
+        self._check_auth(request)
+        self._check_model(model)
+        return self._model_card()
 
     async def health(self, request: Request):
         return {"status": "ok", "model": self.config.model_name, **self.engine.stats()}
@@ -388,6 +395,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])  # names may hold a '/'
     app.add_api_route("/health", server.health, methods=["GET"])
 
     @app.exception_handler(OpenAIError)
