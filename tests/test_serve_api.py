@@ -259,3 +259,27 @@ def test_type_errors_name_the_field_once(client):
     with pytest.raises(openai.BadRequestError, match="Invalid value for 'messages.0.content'") as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=2)
     assert e.value.param == "messages.0.content"
+
+
+@pytest.mark.parametrize("path,body,obj", [
+    ("/v1/completions", {"prompt": ["def f(", "x ="]}, "text_completion"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "chat.completion.chunk"),
+])
+def test_stream_chunks_follow_openai(server, path, body, obj):
+    body = {"model": MODEL, "max_tokens": 3, "n": 2, "stream": True, "stream_options": {"include_usage": True}, **body}
+    with httpx.stream("POST", server[0] + path, json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert {(c["id"], c["object"], c["created"], c["model"]) for c in chunks} == {(chunks[0]["id"], obj,
+                                                                                   chunks[0]["created"], MODEL)}
+    *pieces, last = chunks
+    assert last["choices"] == [] and last["usage"]["total_tokens"] > 0
+    assert all("usage" in c and c["usage"] is None for c in pieces)  # OpenAI sends usage: null until the end
+    n_choices = 2 * (len(body["prompt"]) if "prompt" in body else 1)
+    for i in range(n_choices):
+        mine = [c["choices"][0] for c in pieces if c["choices"][0]["index"] == i]
+        assert [ch["finish_reason"] is not None for ch in mine] == [False] * (len(mine) - 1) + [True]
+        if obj == "chat.completion.chunk":
+            assert mine[0]["delta"]["role"] == "assistant"

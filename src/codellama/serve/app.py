@@ -311,26 +311,32 @@ class Server:
             finally:
                 self._log(kind, rid, start, first, prompt_tokens, completions, False, status)
 
+        def piece(i: int, text: str | None, finish: str | None) -> str:
+            obj = chunk(i, text, finish)
+            if body.include_usage():
+                obj["usage"] = None  # as OpenAI does: only the last chunk, with no choices, carries usage
+            return _sse(obj)
+
         async def sse() -> AsyncIterator[str]:
             nonlocal first
             status = "disconnected"
             try:
                 for i in range(len(jobs)):  # a chat stream opens each choice with its role; echo sends the prompt
                     if echo is None:
-                        yield _sse(chunk(i, "", None))
+                        yield piece(i, "", None)
                     elif echo[i]:
-                        yield _sse(chunk(i, echo[i], None))
+                        yield piece(i, echo[i], None)
                 async for i, ev in self._run(jobs, request):
                     first = first or time.perf_counter()
                     if ev.text:
-                        yield _sse(chunk(i, ev.text, None))
+                        yield piece(i, ev.text, None)
                     if ev.completion is not None:
                         completions[i] = ev.completion
                         if ev.completion.finish_reason == "error":
                             yield _sse(OpenAIError(500, "generation failed inside the engine", type="server_error",
                                                    code="engine_error").body())
                         else:
-                            yield _sse(chunk(i, None if echo is None else "", ev.completion.finish_reason))
+                            yield piece(i, None if echo is None else "", ev.completion.finish_reason)
                 if body.include_usage():
                     usage = chunk(0, None, None)
                     usage["choices"], usage["usage"] = [], self._usage(prompt_tokens, completions)
