@@ -4,6 +4,7 @@ through `suffix`, chat, streaming, n > 1, stop sequences, logprobs, auth, and 4x
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -283,3 +284,19 @@ def test_stream_chunks_follow_openai(server, path, body, obj):
         assert [ch["finish_reason"] is not None for ch in mine] == [False] * (len(mine) - 1) + [True]
         if obj == "chat.completion.chunk":
             assert mine[0]["delta"]["role"] == "assistant"
+
+
+def test_full_server_answers_429_and_a_too_big_request_400(server, client):
+    url, engine = server
+    kw = dict(model=MODEL, prompt=["a", "b", "c", "d"], n=16, max_tokens=150)  # 64: the server's limit
+    with client.completions.with_streaming_response.create(stream=True, **kw) as held:
+        next(held.iter_lines())  # its generations are queued
+        with pytest.raises(openai.RateLimitError, match="limit of 64"):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    # more than the server ever runs at once is the request's fault: 400, which clients do not retry
+    with pytest.raises(openai.BadRequestError, match="80 generations"):
+        client.completions.create(**{**kw, "prompt": ["a"] * 5})
+    deadline = time.monotonic() + 30
+    while (engine.stats()["active"] or engine.stats()["waiting"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the held stream's generations are cancelled: the next tests find room
+    assert engine.stats()["active"] == engine.stats()["waiting"] == 0

@@ -113,10 +113,14 @@ class Server:
         return requested
 
     def _check_capacity(self, n: int) -> None:
+        limit = self.config.max_concurrent
+        if n > limit:  # a 429 would be retried (the openai client does) and never succeed
+            raise OpenAIError(400, f"This request asks for {n} generations (prompts x n), more than the {limit} "
+                              "this server runs at once; send fewer prompts or a smaller n", param="n")
         # counts the engine's own requests (running + queued), so nothing can leak when a client vanishes
         stats = self.engine.stats()
-        if stats["active"] + stats["waiting"] + n > self.config.max_concurrent:
-            raise OpenAIError(429, f"The server is at its limit of {self.config.max_concurrent} concurrent "
+        if stats["active"] + stats["waiting"] + n > limit:
+            raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
                               "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
 
     def _token_text(self, token: int) -> str:
