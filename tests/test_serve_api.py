@@ -81,6 +81,9 @@ def test_chat(client, tok, reference):
     ref = reference(chat_tokens(tok, messages), 10, tok.decode)
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == ref.text
     assert out.object == "chat.completion"
+    developer = [{**messages[0], "role": "developer"}, messages[1]]  # OpenAI's newer name for system
+    again = client.chat.completions.create(model=MODEL, messages=developer, max_tokens=10, temperature=0)
+    assert again.choices[0].message.content == ref.text and again.usage == out.usage
 
 
 def test_streaming_equals_non_streaming(client):

@@ -129,7 +129,7 @@ class CompletionRequest(_Common):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for "system"
     content: str | list[dict]
 
     def text(self) -> str:
@@ -156,4 +156,4 @@ class ChatRequest(_Common):
         return self
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
