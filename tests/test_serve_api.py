@@ -204,6 +204,10 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, match):
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "content"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True, "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+         "response_format"),
         ({"model": MODEL, "messages": [{"role": "assistant", "content": "first"}]}, ""),  # prompts' own rule
     ],
 )

@@ -149,10 +149,20 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: int | None = None
+    # not supported: read only to refuse them, since a client asking for them relies on them
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         self._refuse_streamed_logprobs(self.logprobs)
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"{name} (function calling) are not supported by this server", param=name)
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise OpenAIError(400, "response_format other than text is not supported by this server",
+                              param="response_format")
         return self
 
     def message_dicts(self) -> list[dict]:
