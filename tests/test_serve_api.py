@@ -295,7 +295,8 @@ def test_stream_chunks_follow_openai(server, path, body, obj):
 
 def test_full_server_answers_429_and_a_too_big_request_400(server, client):
     url, engine = server
-    kw = dict(model=MODEL, prompt=["a", "b", "c", "d"], n=16, max_tokens=150)  # 64: the server's limit
+    # 64 generations, the server's limit, that cannot end early
+    kw = dict(model=MODEL, prompt=["a", "b", "c", "d"], n=16, max_tokens=150, extra_body={"ignore_eos": True})
     with client.completions.with_streaming_response.create(stream=True, **kw) as held:
         next(held.iter_lines())  # its generations are queued
         with pytest.raises(openai.RateLimitError, match="limit of 64"):
