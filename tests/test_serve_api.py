@@ -220,8 +220,10 @@ def test_bad_chat_requests(server, body, match):
 def test_unknown_route_and_method(server):
     r = httpx.get(server[0] + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
-    r = httpx.get(server[0] + "/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    for method in ("GET", "OPTIONS", "HEAD"):
+        r = httpx.request(method, server[0] + "/v1/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST", method
+        assert method == "HEAD" or set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_server_keeps_answering_after_bad_input(client):

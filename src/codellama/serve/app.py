@@ -420,7 +420,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(OpenAIError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
+        body = OpenAIError(exc.status_code, message, type=kind).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
