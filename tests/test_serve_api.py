@@ -166,6 +166,8 @@ def _post(url, path, body, **kw):
     [
         ("{not json", 400, "not valid JSON"),
         ("[1, 2]", 400, "JSON object"),
+        ("[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
+        ('{"prompt": "\\ud800"}', 400, "surrogate"),
         ({"model": MODEL}, 400, "prompt"),
         ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),

@@ -76,8 +76,14 @@ class Server:
         raw = await request.body()
         try:
             data = json.loads(raw)
+            json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") would break the tokenizer
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise OpenAIError(400, "The request body holds a lone UTF-16 surrogate escape (like \\ud800), which "
+                              "is not text", code="invalid_json") from None
+        except RecursionError:
+            raise OpenAIError(400, "The request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
         try:
