@@ -237,6 +237,26 @@ def test_compiled_decode_step_same_greedy_tokens(scheduler, monkeypatch):
     assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
 
 
+def test_scored_prompt_has_the_full_passes_logprobs_and_decodes_on(model, scheduler):
+    # echo + logprobs: a prompt prefilled in chunks of 4 (the scores cross chunk boundaries) beside a plain
+    # request; its logprobs equal one causal pass over the whole prompt, and decoding continues from its cache
+    prompt = PROMPTS[4]  # 18 tokens
+    with torch.inference_mode():
+        full = torch.log_softmax(model(torch.tensor([prompt]))[0], dim=-1)  # [T, V]
+    sched = scheduler(Decoder(model, max_batch=2, max_seq_len=96, prefill_chunk=4), stop_ids=())
+    scored = sched.submit(prompt, SamplingParams(max_new_tokens=4), logprobs=2, prompt_logprobs=True)
+    plain = sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))
+    out = run(sched)
+    lps = out[scored.id].prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None and out[plain.id].prompt_logprobs is None
+    assert [lp.token for lp in lps[1:]] == prompt[1:]
+    assert [lp.logprob for lp in lps[1:]] == pytest.approx(full[:-1].gather(1, torch.tensor(prompt[1:])[:, None])
+                                                           [:, 0].tolist(), abs=1e-4)
+    assert [list(lp.top) for lp in lps[1:]] == full[:-1].topk(2).indices.tolist()
+    assert out[scored.id].tokens == naive_greedy(model, prompt, 4)
+    assert out[plain.id].tokens == naive_greedy(model, PROMPTS[0], 4)
+
+
 def test_sampling_on_one_thread_restores_torch_threads(model):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

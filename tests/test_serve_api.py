@@ -4,11 +4,13 @@ through `suffix`, chat, streaming, n > 1, stop sequences, logprobs, auth, and 4x
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
 import openai
 import pytest
+import torch
 
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
@@ -150,6 +152,24 @@ def test_logprobs(client):
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client):
+    # lm-evaluation-harness's loglikelihood through an OpenAI server: token-id prompts, echo, logprobs=1,
+    # max_tokens=1; it reads token_logprobs[context:] of the prompt and whether each token was the top one
+    prompts = [[1, 450, 4086, 338, 263, 1243, 29892, 322], [1, 822, 285, 29898]]
+    out = client.completions.create(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    model = tiny_model()
+    for prompt, choice in zip(prompts, out.choices):
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(prompt) + 1  # the prompt, then the new token
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        with torch.inference_mode():  # the whole prompt in one causal pass, no cache: the definition
+            expected = torch.log_softmax(model(torch.tensor([prompt]))[0, :-1], dim=-1)
+        expected = expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        assert lp.token_logprobs[1 : len(prompt)] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
 def test_token_id_prompts(client, reference):
     ids = [1, 822, 22172, 7295]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
@@ -187,7 +207,6 @@ def _post(url, path, body, **kw):
         ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
         ({"model": MODEL, "prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
         ({"model": MODEL, "prompt": "x", "n": 2, "best_of": 2, "max_tokens": 1}, 200, None),
-        ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
         ({"model": MODEL, "prompt": "x", "stream": True, "logprobs": 0}, 400, "logprobs"),
     ],
 )
@@ -297,18 +316,34 @@ def test_stream_chunks_follow_openai(server, path, body, obj):
             assert mine[0]["delta"]["role"] == "assistant"
 
 
-def test_full_server_answers_429_and_a_too_big_request_400(server, client):
+def _wait_idle(engine) -> None:
+    """Until the engine runs nothing: generations of streams that went away are cancelled at its next step."""
+    deadline = time.monotonic() + 30
+    while (engine.stats()["active"] or engine.stats()["waiting"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["active"] == engine.stats()["waiting"] == 0
+
+
+def test_full_server_answers_429_and_a_too_big_request_400(server, client, monkeypatch):
     url, engine = server
-    # 64 generations, the server's limit, that cannot end early
-    kw = dict(model=MODEL, prompt=["a", "b", "c", "d"], n=16, max_tokens=150, extra_body={"ignore_eos": True})
-    with client.completions.with_streaming_response.create(stream=True, **kw) as held:
-        next(held.iter_lines())  # its generations are queued
-        with pytest.raises(openai.RateLimitError, match="limit of 64"):
-            client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    _wait_idle(engine)  # earlier tests' abandoned streams would take part of the room
+    # the engine thread pauses before its next step, so the 64 generations below (the server's limit) stay
+    # queued however fast the model is: none can finish and make room before the check
+    gate, step = threading.Event(), engine.scheduler.step
+    monkeypatch.setattr(engine.scheduler, "step", lambda: gate.wait() and step())
+    kw = dict(model=MODEL, prompt=["a", "b", "c", "d"], n=16, max_tokens=2)
+    try:
+        with client.completions.with_streaming_response.create(stream=True, **kw) as held:
+            assert held.status_code == 200
+            deadline = time.monotonic() + 30
+            while engine.stats()["waiting"] < 64 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError, match="limit of 64"):
+                client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+            gate.set()
+    finally:
+        gate.set()
     # more than the server ever runs at once is the request's fault: 400, which clients do not retry
     with pytest.raises(openai.BadRequestError, match="80 generations"):
         client.completions.create(**{**kw, "prompt": ["a"] * 5})
-    deadline = time.monotonic() + 30
-    while (engine.stats()["active"] or engine.stats()["waiting"]) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the held stream's generations are cancelled: the next tests find room
-    assert engine.stats()["active"] == engine.stats()["waiting"] == 0
+    _wait_idle(engine)

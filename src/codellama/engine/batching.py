@@ -33,7 +33,7 @@ import torch
 from codellama.engine.decode import Decoder
 from codellama.engine.host import HostTokens, to_device
 from codellama.engine.kernels import torch_on_one_thread
-from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt
+from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt, token_logprobs
 from codellama.sampling import RowSampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Request:
     logprobs: int | None  # None: off; k: the chosen token's logprob and the top k alternatives
     on_event: Callable[[StreamEvent], None] | None = None
     generator: torch.Generator | None = None
+    prompt_logprobs: bool = False  # also score the prompt's tokens (with `logprobs` alternatives)
     slot: int | None = None
     finished: bool = False
     cancelled: bool = field(default=False, repr=False)
@@ -98,15 +99,19 @@ class Scheduler:
         logprobs: int | None = None,
         on_event: Callable[[StreamEvent], None] | None = None,
         request_id: int | None = None,
+        prompt_logprobs: bool = False,
     ) -> Request:
-        """Queue a request (UserError for an empty or too long prompt); it joins at the next step."""
+        """Queue a request (UserError for an empty or too long prompt); it joins at the next step.
+
+        prompt_logprobs: its Completion also carries each prompt token's logprob (OpenAI's echo + logprobs)."""
         prompt = list(prompt)
         check_prompt(len(self.waiting) if request_id is None else request_id, len(prompt), self.context_len)
         rid = next(self._ids) if request_id is None else request_id
         stop_ids = set(params.stop_ids) if params.stop_ids is not None else self.default_stop_ids
         max_new = min(params.max_new_tokens, self.context_len - len(prompt))
         row = RowState(len(prompt), params, stop_ids, max_new, decode)
-        req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device))
+        req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device),
+                      prompt_logprobs)
         self.waiting.append(req)
         return req
 
@@ -171,7 +176,7 @@ class Scheduler:
     def _prefill(self, reqs: list[Request], events: list) -> None:
         """Prefill the admitted requests together; a prompt that breaks the model fails alone."""
         try:
-            logits = self.decoder.prefill([r.prompt for r in reqs], [r.slot for r in reqs])  # [n, V]
+            logits = self._prefill_logits(reqs)  # [n, V]
         except Exception:
             if len(reqs) > 1:  # find the culprit: one at a time
                 for req in reqs:
@@ -181,6 +186,18 @@ class Scheduler:
             self._finish(reqs[0], "error", events)  # its slot is simply freed
             return
         self._accept(self._sample(reqs, logits), events)
+
+    def _prefill_logits(self, reqs: list[Request]) -> torch.Tensor:
+        """Logits after each prompt [n, V]; requests that score their prompt are prefilled one by one."""
+        last: dict[int, torch.Tensor] = {}
+        plain = [r for r in reqs if not r.prompt_logprobs]
+        if plain:
+            last.update(zip((r.id for r in plain), self.decoder.prefill([r.prompt for r in plain],
+                                                                        [r.slot for r in plain])))
+        for r in reqs:
+            if r.prompt_logprobs:
+                last[r.id], r.row.prompt_logprobs = self.decoder.score_prompt(r.prompt, r.slot, r.logprobs or 0)
+        return torch.stack([last[r.id] for r in reqs])
 
     def abort_all(self, reason: str = "error") -> list[tuple[Request, StreamEvent]]:
         """Finish every request (after a failed step), freeing all slots."""
@@ -232,16 +249,11 @@ class Scheduler:
     def _logprobs(rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
         want = [i for i, r in enumerate(rows) if r.logprobs is not None]
         out: list[TokenLogprob | None] = [None] * len(rows)
-        if not want:
+        if not want:  # the usual step: nothing to index on the device
             return out
-        lp = torch.log_softmax(logits[want].float(), dim=-1)  # [w, V]
-        k = max(rows[i].logprobs for i in want)
-        top_v, top_i = lp.topk(max(k, 1), dim=-1)
-        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=lp.device))[:, 0].tolist()
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(want):
-            n = rows[i].logprobs
-            out[i] = TokenLogprob(tokens[i], chosen[j], dict(zip(top_i[j][:n], top_v[j][:n])))
+        scored = token_logprobs(logits[want], [tokens[i] for i in want], [rows[i].logprobs for i in want])
+        for i, lp in zip(want, scored):
+            out[i] = lp
         return out
 
 
@@ -374,9 +386,10 @@ class Engine:
         on_event: Callable[[StreamEvent], None],
         decode: Callable[[list[int]], str] | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: bool = False,
     ) -> Request:
         with self._lock:
-            req = self.scheduler.submit(prompt, params, decode, logprobs, on_event)
+            req = self.scheduler.submit(prompt, params, decode, logprobs, on_event, prompt_logprobs=prompt_logprobs)
         self._wake.set()
         return req
 

@@ -23,13 +23,14 @@ and attention never reads past a row's own position).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.host import to_device
 from codellama.engine.quant import QuantLinear
+from codellama.engine.rows import TokenLogprob, token_logprobs
 from codellama.model import Transformer, kv_read_len, round_up
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,29 @@ class Decoder:
         return torch.stack(out)
 
     def _prefill_one(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
+        for _, logits in self._prefill_chunks(prompt, slot, last_only=True):
+            pass
+        return logits[-1]
+
+    @torch.inference_mode()
+    def score_prompt(self, prompt: Sequence[int], slot: int, top: int) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """Prefill one prompt into its slot, scoring it on the way: (the logits after it [V], one entry per
+        prompt token: None for the first, then its logprob given the tokens before it and the `top`
+        likeliest alternatives). What OpenAI's echo + logprobs returns (lm-evaluation-harness's loglikelihood)."""
+        scored: list[TokenLogprob | None] = [None]
+        for start, logits in self._prefill_chunks(prompt, slot, last_only=False):
+            following = list(prompt[start + 1 : start + 1 + logits.shape[0]])  # what each position predicts
+            scored += token_logprobs(logits[: len(following)], following, [top] * len(following))
+        return logits[-1], scored
+
+    def _prefill_chunks(self, prompt: Sequence[int], slot: int, last_only: bool) -> Iterator[tuple[int, torch.Tensor]]:
+        """Prefill by the eager model in chunks; yields (start, logits [t or 1, V] float32) per chunk."""
         tokens = torch.tensor([list(prompt)], device=self.device)  # [1, n]
         slots = torch.tensor([slot], device=self.device)
-        logits = None
         for start in range(0, tokens.shape[1], self.prefill_chunk):
             piece = tokens[:, start : start + self.prefill_chunk]  # [1, t]
             pos = torch.arange(start, start + piece.shape[1], device=self.device)[None]
-            logits = self.model(piece, input_pos=pos, slots=slots, last_only=True)
-        return logits[0, -1]
+            yield start, self.model(piece, input_pos=pos, slots=slots, last_only=last_only)[0]
 
     def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token

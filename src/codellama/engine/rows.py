@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
 
@@ -18,6 +20,17 @@ class TokenLogprob:
     top: dict[int, float] = field(default_factory=dict)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """Row i's log-probability of tokens[i] and its top[i] likeliest alternatives; logits [n, V]."""
+    if not tokens:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    top_v, top_i = lp.topk(max(max(top), 1), dim=-1)
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    return [TokenLogprob(t, c, dict(zip(ti[:k], tv[:k])))
+            for t, c, ti, tv, k in zip(tokens, chosen, top_i.tolist(), top_v.tolist(), top)]
+
+
 @dataclass
 class Completion:
     tokens: list[int]  # generated ids, without the stop token
@@ -25,6 +38,8 @@ class Completion:
     finish_reason: str  # "stop" (stop token or string), "length", or "cancelled"
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    # one per prompt token when asked for (None for the first, which nothing predicts): OpenAI's echo + logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -67,6 +82,7 @@ class RowState:
         self.decode = decode
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.text = ""
         self.released = 0
         self.finish_reason: str | None = None
@@ -102,4 +118,5 @@ class RowState:
         return delta
 
     def completion(self) -> Completion:
-        return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len, self.logprobs)
+        return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len, self.logprobs,
+                          self.prompt_logprobs)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from codellama.engine.batching import Engine
-from codellama.engine.rows import Completion, StreamEvent
+from codellama.engine.rows import Completion, StreamEvent, TokenLogprob
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
 from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
@@ -48,6 +48,7 @@ class _Job:
     decode: object  # callable(ids) -> str, or None without a tokenizer
     logprobs: int | None
     prompt_index: int
+    prompt_logprobs: bool = False  # echo + logprobs: the prompt's tokens are scored too
 
 
 class Server:
@@ -148,7 +149,8 @@ class Server:
                 def on_event(ev: StreamEvent, i: int = i) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
-                reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs))
+                reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs,
+                                               job.prompt_logprobs))
             remaining = len(jobs)
             while remaining:
                 try:
@@ -208,7 +210,8 @@ class Server:
             max_new = self._max_new(body.max_tokens, len(ids), "max_tokens")
             prompt_tokens += len(ids)
             for j in range(body.n):
-                jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi))
+                jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
+                                 body.echo and body.logprobs is not None))
         return jobs, prompt_texts, prompt_tokens
 
     def _chat_jobs(self, body: ChatRequest) -> tuple[list[_Job], int]:
@@ -223,21 +226,27 @@ class Server:
         return [_Job(ids, body.sampling(max_new, j), tok.decode, lp, 0) for j in range(body.n)], len(ids)
 
     # ---- response pieces ----
-    def _completion_logprobs(self, c: Completion, offset: int) -> dict | None:
-        if c.logprobs is None:
+    def _completion_logprobs(self, c: Completion, prompt: list[int], offset: int) -> dict | None:
+        """OpenAI's logprobs object; with echo the prompt's tokens come first (the first one unscored), at
+        offsets into the prompt text, then the generated ones from `offset`."""
+        if c.logprobs is None and c.prompt_logprobs is None:
             return None
-        tokens, offsets = [], []
-        for lp in c.logprobs:
-            offsets.append(offset)
-            text = self._token_text(lp.token)
-            tokens.append(text)
-            offset += len(text)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in c.logprobs],
-            "top_logprobs": [{self._token_text(t): v for t, v in lp.top.items()} for lp in c.logprobs],
-            "text_offset": offsets,
-        }
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(token: int, lp: TokenLogprob | None, at: int) -> int:
+            text = self._token_text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(None if lp is None else {self._token_text(t): v for t, v in lp.top.items()})
+            out["text_offset"].append(at)
+            return at + len(text)
+
+        at = 0
+        for token, lp in zip(prompt, c.prompt_logprobs or ()):
+            at = add(token, lp, at)
+        for lp in c.logprobs or ():
+            offset = add(lp.token, lp, offset)
+        return out
 
     def _chat_logprobs(self, c: Completion) -> dict | None:
         if c.logprobs is None:
@@ -272,7 +281,8 @@ class Server:
 
         def final(completions: list[Completion]) -> dict:
             choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
-                        "logprobs": self._completion_logprobs(c, len(echo[i]))} for i, c in enumerate(completions)]
+                        "logprobs": self._completion_logprobs(c, jobs[i].prompt, len(echo[i]))}
+                       for i, c in enumerate(completions)]
             return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
                     "choices": choices, "usage": self._usage(prompt_tokens, completions)}
 

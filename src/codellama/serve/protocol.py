@@ -109,8 +109,6 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError(400, f"best_of is {self.best_of} and n is {self.n}: this server returns every choice "
                               "it generates, so best_of must equal n (or be left out)", param="best_of")
-        if self.echo and self.logprobs is not None:  # the engine keeps no logits of the prompt
-            raise OpenAIError(400, "echo with logprobs (the prompt tokens' logprobs) is not supported", param="echo")
         self._refuse_streamed_logprobs(self.logprobs is not None)
         return self
 
