@@ -280,7 +280,7 @@ def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):
     engine.decoder.decode = spy
     engine.warm_up()
     assert set(rows_per_step) == {1, 2}  # both compiled variants of a GPU step (one row, several)
-    assert engine.stats() == {"active": 0, "waiting": 0, "slots": 4, "finished": {}}
+    assert engine.stats() == {"active": 0, "waiting": 0, "unfinished": 0, "slots": 4, "finished": {}}
     with engine:
         out = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0]
         assert out.tokens == naive_greedy(model, PROMPTS[0], 5)

@@ -319,9 +319,9 @@ def test_stream_chunks_follow_openai(server, path, body, obj):
 def _wait_idle(engine) -> None:
     """Until the engine runs nothing: generations of streams that went away are cancelled at its next step."""
     deadline = time.monotonic() + 30
-    while (engine.stats()["active"] or engine.stats()["waiting"]) and time.monotonic() < deadline:
+    while engine.stats()["unfinished"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.stats()["active"] == engine.stats()["waiting"] == 0
+    assert engine.stats()["unfinished"] == engine.stats()["active"] == engine.stats()["waiting"] == 0
 
 
 def test_full_server_answers_429_and_a_too_big_request_400(server, client, monkeypatch):
@@ -336,7 +336,7 @@ def test_full_server_answers_429_and_a_too_big_request_400(server, client, monke
         with client.completions.with_streaming_response.create(stream=True, **kw) as held:
             assert held.status_code == 200
             deadline = time.monotonic() + 30
-            while engine.stats()["waiting"] < 64 and time.monotonic() < deadline:
+            while engine.stats()["unfinished"] < 64 and time.monotonic() < deadline:
                 time.sleep(0.01)
             with pytest.raises(openai.RateLimitError, match="limit of 64"):
                 client.completions.create(model=MODEL, prompt="x", max_tokens=2)

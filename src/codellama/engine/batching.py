@@ -84,6 +84,9 @@ class Scheduler:
         self.context_len = min(ctx, decoder.max_seq_len)  # longest prompt + completion one slot holds
         self.default_stop_ids = set(stop_ids)
         self.waiting: deque[Request] = deque()  # appended from any thread, popped by step()
+        # submitted and not finished: one set, so a count read from another thread is exact even while
+        # step() moves requests from waiting to active
+        self.unfinished: set[Request] = set()
         self.active: list[Request] = []  # sorted by slot
         self.free_slots = list(range(decoder.max_batch))  # a heap: the lowest slot first keeps rows packed
         self._ids = itertools.count()
@@ -112,6 +115,7 @@ class Scheduler:
         row = RowState(len(prompt), params, stop_ids, max_new, decode)
         req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device),
                       prompt_logprobs)
+        self.unfinished.add(req)
         self.waiting.append(req)
         return req
 
@@ -230,6 +234,7 @@ class Scheduler:
         if req.finished:
             return
         req.finished = True
+        self.unfinished.discard(req)
         req.row.finish_reason = req.row.finish_reason or reason
         self.finished[req.row.finish_reason] += 1
         if req.slot is not None:
@@ -313,8 +318,8 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"active": len(s.active), "waiting": len(s.waiting), "slots": self.max_batch,
-                "finished": dict(s.finished)}
+        return {"active": len(s.active), "waiting": len(s.waiting), "unfinished": len(s.unfinished),
+                "slots": self.max_batch, "finished": dict(s.finished)}
 
     # ---- lifecycle ----
     def warm_up(self) -> None:

@@ -125,8 +125,7 @@ class Server:
             raise OpenAIError(400, f"This request asks for {n} generations (prompts x n), more than the {limit} "
                               "this server runs at once; send fewer prompts or a smaller n", param="n")
         # counts the engine's own requests (running + queued), so nothing can leak when a client vanishes
-        stats = self.engine.stats()
-        if stats["active"] + stats["waiting"] + n > limit:
+        if self.engine.stats()["unfinished"] + n > limit:
             raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
                               "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
 
