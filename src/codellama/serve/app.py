@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,9 @@ from codellama.sampling import SamplingParams
 from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
 
 log = logging.getLogger("codellama.serve")
+
+# a JSON escape of a UTF-16 surrogate: only a body holding one pays for the check that each is paired
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -77,7 +81,8 @@ class Server:
         raw = await request.body()
         try:
             data = json.loads(raw)
-            json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") would break the tokenizer
+            if _SURROGATE_ESCAPE.search(raw):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
+                json.dumps(data, ensure_ascii=False).encode()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
         except UnicodeEncodeError:
