@@ -4,9 +4,11 @@
 
 Prints, for our compiled decode step (CUDA graphs):
 - per-token wall time of Generator.generate (host and device in turn, one host sync per token),
+- the prefill of its prompt, compiled (as generate runs it) and by the eager model,
 - per-step time of the compiled step replayed back to back (the host runs ahead: device time alone),
 - the kernels of one step from torch.profiler: how many, their summed time, the most expensive.
-The gap between the first two figures is host overhead per token; the third says what the device does.
+The gap between generate's figure and the step's is host overhead per token (the prefill in it); the
+kernels say what the device does.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def main() -> None:
 
     decoder = gen._decoder
     with torch.inference_mode():  # the mode generate runs in, so the same compiled graph is used
+        ids, positions = torch.tensor([prompt], device="cuda"), torch.arange(len(prompt), device="cuda")[None]
+        prefill_ms = {
+            "compiled": median_ms(lambda: decoder.prefill([prompt], [0])),
+            "eager": median_ms(lambda: decoder.model(ids, input_pos=positions, last_only=True)),
+        }
         tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         pos = torch.full((1, 1), len(prompt), dtype=torch.long, device="cuda")
         kv_len = bucket(len(prompt) + 1, MIN_KV_BUCKET, decoder.model.cache_shape[1])  # as generate's first step
@@ -67,6 +74,8 @@ def main() -> None:
             torch.cuda.synchronize()
     print(f"generate: {wall_us:.0f} us/token ({1e6 / wall_us:.1f} tok/s); compiled step back to back: "
           f"{step_us:.0f} us ({1e6 / step_us:.1f} steps/s); host overhead ~{wall_us - step_us:.0f} us/token")
+    print(f"prefill of the {len(prompt)}-token prompt (in generate's time, once per {n} tokens): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in prefill_ms.items()))
 
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, list[float]] = {}
@@ -76,6 +85,19 @@ def main() -> None:
     print(f"{len(kernels) / 10:.0f} kernels per step, {kernel_us:.0f} us of kernel time:")
     for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"  {sum(times) / 10:8.1f} us  x{len(times) / 10:5.1f}  {name[:100]}")
+
+
+def median_ms(fn, reps: int = 5) -> float:
+    """Median wall time of fn() on the GPU, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":

@@ -215,8 +215,14 @@ def test_compiled_step_covers_buckets_of_rows_and_positions(monkeypatch):
         calls.append((tokens.shape[0], kv_units * decode.KV_UNIT, pos[:, 0].tolist()))
         return decoder._unit_step(tokens, pos, kv_units)
 
-    decoder._step = step
-    decoder.prefill([PROMPTS[0], PROMPTS[1]], [0, 4])
+    def chunk(tokens, pos, slots, kv_units, last_only):  # likewise for the prefill
+        calls.append((tokens.shape[1], kv_units * decode.PREFILL_KV_UNIT, slots.tolist()))
+        return decoder._unit_chunk(tokens, pos, slots, kv_units, last_only)
+
+    decoder._step, decoder._prefill = step, chunk
+    decoder.prefill([PROMPTS[0], PROMPTS[1], PROMPTS[3]], [0, 4, 2])  # 5, 11 and 1 tokens (eager: no call)
+    assert calls == [(5, 16, [0]), (11, 16, [4])]  # 8 positions would be one unit of 8: at least 2 units
+    calls.clear()
     decoder.decode([0, 4], [7, 8], [5, 11])  # rows 0..4 -> 8; positions up to 11 -> 16
     decoder.decode([0], [7], [6])  # one row; the fewest positions
     decoder.decode([4], [8], [33])  # the bucket (64) capped at the cache's 40 positions
@@ -289,6 +295,30 @@ def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):
 
 
 @pytest.mark.slow
+def test_compiled_prefill_matches_a_full_pass_with_one_graph_for_every_length():
+    # chunks of 8: prompts of 3, 7, 11 (8 + 3), 9 (8 + a one-token chunk, run eagerly) and 18 (8 + 8 + 2)
+    # tokens; after the first compile no other length compiles again, and scoring (every position's
+    # logits) compiles once more
+    from torch._dynamo.utils import counters
+
+    model = random_model(CFG, seed=1)
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, prefill_chunk=8, compile=True)
+    prompts = [PROMPTS[0][:3], PROMPTS[2], PROMPTS[1], [9] * 9, PROMPTS[4]]
+    with torch.inference_mode():
+        full = [model(torch.tensor([p]))[0] for p in prompts]  # [T, V] each
+    decoder.prefill([prompts[0]], [1])
+    graphs = counters["stats"]["unique_graphs"]
+    last = decoder.prefill(prompts[1:], [0, 1, 2, 3])
+    assert counters["stats"]["unique_graphs"] == graphs
+    for p, got, want in zip(prompts[1:], last, full[1:]):
+        torch.testing.assert_close(got, want[-1], atol=1e-4, rtol=1e-4)
+    _, scored = decoder.score_prompt(prompts[4], 3, top=0)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    want = torch.log_softmax(full[4][:-1], dim=-1).gather(1, torch.tensor(prompts[4][1:])[:, None])[:, 0]
+    assert [lp.logprob for lp in scored[1:]] == pytest.approx(want.tolist(), abs=1e-4)
+
+
+@pytest.mark.slow
 def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once(monkeypatch):
     # Read from the code inductor generates for the GPU's attention path (SDPA with the bias), compiled on
     # the CPU. torch 2.11 turned a cache write through a view into copies of the whole cache in every layer
@@ -329,7 +359,7 @@ def test_a_decode_step_that_cannot_compile_decodes_eagerly(caplog):
     with torch._inductor.config.patch({"cpp.cxx": ("no-such-compiler",), "fx_graph_cache": False}):
         out = run(Scheduler(decoder, stop_ids=()), {0: [(PROMPTS[0], SamplingParams(max_new_tokens=4))]})
     assert out[0].tokens == naive_greedy(model, PROMPTS[0], 4)
-    assert not decoder.compiled and "could not compile the decode step" in caplog.text
+    assert not decoder.compiled and "could not compile the prefill and decode steps" in caplog.text
 
 
 @pytest.mark.slow
@@ -358,8 +388,8 @@ def test_engine_thread_shares_the_cuda_graph_trees_of_the_thread_that_started_it
     seen = []
     engine = Engine(model, max_batch=2, context_len=96, compile=True)
     for _ in range(3):  # a thread that ends must leave the state alive (torch 2.11 freed it: a segfault)
-        with engine:  # one token: prefill only, nothing compiles
-            req = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=1),
+        with engine:  # a one-token prompt and one new token: an eager prefill only, nothing compiles
+            req = engine.submit(PROMPTS[3], SamplingParams(max_new_tokens=1),
                                 lambda ev: seen.append(torch._C._get_obj_in_tls("tree_manager_containers")))
             while not req.finished:
                 time.sleep(0.01)

@@ -1,5 +1,6 @@
 """On a GPU: the decode path queues work without waiting for the device (what overlapped decoding needs),
-and the compiled step (CUDA graphs, buckets of rows and positions) decodes the eager model's greedy tokens.
+the compiled step (CUDA graphs, buckets of rows and positions) decodes the eager model's greedy tokens, and
+the compiled prefill computes the eager model's logits.
 
 Skipped without CUDA; `bash bench/gpu_checks.sh tests` runs this file on the device machine.
 """
@@ -70,6 +71,20 @@ def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once():
     cache_half = decoder.model.layers[0].attention.cache.kv[0].numel()
     assert numels and max(numels) < cache_half
     assert len(re.findall(r"empty_strided_cuda\(\(1, 1, 1, ", code)) == 1  # the bias [rows, 1, 1, positions]
+
+
+def test_compiled_prefill_matches_the_eager_model_in_bf16():
+    # the compiled prefill chunk (SDPA with the bias over the repeated grouped heads, inductor's choice of
+    # kernel) against the eager model, in chunks of 8 (prompts of 11 and 18 tokens: 8 + 3, 8 + 8 + 2)
+    model = random_model(CFG, seed=1).cuda().bfloat16()
+    decoder = Decoder(random_model(CFG, seed=1).cuda().bfloat16(), max_batch=4, max_seq_len=96, prefill_chunk=8,
+                      compile=True)
+    prompts = [PROMPTS[1], PROMPTS[4]]
+    with torch.inference_mode():
+        want = [model(torch.tensor([p], device="cuda"))[0, -1] for p in prompts]
+        got = decoder.prefill(prompts, [0, 3])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=3e-2, rtol=3e-2)
 
 
 def test_engine_warmed_up_then_serving_on_its_thread_decodes_the_greedy_tokens():

@@ -324,14 +324,15 @@ class Engine:
     # ---- lifecycle ----
     def warm_up(self) -> None:
         """Decode two tiny requests, alone and then together, before serving: the first clients then do
-        not wait for the CPU kernels to build or for the GPU step to compile (for one row and for several),
-        a minute or more each. Runs on this thread, before start()."""
+        not wait for the CPU kernels to build or for the GPU's prefill and decode step to compile (for one
+        row and for several), a minute or more each. Runs on this thread, before start()."""
         if self._thread is not None:
             raise RuntimeError("warm_up() runs before start()")
         params = SamplingParams(max_new_tokens=3, stop_ids=())
+        prompt = [0, 0, 0]  # a length no other size of the first compile shares (it would be one symbol)
         for n in sorted({1, min(2, self.max_batch)}):
             for _ in range(n):
-                self.scheduler.submit([0], params)
+                self.scheduler.submit(prompt, params)
             while self.scheduler.has_work:
                 self.scheduler.step()
         self.scheduler.finished.clear()

@@ -14,6 +14,9 @@ if the model was quantised or converted since):
   active row. Attention reads what the bucket covers, not the whole static cache (a server's cache of 16
   slots x 4096 positions holds 34 GB for the 7B, 2.5x its weights). Sizes are symbolic in the compiled
   code, so the step compiles twice (one row, several rows) and a CUDA graph is recorded per bucket pair.
+  Prefill chunks are compiled too (without CUDA graphs: their lengths vary), one graph for every length
+  of two tokens or more: the eager model launches ~50 operators per layer from Python, likely most of
+  the 27-33 ms that a generate call spent beyond its decode steps on the H200 (several steps' worth).
 - Otherwise the eager model, over exactly the slots and positions in use.
 Both cover slots 0..n-1 as a contiguous prefix of the cache (a view, no gather); a free slot inside that
 range carries a dummy token whose cache write is harmless (the next prompt prefilled there overwrites it,
@@ -46,6 +49,9 @@ FUSED_PREFILL_ROWS = 1024
 # multiple of MIN_KV_BUCKET positions.
 KV_UNIT = 128
 MIN_KV_BUCKET = 2 * KV_UNIT
+# A compiled prefill chunk reads its cache positions in units of 8 (SDPA's alignment, as above), at least
+# two: a size of 1 is one the compiled graph would specialise on (a second compile in mid-serving).
+PREFILL_KV_UNIT = 8
 
 
 class Decoder:
@@ -61,7 +67,8 @@ class Decoder:
         self.device = model.tok_embeddings.weight.device
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile
-        self._step = None
+        self._step = None  # the compiled decode step
+        self._prefill = None  # the compiled prefill chunk
         self._fused = None if self.compiled else FusedCPUDecode.for_model(model)
         self.ensure(max_batch, max_seq_len)
 
@@ -109,13 +116,21 @@ class Decoder:
         return logits[-1], scored
 
     def _prefill_chunks(self, prompt: Sequence[int], slot: int, last_only: bool) -> Iterator[tuple[int, torch.Tensor]]:
-        """Prefill by the eager model in chunks; yields (start, logits [t or 1, V] float32) per chunk."""
-        tokens = torch.tensor([list(prompt)], device=self.device)  # [1, n]
-        slots = torch.tensor([slot], device=self.device)
-        for start in range(0, tokens.shape[1], self.prefill_chunk):
-            piece = tokens[:, start : start + self.prefill_chunk]  # [1, t]
-            pos = torch.arange(start, start + piece.shape[1], device=self.device)[None]
-            yield start, self.model(piece, input_pos=pos, slots=slots, last_only=last_only)[0]
+        """Prefill by the model in chunks; yields (start, logits [t or 1, V] float32) per chunk."""
+        tokens = to_device(prompt, self.device)  # [n]
+        slots = to_device([slot], self.device)
+        cache_len = self.model.cache_shape[1]
+        for start in range(0, len(tokens), self.prefill_chunk):
+            piece = tokens[start : start + self.prefill_chunk][None]  # [1, t], strides (t, 1) as compiled
+            end = start + piece.shape[1]
+            pos = torch.arange(start, end, device=self.device)[None]
+            # the positions attention reads, from the host (the model would read them back from the device)
+            kv_len = kv_read_len(end, cache_len)
+            if self.compiled and piece.shape[1] > 1:
+                logits = self._compiled_chunk(piece, pos, slots, kv_len, last_only)
+            else:  # a one-token chunk is a shape the compiled graph would specialise on: run it eagerly
+                logits = self.model(piece, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+            yield start, logits[0]
 
     def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token
@@ -180,13 +195,34 @@ class Decoder:
         try:
             # clone: CUDA-graph outputs are overwritten by the next replay
             return self._step(tokens, pos, kv_len // KV_UNIT).clone()
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no triton or no C compiler: not the input
-            log.warning("could not compile the decode step; decoding without compiling (slower): %s", e)
-            self.compiled, self._step = False, None
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            self._compile_failed(e)
             return self._eager_step(tokens, pos, kv_len)
 
     def _unit_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
         return self._eager_step(tokens, pos, kv_units * KV_UNIT)
+
+    def _compiled_chunk(
+        self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, last_only: bool
+    ) -> torch.Tensor:
+        """One prefill chunk, tokens [1, t] with t >= 2, by the compiled model -> logits [1, t or 1, V]."""
+        if self._prefill is None:
+            self._prefill = torch.compile(self._unit_chunk, fullgraph=True, dynamic=True)
+        kv_units = max(kv_len // PREFILL_KV_UNIT, min(2, self.model.cache_shape[1] // PREFILL_KV_UNIT))
+        try:
+            return self._prefill(tokens, pos, slots, kv_units, last_only)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            self._compile_failed(e)
+            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+
+    def _unit_chunk(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_units: int,
+                    last_only: bool) -> torch.Tensor:
+        return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_units * PREFILL_KV_UNIT)
+
+    def _compile_failed(self, error: Exception) -> None:
+        """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on."""
+        log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
+        self.compiled, self._step, self._prefill = False, None, None
 
 
 def bucket(n: int, least: int, most: int) -> int:
