@@ -241,6 +241,7 @@ def test_compiled_decode_step_same_greedy_tokens(scheduler, monkeypatch):
     out = run(scheduler(decoder, stop_ids=()),
               {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
     assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    assert decoder.compiled  # (not fallen back to eager)
 
 
 def test_scored_prompt_has_the_full_passes_logprobs_and_decodes_on(model, scheduler):
@@ -313,7 +314,7 @@ def test_compiled_prefill_matches_a_full_pass_with_one_graph_for_every_length():
     for p, got, want in zip(prompts[1:], last, full[1:]):
         torch.testing.assert_close(got, want[-1], atol=1e-4, rtol=1e-4)
     _, scored = decoder.score_prompt(prompts[4], 3, top=0)
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and decoder.compiled  # (not fallen back to eager)
     want = torch.log_softmax(full[4][:-1], dim=-1).gather(1, torch.tensor(prompts[4][1:])[:, None])[:, 0]
     assert [lp.logprob for lp in scored[1:]] == pytest.approx(want.tolist(), abs=1e-4)
 
@@ -377,7 +378,7 @@ def test_warm_up_compiles_every_variant_the_engine_thread_needs(monkeypatch):
     with engine:
         out = engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=12))
     assert [o.tokens for o in out] == [naive_greedy(model, p, 12) for p in PROMPTS[:3]]
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.compiled
 
 
 def test_engine_thread_shares_the_cuda_graph_trees_of_the_thread_that_started_it(model):

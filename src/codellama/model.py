@@ -79,8 +79,10 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
         seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
         # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
         bias = torch.zeros(seen.shape, dtype=cache.kv.dtype, device=device).masked_fill_(~seen, float("-inf"))
-        if torch.compiler.is_compiling():
-            # one buffer: else inductor rebuilds the bias inside every layer's attention (kernels per layer)
+        if torch.compiler.is_compiling() and input_pos.shape[1] == 1:
+            # one buffer: else inductor rebuilds the bias inside every layer's attention (kernels per layer).
+            # Decode steps only: torch 2.11 cannot lower this over a prefill chunk's symbolic length, where
+            # a bias per layer costs little next to the chunk's matmuls.
             bias = torch.ops.prims.inductor_force_stride_order(bias, bias.stride())
         return cls(input_pos, slots, kv_len, idx, bias)
 
