@@ -81,12 +81,12 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
     ap.add_argument("--int8", action="store_true", help="GPU: also our compiled weight-only int8 model")
     ap.add_argument("--coordinate-descent", action="store_true",
-                    help="GPU: compile with inductor's coordinate-descent tuning (gpt-fast's setting; one-row "
-                    "matmuls become tuned reductions instead of cuBLAS calls), to compare")
+                    help="GPU: also ours compiled with inductor's coordinate-descent tuning (gpt-fast's setting; "
+                    "one-row matmuls become tuned reductions instead of cuBLAS calls), in the same run")
     ap.add_argument("--separate-projections", action="store_true",
-                    help="GPU: keep q/k/v and w1/w3 as separate matmuls (as gpt-fast does): with coordinate-descent "
-                    "tuning, w1 and w3 become two reductions over the same rows that inductor can fuse with "
-                    "the SwiGLU product, which the stacked w13 cannot")
+                    help="GPU: also ours with coordinate-descent tuning and q/k/v and w1/w3 as separate matmuls "
+                    "(gpt-fast's layout: w1 and w3 become two reductions over the same rows that inductor can "
+                    "fuse with the SwiGLU product, which the stacked w13 cannot), in the same run")
     ap.add_argument("--engine", default=None, metavar="SLOTSxCONTEXT",
                     help="GPU: also the server's engine with this cache, one request and SLOTS at once")
     args = ap.parse_args()
@@ -156,46 +156,56 @@ def main() -> None:
 
 
 def gpu_main(args) -> None:
-    """GPU: our compiled bf16 decode (and int8 with --int8) vs transformers' generate, random weights of --preset.
+    """GPU: our compiled bf16 decode (and its variants, int8 with --int8) vs transformers' generate, random
+    weights of --preset.
 
     With --engine the server's engine (continuous batching, a cache of SLOTS x CONTEXT positions) decodes one
     request, then SLOTS requests at once (aggregate tok/s).
     """
-    if args.coordinate_descent:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True  # for every compile in this process
-    model = random_model(args.preset or "codellama-7b", args.device, torch.bfloat16)
-    hf = hf_twin(model)  # shares the weights; built before our q/k/v and w1/w3 are stacked
+    base = random_model(args.preset or "codellama-7b", args.device, torch.bfloat16)
+    hf = hf_twin(base)  # shares the weights
     n, prompt = args.tokens, [1] + list(range(100, 115))
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     runners = {}  # name: (run, bytes of weights read per step, tokens per run)
-    ours = model if args.separate_projections else fuse_projections(model)
-    gen = Generator(ours, max_seq_len=len(prompt) + n + 1, compile=True)
-    name = "ours bf16 compiled" + (", cd" if args.coordinate_descent else "") + (
-        ", separate q/k/v, w1/w3" if args.separate_projections else "")
-    runners[name] = (lambda: gen.generate([prompt], params), weight_bytes(model), n)
+    # Variants of ours in the same run (host speed drifts between runs, and it moves these figures): name:
+    # (q/k/v and w1/w3 stacked, inductor settings while the first run compiles). Each has its own weights.
+    cd = {"coordinate_descent_tuning": True}
+    variants = {"ours bf16 compiled": (True, {})}
+    if args.coordinate_descent:
+        variants["ours bf16 compiled, cd"] = (True, cd)
+    if args.separate_projections:
+        variants["ours bf16 compiled, cd, separate q/k/v, w1/w3"] = (False, cd)
+    compile_settings = {}
+    for name, (stacked, settings) in variants.items():
+        ours = copy.deepcopy(base)
+        if stacked:
+            fuse_projections(ours)
+        gen = Generator(ours, max_seq_len=len(prompt) + n + 1, compile=True)
+        runners[name] = (lambda gen=gen: gen.generate([prompt], params), weight_bytes(ours), n)
+        compile_settings[name] = settings
+    size = weight_bytes(base)
     if args.int8:
-        q8 = quantize(copy.deepcopy(model), "int8")
+        q8 = quantize(copy.deepcopy(base), "int8")
         gen8 = Generator(q8, max_seq_len=len(prompt) + n + 1, compile=True)
         runners["ours int8 compiled"] = (lambda: gen8.generate([prompt], params), weight_bytes(q8), n)
     engine = None
     if args.engine:
         slots, context = (int(v) for v in args.engine.split("x"))
-        # its own copy of the weights: the Generator above keeps its own small cache in `model`
-        engine = Engine(copy.deepcopy(model), max_batch=slots, context_len=context, compile=True).start()
-        runners[f"ours engine {args.engine}, 1"] = (lambda: engine.generate([prompt], params), weight_bytes(model), n)
+        engine = Engine(fuse_projections(copy.deepcopy(base)), max_batch=slots, context_len=context,
+                        compile=True).start()
+        runners[f"ours engine {args.engine}, 1"] = (lambda: engine.generate([prompt], params), size, n)
         runners[f"ours engine {args.engine}, {slots}"] = (
-            lambda: engine.generate([prompt] * slots, params), weight_bytes(model), slots * n)
+            lambda: engine.generate([prompt] * slots, params), size, slots * n)
     ids = torch.tensor([prompt], device=args.device)
 
     def run_hf():
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    runners["transformers bf16"] = (run_hf, weight_bytes(model), n)
+    runners["transformers bf16"] = (run_hf, size, n)
     for name, (run, _, _) in runners.items():
         t = time.perf_counter()
-        run()  # compile / warm up
+        with torch._inductor.config.patch(compile_settings.get(name, {})):  # read while compiling
+            run()  # compile / warm up
         print(f"{name}: first run (compile, warm-up) {time.perf_counter() - t:.0f} s", flush=True)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.reps):
@@ -208,7 +218,7 @@ def gpu_main(args) -> None:
     if engine is not None:
         engine.close()
     tps = {k: runners[k][2] / statistics.median(v) for k, v in times.items()}
-    print(f"{model.config.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
+    print(f"{base.config.name or args.preset} on {torch.cuda.get_device_name()}: {n} tokens, {args.reps} reps")
     print("(GB/s: weights only, read once per step; the engine's rows share each read)")
     width = max(map(len, tps))
     for name, v in tps.items():
