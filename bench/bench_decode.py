@@ -168,21 +168,19 @@ def gpu_main(args) -> None:
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     runners = {}  # name: (run, bytes of weights read per step, tokens per run)
     # Variants of ours in the same run (host speed drifts between runs, and it moves these figures): name:
-    # (q/k/v and w1/w3 stacked, inductor settings while the first run compiles). Each has its own weights.
+    # (q/k/v and w1/w3 stacked, what to compile with). Each has its own weights.
     cd = {"coordinate_descent_tuning": True}
-    variants = {"ours bf16 compiled": (True, {})}
+    variants = {"ours bf16 compiled": (True, True)}
     if args.coordinate_descent:
         variants["ours bf16 compiled, cd"] = (True, cd)
     if args.separate_projections:
         variants["ours bf16 compiled, cd, separate q/k/v, w1/w3"] = (False, cd)
-    compile_settings = {}
-    for name, (stacked, settings) in variants.items():
+    for name, (stacked, compile) in variants.items():
         ours = copy.deepcopy(base)
         if stacked:
             fuse_projections(ours)
-        gen = Generator(ours, max_seq_len=len(prompt) + n + 1, compile=True)
+        gen = Generator(ours, max_seq_len=len(prompt) + n + 1, compile=compile)
         runners[name] = (lambda gen=gen: gen.generate([prompt], params), weight_bytes(ours), n)
-        compile_settings[name] = settings
     size = weight_bytes(base)
     if args.int8:
         q8 = quantize(copy.deepcopy(base), "int8")
@@ -204,8 +202,7 @@ def gpu_main(args) -> None:
     runners["transformers bf16"] = (run_hf, size, n)
     for name, (run, _, _) in runners.items():
         t = time.perf_counter()
-        with torch._inductor.config.patch(compile_settings.get(name, {})):  # read while compiling
-            run()  # compile / warm up
+        run()  # compile / warm up
         print(f"{name}: first run (compile, warm-up) {time.perf_counter() - t:.0f} s", flush=True)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.reps):

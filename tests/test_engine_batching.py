@@ -353,6 +353,20 @@ def test_compiled_decode_step_of_an_int8_model_same_greedy_tokens():
 
 
 @pytest.mark.slow
+def test_compile_options_reach_the_compiler():
+    # bench_decode.py compares inductor settings in one process: a decoder compiled with other options
+    # compiles its own graph (torch.compile would otherwise reuse another decoder's)
+    from torch._dynamo.utils import counters
+
+    Decoder(random_model(CFG, seed=1), max_batch=2, max_seq_len=96, compile=True).decode([0], [5], [3])
+    graphs = counters["stats"]["unique_graphs"]
+    tuned = Decoder(random_model(CFG, seed=1), max_batch=2, max_seq_len=96,
+                    compile={"coordinate_descent_tuning": True})
+    tuned.decode([0], [5], [3])
+    assert tuned.compiled and tuned.compile_options and counters["stats"]["unique_graphs"] == graphs + 1
+
+
+@pytest.mark.slow
 def test_a_decode_step_that_cannot_compile_decodes_eagerly(caplog):
     # a real compile failure: inductor's C++ compiler is missing (on a GPU machine: no triton, no gcc)
     model = random_model(CFG, seed=1)

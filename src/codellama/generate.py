@@ -26,8 +26,9 @@ from codellama.sampling import SamplingParams
 class Generator:
     """A model and its tokenizer, ready to complete, infill and chat.
 
-    compile: compile the decode step with CUDA graphs (default: on CUDA). prefill_chunk: prompt tokens per
-    prefill forward (bounds memory for very long prompts).
+    compile: compile prefill and the decode step, the latter with CUDA graphs (default: on CUDA; a dict of
+    inductor options compiles with them). prefill_chunk: prompt tokens per prefill forward (bounds memory
+    for very long prompts).
     """
 
     def __init__(
@@ -35,7 +36,7 @@ class Generator:
         model: Transformer,
         tokenizer=None,
         max_seq_len: int | None = None,
-        compile: bool | None = None,
+        compile: bool | dict | None = None,
         prefill_chunk: int = 2048,
     ):
         self.model = model.eval()

@@ -292,7 +292,7 @@ class Engine:
         max_batch: int = 16,
         context_len: int | None = None,
         prefill_chunk: int = 2048,
-        compile: bool | None = None,
+        compile: bool | dict | None = None,
         overlap: bool | None = None,
     ):
         context_len = context_len or model.config.max_seq_len

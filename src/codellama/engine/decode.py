@@ -61,12 +61,15 @@ class Decoder:
         max_batch: int,
         max_seq_len: int,
         prefill_chunk: int = 2048,
-        compile: bool | None = None,
+        compile: bool | dict | None = None,
     ):
+        """compile: compile prefill and decode (default: on CUDA); a dict compiles them with these inductor
+        options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings)."""
         self.model = model.eval()
         self.device = model.tok_embeddings.weight.device
         self.prefill_chunk = prefill_chunk
-        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.compiled = self.device.type == "cuda" if compile is None else compile is not False
+        self.compile_options = compile if isinstance(compile, dict) else {}
         self._step = None  # the compiled decode step
         self._prefill = None  # the compiled prefill chunk
         self._fused = None if self.compiled else FusedCPUDecode.for_model(model)
@@ -185,7 +188,7 @@ class Decoder:
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self._step is None:
-            options = {"triton.cudagraphs": True}  # mode="reduce-overhead"
+            options = {"triton.cudagraphs": True, **self.compile_options}  # mode="reduce-overhead"
             if any(isinstance(m, QuantLinear) for m in self.model.modules()):
                 # gpt-fast's setting: inductor then turns a one-row matmul into a reduction, into which the
                 # int8 weights' widening fuses (else the widened weights are written out and read again)
@@ -207,7 +210,7 @@ class Decoder:
     ) -> torch.Tensor:
         """One prefill chunk, tokens [1, t] with t >= 2, by the compiled model -> logits [1, t or 1, V]."""
         if self._prefill is None:
-            self._prefill = torch.compile(self._unit_chunk, fullgraph=True, dynamic=True)
+            self._prefill = torch.compile(self._unit_chunk, fullgraph=True, dynamic=True, options=self.compile_options)
         kv_units = max(kv_len // PREFILL_KV_UNIT, min(2, self.model.cache_shape[1] // PREFILL_KV_UNIT))
         try:
             return self._prefill(tokens, pos, slots, kv_units, last_only)
