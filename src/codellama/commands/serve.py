@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step with CUDA graphs (default: on CUDA)")
+                   help="compile prefill and the decode step, the latter with CUDA graphs (default: on CUDA)")
     p.add_argument("--log-file", type=Path, default=None, help="also append the JSON request log here")
     p.set_defaults(func=run)
 
