@@ -16,6 +16,7 @@
 #                     compute the eager model's tokens and logits
 #   profile   [260 s] where a step's time goes (host vs kernels, which kernels) and the prefill's time,
 #                     compiled and eager: SmolLM2, then 7B
+#   profile-cd [260 s] the same, compiled with coordinate-descent tuning
 #   engine    [420 s] the server's engine, 7B with 16 slots x 2048 positions: one request, then 16 at once
 #   int8      [200 s] the 7B shape with our weight-only int8 model beside bf16
 #   train     [280 s] issue 4: training tokens/s and MFU, ours vs transformers
@@ -69,6 +70,11 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     profile)
       timeout 130 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
       timeout 130 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt" ;;
+    profile-cd)
+      timeout 130 python3 bench/profile_decode.py --preset smollm2-135m --coordinate-descent 2>&1 \
+        | tee "$out/profile_cd.txt"
+      timeout 130 python3 bench/profile_decode.py --preset codellama-7b --coordinate-descent 2>&1 \
+        | tee -a "$out/profile_cd.txt" ;;
     engine) timeout 420 $decode --preset codellama-7b --reps 3 --engine 16x2048 2>&1 | tee "$out/decode_engine.txt" ;;
     int8) timeout 200 $decode --preset codellama-7b --reps 3 --int8 2>&1 | tee "$out/decode_int8.txt" ;;
     train) timeout 280 python3 bench/bench_train.py 2>&1 | tee "$out/train.txt" ;;
@@ -76,6 +82,7 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
       rm -f "$out"/inductor-cache.tgz.part-*
       tar -czf - -C "$cache_dir" . | split -b 15M - "$out/inductor-cache.tgz.part-"
       du -ch "$out"/inductor-cache.tgz.part-* | tail -1 ;;
-    *) echo "unknown part '$part': machine smollm2 7b 7b-cd 7b-cd-sep tests smollm2-cd profile engine int8 train cache" >&2; exit 2 ;;
+    *) echo "unknown part '$part': machine smollm2 7b smollm2-cd 7b-cd 7b-cd-sep tests profile profile-cd engine int8 train cache" >&2
+       exit 2 ;;
   esac
 done

@@ -31,11 +31,13 @@ def main() -> None:
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=20, help="kernels listed")
+    ap.add_argument("--coordinate-descent", action="store_true", help="compile with coordinate-descent tuning")
     args = ap.parse_args()
     model = fuse_projections(random_model(args.preset, "cuda", torch.bfloat16))
     prompt, n = [1] + list(range(100, 115)), args.tokens
     params = SamplingParams(max_new_tokens=n, stop_ids=())
-    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=True)
+    compile = {"coordinate_descent_tuning": True} if args.coordinate_descent else True
+    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=compile)
     t0 = time.perf_counter()
     for _ in range(2):  # compile, record the graph
         gen.generate([prompt], params)
