@@ -311,7 +311,7 @@ def test_compiled_prefill_matches_a_full_pass_with_one_graph_for_every_length():
     graphs = counters["stats"]["unique_graphs"]
     last = decoder.prefill(prompts[1:], [0, 1, 2, 3])
     assert counters["stats"]["unique_graphs"] == graphs
-    for p, got, want in zip(prompts[1:], last, full[1:]):
+    for got, want in zip(last, full[1:]):
         torch.testing.assert_close(got, want[-1], atol=1e-4, rtol=1e-4)
     _, scored = decoder.score_prompt(prompts[4], 3, top=0)
     assert counters["stats"]["unique_graphs"] == graphs + 1 and decoder.compiled  # (not fallen back to eager)
