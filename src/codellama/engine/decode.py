@@ -129,11 +129,9 @@ class Decoder:
             pos = torch.arange(start, end, device=self.device)[None]
             # the positions attention reads, from the host (the model would read them back from the device)
             kv_len = kv_read_len(end, cache_len)
-            if self.compiled and piece.shape[1] > 1:
-                logits = self._compiled_chunk(piece, pos, slots, kv_len, last_only)
-            else:  # a one-token chunk is a shape the compiled graph would specialise on: run it eagerly
-                logits = self.model(piece, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
-            yield start, logits[0]
+            # a one-token chunk is a shape the compiled graph would specialise on: it runs eagerly
+            chunk = self._compiled_chunk if self.compiled and piece.shape[1] > 1 else self._eager_chunk
+            yield start, chunk(piece, pos, slots, kv_len, last_only)[0]
 
     def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token
@@ -216,11 +214,16 @@ class Decoder:
             return self._prefill(tokens, pos, slots, kv_units, last_only)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             self._compile_failed(e)
-            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+            return self._eager_chunk(tokens, pos, slots, kv_len, last_only)
+
+    def _eager_chunk(
+        self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, last_only: bool
+    ) -> torch.Tensor:
+        return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
 
     def _unit_chunk(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_units: int,
                     last_only: bool) -> torch.Tensor:
-        return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_units * PREFILL_KV_UNIT)
+        return self._eager_chunk(tokens, pos, slots, kv_units * PREFILL_KV_UNIT, last_only)
 
     def _compile_failed(self, error: Exception) -> None:
         """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on."""
