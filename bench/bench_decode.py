@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import hf_twin, random_model
+from common import GPU_VARIANTS, hf_twin, random_model
 
 from codellama.engine.batching import Engine
 from codellama.engine.quant import fuse_projections, quantize, weight_bytes
@@ -80,13 +80,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
     ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
     ap.add_argument("--int8", action="store_true", help="GPU: also our compiled weight-only int8 model")
-    ap.add_argument("--coordinate-descent", action="store_true",
-                    help="GPU: also ours compiled with inductor's coordinate-descent tuning (gpt-fast's setting; "
-                    "one-row matmuls become tuned reductions instead of cuBLAS calls), in the same run")
-    ap.add_argument("--separate-projections", action="store_true",
-                    help="GPU: also ours with coordinate-descent tuning and q/k/v and w1/w3 as separate matmuls "
-                    "(gpt-fast's layout: w1 and w3 become two reductions over the same rows that inductor can "
-                    "fuse with the SwiGLU product, which the stacked w13 cannot), in the same run")
+    ap.add_argument("--variants", default="", metavar="NAME,...",
+                    help="GPU: also these variants of ours, each timed beside the default in the same run: "
+                    + "; ".join(f"{k}: {v.help}" for k, v in GPU_VARIANTS.items()))
     ap.add_argument("--engine", default=None, metavar="SLOTSxCONTEXT",
                     help="GPU: also the server's engine with this cache, one request and SLOTS at once")
     args = ap.parse_args()
@@ -167,20 +163,19 @@ def gpu_main(args) -> None:
     n, prompt = args.tokens, [1] + list(range(100, 115))
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     runners = {}  # name: (run, bytes of weights read per step, tokens per run)
-    # Variants of ours in the same run (host speed drifts between runs, and it moves these figures): name:
-    # (q/k/v and w1/w3 stacked, what to compile with). Each has its own weights.
-    cd = {"coordinate_descent_tuning": True}
-    variants = {"ours bf16 compiled": (True, True)}
-    if args.coordinate_descent:
-        variants["ours bf16 compiled, cd"] = (True, cd)
-    if args.separate_projections:
-        variants["ours bf16 compiled, cd, separate q/k/v, w1/w3"] = (False, cd)
-    for name, (stacked, compile) in variants.items():
-        ours = copy.deepcopy(base)
-        if stacked:
-            fuse_projections(ours)
-        gen = Generator(ours, max_seq_len=len(prompt) + n + 1, compile=compile)
-        runners[name] = (lambda gen=gen: gen.generate([prompt], params), weight_bytes(ours), n)
+    # Variants of ours in the same run: the host's speed drifts between runs, and it moves these figures.
+    # Each has its own weights.
+    torch._dynamo.config.recompile_limit = 64  # each variant's decoder compiles the same methods anew
+    names = [v for v in args.variants.split(",") if v]
+    unknown = set(names) - set(GPU_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(GPU_VARIANTS)}")
+    for name in ["default", *names]:
+        variant = GPU_VARIANTS[name]
+        gen = Generator(variant.prepare(copy.deepcopy(base)), max_seq_len=len(prompt) + n + 1,
+                        compile=variant.compile, attention=variant.attention)
+        label = "ours bf16 compiled" + ("" if name == "default" else f", {name}")
+        runners[label] = (lambda gen=gen: gen.generate([prompt], params), weight_bytes(gen.model), n)
     size = weight_bytes(base)
     if args.int8:
         q8 = quantize(copy.deepcopy(base), "int8")

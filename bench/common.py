@@ -7,6 +7,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from codellama.checkpoints.hf import to_transformers as hf_twin  # noqa: E402,F401
 from codellama.config import preset  # noqa: E402
+from codellama.engine.quant import fuse_projections  # noqa: E402
 from codellama.model import Transformer  # noqa: E402
 
 
@@ -27,6 +29,34 @@ def random_model(name: str, device: str, dtype: torch.dtype) -> Transformer:
     model = model.to_empty(device=device)
     model.init_weights()
     return model.to(dtype).eval()
+
+
+@dataclass(frozen=True)
+class GpuVariant:
+    """A way to compile our GPU decode step, timed beside the default by bench_decode.py --variants and
+    profiled by profile_decode.py --variant."""
+
+    help: str
+    compile: bool | dict = True  # True, or inductor's options
+    attention: str = "sdpa"  # the decode step's attention (engine/decode.py)
+    stacked: bool = True  # q/k/v and w1/w3 stacked into one matmul each (as codellama.load prepares a model)
+
+    def prepare(self, model: Transformer) -> Transformer:
+        return fuse_projections(model) if self.stacked else model
+
+
+_CD = {"coordinate_descent_tuning": True}
+GPU_VARIANTS = {
+    "default": GpuVariant("what Generator(compile=True) runs: cuBLAS matmuls, SDPA (cuDNN's kernel on the H100 "
+                          "and H200)"),
+    "cd": GpuVariant("inductor's coordinate-descent tuning (gpt-fast's setting)", _CD),
+    "sep": GpuVariant("cd, with q/k/v and w1/w3 as separate matmuls (gpt-fast's layout: inductor can fuse the w1 "
+                      "and w3 reductions with the SwiGLU product)", _CD, stacked=False),
+    "flex": GpuVariant("FlexAttention's Triton kernel over the cache, masked by blocks, instead of SDPA",
+                       attention="flex"),
+    "combo": GpuVariant("inductor's combo kernels: independent small kernels (RoPE of q and of k, ...) as one "
+                        "launch", {"combo_kernels": True}),
+}
 
 
 def timed(fn, repeats: int = 3) -> float:

@@ -6,7 +6,9 @@ Prints, for our compiled decode step (CUDA graphs):
 - per-token wall time of Generator.generate (host and device in turn, one host sync per token),
 - the prefill of its prompt, compiled (as generate runs it) and by the eager model,
 - per-step time of the compiled step replayed back to back (the host runs ahead: device time alone),
-- the kernels of one step from torch.profiler: how many, their summed time, the most expensive.
+- the kernels of one step from torch.profiler: how many, their summed time, the most expensive,
+- the host's time in generate by function (cProfile): time spent waiting in `synchronize` is the device's,
+  the rest is the host's own work per step, which the device waits for when it exceeds the step.
 The gap between generate's figure and the step's is host overhead per token (the prefill in it); the
 kernels say what the device does.
 """
@@ -14,14 +16,15 @@ kernels say what the device does.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
 import torch
-from common import random_model
+from common import GPU_VARIANTS, random_model
 
 from codellama.engine.decode import MIN_KV_BUCKET, bucket
-from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 
@@ -31,17 +34,19 @@ def main() -> None:
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=20, help="kernels listed")
-    ap.add_argument("--coordinate-descent", action="store_true", help="compile with coordinate-descent tuning")
+    ap.add_argument("--variant", default="default", choices=list(GPU_VARIANTS),
+                    help="how our step is compiled (bench_decode.py --variants times them side by side)")
     args = ap.parse_args()
-    model = fuse_projections(random_model(args.preset, "cuda", torch.bfloat16))
+    variant = GPU_VARIANTS[args.variant]
+    model = variant.prepare(random_model(args.preset, "cuda", torch.bfloat16))
     prompt, n = [1] + list(range(100, 115)), args.tokens
     params = SamplingParams(max_new_tokens=n, stop_ids=())
-    compile = {"coordinate_descent_tuning": True} if args.coordinate_descent else True
-    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=compile)
+    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=variant.compile, attention=variant.attention)
     t0 = time.perf_counter()
     for _ in range(2):  # compile, record the graph
         gen.generate([prompt], params)
-    print(f"{args.preset} on {torch.cuda.get_device_name()}: compile and warm-up {time.perf_counter() - t0:.0f} s")
+    print(f"{args.preset} ({args.variant}) on {torch.cuda.get_device_name()}: compile and warm-up "
+          f"{time.perf_counter() - t0:.0f} s")
 
     walls = []
     for _ in range(5):
@@ -87,6 +92,20 @@ def main() -> None:
     print(f"{len(kernels) / 10:.0f} kernels per step, {kernel_us:.0f} us of kernel time:")
     for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"  {sum(times) / 10:8.1f} us  x{len(times) / 10:5.1f}  {name[:100]}")
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(3):
+        gen.generate([prompt], params)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"host time of generate by function, per token ({3 * n} tokens), most first:")
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[: args.top]  # (file, line, name): (.., tottime, ..)
+    for (file, line, name), (_, calls, own, total, _) in rows:
+        where = f"{file.rsplit('/', 1)[-1]}:{line}" if line else ""
+        print(f"  {own / (3 * n) * 1e6:8.1f} us own {total / (3 * n) * 1e6:8.1f} us total  x{calls / (3 * n):5.1f}  "
+              f"{name[:60]} {where}")
 
 
 def median_ms(fn, reps: int = 5) -> float:

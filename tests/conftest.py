@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ SHARED_DATA = Path(os.environ.get("CODELLAMA_SHARED_DATA", Path(__file__).resolv
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_cache():
+    """Each test compiles anew: dynamo keeps at most 8 graphs per code object, and every Decoder's step
+    is the same code object, so the tests' decoders between them would pass that and decode eagerly."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import codellama.model as model_module
 from codellama.config import ModelConfig
 from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
@@ -244,6 +245,46 @@ def test_compiled_decode_step_same_greedy_tokens(scheduler, monkeypatch):
     assert decoder.compiled  # (not fallen back to eager)
 
 
+@pytest.mark.slow
+def test_flex_decode_step_traces_whole_and_decodes_the_greedy_tokens(monkeypatch):
+    # The GPU candidate's trace as the previous test's (buckets of rows and positions, the block mask made
+    # inside the graph), through dynamo and AOT autograd onto eager kernels: inductor's CPU lowering of
+    # FlexAttention is no path of ours (the GPU's is Triton: tests/test_engine_gpu.py).
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []  # what dynamo traced: FlexAttention in its own graphs, not another decoder's reused
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return aot_eager(gm, example_inputs)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph, dynamic, options: compile_(
+        fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend))
+    model = random_model(CFG, seed=1)
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True, attention="flex")
+    prompts, lengths = [PROMPTS[0], PROMPTS[0][::-1]], [3, 8]  # one prefill length: one prefill graph
+    out = run(Scheduler(decoder, stop_ids=(), overlap=True),
+              {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]})
+    assert [out[i].tokens for i in range(2)] == [naive_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    assert decoder.compiled and any("flex_attention" in g for g in graphs)
+
+
+def test_flex_attention_decodes_the_sdpa_steps_logits():
+    # FlexAttention (a candidate for the GPU's compiled step) over the same cache, eager: rows at different
+    # positions in one step, each masked to its own prefix by the block mask
+    logits = {}
+    for attention in ("sdpa", "flex"):
+        decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=False, attention=attention)
+        decoder.prefill(PROMPTS[:3], [0, 1, 3])
+        logits[attention] = decoder.decode([0, 1, 3], [7, 8, 9], [len(p) for p in PROMPTS[:3]])
+    torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'sdpa' or 'flex'"):
+        Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=96, attention="flash")
+
+
 def test_scored_prompt_has_the_full_passes_logprobs_and_decodes_on(model, scheduler):
     # echo + logprobs: a prompt prefilled in chunks of 4 (the scores cross chunk boundaries) beside a plain
     # request; its logprobs equal one causal pass over the whole prompt, and decoding continues from its cache
@@ -325,8 +366,6 @@ def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once(monkey
     # the CPU. torch 2.11 turned a cache write through a view into copies of the whole cache in every layer
     # (loops over all of it), and each layer's SDPA input rebuilt the bias: one bias buffer per layer.
     from torch._inductor.utils import run_and_get_code
-
-    import codellama.model as model_module
 
     sdpa_attention = model_module.cached_attention
     monkeypatch.setattr(model_module, "cached_attention",

@@ -46,15 +46,18 @@ def test_decode_step_is_queued_without_waiting_for_the_gpu(compiled):
     assert logits.shape == (2, CFG.vocab_size)
 
 
-def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch, attention):
     monkeypatch.setattr(decode, "KV_UNIT", 4)
     monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
     model = random_model(CFG, seed=1)
-    decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=4, max_seq_len=96, compile=True)
+    decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=4, max_seq_len=96, compile=True,
+                      attention=attention)
     lengths = [8, 3, 6]
     out = run(Scheduler(decoder, stop_ids=(), overlap=True),
               {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
     assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    assert decoder.compiled  # (not fallen back to eager)
 
 
 def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once():

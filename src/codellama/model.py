@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from codellama.config import ModelConfig
 
@@ -57,6 +58,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+# FlexAttention's block of keys: a compiled decode step's keys come in multiples of 128 (engine/decode.py)
+FLEX_BLOCK = 128
+
+
 class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a graph break
     """Where one forward call writes and reads the KV cache: computed once, shared by every layer."""
 
@@ -64,18 +69,34 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
     slots: torch.Tensor | None  # [B] cache rows (None: rows 0..B-1)
     kv_len: int | None  # read only the first kv_len positions; None: the whole static cache
     write_idx: torch.Tensor  # [B*Hkv*T] rows of the flattened cache [slots*Hkv*S, hd] to write
-    bias: torch.Tensor  # [B, 1, T, kv_len or S] causal, per row: 0 where a query sees a key, else -inf
+    bias: torch.Tensor | None  # [B, 1, T, kv_len or S] causal, per row: 0 where a query sees a key, else -inf
+    block_mask: BlockMask | None  # instead of the bias: the same mask for FlexAttention (attention="flex")
 
     @classmethod
-    def plan(cls, cache: KVCache, input_pos: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> CacheStep:
-        B = input_pos.shape[0]
+    def plan(
+        cls, cache: KVCache, input_pos: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None,
+        flex_rows: int = 0,
+    ) -> CacheStep:
+        """flex_rows: for a one-token step, mask for FlexAttention with this many query rows per key/value
+        head (the query heads that share it) instead of making the bias."""
+        B, T = input_pos.shape
         _, H, S, _ = cache.shape
         device = input_pos.device
         rows = torch.arange(B, device=device) if slots is None else slots
         heads = torch.arange(H, device=device)
         # row (b, h, t) of the new keys lands at (slot_b * H + h) * S + pos_bt of the flattened cache
         idx = ((rows[:, None, None] * H + heads[None, :, None]) * S + input_pos[:, None, :]).reshape(-1)
-        key_pos = torch.arange(S if kv_len is None else kv_len, device=device)
+        keys = S if kv_len is None else kv_len
+        if flex_rows:
+            row_pos = input_pos[:, 0]  # [B]: every query row of sequence b sits at its one position
+
+            def causal(b, h, q_idx, kv_idx):
+                return kv_idx <= row_pos[b]
+
+            # blocks of keys past a row's position are skipped, not masked
+            mask = create_block_mask(causal, B, None, flex_rows, keys, device=device.type, BLOCK_SIZE=FLEX_BLOCK)
+            return cls(input_pos, slots, kv_len, idx, None, mask)
+        key_pos = torch.arange(keys, device=device)
         seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
         # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
         bias = torch.zeros(seen.shape, dtype=cache.kv.dtype, device=device).masked_fill_(~seen, float("-inf"))
@@ -84,7 +105,7 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
             # Decode steps only: torch 2.11 cannot lower this over a prefill chunk's symbolic length, where
             # a bias per layer costs little next to the chunk's matmuls.
             bias = torch.ops.prims.inductor_force_stride_order(bias, bias.stride())
-        return cls(input_pos, slots, kv_len, idx, bias)
+        return cls(input_pos, slots, kv_len, idx, bias, None)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -169,7 +190,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # q and k: the same T positions
         else:
             k, v = self.cache.update(step, k, v)  # [B, Hkv, kv_len, hd]
-            out = cached_attention(q, k, v, step.bias)
+            if step.block_mask is not None:  # one token per row: as cached_attention's one-query path
+                qg = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H/Hkv, hd]
+                out = flex_attention(qg, k, v, block_mask=step.block_mask).reshape(B, self.n_heads, 1, self.head_dim)
+            else:
+                out = cached_attention(q, k, v, step.bias)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -274,6 +299,7 @@ class Transformer(nn.Module):
         slots: torch.Tensor | None = None,
         last_only: bool = False,
         kv_len: int | None = None,
+        attention: str = "sdpa",
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only).
 
@@ -281,6 +307,9 @@ class Transformer(nn.Module):
         slots [B]: which cache rows these sequences own (default: rows 0..B-1).
         kv_len: attend over the first kv_len cache positions, more than any input position (default: the
         filled ones as kv_read_len rounds them when eager, the whole static cache when compiled).
+        attention: over the cache in one-token steps, "sdpa" (scaled_dot_product_attention with a bias) or
+        "flex" (FlexAttention with a block mask: its own Triton kernel when compiled, a slow reference when
+        not). Longer chunks use sdpa.
         Without input_pos the call is a plain causal pass over positions 0..T-1 (training).
         """
         B, T = tokens.shape
@@ -294,7 +323,8 @@ class Transformer(nn.Module):
             if cache is not None:
                 if kv_len is None and not torch.compiler.is_compiling():
                     kv_len = kv_read_len(int(input_pos.max()) + 1, cache.shape[2])
-                step = CacheStep.plan(cache, input_pos, slots, kv_len)
+                flex_rows = c.n_rep if attention == "flex" and T == 1 else 0
+                step = CacheStep.plan(cache, input_pos, slots, kv_len, flex_rows)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:

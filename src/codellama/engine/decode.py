@@ -62,17 +62,24 @@ class Decoder:
         max_seq_len: int,
         prefill_chunk: int = 2048,
         compile: bool | dict | None = None,
+        attention: str = "sdpa",
     ):
         """compile: compile prefill and decode (default: on CUDA); a dict compiles them with these inductor
-        options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings)."""
+        options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings).
+        attention: the decode step's attention over the cache, "sdpa" or "flex" (FlexAttention, a candidate
+        for the GPU's compiled step, timed beside sdpa by bench/bench_decode.py; see Transformer.forward)."""
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         self.model = model.eval()
+        self.attention = attention
         self.device = model.tok_embeddings.weight.device
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile is not False
         self.compile_options = compile if isinstance(compile, dict) else {}
         self._step = None  # the compiled decode step
         self._prefill = None  # the compiled prefill chunk
-        self._fused = None if self.compiled else FusedCPUDecode.for_model(model)
+        # the fused CPU step has its own attention: a Decoder asked for flex runs the model
+        self._fused = None if self.compiled or attention != "sdpa" else FusedCPUDecode.for_model(model)
         self.ensure(max_batch, max_seq_len)
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
@@ -182,7 +189,7 @@ class Decoder:
         return logits if len(slots) == n else logits[slots_t]
 
     def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1]
+        return self.model(tokens, input_pos=pos, kv_len=kv_len, attention=self.attention)[:, -1]
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self._step is None:
