@@ -173,7 +173,8 @@ def gpu_main(args) -> None:
     for name in ["default", *names]:
         variant = GPU_VARIANTS[name]
         gen = Generator(variant.prepare(copy.deepcopy(base)), max_seq_len=len(prompt) + n + 1,
-                        compile=variant.compile, attention=variant.attention)
+                        compile=variant.compile, attention=variant.attention,
+                        graphs=variant.graphs)
         label = "ours bf16 compiled" + ("" if name == "default" else f", {name}")
         runners[label] = (lambda gen=gen: gen.generate([prompt], params), weight_bytes(gen.model), n)
     size = weight_bytes(base)
@@ -195,10 +196,24 @@ def gpu_main(args) -> None:
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     runners["transformers bf16"] = (run_hf, size, n)
-    for name, (run, _, _) in runners.items():
+    first = {}  # each engine's first output
+    for name, (run, _, _) in list(runners.items()):
         t = time.perf_counter()
-        run()  # compile / warm up
+        try:
+            first[name] = run()  # compile / warm up
+        except Exception as e:  # a candidate that fails must not cost the run the others' figures
+            if name == "ours bf16 compiled":
+                raise
+            print(f"{name}: FAILED, left out: {type(e).__name__}: {e}", flush=True)
+            del runners[name]
+            continue
         print(f"{name}: first run (compile, warm-up) {time.perf_counter() - t:.0f} s", flush=True)
+    default = first["ours bf16 compiled"][0].tokens
+    for name in runners:  # the same weights, greedy: a variant that decodes other tokens computes otherwise
+        if name.startswith("ours bf16 compiled, "):
+            tokens = first[name][0].tokens
+            same = next((i for i, (a, b) in enumerate(zip(tokens, default)) if a != b), len(default))
+            print(f"{name}: its greedy tokens equal the default's for the first {same} of {len(default)}")
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.reps):
         for name, (run, _, _) in runners.items():

@@ -39,6 +39,7 @@ class GpuVariant:
     help: str
     compile: bool | dict = True  # True, or inductor's options
     attention: str = "sdpa"  # the decode step's attention (engine/decode.py)
+    graphs: str = "trees"  # whose CUDA graphs: torch.compile's, or ours (engine/graphs.py)
     stacked: bool = True  # q/k/v and w1/w3 stacked into one matmul each (as codellama.load prepares a model)
 
     def prepare(self, model: Transformer) -> Transformer:
@@ -54,6 +55,10 @@ GPU_VARIANTS = {
                       "and w3 reductions with the SwiGLU product)", _CD, stacked=False),
     "flex": GpuVariant("FlexAttention's Triton kernel over the cache, masked by blocks, instead of SDPA",
                        attention="flex"),
+    "graphs": GpuVariant("our own CUDA graphs around the compiled step instead of torch.compile's (no guard "
+                         "checks or cudagraph-tree bookkeeping on the host per step)", graphs="manual"),
+    "flex-graphs": GpuVariant("flex and graphs together (one compile for both; profile_decode.py tells the "
+                              "device's time from the host's)", attention="flex", graphs="manual"),
     "combo": GpuVariant("inductor's combo kernels: independent small kernels (RoPE of q and of k, ...) as one "
                         "launch", {"combo_kernels": True}),
 }

@@ -7,19 +7,22 @@
 #   smollm2   [300 s] issue 5: batch-1 decode of the SmolLM2-135M shape, ours (bf16, compiled with CUDA
 #                     graphs) vs transformers' generate (target >= 1000 tok/s)
 #   7b        [240 s] issue 5: the same for the Code Llama 7B shape (target >= 170 tok/s, >= 5x)
-#   7b-flex   [360 s] 7b, plus ours with FlexAttention's Triton kernel over the cache instead of SDPA (cuDNN's
-#                     kernel took 8.4 us per layer to read 4 MB of keys and values), in the same run
-#   smollm2-flex [480 s] smollm2, plus ours with FlexAttention and ours with inductor's combo kernels (12 small
-#                     kernels per layer, each near its launch floor), in the same run
+#   candidates [480 s] 7b then smollm2, each with ours as it is and ours with both candidates for the step
+#                     (`--variants flex-graphs`) in the same run: FlexAttention's Triton kernel instead of
+#                     cuDNN's (8.4 us per layer to read the 7B's 4 MB of keys and values), and our own CUDA
+#                     graphs instead of torch.compile's (~300 us of guard checks and cudagraph-tree bookkeeping
+#                     per step on the host, pytorch#150488); each variant's greedy tokens are compared
+#   7b-each   [540 s] 7b with flex, graphs and combo (inductor's combo kernels) each alone, in the same run
+#   smollm2-each [540 s] the same for smollm2
 #   smollm2-cd [420 s] smollm2, plus ours compiled with coordinate-descent tuning, in the same run (gpt-fast's
 #                     setting); two runs minutes apart cannot compare variants: the host's speed drifts that much
 #   7b-cd     [420 s] 7b, plus ours with coordinate-descent tuning, in the same run
 #   7b-cd-sep [540 s] 7b-cd, plus ours tuned with q/k/v and w1/w3 as separate matmuls (gpt-fast's layout)
-#   tests     [150 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets and prefill
-#                     compute the eager model's tokens and logits
+#   tests     [200 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets (also with each
+#                     candidate) and prefill compute the eager model's tokens and logits
 #   profile   [260 s] where a step's time goes (host vs kernels, which kernels) and the prefill's time,
 #                     compiled and eager: SmolLM2, then 7B
-#   profile-flex [260 s] the same, with FlexAttention
+#   profile-candidates [260 s] the same, with both candidates (flex-graphs)
 #   engine    [420 s] the server's engine, 7B with 16 slots x 2048 positions: one request, then 16 at once
 #   int8      [200 s] the 7B shape with our weight-only int8 model beside bf16
 #   train     [280 s] issue 4: training tokens/s and MFU, ours vs transformers
@@ -28,15 +31,15 @@
 #                     (git-ignored) and carry it (`carry: [".gpu-cache"]`); a later machine starts from
 #                     it instead of compiling cold
 # Logs go to $OUT (the device tool brings them back) or ./gpu-results. A session's 15 device minutes hold
-# about two calls (the parts run in order, so what ran out of time is the last one); issue 5's figures and
-# its candidate (FlexAttention), then SmolLM2's:
-#   run: bash bench/gpu_checks.sh machine 7b-flex tests                  (timeout_s 600)
-#   then, at once while the machine is warm (30 s): bash bench/gpu_checks.sh smollm2-flex
+# about two calls (the parts run in order, so what ran out of time is the last one): issue 5's figures with
+# the candidates beside them, then whether the candidates decode right and where their time goes:
+#   run: bash bench/gpu_checks.sh machine candidates                     (timeout_s 600)
+#   then, at once while the machine is warm (30 s), with what is left: bash bench/gpu_checks.sh tests profile-candidates
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-parts=${*:-machine 7b-flex tests}
+parts=${*:-machine candidates}
 decode="python3 bench/bench_decode.py --device cuda"  # word-split on purpose below
 cache_dir=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(whoami)}
 if compgen -G ".gpu-cache/inductor-cache.tgz.part-*" > /dev/null; then  # carried from an earlier machine
@@ -64,20 +67,26 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
       cat "$out/machine.txt" ;;
     smollm2) timeout 300 $decode --preset smollm2-135m --reps 5 2>&1 | tee "$out/decode_smollm2.txt" ;;
     7b) timeout 240 $decode --preset codellama-7b --reps 3 2>&1 | tee "$out/decode_7b.txt" ;;
-    7b-flex) timeout 360 $decode --preset codellama-7b --reps 3 --variants flex 2>&1 | tee "$out/decode_7b_flex.txt" ;;
-    smollm2-flex) timeout 480 $decode --preset smollm2-135m --reps 5 --variants flex,combo 2>&1 \
-        | tee "$out/decode_smollm2_flex.txt" ;;
+    candidates)
+      timeout 300 $decode --preset codellama-7b --reps 3 --variants flex-graphs 2>&1 | tee "$out/decode_7b_candidates.txt"
+      timeout 240 $decode --preset smollm2-135m --reps 5 --variants flex-graphs 2>&1 \
+        | tee "$out/decode_smollm2_candidates.txt" ;;
+    7b-each) timeout 540 $decode --preset codellama-7b --reps 3 --variants flex,graphs,combo 2>&1 \
+        | tee "$out/decode_7b_each.txt" ;;
+    smollm2-each) timeout 540 $decode --preset smollm2-135m --reps 5 --variants flex,graphs,combo 2>&1 \
+        | tee "$out/decode_smollm2_each.txt" ;;
     smollm2-cd) timeout 420 $decode --preset smollm2-135m --reps 5 --variants cd 2>&1 | tee "$out/decode_smollm2_cd.txt" ;;
     7b-cd) timeout 420 $decode --preset codellama-7b --reps 3 --variants cd 2>&1 | tee "$out/decode_7b_cd.txt" ;;
     7b-cd-sep) timeout 540 $decode --preset codellama-7b --reps 3 --variants cd,sep 2>&1 | tee "$out/decode_7b_cd_sep.txt" ;;
-    tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
+    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
     profile)
       timeout 130 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
       timeout 130 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt" ;;
-    profile-flex)
-      timeout 130 python3 bench/profile_decode.py --preset smollm2-135m --variant flex 2>&1 | tee "$out/profile_flex.txt"
-      timeout 130 python3 bench/profile_decode.py --preset codellama-7b --variant flex 2>&1 \
-        | tee -a "$out/profile_flex.txt" ;;
+    profile-candidates)
+      timeout 130 python3 bench/profile_decode.py --preset smollm2-135m --variant flex-graphs 2>&1 \
+        | tee "$out/profile_candidates.txt"
+      timeout 130 python3 bench/profile_decode.py --preset codellama-7b --variant flex-graphs 2>&1 \
+        | tee -a "$out/profile_candidates.txt" ;;
     engine) timeout 420 $decode --preset codellama-7b --reps 3 --engine 16x2048 2>&1 | tee "$out/decode_engine.txt" ;;
     int8) timeout 200 $decode --preset codellama-7b --reps 3 --int8 2>&1 | tee "$out/decode_int8.txt" ;;
     train) timeout 280 python3 bench/bench_train.py 2>&1 | tee "$out/train.txt" ;;
@@ -85,8 +94,8 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
       rm -f "$out"/inductor-cache.tgz.part-*
       tar -czf - -C "$cache_dir" . | split -b 15M - "$out/inductor-cache.tgz.part-"
       du -ch "$out"/inductor-cache.tgz.part-* | tail -1 ;;
-    *) echo "unknown part '$part': machine smollm2 7b 7b-flex smollm2-flex smollm2-cd 7b-cd 7b-cd-sep tests profile" \
-         "profile-flex engine int8 train cache" >&2
+    *) echo "unknown part '$part': machine smollm2 7b candidates 7b-each smollm2-each smollm2-cd 7b-cd 7b-cd-sep" \
+         "tests profile profile-candidates engine int8 train cache" >&2
        exit 2 ;;
   esac
 done

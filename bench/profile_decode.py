@@ -41,7 +41,8 @@ def main() -> None:
     model = variant.prepare(random_model(args.preset, "cuda", torch.bfloat16))
     prompt, n = [1] + list(range(100, 115)), args.tokens
     params = SamplingParams(max_new_tokens=n, stop_ids=())
-    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=variant.compile, attention=variant.attention)
+    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=variant.compile, attention=variant.attention,
+                    graphs=variant.graphs)
     t0 = time.perf_counter()
     for _ in range(2):  # compile, record the graph
         gen.generate([prompt], params)

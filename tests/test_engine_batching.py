@@ -283,6 +283,8 @@ def test_flex_attention_decodes_the_sdpa_steps_logits():
     torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'sdpa' or 'flex'"):
         Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=96, attention="flash")
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=96, compile=True, graphs="manual")
 
 
 def test_scored_prompt_has_the_full_passes_logprobs_and_decodes_on(model, scheduler):

@@ -1,6 +1,7 @@
 """On a GPU: the decode path queues work without waiting for the device (what overlapped decoding needs),
-the compiled step (CUDA graphs, buckets of rows and positions) decodes the eager model's greedy tokens, and
-the compiled prefill computes the eager model's logits.
+the compiled step (CUDA graphs, buckets of rows and positions; also with FlexAttention, and with our own
+CUDA graphs) decodes the eager model's greedy tokens, and the compiled prefill computes the eager model's
+logits.
 
 Skipped without CUDA; `bash bench/gpu_checks.sh tests` runs this file on the device machine.
 """
@@ -15,6 +16,7 @@ import torch
 from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.decode import Decoder
+from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 from helpers import naive_greedy, random_model
 from test_engine_batching import CFG, PROMPTS, run
@@ -46,18 +48,27 @@ def test_decode_step_is_queued_without_waiting_for_the_gpu(compiled):
     assert logits.shape == (2, CFG.vocab_size)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch, attention):
+@pytest.mark.parametrize("attention, graphs", [("sdpa", "trees"), ("flex", "trees"), ("sdpa", "manual")])
+def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch, attention, graphs):
     monkeypatch.setattr(decode, "KV_UNIT", 4)
     monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
     model = random_model(CFG, seed=1)
     decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=4, max_seq_len=96, compile=True,
-                      attention=attention)
+                      attention=attention, graphs=graphs)
     lengths = [8, 3, 6]
     out = run(Scheduler(decoder, stop_ids=(), overlap=True),
               {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
     assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
     assert decoder.compiled  # (not fallen back to eager)
+
+
+def test_our_cuda_graphs_are_recorded_again_over_a_reallocated_cache():
+    # a Generator grows its cache for more prompts: graphs recorded over the old one must not replay
+    model = random_model(CFG, seed=1)
+    gen = Generator(random_model(CFG, seed=1).cuda(), compile=True, graphs="manual")
+    for prompts in ([PROMPTS[0]], PROMPTS[:2]):  # a cache of one slot, then of two
+        out = gen.generate(prompts, SamplingParams(max_new_tokens=6))
+        assert [o.tokens for o in out] == [naive_greedy(model, p, 6) for p in prompts]
 
 
 def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once():

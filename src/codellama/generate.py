@@ -28,7 +28,8 @@ class Generator:
 
     compile: compile prefill and the decode step, the latter with CUDA graphs (default: on CUDA; a dict of
     inductor options compiles with them). prefill_chunk: prompt tokens per prefill forward (bounds memory
-    for very long prompts). attention: the decode step's attention, "sdpa" or "flex" (engine/decode.py).
+    for very long prompts). attention ("sdpa" or "flex") and graphs ("trees" or "manual"): candidates for
+    the GPU's decode step (engine/decode.py).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class Generator:
         compile: bool | dict | None = None,
         prefill_chunk: int = 2048,
         attention: str = "sdpa",
+        graphs: str = "trees",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -46,7 +48,7 @@ class Generator:
         self.device = model.tok_embeddings.weight.device
         self.compile = compile
         self.prefill_chunk = prefill_chunk
-        self.attention = attention
+        self.step_options = {"attention": attention, "graphs": graphs}  # passed to the Decoder
         self._decoder: Decoder | None = None
 
     # ---- token level ----
@@ -71,7 +73,7 @@ class Generator:
 
     def _decoder_for(self, batch: int, cache_len: int) -> Decoder:
         if self._decoder is None:
-            self._decoder = Decoder(self.model, batch, cache_len, self.prefill_chunk, self.compile, self.attention)
+            self._decoder = Decoder(self.model, batch, cache_len, self.prefill_chunk, self.compile, **self.step_options)
         else:
             self._decoder.ensure(batch, cache_len)
         return self._decoder

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine.graphs import StepGraphs
 from codellama.engine.host import to_device
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
@@ -63,16 +64,23 @@ class Decoder:
         prefill_chunk: int = 2048,
         compile: bool | dict | None = None,
         attention: str = "sdpa",
+        graphs: str = "trees",
     ):
         """compile: compile prefill and decode (default: on CUDA); a dict compiles them with these inductor
         options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings).
-        attention: the decode step's attention over the cache, "sdpa" or "flex" (FlexAttention, a candidate
-        for the GPU's compiled step, timed beside sdpa by bench/bench_decode.py; see Transformer.forward)."""
+        Candidates for the GPU's compiled step, timed beside the defaults by bench/bench_decode.py:
+        attention: the decode step's attention over the cache, "sdpa" or "flex" (FlexAttention, see
+        Transformer.forward); graphs: its CUDA graphs, "trees" (torch.compile's) or "manual" (engine/graphs.py;
+        the model must not be converted once decoding began)."""
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
+        if graphs not in ("trees", "manual"):
+            raise ValueError(f"graphs must be 'trees' or 'manual', got {graphs!r}")
         self.model = model.eval()
-        self.attention = attention
+        self.attention, self.graphs = attention, graphs
         self.device = model.tok_embeddings.weight.device
+        if graphs == "manual" and self.device.type != "cuda":
+            raise ValueError("graphs='manual' records CUDA graphs: it needs a model on a CUDA device")
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile is not False
         self.compile_options = compile if isinstance(compile, dict) else {}
@@ -85,7 +93,10 @@ class Decoder:
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
         """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
         cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
+        cache = self.model.layers[0].attention.cache
         self.model.setup_cache(max_batch, cache_len)  # keeps a larger cache: we use its first rows
+        if isinstance(self._step, StepGraphs) and self.model.layers[0].attention.cache is not cache:
+            self._step.clear()  # recorded over the old cache
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @torch.inference_mode()
@@ -193,13 +204,16 @@ class Decoder:
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self._step is None:
-            options = {"triton.cudagraphs": True, **self.compile_options}  # mode="reduce-overhead"
+            # torch.compile's CUDA graphs (mode="reduce-overhead"), or ours around the compiled step
+            options = {"triton.cudagraphs": self.graphs == "trees", **self.compile_options}
             if any(isinstance(m, QuantLinear) for m in self.model.modules()):
                 # gpt-fast's setting: inductor then turns a one-row matmul into a reduction, into which the
                 # int8 weights' widening fuses (else the widened weights are written out and read again)
                 options["coordinate_descent_tuning"] = True
             # dynamic: one compiled graph serves every bucket (cudagraph trees record one CUDA graph per size)
             self._step = torch.compile(self._unit_step, fullgraph=True, dynamic=True, options=options)
+            if self.graphs == "manual":
+                self._step = StepGraphs(self._step)
         try:
             # clone: CUDA-graph outputs are overwritten by the next replay
             return self._step(tokens, pos, kv_len // KV_UNIT).clone()

@@ -1,0 +1,63 @@
+"""CUDA graphs of the compiled decode step, recorded and replayed by us (a candidate: Decoder(graphs="manual")).
+
+torch.compile's own CUDA graphs ("reduce-overhead", cudagraph trees) check, on every call, dynamo's guards
+and the trees' invariants: about 300 µs of host time per call for one small graph (pytorch#150488), a
+third of a SmolLM2 step, and more with our ~300 weight and cache inputs. Here a step is one dict lookup,
+two small copies into the graph's static inputs and a replay: vLLM's way. What the trees check is the
+caller's promise instead: the model's weights and cache keep their addresses (`clear()` when the cache
+is reallocated), and steps run one at a time on one stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (tokens [n, 1], pos [n, 1], kv units) -> [n, V]
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [n, 1] the graph's inputs, copied into before each replay
+    pos: torch.Tensor  # [n, 1]
+    logits: torch.Tensor  # [n, V] the graph's output, overwritten by each replay
+
+
+class StepGraphs:
+    """One CUDA graph per bucket (rows, key units) of a compiled step, recorded on first use."""
+
+    def __init__(self, step: Step):
+        self.step = step
+        self.graphs: dict[tuple[int, int], _Recorded] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # shared: steps never overlap, and outputs stay referenced
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
+        """The step's logits [n, V] in the graph's output buffer: read or copy them before the next call."""
+        recorded = self.graphs.get((tokens.shape[0], kv_units))
+        if recorded is None:
+            recorded = self.graphs[(tokens.shape[0], kv_units)] = self._record(tokens, pos, kv_units)
+        recorded.tokens.copy_(tokens)
+        recorded.pos.copy_(pos)
+        recorded.graph.replay()
+        return recorded.logits
+
+    def clear(self) -> None:
+        """Forget every graph (they read the addresses of a cache that was reallocated)."""
+        self.graphs.clear()
+
+    def _record(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> _Recorded:
+        tokens, pos = tokens.clone(), pos.clone()
+        # Compile (the first call for a size) and warm up outside the capture, on a side stream as CUDA
+        # graphs want. It writes the cache where the replay writes the same values.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(tokens, pos, kv_units)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.step(tokens, pos, kv_units)
+        return _Recorded(graph, tokens, pos, logits)
