@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,13 @@ def _seed_and_threads():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _fresh_compile_cache():
-    """Each test compiles anew: dynamo keeps at most 8 graphs per code object, and every Decoder's step
-    is the same code object, so the tests' decoders between them would pass that and decode eagerly."""
-    yield
-    if "torch._dynamo" in sys.modules:
-        torch._dynamo.reset()
+@pytest.fixture(scope="session", autouse=True)
+def _room_for_many_compiled_decoders():
+    """Every Decoder's compiled step is the same code object, for which dynamo keeps 8 graphs by default:
+    the tests' many decoders between them would pass that (a server has one), and decode eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64
 
 
 @pytest.fixture(scope="session")
