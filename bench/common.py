@@ -50,7 +50,8 @@ _CD = {"coordinate_descent_tuning": True}
 GPU_VARIANTS = {
     "default": GpuVariant("what Generator(compile=True) runs: cuBLAS matmuls, SDPA (cuDNN's kernel on the H100 "
                           "and H200)"),
-    "cd": GpuVariant("inductor's coordinate-descent tuning (gpt-fast's setting)", _CD),
+    "cd": GpuVariant("inductor's coordinate-descent tuning (gpt-fast's setting; with it inductor also turns each "
+                     "one-row matmul into a tuned Triton reduction instead of a cuBLAS call)", _CD),
     "sep": GpuVariant("cd, with q/k/v and w1/w3 as separate matmuls (gpt-fast's layout: inductor can fuse the w1 "
                       "and w3 reductions with the SwiGLU product)", _CD, stacked=False),
     "flex": GpuVariant("FlexAttention's Triton kernel over the cache, masked by blocks, instead of SDPA",

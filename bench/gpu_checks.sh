@@ -14,10 +14,13 @@
 #                     per step on the host, pytorch#150488); each variant's greedy tokens are compared
 #   7b-each   [540 s] 7b with flex, graphs and combo (inductor's combo kernels) each alone, in the same run
 #   smollm2-each [540 s] the same for smollm2
-#   smollm2-cd [420 s] smollm2, plus ours compiled with coordinate-descent tuning, in the same run (gpt-fast's
-#                     setting); two runs minutes apart cannot compare variants: the host's speed drifts that much
+#   smollm2-cd [540 s] smollm2, plus ours compiled with coordinate-descent tuning (gpt-fast's setting: inductor
+#                     then makes each one-row matmul a tuned Triton reduction, not a cuBLAS call at its ~4 us floor,
+#                     473 of SmolLM2's 946 us), also with q/k/v and w1/w3 separate (gpt-fast's layout: the w1 and
+#                     w3 reductions and SwiGLU can be one kernel), in the same run; two runs minutes apart cannot
+#                     compare variants: the host's speed drifts that much
 #   7b-cd     [420 s] 7b, plus ours with coordinate-descent tuning, in the same run
-#   7b-cd-sep [540 s] 7b-cd, plus ours tuned with q/k/v and w1/w3 as separate matmuls (gpt-fast's layout)
+#   7b-cd-sep [540 s] 7b-cd, plus ours tuned with q/k/v and w1/w3 as separate matmuls
 #   tests     [200 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets (also with each
 #                     candidate) and prefill compute the eager model's tokens and logits
 #   profile   [260 s] where a step's time goes (host vs kernels, which kernels) and the prefill's time,
@@ -75,7 +78,7 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
         | tee "$out/decode_7b_each.txt" ;;
     smollm2-each) timeout 540 $decode --preset smollm2-135m --reps 5 --variants flex,graphs,combo 2>&1 \
         | tee "$out/decode_smollm2_each.txt" ;;
-    smollm2-cd) timeout 420 $decode --preset smollm2-135m --reps 5 --variants cd 2>&1 | tee "$out/decode_smollm2_cd.txt" ;;
+    smollm2-cd) timeout 540 $decode --preset smollm2-135m --reps 5 --variants cd,sep 2>&1 | tee "$out/decode_smollm2_cd.txt" ;;
     7b-cd) timeout 420 $decode --preset codellama-7b --reps 3 --variants cd 2>&1 | tee "$out/decode_7b_cd.txt" ;;
     7b-cd-sep) timeout 540 $decode --preset codellama-7b --reps 3 --variants cd,sep 2>&1 | tee "$out/decode_7b_cd_sep.txt" ;;
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
