@@ -21,7 +21,7 @@
 #                     compare variants: the host's speed drifts that much
 #   7b-cd     [420 s] 7b, plus ours with coordinate-descent tuning, in the same run
 #   7b-cd-sep [540 s] 7b-cd, plus ours tuned with q/k/v and w1/w3 as separate matmuls
-#   tests     [200 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets (also with each
+#   tests     [240 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets (also with each
 #                     candidate) and prefill compute the eager model's tokens and logits
 #   profile   [260 s] where a step's time goes (host vs kernels, which kernels) and the prefill's time,
 #                     compiled and eager: SmolLM2, then 7B
@@ -81,7 +81,7 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     smollm2-cd) timeout 540 $decode --preset smollm2-135m --reps 5 --variants cd,sep 2>&1 | tee "$out/decode_smollm2_cd.txt" ;;
     7b-cd) timeout 420 $decode --preset codellama-7b --reps 3 --variants cd 2>&1 | tee "$out/decode_7b_cd.txt" ;;
     7b-cd-sep) timeout 540 $decode --preset codellama-7b --reps 3 --variants cd,sep 2>&1 | tee "$out/decode_7b_cd_sep.txt" ;;
-    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
+    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py 2>&1 | tee "$out/tests.txt" ;;
     profile)
       timeout 130 python3 bench/profile_decode.py --preset smollm2-135m 2>&1 | tee "$out/profile.txt"
       timeout 130 python3 bench/profile_decode.py --preset codellama-7b 2>&1 | tee -a "$out/profile.txt" ;;
