@@ -31,6 +31,7 @@ from codellama.generate import Generator
 from codellama.model import Transformer
 from codellama.sampling import SamplingParams
 
+DEFAULT = "ours bf16 compiled"  # the GPU runner every variant is compared with
 PROMPT = "def quicksort(arr):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 
 # llama.cpp runs in its own process: its worker threads must not share an OpenMP runtime with torch's
@@ -170,12 +171,9 @@ def gpu_main(args) -> None:
     unknown = set(names) - set(GPU_VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(GPU_VARIANTS)}")
-    for name in ["default", *names]:
-        variant = GPU_VARIANTS[name]
-        gen = Generator(variant.prepare(copy.deepcopy(base)), max_seq_len=len(prompt) + n + 1,
-                        compile=variant.compile, attention=variant.attention,
-                        graphs=variant.graphs)
-        label = "ours bf16 compiled" + ("" if name == "default" else f", {name}")
+    for name in ["default", *(v for v in names if v != "default")]:
+        gen = GPU_VARIANTS[name].generator(copy.deepcopy(base), max_seq_len=len(prompt) + n + 1)
+        label = DEFAULT + ("" if name == "default" else f", {name}")
         runners[label] = (lambda gen=gen: gen.generate([prompt], params), weight_bytes(gen.model), n)
     size = weight_bytes(base)
     if args.int8:
@@ -202,15 +200,15 @@ def gpu_main(args) -> None:
         try:
             first[name] = run()  # compile / warm up
         except Exception as e:  # a candidate that fails must not cost the run the others' figures
-            if name == "ours bf16 compiled":
+            if name == DEFAULT:
                 raise
             print(f"{name}: FAILED, left out: {type(e).__name__}: {e}", flush=True)
             del runners[name]
             continue
         print(f"{name}: first run (compile, warm-up) {time.perf_counter() - t:.0f} s", flush=True)
-    default = first["ours bf16 compiled"][0].tokens
+    default = first[DEFAULT][0].tokens
     for name in runners:  # the same weights, greedy: a variant that decodes other tokens computes otherwise
-        if name.startswith("ours bf16 compiled, "):
+        if name.startswith(DEFAULT + ", "):
             tokens = first[name][0].tokens
             same = next((i for i, (a, b) in enumerate(zip(tokens, default)) if a != b), len(default))
             print(f"{name}: its greedy tokens equal the default's for the first {same} of {len(default)}")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from codellama.checkpoints.hf import to_transformers as hf_twin  # noqa: E402,F401
 from codellama.config import preset  # noqa: E402
 from codellama.engine.quant import fuse_projections  # noqa: E402
+from codellama.generate import Generator  # noqa: E402
 from codellama.model import Transformer  # noqa: E402
 
 
@@ -42,8 +43,12 @@ class GpuVariant:
     graphs: str = "trees"  # whose CUDA graphs: torch.compile's, or ours (engine/graphs.py)
     stacked: bool = True  # q/k/v and w1/w3 stacked into one matmul each (as codellama.load prepares a model)
 
-    def prepare(self, model: Transformer) -> Transformer:
-        return fuse_projections(model) if self.stacked else model
+    def generator(self, model: Transformer, max_seq_len: int) -> Generator:
+        """A Generator decoding `model` (prepared in place) this way."""
+        if self.stacked:
+            fuse_projections(model)
+        return Generator(model, max_seq_len=max_seq_len, compile=self.compile, attention=self.attention,
+                         graphs=self.graphs)
 
 
 _CD = {"coordinate_descent_tuning": True}

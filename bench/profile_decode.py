@@ -25,7 +25,6 @@ import torch
 from common import GPU_VARIANTS, random_model
 
 from codellama.engine.decode import MIN_KV_BUCKET, bucket
-from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 
 
@@ -38,11 +37,9 @@ def main() -> None:
                     help="how our step is compiled (bench_decode.py --variants times them side by side)")
     args = ap.parse_args()
     variant = GPU_VARIANTS[args.variant]
-    model = variant.prepare(random_model(args.preset, "cuda", torch.bfloat16))
     prompt, n = [1] + list(range(100, 115)), args.tokens
     params = SamplingParams(max_new_tokens=n, stop_ids=())
-    gen = Generator(model, max_seq_len=len(prompt) + n + 1, compile=variant.compile, attention=variant.attention,
-                    graphs=variant.graphs)
+    gen = variant.generator(random_model(args.preset, "cuda", torch.bfloat16), max_seq_len=len(prompt) + n + 1)
     t0 = time.perf_counter()
     for _ in range(2):  # compile, record the graph
         gen.generate([prompt], params)

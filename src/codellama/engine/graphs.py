@@ -36,9 +36,10 @@ class StepGraphs:
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
         """The step's logits [n, V] in the graph's output buffer: read or copy them before the next call."""
-        recorded = self.graphs.get((tokens.shape[0], kv_units))
+        key = (tokens.shape[0], kv_units)
+        recorded = self.graphs.get(key)
         if recorded is None:
-            recorded = self.graphs[(tokens.shape[0], kv_units)] = self._record(tokens, pos, kv_units)
+            recorded = self.graphs[key] = self._record(tokens, pos, kv_units)
         recorded.tokens.copy_(tokens)
         recorded.pos.copy_(pos)
         recorded.graph.replay()
