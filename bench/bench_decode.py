@@ -1,4 +1,4 @@
-"""Batch-1 decode speed on the CPU: ours (float32, int8, int4) vs transformers vs llama.cpp, same run.
+"""Batch-1 decode speed on the CPU: ours (auto, float32, int8, int4) vs transformers vs llama.cpp, same run.
 
     python bench/bench_decode.py [--tokens 64] [--reps 5] [--random]
     python bench/bench_decode.py --device cuda --preset codellama-7b     # GPU: compiled bf16 vs transformers
@@ -6,7 +6,8 @@
 
 Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load_model(None) (random
 weights of the smollm2-135m preset with --random or when the loader is unavailable). transformers runs a
-LlamaForCausalLM holding the same float32 weights; llama.cpp (llama-cpp-python) runs the Q4_1 GGUF.
+LlamaForCausalLM holding the same float32 weights; llama.cpp (llama-cpp-python) runs the Q4_1 GGUF. "ours
+auto" is what the command line runs by default: the file's Q4_1 matrices as int4 codes, exactly its values.
 Every engine decodes the same prompt ids for exactly --tokens tokens (no early stop), with the same thread
 count; repetitions are interleaved and medians reported, so machine noise hits all engines alike.
 GB/s = bytes of weights read per token x tokens/s.
@@ -25,9 +26,10 @@ from pathlib import Path
 import torch
 from common import GPU_VARIANTS, hf_twin, random_model
 
+from codellama.checkpoints.load import load_model
 from codellama.engine.batching import Engine
 from codellama.engine.quant import fuse_projections, quantize, weight_bytes
-from codellama.generate import Generator
+from codellama.generate import Generator, load_for_inference
 from codellama.model import Transformer
 from codellama.sampling import SamplingParams
 
@@ -60,15 +62,10 @@ def gguf_path() -> Path:
 
 
 def load_ours(random: bool) -> tuple[Transformer, str]:
-    if not random:
-        try:
-            from codellama.checkpoints.load import load_model
-
-            loaded = load_model(None)
-            return loaded.model.float().eval(), f"SmolLM2-135M-Instruct ({loaded.source})"
-        except ImportError:
-            pass
-    return random_model("smollm2-135m", "cpu", torch.float32), "smollm2-135m shape, random weights"
+    if random:
+        return random_model("smollm2-135m", "cpu", torch.float32), "smollm2-135m shape, random weights"
+    loaded = load_model(None)
+    return loaded.model.float().eval(), f"SmolLM2-135M-Instruct ({loaded.source})"
 
 
 def main() -> None:
@@ -103,7 +100,8 @@ def main() -> None:
     print(f"model: {what}; prompt {len(prompt)} tokens, {n} new tokens, {args.threads} threads, {args.reps} reps")
 
     runners = {}
-    ours = {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
+    ours = {} if args.random else {"ours auto": load_for_inference(None, "cpu", None, "auto").model}
+    ours |= {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
             "ours int4": quantize(copy.deepcopy(base), "int4")}
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     for name, model in ours.items():

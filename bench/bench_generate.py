@@ -1,8 +1,9 @@
 """Prefill and decode speed of our Generator against transformers' generate, same weights, same run.
 
-    python bench/bench_generate.py [--model SPEC] [--new-tokens 64] [--prompt-len 256]
+    python bench/bench_generate.py [--model SPEC] [--new-tokens 64] [--prompt-len 256] [--quantize auto]
 
-Default model: the embedded SmolLM2-135M-Instruct (dequantised to float32 for both sides).
+Default model: the embedded SmolLM2-135M-Instruct, dequantised to float32 for transformers, and for ours
+prepared as codellama.load does with --quantize (default none: the same float32 weights).
 Greedy decoding with EOS disabled so both sides produce exactly --new-tokens tokens.
 """
 
@@ -15,8 +16,8 @@ import torch
 from common import hf_twin, machine, print_table, timed
 
 from codellama.checkpoints.load import load_model
-from codellama.engine.quant import fuse_projections
-from codellama.generate import Generator
+from codellama.config import QUANTIZE_CHOICES
+from codellama.generate import Generator, load_for_inference
 from codellama.sampling import SamplingParams
 
 
@@ -27,12 +28,14 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
     args = ap.parse_args()
 
     loaded = load_model(args.model, device="cpu", dtype=torch.float32)
     model = loaded.model
     hf = hf_twin(model)
-    gen = Generator(fuse_projections(model), loaded.tokenizer)  # as codellama.load prepares it
+    ours = load_for_inference(args.model, "cpu", torch.float32, args.quantize)
+    gen = Generator(ours.model, ours.tokenizer)
     vocab = model.config.vocab_size
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
@@ -65,7 +68,8 @@ def main() -> None:
             decode_hf_tok_s=round(hf_dec, 1),
             decode_ratio=round(ours_dec / hf_dec, 2),
         ))
-    print(f"model {loaded.source} ({model.config.num_params() / 1e6:.0f}M params, float32) on {machine()}")
+    print(f"model {loaded.source} ({model.config.num_params() / 1e6:.0f}M params; ours --quantize {args.quantize}, "
+          f"transformers float32) on {machine()}")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
     print_table(rows)
 

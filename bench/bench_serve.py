@@ -1,11 +1,11 @@
 """Aggregate generation throughput of our server at 1, 4 and 16 concurrent clients.
 
-    python bench/bench_serve.py [--quantize int8] [--tokens 64] [--requests 2] [--reps 3] [--random]
+    python bench/bench_serve.py [--quantize none|int8|int4] [--tokens 64] [--requests 2] [--reps 3] [--random]
 
 The server is `codellama serve` in its own process (what users run), over SmolLM2-135M-Instruct (random
-weights of the smollm2-135m preset with --random), 16 batch slots. Each client sends
---requests greedy completions one after another (different prompts, max_tokens=--tokens, ignore_eos);
-aggregate tokens/s = all completion tokens / wall time. The peer is our own server at one client, in the
+weights of the smollm2-135m preset with --random), 16 batch slots, its linear layers as --quantize says
+(default: the server's own, auto). Each client sends --requests greedy completions one after another
+(different prompts, max_tokens=--tokens, ignore_eos); aggregate tokens/s = all completion tokens / wall time. The peer is our own server at one client, in the
 same run: the ratio shows what continuous batching buys.
 """
 
@@ -20,7 +20,9 @@ import time
 
 import httpx
 
+from codellama.config import QUANTIZE_CHOICES
 from codellama.serve.runner import free_port
+
 
 async def client(http: httpx.AsyncClient, url: str, model: str, cid: int, requests: int, tokens: int) -> int:
     done = 0
@@ -43,7 +45,7 @@ async def measure(url: str, model: str, clients: int, requests: int, tokens: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--clients", default="1,4,16")

@@ -13,10 +13,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as ref_dequantize, quantize
 
-from codellama.checkpoints.gguf import dequantize, load_gguf, save_gguf
+from codellama.checkpoints.gguf import INT4_TYPES, dequantize, int4_codes, load_gguf, save_gguf
 from codellama.checkpoints.gguf_reader import FastGGUFReader
 from codellama.checkpoints.load import default_model_path, load_model
 from codellama.config import ModelConfig
+from codellama.engine.quant import QuantLinear, dequantize_int4, fuse_projections
 from codellama.errors import UserError
 from codellama.tokenizer import BPETokenizer
 from helpers import random_model
@@ -62,8 +63,9 @@ def _unpermute_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
-    """One matrix per quantisation type; each lands in its parameter, dequantised by the gguf package."""
+def _write_mixed_file(path: Path) -> dict[str, np.ndarray]:
+    """A one-layer GGUF with one matrix per quantisation type -> our name: its float values as the gguf
+    package dequantises them (q/k rows un-permuted)."""
     cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden=512, rope_theta=1e4,
                       max_seq_len=128)
     hd = cfg.dim // cfg.n_heads
@@ -81,7 +83,7 @@ def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
         "output_norm.weight": ("F32", (256,), "norm.weight"),
         "output.weight": ("Q6_K", (96, 256), "output.weight"),
     }
-    w = GGUFWriter(tmp_path / "mixed.gguf", "llama")
+    w = GGUFWriter(path, "llama")
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
     w.add_block_count(1)
@@ -111,12 +113,53 @@ def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
     w.write_tensors_to_file()
     w.close()
 
+    return expected
+
+
+def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
+    """One matrix per quantisation type; each lands in its parameter, dequantised by the gguf package."""
+    expected = _write_mixed_file(tmp_path / "mixed.gguf")
     model, tok, cfg2 = load_gguf(tmp_path / "mixed.gguf")
     assert (cfg2.dim, cfg2.n_kv_heads, cfg2.ffn_hidden, cfg2.tie_embeddings) == (256, 2, 512, False)
     params = dict(model.named_parameters())
     assert set(params) == set(expected)
     for name, ref in expected.items():
         np.testing.assert_array_equal(params[name].detach().numpy(), ref, err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", INT4_TYPES)
+def test_int4_codes_hold_the_files_values_exactly(qtype):
+    raw = quantised_bytes(qtype, 8, 512)
+    codes = int4_codes(raw, Q[qtype])
+    assert codes.shape == (8, 512) and codes.qweight.dtype == torch.uint8
+    np.testing.assert_array_equal(dequantize_int4(codes.qweight, codes.scales).numpy(), ref_float(qtype, raw))
+
+
+def test_int4_codes_refuse_other_types():
+    with pytest.raises(ValueError, match="Q8_0 is not a 4-bit type"):
+        int4_codes(quantised_bytes("Q8_0", 8, 512), Q.Q8_0)
+
+
+def test_keep_int4_makes_the_4bit_matrices_quantised_layers_with_the_files_values(tmp_path):
+    """The same mixed file: its Q4_K/Q4_0/Q4_1 matrices become int4 layers (wq's rows un-permuted like
+    its float values), everything else loads as before, and the model computes what the float one does."""
+    expected = _write_mixed_file(tmp_path / "mixed.gguf")
+    model, _, _ = load_gguf(tmp_path / "mixed.gguf", keep_int4=True)
+    kept = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(kept) == {"layers.0.attention.wq", "layers.0.attention.wv", "layers.0.attention.wo"}
+    for name, layer in kept.items():
+        np.testing.assert_array_equal(layer.dequantized().numpy(), expected[name + ".weight"], err_msg=name)
+    params = dict(model.named_parameters())
+    for name, ref in expected.items():
+        if name.removesuffix(".weight") not in kept:
+            np.testing.assert_array_equal(params[name].detach().numpy(), ref, err_msg=name)
+    plain, _, _ = load_gguf(tmp_path / "mixed.gguf")
+    tokens = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
+        fused = fuse_projections(model)  # q, k, v: 4-bit, 6-bit, 4-bit -> widened to floats, exactly
+        assert type(fused.layers[0].attention.wqkv) is torch.nn.Linear
+        torch.testing.assert_close(fused(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
 
 
 def _assert_same_reader(f):

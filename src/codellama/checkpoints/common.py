@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from codellama.config import ModelConfig
 from codellama.errors import UserError
+from codellama.engine.quant import Int4Codes, QuantLinear
 from codellama.model import Transformer
+
+T = TypeVar("T", torch.Tensor, Int4Codes)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
@@ -55,10 +59,13 @@ def resolve_dtype(
 # (x[i], x[i+hd/2]). Within each head, ours = [Meta's even rows..., Meta's odd rows...].
 
 
-def meta_to_ours(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """wq/wk [n_heads*hd, dim] from Meta's interleaved row order to rotate-half order (spec 1.5)."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+def meta_to_ours(w: T, n_heads: int) -> T:
+    """wq/wk [n_heads*hd, ...] from Meta's interleaved row order to rotate-half order (spec 1.5); an
+    Int4Codes matrix has its codes' and scales' rows reordered alike."""
+    if isinstance(w, Int4Codes):
+        return Int4Codes(meta_to_ours(w.qweight, n_heads), meta_to_ours(w.scales, n_heads))
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
 def ours_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -86,7 +93,7 @@ def empty_model(cfg: ModelConfig) -> Transformer:
 
 def fill_model(
     cfg: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | Int4Codes]],
     *,
     device: str | torch.device,
     dtype: torch.dtype,
@@ -95,7 +102,8 @@ def fill_model(
     """Build the model from (our name, tensor) pairs, converting and assigning them one at a time.
 
     Checks every shape (a mismatch names the tensor) and that nothing is missing; extra tensors named
-    `output.weight` are ignored for tied embeddings (HF tied checkpoints sometimes keep a copy).
+    `output.weight` are ignored for tied embeddings (HF tied checkpoints sometimes keep a copy). A linear
+    layer's weight given as Int4Codes makes that layer a QuantLinear holding them.
     """
     model = empty_model(cfg)
     expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
@@ -111,11 +119,16 @@ def fill_model(
                 f"{tuple(expected[name].shape)}; the config and the weights do not belong together"
             )
         module_name, _, attr = name.rpartition(".")
+        seen.add(name)
+        if isinstance(t, Int4Codes):
+            parent_name, _, child = module_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, QuantLinear("int4", t.qweight.to(device), t.scales.to(device)))
+            continue
         module = model.get_submodule(module_name)
         # copy=False: a tensor already in the right dtype/device (e.g. mmap-backed) is used as is
         value = t.to(device=device, dtype=dtype, copy=False)
         setattr(module, attr, nn.Parameter(value, requires_grad=expected[name].requires_grad))
-        seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

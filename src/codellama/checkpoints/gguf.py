@@ -4,6 +4,10 @@ chat template stored in the file; save F32/F16/Q8_0 files that llama.cpp and our
 llama.cpp's converter permutes attn_q/attn_k rows HF->Meta (interleaved RoPE pairs), so we un-permute on
 load and permute on save (checkpoints/common.py). Tensors are dequantised one at a time from the reader's
 memory map, so only the final weights are ever held in full.
+
+With keep_int4, the linear layers' 4-bit matrices (Q4_0, Q4_1, Q4_K) are not dequantised but kept as the
+file's codes in the int4 layer's layout (engine/quant.py: groups of 32 with a float32 scale and minimum),
+which holds each of these types exactly: the way llama.cpp runs such a file, at a quarter of the memory.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import torch
 
 from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
 from codellama.config import ModelConfig
+from codellama.engine.quant import Int4Codes, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 SAVE_TYPES = ("F32", "F16", "Q8_0")
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the int4 layout holds exactly
 
 # GGUF tensor name (per block, after "blk.N.") -> ours (after "layers.N.")
 _LAYER = {
@@ -150,7 +156,51 @@ def dequantize(data: np.ndarray, qtype) -> torch.Tensor:
     return torch.from_numpy(np_dequantize(arr, qtype))
 
 
-def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] bytes holding a float16 -> float32 [..., 1]."""
+    return raw.copy().view(np.float16).astype(np.float32)
+
+
+def int4_codes(data: np.ndarray, qtype) -> Int4Codes:
+    """A Q4_0, Q4_1 or Q4_K matrix's raw data [N, row bytes] -> its codes, scales and minima, exactly.
+
+    Each type's 32-weight (sub-)blocks are w = code * scale + min: Q4_0 (code - 8) * d, Q4_1 code * d + m,
+    Q4_K (d * sc) * code - dmin * m with 6-bit sc and m per 32 of a 256-weight super-block. The float32
+    scale and min are the very products gguf.quants.dequantize forms, so dequantising our codes gives its
+    floats bit for bit (tests/test_checkpoints_gguf.py)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf.quants import Q4_K
+
+    qtype = Q(qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    arr = np.asarray(data)
+    n = arr.shape[0]
+    blocks = arr.reshape(n, -1, size)  # [N, B, bytes per block]
+    if qtype == Q.Q4_0:
+        d = _f16(blocks[..., :2])
+        scale, low = d, -8 * d
+        packed = blocks[..., 2:]
+    elif qtype == Q.Q4_1:
+        scale, low = _f16(blocks[..., :2]), _f16(blocks[..., 2:4])
+        packed = blocks[..., 4:]
+    elif qtype == Q.Q4_K:
+        d, dmin = _f16(blocks[..., :2]), _f16(blocks[..., 2:4])
+        sc, m = Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))  # [N*B, 8] each
+        scale = d * sc.reshape(n, -1, 8).astype(np.float32)  # [N, B, 8]: one per 32-weight sub-block
+        low = -(dmin * m.reshape(n, -1, 8).astype(np.float32))
+        # 32 bytes hold two sub-blocks: their low nibbles the first, their high nibbles the second
+        qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+        codes = torch.from_numpy((qs & 0x0F).reshape(n, -1, 32))  # [N, K/32, 32]
+        packed = pack_int4(codes).numpy()
+    else:
+        raise ValueError(f"{qtype.name} is not a 4-bit type the int4 layout holds; these are: {', '.join(INT4_TYPES)}")
+    sz = np.stack((scale.reshape(n, -1), low.reshape(n, -1)), axis=-1)  # [N, K/32, 2]
+    return Int4Codes(torch.from_numpy(np.ascontiguousarray(packed).reshape(n, -1)), torch.from_numpy(sz))
+
+
+def _iter_tensors(
+    reader, cfg: ModelConfig, path: Path, keep_int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Codes]]:
     for t in reader.tensors:
         try:
             name = from_gguf_name(t.name)
@@ -158,8 +208,12 @@ def _iter_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
             raise UserError(f"{path}: unexpected tensor {t.name!r} in a Llama GGUF") from None
         if name is None:
             continue
+        linear = name != "tok_embeddings.weight" and len(t.shape) == 2  # the embedding is a lookup table
         try:
-            w = dequantize(t.data, t.tensor_type)
+            if keep_int4 and linear and t.tensor_type.name in INT4_TYPES:
+                w = int4_codes(t.data, t.tensor_type)
+            else:
+                w = dequantize(t.data, t.tensor_type)
         except UserError as e:
             raise UserError(f"{path}: tensor {t.name}: {e}") from None
         except (ValueError, TypeError) as e:
@@ -188,13 +242,16 @@ def gguf_tokenizer(reader):
     return tokenizer_from_gguf(reader)
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True):
-    """-> (model, tokenizer or None, config) from a .gguf file."""
+def load_gguf(
+    path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True,
+    keep_int4: bool = False,
+):
+    """-> (model, tokenizer or None, config) from a .gguf file; keep_int4: see the module docstring."""
     path = Path(path)
     reader = open_reader(path)
     cfg = gguf_config(reader, path)
     dt = resolve_dtype(device, dtype, _stored_dtype(reader))
-    model = fill_model(cfg, _iter_tensors(reader, cfg, path), device=device, dtype=dt, source=str(path))
+    model = fill_model(cfg, _iter_tensors(reader, cfg, path, keep_int4), device=device, dtype=dt, source=str(path))
     tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
     return model, tokenizer, cfg
 

@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 from codellama.errors import UserError
+from codellama.config import QUANTIZE_CHOICES
+
+QUANTIZE_HELP = ("weight-only quantised linear layers; auto (default): on the CPU a GGUF's 4-bit matrices stay "
+                 "4-bit, exactly the file's values; none: all floating point; int8/int4: quantise the rest too "
+                 "(faster CPU decoding; first use builds a C++ kernel)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -15,8 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantised linear layers (faster CPU decoding; first use builds a C++ kernel)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:

@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from codellama.commands.generate import QUANTIZE_HELP
+from codellama.config import QUANTIZE_CHOICES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,8 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantisation of the linear layers")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's context, at most 4096; "
@@ -52,9 +54,9 @@ def model_name(spec: str | None) -> str:
 def run(args) -> int:
     import torch
 
-    from codellama.checkpoints.load import load_model
     from codellama.engine.batching import Engine
     from codellama.errors import UserError
+    from codellama.generate import load_for_inference
     from codellama.serve.app import ServerConfig, create_app
 
     for name, value in (("--max-batch", args.max_batch), ("--max-concurrent", args.max_concurrent),
@@ -65,12 +67,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
-    loaded = load_model(args.model, device=device, dtype=dtype)
-    from codellama.engine.quant import fuse_projections, quantize
-
-    fuse_projections(loaded.model)  # the server only decodes: fewer, larger matmuls
-    if args.quantize != "none":
-        quantize(loaded.model, args.quantize)
+    loaded = load_for_inference(args.model, device, dtype, args.quantize)
     context = min(args.context or 4096, loaded.config.max_seq_len)
     _setup_logging(args.log_file)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,

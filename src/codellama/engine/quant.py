@@ -2,13 +2,18 @@
 
 Decoding reads every weight once per token, so fewer bytes per weight is speed. On the CPU a small C++
 kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
-quantised weights directly; without a compiler, or for large M (prefill), or on a GPU, the weights are
-widened and multiplied with F.linear (on a GPU that is gpt-fast's int8 formulation; compiled without
-tuning it decoded the 7B shape at 89 tok/s against bfloat16's 194 on an H200: memory, not speed; the
-compiled step now uses gpt-fast's coordinate-descent tuning for it, not yet measured).
+quantised weights directly (for prefill's many rows it widens them a few MB at a time for torch's GEMM);
+without a compiler, or on a GPU, the weights are widened and multiplied with F.linear (on a GPU that is
+gpt-fast's int8 formulation; compiled without tuning it decoded the 7B shape at 89 tok/s against
+bfloat16's 194 on an H200: memory, not speed; the compiled step now uses gpt-fast's coordinate-descent
+tuning for it, not yet measured).
 
 The embedding table stays in floating point (a lookup reads one row); a tied output projection gets its
 own quantised copy. A quantised model is for inference only.
+
+The int4 layout is ggml's Q4_1 (code * scale + min per 32 weights), which also holds Q4_0 and Q4_K exactly:
+a GGUF's 4-bit matrices load straight into QuantLinear as Int4Codes (checkpoints/gguf.py, keep_int4), so
+they run as 4-bit with the file's very values, as llama.cpp runs them, instead of being widened to floats.
 
 Accuracy (tests/test_engine_quant.py, random-weight models): int8 logits within ~1% of their scale and
 greedy tokens nearly always the same; int4 within a few percent.
@@ -17,6 +22,7 @@ greedy tokens nearly always the same; int4 within a few percent.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +33,6 @@ from codellama.engine.kernels import cpu_kernels
 log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
-KERNEL_MAX_M = 32  # above this many rows (prefill) the widen-then-GEMM path is faster
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q int8 [N, K], scale float32 [N]) with w ~ q * scale, symmetric per output row."""
@@ -37,18 +42,21 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (packed uint8 [N, K/2], scale/min float32 [N, K/32, 2]), w ~ q * scale + min, q in 0..15.
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, G, 32] in 0..15 -> packed uint8 [N, G*16]: byte j of a group holds code j in its low
+    nibble and code j + 16 in its high one (ggml's Q4_0/Q4_1 order)."""
+    N, G, _ = q.shape
+    return (q[..., :16] | (q[..., 16:] << 4)).reshape(N, G * 16).contiguous()
 
-    Byte j of each 32-weight group holds weight j in its low nibble and weight j + 16 in its high one.
-    """
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, K/2], scale/min float32 [N, K/32, 2]), w ~ q * scale + min, q in 0..15."""
     N, K = w.shape
     g = w.float().view(N, K // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-    packed = q[..., :16] | (q[..., 16:] << 4)  # [N, G, 16]
-    return packed.reshape(N, K // 2).contiguous(), torch.stack((scale, lo), dim=-1).contiguous()
+    return pack_int4(q), torch.stack((scale, lo), dim=-1).contiguous()
 
 
 def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -58,16 +66,33 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return (q * sz[..., :1] + sz[..., 1:]).reshape(N, -1)
 
 
+@dataclass
+class Int4Codes:
+    """A matrix [N, K] held as int4 codes (quantize_int4's layout), e.g. as a GGUF file stores it."""
+
+    qweight: torch.Tensor  # uint8 [N, K/2]
+    scales: torch.Tensor  # float32 [N, K/32, 2]: scale, min
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.qweight.shape[1] * 2
+
+
 class QuantLinear(nn.Module):
     """A bias-free nn.Linear with int8 or int4 weights; float activations in and out."""
 
-    def __init__(self, linear: nn.Linear, mode: str):
+    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.mode, self.in_features, self.out_features = mode, linear.in_features, linear.out_features
+        self.mode, self.out_features = mode, qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if mode == "int4" else 1)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str) -> QuantLinear:
         w = linear.weight.detach()
         q, s = quantize_int8(w) if mode == "int8" else quantize_int4(w)
-        self.register_buffer("qweight", q.to(w.device))
-        self.register_buffer("scales", s.to(w.device))
+        return cls(mode, q.to(w.device), s.to(w.device))
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         if self.mode == "int8":
@@ -77,8 +102,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         kernels = None
-        small_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and x2.shape[0] <= KERNEL_MAX_M
-        if small_cpu and not torch.compiler.is_compiling():  # a compiled graph cannot call the C++ kernels
+        on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+        if on_cpu and not torch.compiler.is_compiling():  # a compiled graph cannot call the C++ kernels
             kernels = cpu_kernels()
         if kernels is not None:
             y = kernels.linear(x2.contiguous(), self.qweight, self.scales)
@@ -92,8 +117,16 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.mode}"
 
 
-def _stack(linears: list[nn.Linear]) -> nn.Linear:
-    w = torch.cat([m.weight.detach() for m in linears], dim=0)
+def _stack(linears: list[nn.Module]) -> nn.Module:
+    """One layer computing the given layers' outputs one after another (their rows stacked).
+
+    Layers quantised alike stack their codes; a mixture (a GGUF storing q and k in 4 bits, v in 6) is
+    widened to floating point, exactly their values."""
+    modes = {m.mode if isinstance(m, QuantLinear) else None for m in linears}
+    if len(modes) == 1 and None not in modes:
+        return QuantLinear(modes.pop(), torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]))
+    dtype = next((m.weight.dtype for m in linears if isinstance(m, nn.Linear)), torch.float32)
+    w = torch.cat([m.dequantized(dtype) if isinstance(m, QuantLinear) else m.weight.detach() for m in linears])
     fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     fused.weight.data.copy_(w)
     return fused
@@ -117,10 +150,13 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
 def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Module:
     """Replace every nn.Linear in the model (in place) by a QuantLinear; returns the model.
 
-    fuse: first stack q/k/v and w1/w3 (fuse_projections), so each layer makes 4 quantised matmuls, not 7.
+    Layers already quantised (a GGUF's 4-bit matrices kept as codes) are left as they are. fuse: then
+    stack q/k/v and w1/w3 (fuse_projections), so each layer makes 4 quantised matmuls, not 7; both schemes
+    quantise each output row on its own, so stacking after quantising gives the same codes as before.
     """
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4")
@@ -128,8 +164,6 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
         log.warning("%s weights on a GPU save memory but decoded slower than bfloat16 there (BENCHMARKS.md: "
                     "89 vs 194 tok/s for the 7B shape with int8, before the step's tuning); leave "
                     "quantisation off for speed", mode)
-    if fuse and hasattr(model, "layers"):
-        fuse_projections(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode == "int4":
         bad = [name for name, m in targets if m.in_features % GROUP]
@@ -138,7 +172,9 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(linear, mode))
+        setattr(parent, attr, QuantLinear.from_linear(linear, mode))
+    if fuse and hasattr(model, "layers"):
+        fuse_projections(model)
     return model
 
 

@@ -9,9 +9,14 @@
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
 // the weights, so the win is bytes (1 or 0.5 instead of 4 per weight). For more rows the block is widened
 // once into a float32 buffer that stays in cache and every row of x is multiplied against it, 3 rows at a
-// time, so the widening is paid once per block rather than once per row (continuous batching). AVX2 + FMA.
+// time, so the widening is paid once per block rather than once per row (continuous batching). Beyond
+// TILES_MAX_M rows (prefill) the weights are widened a few megabytes at a time and multiplied by torch's
+// blocked GEMM instead, which re-reads x far less than 4 outputs at a time can. AVX2 + FMA.
 #include <immintrin.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
@@ -22,6 +27,7 @@ namespace {
 
 constexpr int64_t NB = 4;         // output rows per block
 constexpr int64_t STREAM_M = 2;   // up to this many rows of x, quantised weights are widened in registers
+constexpr int64_t TILES_MAX_M = 256;  // beyond this many rows of x (prefill): torch's GEMM, weights widened
 
 inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 float32
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -221,6 +227,37 @@ at::Tensor run(const W& w, const at::Tensor& x, int64_t N) {
   return y;
 }
 
+// y = x @ w.T for a quantised w and many rows of x: chunks of w's rows widened to float32 (about 4 MB each,
+// so a 7B's output projection never needs its 0.5 GB float copy), each multiplied by torch's GEMM.
+template <class W>
+at::Tensor run_widened(const W& w, const at::Tensor& x, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = at::empty({M, N}, x.options());
+  const int64_t chunk = std::max<int64_t>(NB, (int64_t(1) << 20) / K / NB * NB);
+  auto wide = at::empty({std::min(chunk, N), K}, x.options());
+  float* out = wide.data_ptr<float>();
+  for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+    const int64_t c = std::min(chunk, N - c0), blocks = c / NB;
+    // torch's threads, not our pool: its OpenMP workers spin on the cores after each GEMM, where our
+    // pool's would then wait for them
+    at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+      const float* rows[NB];
+      float post[NB];
+      for (int64_t b = b0; b < b1; ++b) {
+        float* dst = out + b * NB * K;
+        w.widen(c0 + b * NB, dst, rows, post);  // quantised formats widen into dst, row after row
+        for (int j = 0; j < NB; ++j)
+          if (post[j] != 1.0f)
+            for (int64_t k = 0; k < K; ++k) dst[j * K + k] *= post[j];
+      }
+    });
+    for (int64_t n = blocks * NB; n < c; ++n)  // the last N % 4 rows
+      for (int64_t k = 0; k < K; ++k) out[n * K + k] = w.at(c0 + n, k);
+    y.narrow(1, c0, c).copy_(at::linear(x, wide.narrow(0, 0, c)));
+  }
+  return y;
+}
+
 void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && s.is_contiguous() && s.scalar_type() == at::kFloat,
@@ -234,7 +271,7 @@ at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s) {
   if (w.scalar_type() == at::kByte) return int4_linear(x, w, s);
   // float32: ours up to a few hundred rows (2-4x torch's GEMM at M <= 32, ~10% faster at 208), torch's
   // blocked GEMM beyond (at 1024 rows it is 20% faster: ours re-reads x for every block of 4 outputs)
-  return x.size(0) <= 256 ? float_linear(x, w) : at::linear(x, w);
+  return x.size(0) <= TILES_MAX_M ? float_linear(x, w) : at::linear(x, w);
 }
 
 at::Tensor float_linear(at::Tensor x, at::Tensor w) {
@@ -247,7 +284,8 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale) {
   check(x, w, scale);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "int8 weight [N, K]");
   TORCH_CHECK(scale.numel() == w.size(0), "scale [N]");
-  return run(Int8W{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)}, x, w.size(0));
+  const Int8W q{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)};
+  return x.size(0) > TILES_MAX_M ? run_widened(q, x, w.size(0)) : run(q, x, w.size(0));
 }
 
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
@@ -255,5 +293,6 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kByte && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 32) * 2, "scales [N, K/32, 2]");
-  return run(Int4W{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N);
+  const Int4W q{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K};
+  return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
 }
