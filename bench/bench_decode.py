@@ -5,7 +5,7 @@
     python bench/bench_decode.py --device cuda --engine 16x4096          # also the server's engine (slots x context)
 
 Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load_model(None) (random
-weights of the smollm2-135m preset with --random or when the loader is unavailable). transformers runs a
+weights of the smollm2-135m preset with --random). transformers runs a
 LlamaForCausalLM holding the same float32 weights; llama.cpp (llama-cpp-python) runs the Q4_1 GGUF. "ours
 auto" is what the command line runs by default: the file's Q4_1 matrices as int4 codes, exactly its values.
 Every engine decodes the same prompt ids for exactly --tokens tokens (no early stop), with the same thread

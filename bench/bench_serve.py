@@ -5,8 +5,9 @@
 The server is `codellama serve` in its own process (what users run), over SmolLM2-135M-Instruct (random
 weights of the smollm2-135m preset with --random), 16 batch slots, its linear layers as --quantize says
 (default: the server's own, auto). Each client sends --requests greedy completions one after another
-(different prompts, max_tokens=--tokens, ignore_eos); aggregate tokens/s = all completion tokens / wall time. The peer is our own server at one client, in the
-same run: the ratio shows what continuous batching buys.
+(different prompts, max_tokens=--tokens, ignore_eos); aggregate tokens/s = all completion tokens / wall
+time. The peer is our own server at one client, in the same run: the ratio shows what continuous batching
+buys.
 """
 
 from __future__ import annotations

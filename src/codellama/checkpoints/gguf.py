@@ -7,7 +7,8 @@ memory map, so only the final weights are ever held in full.
 
 With keep_int4, the linear layers' 4-bit matrices (Q4_0, Q4_1, Q4_K) are not dequantised but kept as the
 file's codes in the int4 layer's layout (engine/quant.py: groups of 32 with a float32 scale and minimum),
-which holds each of these types exactly: the way llama.cpp runs such a file, at a quarter of the memory.
+which holds each of these types exactly: the way llama.cpp runs such a file, in 4.5 bits per weight instead
+of float32's 32.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def int4_codes(data: np.ndarray, qtype) -> Int4Codes:
     from gguf.quants import Q4_K
 
     qtype = Q(qtype)
-    block, size = GGML_QUANT_SIZES[qtype]
+    _, size = GGML_QUANT_SIZES[qtype]
     arr = np.asarray(data)
     n = arr.shape[0]
     blocks = arr.reshape(n, -1, size)  # [N, B, bytes per block]

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from codellama.errors import UserError
 from codellama.config import QUANTIZE_CHOICES
+from codellama.errors import UserError
 
 QUANTIZE_HELP = ("weight-only quantised linear layers; auto (default): on the CPU a GGUF's 4-bit matrices stay "
                  "4-bit, exactly the file's values; none: all floating point; int8/int4: quantise the rest too "
