@@ -129,7 +129,7 @@ def main() -> None:
             return float(llm.stdout.readline())
         runners["llama.cpp Q4_1"] = (run_llama, gguf_path().stat().st_size)
 
-    for run, _ in runners.values():  # warm up (builds the int8/int4 kernels on first use)
+    for run, _ in runners.values():  # warm up (builds the CPU kernels on first use)
         run()
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.reps):

@@ -6,8 +6,8 @@ Every load runs in a fresh child process, which reports its wall time, its RSS b
 imports), its peak RSS (VmHWM) and the peak of its anonymous memory (RssAnon sampled every 5 ms: the
 weights themselves, not counting file pages a memory map keeps resident). Cases:
 
-  * SmolLM2-135M-Instruct Q4_1 GGUF (the default model), dequantised to float32, and with its 4-bit
-    matrices kept as the file's codes (keep_int4: what the command line runs on the CPU by default);
+  * SmolLM2-135M-Instruct Q4_1 GGUF (the default model), dequantised to float32, and with its quantised
+    matrices kept as the file's codes (keep_codes: what the command line runs on the CPU by default);
   * the same model as an HF checkpoint (bfloat16 safetensors, written by us), loaded as float32 / bfloat16;
   * a "7B slice": Code Llama 7B's exact tensor shapes (dim 4096, ffn 11008, vocab 32016) with only
     --slice-layers layers, on disk as HF bfloat16 safetensors and as a 2-shard Meta checkpoint;
@@ -77,7 +77,7 @@ def child(case: str, path: str, dtype: str) -> None:
     t0 = time.perf_counter()
     with AnonPeak() as anon:
         if case.startswith("ours"):
-            model = load_model(path, dtype=dtype, keep_int4=case == "ours-int4").model
+            model = load_model(path, dtype=dtype, keep_codes=case == "ours-codes").model
         else:
             p = Path(path)
             kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
@@ -181,7 +181,7 @@ def main() -> None:
             label = f"7B slice ({args.slice_layers} layers, {n / 1e9:.2f}B params) HF bf16"
             cases += [(label, hf_dir, "bfloat16"), (label, hf_dir, "float32"),
                       (label.replace("HF bf16", "Meta 2 shards bf16"), meta_dir, "bfloat16")]
-        rows.append(row("SmolLM2 Q4_1 GGUF", "ours, 4-bit kept", "float32", measure("ours-int4", gguf, "float32")))
+        rows.append(row("SmolLM2 Q4_1 GGUF", "ours, codes kept", "float32", measure("ours-codes", gguf, "float32")))
         for label, path, dtype in cases:
             ours = measure("ours", path, dtype)
             rows.append(row(label, "ours", dtype, ours))

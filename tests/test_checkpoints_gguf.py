@@ -13,7 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as ref_dequantize, quantize
 
-from codellama.checkpoints.gguf import INT4_TYPES, dequantize, int4_codes, load_gguf, save_gguf
+from codellama.checkpoints.gguf import CODE_TYPES, INT4_TYPES, dequantize, file_codes, load_gguf, save_gguf
 from codellama.checkpoints.gguf_reader import FastGGUFReader
 from codellama.checkpoints.load import default_model_path, load_model
 from codellama.config import ModelConfig
@@ -22,8 +22,10 @@ from codellama.errors import UserError
 from codellama.tokenizer import BPETokenizer
 from helpers import random_model
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
-CRAFTED = {"Q4_K": slice(0, 4), "Q6_K": slice(-2, None)}  # where the f16 super-block scales sit
+TYPES = ["F32", "F16", "BF16", *CODE_TYPES]
+# where the f16 super-block scales sit
+CRAFTED = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(-2, None), "Q3_K": slice(-2, None),
+           "Q2_K": slice(-4, None)}
 
 
 def quantised_bytes(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -63,9 +65,9 @@ def _unpermute_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _write_mixed_file(path: Path) -> dict[str, np.ndarray]:
+def _write_mixed_file(path: Path, tied: bool = False) -> dict[str, np.ndarray]:
     """A one-layer GGUF with one matrix per quantisation type -> our name: its float values as the gguf
-    package dequantises them (q/k rows un-permuted)."""
+    package dequantises them (q/k rows un-permuted). tied: without output.weight."""
     cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden=512, rope_theta=1e4,
                       max_seq_len=128)
     hd = cfg.dim // cfg.n_heads
@@ -83,6 +85,8 @@ def _write_mixed_file(path: Path) -> dict[str, np.ndarray]:
         "output_norm.weight": ("F32", (256,), "norm.weight"),
         "output.weight": ("Q6_K", (96, 256), "output.weight"),
     }
+    if tied:
+        del plan["output.weight"]
     w = GGUFWriter(path, "llama")
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
@@ -127,26 +131,30 @@ def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
         np.testing.assert_array_equal(params[name].detach().numpy(), ref, err_msg=name)
 
 
-@pytest.mark.parametrize("qtype", INT4_TYPES)
-def test_int4_codes_hold_the_files_values_exactly(qtype):
+@pytest.mark.parametrize("qtype", CODE_TYPES)
+def test_file_codes_hold_the_files_values_exactly(qtype):
     raw = quantised_bytes(qtype, 8, 512)
-    codes = int4_codes(raw, Q[qtype])
-    assert codes.shape == (8, 512) and codes.qweight.dtype == torch.uint8
-    np.testing.assert_array_equal(dequantize_int4(codes.qweight, codes.scales).numpy(), ref_float(qtype, raw))
+    codes = file_codes(raw, Q[qtype])
+    assert codes.shape == (8, 512) and codes.mode == ("int4" if qtype in INT4_TYPES else "int8g")
+    layer = QuantLinear(codes.mode, codes.qweight, codes.scales)
+    np.testing.assert_array_equal(layer.dequantized().numpy(), ref_float(qtype, raw))
 
 
-def test_int4_codes_refuse_other_types():
-    with pytest.raises(ValueError, match="Q8_0 is not a 4-bit type"):
-        int4_codes(quantised_bytes("Q8_0", 8, 512), Q.Q8_0)
+def test_file_codes_refuse_types_without_a_layout():
+    with pytest.raises(ValueError, match="IQ4_NL has no codes layout"):
+        file_codes(np.zeros((8, 512 // 32 * 18), np.uint8), Q.IQ4_NL)
 
 
-def test_keep_int4_makes_the_4bit_matrices_quantised_layers_with_the_files_values(tmp_path):
-    """The same mixed file: its Q4_K/Q4_0/Q4_1 matrices become int4 layers (wq's rows un-permuted like
-    its float values), everything else loads as before, and the model computes what the float one does."""
+def test_keep_codes_makes_the_quantised_matrices_quantised_layers_with_the_files_values(tmp_path):
+    """The mixed file: its quantised matrices become QuantLinears of the file's values (wq's and wk's rows
+    un-permuted like their floats), everything else loads as before, and the model computes what the float
+    one does, also once q/k/v (4, 6 and 4 bits) are stacked."""
     expected = _write_mixed_file(tmp_path / "mixed.gguf")
-    model, _, _ = load_gguf(tmp_path / "mixed.gguf", keep_int4=True)
+    model, _, _ = load_gguf(tmp_path / "mixed.gguf", keep_codes=True)
     kept = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert set(kept) == {"layers.0.attention.wq", "layers.0.attention.wv", "layers.0.attention.wo"}
+    modes = {name: m.mode for name, m in kept.items()}
+    assert modes == {"layers.0.attention.wq": "int4", "layers.0.attention.wk": "int8g", "layers.0.attention.wv": "int4",
+                     "layers.0.attention.wo": "int4", "output": "int8g"}
     for name, layer in kept.items():
         np.testing.assert_array_equal(layer.dequantized().numpy(), expected[name + ".weight"], err_msg=name)
     params = dict(model.named_parameters())
@@ -157,9 +165,23 @@ def test_keep_int4_makes_the_4bit_matrices_quantised_layers_with_the_files_value
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
-        fused = fuse_projections(model)  # q, k, v: 4-bit, 6-bit, 4-bit -> widened to floats, exactly
-        assert type(fused.layers[0].attention.wqkv) is torch.nn.Linear
+        fused = fuse_projections(model)
+        assert fused.layers[0].attention.wqkv.mode == "int8g"
         torch.testing.assert_close(fused(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_keep_codes_gives_a_tied_output_projection_the_embeddings_codes(tmp_path):
+    """No output.weight (SmolLM2's way): the output projection runs on token_embd's Q8_0 codes, the
+    embedding lookup on its floats."""
+    expected = _write_mixed_file(tmp_path / "tied.gguf", tied=True)
+    model, _, cfg = load_gguf(tmp_path / "tied.gguf", keep_codes=True)
+    assert cfg.tie_embeddings and isinstance(model.output, QuantLinear) and model.output.mode == "int8g"
+    np.testing.assert_array_equal(model.output.dequantized().numpy(), expected["tok_embeddings.weight"])
+    np.testing.assert_array_equal(model.tok_embeddings.weight.detach().numpy(), expected["tok_embeddings.weight"])
+    plain, _, _ = load_gguf(tmp_path / "tied.gguf")
+    tokens = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
 
 
 def _assert_same_reader(f):

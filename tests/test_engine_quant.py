@@ -14,7 +14,9 @@ from codellama.config import ModelConfig
 from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import (
     QuantLinear,
+    _stack,
     dequantize_int4,
+    dequantize_int8_groups,
     fuse_projections,
     quantize,
     quantize_int4,
@@ -48,7 +50,16 @@ def _weights(fmt: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     if fmt == "int4":
         p, sz = quantize_int4(w)
         return p, sz, dequantize_int4(p, sz)
+    if fmt == "int8g":  # a GGUF's layout, no quantiser of ours: any codes, scales and minima
+        q, sz = _int8_groups(*w.shape)
+        return q, sz, dequantize_int8_groups(q, sz)
     return w, torch.empty(0), w
+
+
+def _int8_groups(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    return q, torch.randn(N, K // 16, 2, generator=g) * torch.tensor([0.01, 0.1])
 
 
 # M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the
@@ -57,7 +68,7 @@ def _weights(fmt: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 # N % 4 != 0 exercises the tail rows, K % 8 != 0 the tail columns.
 @pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
-@pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int8g"])
 def test_linear_kernel_equals_matmul(fmt, M, N, K):
     torch.manual_seed(M * N + K)
     w, x = torch.randn(N, K), torch.randn(M, K)
@@ -102,6 +113,20 @@ def test_quantising_then_stacking_gives_the_codes_of_stacking_then_quantising(mo
         for x, y in ((a.attention.wqkv, b.attention.wqkv), (a.feed_forward.w13, b.feed_forward.w13)):
             assert isinstance(x, QuantLinear) and x.mode == y.mode == mode
             assert torch.equal(x.qweight, y.qweight) and torch.equal(x.scales, y.scales)
+
+
+def test_layers_of_different_layouts_stack_exactly_as_int8g():
+    """q/k in 4 bits, v in 6 (a Q4_K_M file), our int8 beside them: one int8g layer with each one's weights."""
+    torch.manual_seed(2)
+    layers = [QuantLinear.from_linear(nn.Linear(96, 32, bias=False), "int4"),
+              QuantLinear("int8g", *_int8_groups(16, 96, seed=3)),
+              QuantLinear.from_linear(nn.Linear(96, 8, bias=False), "int8")]
+    stacked = _stack(layers)
+    assert isinstance(stacked, QuantLinear) and stacked.mode == "int8g"
+    assert torch.equal(stacked.dequantized(), torch.cat([m.dequantized() for m in layers]))
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(stacked(x), torch.cat([m(x) for m in layers], dim=-1), atol=1e-4, rtol=1e-4)
+    assert type(_stack([*layers, nn.Linear(96, 4, bias=False)])) is nn.Linear  # floats among them: widened
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -160,16 +185,18 @@ def test_real_smollm2_int8_keeps_greedy_tokens():
 
 
 @pytest.mark.slow
-def test_real_smollm2_auto_runs_the_files_4bit_weights_exactly():
-    """The default model is a Q4_1 GGUF: on the CPU, "auto" keeps its 4-bit matrices as codes, and they are
-    exactly the weights "none" dequantises (the tied output projection, Q8_0 in the file, stays float)."""
+def test_real_smollm2_auto_runs_the_files_codes_exactly():
+    """The default model is a Q4_1 GGUF with a Q8_0 embedding: on the CPU, "auto" keeps its 4-bit matrices
+    as int4 codes and gives the tied output projection the embedding's codes as int8g, and they are exactly
+    the weights "none" dequantises."""
     auto, plain = load_for_inference(None, "cpu", None, "auto"), load_for_inference(None, "cpu", None, "none")
     for a, b in zip(auto.model.layers, plain.model.layers):
         att, ffn, att_b, ffn_b = a.attention, a.feed_forward, b.attention, b.feed_forward
         for x, y in ((att.wqkv, att_b.wqkv), (att.wo, att_b.wo), (ffn.w13, ffn_b.w13), (ffn.w2, ffn_b.w2)):
             assert isinstance(x, QuantLinear) and x.mode == "int4"
             assert torch.equal(x.dequantized(), y.weight)
-    assert type(auto.model.output) is nn.Linear
+    assert isinstance(auto.model.output, QuantLinear) and auto.model.output.mode == "int8g"
+    assert torch.equal(auto.model.output.dequantized(), plain.model.output.weight)
     ids = plain.tokenizer.encode("def fibonacci(n):\n    ", bos=plain.tokenizer.add_bos)
     with torch.no_grad():  # the same weights: only the order of float additions differs (measured 6.5e-5)
         x = torch.tensor([ids])

@@ -158,11 +158,11 @@ def default_device() -> str:
 def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None, quantize: str | None):
     """load_model, prepared for decoding only: q/k/v and w1/w3 stacked, the linear layers as `quantize` says.
 
-    "none" (or None): every weight in floating point. "auto": on the CPU, a GGUF's 4-bit matrices (Q4_0,
-    Q4_1, Q4_K) stay 4-bit codes, exactly the file's values, run by the int4 kernel as llama.cpp runs them
-    (the default model: 1.5x faster than in float32, BENCHMARKS.md); the other weights, and everything on
-    a GPU, as "none". "int4": the file's 4-bit matrices as they are, every other linear layer quantised to
-    int4; "int8": every linear layer quantised to int8.
+    "none" (or None): every weight in floating point. "auto": on the CPU, a GGUF's quantised matrices stay
+    the file's codes, exactly its values, run by the int4/int8g kernels as llama.cpp runs them (the default
+    model: BENCHMARKS.md); the other weights, and everything on a GPU, as "none". "int4": the file's
+    quantised matrices as they are, every other linear layer quantised to int4; "int8": every linear layer
+    quantised to int8.
     """
     from codellama.checkpoints.load import load_model
     from codellama.engine.quant import fuse_projections
@@ -171,8 +171,8 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
-    keep_int4 = quantize == "int4" or (quantize == "auto" and torch.device(device).type == "cpu")
-    loaded = load_model(spec, device=device, dtype=dtype, keep_int4=keep_int4)
+    keep_codes = quantize == "int4" or (quantize == "auto" and torch.device(device).type == "cpu")
+    loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes)
     if quantize in ("int8", "int4"):
         quantize_model(loaded.model, quantize)  # then stacks them
     else:

@@ -16,10 +16,10 @@ from torch import nn
 
 from codellama.config import ModelConfig
 from codellama.errors import UserError
-from codellama.engine.quant import Int4Codes, QuantLinear
+from codellama.engine.quant import QuantCodes, QuantLinear
 from codellama.model import Transformer
 
-T = TypeVar("T", torch.Tensor, Int4Codes)
+T = TypeVar("T", torch.Tensor, QuantCodes)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
@@ -61,9 +61,9 @@ def resolve_dtype(
 
 def meta_to_ours(w: T, n_heads: int) -> T:
     """wq/wk [n_heads*hd, ...] from Meta's interleaved row order to rotate-half order (spec 1.5); an
-    Int4Codes matrix has its codes' and scales' rows reordered alike."""
-    if isinstance(w, Int4Codes):
-        return Int4Codes(meta_to_ours(w.qweight, n_heads), meta_to_ours(w.scales, n_heads))
+    QuantCodes matrix has its codes' and scales' rows reordered alike."""
+    if isinstance(w, QuantCodes):
+        return QuantCodes(w.mode, meta_to_ours(w.qweight, n_heads), meta_to_ours(w.scales, n_heads))
     rows, rest = w.shape[0], w.shape[1:]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
@@ -93,7 +93,7 @@ def empty_model(cfg: ModelConfig) -> Transformer:
 
 def fill_model(
     cfg: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor | Int4Codes]],
+    tensors: Iterable[tuple[str, torch.Tensor | QuantCodes]],
     *,
     device: str | torch.device,
     dtype: torch.dtype,
@@ -103,14 +103,17 @@ def fill_model(
 
     Checks every shape (a mismatch names the tensor) and that nothing is missing; extra tensors named
     `output.weight` are ignored for tied embeddings (HF tied checkpoints sometimes keep a copy). A linear
-    layer's weight given as Int4Codes makes that layer a QuantLinear holding them.
+    layer's weight given as QuantCodes makes that layer a QuantLinear holding them; so does a tied output
+    projection given as codes (the embedding's own, as a GGUF stores it), untying it from the float table.
     """
     model = empty_model(cfg)
     expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
     seen: set[str] = set()
+    tied_output: QuantCodes | None = None
     for name, t in tensors:
         if name not in expected:
             if name == "output.weight" and cfg.tie_embeddings:
+                tied_output = t if isinstance(t, QuantCodes) else None
                 continue
             raise UserError(f"{source}: unexpected tensor {name!r} for a Llama model with {cfg.n_layers} layers")
         if tuple(t.shape) != tuple(expected[name].shape):
@@ -120,10 +123,10 @@ def fill_model(
             )
         module_name, _, attr = name.rpartition(".")
         seen.add(name)
-        if isinstance(t, Int4Codes):
+        if isinstance(t, QuantCodes):
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, QuantLinear("int4", t.qweight.to(device), t.scales.to(device)))
+            setattr(parent, child, QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device)))
             continue
         module = model.get_submodule(module_name)
         # copy=False: a tensor already in the right dtype/device (e.g. mmap-backed) is used as is
@@ -135,6 +138,8 @@ def fill_model(
         raise UserError(f"{source}: checkpoint lacks tensors {shown}")
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+        if tied_output is not None:
+            model.output = QuantLinear(tied_output.mode, tied_output.qweight.to(device), tied_output.scales.to(device))
     return model.eval()
 
 

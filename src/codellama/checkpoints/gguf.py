@@ -1,14 +1,18 @@
-"""GGUF (llama.cpp) checkpoints: load F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights plus the tokenizer and
-chat template stored in the file; save F32/F16/Q8_0 files that llama.cpp and our loader both read.
+"""GGUF (llama.cpp) checkpoints: load F32/F16/BF16 weights and the block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+and Q2_K to Q6_K, plus the tokenizer and chat template stored in the file; save F32/F16/Q8_0 files that
+llama.cpp and our loader both read.
 
 llama.cpp's converter permutes attn_q/attn_k rows HF->Meta (interleaved RoPE pairs), so we un-permute on
 load and permute on save (checkpoints/common.py). Tensors are dequantised one at a time from the reader's
 memory map, so only the final weights are ever held in full.
 
-With keep_int4, the linear layers' 4-bit matrices (Q4_0, Q4_1, Q4_K) are not dequantised but kept as the
-file's codes in the int4 layer's layout (engine/quant.py: groups of 32 with a float32 scale and minimum),
-which holds each of these types exactly: the way llama.cpp runs such a file, in 4.5 bits per weight instead
-of float32's 32.
+With keep_codes, the linear layers' quantised matrices are not dequantised but kept as the file's codes in
+a QuantLinear layout (engine/quant.py) that holds them exactly: the 4-bit types (Q4_0, Q4_1, Q4_K) as int4
+(groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the others as int8g
+(int8 codes, a scale and minimum per 16 weights: 12 bits per weight). That is the way llama.cpp runs such a
+file, with its very values, instead of float32's 32 bits per weight. A tied output projection (no
+output.weight: the embedding's) gets the embedding's codes, while the embedding itself, a lookup, is
+dequantised.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import torch
 
 from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
 from codellama.config import ModelConfig
-from codellama.engine.quant import Int4Codes, pack_int4
+from codellama.engine.quant import INT8_GROUP, QuantCodes, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-SAVE_TYPES = ("F32", "F16", "Q8_0")
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the int4 layout holds exactly
+CODE_TYPES = (*INT4_TYPES, "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K")  # the rest as int8g
+SUPPORTED_TYPES = ("F32", "F16", "BF16", *CODE_TYPES)
+SAVE_TYPES = ("F32", "F16", "Q8_0")
 
 # GGUF tensor name (per block, after "blk.N.") -> ours (after "layers.N.")
 _LAYER = {
@@ -162,46 +167,98 @@ def _f16(raw: np.ndarray) -> np.ndarray:
     return raw.copy().view(np.float16).astype(np.float32)
 
 
-def int4_codes(data: np.ndarray, qtype) -> Int4Codes:
-    """A Q4_0, Q4_1 or Q4_K matrix's raw data [N, row bytes] -> its codes, scales and minima, exactly.
+def _bits(raw: np.ndarray, shifts: tuple[int, ...], mask: int) -> np.ndarray:
+    """uint8 [..., n] -> [..., len(shifts), n]: the field at each shift of every byte."""
+    return (raw[..., None, :] >> np.array(shifts, dtype=np.uint8)[:, None]) & np.uint8(mask)
 
-    Each type's 32-weight (sub-)blocks are w = code * scale + min: Q4_0 (code - 8) * d, Q4_1 code * d + m,
-    Q4_K (d * sc) * code - dmin * m with 6-bit sc and m per 32 of a 256-weight super-block. The float32
-    scale and min are the very products gguf.quants.dequantize forms, so dequantising our codes gives its
-    floats bit for bit (tests/test_checkpoints_gguf.py)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+def _block_values(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block type's bytes [N, B, block bytes] -> (codes [N, B, block], scale and min [N, B, sub-blocks]
+    float32), so that weight = code * scale + min over each sub-block of consecutive weights.
+
+    The scales and minima are the very float32 products gguf.quants.dequantize forms (d * sc, dmin * m, ...),
+    and each type's code times its scale is exact in float32, so the weights equal its floats bit for bit
+    (tests/test_checkpoints_gguf.py). Codes come out in the weights' order, as that function lays them out."""
+    from gguf import GGMLQuantizationType as Q
     from gguf.quants import Q4_K
+
+    n, b = blocks.shape[:2]
+    name = Q(qtype).name
+
+    def k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # Q4_K/Q5_K: 8 6-bit scales and mins
+        sc, m = Q4_K.get_scale_min(raw.reshape(-1, 12))
+        return sc.reshape(n, b, 8).astype(np.float32), m.reshape(n, b, 8).astype(np.float32)
+
+    def high_bits(raw: np.ndarray, nbits: int) -> np.ndarray:  # a 32-bit mask per 32 weights -> [n, b, 32*..]
+        return _bits(raw, tuple(range(nbits)), 1).reshape(n, b, -1)
+
+    if name == "Q8_0":  # d, 32 int8
+        return blocks[..., 2:].view(np.int8), _f16(blocks[..., :2]), np.zeros((n, b, 1), np.float32)
+    if name in ("Q4_0", "Q4_1"):  # d (, m), 16 bytes: low nibbles k = 0..15, high ones 16..31
+        off = 2 if name == "Q4_0" else 4
+        codes = _bits(blocks[..., off:], (0, 4), 0x0F).reshape(n, b, 32)
+        d = _f16(blocks[..., :2])
+        return codes, d, -8 * d if name == "Q4_0" else _f16(blocks[..., 2:4])
+    if name in ("Q5_0", "Q5_1"):  # d (, m), a 32-bit mask of fifth bits, 16 bytes of nibbles
+        off = 2 if name == "Q5_0" else 4
+        high = high_bits(blocks[..., off:off + 4], 8).reshape(n, b, 8, 4).transpose(0, 1, 3, 2).reshape(n, b, 32)
+        codes = _bits(blocks[..., off + 4:], (0, 4), 0x0F).reshape(n, b, 32) | (high << 4)
+        d = _f16(blocks[..., :2])
+        if name == "Q5_0":
+            return codes.astype(np.int8) - 16, d, np.zeros_like(d)
+        return codes, d, _f16(blocks[..., 2:4])
+    if name in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of scales/mins, (32 bytes of fifth bits,) nibbles
+        d, dmin = _f16(blocks[..., :2]), _f16(blocks[..., 2:4])
+        sc, m = k_scales(blocks[..., 4:16])
+        off = 16 if name == "Q4_K" else 48
+        codes = _bits(blocks[..., off:].reshape(n, b, 4, 32), (0, 4), 0x0F).reshape(n, b, 256)
+        if name == "Q5_K":
+            codes = codes | (high_bits(blocks[..., 16:48], 8) << 4)
+        return codes, d * sc, -(dmin * m)
+    if name == "Q6_K":  # 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d
+        low = _bits(blocks[..., :128].reshape(n, b, 2, 64), (0, 4), 0x0F).reshape(n, b, 256)
+        high = _bits(blocks[..., 128:192].reshape(n, b, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, b, 256)
+        scale = _f16(blocks[..., 208:]) * blocks[..., 192:208].view(np.int8).astype(np.float32)
+        return (low | (high << 4)).astype(np.int8) - 32, scale, np.zeros_like(scale)
+    if name == "Q3_K":  # 32 bytes of third bits (set: no -4), 64 of bit pairs, 12 of 6-bit scales, d
+        low = _bits(blocks[..., 32:96].reshape(n, b, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, b, 256)
+        minus4 = (high_bits(blocks[..., :32], 8) ^ 1) << 2
+        raw = blocks[..., 96:108]
+        sc = _bits(raw[..., :8], (0, 4), 0x0F).reshape(n, b, 16) | (_bits(raw[..., 8:], (0, 2, 4, 6), 0x03).reshape(n, b, 16) << 4)
+        scale = _f16(blocks[..., 108:]) * (sc.astype(np.int8) - 32).astype(np.float32)
+        return low.astype(np.int8) - minus4.astype(np.int8), scale, np.zeros_like(scale)
+    if name == "Q2_K":  # 16 bytes of 4-bit scale/min pairs, 64 of bit pairs, d, dmin
+        sc = blocks[..., :16]
+        codes = _bits(blocks[..., 16:80].reshape(n, b, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, b, 256)
+        d, dmin = _f16(blocks[..., 80:82]), _f16(blocks[..., 82:84])
+        return codes, d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
+    raise ValueError(f"{name} has no codes layout here; these do: {', '.join(CODE_TYPES)}")
+
+
+def file_codes(data: np.ndarray, qtype) -> QuantCodes:
+    """A quantised matrix's raw data [N, row bytes] -> its codes in a QuantLinear layout, exactly its values:
+    Q4_0/Q4_1/Q4_K as int4 (4.5-5 bits per weight, as in the file), the others as int8g (12 bits)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
     qtype = Q(qtype)
     _, size = GGML_QUANT_SIZES[qtype]
     arr = np.asarray(data)
     n = arr.shape[0]
-    blocks = arr.reshape(n, -1, size)  # [N, B, bytes per block]
-    if qtype == Q.Q4_0:
-        d = _f16(blocks[..., :2])
-        scale, low = d, -8 * d
-        packed = blocks[..., 2:]
-    elif qtype == Q.Q4_1:
-        scale, low = _f16(blocks[..., :2]), _f16(blocks[..., 2:4])
-        packed = blocks[..., 4:]
-    elif qtype == Q.Q4_K:
-        d, dmin = _f16(blocks[..., :2]), _f16(blocks[..., 2:4])
-        sc, m = Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))  # [N*B, 8] each
-        scale = d * sc.reshape(n, -1, 8).astype(np.float32)  # [N, B, 8]: one per 32-weight sub-block
-        low = -(dmin * m.reshape(n, -1, 8).astype(np.float32))
-        # 32 bytes hold two sub-blocks: their low nibbles the first, their high nibbles the second
-        qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
-        codes = torch.from_numpy((qs & 0x0F).reshape(n, -1, 32))  # [N, K/32, 32]
-        packed = pack_int4(codes).numpy()
-    else:
-        raise ValueError(f"{qtype.name} is not a 4-bit type the int4 layout holds; these are: {', '.join(INT4_TYPES)}")
-    sz = np.stack((scale.reshape(n, -1), low.reshape(n, -1)), axis=-1)  # [N, K/32, 2]
-    return Int4Codes(torch.from_numpy(np.ascontiguousarray(packed).reshape(n, -1)), torch.from_numpy(sz))
+    codes, scale, low = _block_values(arr.reshape(n, -1, size), qtype)  # [N, B, block], [N, B, S] x 2
+    per = codes.shape[-1] // scale.shape[-1]  # weights per scale: 16 or 32
+    codes = codes.reshape(n, -1)
+    if qtype.name in INT4_TYPES:
+        sz = np.stack((scale.reshape(n, -1), low.reshape(n, -1)), axis=-1)  # [N, K/32, 2]
+        packed = pack_int4(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)).view(n, -1, 32))
+        return QuantCodes("int4", packed, torch.from_numpy(sz))
+    repeat = per // INT8_GROUP  # a 32-weight block's scale and min for both its groups of 16
+    sz = np.stack((scale.reshape(n, -1).repeat(repeat, -1), low.reshape(n, -1).repeat(repeat, -1)), axis=-1)
+    return QuantCodes("int8g", torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8)), torch.from_numpy(sz))
 
 
 def _iter_tensors(
-    reader, cfg: ModelConfig, path: Path, keep_int4: bool = False
-) -> Iterator[tuple[str, torch.Tensor | Int4Codes]]:
+    reader, cfg: ModelConfig, path: Path, keep_codes: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantCodes]]:
     for t in reader.tensors:
         try:
             name = from_gguf_name(t.name)
@@ -210,11 +267,12 @@ def _iter_tensors(
         if name is None:
             continue
         linear = name != "tok_embeddings.weight" and len(t.shape) == 2  # the embedding is a lookup table
+        kept = keep_codes and t.tensor_type.name in CODE_TYPES
         try:
-            if keep_int4 and linear and t.tensor_type.name in INT4_TYPES:
-                w = int4_codes(t.data, t.tensor_type)
-            else:
-                w = dequantize(t.data, t.tensor_type)
+            w = file_codes(t.data, t.tensor_type) if kept and linear else dequantize(t.data, t.tensor_type)
+            # a tied output projection: the embedding's codes, beside its floats for the lookups
+            tied = kept and cfg.tie_embeddings and name == "tok_embeddings.weight"
+            tied_codes = file_codes(t.data, t.tensor_type) if tied else None
         except UserError as e:
             raise UserError(f"{path}: tensor {t.name}: {e}") from None
         except (ValueError, TypeError) as e:
@@ -225,6 +283,8 @@ def _iter_tensors(
             w = meta_to_ours(w, cfg.n_kv_heads)
         drop_mapped_pages(t.data.ctypes.data, t.data.nbytes)  # w is a copy: the file's pages can go
         yield name, w
+        if tied_codes is not None:
+            yield "output.weight", tied_codes
 
 
 def _stored_dtype(reader) -> torch.dtype:
@@ -245,14 +305,14 @@ def gguf_tokenizer(reader):
 
 def load_gguf(
     path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True,
-    keep_int4: bool = False,
+    keep_codes: bool = False,
 ):
-    """-> (model, tokenizer or None, config) from a .gguf file; keep_int4: see the module docstring."""
+    """-> (model, tokenizer or None, config) from a .gguf file; keep_codes: see the module docstring."""
     path = Path(path)
     reader = open_reader(path)
     cfg = gguf_config(reader, path)
     dt = resolve_dtype(device, dtype, _stored_dtype(reader))
-    model = fill_model(cfg, _iter_tensors(reader, cfg, path, keep_int4), device=device, dtype=dt, source=str(path))
+    model = fill_model(cfg, _iter_tensors(reader, cfg, path, keep_codes), device=device, dtype=dt, source=str(path))
     tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
     return model, tokenizer, cfg
 

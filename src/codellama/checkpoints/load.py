@@ -64,18 +64,18 @@ def detect_format(path: Path) -> str:
 
 
 def load_model(
-    spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype=None, *, keep_int4: bool = False
+    spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype=None, *, keep_codes: bool = False
 ) -> LoadedModel:
-    """Load a model from any supported spec; see the module docstring. keep_int4: a GGUF's 4-bit linear
-    layers stay 4-bit codes (checkpoints/gguf.py); other formats ignore it."""
+    """Load a model from any supported spec; see the module docstring. keep_codes: a GGUF's quantised
+    linear layers stay the file's codes (checkpoints/gguf.py); other formats ignore it."""
     if spec is None or str(spec) == "default":
-        return _load_path(default_model_path(), device, dtype, keep_int4)
+        return _load_path(default_model_path(), device, dtype, keep_codes)
     text = str(spec)
     path = Path(text).expanduser()
     if path.exists():
-        return _load_path(path, device, dtype, keep_int4)
+        return _load_path(path, device, dtype, keep_codes)
     if text in PRESETS:
-        return load_preset(text, device, dtype, keep_int4)
+        return load_preset(text, device, dtype, keep_codes)
     if text.endswith((".gguf", ".json", ".safetensors", ".pth")) or os.sep in text or text.startswith("."):
         raise UserError(f"{text}: no such file or directory")
     raise UserError(
@@ -83,14 +83,14 @@ def load_model(
     )
 
 
-def _load_path(path: Path, device, dtype, keep_int4: bool = False) -> LoadedModel:
+def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedModel:
     fmt = detect_format(path)
     if path.is_file() and fmt != "gguf":
         path = path.parent
     if fmt == "gguf":
         from codellama.checkpoints.gguf import load_gguf
 
-        model, tok, cfg = load_gguf(path, device, dtype, keep_int4=keep_int4)
+        model, tok, cfg = load_gguf(path, device, dtype, keep_codes=keep_codes)
     elif fmt == "hf":
         from codellama.checkpoints.hf import load_hf
 
@@ -102,11 +102,11 @@ def _load_path(path: Path, device, dtype, keep_int4: bool = False) -> LoadedMode
     return LoadedModel(model=model, tokenizer=tok, config=cfg, source=str(path), format=fmt)
 
 
-def load_preset(name: str, device="cpu", dtype=None, keep_int4: bool = False) -> LoadedModel:
+def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -> LoadedModel:
     """smollm2-135m: the real default weights. Other presets: random weights (init_weights) allocated
     once in the target dtype, with the Code Llama tokenizer when the vocab is Code Llama's."""
     if name == "smollm2-135m":
-        loaded = _load_path(default_model_path(), device, dtype, keep_int4)
+        loaded = _load_path(default_model_path(), device, dtype, keep_codes)
         loaded.source = name
         return loaded
     cfg = preset(name)

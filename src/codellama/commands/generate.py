@@ -9,9 +9,10 @@ from pathlib import Path
 from codellama.config import QUANTIZE_CHOICES
 from codellama.errors import UserError
 
-QUANTIZE_HELP = ("weight-only quantised linear layers; auto (default): on the CPU a GGUF's 4-bit matrices stay "
-                 "4-bit, exactly the file's values; none: all floating point; int8/int4: quantise the rest too "
-                 "(faster CPU decoding; first use builds a C++ kernel)")
+QUANTIZE_HELP = ("weight-only quantised linear layers; auto (default): on the CPU a GGUF's quantised matrices "
+                 "stay the file's codes, exactly its values; none: all floating point; int4: the file's codes "
+                 "and the rest quantised to int4; int8: every layer quantised to int8 (faster CPU decoding; "
+                 "first use builds a C++ kernel)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ model.py (tests/test_engine_cpu_decode.py checks the logits and the greedy token
 Rows are (slot, position) pairs, so one call can also prefill several prompts at once.
 
 It serves float32 models on the CPU whose projections are fused (engine.quant.fuse_projections, which
-quantize() also applies), with float32 or int8/int4 linear layers; Decoder falls back to the eager model
+quantize() also applies), with float32 or quantised linear layers; Decoder falls back to the eager model
 for anything else.
 """
 

@@ -1,4 +1,4 @@
-"""The engine's C++ CPU kernels (csrc/): int8/int4 matmuls and a fused decoder layer, AVX2 + FMA.
+"""The engine's C++ CPU kernels (csrc/): quantised matmuls and a fused decoder layer, AVX2 + FMA.
 
 Built on first use with torch's extension builder (a C++ compiler and ninja) and cached in
 TORCH_EXTENSIONS_DIR; every caller has a pure-PyTorch fallback when they cannot be built, so a machine

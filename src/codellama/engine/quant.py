@@ -1,4 +1,5 @@
-"""Weight-only quantisation of the linear layers: int8 per output channel, int4 in groups of 32.
+"""Weight-only quantisation of the linear layers: int8 per output channel, int4 in groups of 32, and int8 in
+groups of 16 (a GGUF's other block types).
 
 Decoding reads every weight once per token, so fewer bytes per weight is speed. On the CPU a small C++
 kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
@@ -11,9 +12,13 @@ tuning for it, not yet measured).
 The embedding table stays in floating point (a lookup reads one row); a tied output projection gets its
 own quantised copy. A quantised model is for inference only.
 
-The int4 layout is ggml's Q4_1 (code * scale + min per 32 weights), which also holds Q4_0 and Q4_K exactly:
-a GGUF's 4-bit matrices load straight into QuantLinear as Int4Codes (checkpoints/gguf.py, keep_int4), so
-they run as 4-bit with the file's very values, as llama.cpp runs them, instead of being widened to floats.
+Three layouts (QuantLinear.mode), each w = code * scale + min over a group of weights of a row:
+- "int8": our quantiser's, symmetric per output row (min 0; gpt-fast's);
+- "int4": ggml's Q4_1, 4-bit codes per 32 weights, which also holds Q4_0 and Q4_K exactly;
+- "int8g": int8 codes per 16 weights, which holds every other ggml block type exactly (Q8_0, Q5_0, Q5_1,
+  Q5_K, Q6_K, Q3_K, Q2_K: all are code * scale + min over (sub-)blocks of 16 or 32, codes within 8 bits).
+A GGUF's quantised matrices load straight into QuantLinear as QuantCodes (checkpoints/gguf.py, keep_codes),
+so they run with the file's very values, as llama.cpp runs them, instead of being widened to floats.
 
 Accuracy (tests/test_engine_quant.py, random-weight models): int8 logits within ~1% of their scale and
 greedy tokens nearly always the same; int4 within a few percent.
@@ -33,6 +38,9 @@ from codellama.engine.kernels import cpu_kernels
 log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
+INT8_GROUP = 16  # int8g group size: the smallest (sub-)block of any ggml type (Q6_K, Q3_K, Q2_K)
+MODES = ("int8", "int4", "int8g")
+
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q int8 [N, K], scale float32 [N]) with w ~ q * scale, symmetric per output row."""
@@ -66,25 +74,34 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return (q * sz[..., :1] + sz[..., 1:]).reshape(N, -1)
 
 
-@dataclass
-class Int4Codes:
-    """A matrix [N, K] held as int4 codes (quantize_int4's layout), e.g. as a GGUF file stores it."""
+def dequantize_int8_groups(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K], scale/min float32 [N, K/16, 2] -> float32 [N, K]."""
+    N, K = q.shape
+    return (q.view(N, K // INT8_GROUP, INT8_GROUP).float() * sz[..., :1] + sz[..., 1:]).reshape(N, K)
 
-    qweight: torch.Tensor  # uint8 [N, K/2]
-    scales: torch.Tensor  # float32 [N, K/32, 2]: scale, min
+
+@dataclass
+class QuantCodes:
+    """A matrix [N, K] held in a QuantLinear layout (see the module docstring), e.g. as a GGUF file stores it."""
+
+    mode: str
+    qweight: torch.Tensor  # int8 [N, K] (int8, int8g) or packed uint8 [N, K/2] (int4)
+    scales: torch.Tensor  # float32 [N] (int8), [N, K/32, 2] (int4) or [N, K/16, 2] (int8g): scale, min
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], self.qweight.shape[1] * 2
+        return self.qweight.shape[0], self.qweight.shape[1] * (2 if self.mode == "int4" else 1)
 
 
 class QuantLinear(nn.Module):
-    """A bias-free nn.Linear with int8 or int4 weights; float activations in and out."""
+    """A bias-free nn.Linear with quantised weights (a mode of the module docstring); float activations in and out."""
 
     def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.mode, self.out_features = mode, qweight.shape[0]
-        self.in_features = qweight.shape[1] * (2 if mode == "int4" else 1)
+        if mode not in MODES:
+            raise ValueError(f"unknown quantised layout {mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
+        self.out_features, self.in_features = QuantCodes(mode, qweight, scales).shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
@@ -97,7 +114,21 @@ class QuantLinear(nn.Module):
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         if self.mode == "int8":
             return (self.qweight.float() * self.scales[:, None]).to(dtype)
+        if self.mode == "int8g":
+            return dequantize_int8_groups(self.qweight, self.scales).to(dtype)
         return dequantize_int4(self.qweight, self.scales).to(dtype)
+
+    def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same weights, exactly, as int8g codes and scales (to stack with a layer of another layout)."""
+        N, K = self.out_features, self.in_features
+        if self.mode == "int8g":
+            return self.qweight, self.scales
+        if self.mode == "int8":  # a row's one scale for each of its groups, min 0
+            scale = self.scales[:, None].expand(N, K // INT8_GROUP)
+            return self.qweight, torch.stack((scale, torch.zeros_like(scale)), dim=-1)
+        b = self.qweight.view(N, -1, 16)  # int4: codes 0..15, each group of 32's scale and min for its halves
+        codes = torch.cat((b & 0x0F, b >> 4), dim=-1).reshape(N, K).to(torch.int8)
+        return codes, self.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
@@ -120,11 +151,15 @@ class QuantLinear(nn.Module):
 def _stack(linears: list[nn.Module]) -> nn.Module:
     """One layer computing the given layers' outputs one after another (their rows stacked).
 
-    Layers quantised alike stack their codes; a mixture (a GGUF storing q and k in 4 bits, v in 6) is
-    widened to floating point, exactly their values."""
+    Layers quantised alike stack their codes; quantised layers of different layouts (a GGUF storing q and
+    k in 4 bits, v in 6) stack as int8g, which holds each exactly; with any floating-point layer among them
+    all are widened to floating point, exactly their values."""
     modes = {m.mode if isinstance(m, QuantLinear) else None for m in linears}
     if len(modes) == 1 and None not in modes:
         return QuantLinear(modes.pop(), torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]))
+    if None not in modes and all(m.in_features % INT8_GROUP == 0 for m in linears):
+        codes, scales = zip(*(m.int8_groups() for m in linears))
+        return QuantLinear("int8g", torch.cat(codes), torch.cat(scales))
     dtype = next((m.weight.dtype for m in linears if isinstance(m, nn.Linear)), torch.float32)
     w = torch.cat([m.dequantized(dtype) if isinstance(m, QuantLinear) else m.weight.detach() for m in linears])
     fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
@@ -154,12 +189,12 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Module:
     """Replace every nn.Linear in the model (in place) by a QuantLinear; returns the model.
 
-    Layers already quantised (a GGUF's 4-bit matrices kept as codes) are left as they are. fuse: then
+    Layers already quantised (a GGUF's matrices kept as codes) are left as they are. fuse: then
     stack q/k/v and w1/w3 (fuse_projections), so each layer makes 4 quantised matmuls, not 7; both schemes
     quantise each output row on its own, so stacking after quantising gives the same codes as before.
     """
     if mode not in ("int8", "int4"):
-        raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4")
+        raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
     if any(p.is_cuda for p in model.parameters()):
         log.warning("%s weights on a GPU save memory but decoded slower than bfloat16 there (BENCHMARKS.md: "
                     "89 vs 194 tok/s for the 7B shape with int8, before the step's tuning); leave "

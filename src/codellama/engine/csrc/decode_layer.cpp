@@ -3,7 +3,7 @@
 // Decoding a small model on the CPU costs more in per-operator overhead than in arithmetic: eager PyTorch
 // spends ~45 operator calls per layer on a token (norms, RoPE, cache writes, attention, SwiGLU), ~14 ms per
 // token for SmolLM2-135M's 30 layers. Here the whole layer is one call: the four matmuls go to linear()
-// (qlinear.cpp: float32, int8 or int4 weights), and everything between them is a plain loop over a few
+// (qlinear.cpp: float32 or quantised weights), and everything between them is a plain loop over a few
 // thousand floats. The arithmetic is model.py's, in float32:
 //
 //   h = x + wo(attention(rope(q), rope(k) -> cache, v -> cache))     q, k, v = wqkv(rmsnorm(x))

@@ -4,12 +4,15 @@
 #include <ATen/ATen.h>
 
 // x [M, K] float32 @ w.T, the kernel picked by w's dtype: float32 [N, K] (s unused), int8 [N, K] with
-// scale s [N], or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]
+// scale s [N], int8 [N, K] with scale/min s [N, K/16, 2], or packed int4 uint8 [N, K/2] with scale/min
+// s [N, K/32, 2]
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);
 // x [M, K] float32 @ (int8 [N, K] * scale [N]).T -> [M, N]
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale);
+// x [M, K] float32 @ (int8 [N, K] * scale + min, per group of 16 [N, K/16, 2]).T -> [M, N]
+at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz);
 // x [M, K] float32 @ dequant(uint8 [N, K/2], scale/min [N, K/32, 2]).T -> [M, N]
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz);
 

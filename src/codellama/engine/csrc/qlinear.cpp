@@ -4,6 +4,8 @@
 //   int8:    y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]               q int8 [N, K], per-output-row scale
 //   int4:    y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g])
 //            q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
+//   int8 in groups: y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g]), group size 16,
+//            q int8 [N, K]: every other ggml block type (Q8_0, Q5_*, Q6_K, Q3_K, Q2_K) holds exactly
 //
 // Work is split in blocks of 4 output rows (parallel_for over blocks, parallel.h). For one or two rows of x the
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
@@ -43,6 +45,19 @@ inline void widen_group4(const uint8_t* p, __m256 s, __m256 z, __m256 out[4]) {
   out[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, z);
   out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, z);
 }
+
+// A block's weights and scales, pulled into cache a line of each per step of the loop over the block
+// before it, at the rate that loop reads its own: widened in registers straight from memory without it,
+// the int8 layouts read 12 GB/s where float32, prefetched, reads 26 (2 cores, SmolLM2's output projection).
+struct Ahead {
+  const char* p[2] = {nullptr, nullptr};
+  int64_t stride[2] = {0, 0};  // bytes per step
+  void step(int64_t i) const {
+    if (p[0] == nullptr) return;
+    _mm_prefetch(p[0] + i * stride[0], _MM_HINT_T0);
+    _mm_prefetch(p[1] + i * stride[1], _MM_HINT_T0);
+  }
+};
 
 // y[m + r, n0 + j] = post[j] * sum_k x[m + r, k] * w_j[k] for r < MR, j < NB, where load(j, k) gives the
 // 8 weights w_j[k : k + 8] as float32 (read, or widened from a quantised row) and one(j, k) a single one
@@ -100,9 +115,9 @@ __attribute__((noinline)) void float_block(const float* x, int64_t M, int64_t K,
   if (M - m == 1) float_tile<1>(x, K, rows, post, y, N, m, n0, rest, share(t + 1) - share(t));
 }
 
-// The three weight formats. Each gives: widen (the block as float32 rows, possibly into buf, with a
+// The four weight formats. Each gives: widen (the block as float32 rows, possibly into buf, with a
 // per-row factor applied after the sum), one weight (at), its raw bytes (for prefetching) and, quantised
-// ones only, stream<MR> (widened in registers, for M <= STREAM_M).
+// ones only, stream<MR> (widened in registers, for M <= STREAM_M, prefetching what ahead() names).
 struct Float32W {
   const float* w;
   int64_t K;
@@ -131,12 +146,14 @@ struct Int8W {
     }
   }
   template <int MR>
-  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0) const {
+  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
     const int8_t* rows = w + n0 * K;
     tile<MR>(
         x, K, [&](int j, int64_t k) { return widen8(rows + j * K + k); },
-        [&](int j, int64_t k) { return float(rows[j * K + k]); }, scale + n0, y, N, m, n0);
+        [&](int j, int64_t k) { return float(rows[j * K + k]); }, scale + n0, y, N, m, n0, next.p[0],
+        next.p[0] ? raw_bytes() : 0);
   }
+  Ahead ahead(int64_t n0) const { return {{raw(n0), nullptr}, {0, 0}}; }  // tile() spreads its own
   float at(int64_t n, int64_t k) const { return float(w[n * K + k]) * scale[n]; }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
   int64_t raw_bytes() const { return NB * K; }
@@ -161,12 +178,13 @@ struct Int4W {
     }
   }
   template <int MR>
-  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0) const {
+  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
     const int64_t G = K / 32;
     __m256 acc[MR][NB];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
+      next.step(g);
       __m256 xv[MR][4];
       for (int r = 0; r < MR; ++r)
         for (int c = 0; c < 4; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + g * 32 + c * 8);
@@ -189,6 +207,65 @@ struct Int4W {
   }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * (K / 2)); }
   int64_t raw_bytes() const { return NB * K / 2; }
+  Ahead ahead(int64_t n0) const {  // per group of 32: 16 bytes and a scale/min pair of each row
+    return {{raw(n0), reinterpret_cast<const char*>(sz + n0 * (K / 32) * 2)}, {NB * 16, NB * 8}};
+  }
+};
+
+struct Int8GroupW {
+  const int8_t* w;  // [N, K]
+  const float* sz;  // [N, K/16, 2]: (scale, min) per group
+  int64_t K;
+  static constexpr bool quantised = true;
+  // the 16 weights of row n's group g as 2 x 8 float32, q * s + z
+  void group(int64_t n, int64_t g, __m256 out[2]) const {
+    const float* p = sz + (n * (K / 16) + g) * 2;
+    const __m256 s = _mm256_set1_ps(p[0]), z = _mm256_set1_ps(p[1]);
+    const int8_t* q = w + n * K + g * 16;
+    out[0] = _mm256_fmadd_ps(widen8(q), s, z);
+    out[1] = _mm256_fmadd_ps(widen8(q + 8), s, z);
+  }
+  void widen(int64_t n0, float* buf, const float* rows[NB], float post[NB]) const {
+    for (int j = 0; j < NB; ++j) {
+      float* out = buf + j * K;
+      for (int64_t g = 0; g < K / 16; ++g) {
+        __m256 wv[2];
+        group(n0 + j, g, wv);
+        _mm256_storeu_ps(out + g * 16, wv[0]);
+        _mm256_storeu_ps(out + g * 16 + 8, wv[1]);
+      }
+      rows[j] = out, post[j] = 1.0f;
+    }
+  }
+  template <int MR>
+  void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
+    __m256 acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 16; ++g) {
+      next.step(g);
+      __m256 xv[MR][2];
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < 2; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + g * 16 + c * 8);
+      for (int j = 0; j < NB; ++j) {
+        __m256 wv[2];
+        group(n0 + j, g, wv);
+        for (int r = 0; r < MR; ++r)
+          for (int c = 0; c < 2; ++c) acc[r][j] = _mm256_fmadd_ps(wv[c], xv[r][c], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
+  }
+  float at(int64_t n, int64_t k) const {
+    const float* p = sz + (n * (K / 16) + k / 16) * 2;
+    return float(w[n * K + k]) * p[0] + p[1];
+  }
+  const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
+  int64_t raw_bytes() const { return NB * K; }
+  Ahead ahead(int64_t n0) const {  // per group of 16: 16 bytes and a scale/min pair of each row
+    return {{raw(n0), reinterpret_cast<const char*>(sz + n0 * (K / 16) * 2)}, {NB * 16, NB * 8}};
+  }
 };
 
 template <class W>
@@ -207,8 +284,9 @@ at::Tensor run(const W& w, const at::Tensor& x, int64_t N) {
       const int64_t n0 = b * NB;
       if constexpr (W::quantised) {  // float32 weights have no stream()
         if (stream) {
-          if (M == 2) w.template stream<2>(xp, yp, N, 0, n0);
-          else w.template stream<1>(xp, yp, N, 0, n0);
+          const Ahead next = b + 1 < b1 ? w.ahead(n0 + NB) : Ahead();
+          if (M == 2) w.template stream<2>(xp, yp, N, 0, n0, next);
+          else w.template stream<1>(xp, yp, N, 0, n0, next);
           continue;
         }
       }
@@ -267,7 +345,7 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
 }  // namespace
 
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s) {
-  if (w.scalar_type() == at::kChar) return int8_linear(x, w, s);
+  if (w.scalar_type() == at::kChar) return s.dim() == 3 ? int8_group_linear(x, w, s) : int8_linear(x, w, s);
   if (w.scalar_type() == at::kByte) return int4_linear(x, w, s);
   // float32: ours up to a few hundred rows (2-4x torch's GEMM at M <= 32, ~10% faster at 208), torch's
   // blocked GEMM beyond (at 1024 rows it is 20% faster: ours re-reads x for every block of 4 outputs)
@@ -294,5 +372,14 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   TORCH_CHECK(w.scalar_type() == at::kByte && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 32) * 2, "scales [N, K/32, 2]");
   const Int4W q{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K};
+  return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
+}
+
+at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
+  check(x, w, sz);
+  const int64_t K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.scalar_type() == at::kChar && K % 16 == 0 && w.size(1) == K, "int8 weight [N, K], K % 16 == 0");
+  TORCH_CHECK(sz.numel() == N * (K / 16) * 2, "scales [N, K/16, 2]");
+  const Int8GroupW q{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K};
   return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
 }
