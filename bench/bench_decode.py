@@ -7,7 +7,8 @@
 Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load_model(None) (random
 weights of the smollm2-135m preset with --random). transformers runs a
 LlamaForCausalLM holding the same float32 weights; llama.cpp (llama-cpp-python) runs the Q4_1 GGUF. "ours
-auto" is what the command line runs by default: the file's Q4_1 matrices as int4 codes, exactly its values.
+auto" is what the command line runs by default: the file's Q4_1 matrices as int4 codes and its Q8_0 tied
+output projection as int8g codes, exactly its values.
 Every engine decodes the same prompt ids for exactly --tokens tokens (no early stop), with the same thread
 count; repetitions are interleaved and medians reported, so machine noise hits all engines alike.
 GB/s = bytes of weights read per token x tokens/s.
