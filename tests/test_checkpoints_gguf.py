@@ -13,7 +13,15 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as ref_dequantize, quantize
 
-from codellama.checkpoints.gguf import CODE_TYPES, INT4_TYPES, dequantize, file_codes, load_gguf, save_gguf
+from codellama.checkpoints.gguf import (
+    CODE_TYPES,
+    FLOAT_ONLY_TYPES,
+    INT4_TYPES,
+    dequantize,
+    file_codes,
+    load_gguf,
+    save_gguf,
+)
 from codellama.checkpoints.gguf_reader import FastGGUFReader
 from codellama.checkpoints.load import default_model_path, load_model
 from codellama.config import ModelConfig
@@ -22,15 +30,18 @@ from codellama.errors import UserError
 from codellama.tokenizer import BPETokenizer
 from helpers import random_model
 
-TYPES = ["F32", "F16", "BF16", *CODE_TYPES]
-# where the f16 super-block scales sit
+TYPES = ["F32", "F16", "BF16", *CODE_TYPES, *FLOAT_ONLY_TYPES]
+# types without a Python quantiser: where their f16 block scales sit (IQ1_M spreads its scale over the
+# block: random bytes, not always finite, compared NaN for NaN)
 CRAFTED = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(-2, None), "Q3_K": slice(-2, None),
-           "Q2_K": slice(-4, None)}
+           "Q2_K": slice(-4, None), "IQ4_NL": slice(0, 2), "IQ4_XS": slice(0, 2), "IQ2_XXS": slice(0, 2),
+           "IQ2_XS": slice(0, 2), "IQ2_S": slice(0, 2), "IQ3_XXS": slice(0, 2), "IQ3_S": slice(0, 2),
+           "IQ1_S": slice(0, 2), "IQ1_M": slice(0, 0)}
 
 
 def quantised_bytes(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """Raw GGUF data of one [rows, cols] tensor: quantised by the gguf package where it can, else random
-    blocks with finite f16 scales (K-quants have no Python quantiser)."""
+    blocks with finite f16 scales (K and IQ types have no Python quantiser)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, cols)).astype(np.float32)
     if qtype in CRAFTED:
@@ -141,8 +152,8 @@ def test_file_codes_hold_the_files_values_exactly(qtype):
 
 
 def test_file_codes_refuse_types_without_a_layout():
-    with pytest.raises(ValueError, match="IQ4_NL has no codes layout"):
-        file_codes(np.zeros((8, 512 // 32 * 18), np.uint8), Q.IQ4_NL)
+    with pytest.raises(ValueError, match="IQ2_XS has no codes layout"):
+        file_codes(quantised_bytes("IQ2_XS", 8, 512), Q.IQ2_XS)
 
 
 def test_keep_codes_makes_the_quantised_matrices_quantised_layers_with_the_files_values(tmp_path):

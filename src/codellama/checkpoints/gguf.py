@@ -1,6 +1,6 @@
-"""GGUF (llama.cpp) checkpoints: load F32/F16/BF16 weights and the block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
-and Q2_K to Q6_K, plus the tokenizer and chat template stored in the file; save F32/F16/Q8_0 files that
-llama.cpp and our loader both read.
+"""GGUF (llama.cpp) checkpoints: load F32/F16/BF16 weights and every block type the gguf package can
+dequantise (Q4_0 to Q8_0, Q2_K to Q6_K, the IQ, TQ and MXFP4 types), plus the tokenizer and chat template
+stored in the file; save F32/F16/Q8_0 files that llama.cpp and our loader both read.
 
 llama.cpp's converter permutes attn_q/attn_k rows HF->Meta (interleaved RoPE pairs), so we un-permute on
 load and permute on save (checkpoints/common.py). Tensors are dequantised one at a time from the reader's
@@ -8,8 +8,9 @@ memory map, so only the final weights are ever held in full.
 
 With keep_codes, the linear layers' quantised matrices are not dequantised but kept as the file's codes in
 a QuantLinear layout (engine/quant.py) that holds them exactly: the 4-bit types (Q4_0, Q4_1, Q4_K) as int4
-(groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the others as int8g
-(int8 codes, a scale and minimum per 16 weights: 12 bits per weight). That is the way llama.cpp runs such a
+(groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the other Q types
+and IQ4_NL/IQ4_XS (whose nibbles index 16 int8 levels) as int8g (int8 codes, a scale and minimum per 16
+weights: 12 bits per weight). The grid-coded IQ types, TQ and MXFP4 are dequantised. That is the way llama.cpp runs such a
 file, with its very values, instead of float32's 32 bits per weight. A tied output projection (no
 output.weight: the embedding's) gets the embedding's codes, while the embedding itself, a lookup, is
 dequantised.
@@ -31,8 +32,11 @@ from codellama.errors import UserError
 from codellama.model import Transformer
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the int4 layout holds exactly
-CODE_TYPES = (*INT4_TYPES, "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K")  # the rest as int8g
-SUPPORTED_TYPES = ("F32", "F16", "BF16", *CODE_TYPES)
+# the rest as int8g
+CODE_TYPES = (*INT4_TYPES, "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
+# read through gguf.quants.dequantize to floating point only (grid and ternary codes: no layout of ours)
+FLOAT_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", *CODE_TYPES, *FLOAT_ONLY_TYPES)
 SAVE_TYPES = ("F32", "F16", "Q8_0")
 
 # GGUF tensor name (per block, after "blk.N.") -> ours (after "layers.N.")
@@ -180,7 +184,7 @@ def _block_values(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np
     and each type's code times its scale is exact in float32, so the weights equal its floats bit for bit
     (tests/test_checkpoints_gguf.py). Codes come out in the weights' order, as that function lays them out."""
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import Q4_K
+    from gguf.quants import IQ4_NL, Q4_K
 
     n, b = blocks.shape[:2]
     name = Q(qtype).name
@@ -232,6 +236,18 @@ def _block_values(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np
         codes = _bits(blocks[..., 16:80].reshape(n, b, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, b, 256)
         d, dmin = _f16(blocks[..., 80:82]), _f16(blocks[..., 82:84])
         return codes, d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
+    if name in ("IQ4_NL", "IQ4_XS"):  # nibbles index a table of 16 int8 levels, 32 weights per scale
+        levels = np.array(IQ4_NL.kvalues, dtype=np.int8)
+        d = _f16(blocks[..., :2])
+        if name == "IQ4_NL":  # d, 16 bytes: low nibbles k = 0..15, high ones 16..31
+            return levels[_bits(blocks[..., 2:], (0, 4), 0x0F).reshape(n, b, 32)], d, np.zeros_like(d)
+        # d, 2 bytes of high scale bit pairs, 4 of low scale nibbles, 8 sub-blocks of 16 bytes as IQ4_NL's
+        high = blocks[..., 2:4].copy().view(np.uint16)  # [n, b, 1]
+        high = ((high >> np.arange(0, 16, 2, dtype=np.uint16)) & 3).astype(np.uint8)  # [n, b, 8]
+        low = _bits(blocks[..., 4:8], (0, 4), 0x0F).transpose(0, 1, 3, 2).reshape(n, b, 8)
+        scale = d * ((low | (high << 4)).astype(np.int8) - 32).astype(np.float32)
+        codes = levels[_bits(blocks[..., 8:].reshape(n, b, 8, 16), (0, 4), 0x0F).reshape(n, b, 256)]
+        return codes, scale, np.zeros_like(scale)
     raise ValueError(f"{name} has no codes layout here; these do: {', '.join(CODE_TYPES)}")
 
 
