@@ -32,11 +32,11 @@ from helpers import random_model
 
 TYPES = ["F32", "F16", "BF16", *CODE_TYPES, *FLOAT_ONLY_TYPES]
 # types without a Python quantiser: where their f16 block scales sit (IQ1_M spreads its scale over the
-# block: random bytes, not always finite, compared NaN for NaN)
+# block, NVFP4 has fp8 scales: random bytes, not always finite, compared NaN for NaN)
 CRAFTED = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(-2, None), "Q3_K": slice(-2, None),
            "Q2_K": slice(-4, None), "IQ4_NL": slice(0, 2), "IQ4_XS": slice(0, 2), "IQ2_XXS": slice(0, 2),
            "IQ2_XS": slice(0, 2), "IQ2_S": slice(0, 2), "IQ3_XXS": slice(0, 2), "IQ3_S": slice(0, 2),
-           "IQ1_S": slice(0, 2), "IQ1_M": slice(0, 0)}
+           "IQ1_S": slice(0, 2), "IQ1_M": slice(0, 0), "NVFP4": slice(0, 0)}
 
 
 def quantised_bytes(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:

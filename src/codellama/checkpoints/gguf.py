@@ -1,6 +1,6 @@
 """GGUF (llama.cpp) checkpoints: load F32/F16/BF16 weights and every block type the gguf package can
-dequantise (Q4_0 to Q8_0, Q2_K to Q6_K, the IQ, TQ and MXFP4 types), plus the tokenizer and chat template
-stored in the file; save F32/F16/Q8_0 files that llama.cpp and our loader both read.
+dequantise (Q4_0 to Q8_0, Q2_K to Q6_K, the IQ, TQ, MXFP4 and NVFP4 types), plus the tokenizer and chat
+template stored in the file; save F32/F16/Q8_0 files that llama.cpp and our loader both read.
 
 llama.cpp's converter permutes attn_q/attn_k rows HF->Meta (interleaved RoPE pairs), so we un-permute on
 load and permute on save (checkpoints/common.py). Tensors are dequantised one at a time from the reader's
@@ -10,10 +10,10 @@ With keep_codes, the linear layers' quantised matrices are not dequantised but k
 a QuantLinear layout (engine/quant.py) that holds them exactly: the 4-bit types (Q4_0, Q4_1, Q4_K) as int4
 (groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the other Q types
 and IQ4_NL/IQ4_XS (whose nibbles index 16 int8 levels) as int8g (int8 codes, a scale and minimum per 16
-weights: 12 bits per weight). The grid-coded IQ types, TQ and MXFP4 are dequantised. That is the way llama.cpp runs such a
-file, with its very values, instead of float32's 32 bits per weight. A tied output projection (no
-output.weight: the embedding's) gets the embedding's codes, while the embedding itself, a lookup, is
-dequantised.
+weights: 12 bits per weight); the grid-coded IQ types, TQ and the FP4 types are dequantised. That is the way
+llama.cpp runs such a file, with its very values, instead of float32's 32 bits per weight. A tied output
+projection (no output.weight: the embedding's) gets the embedding's codes, while the embedding itself, a
+lookup, is dequantised.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the int4 layout holds e
 # the rest as int8g
 CODE_TYPES = (*INT4_TYPES, "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
 # read through gguf.quants.dequantize to floating point only (grid and ternary codes: no layout of ours)
-FLOAT_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4")
+FLOAT_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4",
+                    "NVFP4")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", *CODE_TYPES, *FLOAT_ONLY_TYPES)
 SAVE_TYPES = ("F32", "F16", "Q8_0")
 
@@ -228,7 +229,8 @@ def _block_values(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np
         low = _bits(blocks[..., 32:96].reshape(n, b, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, b, 256)
         minus4 = (high_bits(blocks[..., :32], 8) ^ 1) << 2
         raw = blocks[..., 96:108]
-        sc = _bits(raw[..., :8], (0, 4), 0x0F).reshape(n, b, 16) | (_bits(raw[..., 8:], (0, 2, 4, 6), 0x03).reshape(n, b, 16) << 4)
+        sc = _bits(raw[..., :8], (0, 4), 0x0F).reshape(n, b, 16)  # low 4 bits, then the high 2
+        sc |= _bits(raw[..., 8:], (0, 2, 4, 6), 0x03).reshape(n, b, 16) << 4
         scale = _f16(blocks[..., 108:]) * (sc.astype(np.int8) - 32).astype(np.float32)
         return low.astype(np.int8) - minus4.astype(np.int8), scale, np.zeros_like(scale)
     if name == "Q2_K":  # 16 bytes of 4-bit scale/min pairs, 64 of bit pairs, d, dmin

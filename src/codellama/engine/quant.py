@@ -15,8 +15,9 @@ own quantised copy. A quantised model is for inference only.
 Three layouts (QuantLinear.mode), each w = code * scale + min over a group of weights of a row:
 - "int8": our quantiser's, symmetric per output row (min 0; gpt-fast's);
 - "int4": ggml's Q4_1, 4-bit codes per 32 weights, which also holds Q4_0 and Q4_K exactly;
-- "int8g": int8 codes per 16 weights, which holds every other ggml block type exactly (Q8_0, Q5_0, Q5_1,
-  Q5_K, Q6_K, Q3_K, Q2_K: all are code * scale + min over (sub-)blocks of 16 or 32, codes within 8 bits).
+- "int8g": int8 codes per 16 weights, which holds the other ggml Q and K types and IQ4_NL/IQ4_XS exactly
+  (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K: all are code * scale + min over (sub-)blocks of 16 or 32 with
+  codes within 8 bits; the IQ4 types' codes index 16 int8 levels).
 A GGUF's quantised matrices load straight into QuantLinear as QuantCodes (checkpoints/gguf.py, keep_codes),
 so they run with the file's very values, as llama.cpp runs them, instead of being widened to floats.
 
