@@ -318,6 +318,41 @@ def test_llama_cpp_loads_our_gguf_with_the_same_logits(tmp_path):
     assert loaded.tokenizer.chat_template == tok.chat_template
 
 
+@pytest.mark.parametrize("ftype,types", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q3_K_M", {"Q3_K", "Q4_K", "Q5_K", "Q6_K"}),
+                                          ("IQ4_XS", {"IQ4_XS"})])
+def test_files_llama_cpp_quantised_run_as_codes_as_llama_cpp_runs_them(tmp_path, ftype, types):
+    """Our float32 file quantised by llama.cpp itself (the mixtures people download): with the file's codes
+    we compute what we compute from its dequantised floats, and what llama.cpp computes from the file, up to
+    llama.cpp quantising the activations too (far closer than either is to the unquantised model)."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = _bpe_tokenizer()
+    cfg = CFG.replace(vocab_size=tok.vocab_size, bos_id=0, eos_id=0, rope_theta=1e4, dim=256, head_dim=64,
+                      ffn_hidden=512)  # rows in whole 256-weight super-blocks
+    model = random_model(cfg)
+    src = save_gguf(model, tok, tmp_path / "f32.gguf", "F32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), 1
+    path = tmp_path / f"{ftype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    assert types <= {t.tensor_type.name for t in GGUFReader(path).tensors}
+    ids = [5, 100, 37, 200, 3, 77, 150, 9, 10, 11, 260]
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(ids)
+    ref = np.array(llm.scores[: len(ids)])
+    del llm
+    codes, plain = load_gguf(path, keep_codes=True)[0], load_gguf(path)[0]
+    linears = [m for m in codes.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+    assert all(isinstance(m, QuantLinear) for m in linears)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        ours, floats, unquantised = codes(x)[0].numpy(), plain(x)[0].numpy(), model(x)[0].numpy()
+    np.testing.assert_allclose(ours, floats, atol=1e-4, rtol=0)
+    assert np.abs(ours - ref).max() < 0.25 * np.abs(unquantised - ref).max()
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers_built_from_gguf_package():
     """Ours vs a LlamaForCausalLM whose weights come straight from gguf.quants.dequantize plus an
