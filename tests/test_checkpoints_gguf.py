@@ -158,16 +158,19 @@ def test_file_codes_refuse_types_without_a_layout():
 
 def test_keep_codes_makes_the_quantised_matrices_quantised_layers_with_the_files_values(tmp_path):
     """The mixed file: its quantised matrices become QuantLinears of the file's values (wq's and wk's rows
-    un-permuted like their floats), everything else loads as before, and the model computes what the float
-    one does, also once q/k/v (4, 6 and 4 bits) are stacked."""
+    un-permuted like their floats; the embedding's behind a QuantEmbedding, whose lookups give its rows),
+    everything else loads as before, and the model computes what the float one does, also once q/k/v (4,
+    6 and 4 bits) are stacked."""
     expected = _write_mixed_file(tmp_path / "mixed.gguf")
     model, _, _ = load_gguf(tmp_path / "mixed.gguf", keep_codes=True)
-    kept = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    modes = {name: m.mode for name, m in kept.items()}
-    assert modes == {"layers.0.attention.wq": "int4", "layers.0.attention.wk": "int8g", "layers.0.attention.wv": "int4",
-                     "layers.0.attention.wo": "int4", "output": "int8g"}
+    kept = {name.removesuffix(".table"): m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert {name: m.mode for name, m in kept.items()} == {
+        "tok_embeddings": "int8g", "layers.0.attention.wq": "int4", "layers.0.attention.wk": "int8g",
+        "layers.0.attention.wv": "int4", "layers.0.attention.wo": "int4", "output": "int8g"}
     for name, layer in kept.items():
         np.testing.assert_array_equal(layer.dequantized().numpy(), expected[name + ".weight"], err_msg=name)
+    ids = torch.tensor([[3, 95, 0], [7, 7, 42]])
+    np.testing.assert_array_equal(model.tok_embeddings(ids).numpy(), expected["tok_embeddings.weight"][ids.numpy()])
     params = dict(model.named_parameters())
     for name, ref in expected.items():
         if name.removesuffix(".weight") not in kept:
@@ -182,13 +185,13 @@ def test_keep_codes_makes_the_quantised_matrices_quantised_layers_with_the_files
 
 
 def test_keep_codes_gives_a_tied_output_projection_the_embeddings_codes(tmp_path):
-    """No output.weight (SmolLM2's way): the output projection runs on token_embd's Q8_0 codes, the
-    embedding lookup on its floats."""
+    """No output.weight (SmolLM2's way): the output projection and the embedding lookups share token_embd's
+    Q8_0 codes, held once."""
     expected = _write_mixed_file(tmp_path / "tied.gguf", tied=True)
     model, _, cfg = load_gguf(tmp_path / "tied.gguf", keep_codes=True)
     assert cfg.tie_embeddings and isinstance(model.output, QuantLinear) and model.output.mode == "int8g"
+    assert model.output is model.tok_embeddings.table
     np.testing.assert_array_equal(model.output.dequantized().numpy(), expected["tok_embeddings.weight"])
-    np.testing.assert_array_equal(model.tok_embeddings.weight.detach().numpy(), expected["tok_embeddings.weight"])
     plain, _, _ = load_gguf(tmp_path / "tied.gguf")
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():

@@ -187,8 +187,8 @@ def test_real_smollm2_int8_keeps_greedy_tokens():
 @pytest.mark.slow
 def test_real_smollm2_auto_runs_the_files_codes_exactly():
     """The default model is a Q4_1 GGUF with a Q8_0 embedding: on the CPU, "auto" keeps its 4-bit matrices
-    as int4 codes and gives the tied output projection the embedding's codes as int8g, and they are exactly
-    the weights "none" dequantises."""
+    as int4 codes and the embedding, which is also the tied output projection, as int8g codes, and they are
+    exactly the weights "none" dequantises."""
     auto, plain = load_for_inference(None, "cpu", None, "auto"), load_for_inference(None, "cpu", None, "none")
     for a, b in zip(auto.model.layers, plain.model.layers):
         att, ffn, att_b, ffn_b = a.attention, a.feed_forward, b.attention, b.feed_forward
@@ -196,6 +196,7 @@ def test_real_smollm2_auto_runs_the_files_codes_exactly():
             assert isinstance(x, QuantLinear) and x.mode == "int4"
             assert torch.equal(x.dequantized(), y.weight)
     assert isinstance(auto.model.output, QuantLinear) and auto.model.output.mode == "int8g"
+    assert auto.model.output is auto.model.tok_embeddings.table  # the embedding's codes, held once
     assert torch.equal(auto.model.output.dequantized(), plain.model.output.weight)
     ids = plain.tokenizer.encode("def fibonacci(n):\n    ", bos=plain.tokenizer.add_bos)
     with torch.no_grad():  # the same weights: only the order of float additions differs (measured 6.5e-5)

@@ -46,7 +46,7 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context_len = max_seq_len or model.config.max_seq_len
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.compile = compile
         self.prefill_chunk = prefill_chunk
         self.step_options = {"attention": attention, "graphs": graphs}  # passed to the Decoder

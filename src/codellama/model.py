@@ -267,17 +267,26 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the embedding may be quantised codes; the norms never are)."""
+        return self.norm.weight.dtype
+
     # ---- KV cache ----
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache (reused when the requested one fits in the current one)."""
         c = self.config
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        dtype = dtype or self.dtype
         current = self.layers[0].attention.cache
         if current is not None and current.kv.dtype == dtype and current.shape[0] >= max_batch and (
             current.shape[2] >= max_seq_len
         ):
             return
-        device = self.tok_embeddings.weight.device
+        device = self.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
 

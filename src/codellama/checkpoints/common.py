@@ -16,7 +16,7 @@ from torch import nn
 
 from codellama.config import ModelConfig
 from codellama.errors import UserError
-from codellama.engine.quant import QuantCodes, QuantLinear
+from codellama.engine.quant import QuantCodes, QuantEmbedding, QuantLinear
 from codellama.model import Transformer
 
 T = TypeVar("T", torch.Tensor, QuantCodes)
@@ -103,17 +103,15 @@ def fill_model(
 
     Checks every shape (a mismatch names the tensor) and that nothing is missing; extra tensors named
     `output.weight` are ignored for tied embeddings (HF tied checkpoints sometimes keep a copy). A linear
-    layer's weight given as QuantCodes makes that layer a QuantLinear holding them; so does a tied output
-    projection given as codes (the embedding's own, as a GGUF stores it), untying it from the float table.
+    layer's weight given as QuantCodes makes that layer a QuantLinear holding them, and the embedding's a
+    QuantEmbedding over them (a tied output projection then is that QuantLinear).
     """
     model = empty_model(cfg)
     expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
     seen: set[str] = set()
-    tied_output: QuantCodes | None = None
     for name, t in tensors:
         if name not in expected:
             if name == "output.weight" and cfg.tie_embeddings:
-                tied_output = t if isinstance(t, QuantCodes) else None
                 continue
             raise UserError(f"{source}: unexpected tensor {name!r} for a Llama model with {cfg.n_layers} layers")
         if tuple(t.shape) != tuple(expected[name].shape):
@@ -124,9 +122,13 @@ def fill_model(
         module_name, _, attr = name.rpartition(".")
         seen.add(name)
         if isinstance(t, QuantCodes):
+            layer = QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device))
+            if module_name == "tok_embeddings":
+                model.tok_embeddings = QuantEmbedding(layer)
+                continue
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device)))
+            setattr(parent, child, layer)
             continue
         module = model.get_submodule(module_name)
         # copy=False: a tensor already in the right dtype/device (e.g. mmap-backed) is used as is
@@ -137,9 +139,10 @@ def fill_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"{source}: checkpoint lacks tensors {shown}")
     if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-        if tied_output is not None:
-            model.output = QuantLinear(tied_output.mode, tied_output.qweight.to(device), tied_output.scales.to(device))
+        if isinstance(model.tok_embeddings, QuantEmbedding):
+            model.output = model.tok_embeddings.table
+        else:
+            model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 

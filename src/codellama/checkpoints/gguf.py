@@ -12,8 +12,8 @@ a QuantLinear layout (engine/quant.py) that holds them exactly: the 4-bit types 
 and IQ4_NL/IQ4_XS (whose nibbles index 16 int8 levels) as int8g (int8 codes, a scale and minimum per 16
 weights: 12 bits per weight); the grid-coded IQ types, TQ and the FP4 types are dequantised. That is the way
 llama.cpp runs such a file, with its very values, instead of float32's 32 bits per weight. A tied output
-projection (no output.weight: the embedding's) gets the embedding's codes, while the embedding itself, a
-lookup, is dequantised.
+projection (no output.weight: the embedding's) runs on the embedding's codes, which the embedding lookup
+widens a row at a time (engine/quant.py: QuantEmbedding).
 """
 
 from __future__ import annotations
@@ -284,13 +284,9 @@ def _iter_tensors(
             raise UserError(f"{path}: unexpected tensor {t.name!r} in a Llama GGUF") from None
         if name is None:
             continue
-        linear = name != "tok_embeddings.weight" and len(t.shape) == 2  # the embedding is a lookup table
-        kept = keep_codes and t.tensor_type.name in CODE_TYPES
+        kept = keep_codes and len(t.shape) == 2 and t.tensor_type.name in CODE_TYPES
         try:
-            w = file_codes(t.data, t.tensor_type) if kept and linear else dequantize(t.data, t.tensor_type)
-            # a tied output projection: the embedding's codes, beside its floats for the lookups
-            tied = kept and cfg.tie_embeddings and name == "tok_embeddings.weight"
-            tied_codes = file_codes(t.data, t.tensor_type) if tied else None
+            w = file_codes(t.data, t.tensor_type) if kept else dequantize(t.data, t.tensor_type)
         except UserError as e:
             raise UserError(f"{path}: tensor {t.name}: {e}") from None
         except (ValueError, TypeError) as e:
@@ -301,8 +297,6 @@ def _iter_tensors(
             w = meta_to_ours(w, cfg.n_kv_heads)
         drop_mapped_pages(t.data.ctypes.data, t.data.nbytes)  # w is a copy: the file's pages can go
         yield name, w
-        if tied_codes is not None:
-            yield "output.weight", tied_codes
 
 
 def _stored_dtype(reader) -> torch.dtype:

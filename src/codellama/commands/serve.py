@@ -91,7 +91,7 @@ def run(args) -> int:
 
 
 def _cache_gb(cfg, slots: int, context: int, model) -> float:
-    dtype_bytes = model.tok_embeddings.weight.element_size()
+    dtype_bytes = model.dtype.itemsize
     return 2 * cfg.n_layers * slots * cfg.n_kv_heads * context * cfg.head_dim * dtype_bytes / 1e9
 
 

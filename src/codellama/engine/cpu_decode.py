@@ -83,8 +83,7 @@ class FusedCPUDecode:
     @classmethod
     def for_model(cls, model: Transformer) -> FusedCPUDecode | None:
         """The fused step for this model, or None when it does not apply (GPU, bf16, unfused, no kernels)."""
-        emb = model.tok_embeddings.weight
-        if emb.device.type != "cpu" or emb.dtype != torch.float32:
+        if model.device.type != "cpu" or model.dtype != torch.float32:
             return None
         captured = _capture(model)
         if captured is None:

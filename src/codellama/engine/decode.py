@@ -78,7 +78,7 @@ class Decoder:
             raise ValueError(f"graphs must be 'trees' or 'manual', got {graphs!r}")
         self.model = model.eval()
         self.attention, self.graphs = attention, graphs
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         if graphs == "manual" and self.device.type != "cuda":
             raise ValueError("graphs='manual' records CUDA graphs: it needs a model on a CUDA device")
         self.prefill_chunk = prefill_chunk

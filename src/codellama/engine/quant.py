@@ -9,8 +9,10 @@ gpt-fast's int8 formulation; compiled without tuning it decoded the 7B shape at 
 bfloat16's 194 on an H200: memory, not speed; the compiled step now uses gpt-fast's coordinate-descent
 tuning for it, not yet measured).
 
-The embedding table stays in floating point (a lookup reads one row); a tied output projection gets its
-own quantised copy. A quantised model is for inference only.
+quantize() leaves the embedding table in floating point (a lookup reads one row) and gives a tied output
+projection its own quantised copy; a GGUF's quantised table, kept as codes, is a QuantEmbedding whose rows
+are widened as they are looked up (and a tied output projection uses the same codes). A quantised model is
+for inference only.
 
 Three layouts (QuantLinear.mode), each w = code * scale + min over a group of weights of a row:
 - "int8": our quantiser's, symmetric per output row (min 0; gpt-fast's);
@@ -149,6 +151,24 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.mode}"
 
 
+class QuantEmbedding(nn.Module):
+    """An embedding table held as a QuantLinear's codes (a GGUF's token_embd, kept): a lookup widens only
+    the rows it reads. A tied output projection is that very QuantLinear, so the table is held once."""
+
+    def __init__(self, table: QuantLinear):
+        super().__init__()
+        self.table = table  # [vocab, dim]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1)
+        t = self.table
+        rows = QuantLinear(t.mode, t.qweight[ids], t.scales[ids]).dequantized()  # [len(ids), dim]
+        return rows.view(*tokens.shape, t.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.table.out_features}, {self.table.in_features}, {self.table.mode}"
+
+
 def _stack(linears: list[nn.Module]) -> nn.Module:
     """One layer computing the given layers' outputs one after another (their rows stacked).
 
@@ -217,7 +237,11 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every linear layer's (quantised or not) and the norms."""
     total = 0
+    tables = {id(m.table) for m in model.modules() if isinstance(m, QuantEmbedding)}
+    tables.discard(id(getattr(model, "output", None)))  # a tied output projection is read whole
     for m in model.modules():
+        if id(m) in tables:
+            continue
         if isinstance(m, QuantLinear):
             total += m.qweight.numel() * m.qweight.element_size() + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, nn.Linear):
