@@ -124,7 +124,7 @@ def fill_model(
         if isinstance(t, QuantCodes):
             layer = QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device))
             if module_name == "tok_embeddings":
-                model.tok_embeddings = QuantEmbedding(layer)
+                model.tok_embeddings = QuantEmbedding(layer, dtype)
                 continue
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -83,6 +83,15 @@ def dequantize_int8_groups(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return (q.view(N, K // INT8_GROUP, INT8_GROUP).float() * sz[..., :1] + sz[..., 1:]).reshape(N, K)
 
 
+def dequantize_codes(mode: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows [N] of codes and their scales in a layout of the module docstring -> float32 [N, K]."""
+    if mode == "int8":
+        return qweight.float() * scales[:, None]
+    if mode == "int8g":
+        return dequantize_int8_groups(qweight, scales)
+    return dequantize_int4(qweight, scales)
+
+
 @dataclass
 class QuantCodes:
     """A matrix [N, K] held in a QuantLinear layout (see the module docstring), e.g. as a GGUF file stores it."""
@@ -115,11 +124,7 @@ class QuantLinear(nn.Module):
         return cls(mode, q.to(w.device), s.to(w.device))
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        if self.mode == "int8":
-            return (self.qweight.float() * self.scales[:, None]).to(dtype)
-        if self.mode == "int8g":
-            return dequantize_int8_groups(self.qweight, self.scales).to(dtype)
-        return dequantize_int4(self.qweight, self.scales).to(dtype)
+        return dequantize_codes(self.mode, self.qweight, self.scales).to(dtype)
 
     def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The same weights, exactly, as int8g codes and scales (to stack with a layer of another layout)."""
@@ -155,15 +160,14 @@ class QuantEmbedding(nn.Module):
     """An embedding table held as a QuantLinear's codes (a GGUF's token_embd, kept): a lookup widens only
     the rows it reads. A tied output projection is that very QuantLinear, so the table is held once."""
 
-    def __init__(self, table: QuantLinear):
+    def __init__(self, table: QuantLinear, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.table = table  # [vocab, dim]
+        self.table, self.dtype = table, dtype  # table [vocab, dim]; dtype: the activations'
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids = tokens.reshape(-1)
-        t = self.table
-        rows = QuantLinear(t.mode, t.qweight[ids], t.scales[ids]).dequantized()  # [len(ids), dim]
-        return rows.view(*tokens.shape, t.in_features)
+        ids, t = tokens.reshape(-1), self.table
+        rows = dequantize_codes(t.mode, t.qweight[ids], t.scales[ids])  # [len(ids), dim]
+        return rows.to(self.dtype).view(*tokens.shape, t.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.table.out_features}, {self.table.in_features}, {self.table.mode}"
