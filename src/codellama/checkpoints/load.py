@@ -67,7 +67,8 @@ def load_model(
     spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype=None, *, keep_codes: bool = False
 ) -> LoadedModel:
     """Load a model from any supported spec; see the module docstring. keep_codes: a GGUF's quantised
-    linear layers stay the file's codes (checkpoints/gguf.py); other formats ignore it."""
+    matrices (its linear layers and embedding) stay the file's codes (checkpoints/gguf.py); other formats
+    ignore it."""
     if spec is None or str(spec) == "default":
         return _load_path(default_model_path(), device, dtype, keep_codes)
     text = str(spec)
