@@ -27,7 +27,7 @@ import torch
 
 from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
 from codellama.config import ModelConfig
-from codellama.engine.quant import INT8_GROUP, QuantCodes, pack_int4
+from codellama.engine.quant import GROUP, INT8_GROUP, QuantCodes, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
 
@@ -263,15 +263,14 @@ def file_codes(data: np.ndarray, qtype) -> QuantCodes:
     arr = np.asarray(data)
     n = arr.shape[0]
     codes, scale, low = _block_values(arr.reshape(n, -1, size), qtype)  # [N, B, block], [N, B, S] x 2
-    per = codes.shape[-1] // scale.shape[-1]  # weights per scale: 16 or 32
-    codes = codes.reshape(n, -1)
-    if qtype.name in INT4_TYPES:
-        sz = np.stack((scale.reshape(n, -1), low.reshape(n, -1)), axis=-1)  # [N, K/32, 2]
+    int4 = qtype.name in INT4_TYPES
+    # a scale and min per group of the layout (32 or 16 weights): a 32-weight sub-block's for both its 16s
+    repeat = codes.shape[-1] // scale.shape[-1] // (GROUP if int4 else INT8_GROUP)
+    sz = torch.from_numpy(np.stack((scale.reshape(n, -1), low.reshape(n, -1)), axis=-1).repeat(repeat, axis=1))
+    if int4:
         packed = pack_int4(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)).view(n, -1, 32))
-        return QuantCodes("int4", packed, torch.from_numpy(sz))
-    repeat = per // INT8_GROUP  # a 32-weight block's scale and min for both its groups of 16
-    sz = np.stack((scale.reshape(n, -1).repeat(repeat, -1), low.reshape(n, -1).repeat(repeat, -1)), axis=-1)
-    return QuantCodes("int8g", torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8)), torch.from_numpy(sz))
+        return QuantCodes("int4", packed, sz)
+    return QuantCodes("int8g", torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8).reshape(n, -1)), sz)
 
 
 def _iter_tensors(

@@ -70,11 +70,15 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_int4(q), torch.stack((scale, lo), dim=-1).contiguous()
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, G*16] -> codes uint8 [N, G, 32] (pack_int4's inverse)."""
+    b = packed.view(packed.shape[0], -1, 16)
+    return torch.cat((b & 0x0F, b >> 4), dim=-1)
+
+
 def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    N = packed.shape[0]
-    b = packed.view(N, -1, 16)
-    q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()  # [N, G, 32]
-    return (q * sz[..., :1] + sz[..., 1:]).reshape(N, -1)
+    q = unpack_int4(packed).float()  # [N, G, 32]
+    return (q * sz[..., :1] + sz[..., 1:]).reshape(packed.shape[0], -1)
 
 
 def dequantize_int8_groups(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -134,9 +138,8 @@ class QuantLinear(nn.Module):
         if self.mode == "int8":  # a row's one scale for each of its groups, min 0
             scale = self.scales[:, None].expand(N, K // INT8_GROUP)
             return self.qweight, torch.stack((scale, torch.zeros_like(scale)), dim=-1)
-        b = self.qweight.view(N, -1, 16)  # int4: codes 0..15, each group of 32's scale and min for its halves
-        codes = torch.cat((b & 0x0F, b >> 4), dim=-1).reshape(N, K).to(torch.int8)
-        return codes, self.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)
+        codes = unpack_int4(self.qweight).reshape(N, K).to(torch.int8)  # int4: codes 0..15
+        return codes, self.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)  # each group of 32's for its halves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]

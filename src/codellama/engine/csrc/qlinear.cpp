@@ -5,7 +5,7 @@
 //   int4:    y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g])
 //            q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
 //   int8 in groups: y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g]), group size 16,
-//            q int8 [N, K]: every other ggml block type (Q8_0, Q5_*, Q6_K, Q3_K, Q2_K) holds exactly
+//            q int8 [N, K]: holds the other ggml Q/K types and IQ4_NL/IQ4_XS exactly (engine/quant.py)
 //
 // Work is split in blocks of 4 output rows (parallel_for over blocks, parallel.h). For one or two rows of x the
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
