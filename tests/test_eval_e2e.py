@@ -44,3 +44,17 @@ def test_batched_chat_equals_one_by_one():
                                                          "What is 2 + 2?", "Say hello in French.")]
     one_by_one = [model.chat(c, max_new_tokens=24, temperature=0.0) for c in convs]
     assert model.chat_many(convs, max_new_tokens=24, temperature=0.0) == one_by_one
+
+
+@pytest.mark.slow
+def test_maths_and_safety_tasks_with_the_default_model(tmp_path, capsys, shared_data):
+    out = tmp_path / "s"
+    argv = ["eval", "--task", "gsm8k,bold,false-refusal", "--limit", "2", "--data-dir", str(shared_data),
+            "--max-new-tokens", "24", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sentiment" in printed and "% refused" in printed
+    gsm8k, bold, refusal = (json.loads((out / t / "summary.json").read_text()) for t in ("gsm8k", "bold", "false-refusal"))
+    assert gsm8k["samples_scored"] == 2 and 0 <= gsm8k["pass@1"] <= 1
+    assert bold["temperature"] == 0.1 and bold["top_p"] == 0.9 and -1 <= bold["sentiment"] <= 1
+    assert refusal["samples_scored"] == 2 and refusal["refusal_percent"] in (0.0, 50.0, 100.0)

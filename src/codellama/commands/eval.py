@@ -5,6 +5,9 @@
     codellama eval --task mbpp --instruct --data-dir DATA  # chat models: code from [PYTHON]/``` blocks
     codellama eval --task humaneval --phase generate       # on the GPU box; then --phase execute elsewhere
     codellama eval-sweep --task humaneval --n 20 --temperatures 0.1,0.4,0.6,0.8   # the paper's Fig. 6
+    codellama eval --task gsm8k --data-dir DATA            # maths: 8-shot, solve rate
+    codellama eval --task bold,false-refusal --data-dir DATA --limit 430   # safety (T=0.1, top-p 0.9)
+    codellama eval --task toxigen --data-dir DATA --classifier toxigen_roberta   # % toxic by the paper's classifier
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec: HF dir, Meta dir, .gguf, preset name (default: the embedded model)")
     p.add_argument("--task", required=False, default=None, help="task name or comma list; --list-tasks shows them")
     p.add_argument("--n", type=int, default=1, help="samples per problem (the paper: 1 greedy, 200 for pass@10/100)")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=float, default=None, help="default: the task's protocol (0.95; 0.9 for toxigen, bold)")
     p.add_argument("--k", type=_ints, default=(1, 10, 100), help="pass@k values, e.g. 1,10,100 (k > n is skipped)")
     p.add_argument("--limit", type=int, default=None, help="only the first L problems")
     p.add_argument("--out", default=None, help="output folder (default: eval-out/<task>)")
@@ -55,14 +58,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=_ints, default=None, help="long-context tasks: context lengths in tokens")
     p.add_argument("--positions", type=_floats, default=None, help="key retrieval: relative key positions")
     p.add_argument("--examples", type=int, default=None, help="key retrieval: examples per (length, position)")
+    p.add_argument("--classifier", default=None, help="toxigen: the toxicity classifier, a Hugging Face model folder "
+                   "(tomh/toxigen_roberta, as in the paper)")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="score a model on HumanEval, MBPP, MultiPL-E, infilling, long context",
+    p = subparsers.add_parser("eval", help="score a model on HumanEval, MBPP, MultiPL-E, infilling, long context, "
+                              "GSM8K and safety (ToxiGen, BOLD, false refusals)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (pass@1 as in the paper)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (pass@1 as in the paper); default: the task's protocol (0; 0.1 for toxigen, bold)")
     p.add_argument("--temperatures", type=_floats, default=None, help="run a temperature sweep instead")
     p.set_defaults(func=run)
     s = subparsers.add_parser("eval-sweep", help="pass@k against sampling temperature (the paper's Fig. 6)",
@@ -77,7 +84,8 @@ def _config(args, task: str):
 
     from codellama.eval.runner import EvalConfig
 
-    extra = {k: getattr(args, k) for k in ("lengths", "positions", "examples") if getattr(args, k, None) is not None}
+    extra = {k: getattr(args, k) for k in ("lengths", "positions", "examples", "classifier")
+             if getattr(args, k, None) is not None}
     return EvalConfig(
         task=task, model=args.model, n=args.n, temperature=args.temperature, top_p=args.top_p, k=args.k,
         limit=args.limit, out=Path(args.out or f"eval-out/{task.replace(',', '+')}"), phase=args.phase,

@@ -13,21 +13,35 @@ from codellama.errors import UserError
 DATA_ENV = "CODELLAMA_DATA_DIR"
 
 
-def data_file(data_dir: str | Path | None, subdir: str, name: str, task: str) -> Path:
-    """Find `<data_dir>/<subdir>/<name>` (or `<data_dir>/<name>`); data_dir defaults to $CODELLAMA_DATA_DIR."""
+def data_root(data_dir: str | Path | None, subdir: str, task: str) -> Path:
+    """The data folder (data_dir, else $CODELLAMA_DATA_DIR), which must exist."""
     root = data_dir or os.environ.get(DATA_ENV)
     if not root:
         raise UserError(
-            f"task {task} needs its data file {subdir}/{name}: pass --data-dir DIR (the folder holding {subdir}/) "
-            f"or set {DATA_ENV}"
+            f"task {task} needs its data in {subdir}/: pass --data-dir DIR (the folder holding {subdir}/) or set {DATA_ENV}"
         )
     root = Path(root).expanduser()
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist (from --data-dir or {DATA_ENV}); point it at the folder holding {subdir}/")
+    return root
+
+
+def data_file(data_dir: str | Path | None, subdir: str, name: str, task: str) -> Path:
+    """Find `<data_dir>/<subdir>/<name>` (or `<data_dir>/<name>`); data_dir defaults to $CODELLAMA_DATA_DIR."""
+    root = data_root(data_dir, subdir, task)
     for cand in (root / subdir / name, root / name):
         if cand.is_file():
             return cand
     raise UserError(f"task {task}: {root / subdir / name} not found; point --data-dir at the folder holding {subdir}/")
+
+
+def data_files(data_dir: str | Path | None, subdir: str, pattern: str, task: str) -> list[Path]:
+    """The files matching `pattern` in `<data_dir>/<subdir>/`, sorted; at least one."""
+    folder = data_root(data_dir, subdir, task) / subdir
+    files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    if not files:
+        raise UserError(f"task {task}: no {pattern} files in {folder}; point --data-dir at the folder holding {subdir.split('/')[0]}/")
+    return files
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:

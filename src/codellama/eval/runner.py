@@ -34,8 +34,8 @@ class EvalConfig:
     task: str
     model: str | None = None  # codellama.load spec; None = the default model
     n: int = 1  # samples per problem
-    temperature: float = 0.0  # 0 = greedy (the paper's pass@1)
-    top_p: float = 0.95
+    temperature: float | None = None  # 0 = greedy (the paper's pass@1); None: the task's protocol
+    top_p: float | None = None  # None: the task's protocol
     k: tuple[int, ...] = (1, 10, 100)
     limit: int | None = None  # first `limit` problems only
     out: Path = Path("eval-out")
@@ -57,13 +57,18 @@ class EvalConfig:
             raise UserError(f"--phase must be generate, execute or all, got {self.phase!r}")
         if self.n < 1:
             raise UserError(f"--n must be >= 1, got {self.n}")
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
         self.out = Path(self.out)
+
+    def for_task(self, task: Task) -> EvalConfig:
+        """This config with the sampling the user left unset taken from the task's protocol."""
+        return replace(self, temperature=task.temperature if self.temperature is None else self.temperature,
+                       top_p=task.top_p if self.top_p is None else self.top_p)
 
 
 # ----------------------------------------------------------------------------------- the model, adapted
@@ -175,6 +180,7 @@ def _done_keys(path: Path) -> set[tuple[str, int]]:
 def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
              on_batch: Callable[[int], None] | None = None) -> dict:
     """Generation phase: append missing samples to out/samples.jsonl. Returns timing stats."""
+    cfg = cfg.for_task(task)
     cfg.out.mkdir(parents=True, exist_ok=True)
     path = cfg.out / "samples.jsonl"
     repair_tail(path)
@@ -185,7 +191,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     if not todo:
         return stats
     if cfg.instruct and not task.supports_instruct:
-        raise UserError(f"task {task.name} has no instruct mode (supported: humaneval, mbpp)")
+        raise UserError(f"task {task.name} has no instruct mode (supported: {', '.join(_instruct_tasks())})")
     _check_same_run(cfg, path)
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     if task.mode == "infill" and not model.can_infill:
@@ -202,7 +208,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         seed = rng.randrange(2**31) if cfg.temperature > 0 else None
-        if cfg.instruct:
+        if cfg.instruct or task.chat_only:
             gens = model.chat_many([task.chat_messages(p) for p, _ in chunk], seed=seed, **params)
         elif task.mode == "infill":
             gens = model.infill_many([task.infill_parts(p) for p, _ in chunk], task.suffix_first, seed=seed, **params)
@@ -218,6 +224,12 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     bar.close()
     stats.update(generated=len(todo), seconds=time.perf_counter() - t0)
     return stats
+
+
+def _instruct_tasks() -> list[str]:
+    from codellama.eval.tasks import _registry
+
+    return [name for name, make in _registry().items() if make().supports_instruct]
 
 
 RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed")
@@ -270,6 +282,8 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     stats = {"executed": 0, "seconds": 0.0}
     if not todo:
         return stats
+    if task.scoring == "text":
+        return _score_texts(task, problems, todo, res_path, cfg.progress)
     if cfg.timeout:
         task.limits = replace(task.limits, timeout=cfg.timeout)
     own = sandbox is None
@@ -294,10 +308,31 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     return stats
 
 
+def _score_texts(task: Task, problems: dict[str, dict], todo: list[dict], res_path: Path, progress: bool,
+                 chunk: int = 64) -> dict:
+    """Execution phase of a task that judges the text itself: rows appended a chunk at a time (resumable)."""
+    t0 = time.perf_counter()
+    bar = _progress(len(todo), f"score {task.name}", progress)
+    try:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            t = time.perf_counter()
+            scored = task.score_texts([(problems[s["task_id"]], s["completion"]) for s in part])
+            each = (time.perf_counter() - t) / len(part)
+            append_jsonl(res_path, [{"task_id": s["task_id"], "sample_idx": s["sample_idx"], **row,
+                                     "duration": round(each, 4)} for s, row in zip(part, scored)])
+            bar.update(len(part))
+    finally:
+        bar.close()
+    return {"executed": len(todo), "seconds": time.perf_counter() - t0}
+
+
 # --------------------------------------------------------------------------------------------- summary
 def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_stats: dict | None = None,
               notes: list[str] | None = None) -> dict:
-    problems = [p["task_id"] for p in _problems(task, cfg)]
+    cfg = cfg.for_task(task)
+    loaded = _problems(task, cfg)
+    problems = [p["task_id"] for p in loaded]
     results = [r for r in read_jsonl_tolerant(cfg.out / "results.jsonl") if r.get("task_id") in set(problems)]
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in results:
@@ -308,7 +343,7 @@ def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_s
         "n": min((n for n, _ in counts.values()), default=0),  # samples per problem actually scored
         "temperature": cfg.temperature, "top_p": cfg.top_p, "problems": len(problems),
         "problems_scored": len(counts), "samples_scored": len(results),
-        **estimate(counts, cfg.k),
+        **(task.metrics(loaded, results) or estimate(counts, cfg.k)),
         "status_counts": dict(Counter(r["status"] for r in results)),
         "complete": len(counts) == len(problems),
     }
@@ -355,7 +390,7 @@ def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbo
         from codellama.eval.tasks.long_context import run_special
 
         return run_special(cfg, model)
-    task = get_task(cfg.task, cfg.data_dir)
+    task = get_task(cfg.task, cfg.data_dir, cfg.extra)
     gen_stats = exec_stats = None
     if cfg.phase in ("generate", "all"):
         gen_stats = generate(task, cfg, model)
@@ -366,6 +401,8 @@ def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbo
             cfg.out.mkdir(parents=True, exist_ok=True)
             (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             return summary
+        if task.scoring == "text":
+            return summarize(task, cfg, gen_stats, execute(task, cfg))
         sb = sandbox or Sandbox(workers=cfg.workers)
         try:
             exec_stats = execute(task, cfg, sb)
@@ -407,6 +444,10 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
     out/temperature_sweep.png."""
     if not temperatures or any(t <= 0 for t in temperatures):
         raise UserError("--temperatures needs positive values, e.g. 0.1,0.4,0.6,0.8")
+    task = None if cfg.task in SPECIAL_TASKS else get_task(cfg.task, cfg.data_dir)
+    if task is None or task.metrics([], []) is not None:
+        raise UserError(f"eval-sweep plots pass@k; {cfg.task} is scored otherwise (run it with eval --temperature T)")
+    cfg = cfg.for_task(task)
     if model is None and cfg.phase in ("generate", "all"):
         model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     rows = []

@@ -20,17 +20,24 @@ class Unavailable:
 class Task:
     """One benchmark. mode: "complete" (prompt -> continuation), "infill" (prefix, suffix -> middle).
 
-    Subclasses set `name`, `stop`, and implement `load`, `prompt` and `program`."""
+    Subclasses set `name`, `stop`, and implement `load`, `prompt` and either `program` (scoring "program":
+    each sample runs in the sandbox, scored by pass@k) or `score_texts` (scoring "text": the text itself is
+    judged, e.g. an answer compared or a classifier's verdict), with `metrics` for what pass@k cannot say."""
 
     name: str = ""
     mode: str = "complete"
+    scoring: str = "program"
     stop: tuple[str, ...] = ()
     supports_instruct: bool = False
+    chat_only: bool = False  # prompts always in the model's chat format (a benchmark of chat answers)
     max_new_tokens: int = 512
+    temperature: float = 0.0  # the protocol's sampling, used when the user sets none
+    top_p: float = 0.95
     limits: Limits = Limits(timeout=3.0)
 
     def __init__(self, data_dir: str | Path | None = None):
         self.data_dir = data_dir
+        self.options: dict = {}  # task-specific settings from the command line (e.g. a classifier's path)
 
     # problems --------------------------------------------------------------------------------------------
     def load(self) -> list[dict]:
@@ -65,6 +72,15 @@ class Task:
         """The canonical completion (used by tests: it must pass)."""
         raise NotImplementedError
 
+    # scoring without programs ----------------------------------------------------------------------------
+    def score_texts(self, items: list[tuple[dict, str]]) -> list[dict]:
+        """Per (problem, completion): {"passed": bool, "status": str, "result": str, ...task's own fields}."""
+        raise NotImplementedError
+
+    def metrics(self, problems: list[dict], results: list[dict]) -> dict | None:
+        """The summary's figures from the scored rows, with a "report" table for the terminal; None: pass@k."""
+        return None
+
 
 def truncate(text: str, stops: tuple[str, ...] | list[str]) -> str:
     """Cut at the earliest stop sequence."""
@@ -74,6 +90,20 @@ def truncate(text: str, stops: tuple[str, ...] | list[str]) -> str:
         if i != -1:
             cut = min(cut, i)
     return text[:cut]
+
+
+def text_table(head: tuple[str, ...], rows: list[tuple]) -> str:
+    """A plain table for the terminal: the first column left-aligned, the others right-aligned."""
+    cells = [head, *[tuple(str(c) for c in r) for r in rows]]
+    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in cells)
+
+
+def share_table(head: tuple[str, str, str], flags: dict[str, list[bool]]) -> tuple[dict[str, float], str]:
+    """The % of true flags per key, and a table of them under `head` ("all" first, then the keys in order)."""
+    percent = {k: 100 * sum(v) / len(v) for k, v in flags.items() if v}
+    keys = sorted(percent, key=lambda k: (k != "all", k))
+    return percent, text_table(head, [(k, len(flags[k]), f"{percent[k]:.2f}") for k in keys])
 
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
