@@ -56,6 +56,16 @@ def test_seeded_sampling_reproducible_alone_and_in_batch(gen):
     assert a == b == c
 
 
+def test_one_seed_for_many_rows_draws_a_stream_per_row(gen):
+    """n samples of one prompt (pass@k) must differ: row i draws from seed + i, as the server's choices do."""
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=123, stop_ids=())
+    rows = [c.tokens for c in gen.generate([[7, 8, 9]] * 3, sp)]
+    assert len({tuple(r) for r in rows}) == 3
+    assert rows == [c.tokens for c in gen.generate([[7, 8, 9]] * 3, sp)]  # reproducible
+    assert rows[1] == gen.generate([[7, 8, 9]], SamplingParams(max_new_tokens=10, temperature=1.0, seed=124,
+                                                              stop_ids=()))[0].tokens
+
+
 def test_stop_id_ends_row_and_is_not_returned(gen):
     prompt = [5, 17, 3]
     free = gen.generate([prompt], SamplingParams(max_new_tokens=10, stop_ids=()))[0].tokens

@@ -12,6 +12,7 @@ so a prompt decodes to the same tokens alone or in a batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -56,10 +57,17 @@ class Generator:
     def stream_generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], decode=None
     ) -> Iterator[StreamEvent]:
-        """Decode every prompt; yield text as it is released and a Completion when each row ends."""
+        """Decode every prompt; yield text as it is released and a Completion when each row ends.
+
+        One SamplingParams with a seed for several prompts: row i draws from seed + i (as the server's n > 1
+        choices do), so that samples of the same prompt differ and the call is still reproducible."""
         if not prompts:
             return
-        all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if isinstance(params, SamplingParams):
+            all_params = [params if params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
+                          for i in range(len(prompts))]
+        else:
+            all_params = list(params)
         if len(all_params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
         for i, p in enumerate(prompts):
