@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "convert": "codellama.commands.convert",
     "info": "codellama.commands.info",
     "data": "codellama.commands.data",
+    "self-instruct": "codellama.commands.self_instruct",
     "eval": "codellama.commands.eval",
     "eval-sweep": "codellama.commands.eval",
     "train": "codellama.commands.train",

@@ -1,0 +1,54 @@
+"""`codellama self-instruct`: build instruction data the way the paper did (spec 4.6): questions, unit tests
+and solutions written by models, kept where a solution passes its tests in the sandbox.
+
+    codellama self-instruct --out si/ --question-model CodeLlama-70B-dir --model CodeLlama-7b-dir --rounds 1240
+    codellama self-instruct --out si/ --rounds 4 --max-questions 20     # a small run on the default model
+
+Writes si/instructions.jsonl, the chat data of `codellama train --recipe instruct` (instructions.jsonl under
+its data root). Every stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("self-instruct", help="generate tested instruction data (questions, tests, solutions)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (stages resume from what is there)")
+    p.add_argument("--model", default=None, help="writes tests and solutions (the paper: Code Llama 7B; default: "
+                   "the embedded model)")
+    p.add_argument("--question-model", default=None, help="writes the questions (the paper: Llama 2 70B; default: --model)")
+    p.add_argument("--rounds", type=int, default=20, help="question lists to ask for (default 20)")
+    p.add_argument("--per-round", type=int, default=50, help="questions per list (default 50, as the paper)")
+    p.add_argument("--max-questions", type=int, default=None, help="only the first N distinct questions go on")
+    p.add_argument("--tests", type=int, default=5, help="unit tests per question (default 5)")
+    p.add_argument("--solutions", type=int, default=10, help="solutions per question (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--workers", type=int, default=None, help="parallel sandboxed runs (default: CPU count)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per solution run (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from codellama.data.self_instruct import SelfInstructConfig, run as run_stages
+    from codellama.eval.runner import ModelAdapter
+
+    cfg = SelfInstructConfig(out=args.out, rounds=args.rounds, per_round=args.per_round, tests=args.tests,
+                             solutions=args.solutions, max_questions=args.max_questions,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout,
+                             workers=args.workers, progress=not args.no_progress and sys.stderr.isatty())
+    model = ModelAdapter.load(args.model, args.device, args.batch_size)
+    asker = ModelAdapter.load(args.question_model, args.device, args.batch_size) if args.question_model else None
+    counts = run_stages(cfg, model, asker)
+    width = max(map(len, counts))
+    print("\n".join(f"{k.replace('_', ' '):<{width}}  {v}" for k, v in counts.items()))
+    print(f"{counts['kept']} conversations in {cfg.out / 'instructions.jsonl'} "
+          f"(codellama train --recipe instruct reads instructions.jsonl under its data root)", file=sys.stderr)
+    return 0

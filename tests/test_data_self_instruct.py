@@ -1,0 +1,101 @@
+"""Self-instruct: questions deduplicated, tests parsed, solutions run against them in the real sandbox, the
+first passing one kept, in the chat form the instruct recipe trains on; every stage resumes.
+
+The model is scripted (known questions, tests and right or wrong solutions), so these tests check the
+pipeline without depending on a model's skill; the slow test runs the real default model end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codellama.data.self_instruct import SelfInstructConfig, parse_tests, run, split_questions
+from codellama.eval.runner import ModelAdapter
+
+QUESTIONS = ["Write a function that returns the sum of a list of integers.",
+             "Write a function that reverses a string.",
+             "Write a function that tells whether a number is prime."]
+FUNCTIONS = {  # question -> (tests answer, [solution of sample 0, 1, ...])
+    QUESTIONS[0]: ("[TESTS]\nassert total([1, 2, 3]) == 6\nassert total([]) == 0\nassert True\nassert total(\n[/TESTS]",
+                   ["def total(xs):\n    return 0", "def total(xs):\n    return sum(xs)"]),
+    QUESTIONS[1]: ("Tests:\nassert rev('abc') == 'cba'\nassert rev('') == ''",
+                   ["def rev(s):\n    return s[::-1]", "def rev(s):\n    return s"]),
+    QUESTIONS[2]: ("[TESTS]\nassert is_prime(7)\nassert not is_prime(8)\n[/TESTS]",
+                   ["def is_prime(n):\n    while True:\n        pass", "import os\nos._exit(0)\ndef is_prime(n):\n    return True"]),
+}
+
+
+class Scripted:
+    """chat(): a question list, tests, or solution `sample` of the question, by which prompt it gets."""
+
+    def __init__(self):
+        self.tokenizer = None
+        self.calls = 0
+        self.sample: dict[str, int] = {}
+
+    def chat(self, messages, **kw):
+        self.calls += 1
+        text = messages[-1]["content"]
+        if text.startswith("Write ") and "interview questions" in text:
+            return "Here you go:\n" + "\n".join(f"{i + 1}. {q}" for i, q in enumerate(QUESTIONS)) + \
+                f"\n4. {QUESTIONS[1].upper()}\n5.   {QUESTIONS[0]}\n(hope this helps)"
+        question = next(q for q in QUESTIONS if text.startswith(q))
+        tests, solutions = FUNCTIONS[question]
+        if "unit tests" in text:
+            return tests
+        i = self.sample.get(question, 0)
+        self.sample[question] = i + 1
+        return f"Sure.\n[PYTHON]\n{solutions[i]}\n[/PYTHON]"
+
+
+def test_parsing():
+    assert split_questions("Intro:\n1. " + QUESTIONS[0] + "\n2) " + QUESTIONS[1] + "\n- short\n* " + QUESTIONS[2]) == QUESTIONS
+    assert parse_tests(FUNCTIONS[QUESTIONS[0]][0]) == ["assert total([1, 2, 3]) == 6", "assert total([]) == 0"]
+    assert parse_tests(FUNCTIONS[QUESTIONS[1]][0]) == ["assert rev('abc') == 'cba'", "assert rev('') == ''"]
+
+
+def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codellama):
+    from codellama.train.data import ChatExamples
+
+    gen = Scripted()
+    cfg = SelfInstructConfig(out=tmp_path / "si", rounds=2, per_round=5, solutions=2, timeout=2.0, workers=2,
+                             progress=False)
+    counts = run(cfg, ModelAdapter(gen, batch_size=2))
+    assert counts == {"question_lists": 2, "questions": 3, "with_tests": 3, "solutions": 6, "solutions_passed": 2,
+                      "kept": 2}
+    rows = [json.loads(line) for line in (cfg.out / "instructions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["sample_idx"]) for r in rows] == [("Q0", 1), ("Q1", 0)]  # prime: a loop, then a fake exit
+    user, answer = rows[0]["messages"]
+    assert user["content"].startswith(QUESTIONS[0]) and "assert total([1, 2, 3]) == 6" in user["content"]
+    assert answer == {"role": "assistant", "content": "[PYTHON]\ndef total(xs):\n    return sum(xs)\n[/PYTHON]"}
+    verdicts = {(v["id"], v["sample_idx"]): v["status"] for v in map(json.loads, (cfg.out / "verdicts.jsonl").open())}
+    assert verdicts[("Q2", 0)] == "timed out" and verdicts[("Q2", 1)] == "failed"
+
+    calls = gen.calls
+    assert run(cfg, ModelAdapter(gen, batch_size=2)) == counts and gen.calls == calls  # nothing redone
+    examples = ChatExamples.from_jsonl(cfg.out / "instructions.jsonl", codellama, seq_len=256)
+    assert len(examples.convs) == 2  # the instruct recipe's chat reader takes it
+
+
+def test_unreadable_question_lists_say_what_to_do(tmp_path):
+    from codellama.errors import UserError
+
+    class Mute(Scripted):
+        def chat(self, messages, **kw):
+            return "I like turtles."
+
+    with pytest.raises(UserError, match="no questions could be read"):
+        run(SelfInstructConfig(out=tmp_path / "si", rounds=1, progress=False), ModelAdapter(Mute(), batch_size=1))
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end(tmp_path, capsys):
+    from codellama.cli import main
+
+    out = tmp_path / "si"
+    assert main(["self-instruct", "--out", str(out), "--rounds", "1", "--per-round", "3", "--max-questions", "2",
+                 "--solutions", "2", "--max-new-tokens", "48"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["question_lists"] == 1 and summary["kept"] <= summary["questions"] <= 2
+    assert (out / "instructions.jsonl").exists() and "kept" in capsys.readouterr().out
