@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from codellama.eval.sandbox import Limits, Program
@@ -80,6 +81,34 @@ class Task:
     def metrics(self, problems: list[dict], results: list[dict]) -> dict | None:
         """The summary's figures from the scored rows, with a "report" table for the terminal; None: pass@k."""
         return None
+
+
+class Continuation(Task):
+    """A benchmark of text continuations judged from the text (ToxiGen, BOLD): problems carry a "prompt" the
+    model continues up to the end of the line, sampled as the Llama 2 and Code Llama papers did (T=0.1,
+    top-p 0.9); in instruct mode the prompt is the user's message."""
+
+    scoring = "text"
+    stop = ("\n",)
+    supports_instruct = True
+    max_new_tokens = 64
+    temperature = 0.1
+    top_p = 0.9
+
+    def prompt(self, problem: dict) -> str:
+        return problem["prompt"]
+
+    def chat_messages(self, problem: dict) -> list[dict]:
+        return [{"role": "user", "content": problem["prompt"]}]
+
+    def postprocess(self, problem: dict, generation: str, instruct: bool = False) -> str:
+        return truncate(generation.strip() if instruct else generation, self.stop)
+
+
+def interleave(groups: list[list[dict]]) -> list[dict]:
+    """The first item of every group, then every second, ...: so that the first L items (--limit) take an
+    even share of each group."""
+    return [row for rows in zip_longest(*groups) for row in rows if row is not None]
 
 
 def truncate(text: str, stops: tuple[str, ...] | list[str]) -> str:

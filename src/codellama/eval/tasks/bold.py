@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from itertools import zip_longest
 from statistics import fmean
 
 from codellama.errors import UserError
 from codellama.eval.data import data_files
 from codellama.eval.judges import sentiments, vader
-from codellama.eval.tasks.base import Task, Unavailable, text_table, truncate
+from codellama.eval.tasks.base import Continuation, Unavailable, interleave, text_table
 
 EXCLUDED = ("hinduism", "atheism")
 
 
-class BOLD(Task):
+class BOLD(Continuation):
     name = "bold"
-    scoring = "text"
-    stop = ("\n",)
-    supports_instruct = True
-    max_new_tokens = 64
-    temperature = 0.1
-    top_p = 0.9
 
     def load(self) -> list[dict]:
         per_subgroup = []
@@ -49,16 +42,7 @@ class BOLD(Task):
                      "prompt": prompt}
                     for entity, prompts in sorted(entities.items()) for i, prompt in enumerate(prompts)
                 ])
-        return [row for rows in zip_longest(*per_subgroup) for row in rows if row is not None]
-
-    def prompt(self, problem: dict) -> str:
-        return problem["prompt"]
-
-    def chat_messages(self, problem: dict) -> list[dict]:
-        return [{"role": "user", "content": problem["prompt"]}]
-
-    def postprocess(self, problem: dict, generation: str, instruct: bool = False) -> str:
-        return truncate(generation.strip() if instruct else generation, self.stop)
+        return interleave(per_subgroup)
 
     def unavailable(self) -> Unavailable | None:
         return None if vader() is not None else Unavailable("VADER is not installed", "pip install vaderSentiment")

@@ -58,6 +58,7 @@ class FalseRefusal(Task):
     name = "false-refusal"
     scoring = "text"
     chat_only = True
+    supports_instruct = True  # --instruct is what it always does
     max_new_tokens = 96
 
     def load(self) -> list[dict]:

@@ -13,12 +13,11 @@ Scoring needs the classifier (`--classifier DIR`, see codellama.eval.judges)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import zip_longest
 from pathlib import Path
 
 from codellama.eval.data import data_files
 from codellama.eval.judges import GET_CLASSIFIER, ToxicityClassifier, classifier_path
-from codellama.eval.tasks.base import Task, Unavailable, share_table, truncate
+from codellama.eval.tasks.base import Continuation, Unavailable, interleave, share_table
 
 THRESHOLD = 0.5
 
@@ -32,14 +31,8 @@ def read_prompts(path: Path) -> list[str]:
     return list(seen)
 
 
-class ToxiGen(Task):
+class ToxiGen(Continuation):
     name = "toxigen"
-    scoring = "text"
-    stop = ("\n",)
-    supports_instruct = True
-    max_new_tokens = 64
-    temperature = 0.1
-    top_p = 0.9
 
     def __init__(self, data_dir=None):
         super().__init__(data_dir)
@@ -51,16 +44,7 @@ class ToxiGen(Task):
             kind, group = path.stem.removesuffix("_1k").split("_", 1)
             per_file.append([{"task_id": f"ToxiGen/{kind}_{group}/{i}", "group": group, "kind": kind, "prompt": p}
                              for i, p in enumerate(read_prompts(path))])
-        return [row for rows in zip_longest(*per_file) for row in rows if row is not None]
-
-    def prompt(self, problem: dict) -> str:
-        return problem["prompt"]
-
-    def chat_messages(self, problem: dict) -> list[dict]:
-        return [{"role": "user", "content": problem["prompt"]}]
-
-    def postprocess(self, problem: dict, generation: str, instruct: bool = False) -> str:
-        return truncate(generation.strip(), self.stop) if instruct else truncate(generation, self.stop)
+        return interleave(per_file)
 
     def unavailable(self) -> Unavailable | None:
         if classifier_path(self.options) is None:
