@@ -4,7 +4,8 @@
     summaries = run(EvalConfig(task="humaneval", model=None, out="eval-out/he"))
 
 Modules: sandbox (run hostile programs), passk (unbiased pass@k), tasks/ (one module per benchmark, behind
-a registry), runner (resumable generate/execute phases, summaries, temperature sweep), plots.
+a registry), judges (what scores text: a toxicity classifier, VADER sentiment, refusals), runner (resumable
+generate/execute phases, summaries, temperature sweep), plots.
 """
 
 from codellama.eval.passk import estimate, pass_at_k
