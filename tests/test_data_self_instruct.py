@@ -78,7 +78,7 @@ def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codella
     assert len(examples.convs) == 2  # the instruct recipe's chat reader takes it
 
 
-def test_unreadable_question_lists_say_what_to_do(tmp_path):
+def test_bad_input_says_what_to_do(tmp_path):
     from codellama.errors import UserError
 
     class Mute(Scripted):
@@ -87,6 +87,11 @@ def test_unreadable_question_lists_say_what_to_do(tmp_path):
 
     with pytest.raises(UserError, match="no questions could be read"):
         run(SelfInstructConfig(out=tmp_path / "si", rounds=1, progress=False), ModelAdapter(Mute(), batch_size=1))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        SelfInstructConfig(out=tmp_path / "afile")
+    with pytest.raises(UserError, match="--solutions must be >= 1"):
+        SelfInstructConfig(out=tmp_path / "si", solutions=0)
 
 
 @pytest.mark.slow

@@ -122,6 +122,9 @@ def test_bad_inputs(tmp_path):
         run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
     with pytest.raises(UserError, match="phase"):
         EvalConfig(task="humaneval", phase="both")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        EvalConfig(task="humaneval", out=tmp_path / "afile")
     with pytest.raises(UserError, match="does not exist"):
         get_task("mbpp", tmp_path / "nope").load()
 

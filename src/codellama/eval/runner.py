@@ -64,6 +64,8 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
         self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file; give a folder (it is created if missing)")
 
     def for_task(self, task: Task) -> EvalConfig:
         """This config with the sampling the user left unset taken from the task's protocol."""
