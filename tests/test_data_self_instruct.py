@@ -13,9 +13,11 @@ import pytest
 from codellama.data.self_instruct import SelfInstructConfig, parse_tests, run, split_questions
 from codellama.eval.runner import ModelAdapter
 
+HUMANEVAL_0 = "Check if in given list of numbers, are any two numbers closer to each other than given threshold."
 QUESTIONS = ["Write a function that returns the sum of a list of integers.",
              "Write a function that reverses a string.",
-             "Write a function that tells whether a number is prime."]
+             "Write a function that tells whether a number is prime.",
+             HUMANEVAL_0]  # a benchmark problem: decontamination drops it
 FUNCTIONS = {  # question -> (tests answer, [solution of sample 0, 1, ...])
     QUESTIONS[0]: ("[TESTS]\nassert total([1, 2, 3]) == 6\nassert total([]) == 0\nassert True\nassert total(\n[/TESTS]",
                    ["def total(xs):\n    return 0", "def total(xs):\n    return sum(xs)"]),
@@ -23,6 +25,11 @@ FUNCTIONS = {  # question -> (tests answer, [solution of sample 0, 1, ...])
                    ["def rev(s):\n    return s[::-1]", "def rev(s):\n    return s"]),
     QUESTIONS[2]: ("[TESTS]\nassert is_prime(7)\nassert not is_prime(8)\n[/TESTS]",
                    ["def is_prime(n):\n    while True:\n        pass", "import os\nos._exit(0)\ndef is_prime(n):\n    return True"]),
+    HUMANEVAL_0: ("[TESTS]\nassert has_close_elements([1.0, 2.0, 3.9, 4.0], 0.3)\n[/TESTS]",
+                  ["def has_close_elements(numbers, threshold):\n    for idx, elem in enumerate(numbers):\n"
+                   "        for idx2, elem2 in enumerate(numbers):\n            if idx != idx2:\n"
+                   "                distance = abs(elem - elem2)\n                if distance < threshold:\n"
+                   "                    return True\n    return False"] * 2),
 }
 
 
@@ -50,7 +57,7 @@ class Scripted:
 
 
 def test_parsing():
-    assert split_questions("Intro:\n1. " + QUESTIONS[0] + "\n2) " + QUESTIONS[1] + "\n- short\n* " + QUESTIONS[2]) == QUESTIONS
+    assert split_questions("Intro:\n1. " + QUESTIONS[0] + "\n2) " + QUESTIONS[1] + "\n- short\n* " + QUESTIONS[2]) == QUESTIONS[:3]
     assert parse_tests(FUNCTIONS[QUESTIONS[0]][0]) == ["assert total([1, 2, 3]) == 6", "assert total([]) == 0"]
     assert parse_tests(FUNCTIONS[QUESTIONS[1]][0]) == ["assert rev('abc') == 'cba'", "assert rev('') == ''"]
 
@@ -62,8 +69,10 @@ def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codella
     cfg = SelfInstructConfig(out=tmp_path / "si", rounds=2, per_round=5, solutions=2, timeout=2.0, workers=2,
                              progress=False)
     counts = run(cfg, ModelAdapter(gen, batch_size=2))
-    assert counts == {"question_lists": 2, "questions": 3, "with_tests": 3, "solutions": 6, "solutions_passed": 2,
-                      "kept": 2}
+    assert counts == {"question_lists": 2, "questions": 4, "with_tests": 4, "solutions": 8, "solutions_passed": 4,
+                      "decontaminated": 1, "kept": 2}
+    dropped = json.loads((cfg.out / "decontaminated.jsonl").read_text())
+    assert dropped["id"] == "Q3" and dropped["item"] == "HumanEval/0"
     rows = [json.loads(line) for line in (cfg.out / "instructions.jsonl").read_text().splitlines()]
     assert [(r["id"], r["sample_idx"]) for r in rows] == [("Q0", 1), ("Q1", 0)]  # prime: a loop, then a fake exit
     user, answer = rows[0]["messages"]

@@ -31,19 +31,25 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="parallel sandboxed runs (default: CPU count)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per solution run (default 5)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decontam-dir", metavar="DIR", help="folder with MBPP (mbpp.jsonl) and MultiPL-E (humaneval-*.jsonl) "
+                   "to decontaminate against, besides HumanEval (default $CODELLAMA_DATA_DIR)")
+    p.add_argument("--no-decontam", dest="decontam", action="store_false", help="keep examples that overlap benchmarks")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from codellama.data.decontam import resolve_data_dir
     from codellama.data.self_instruct import SelfInstructConfig, run as run_stages
     from codellama.eval.runner import ModelAdapter
 
     cfg = SelfInstructConfig(out=args.out, rounds=args.rounds, per_round=args.per_round, tests=args.tests,
                              solutions=args.solutions, max_questions=args.max_questions,
                              max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout,
-                             workers=args.workers, progress=not args.no_progress and sys.stderr.isatty())
+                             workers=args.workers, decontam=args.decontam,
+                             decontam_dir=resolve_data_dir(args.decontam_dir) if args.decontam else None,
+                             progress=not args.no_progress and sys.stderr.isatty())
     model = ModelAdapter.load(args.model, args.device, args.batch_size)
     asker = ModelAdapter.load(args.question_model, args.device, args.batch_size) if args.question_model else None
     counts = run_stages(cfg, model, asker)

@@ -8,6 +8,8 @@ The paper's recipe, which each stage here follows with any model this project lo
 3. solutions: the code model writes 10 Python solutions per question, shown the first test only;
 4. verification: every solution runs against all of its question's tests in the sandbox
    (codellama.eval.sandbox); the first one that passes is kept, with its question and tests (~14,000).
+Kept examples that share text with the evaluation sets (data/decontam.py: HumanEval, and MBPP and MultiPL-E
+from a data folder) are then dropped, so that a model trained on them is still scored fairly.
 
 The prompts are ours, to the same effect. Every stage appends to its own jsonl file in the output folder
 and skips what is there, so an interrupted run resumes, and a stage can run on another machine (or with
@@ -64,6 +66,8 @@ class SelfInstructConfig:
     seed: int = 0
     timeout: float = 5.0  # seconds per solution run
     workers: int | None = None
+    decontam: bool = True  # drop kept examples that overlap HumanEval (and MBPP, MultiPL-E in decontam_dir)
+    decontam_dir: Path | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -221,11 +225,22 @@ def assemble(cfg: SelfInstructConfig, qs: list[dict], tests: dict[str, list[str]
     for v in verdicts:
         if v["passed"]:
             passing[v["id"]].append(v["sample_idx"])
-    rows = []
+    rows, dropped = [], []
+    decontaminator = None
+    if cfg.decontam:
+        from codellama.data.decontam import build_decontaminator
+
+        decontaminator = build_decontaminator(cfg.decontam_dir)
     for q in qs:
         if passing.get(q["id"]):
             first = min(passing[q["id"]])
-            answer = "[PYTHON]\n" + code[(q["id"], first)].strip("\n") + "\n[/PYTHON]"
+            solution = code[(q["id"], first)].strip("\n")
+            overlap = decontaminator.match(q["question"] + "\n" + solution) if decontaminator else None
+            if overlap is not None:
+                dropped.append({"id": q["id"], "benchmark": overlap.item.benchmark, "item": overlap.item.item,
+                                "ngram": overlap.ngram})
+                continue
+            answer = "[PYTHON]\n" + solution + "\n[/PYTHON]"
             rows.append({"messages": [{"role": "user", "content": solution_prompt(q["question"], tests[q["id"]])},
                                       {"role": "assistant", "content": answer}],
                          "tests": tests[q["id"]], "id": q["id"], "sample_idx": first})
@@ -233,7 +248,9 @@ def assemble(cfg: SelfInstructConfig, qs: list[dict], tests: dict[str, list[str]
                                                 encoding="utf-8")
     counts = {"question_lists": len(_rows(cfg.out / "question_lists.jsonl")), "questions": len(qs),
               "with_tests": sum(1 for q in qs if tests.get(q["id"])), "solutions": len(code),
-              "solutions_passed": sum(1 for v in verdicts if v["passed"]), "kept": len(rows)}
+              "solutions_passed": sum(1 for v in verdicts if v["passed"]), "decontaminated": len(dropped),
+              "kept": len(rows)}
+    (cfg.out / "decontaminated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dropped), encoding="utf-8")
     (cfg.out / "summary.json").write_text(json.dumps(counts, indent=2) + "\n")
     return counts
 
