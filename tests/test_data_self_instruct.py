@@ -87,6 +87,17 @@ def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codella
     assert len(examples.convs) == 2  # the instruct recipe's chat reader takes it
 
 
+def test_the_printed_training_command_trains_on_the_output(tmp_path):
+    from codellama.cli import main
+    from codellama.commands.self_instruct import TRAIN_ON_THEM_ALONE
+
+    cfg = SelfInstructConfig(out=tmp_path / "si", rounds=1, per_round=5, solutions=2, timeout=2.0, workers=2,
+                             decontam=False, progress=False)
+    assert run(cfg, ModelAdapter(Scripted(), batch_size=4))["kept"] == 3
+    assert main(["train", "--recipe", "instruct", "--scale", "tiny", "--data-root", str(cfg.out), "--out",
+                 str(tmp_path / "run"), "--set", TRAIN_ON_THEM_ALONE, "--set", "train.steps=1"]) == 0
+
+
 def test_bad_input_says_what_to_do(tmp_path):
     from codellama.errors import UserError
 

@@ -5,13 +5,15 @@ and solutions written by models, kept where a solution passes its tests in the s
     codellama self-instruct --out si/ --rounds 4 --max-questions 20     # a small run on the default model
 
 Writes si/instructions.jsonl, the chat data of `codellama train --recipe instruct` (instructions.jsonl under
-its data root). Every stage resumes where it stopped.
+its data root; the command prints how to train on it alone). Every stage resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+TRAIN_ON_THEM_ALONE = 'data.sources=[{name="instructions", kind="chat", path="instructions.jsonl", weight=1.0}]'
 
 
 def register(subparsers) -> None:
@@ -55,6 +57,7 @@ def run(args) -> int:
     counts = run_stages(cfg, model, asker)
     width = max(map(len, counts))
     print("\n".join(f"{k.replace('_', ' '):<{width}}  {v}" for k, v in counts.items()))
-    print(f"{counts['kept']} conversations in {cfg.out / 'instructions.jsonl'} "
-          f"(codellama train --recipe instruct reads instructions.jsonl under its data root)", file=sys.stderr)
+    print(f"{counts['kept']} conversations in {cfg.out / 'instructions.jsonl'}; to fine-tune on them alone:\n"
+          f"  codellama train --recipe instruct --data-root {cfg.out} --set '{TRAIN_ON_THEM_ALONE}'\n"
+          "(the recipe's default also rehearses code/ and text/ shards under the data root)", file=sys.stderr)
     return 0
