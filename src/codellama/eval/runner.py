@@ -341,7 +341,7 @@ def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_s
         per_task[r["task_id"]].append(bool(r["passed"]))
     counts = {t: (len(v), sum(v)) for t, v in per_task.items()}
     summary = {
-        "task": task.name, "model": cfg.model or "default", "instruct": cfg.instruct,
+        "task": task.name, "model": cfg.model or "default", "instruct": cfg.instruct or task.chat_only,
         "n": min((n for n, _ in counts.values()), default=0),  # samples per problem actually scored
         "temperature": cfg.temperature, "top_p": cfg.top_p, "problems": len(problems),
         "problems_scored": len(counts), "samples_scored": len(results),
