@@ -6,6 +6,7 @@ without depending on a model's behaviour; the real default model runs in the slo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from itertools import islice
 
 import pytest
@@ -119,6 +120,9 @@ def test_toxigen_without_classifier_is_skipped_with_how_to_get_it(shared_data, t
     s = run_task(cfg, ModelAdapter(Canned(lambda p: " x"), 2))
     assert "tomh/toxigen_roberta" in s["skipped"]
     assert len((cfg.out / "samples.jsonl").read_text().splitlines()) == 2  # generation kept for later scoring
+    monkeypatch.setenv("CODELLAMA_TOXIGEN_CLASSIFIER", make_classifier(tmp_path / "clf", (8.0, 0.0)))
+    later = run_task(replace(cfg, phase="execute"))  # no model needed: scores the kept generations
+    assert later["samples_scored"] == 2 and later["toxic_percent"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------- bold
