@@ -76,10 +76,11 @@ def test_linear_kernel_equals_matmul(fmt, M, N, K):
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("M", [1, 2, 4])  # streamed in registers (1, 2 rows) and through the widened block
 @pytest.mark.parametrize("fmt", ["float32", "int8"])
-def test_linear_kernel_any_width(fmt):  # K not a multiple of 8: the scalar tail of each row
+def test_linear_kernel_any_width(fmt, M):  # K not a multiple of 8 (nor 16): the scalar tail of each row
     torch.manual_seed(1)
-    w, x = torch.randn(13, 203), torch.randn(4, 203)
+    w, x = torch.randn(13, 203), torch.randn(M, 203)
     weight, scales, dense = _weights(fmt, w)
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 

@@ -148,12 +148,31 @@ struct Int8W {
   template <int MR>
   void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
     const int8_t* rows = w + n0 * K;
-    tile<MR>(
-        x, K, [&](int j, int64_t k) { return widen8(rows + j * K + k); },
-        [&](int j, int64_t k) { return float(rows[j * K + k]); }, scale + n0, y, N, m, n0, next.p[0],
-        next.p[0] ? raw_bytes() : 0);
+    __m256 acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+    const int64_t K16 = K & ~int64_t(15);
+    for (int64_t k = 0; k < K16; k += 16) {
+      next.step(k / 16);
+      __m256 xv[MR][2];
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < 2; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + k + c * 8);
+      for (int j = 0; j < NB; ++j)
+        for (int c = 0; c < 2; ++c) {
+          const __m256 wv = widen8(rows + j * K + k + c * 8);
+          for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r][c], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) {
+        float s = hsum(acc[r][j]);
+        for (int64_t k = K16; k < K; ++k) s += x[(m + r) * K + k] * float(rows[j * K + k]);
+        y[(m + r) * N + n0 + j] = s * scale[n0 + j];
+      }
   }
-  Ahead ahead(int64_t n0) const { return {{raw(n0), nullptr}, {0, 0}}; }  // tile() spreads its own
+  Ahead ahead(int64_t n0) const {  // per 16 weights of each row: a line of the next block's codes
+    return {{raw(n0), raw(n0)}, {NB * 16, NB * 16}};
+  }
   float at(int64_t n, int64_t k) const { return float(w[n * K + k]) * scale[n]; }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
   int64_t raw_bytes() const { return NB * K; }
