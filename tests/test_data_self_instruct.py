@@ -53,7 +53,7 @@ class Scripted:
             return tests
         i = self.sample.get(question, 0)
         self.sample[question] = i + 1
-        return f"Sure.\n[PYTHON]\n{solutions[i]}\n[/PYTHON]"
+        return f"Sure.\n[PYTHON]\n{solutions[i % len(solutions)]}\n[/PYTHON]"
 
 
 def test_parsing():
@@ -85,6 +85,36 @@ def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codella
     assert run(cfg, ModelAdapter(gen, batch_size=2)) == counts and gen.calls == calls  # nothing redone
     examples = ChatExamples.from_jsonl(cfg.out / "instructions.jsonl", codellama, seq_len=256)
     assert len(examples.convs) == 2  # the instruct recipe's chat reader takes it
+
+
+class Interrupted(Scripted):
+    """Records the seed of every solution asked for; raises KeyboardInterrupt at solution number `stop`."""
+
+    def __init__(self, stop=None):
+        super().__init__()
+        self.seeds, self.stop = set(), stop
+
+    def chat(self, messages, **kw):
+        text = messages[-1]["content"]
+        if "[PYTHON]" in text:
+            if self.stop is not None and len(self.seeds) == self.stop:
+                raise KeyboardInterrupt
+            self.seeds.add((text.split("\n")[0], kw["seed"]))
+        return super().chat(messages, **kw)
+
+
+def test_a_resumed_run_samples_with_the_seeds_of_an_uninterrupted_one(tmp_path):
+    def config(out):
+        return SelfInstructConfig(out=out, rounds=1, solutions=3, timeout=2.0, workers=2, decontam=False,
+                                  progress=False)
+
+    whole = Interrupted()
+    run(config(tmp_path / "a"), ModelAdapter(whole, batch_size=2))
+    first, second = Interrupted(stop=5), Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "b"), ModelAdapter(first, batch_size=2))
+    run(config(tmp_path / "b"), ModelAdapter(second, batch_size=2))
+    assert len(whole.seeds) == 12 and first.seeds | second.seeds == whole.seeds
 
 
 def test_the_printed_training_command_trains_on_the_output(tmp_path):

@@ -47,6 +47,7 @@ SOLUTION_PROMPT = (
     "Your code should start with a [PYTHON] tag and end with a [/PYTHON] tag."
 )
 
+SOLUTION_SEEDS = 1 << 20  # solutions draw from seeds past the question lists
 _NUMBERED = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$")
 _TESTS = re.compile(r"\[TESTS\](.*?)(?:\[/TESTS\]|\Z)", re.S)
 
@@ -129,7 +130,7 @@ def ask_questions(cfg: SelfInstructConfig, model) -> None:
     prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=cfg.per_round)}]
     for start in range(0, len(todo), model.batch_size):
         chunk = todo[start : start + model.batch_size]
-        # the same prompt in every row: the rows' own random draws make the lists differ
+        # the same prompt in every row, row j drawing from seed + j: list r gets seed + r, resumed or not
         texts = model.chat_many([prompt] * len(chunk), max_new_tokens=max(cfg.max_new_tokens, 40 * cfg.per_round),
                                 temperature=cfg.question_temperature, top_p=cfg.top_p, seed=cfg.seed + chunk[0])
         append_jsonl(path, [{"round": r, "text": t} for r, t in zip(chunk, texts)])
@@ -177,15 +178,17 @@ def write_solutions(cfg: SelfInstructConfig, model, qs: list[dict], tests: dict[
 
     path = cfg.out / "solutions.jsonl"
     done = {(r["id"], r["sample_idx"]) for r in _rows(path)}
-    todo = [(q, i) for q in qs if tests.get(q["id"]) for i in range(cfg.solutions) if (q["id"], i) not in done]
+    every = [(q, i) for q in qs if tests.get(q["id"]) for i in range(cfg.solutions)]
+    todo = [(k, q, i) for k, (q, i) in enumerate(every) if (q["id"], i) not in done]
     bar = _progress(len(todo), "solutions", cfg.progress)
     for start in range(0, len(todo), model.batch_size):
         chunk = todo[start : start + model.batch_size]
-        convs = [[{"role": "user", "content": solution_prompt(q["question"], tests[q["id"]])}] for q, _ in chunk]
+        convs = [[{"role": "user", "content": solution_prompt(q["question"], tests[q["id"]])}] for _, q, _ in chunk]
+        # row j draws from seed + j: sample k of the whole run gets its own seed, resumed or not
         texts = model.chat_many(convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.solution_temperature,
-                                top_p=cfg.top_p, seed=cfg.seed + start)
+                                top_p=cfg.top_p, seed=cfg.seed + SOLUTION_SEEDS + chunk[0][0])
         append_jsonl(path, [{"id": q["id"], "sample_idx": i, "code": extract_code(t), "generation": t}
-                            for (q, i), t in zip(chunk, texts)])
+                            for (_, q, i), t in zip(chunk, texts)])
         bar.update(len(chunk))
     bar.close()
 

@@ -145,7 +145,7 @@ class ModelAdapter:
             out = self._batched([chat_tokens(tok, list(m)) for m in conversations], kw, lstrip=True)
             if out is not None:
                 return out
-        return [self.chat(m, **kw) for m in conversations]
+        return [self.chat(m, **_row(kw, j)) for j, m in enumerate(conversations)]
 
     def infill_many(self, parts: list[tuple[str, str]], suffix_first: bool, **kw) -> list[str]:
         """Same middles as infill() on each (prefix, suffix) (greedy), decoded as one batch."""
@@ -159,7 +159,12 @@ class ModelAdapter:
             out = self._batched(ids, kw, stop_ids=(tok.eot_id, *sorted(tok.stop_ids)))
             if out is not None:
                 return out
-        return [self.infill(p, s, suffix_first, **kw) for p, s in parts]
+        return [self.infill(p, s, suffix_first, **_row(kw, j)) for j, (p, s) in enumerate(parts)]
+
+
+def _row(kw: dict, j: int) -> dict:
+    """Sampling settings of row j decoded alone: seed + j, as a batch draws it (Generator.stream_generate)."""
+    return kw if kw.get("seed") is None else {**kw, "seed": kw["seed"] + j}
 
 
 def _progress(total: int, desc: str, enabled: bool):
