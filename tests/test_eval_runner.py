@@ -84,6 +84,33 @@ def test_resume_after_interruption(tmp_path):
     assert s["samples_scored"] == 6 and s["problems_scored"] == 6
 
 
+class SeedRecorder(ReplayGenerator):
+    """Records (task, seed) per row, row j of a call drawing from seed + j as the Generator does."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = set()
+
+    def complete(self, prompts, seed=None, **kw):
+        self.draws |= {(BY_PROMPT[p]["task_id"], seed + j) for j, p in enumerate(prompts)}
+        return super().complete(prompts, **kw)
+
+
+def test_resumed_sampling_draws_the_seeds_of_an_uninterrupted_run(tmp_path):
+    whole = SeedRecorder()
+    generate(get_task("humaneval"), cfg(tmp_path / "a", limit=3, n=3, temperature=0.8), ModelAdapter(whole, 2))
+    first, second = SeedRecorder(), SeedRecorder()
+
+    def stop(_n):
+        raise KeyboardInterrupt
+
+    c = cfg(tmp_path / "b", limit=3, n=3, temperature=0.8)
+    with pytest.raises(KeyboardInterrupt):
+        generate(get_task("humaneval"), c, ModelAdapter(first, 2), on_batch=stop)
+    generate(get_task("humaneval"), c, ModelAdapter(second, 2))
+    assert len(whole.draws) == 9 and first.draws | second.draws == whole.draws and not first.draws & second.draws
+
+
 def test_other_settings_refused(tmp_path):
     gen = ReplayGenerator()
     run_task(cfg(tmp_path, phase="generate"), ModelAdapter(gen, 4))

@@ -13,7 +13,6 @@ stopped, and either phase can be rerun alone (`phase="generate" | "execute" | "a
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -193,7 +192,8 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     repair_tail(path)
     problems = _problems(task, cfg)
     done = _done_keys(path)
-    todo = [(p, i) for p in problems for i in range(cfg.n) if (p["task_id"], i) not in done]
+    every = [(p, i) for p in problems for i in range(cfg.n)]
+    todo = [(k, p, i) for k, (p, i) in enumerate(every) if (p["task_id"], i) not in done]
     stats = {"generated": 0, "seconds": 0.0}
     if not todo:
         return stats
@@ -208,22 +208,23 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
         )
     params = dict(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, temperature=cfg.temperature,
                   top_p=cfg.top_p)
-    rng = random.Random(cfg.seed)
     t0 = time.perf_counter()
     bar = _progress(len(todo), f"generate {task.name}", cfg.progress)
     batch = model.batch_size
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
-        seed = rng.randrange(2**31) if cfg.temperature > 0 else None
+        # row j of a batch draws from seed + j, so sample k of the run draws from its own seed, the same
+        # whether the run was resumed or not
+        seed = (cfg.seed << 32) + chunk[0][0] if cfg.temperature > 0 else None
         if cfg.instruct or task.chat_only:
-            gens = model.chat_many([task.chat_messages(p) for p, _ in chunk], seed=seed, **params)
+            gens = model.chat_many([task.chat_messages(p) for _, p, _ in chunk], seed=seed, **params)
         elif task.mode == "infill":
-            gens = model.infill_many([task.infill_parts(p) for p, _ in chunk], task.suffix_first, seed=seed, **params)
+            gens = model.infill_many([task.infill_parts(p) for _, p, _ in chunk], task.suffix_first, seed=seed, **params)
         else:
-            gens = model.complete([task.prompt(p) for p, _ in chunk], stop=task.stop, seed=seed, **params)
+            gens = model.complete([task.prompt(p) for _, p, _ in chunk], stop=task.stop, seed=seed, **params)
         append_jsonl(path, [
             {"task_id": p["task_id"], "sample_idx": i, "completion": task.postprocess(p, g, cfg.instruct), "generation": g}
-            for (p, i), g in zip(chunk, gens)
+            for (_, p, i), g in zip(chunk, gens)
         ])
         bar.update(len(chunk))
         if on_batch:
