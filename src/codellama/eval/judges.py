@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 
 from codellama.errors import UserError
@@ -68,8 +69,9 @@ def classifier_path(options: dict) -> str | None:
     return options.get("classifier") or os.environ.get(CLASSIFIER_ENV)
 
 
+@lru_cache(maxsize=1)
 def vader():
-    """VADER's analyser, or None when the package is not installed."""
+    """VADER's analyser (its lexicon read once), or None when the package is not installed."""
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
