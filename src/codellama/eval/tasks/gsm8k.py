@@ -86,7 +86,7 @@ class GSM8K(Task):
             got, want = extract_answer(completion), expected(problem)
             passed = got is not None and abs(got - want) < 1e-6
             rows.append({"passed": passed, "status": "passed" if passed else "failed",
-                         "result": f"answer {got:g}, expected {want:g}" if got is not None else "no number in the answer"})
+                         "result": f"answer {got:.12g}, expected {want:.12g}" if got is not None else "no number in the answer"})
         return rows
 
     def reference(self, problem: dict) -> str:
