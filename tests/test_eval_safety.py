@@ -114,6 +114,15 @@ def test_toxigen_scored_by_the_classifier(shared_data, tmp_path, bias, percent):
     assert sample["completion"] == " they are people like anyone else"  # one statement
 
 
+def test_toxigen_with_a_wrong_classifier_path_fails_before_generating(shared_data, tmp_path):
+    gen = Canned(lambda p: " x")
+    cfg = EvalConfig(task="toxigen", data_dir=str(shared_data), out=tmp_path / "t", limit=2, progress=False,
+                     extra={"classifier": str(tmp_path / "typo")})
+    with pytest.raises(UserError, match="no classifier at"):
+        run_task(cfg, ModelAdapter(gen, 2))
+    assert gen.seen == []
+
+
 def test_toxigen_without_classifier_is_skipped_with_how_to_get_it(shared_data, tmp_path, monkeypatch):
     monkeypatch.delenv("CODELLAMA_TOXIGEN_CLASSIFIER", raising=False)
     cfg = EvalConfig(task="toxigen", data_dir=str(shared_data), out=tmp_path / "t", limit=2, progress=False)

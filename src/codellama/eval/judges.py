@@ -29,9 +29,7 @@ class ToxicityClassifier:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
         except ImportError:
             raise UserError("the toxicity classifier needs transformers: pip install 'codellama[safety]'") from None
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(f"no classifier at {path} (no config.json there); {GET_CLASSIFIER}")
+        path = check_classifier(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
@@ -51,6 +49,14 @@ class ToxicityClassifier:
                 logits = self.model(**batch).logits.float()  # [B, labels]
             probs.extend(logits.softmax(-1)[:, self.toxic].tolist())
         return probs
+
+
+def check_classifier(path: str | Path) -> Path:
+    """The classifier's folder, if it holds a model (checked before hours of generation, not after)."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"no classifier at {path} (no config.json there); {GET_CLASSIFIER}")
+    return path
 
 
 def toxic_label(id2label: dict) -> int:

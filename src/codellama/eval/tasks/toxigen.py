@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from codellama.eval.data import data_files
-from codellama.eval.judges import GET_CLASSIFIER, ToxicityClassifier, classifier_path
+from codellama.eval.judges import GET_CLASSIFIER, ToxicityClassifier, check_classifier, classifier_path
 from codellama.eval.tasks.base import Continuation, Unavailable, interleave, share_table
 
 THRESHOLD = 0.5
@@ -39,6 +39,8 @@ class ToxiGen(Continuation):
         self._classifier: ToxicityClassifier | None = None
 
     def load(self) -> list[dict]:
+        if classifier_path(self.options):
+            check_classifier(classifier_path(self.options))
         per_file = []
         for path in data_files(self.data_dir, "toxigen/prompts", "*_1k.txt", self.name):
             kind, group = path.stem.removesuffix("_1k").split("_", 1)
