@@ -74,6 +74,8 @@ def test_classifier_agrees_with_transformers_pipeline(tmp_path):
     theirs = [next(x["score"] for x in r if x["label"] == "LABEL_1") for r in ref]
     assert ours == pytest.approx(theirs, abs=1e-5)
     assert len({round(p, 6) for p in ours}) > 1  # the texts differ, so do their scores
+    long = ToxicityClassifier(path).probabilities(["some statements are bad " * 100])  # past its 128 positions
+    assert 0 <= long[0] <= 1
 
 
 def test_toxic_label_and_bad_classifier(tmp_path):

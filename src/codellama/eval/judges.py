@@ -36,7 +36,10 @@ class ToxicityClassifier:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the classifier at {path}: {e}") from None
         self.toxic = toxic_label(self.model.config.id2label)
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        # longer texts are cut to what the model has positions for (RoBERTa spends 2 on its padding offset)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, self.tokenizer.model_max_length, positions - 2 if positions else max_length)
+        self.device, self.batch_size = device, batch_size
 
     def probabilities(self, texts: list[str]) -> list[float]:
         import torch
