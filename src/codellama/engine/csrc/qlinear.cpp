@@ -115,6 +115,28 @@ __attribute__((noinline)) void float_block(const float* x, int64_t M, int64_t K,
   if (M - m == 1) float_tile<1>(x, K, rows, post, y, N, m, n0, rest, share(t + 1) - share(t));
 }
 
+// acc[r][j] = sum_k x[m + r, k] * w_j[k] over k < 16 * steps for the NB rows of a block, which load(j, g,
+// wv) gives 16 weights at a time (group g) widened to 2 x 8 float32 in registers, while `next` pulls the
+// next block into cache at the same rate (the int8 layouts' streaming path, M <= STREAM_M).
+template <int MR, class Load16>
+inline void stream16(const float* x, int64_t K, int64_t m, int64_t steps, const Ahead& next, Load16 load,
+                     __m256 acc[MR][NB]) {
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < steps; ++g) {
+    next.step(g);
+    __m256 xv[MR][2];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < 2; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + g * 16 + c * 8);
+    for (int j = 0; j < NB; ++j) {
+      __m256 wv[2];
+      load(j, g, wv);
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < 2; ++c) acc[r][j] = _mm256_fmadd_ps(wv[c], xv[r][c], acc[r][j]);
+    }
+  }
+}
+
 // The four weight formats. Each gives: widen (the block as float32 rows, possibly into buf, with a
 // per-row factor applied after the sum), one weight (at), its raw bytes (for prefetching) and, quantised
 // ones only, stream<MR> (widened in registers, for M <= STREAM_M, prefetching what ahead() names).
@@ -148,21 +170,12 @@ struct Int8W {
   template <int MR>
   void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
     const int8_t* rows = w + n0 * K;
-    __m256 acc[MR][NB];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
     const int64_t K16 = K & ~int64_t(15);
-    for (int64_t k = 0; k < K16; k += 16) {
-      next.step(k / 16);
-      __m256 xv[MR][2];
-      for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < 2; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + k + c * 8);
-      for (int j = 0; j < NB; ++j)
-        for (int c = 0; c < 2; ++c) {
-          const __m256 wv = widen8(rows + j * K + k + c * 8);
-          for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wv, xv[r][c], acc[r][j]);
-        }
-    }
+    __m256 acc[MR][NB];
+    stream16<MR>(x, K, m, K16 / 16, next, [&](int j, int64_t g, __m256 wv[2]) {
+      wv[0] = widen8(rows + j * K + g * 16);
+      wv[1] = widen8(rows + j * K + g * 16 + 8);
+    }, acc);
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NB; ++j) {
         float s = hsum(acc[r][j]);
@@ -259,20 +272,7 @@ struct Int8GroupW {
   template <int MR>
   void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
     __m256 acc[MR][NB];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / 16; ++g) {
-      next.step(g);
-      __m256 xv[MR][2];
-      for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < 2; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + g * 16 + c * 8);
-      for (int j = 0; j < NB; ++j) {
-        __m256 wv[2];
-        group(n0 + j, g, wv);
-        for (int r = 0; r < MR; ++r)
-          for (int c = 0; c < 2; ++c) acc[r][j] = _mm256_fmadd_ps(wv[c], xv[r][c], acc[r][j]);
-      }
-    }
+    stream16<MR>(x, K, m, K / 16, next, [&](int j, int64_t g, __m256 wv[2]) { group(n0 + j, g, wv); }, acc);
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
   }
