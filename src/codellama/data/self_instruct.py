@@ -30,6 +30,7 @@ from pathlib import Path
 
 from codellama.errors import UserError
 from codellama.eval.data import append_jsonl, read_jsonl_tolerant, repair_tail
+from codellama.eval.runner import progress_bar
 
 QUESTIONS_PROMPT = (
     "Write {n} programming interview questions of easy and medium difficulty, each on a different topic. "
@@ -115,18 +116,12 @@ def _rows(path: Path) -> list[dict]:
     return read_jsonl_tolerant(path)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled or total == 0)
-
-
 def ask_questions(cfg: SelfInstructConfig, model) -> None:
     """Stage 1: `rounds` question lists into question_lists.jsonl ({"round", "text"})."""
     path = cfg.out / "question_lists.jsonl"
     done = {r["round"] for r in _rows(path)}
     todo = [r for r in range(cfg.rounds) if r not in done]
-    bar = _progress(len(todo), "question lists", cfg.progress)
+    bar = progress_bar(len(todo), "question lists", cfg.progress, "list")
     prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=cfg.per_round)}]
     for start in range(0, len(todo), model.batch_size):
         chunk = todo[start : start + model.batch_size]
@@ -156,7 +151,7 @@ def write_tests(cfg: SelfInstructConfig, model, qs: list[dict]) -> None:
     path = cfg.out / "tests.jsonl"
     done = {r["id"] for r in _rows(path)}
     todo = [q for q in qs if q["id"] not in done]
-    bar = _progress(len(todo), "tests", cfg.progress)
+    bar = progress_bar(len(todo), "tests", cfg.progress, "question")
     for start in range(0, len(todo), model.batch_size):
         chunk = todo[start : start + model.batch_size]
         convs = [[{"role": "user", "content": TESTS_PROMPT.format(question=q["question"], n=cfg.tests)}] for q in chunk]
@@ -180,7 +175,7 @@ def write_solutions(cfg: SelfInstructConfig, model, qs: list[dict], tests: dict[
     done = {(r["id"], r["sample_idx"]) for r in _rows(path)}
     every = [(q, i) for q in qs if tests.get(q["id"]) for i in range(cfg.solutions)]
     todo = [(k, q, i) for k, (q, i) in enumerate(every) if (q["id"], i) not in done]
-    bar = _progress(len(todo), "solutions", cfg.progress)
+    bar = progress_bar(len(todo), "solutions", cfg.progress, "solution")
     for start in range(0, len(todo), model.batch_size):
         chunk = todo[start : start + model.batch_size]
         convs = [[{"role": "user", "content": solution_prompt(q["question"], tests[q["id"]])}] for _, q, _ in chunk]
@@ -208,7 +203,7 @@ def verify(cfg: SelfInstructConfig, tests: dict[str, list[str]], sandbox=None) -
     programs = [python_program(s["code"] + "\n\n" + "\n".join(tests[s["id"]]) + "\n", limits) for s in todo]
     own = sandbox is None
     sandbox = sandbox or Sandbox(workers=cfg.workers)
-    bar = _progress(len(todo), "verify", cfg.progress)
+    bar = progress_bar(len(todo), "verify", cfg.progress, "solution")
     try:
         for i, r in sandbox.map(programs):
             append_jsonl(path, [{"id": todo[i]["id"], "sample_idx": todo[i]["sample_idx"], "passed": r.passed,

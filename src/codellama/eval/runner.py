@@ -166,10 +166,11 @@ def _row(kw: dict, j: int) -> dict:
     return kw if kw.get("seed") is None else {**kw, "seed": kw["seed"] + j}
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample"):
+    """A bar on stderr, off when disabled or when there is nothing to do."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled or total == 0, file=sys.stderr,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0, file=sys.stderr,
                 dynamic_ncols=True)
 
 
@@ -209,7 +210,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     params = dict(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, temperature=cfg.temperature,
                   top_p=cfg.top_p)
     t0 = time.perf_counter()
-    bar = _progress(len(todo), f"generate {task.name}", cfg.progress)
+    bar = progress_bar(len(todo), f"generate {task.name}", cfg.progress)
     batch = model.batch_size
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
@@ -297,7 +298,7 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     own = sandbox is None
     sandbox = sandbox or Sandbox(workers=cfg.workers)
     t0 = time.perf_counter()
-    bar = _progress(len(todo), f"execute {task.name}", cfg.progress)
+    bar = progress_bar(len(todo), f"execute {task.name}", cfg.progress)
     try:
         programs = [task.program(problems[s["task_id"]], s["completion"], cfg.instruct) for s in todo]
         with open(res_path, "a", encoding="utf-8") as f:
@@ -320,7 +321,7 @@ def _score_texts(task: Task, problems: dict[str, dict], todo: list[dict], res_pa
                  chunk: int = 64) -> dict:
     """Execution phase of a task that judges the text itself: rows appended a chunk at a time (resumable)."""
     t0 = time.perf_counter()
-    bar = _progress(len(todo), f"score {task.name}", progress)
+    bar = progress_bar(len(todo), f"score {task.name}", progress)
     try:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]

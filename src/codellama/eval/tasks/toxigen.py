@@ -39,8 +39,9 @@ class ToxiGen(Continuation):
         self._classifier: ToxicityClassifier | None = None
 
     def load(self) -> list[dict]:
-        if classifier_path(self.options):
-            check_classifier(classifier_path(self.options))
+        path = classifier_path(self.options)
+        if path:
+            check_classifier(path)
         per_file = []
         for path in data_files(self.data_dir, "toxigen/prompts", "*_1k.txt", self.name):
             kind, group = path.stem.removesuffix("_1k").split("_", 1)
