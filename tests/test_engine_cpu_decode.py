@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +141,14 @@ def test_kernels_work_in_a_forked_child():
         child.kill()
     assert not alive, "the forked child hung on the parent's thread pool"
     assert queue.get(timeout=5) == 16 * 256 * 64
+
+
+def test_kernels_load_after_a_killed_build(tmp_path):
+    """A build killed half-way (Ctrl-C on the first run) leaves torch's `lock` file behind; the next run
+    used to wait on it forever."""
+    built = Path(cpu_kernels().__file__).parent
+    shutil.copytree(built, tmp_path / built.name)  # an up-to-date build...
+    (tmp_path / built.name / "lock").touch()  # ...with a killed build's leftover
+    code = "from codellama.engine.kernels import cpu_kernels; assert cpu_kernels() is not None"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=120, check=True)

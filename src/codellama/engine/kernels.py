@@ -40,21 +40,45 @@ def _build():
         log.info("CPU without AVX2: the engine uses its portable PyTorch path")
         return None
     try:
-        from torch.utils.cpp_extension import get_default_build_root, load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-        # torch builds in ROOT/NAME under TORCH_EXTENSIONS_DIR, else in ROOT/<python>_<cuda>/NAME
-        built = [*root.glob(f"{NAME}/{NAME}*.so"), *root.glob(f"*/{NAME}/{NAME}*.so")]
-        if not built:  # say why the first run pauses
+        build_dir = Path(_get_build_directory(NAME, verbose=False))  # created if missing
+        if not any(build_dir.glob(f"{NAME}*.so")):  # say why the first run pauses
             print("codellama: compiling the CPU kernels (first use only, about a minute)", file=sys.stderr)
         csrc = Path(__file__).with_name("csrc")
         # torch rebuilds when the sources or flags change, not the headers: put their hash in the flags
         headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(csrc.glob("*.h")))).hexdigest()[:16]
-        return load(name=NAME, sources=[str(csrc / s) for s in SOURCES], extra_include_paths=[str(csrc)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", f"-DCODELLAMA_HEADERS={headers}"], verbose=False)
+        with _one_builder(build_dir):
+            return load(name=NAME, sources=[str(csrc / s) for s in SOURCES], extra_include_paths=[str(csrc)],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", f"-DCODELLAMA_HEADERS={headers}"], verbose=False)
     except Exception as e:  # no compiler / ninja / headers: correct but slower
         log.warning("could not build the CPU kernels (%s); using the portable PyTorch path", e)
         return None
+
+
+@contextlib.contextmanager
+def _one_builder(build_dir: Path) -> Iterator[None]:
+    """Let one process at a time build (or check) the kernels, and clear what a killed build left behind.
+
+    torch's builder marks a build in progress with a `lock` file and makes every other process wait until
+    it goes away; a build killed half-way (Ctrl-C during the first run) leaves the file, and every later run
+    then waited forever. An OS lock dies with its process, however it dies: holding it, a `lock` file can
+    only be such a leftover.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own waiting only
+        yield
+        return
+    with open(build_dir / "codellama-build.flock", "w") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("codellama: waiting for another codellama process that is compiling the CPU kernels",
+                  file=sys.stderr)
+            fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield  # the OS lock goes with the file's closing
 
 
 @contextlib.contextmanager
