@@ -154,6 +154,10 @@ def test_bad_inputs(tmp_path):
         EvalConfig(task="humaneval", out=tmp_path / "afile")
     with pytest.raises(UserError, match="does not exist"):
         get_task("mbpp", tmp_path / "nope").load()
+    for setting, flag in (({"batch_size": 0}, "--batch-size"), ({"workers": 0}, "--workers"),
+                          ({"max_new_tokens": 0}, "--max-new-tokens"), ({"timeout": -3.0}, "--timeout")):
+        with pytest.raises(UserError, match=flag):  # before the model loads, not after a run of nothing
+            EvalConfig(task="humaneval", **setting)
 
 
 class NoisyGenerator(ReplayGenerator):

@@ -60,8 +60,12 @@ class EvalConfig:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"--limit must be >= 1, got {self.limit}")
+        for flag, value in (("--limit", self.limit), ("--batch-size", self.batch_size), ("--workers", self.workers),
+                            ("--max-new-tokens", self.max_new_tokens)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} is a file; give a folder (it is created if missing)")
