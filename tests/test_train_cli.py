@@ -67,6 +67,19 @@ def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
     assert "trained to step 6" in capsys.readouterr().out
 
 
+def test_cli_resume_with_other_sources_is_one_line(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    two = ('data.sources=[{name="synthetic", kind="tokens", path="train.npy"}, '
+           '{name="more", kind="tokens", path="valid.npy"}]')
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
+                 "--set", "train.steps=6", "--set", two]) == 2
+    err = capsys.readouterr().err
+    assert "written reading data sources ['synthetic'], the recipe now has ['synthetic', 'more']" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

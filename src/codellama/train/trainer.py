@@ -74,6 +74,15 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
     return make_source(sources, weights, _source_seed(t.seed, f"mixture-{split}")), list(sources.items())
 
 
+def _check_same_sources(state: dict, recipe: Recipe, ckpt: Path) -> None:
+    """UserError when the checkpoint was written by a run reading other data sources than the recipe's."""
+    saved = [s["name"] for s in state.get("recipe", {}).get("data", {}).get("sources", [])]
+    ours = [s.name for s in recipe.data.sources]
+    if saved and saved != ours:
+        raise UserError(f"checkpoint {ckpt} was written reading data sources {saved}, the recipe now has {ours}: "
+                        "resume with the same data.sources, or start a new run (--no-resume or another --out)")
+
+
 def _shape_of(cfg: ModelConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim")}
 
@@ -99,7 +108,8 @@ class Trainer:
         self.cfg: ModelConfig = self.model.config
 
         arrays = []
-        if train_source is None:
+        from_recipe = train_source is None
+        if from_recipe:
             train_source, arrays = build_sources(recipe, self.tokenizer, "train")
             valid_source, _ = build_sources(recipe, self.tokenizer, "val")
         for name, src in arrays:
@@ -118,6 +128,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.model, self.optimizer)
+            if from_recipe:  # the data state is per source: it only fits the same source list
+                _check_same_sources(state, recipe, ckpt)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.batches.load_state_dict(state["data"])
         self.resumed_from = ckpt
