@@ -112,6 +112,9 @@ def test_jsonl(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(UserError, match="not a JSON record"):
         list(jsonl_documents(bad, 10**6, SourceStats()))
+    bom = tmp_path / "bom.jsonl"  # UTF-8 with a byte-order mark, as Windows editors save it
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
+    assert [d.text for d in jsonl_documents(bom, 10**6, SourceStats())] == ["hello"]
 
 
 def test_check_sources(tmp_path):

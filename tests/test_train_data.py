@@ -127,6 +127,20 @@ def test_chat_jsonl_errors(tmp_path):
         ChatExamples.from_jsonl(bad, tokenizer=None, seq_len=16)
 
 
+def test_chat_jsonl_with_byte_order_mark_or_not_utf8(tmp_path, codellama):
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")  # as Windows editors save UTF-8
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(line + "\n")
+    assert ChatExamples.from_jsonl(bom, codellama, seq_len=64).convs == \
+        ChatExamples.from_jsonl(plain, codellama, seq_len=64).convs
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(line.replace("hello", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(UserError, match=r"latin1.jsonl is not UTF-8 text .*save it as UTF-8"):
+        ChatExamples.from_jsonl(latin1, codellama, seq_len=64)
+
+
 def test_in_memory_tokens_epochs_and_state():
     toks = np.arange(1001)
     src = InMemoryTokens(toks, seq_len=10, seed=3)

@@ -250,7 +250,7 @@ def jsonl_documents(path: str | Path, max_bytes: int, stats: SourceStats) -> Ite
     source = str(path)
     opener = gzip.open if p.name.endswith(".gz") else open
     try:
-        with opener(p, "rt", encoding="utf-8", errors="strict") as f:
+        with opener(p, "rt", encoding="utf-8-sig", errors="strict") as f:  # -sig: a byte-order mark is not JSON
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -162,13 +162,22 @@ class ChatExamples(_PermutedSource):
 
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer, seq_len: int, seed: int = 0, name: str = "chat") -> ChatExamples:
-        from codellama.prompts import chat_tokens  # tokenizer helper's module
-
         path = Path(path)
         if not path.is_file():
             raise UserError(f"chat file {path} for source {name!r} does not exist")
+        try:
+            convs = cls._read_jsonl(path, tokenizer)
+        except UnicodeDecodeError as e:
+            raise UserError(f"chat file {path} is not UTF-8 text ({e}): save it as UTF-8") from None
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        return cls(convs, seq_len, pad, seed, name)
+
+    @staticmethod
+    def _read_jsonl(path: Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
+        from codellama.prompts import chat_tokens  # tokenizer helper's module
+
         convs = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not JSON
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -182,8 +191,7 @@ class ChatExamples(_PermutedSource):
                     convs.append(answer_mask(messages, lambda m: chat_tokens(tokenizer, m), tokenizer.stop_ids))
                 except UserError as e:
                     raise UserError(f"{path}:{lineno}: {e}") from None
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        return cls(convs, seq_len, pad, seed, name)
+        return convs
 
     def next(self) -> Example:
         ids, ans = self.convs[self.order.take()]
