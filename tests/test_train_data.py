@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codellama.errors import UserError
-from codellama.train.data import ChatExamples, InMemoryTokens, Mixture, RankBatches, answer_mask
+from codellama.train.data import ChatExamples, InMemoryTokens, Mixture, RankBatches, ShardsSource, answer_mask
 
 BOS, EOS = 1, 2
 
@@ -139,6 +139,25 @@ def test_chat_jsonl_with_byte_order_mark_or_not_utf8(tmp_path, codellama):
     latin1.write_bytes(line.replace("hello", "caf\u00e9").encode("latin-1") + b"\n")
     with pytest.raises(UserError, match=r"latin1.jsonl is not UTF-8 text .*save it as UTF-8"):
         ChatExamples.from_jsonl(latin1, codellama, seq_len=64)
+
+
+def test_shards_built_with_other_fim_settings_are_refused(tmp_path):
+    from data_tokenizer import sp_test_tokenizer
+
+    from codellama.data.fim import FimConfig
+    from codellama.data.pipeline import PipelineConfig, build_corpus
+    from codellama.data.sources import SourceSpec
+
+    (tmp_path / "src").mkdir()
+    for i in range(20):
+        (tmp_path / "src" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n")
+    cfg = PipelineConfig(seq_len=64, fim=FimConfig(rate=0.9, spm_rate=0.5), decontam=False, val_fraction=0.0)
+    build_corpus([SourceSpec("path", str(tmp_path / "src"))], sp_test_tokenizer(), tmp_path / "c", cfg, "t")
+    ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=0.5)
+    with pytest.raises(UserError, match=r"built with SPM rate 0.5 but the recipe asks for data.fim_spm_rate = 1.0"):
+        ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=1.0)
+    with pytest.raises(UserError, match=r"built with FIM rate 0.9 but the recipe asks for data.fim_rate = 0.5"):
+        ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.5, fim_spm_rate=0.5)
 
 
 def test_in_memory_tokens_epochs_and_state():

@@ -214,7 +214,7 @@ class ShardsSource:
     (rank 0 of 1) so every rank sees the same stream; ranks slice it themselves (RankBatches)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0, fim_rate: float | None = None,
-                 name: str = "shards"):
+                 name: str = "shards", fim_spm_rate: float | None = None):
         try:
             from codellama.data import TokenShards
         except ImportError:
@@ -236,6 +236,12 @@ class ShardsSource:
             raise UserError(f"corpus {path} was built with FIM rate {built_fim} but the recipe asks for "
                             f"data.fim_rate = {fim_rate}: rebuild it with `codellama data --fim-rate {fim_rate}` "
                             "or change the recipe")
+        built_spm = (manifest.get("fim") or {}).get("spm_rate")
+        if built_fim and fim_spm_rate is not None and built_spm is not None and split == "train" \
+                and abs(built_spm - fim_spm_rate) > 1e-9:  # the order is chosen at build time too
+            raise UserError(f"corpus {path} was built with SPM rate {built_spm} but the recipe asks for "
+                            f"data.fim_spm_rate = {fim_spm_rate}: rebuild it with `codellama data --spm-rate "
+                            f"{fim_spm_rate}` or change the recipe")
         built_seq = manifest.get("seq_len")
         if built_fim and built_seq and seq_len < built_seq:
             raise UserError(f"corpus {path} packs FIM documents for contexts of {built_seq} tokens; training at "

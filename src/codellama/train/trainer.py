@@ -52,7 +52,8 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
         seed = _source_seed(t.seed, s.name)
         if s.kind == "shards":
             try:
-                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, name=s.name)
+                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, name=s.name,
+                                   fim_spm_rate=d.fim_spm_rate)
             except UserError:
                 if split == "train":
                     raise
