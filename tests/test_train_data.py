@@ -141,9 +141,8 @@ def test_chat_jsonl_with_byte_order_mark_or_not_utf8(tmp_path, codellama):
         ChatExamples.from_jsonl(latin1, codellama, seq_len=64)
 
 
-def test_shards_built_with_other_fim_settings_are_refused(tmp_path):
-    from data_tokenizer import sp_test_tokenizer
-
+def small_corpus(tmp_path, tok):
+    """`codellama data` on 20 small Python files: FIM rate 0.9, SPM rate 0.5, seq_len 64, in tmp_path/c."""
     from codellama.data.fim import FimConfig
     from codellama.data.pipeline import PipelineConfig, build_corpus
     from codellama.data.sources import SourceSpec
@@ -152,12 +151,28 @@ def test_shards_built_with_other_fim_settings_are_refused(tmp_path):
     for i in range(20):
         (tmp_path / "src" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n")
     cfg = PipelineConfig(seq_len=64, fim=FimConfig(rate=0.9, spm_rate=0.5), decontam=False, val_fraction=0.0)
-    build_corpus([SourceSpec("path", str(tmp_path / "src"))], sp_test_tokenizer(), tmp_path / "c", cfg, "t")
+    build_corpus([SourceSpec("path", str(tmp_path / "src"))], tok, tmp_path / "c", cfg, "t")
+
+
+def test_shards_built_with_other_fim_settings_are_refused(tmp_path):
+    from data_tokenizer import sp_test_tokenizer
+
+    small_corpus(tmp_path, sp_test_tokenizer())
     ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=0.5)
     with pytest.raises(UserError, match=r"built with SPM rate 0.5 but the recipe asks for data.fim_spm_rate = 1.0"):
         ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=1.0)
     with pytest.raises(UserError, match=r"built with FIM rate 0.9 but the recipe asks for data.fim_rate = 0.5"):
         ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.5, fim_spm_rate=0.5)
+
+
+def test_shards_of_another_tokenizer_are_refused(tmp_path, codellama):
+    from data_tokenizer import sp_test_tokenizer
+
+    small_corpus(tmp_path, sp_test_tokenizer())
+    source = ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=0.5, name="code")
+    source.check_tokenizer(sp_test_tokenizer())
+    with pytest.raises(UserError, match=r"source 'code' was tokenised by another tokenizer \(t, vocabulary \d+\)"):
+        source.check_tokenizer(codellama)  # more pieces than the corpus's ids reach: only the probe tells
 
 
 def test_in_memory_tokens_epochs_and_state():

@@ -231,6 +231,7 @@ class ShardsSource:
         self.name, self.seq_len = name, seq_len
         manifest = getattr(self.reader, "manifest", {}) or {}
         self.vocab_size = manifest.get("vocab_size")  # ids are below it: checked against the model
+        self.tokenizer_info = manifest.get("tokenizer") or {}
         built_fim = (manifest.get("fim") or {}).get("rate")
         if fim_rate is not None and built_fim is not None and split == "train" and abs(built_fim - fim_rate) > 1e-9:
             raise UserError(f"corpus {path} was built with FIM rate {built_fim} but the recipe asks for "
@@ -252,6 +253,17 @@ class ShardsSource:
             raise UserError(f"corpus {path} (split {split!r}) has no window of {seq_len + 1} tokens")
         self.reader.load_state_dict(self._start)
         self._it = iter(self.reader)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """UserError when the corpus was tokenised by another tokenizer than `tokenizer` (the model's): the
+        manifest's probe ids differ (corpora built before the probe was recorded are not checked)."""
+        from codellama.data.pipeline import TOKENIZER_PROBE
+
+        probe = self.tokenizer_info.get("probe")
+        if probe is not None and list(tokenizer.encode(TOKENIZER_PROBE)) != probe:
+            raise UserError(f"corpus {self.reader.path} for source {self.name!r} was tokenised by another tokenizer "
+                            f"({self.tokenizer_info.get('name')}, vocabulary {self.vocab_size}) than the model's: "
+                            "rebuild it with `codellama data --tokenizer` naming the model's tokenizer or checkpoint")
 
     def _pull(self, allow_empty: bool = False):
         try:

@@ -118,6 +118,8 @@ class Trainer:
             if bound is not None and bound > self.cfg.vocab_size:
                 raise UserError(f"source {name!r} has token ids up to {bound - 1}, beyond the model's vocabulary "
                                 f"of {self.cfg.vocab_size}: it was tokenised for another model")
+            if self.tokenizer is not None and hasattr(src, "check_tokenizer"):
+                src.check_tokenizer(self.tokenizer)
         G = t.global_batch_seqs
         self.batches = RankBatches(train_source, G, self.env.rank, self.env.world_size)
         self.valid = RankBatches(valid_source, G, self.env.rank, self.env.world_size) if valid_source else None
