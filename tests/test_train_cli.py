@@ -67,6 +67,14 @@ def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
     assert "trained to step 6" in capsys.readouterr().out
 
 
+def test_cli_says_when_there_is_no_validation_data(recipe_file, tmp_path, capsys):
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]']) == 0
+    assert "note: no validation data" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train"}
+
+
 def test_cli_resume_with_other_sources_is_one_line(recipe_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0

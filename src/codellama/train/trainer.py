@@ -258,6 +258,10 @@ class Trainer:
         tokens_per_step = t.global_batch_seqs * t.seq_len
         flops_per_token = self.cfg.flops_per_token(t.seq_len)
         records = []
+        if self.valid is None and t.eval_every and env.is_main:  # else eval_every silently does nothing
+            print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
+                  "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
+                  "tokens and chat sources a valid_path", file=sys.stderr)
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
                    dynamic_ncols=True)
         try:
