@@ -64,7 +64,9 @@ def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
     # asking for more steps continues from the checkpoint
     assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
                  "--set", "train.steps=6"]) == 0
-    assert "trained to step 6" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "trained to step 6" in captured.out
+    assert f"resuming from {out / 'step_00000004'} (step 4 of 6)" in captured.err
 
 
 def test_cli_says_when_there_is_no_validation_data(recipe_file, tmp_path, capsys):
