@@ -69,6 +69,23 @@ def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
     assert f"resuming from {out / 'step_00000004'} (step 4 of 6)" in captured.err
 
 
+def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    # as if killed after logging step 4 but before its checkpoint, in the middle of writing a record
+    (out / "latest").write_text("step_00000002\n")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)]
+    # a fresh run in the same folder replaces the log
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--no-resume",
+                 "--set", "train.steps=2"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
+
+
 def test_cli_says_when_there_is_no_validation_data(recipe_file, tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
                  "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]']) == 0

@@ -140,7 +140,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not self.env.distributed
                          else contextlib.nullcontext())
         self.peak = peak_flops(self.env.device)
-        self.log = MetricsLog(self.out_dir, enabled=self.env.is_main)
+        self.log = MetricsLog(self.out_dir, enabled=self.env.is_main, start_step=self.step)
 
     # ---------------------------------------------------------------- model
 
