@@ -132,6 +132,18 @@ def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypa
     assert "world size 3 does not divide the global batch of 4 sequences" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("array, message", [
+    (np.ones((4, 1000), dtype=np.int32), "must be a 1-D array of integer token ids, got shape (4, 1000)"),
+    (np.linspace(0, 90, 1000), "must be a 1-D array of integer token ids, got shape (1000,) of float64"),
+    (np.full(1000, -1, dtype=np.int32), "holds negative token ids"),
+])
+def test_cli_token_array_that_is_not_token_ids(recipe_file, tmp_path, capsys, array, message):
+    np.save(tmp_path / "train.npy", array)
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_cli_corpus_from_another_vocabulary(recipe_file, tmp_path, capsys):
     np.save(tmp_path / "train.npy", np.full(1000, 40000, dtype=np.uint16))
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2

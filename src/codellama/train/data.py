@@ -82,9 +82,12 @@ class InMemoryTokens(_PermutedSource):
 
     def __init__(self, tokens, seq_len: int, seed: int = 0, shuffle: bool = True, name: str = "tokens"):
         self.tokens = np.asarray(tokens)
-        self.seq_len = seq_len
+        self.seq_len, self.name = seq_len, name
+        if self.tokens.ndim != 1 or self.tokens.dtype.kind not in "iu":
+            raise UserError(f"corpus {name!r} must be a 1-D array of integer token ids, got shape "
+                            f"{self.tokens.shape} of {self.tokens.dtype}")
         n = (len(self.tokens) - 1) // seq_len
-        if self.tokens.ndim != 1 or n < 1:
+        if n < 1:
             raise UserError(f"corpus {name!r} is empty or too short: {len(self.tokens)} tokens, need at least "
                             f"seq_len+1 = {seq_len + 1}; build a bigger corpus or lower train.seq_len")
         self.order = _Permuted(n, seed, shuffle)
@@ -102,8 +105,10 @@ class InMemoryTokens(_PermutedSource):
 
     @property
     def vocab_size(self) -> int:
-        """One more than the largest id (a full pass, done once)."""
+        """One more than the largest id (a full pass, done once); UserError on a negative id."""
         if not hasattr(self, "_vocab"):
+            if self.tokens.dtype.kind == "i" and self.tokens.min() < 0:
+                raise UserError(f"corpus {self.name!r} holds negative token ids: it is not a token array")
             self._vocab = int(self.tokens.max()) + 1
         return self._vocab
 
