@@ -60,6 +60,8 @@ def test_prose_paragraphs_are_not_long_lines():
     for language in ("text", "markdown"):
         assert Filters().reason(doc(text=text, language=language)) is None
     assert Filters().reason(doc(text=text)) == "long_lines"  # the same lines in a code file
+    blob = "data: " + "QUJD" * 6000 + "\n"  # a 24 kB line is a blob, not a paragraph
+    assert Filters().reason(doc(text=blob, language="text")) == "long_lines"
 
 
 def test_thresholds_are_configurable():
