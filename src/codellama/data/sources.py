@@ -181,15 +181,20 @@ def _walk(root: Path) -> Iterator[str]:
 
 
 def is_git_repo(path: Path) -> bool:
-    """A git work tree, or a folder inside one (then its files are listed by git, .gitignore applies)."""
+    """A git work tree, or a folder inside one (then its files are listed by git, .gitignore applies) that
+    git does not ignore: git lists none of an ignored folder's files (a data dump, a virtualenv), and one
+    named as a source is meant to be read."""
     if (path / ".git").exists():
         return True
     try:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
                              capture_output=True, timeout=60)
+        if out.returncode != 0 or out.stdout.strip() != b"true":
+            return False
+        ignored = subprocess.run(["git", "-C", str(path), "check-ignore", "-q", "."], capture_output=True, timeout=60)
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and out.stdout.strip() == b"true"
+    return ignored.returncode != 0  # 0: ignored
 
 
 def _git_files(root: Path) -> Iterator[str]:
