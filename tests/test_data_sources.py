@@ -95,6 +95,21 @@ def test_installed_package():
         list(package_documents("no-such-package-xyz", 10**6, SourceStats()))
 
 
+def test_editable_package_reads_its_project_folder(tmp_path, monkeypatch):
+    project = tmp_path / "proj"
+    (project / "mypkg").mkdir(parents=True)
+    (project / "mypkg" / "core.py").write_text("def f():\n    return 1\n")
+    site = tmp_path / "site"
+    info = site / "mypkg_qa-0.1.dist-info"  # what `pip install -e` writes: no module files are listed
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg-qa\nVersion: 0.1\n")
+    (info / "RECORD").write_text("__editable__.mypkg_qa-0.1.pth,,\nmypkg_qa-0.1.dist-info/METADATA,,\n")
+    (info / "direct_url.json").write_text(json.dumps({"url": project.as_uri(), "dir_info": {"editable": True}}))
+    monkeypatch.syspath_prepend(str(site))
+    docs = list(package_documents("mypkg-qa", 10**6, SourceStats()))
+    assert [(Path(d.path).name, d.source) for d in docs] == [("core.py", "package:mypkg-qa")]
+
+
 def test_jsonl(tmp_path):
     f = tmp_path / "d.jsonl.gz"
     with gzip.open(f, "wt") as g:

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -240,10 +241,28 @@ def package_documents(name: str, max_bytes: int, stats: SourceStats) -> Iterator
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(_not_installed(name)) from None
-    files = sorted(str(f) for f in (dist.files or []) if ".dist-info/" not in str(f) and ".egg-info/" not in str(f))
     source = f"package:{name}"
+    project = _editable_project(dist)
+    if project is not None:  # `pip install -e`: the files are in the project folder, not among dist.files
+        rels = _git_files(project) if is_git_repo(project) else _walk(project)
+        yield from _files_docs(project, rels, source, max_bytes, stats)
+        return
+    files = sorted(str(f) for f in (dist.files or []) if ".dist-info/" not in str(f) and ".egg-info/" not in str(f))
     root = Path(dist.locate_file(""))
     yield from _files_docs(root, iter(files), source, max_bytes, stats)
+
+
+def _editable_project(dist: importlib.metadata.Distribution) -> Path | None:
+    """The project folder of an editable install (PEP 660/610: direct_url.json), else None."""
+    try:
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+    except json.JSONDecodeError:
+        return None
+    url = info.get("url", "")
+    if not (info.get("dir_info") or {}).get("editable") or not url.startswith("file://"):
+        return None
+    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    return path if path.is_dir() else None
 
 
 def jsonl_documents(path: str | Path, max_bytes: int, stats: SourceStats) -> Iterator[Document]:
