@@ -187,8 +187,9 @@ def test_cli_errors(tmp_path, capsys):
     assert "not installed" in capsys.readouterr().err
 
 
-def test_cli_builds_a_corpus(tmp_path, tok, capsys):
+def test_cli_builds_a_corpus(tmp_path, tok, capsys, monkeypatch):
     pytest.importorskip("codellama.tokenizer")  # the tokenizer helper's module
+    monkeypatch.delenv("CODELLAMA_DATA_DIR", raising=False)
     make_tree(tmp_path / "repo")
     (tmp_path / "tokenizer.model").write_bytes(tok.model_proto)
     rc = main(["data", "--source", str(tmp_path / "repo"), "--tokenizer", str(tmp_path / "tokenizer.model"),
@@ -198,6 +199,7 @@ def test_cli_builds_a_corpus(tmp_path, tok, capsys):
     m = read_manifest(tmp_path / "out")
     assert m["dedup"]["near"] == {"enabled": False, "threshold": 0.85, "removed": 0}
     assert "python" in out and "humaneval 1" in out and f"{m['splits']['train']['tokens']:,}" in out
+    assert "checking humaneval 164 problems; MBPP and MultiPL-E need --decontam-dir" in out  # what was not checked
 
 
 def test_cli_tokenizer_without_infill_pieces(tmp_path, capsys):

@@ -80,7 +80,8 @@ def test_git_repository_respects_gitignore(tmp_path):
     (tmp_path / "pkg" / "ok.py").write_text("y = 1\n")
     (tmp_path / "pkg" / "ignored.py").write_text("z = 1\n")
     assert [Path(d.path).name for d in path_documents(tmp_path / "pkg", 10**6, SourceStats())] == ["ok.py"]
-    assert list(path_documents(tmp_path / "build", 10**6, SourceStats())) == []
+    # a folder git ignores, named as a source, is read as a plain folder (git would list none of its files)
+    assert [Path(d.path).name for d in path_documents(tmp_path / "build", 10**6, SourceStats())] == ["gen.py", "x.py"]
 
 
 def test_installed_package():
@@ -92,6 +93,21 @@ def test_installed_package():
     assert stats.unknown_type >= 1  # HumanEval.jsonl.gz is not code
     with pytest.raises(UserError, match="not installed"):
         list(package_documents("no-such-package-xyz", 10**6, SourceStats()))
+
+
+def test_editable_package_reads_its_project_folder(tmp_path, monkeypatch):
+    project = tmp_path / "proj"
+    (project / "mypkg").mkdir(parents=True)
+    (project / "mypkg" / "core.py").write_text("def f():\n    return 1\n")
+    site = tmp_path / "site"
+    info = site / "mypkg_qa-0.1.dist-info"  # what `pip install -e` writes: no module files are listed
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg-qa\nVersion: 0.1\n")
+    (info / "RECORD").write_text("__editable__.mypkg_qa-0.1.pth,,\nmypkg_qa-0.1.dist-info/METADATA,,\n")
+    (info / "direct_url.json").write_text(json.dumps({"url": project.as_uri(), "dir_info": {"editable": True}}))
+    monkeypatch.syspath_prepend(str(site))
+    docs = list(package_documents("mypkg-qa", 10**6, SourceStats()))
+    assert [(Path(d.path).name, d.source) for d in docs] == [("core.py", "package:mypkg-qa")]
 
 
 def test_jsonl(tmp_path):
@@ -112,6 +128,9 @@ def test_jsonl(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(UserError, match="not a JSON record"):
         list(jsonl_documents(bad, 10**6, SourceStats()))
+    bom = tmp_path / "bom.jsonl"  # UTF-8 with a byte-order mark, as Windows editors save it
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
+    assert [d.text for d in jsonl_documents(bom, 10**6, SourceStats())] == ["hello"]
 
 
 def test_check_sources(tmp_path):

@@ -64,7 +64,47 @@ def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
     # asking for more steps continues from the checkpoint
     assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
                  "--set", "train.steps=6"]) == 0
-    assert "trained to step 6" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "trained to step 6" in captured.out
+    assert f"resuming from {out / 'step_00000004'} (step 4 of 6)" in captured.err
+
+
+def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    # as if killed after logging step 4 but before its checkpoint, in the middle of writing a record
+    (out / "latest").write_text("step_00000002\n")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)]
+    # a fresh run in the same folder replaces the log
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--no-resume",
+                 "--set", "train.steps=2"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
+
+
+def test_cli_says_when_there_is_no_validation_data(recipe_file, tmp_path, capsys):
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]']) == 0
+    assert "note: no validation data" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train"}
+
+
+def test_cli_resume_with_other_sources_is_one_line(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    two = ('data.sources=[{name="synthetic", kind="tokens", path="train.npy"}, '
+           '{name="more", kind="tokens", path="valid.npy"}]')
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
+                 "--set", "train.steps=6", "--set", two]) == 2
+    err = capsys.readouterr().err
+    assert "written reading data sources ['synthetic'], the recipe now has ['synthetic', 'more']" in err
+    assert "Traceback" not in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -90,6 +130,18 @@ def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it: checked before joining a process group
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "world size 3 does not divide the global batch of 4 sequences" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.ones((4, 1000), dtype=np.int32), "must be a 1-D array of integer token ids, got shape (4, 1000)"),
+    (np.linspace(0, 90, 1000), "must be a 1-D array of integer token ids, got shape (1000,) of float64"),
+    (np.full(1000, -1, dtype=np.int32), "holds negative token ids"),
+])
+def test_cli_token_array_that_is_not_token_ids(recipe_file, tmp_path, capsys, array, message):
+    np.save(tmp_path / "train.npy", array)
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_cli_corpus_from_another_vocabulary(recipe_file, tmp_path, capsys):

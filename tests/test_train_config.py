@@ -57,6 +57,9 @@ def test_valid_recipe_builds_with_derived_batch():
         (_with(train__dtype="fp8"), ["bf16", "fp32"]),
         (_with(stage="pretrain"), ["stage", "lcft"]),
         (_with(optim__betas=[0.9, 1.5]), ["betas"]),
+        (_with(train__log_every=0), ["train.log_every must be > 0"]),
+        (_with(train__ckpt_every=-1), ["train.ckpt_every", ">= 0"]),
+        (_with(model__rope_theta=-1e6), ["model.rope_theta must be > 0"]),  # was silently ignored
     ],
 )
 def test_bad_recipes_name_the_key(data, words):

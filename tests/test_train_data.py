@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codellama.errors import UserError
-from codellama.train.data import ChatExamples, InMemoryTokens, Mixture, RankBatches, answer_mask
+from codellama.train.data import ChatExamples, InMemoryTokens, Mixture, RankBatches, ShardsSource, answer_mask
 
 BOS, EOS = 1, 2
 
@@ -125,6 +125,54 @@ def test_chat_jsonl_errors(tmp_path):
     pytest.importorskip("codellama.prompts")
     with pytest.raises(UserError, match=r"c.jsonl:1: expected"):
         ChatExamples.from_jsonl(bad, tokenizer=None, seq_len=16)
+
+
+def test_chat_jsonl_with_byte_order_mark_or_not_utf8(tmp_path, codellama):
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")  # as Windows editors save UTF-8
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(line + "\n")
+    assert ChatExamples.from_jsonl(bom, codellama, seq_len=64).convs == \
+        ChatExamples.from_jsonl(plain, codellama, seq_len=64).convs
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(line.replace("hello", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(UserError, match=r"latin1.jsonl is not UTF-8 text .*save it as UTF-8"):
+        ChatExamples.from_jsonl(latin1, codellama, seq_len=64)
+
+
+def small_corpus(tmp_path, tok):
+    """`codellama data` on 20 small Python files: FIM rate 0.9, SPM rate 0.5, seq_len 64, in tmp_path/c."""
+    from codellama.data.fim import FimConfig
+    from codellama.data.pipeline import PipelineConfig, build_corpus
+    from codellama.data.sources import SourceSpec
+
+    (tmp_path / "src").mkdir()
+    for i in range(20):
+        (tmp_path / "src" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n")
+    cfg = PipelineConfig(seq_len=64, fim=FimConfig(rate=0.9, spm_rate=0.5), decontam=False, val_fraction=0.0)
+    build_corpus([SourceSpec("path", str(tmp_path / "src"))], tok, tmp_path / "c", cfg, "t")
+
+
+def test_shards_built_with_other_fim_settings_are_refused(tmp_path):
+    from data_tokenizer import sp_test_tokenizer
+
+    small_corpus(tmp_path, sp_test_tokenizer())
+    ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=0.5)
+    with pytest.raises(UserError, match=r"built with SPM rate 0.5 but the recipe asks for data.fim_spm_rate = 1.0"):
+        ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=1.0)
+    with pytest.raises(UserError, match=r"built with FIM rate 0.9 but the recipe asks for data.fim_rate = 0.5"):
+        ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.5, fim_spm_rate=0.5)
+
+
+def test_shards_of_another_tokenizer_are_refused(tmp_path, codellama):
+    from data_tokenizer import sp_test_tokenizer
+
+    small_corpus(tmp_path, sp_test_tokenizer())
+    source = ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=0.5, name="code")
+    source.check_tokenizer(sp_test_tokenizer())
+    with pytest.raises(UserError, match=r"source 'code' was tokenised by another tokenizer \(t, vocabulary \d+\)"):
+        source.check_tokenizer(codellama)  # more pieces than the corpus's ids reach: only the probe tells
 
 
 def test_in_memory_tokens_epochs_and_state():

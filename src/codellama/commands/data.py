@@ -153,7 +153,11 @@ def summary(m: dict, out) -> str:
     dc = m["decontamination"]
     if dc["enabled"]:
         removed = ", ".join(f"{k} {v}" for k, v in sorted(dc["removed"].items())) or "none"
-        lines.append(f"decontam    removed {sum(dc['removed'].values())} ({removed}); report {dc['report']}")
+        indexed = ", ".join(f"{k} {v}" for k, v in dc["indexed_problems"].items())
+        # without a data folder only HumanEval is checked: say so, not just "removed 0"
+        hint = "" if "mbpp" in dc["indexed_problems"] else "; MBPP and MultiPL-E need --decontam-dir"
+        lines.append(f"decontam    removed {sum(dc['removed'].values())} ({removed}) checking {indexed} problems"
+                     f"{hint}; report {dc['report']}")
     else:
         lines.append("decontam    off")
     kinds = {k: sum(m["fim"]["kinds"][s][k] for s in sp) for k in m["fim"]["kinds"]["train"]}

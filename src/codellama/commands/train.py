@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import json
+    import sys
 
     from codellama.errors import UserError
     from codellama.train.config import builtin_recipes, load_recipe
@@ -55,6 +56,8 @@ def run(args) -> int:
     from codellama.train.trainer import Trainer
 
     trainer = Trainer(recipe, progress=not args.no_progress, resume=not args.no_resume)
+    if trainer.resumed_from and trainer.env.is_main:  # a rerun after a crash should say where it picks up
+        print(f"resuming from {trainer.resumed_from} (step {trainer.step} of {recipe.train.steps})", file=sys.stderr)
     try:
         records = trainer.run()
     finally:

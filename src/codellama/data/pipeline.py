@@ -93,9 +93,15 @@ def is_validation(key: bytes, fraction: float) -> bool:
     return int.from_bytes(key[8:16], "little") < fraction * 2**64
 
 
+# a text whose ids identify the tokenizer: the trainer encodes it again to check that a corpus was tokenised
+# by the model's tokenizer (the ids of another vocabulary would silently stand for other pieces)
+TOKENIZER_PROBE = "def greet(name):\n    return f'Hello, {name}!'  # caf\u00e9 \u4e2d\n"
+
+
 def tokenizer_info(tok: InfillTokenizer, name: str) -> dict[str, Any]:
     ids = ("bos_id", "eos_id", "prefix_id", "suffix_id", "middle_id", "eot_id")
-    return {"name": name, "vocab_size": int(tok.vocab_size), **{k: getattr(tok, k) for k in ids}}
+    return {"name": name, "vocab_size": int(tok.vocab_size), **{k: getattr(tok, k) for k in ids},
+            "probe": list(tok.encode(TOKENIZER_PROBE))}
 
 
 def build_corpus(

@@ -354,10 +354,13 @@ class TokenShards:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("n_windows", self._n_windows) != self._n_windows or state.get("seed", self.seed) != self.seed:
+        saved = (state.get("n_windows", self._n_windows), state.get("seed", self.seed))
+        if saved != (self._n_windows, self.seed):
             raise UserError(
-                "data state does not belong to this corpus (different window count or seed): resume with the "
-                "same --data, seq_len and data seed"
+                f"data state does not belong to corpus {self.path} (split {self.split!r}: {saved[0]} windows of "
+                f"{self.seq_len + 1} tokens and seed {saved[1]} when it was saved, {self._n_windows} and seed "
+                f"{self.seed} now; was the corpus rebuilt?): resume with the corpus, seq_len and seed the run "
+                "started with, or start a new run (codellama train --no-resume or another --out)"
             )
         self.epoch = int(state["epoch"])
         self.position = int(state["consumed"]) // self.world_size

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -181,15 +182,20 @@ def _walk(root: Path) -> Iterator[str]:
 
 
 def is_git_repo(path: Path) -> bool:
-    """A git work tree, or a folder inside one (then its files are listed by git, .gitignore applies)."""
+    """A git work tree, or a folder inside one (then its files are listed by git, .gitignore applies) that
+    git does not ignore: git lists none of an ignored folder's files (a data dump, a virtualenv), and one
+    named as a source is meant to be read."""
     if (path / ".git").exists():
         return True
     try:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
                              capture_output=True, timeout=60)
+        if out.returncode != 0 or out.stdout.strip() != b"true":
+            return False
+        ignored = subprocess.run(["git", "-C", str(path), "check-ignore", "-q", "."], capture_output=True, timeout=60)
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and out.stdout.strip() == b"true"
+    return ignored.returncode != 0  # 0: ignored
 
 
 def _git_files(root: Path) -> Iterator[str]:
@@ -235,10 +241,28 @@ def package_documents(name: str, max_bytes: int, stats: SourceStats) -> Iterator
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(_not_installed(name)) from None
-    files = sorted(str(f) for f in (dist.files or []) if ".dist-info/" not in str(f) and ".egg-info/" not in str(f))
     source = f"package:{name}"
+    project = _editable_project(dist)
+    if project is not None:  # `pip install -e`: the files are in the project folder, not among dist.files
+        rels = _git_files(project) if is_git_repo(project) else _walk(project)
+        yield from _files_docs(project, rels, source, max_bytes, stats)
+        return
+    files = sorted(str(f) for f in (dist.files or []) if ".dist-info/" not in str(f) and ".egg-info/" not in str(f))
     root = Path(dist.locate_file(""))
     yield from _files_docs(root, iter(files), source, max_bytes, stats)
+
+
+def _editable_project(dist: importlib.metadata.Distribution) -> Path | None:
+    """The project folder of an editable install (PEP 660/610: direct_url.json), else None."""
+    try:
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+    except json.JSONDecodeError:
+        return None
+    url = info.get("url", "")
+    if not (info.get("dir_info") or {}).get("editable") or not url.startswith("file://"):
+        return None
+    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    return path if path.is_dir() else None
 
 
 def jsonl_documents(path: str | Path, max_bytes: int, stats: SourceStats) -> Iterator[Document]:
@@ -250,7 +274,7 @@ def jsonl_documents(path: str | Path, max_bytes: int, stats: SourceStats) -> Ite
     source = str(path)
     opener = gzip.open if p.name.endswith(".gz") else open
     try:
-        with opener(p, "rt", encoding="utf-8", errors="strict") as f:
+        with opener(p, "rt", encoding="utf-8-sig", errors="strict") as f:  # -sig: a byte-order mark is not JSON
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

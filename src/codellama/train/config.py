@@ -230,7 +230,11 @@ def validate(r: Recipe) -> None:
     need(t.dtype in ("bf16", "fp32"), f"train.dtype must be bf16 or fp32, got {t.dtype!r}")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-    need(min(t.eval_every, t.ckpt_every, t.eval_batches) >= 0 and t.log_every > 0, "intervals must be >= 0")
+    need(min(t.eval_every, t.ckpt_every, t.eval_batches) >= 0,
+         "train.eval_every, train.ckpt_every and train.eval_batches must be >= 0")
+    need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    need(m.rope_theta >= 0 and math.isfinite(m.rope_theta),
+         f"model.rope_theta must be > 0 (or 0: keep the checkpoint's), got {m.rope_theta}")
     need(o.lr > 0 and o.final_lr_div >= 1, "optim.lr must be > 0 and optim.final_lr_div >= 1")
     need(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {o.betas}")
     need(o.warmup_steps >= 0 and o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,

@@ -82,9 +82,12 @@ class InMemoryTokens(_PermutedSource):
 
     def __init__(self, tokens, seq_len: int, seed: int = 0, shuffle: bool = True, name: str = "tokens"):
         self.tokens = np.asarray(tokens)
-        self.seq_len = seq_len
+        self.seq_len, self.name = seq_len, name
+        if self.tokens.ndim != 1 or self.tokens.dtype.kind not in "iu":
+            raise UserError(f"corpus {name!r} must be a 1-D array of integer token ids, got shape "
+                            f"{self.tokens.shape} of {self.tokens.dtype}")
         n = (len(self.tokens) - 1) // seq_len
-        if self.tokens.ndim != 1 or n < 1:
+        if n < 1:
             raise UserError(f"corpus {name!r} is empty or too short: {len(self.tokens)} tokens, need at least "
                             f"seq_len+1 = {seq_len + 1}; build a bigger corpus or lower train.seq_len")
         self.order = _Permuted(n, seed, shuffle)
@@ -102,8 +105,10 @@ class InMemoryTokens(_PermutedSource):
 
     @property
     def vocab_size(self) -> int:
-        """One more than the largest id (a full pass, done once)."""
+        """One more than the largest id (a full pass, done once); UserError on a negative id."""
         if not hasattr(self, "_vocab"):
+            if self.tokens.dtype.kind == "i" and self.tokens.min() < 0:
+                raise UserError(f"corpus {self.name!r} holds negative token ids: it is not a token array")
             self._vocab = int(self.tokens.max()) + 1
         return self._vocab
 
@@ -162,13 +167,22 @@ class ChatExamples(_PermutedSource):
 
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer, seq_len: int, seed: int = 0, name: str = "chat") -> ChatExamples:
-        from codellama.prompts import chat_tokens  # tokenizer helper's module
-
         path = Path(path)
         if not path.is_file():
             raise UserError(f"chat file {path} for source {name!r} does not exist")
+        try:
+            convs = cls._read_jsonl(path, tokenizer)
+        except UnicodeDecodeError as e:
+            raise UserError(f"chat file {path} is not UTF-8 text ({e}): save it as UTF-8") from None
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        return cls(convs, seq_len, pad, seed, name)
+
+    @staticmethod
+    def _read_jsonl(path: Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
+        from codellama.prompts import chat_tokens  # tokenizer helper's module
+
         convs = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not JSON
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -182,8 +196,7 @@ class ChatExamples(_PermutedSource):
                     convs.append(answer_mask(messages, lambda m: chat_tokens(tokenizer, m), tokenizer.stop_ids))
                 except UserError as e:
                     raise UserError(f"{path}:{lineno}: {e}") from None
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        return cls(convs, seq_len, pad, seed, name)
+        return convs
 
     def next(self) -> Example:
         ids, ans = self.convs[self.order.take()]
@@ -206,7 +219,7 @@ class ShardsSource:
     (rank 0 of 1) so every rank sees the same stream; ranks slice it themselves (RankBatches)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0, fim_rate: float | None = None,
-                 name: str = "shards"):
+                 name: str = "shards", fim_spm_rate: float | None = None):
         try:
             from codellama.data import TokenShards
         except ImportError:
@@ -223,11 +236,18 @@ class ShardsSource:
         self.name, self.seq_len = name, seq_len
         manifest = getattr(self.reader, "manifest", {}) or {}
         self.vocab_size = manifest.get("vocab_size")  # ids are below it: checked against the model
+        self.tokenizer_info = manifest.get("tokenizer") or {}
         built_fim = (manifest.get("fim") or {}).get("rate")
         if fim_rate is not None and built_fim is not None and split == "train" and abs(built_fim - fim_rate) > 1e-9:
             raise UserError(f"corpus {path} was built with FIM rate {built_fim} but the recipe asks for "
                             f"data.fim_rate = {fim_rate}: rebuild it with `codellama data --fim-rate {fim_rate}` "
                             "or change the recipe")
+        built_spm = (manifest.get("fim") or {}).get("spm_rate")
+        if built_fim and fim_spm_rate is not None and built_spm is not None and split == "train" \
+                and abs(built_spm - fim_spm_rate) > 1e-9:  # the order is chosen at build time too
+            raise UserError(f"corpus {path} was built with SPM rate {built_spm} but the recipe asks for "
+                            f"data.fim_spm_rate = {fim_spm_rate}: rebuild it with `codellama data --spm-rate "
+                            f"{fim_spm_rate}` or change the recipe")
         built_seq = manifest.get("seq_len")
         if built_fim and built_seq and seq_len < built_seq:
             raise UserError(f"corpus {path} packs FIM documents for contexts of {built_seq} tokens; training at "
@@ -238,6 +258,17 @@ class ShardsSource:
             raise UserError(f"corpus {path} (split {split!r}) has no window of {seq_len + 1} tokens")
         self.reader.load_state_dict(self._start)
         self._it = iter(self.reader)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """UserError when the corpus was tokenised by another tokenizer than `tokenizer` (the model's): the
+        manifest's probe ids differ (corpora built before the probe was recorded are not checked)."""
+        from codellama.data.pipeline import TOKENIZER_PROBE
+
+        probe = self.tokenizer_info.get("probe")
+        if probe is not None and list(tokenizer.encode(TOKENIZER_PROBE)) != probe:
+            raise UserError(f"corpus {self.reader.path} for source {self.name!r} was tokenised by another tokenizer "
+                            f"({self.tokenizer_info.get('name')}, vocabulary {self.vocab_size}) than the model's: "
+                            "rebuild it with `codellama data --tokenizer` naming the model's tokenizer or checkpoint")
 
     def _pull(self, allow_empty: bool = False):
         try:

@@ -7,6 +7,8 @@ MFU = tokens/s x FLOPs per token / (peak FLOP/s x ranks), FLOPs per token = 6N +
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -44,22 +46,46 @@ def memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):  # a line cut short by a kill mid-write
+        return math.inf
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` in a jsonl log (rewritten atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class MetricsLog:
     """Rank 0's record of a run: one json object per line in out_dir/metrics.jsonl, mirrored to
-    TensorBoard (out_dir/tb) when the `tensorboard` package is importable, silently skipped otherwise."""
+    TensorBoard (out_dir/tb) when the `tensorboard` package is importable, silently skipped otherwise.
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True):
+    A run that starts at step `start_step` (its checkpoint's; 0 when fresh) first drops the records after
+    that step (logged by a run that crashed before its next checkpoint, or by an earlier run in the same
+    folder): they are logged again, so each step appears once."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        _drop_after(out_dir / "metrics.jsonl", start_step)
         self.file = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
         except ImportError:  # tensorboard not installed
             self.tb = None
 

@@ -52,7 +52,8 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
         seed = _source_seed(t.seed, s.name)
         if s.kind == "shards":
             try:
-                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, name=s.name)
+                src = ShardsSource(root / s.path, split, t.seq_len, seed, d.fim_rate, name=s.name,
+                                   fim_spm_rate=d.fim_spm_rate)
             except UserError:
                 if split == "train":
                     raise
@@ -72,6 +73,15 @@ def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | 
     if not sources:
         return None, []
     return make_source(sources, weights, _source_seed(t.seed, f"mixture-{split}")), list(sources.items())
+
+
+def _check_same_sources(state: dict, recipe: Recipe, ckpt: Path) -> None:
+    """UserError when the checkpoint was written by a run reading other data sources than the recipe's."""
+    saved = [s["name"] for s in state.get("recipe", {}).get("data", {}).get("sources", [])]
+    ours = [s.name for s in recipe.data.sources]
+    if saved and saved != ours:
+        raise UserError(f"checkpoint {ckpt} was written reading data sources {saved}, the recipe now has {ours}: "
+                        "resume with the same data.sources, or start a new run (--no-resume or another --out)")
 
 
 def _shape_of(cfg: ModelConfig) -> dict:
@@ -99,7 +109,8 @@ class Trainer:
         self.cfg: ModelConfig = self.model.config
 
         arrays = []
-        if train_source is None:
+        from_recipe = train_source is None
+        if from_recipe:
             train_source, arrays = build_sources(recipe, self.tokenizer, "train")
             valid_source, _ = build_sources(recipe, self.tokenizer, "val")
         for name, src in arrays:
@@ -107,6 +118,8 @@ class Trainer:
             if bound is not None and bound > self.cfg.vocab_size:
                 raise UserError(f"source {name!r} has token ids up to {bound - 1}, beyond the model's vocabulary "
                                 f"of {self.cfg.vocab_size}: it was tokenised for another model")
+            if self.tokenizer is not None and hasattr(src, "check_tokenizer"):
+                src.check_tokenizer(self.tokenizer)
         G = t.global_batch_seqs
         self.batches = RankBatches(train_source, G, self.env.rank, self.env.world_size)
         self.valid = RankBatches(valid_source, G, self.env.rank, self.env.world_size) if valid_source else None
@@ -118,6 +131,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.model, self.optimizer)
+            if from_recipe:  # the data state is per source: it only fits the same source list
+                _check_same_sources(state, recipe, ckpt)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.batches.load_state_dict(state["data"])
         self.resumed_from = ckpt
@@ -125,7 +140,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not self.env.distributed
                          else contextlib.nullcontext())
         self.peak = peak_flops(self.env.device)
-        self.log = MetricsLog(self.out_dir, enabled=self.env.is_main)
+        self.log = MetricsLog(self.out_dir, enabled=self.env.is_main, start_step=self.step)
 
     # ---------------------------------------------------------------- model
 
@@ -243,6 +258,10 @@ class Trainer:
         tokens_per_step = t.global_batch_seqs * t.seq_len
         flops_per_token = self.cfg.flops_per_token(t.seq_len)
         records = []
+        if self.valid is None and t.eval_every and env.is_main:  # else eval_every silently does nothing
+            print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
+                  "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
+                  "tokens and chat sources a valid_path", file=sys.stderr)
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
                    dynamic_ncols=True)
         try:
