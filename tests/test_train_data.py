@@ -163,6 +163,10 @@ def test_shards_built_with_other_fim_settings_are_refused(tmp_path):
         ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.9, fim_spm_rate=1.0)
     with pytest.raises(UserError, match=r"built with FIM rate 0.9 but the recipe asks for data.fim_rate = 0.5"):
         ShardsSource(tmp_path / "c", "train", 64, fim_rate=0.5, fim_spm_rate=0.5)
+    ShardsSource(tmp_path / "c", "train", 128, fim_rate=0.9)  # windows of a multiple: boundaries stay put
+    for seq_len in (32, 96):
+        with pytest.raises(UserError, match=rf"contexts of 64 tokens; training at seq_len {seq_len} \(not a multiple"):
+            ShardsSource(tmp_path / "c", "train", seq_len, fim_rate=0.9)
 
 
 def test_shards_of_another_tokenizer_are_refused(tmp_path, codellama):

@@ -38,8 +38,10 @@ from typing import Protocol
 
 from codellama.errors import UserError
 
-# the kinds a document can end up as; counted in the manifest
-KINDS = ("psm", "spm", "l2r", "l2r_too_long")
+# the kinds a document can end up as; counted in the manifest ("l2r_cut": drawn for FIM, but where it
+# was packed a training window would cut it; see fits_one_window)
+KINDS = ("psm", "spm", "l2r", "l2r_too_long", "l2r_cut")
+FIM_KINDS = ("psm", "spm")
 # a FIM example has 4 more special tokens than the left-to-right one and splits the text in 3 places;
 # re-splitting can save a token or two at a boundary, never this many: a document whose left-to-right
 # encoding is longer than max_len + _FIM_SLACK cannot fit as FIM, so it is not encoded a second time
@@ -117,6 +119,17 @@ def document_rng(cfg: FimConfig, key: bytes) -> random.Random:
     """The document's own random stream: a function of the run seed and the document hash only."""
     # a str seed is hashed with SHA-512, so this is the same in every process and Python run
     return random.Random(f"{cfg.seed}:{key.hex()}")
+
+
+def fits_one_window(start: int, length: int, seq_len: int) -> bool:
+    """Whether tokens [start, start + length) of a split's token stream lie in one training window.
+
+    The reader's window k is tokens k*seq_len .. k*seq_len + seq_len (shards.py: each shares its last token
+    with the next). The paper applies FIM only to documents that no context boundary cuts (its 2.3): the
+    `<MID>` half of a cut example would be learned without the prefix and suffix it continues.
+    """
+    first_window = start // seq_len
+    return start + length - 1 <= first_window * seq_len + seq_len
 
 
 def encode_document(

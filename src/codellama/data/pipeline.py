@@ -14,9 +14,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from codellama.data.decontam import Decontaminator, build_decontaminator
 from codellama.data.dedup import ExactDedup, NearDedup, doc_key
-from codellama.data.fim import KINDS, FimConfig, InfillTokenizer, check_infill_tokenizer
+from codellama.data.fim import (
+    FIM_KINDS,
+    KINDS,
+    FimConfig,
+    InfillTokenizer,
+    check_infill_tokenizer,
+    fits_one_window,
+    l2r_tokens,
+)
 from codellama.data.filters import FilterConfig, Filters
 from codellama.data.pack import tokenize_documents
 from codellama.data.shards import MANIFEST, SPLITS, ShardWriter, build_manifest, token_dtype, write_manifest
@@ -122,7 +132,7 @@ def build_corpus(
     counts = Counts()
     n_read = 0
 
-    def clean() -> Iterator[tuple[tuple[str, str, int], str, bytes]]:
+    def clean() -> Iterator[tuple[tuple[str, str, int, str], str, bytes]]:
         nonlocal n_read
         for doc in documents(specs, cfg.filters.max_bytes, source_stats):
             n_read += 1
@@ -135,14 +145,16 @@ def build_corpus(
             if decontam is not None and decontam.is_contaminated(text, doc.path):
                 continue
             split = "val" if is_validation(key, cfg.val_fraction) else "train"
-            yield (split, doc.language, len(text.encode("utf-8", "surrogatepass"))), text, key
+            yield (split, doc.language, len(text.encode("utf-8", "surrogatepass")), text), text, key
 
     dtype = token_dtype(int(tok.vocab_size))
     writers = {s: ShardWriter(out / s, dtype, shard_tokens=cfg.shard_tokens) for s in SPLITS}
     bar = _progress(cfg.progress)
     try:
         stream = tokenize_documents(clean(), tok, cfg.fim, cfg.seq_len, cfg.workers)
-        for (split, language, n_bytes), tokens, kind in stream:
+        for (split, language, n_bytes, text), tokens, kind in stream:
+            if kind in FIM_KINDS and not fits_one_window(writers[split].n_tokens, len(tokens), cfg.seq_len):
+                tokens, kind = np.asarray(l2r_tokens(tok, text), dtype=np.uint32), "l2r_cut"
             writers[split].add(tokens)
             counts.add(split, language, n_bytes, len(tokens), kind)
             if bar is not None:

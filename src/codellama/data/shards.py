@@ -15,8 +15,8 @@ Reading: `TokenShards(path, split="train", seq_len=None, *, seed=0, rank=0, worl
 packs the split's token stream (all shards concatenated in order, documents back to back) into windows
 of seq_len + 1 tokens: window k = stream[k*seq_len : k*seq_len + seq_len + 1] (consecutive windows
 share one token, so every token after the first is a target exactly once; inputs = w[:-1],
-targets = w[1:]). seq_len defaults to the manifest's, the length FIM examples were sized for: read
-with a shorter one and some FIM examples straddle two windows.
+targets = w[1:]). seq_len defaults to the manifest's, the one the corpus was packed for: no FIM example
+crosses a window boundary there (or at a multiple of it); read with another and some do.
     len(ds)                  number of windows in the split (all ranks together)
     ds.window(k)             window k as np.int64 [seq_len + 1]; stateless random access
     iter(ds) / next(it)      this rank's windows, forever, epoch after epoch (np.int64 [seq_len + 1])

@@ -249,9 +249,10 @@ class ShardsSource:
                             f"data.fim_spm_rate = {fim_spm_rate}: rebuild it with `codellama data --spm-rate "
                             f"{fim_spm_rate}` or change the recipe")
         built_seq = manifest.get("seq_len")
-        if built_fim and built_seq and seq_len < built_seq:
+        if built_fim and built_seq and seq_len % built_seq:  # a multiple keeps every window boundary where it was
             raise UserError(f"corpus {path} packs FIM documents for contexts of {built_seq} tokens; training at "
-                            f"seq_len {seq_len} would cut them across windows: rebuild it with --seq-len {seq_len}")
+                            f"seq_len {seq_len} (not a multiple of it) would cut some across windows: rebuild it "
+                            f"with --seq-len {seq_len}")
         self._start = self.reader.state_dict()
         self._it = iter(self.reader)
         if self._pull(allow_empty=True) is None:
