@@ -171,6 +171,18 @@ class ModelProto:
     def model_type(self) -> int:
         return self._get(self.trainer, _T_MODEL_TYPE, UNIGRAM)
 
+    @property
+    def byte_fallback(self) -> bool:
+        return bool(self._get(self.trainer, _T_BYTE_FALLBACK, 0))
+
+    @property
+    def is_llama_style(self) -> bool:
+        """BPE with an identity normaliser that keeps runs of whitespace and escapes it as U+2581 (Llama 1/2,
+        Code Llama): what a `tokenizers` BPE behind a Prepend + Replace normaliser reproduces exactly."""
+        name = next((v for n, wt, v in reversed(self.normalizer) if n == _N_NAME and wt == 2), b"nmt_nfkc")
+        return (self.model_type == BPE and name == b"identity" and not self._get(self.normalizer, _N_REMOVE_EXTRA_WS, 1)
+                and bool(self._get(self.normalizer, _N_ESCAPE_WS, 1)))
+
     def special_ids(self) -> dict[str, int]:
         """unk/bos/eos/pad ids from the trainer spec (sentencepiece defaults 0/1/2/-1)."""
         t = self.trainer

@@ -501,9 +501,49 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def spm_tokenizer_json(tok: SentencePieceTokenizer) -> str | None:
+    """The tokenizer.json equivalent of a Llama-style SentencePiece model (the Hub's Code Llama checkpoints
+    carry one), or None for other SentencePiece models.
+
+    transformers 5 given tokenizer.model alone builds its own, whose merges split runs of spaces otherwise
+    than SentencePiece does (a newline, 4 spaces, "total": 268 7827 instead of 1678 3001), so an export
+    needs this file.
+    SentencePiece's BPE merges the adjacent pair whose joined piece scores highest: the merges are every
+    split of a piece into two pieces, ranked by the joined piece's score.
+    """
+    proto = spm_proto.ModelProto.from_bytes(tok.model_proto)
+    # SentencePiece matches user-defined pieces whole anywhere in the escaped text, which added tokens
+    # do not reproduce around the dummy prefix: no such file, rather than an inexact one
+    if not proto.is_llama_style or any(p.type == spm_proto.USER_DEFINED for p in proto.pieces):
+        return None
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    normal = {p.piece for p in proto.pieces if p.type == spm_proto.NORMAL}
+    ranked = sorted((-p.score, i, p.piece[:k], p.piece[k:]) for i, p in enumerate(proto.pieces)
+                    if p.type == spm_proto.NORMAL for k in range(1, len(p.piece))
+                    if p.piece[:k] in normal and p.piece[k:] in normal)
+    unk = proto.pieces[proto.special_ids()["unk"]].piece
+    hf = HFTokenizer(BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=unk, fuse_unk=True,
+                         byte_fallback=proto.byte_fallback))
+    escape = [normalizers.Replace(" ", "\u2581")]
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *escape] if proto.add_dummy_prefix else escape)
+    strip = [decoders.Strip(" ", 1, 0)] if proto.add_dummy_prefix else []
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    hf.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
+                           if p.type in (spm_proto.CONTROL, spm_proto.UNKNOWN)])
+    if tok.add_bos and tok.bos_id is not None:
+        bos = tok.id_to_piece(tok.bos_id)
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, tok.bos_id)])
+    return hf.to_str()
+
+
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
-    """Write tokenizer.model (SentencePiece) or tokenizer.json (BPE) plus tokenizer_config.json, so a
-    Hugging Face checkpoint directory carries its tokenizer (loadable by transformers' AutoTokenizer)."""
+    """Write tokenizer.model (SentencePiece; with its tokenizer.json where one is exact) or tokenizer.json
+    (BPE) plus tokenizer_config.json, so a Hugging Face checkpoint directory carries its tokenizer
+    (loadable by transformers' AutoTokenizer)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {"add_bos_token": tok.add_bos, "add_eos_token": False,
@@ -514,6 +554,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     if isinstance(tok, SentencePieceTokenizer):
         main = out / "tokenizer.model"
         main.write_bytes(tok.model_proto)
+        as_json = spm_tokenizer_json(tok)  # what transformers reads first
+        if as_json is not None:
+            (out / "tokenizer.json").write_text(as_json, encoding="utf-8")
         config["unk_token"] = tok.id_to_piece(tok.sp.unk_id())
         config["tokenizer_class"] = "CodeLlamaTokenizer" if tok.can_infill else "LlamaTokenizer"
         if not tok.can_infill:  # CodeLlamaTokenizer would otherwise reference missing infill pieces
