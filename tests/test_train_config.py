@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,8 @@ def test_overrides_and_scales():
         recipe_from_dict(data, overrides=["train.nope=1"])
     with pytest.raises(UserError, match="KEY=VALUE"):
         recipe_from_dict(data, overrides=["train.steps"])
+    home = recipe_from_dict(data, overrides=["train.out_dir=~/runs/x", "data.root=~/corpus"])
+    assert (home.train.out_dir, home.data.root) == (str(Path.home() / "runs/x"), str(Path.home() / "corpus"))
 
 
 def test_recipe_file_errors(tmp_path):

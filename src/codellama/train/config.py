@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -209,8 +210,20 @@ def recipe_from_dict(data: dict, scale: str | None = None, overrides: list[str] 
         key, value = parse_override(item)
         _set_path(data, key, value)
     recipe = _build(Recipe, data)
+    _expand_home(recipe)
     validate(recipe)
     return recipe
+
+
+def _expand_home(r: Recipe) -> None:
+    """`~/...` in the recipe's paths means the home folder, as in a shell (TOML and --set pass it verbatim)."""
+    def home(path: str) -> str:
+        return os.path.expanduser(path) if path.startswith("~") else path
+
+    r.data.root, r.train.out_dir = home(r.data.root), home(r.train.out_dir)
+    r.model.init, r.model.tokenizer = home(r.model.init), home(r.model.tokenizer)
+    for s in r.data.sources:
+        s.path, s.valid_path = home(s.path), home(s.valid_path)
 
 
 def validate(r: Recipe) -> None:
