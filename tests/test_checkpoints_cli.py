@@ -141,3 +141,11 @@ def test_default_model_converts_to_hf_that_transformers_loads(tmp_path):
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     with torch.no_grad():
         torch.testing.assert_close(hf(torch.tensor([ids])).logits, ours.model(torch.tensor([ids])), atol=1e-4, rtol=1e-4)
+
+
+def test_device_this_machine_lacks_is_a_one_line_error(capsys):
+    """--device with a typo or a GPU that is not there: a message, not torch's traceback mid-load."""
+    for device, needle in (("foo", "unknown device 'foo'"), ("cuda:99", "cuda:99"), ("cpu:x", "unknown device")):
+        assert run_cli("complete", "x", "--model", "tiny", "--device", device, "-n", "1") == 2, device
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err

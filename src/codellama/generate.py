@@ -172,14 +172,14 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     quantised matrices as they are, every other linear layer quantised to int4; "int8": every linear layer
     quantised to int8.
     """
-    from codellama.checkpoints.load import load_model
+    from codellama.checkpoints.load import check_device, load_model
     from codellama.engine.quant import fuse_projections
     from codellama.engine.quant import quantize as quantize_model
 
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
-    keep_codes = quantize == "int4" or (quantize == "auto" and torch.device(device).type == "cpu")
+    keep_codes = quantize == "int4" or (quantize == "auto" and check_device(device).type == "cpu")
     loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes)
     if quantize in ("int8", "int4"):
         quantize_model(loaded.model, quantize)  # then stacks them

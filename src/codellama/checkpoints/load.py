@@ -69,6 +69,7 @@ def load_model(
     """Load a model from any supported spec; see the module docstring. keep_codes: a GGUF's quantised
     matrices (its linear layers and embedding) stay the file's codes (checkpoints/gguf.py); other formats
     ignore it."""
+    check_device(device)
     if spec is None or str(spec) == "default":
         return _load_path(default_model_path(), device, dtype, keep_codes)
     text = str(spec)
@@ -82,6 +83,24 @@ def load_model(
     raise UserError(
         f"unknown model {text!r}: not an existing path nor a preset; known presets: {', '.join(sorted(PRESETS))}"
     )
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device parsed and present on this machine; UserError otherwise (torch would only fail on the
+    first tensor moved there, with a traceback)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {dev}: no CUDA GPU is available to this torch build; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"device {dev}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {dev}: Apple's MPS is not available here; use --device cpu")
+    return dev
 
 
 def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedModel:
