@@ -104,6 +104,20 @@ def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
     return tok, tok.vocab_size
 
 
+def _check_shard_count(path: Path, params: dict, emb: torch.Tensor, n_files: int) -> None:
+    """Each shard holds 1/MP of the embedding's columns (ParallelEmbedding): a missing or extra
+    consolidated.NN.pth shows there, before any tensor is merged into a wrong shape."""
+    dim, part = params["dim"], emb.shape[1]
+    if part * n_files == dim:
+        return
+    if dim % part:
+        raise UserError(f"{path}: consolidated.00.pth has embedding width {part}, which does not divide the dim "
+                        f"{dim} of params.json; the shards and params.json do not belong together")
+    raise UserError(f"{path}: the shards were written for {dim // part} model-parallel ranks (consolidated.00.pth "
+                    f"holds {part} of {dim} embedding columns) but {n_files} consolidated.NN.pth file(s) are here; "
+                    "a shard is missing or does not belong (re-download the checkpoint)")
+
+
 def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
     """-> (config, tokenizer or None, shard files); reads only params.json, tokenizer.model and the
     (memory-mapped) first shard's embedding shape."""
@@ -114,6 +128,7 @@ def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
     emb = shard0.get("tok_embeddings.weight")
     if emb is None:
         raise UserError(f"{files[0]}: no tok_embeddings.weight; not a Llama checkpoint")
+    _check_shard_count(path, params, emb, len(files))
     tokenizer, vocab = _tokenizer_vocab(path)
     if vocab is None:  # no tokenizer.model: the embedding rows (never split) are the vocabulary
         vocab = emb.shape[0]
