@@ -185,3 +185,10 @@ def test_missing_shard_is_named_as_such(tmp_path):
     for read in (load_model, inspect_model):
         with pytest.raises(UserError, match=r"written for 2 model-parallel ranks .* but 1 consolidated"):
             read(tmp_path)
+
+
+def test_save_meta_refuses_linear_rope_scaling(tmp_path):
+    """params.json has no rope scaling field: writing one would silently give a different model."""
+    with pytest.raises(UserError, match="linear RoPE scaling"):
+        save_meta(random_model(MHA.replace(rope_scaling=4.0)), None, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()

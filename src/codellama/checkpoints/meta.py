@@ -173,6 +173,9 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
     cfg = model.config
     if cfg.head_dim * cfg.n_heads != cfg.dim:
         raise UserError("Meta's layout cannot express head_dim != dim / n_heads")
+    if cfg.rope_scaling != 1.0:  # params.json has no field for it: the model would load with plain RoPE
+        raise UserError(f"Meta's params.json cannot express linear RoPE scaling (x{cfg.rope_scaling:g}); "
+                        "convert to hf or gguf instead")
     if cfg.n_kv_heads % n_shards or cfg.n_heads % n_shards:
         raise UserError(f"cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads into {n_shards} shards")
     out = Path(out_dir)
