@@ -149,3 +149,26 @@ def test_device_this_machine_lacks_is_a_one_line_error(capsys):
         assert run_cli("complete", "x", "--model", "tiny", "--device", device, "-n", "1") == 2, device
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+# What a browser or wget saves when a download link has expired or needs a login (spec 6.9)
+WEB_PAGES = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Request has expired'
+             b'</Message></Error>', b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>")
+
+
+def test_web_page_saved_in_place_of_a_checkpoint_file_is_named(tmp_path, capsys):
+    save_hf(random_model(CFG), None, tmp_path / "hf")
+    save_meta(random_model(CFG), None, tmp_path / "meta", n_shards=2)
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F16")
+    files = [tmp_path / "hf" / n for n in ("model.safetensors", "config.json", "tokenizer.model")]
+    files += [tmp_path / "meta" / n for n in ("consolidated.00.pth", "params.json")] + [tmp_path / "m.gguf"]
+    for f, page in zip(files, WEB_PAGES * 3):
+        kept = f.read_bytes() if f.exists() else None
+        f.write_bytes(page)
+        assert run_cli("info", f.parent if f.suffix != ".gguf" else f) == 2, f
+        err = capsys.readouterr().err
+        assert f"{f.name} is a web page" in err and "download it again" in err, err
+        if kept is None:
+            f.unlink()
+        else:
+            f.write_bytes(kept)

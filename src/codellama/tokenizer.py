@@ -489,11 +489,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
         return tokenizer_from_gguf(open_reader(p))
     config = _read_config(p.parent)
-    if p.suffix == ".json":
-        tok: Tokenizer = BPETokenizer.from_file(p, config)
-    else:
-        tok = SentencePieceTokenizer.from_file(p, chat_template=config.get("chat_template"),
-                                               add_bos=config.get("add_bos_token", True))
+    try:
+        if p.suffix == ".json":
+            tok: Tokenizer = BPETokenizer.from_file(p, config)
+        else:
+            tok = SentencePieceTokenizer.from_file(p, chat_template=config.get("chat_template"),
+                                                   add_bos=config.get("add_bos_token", True))
+    except UserError:
+        from codellama.checkpoints.common import refuse_web_page
+
+        refuse_web_page(p)
+        raise
     # generation_config.json may list several end ids (Code Llama 70B Instruct: [2, 32015])
     eos = _read_json(p.parent / "generation_config.json").get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []

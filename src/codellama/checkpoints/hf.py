@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from codellama.checkpoints.common import fill_model, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, try_load_tokenizer
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
 from codellama.config import ModelConfig
 from codellama.errors import UserError
@@ -25,6 +25,7 @@ def read_hf_config(path: Path) -> ModelConfig:
     try:
         hf = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
+        refuse_web_page(cfg_file)
         raise UserError(f"{cfg_file}: cannot read the model config ({e})") from None
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "codellama"):
@@ -100,6 +101,7 @@ def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:
+            refuse_web_page(f)
             raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
         yield from sd.items()
 
@@ -127,6 +129,7 @@ def read_safetensors_header(f: Path) -> dict:
                 raise ValueError("header length beyond the end of the file")
             header = json.loads(fh.read(n))
     except (OSError, ValueError) as e:
+        refuse_web_page(f)
         raise UserError(f"{bad} ({e}); re-download or re-convert it") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:

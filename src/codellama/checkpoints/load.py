@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from codellama.assets import SMOLLM2_GGUF, package_file
-from codellama.checkpoints.common import empty_model, resolve_dtype
+from codellama.checkpoints.common import empty_model, refuse_web_page, resolve_dtype
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -46,6 +46,7 @@ def detect_format(path: Path) -> str:
         if magic == GGUF_MAGIC:
             return "gguf"
         if path.suffix == ".gguf":
+            refuse_web_page(path)
             raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes at its start); it is corrupt or truncated")
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
             return detect_format(path.parent)

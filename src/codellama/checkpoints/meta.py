@@ -17,6 +17,7 @@ from codellama.checkpoints.common import (
     fill_model,
     meta_to_ours,
     ours_to_meta,
+    refuse_web_page,
     resolve_dtype,
     try_load_tokenizer,
 )
@@ -50,6 +51,7 @@ def _load_shard(f: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, pickle error, not a checkpoint at all
+        refuse_web_page(f)
         raise UserError(f"{f}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
 
 
@@ -58,6 +60,7 @@ def read_params(path: Path) -> dict:
     try:
         params = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
+        refuse_web_page(f)
         raise UserError(f"{f}: cannot read model parameters ({e})") from None
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
