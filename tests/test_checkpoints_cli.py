@@ -172,3 +172,9 @@ def test_web_page_saved_in_place_of_a_checkpoint_file_is_named(tmp_path, capsys)
             f.unlink()
         else:
             f.write_bytes(kept)
+
+
+def test_max_seq_len_must_be_positive(capsys):
+    for n in ("0", "-5"):
+        assert run_cli("complete", "x", "--model", "tiny", "--max-seq-len", n, "-n", "1") == 2
+        assert f"max_seq_len must be a positive number of tokens, got {n}" in capsys.readouterr().err
