@@ -178,3 +178,9 @@ def test_max_seq_len_must_be_positive(capsys):
     for n in ("0", "-5"):
         assert run_cli("complete", "x", "--model", "tiny", "--max-seq-len", n, "-n", "1") == 2
         assert f"max_seq_len must be a positive number of tokens, got {n}" in capsys.readouterr().err
+
+
+def test_convert_to_meta_warns_that_a_bpe_tokenizer_is_left_out(tmp_path, capsys, smollm2):
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "hf")
+    assert run_cli("convert", tmp_path / "hf", tmp_path / "meta", "--to", "meta") == 0
+    assert "BPETokenizer" in capsys.readouterr().err and not (tmp_path / "meta" / "tokenizer.model").exists()

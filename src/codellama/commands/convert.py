@@ -55,6 +55,9 @@ def run(args) -> int:
     if tok is None:
         print(f"warning: {loaded.source} has no tokenizer this package can read; writing weights only",
               file=sys.stderr)
+    elif args.to == "meta" and getattr(tok, "model_proto", None) is None:
+        print(f"warning: Meta's layout holds a SentencePiece tokenizer.model only; the {type(tok).__name__} of "
+              f"{loaded.source} is not written and {out} will need one to run (--to hf keeps it)", file=sys.stderr)
     if args.to == "hf":
         from codellama.checkpoints.hf import save_hf
 
