@@ -184,3 +184,13 @@ def test_convert_to_meta_warns_that_a_bpe_tokenizer_is_left_out(tmp_path, capsys
     save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "hf")
     assert run_cli("convert", tmp_path / "hf", tmp_path / "meta", "--to", "meta") == 0
     assert "BPETokenizer" in capsys.readouterr().err and not (tmp_path / "meta" / "tokenizer.model").exists()
+
+
+def test_info_reads_the_dtype_from_the_weights(tmp_path, capsys):
+    """transformers >= 4.56 writes config.json's "dtype" (no "torch_dtype"): info still names it."""
+    save_hf(random_model(CFG, dtype=torch.bfloat16), None, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["dtype"] = config.pop("torch_dtype")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert run_cli("info", tmp_path / "hf", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["weights"].startswith("bfloat16, 1 file(s)")

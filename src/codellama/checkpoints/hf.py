@@ -137,7 +137,7 @@ def read_safetensors_header(f: Path) -> dict:
     return header
 
 
-def _stored_dtype(files: list[Path]) -> torch.dtype | None:
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
     """The dtype of the first tensor, from the safetensors header only."""
     if files[0].suffix != ".safetensors":
         return None
@@ -152,7 +152,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
     path = Path(path)
     cfg = read_hf_config(path)
     files = weight_files(path)
-    dt = resolve_dtype(device, dtype, _stored_dtype(files))
+    dt = resolve_dtype(device, dtype, stored_dtype(files))
     model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path))
     return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
 

@@ -206,14 +206,22 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
         return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
     if fmt == "hf":
-        from codellama.checkpoints.hf import hf_tokenizer, read_hf_config, read_safetensors_header, weight_files
+        from codellama.checkpoints.hf import (
+            hf_tokenizer,
+            read_hf_config,
+            read_safetensors_header,
+            stored_dtype,
+            weight_files,
+        )
 
         cfg = read_hf_config(path)
         files = weight_files(path)
         for f in files:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
-        dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
+        stored = stored_dtype(files)  # the files' own word; transformers >= 4.56 writes "dtype", not "torch_dtype"
+        hf = json.loads((path / "config.json").read_text())
+        dtype = str(stored).removeprefix("torch.") if stored else hf.get("torch_dtype") or hf.get("dtype") or "?"
         weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
         return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, weights)
     from codellama.checkpoints.meta import meta_config
