@@ -74,7 +74,8 @@ class ModelConfig:
     # ---- Hugging Face config.json ----
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
-        scaling = hf.get("rope_scaling") or {}
+        # transformers >= 5 writes the scaling (and theta) into rope_parameters instead of rope_scaling
+        scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         factor = 1.0
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
