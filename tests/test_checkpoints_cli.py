@@ -194,3 +194,11 @@ def test_info_reads_the_dtype_from_the_weights(tmp_path, capsys):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert run_cli("info", tmp_path / "hf", "--json") == 0
     assert json.loads(capsys.readouterr().out)["weights"].startswith("bfloat16, 1 file(s)")
+
+
+def test_gguf_to_hf_writes_the_decimal_norm_eps(tmp_path):
+    """GGUF stores floats as float32; the HF config gets 1e-06 back, not 9.999999974752427e-07."""
+    save_gguf(random_model(CFG.replace(norm_eps=1e-6)), None, tmp_path / "m.gguf", "F16")
+    assert run_cli("convert", tmp_path / "m.gguf", tmp_path / "hf", "--to", "hf") == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-6, 1e6)

@@ -97,6 +97,12 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+def _f32(value) -> float:
+    """A float32 metadata value as the shortest decimal that is that float32 (1e-05, not 9.99999974e-06), so a
+    config converted from GGUF reads as the original did."""
+    return float(str(np.float32(value)))
+
+
 def gguf_config(reader, path: Path) -> ModelConfig:
     """ModelConfig from the llama.* metadata; vocab from llama.vocab_size, else the token list."""
     arch = _field(reader, "general.architecture", "llama")
@@ -132,9 +138,9 @@ def gguf_config(reader, path: Path) -> ModelConfig:
             n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
             vocab_size=int(vocab),
             ffn_hidden=int(need("feed_forward_length")),
-            norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-            rope_scaling=float(_field(reader, "llama.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0,
+            norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+            rope_scaling=_f32(_field(reader, "llama.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0,
             max_seq_len=int(_field(reader, "llama.context_length", 4096)),
             tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),  # SmolLM2 ships no output
             head_dim=head_dim,
