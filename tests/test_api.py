@@ -3,6 +3,12 @@ preset with Code Llama's real vocabulary."""
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import codellama
@@ -58,3 +64,26 @@ def test_infill_command_fills_a_file(capsys, tmp_path):
     assert main(["infill", "--model", "tiny", "--file", str(f), "--full", "-n", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")
+
+
+def test_prompt_given_twice_is_refused_not_half_ignored(capsys, tmp_path):
+    f = tmp_path / "a.py"
+    f.write_text("def f(x):\n    <FILL_ME>\n    return y\n")
+    assert main(["complete", "--model", "tiny", "--file", str(f), "other prompt"]) == 2
+    assert "not both" in capsys.readouterr().err
+    for flag in ("--prefix", "--suffix"):
+        assert main(["infill", "--model", "tiny", "--file", str(f), flag, "zz"]) == 2
+        assert "not both" in capsys.readouterr().err
+
+
+def test_complete_says_it_reads_the_terminal(tmp_path):
+    """A bare `codellama complete` at a terminal says it waits for the prompt (it hung silently)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "complete", "--model", "tiny", "-n", "1"],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(slave)
+    os.write(master, b"def f():\n\x04")  # the line, then Ctrl-D
+    out, err = proc.communicate(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0 and "end it with Ctrl-D" in err and out.startswith("def f():\n"), err

@@ -43,7 +43,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
     p.add_argument("--prefix", help="code before the gap")
-    p.add_argument("--suffix", default="", help="code after the gap")
+    p.add_argument("--suffix", help="code after the gap (default: none)")
     p.add_argument("--file", type=Path, help="a file containing one <FILL_ME> marker")
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default: prefix-suffix-middle)")
     p.add_argument("--full", action="store_true", help="print prefix + middle + suffix instead of the middle")
@@ -91,8 +91,12 @@ def _read_text(path: Path) -> str:
 
 def run_complete(args) -> int:
     if args.file is not None:
+        if args.prompt is not None:
+            raise UserError("give the prompt as text or with --file, not both")
         prompt = _read_text(args.file)
     elif args.prompt is None or args.prompt == "-":
+        if sys.stdin.isatty():  # else a bare `codellama complete` would wait silently
+            print("reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
         prompt = sys.stdin.read()
     else:
         prompt = args.prompt
@@ -109,9 +113,11 @@ def run_infill(args) -> int:
     from codellama.prompts import split_fill_me
 
     if args.file is not None:
+        if args.prefix is not None or args.suffix is not None:
+            raise UserError("give --prefix/--suffix or --file with a <FILL_ME> marker, not both")
         prefix, suffix = split_fill_me(_read_text(args.file))
     elif args.prefix is not None:
-        prefix, suffix = args.prefix, args.suffix
+        prefix, suffix = args.prefix, args.suffix or ""
     else:
         raise UserError("give --prefix (and --suffix), or --file with a <FILL_ME> marker")
     gen = _load(args)
