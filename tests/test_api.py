@@ -87,3 +87,14 @@ def test_complete_says_it_reads_the_terminal(tmp_path):
     out, err = proc.communicate(timeout=120)
     os.close(master)
     assert proc.returncode == 0 and "end it with Ctrl-D" in err and out.startswith("def f():\n"), err
+
+
+def test_output_piped_into_a_reader_that_leaves_early(tmp_path):
+    """`codellama complete ... | head -c 1`: the closed pipe ends the command quietly, as SIGPIPE would."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "complete", "--model", "tiny", "-n", "500", "x"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(1) == b"x"  # the prompt is echoed before the first new token
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "Exception" not in err, err
