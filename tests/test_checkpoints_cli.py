@@ -202,3 +202,26 @@ def test_gguf_to_hf_writes_the_decimal_norm_eps(tmp_path):
     assert run_cli("convert", tmp_path / "m.gguf", tmp_path / "hf", "--to", "hf") == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-6, 1e6)
+
+
+def test_convert_force_leaves_no_stale_weights(tmp_path):
+    """--force over an earlier conversion with another shard count: the old files are gone, so neither we
+    nor transformers (which prefers model.safetensors to an index) load them instead of the new ones."""
+    from transformers import LlamaForCausalLM
+
+    old, new = random_model(CFG, seed=1), random_model(CFG, seed=2)
+    save_hf(old, None, tmp_path / "old")
+    save_hf(new, None, tmp_path / "new")
+    assert run_cli("convert", tmp_path / "old", tmp_path / "hf", "--to", "hf") == 0
+    assert run_cli("convert", tmp_path / "new", tmp_path / "hf", "--to", "hf", "--max-shard-size", "100KB",
+                   "--force") == 0
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, new(TOKENS), atol=1e-5, rtol=1e-5)
+
+    assert run_cli("convert", tmp_path / "old", tmp_path / "meta", "--to", "meta", "--shards", "2") == 0
+    assert run_cli("convert", tmp_path / "new", tmp_path / "meta", "--to", "meta", "--force") == 0
+    assert sorted(p.name for p in (tmp_path / "meta").glob("*.pth")) == ["consolidated.00.pth"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(tmp_path / "meta"), new(TOKENS), atol=0, rtol=0)

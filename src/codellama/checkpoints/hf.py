@@ -194,6 +194,14 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _remove_weights(out: Path) -> None:
+    """Delete the weight files of a checkpoint being overwritten: left beside the new ones, a stale
+    model.safetensors, shard or index would be loaded instead of them (by transformers, or by us)."""
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", SAFE_INDEX, "pytorch_model*.bin", BIN_INDEX):
+        for f in out.glob(pattern):
+            f.unlink()
+
+
 def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: int | str = "5GB") -> Path:
     """Write config.json, generation_config.json, model.safetensors (or shards + index), and the tokenizer."""
     from safetensors.torch import save_file
@@ -214,9 +222,9 @@ def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: 
             size = 0
         shards[-1][name] = t.cpu()
         size += nbytes
+    _remove_weights(out)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / SAFE_INDEX).unlink(missing_ok=True)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):

@@ -199,6 +199,8 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
         d = split_dim(name)
         if d is not None and t.shape[d] % n_shards:
             raise UserError(f"cannot split {name} {tuple(t.shape)} on dim {d} into {n_shards} shards")
+    for stale in out.glob("consolidated.*.pth"):  # an overwritten checkpoint's extra ranks would be loaded too
+        stale.unlink()
     for rank in range(n_shards):
         shard = {}
         for name, t in full.items():
