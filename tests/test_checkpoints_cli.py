@@ -225,3 +225,12 @@ def test_convert_force_leaves_no_stale_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "meta").glob("*.pth")) == ["consolidated.00.pth"]
     with torch.no_grad():
         torch.testing.assert_close(logits(tmp_path / "meta"), new(TOKENS), atol=0, rtol=0)
+
+
+def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellama, smollm2):
+    save_hf(random_model(CFG.replace(vocab_size=codellama.vocab_size)), codellama, tmp_path / "sp")
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "bpe")
+    assert run_cli("convert", tmp_path / "sp", tmp_path / "out", "--to", "hf") == 0
+    assert run_cli("convert", tmp_path / "bpe", tmp_path / "out", "--to", "hf", "--force") == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("tokenizer.*")) == ["tokenizer.json"]
+    assert load_model(tmp_path / "out").tokenizer.vocab_size == smollm2.vocab_size

@@ -535,6 +535,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
         config["chat_template"] = tok.chat_template
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    # an overwritten checkpoint's tokenizer of the other kind would be loaded instead (we prefer tokenizer.model,
+    # transformers tokenizer.json)
+    (out / ("tokenizer.json" if main.name == "tokenizer.model" else "tokenizer.model")).unlink(missing_ok=True)
     return [main, cfg_path]
 
 
