@@ -234,3 +234,6 @@ def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellam
     assert run_cli("convert", tmp_path / "bpe", tmp_path / "out", "--to", "hf", "--force") == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("tokenizer.*")) == ["tokenizer.json"]
     assert load_model(tmp_path / "out").tokenizer.vocab_size == smollm2.vocab_size
+    assert run_cli("convert", tmp_path / "sp", tmp_path / "meta", "--to", "meta") == 0
+    assert run_cli("convert", tmp_path / "bpe", tmp_path / "meta", "--to", "meta", "--force") == 0
+    assert not (tmp_path / "meta" / "tokenizer.model").exists()  # Meta's layout cannot hold the BPE one

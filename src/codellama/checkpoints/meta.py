@@ -219,5 +219,7 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
     proto = getattr(tokenizer, "model_proto", None)  # SentencePieceTokenizer; Meta's layout has no BPE
     if proto is not None:
         (out / "tokenizer.model").write_bytes(proto)
+    else:  # an overwritten checkpoint's tokenizer does not belong to these weights
+        (out / "tokenizer.model").unlink(missing_ok=True)
     return out
 
