@@ -3,6 +3,7 @@ preset with Code Llama's real vocabulary."""
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import subprocess
@@ -98,3 +99,11 @@ def test_output_piped_into_a_reader_that_leaves_early(tmp_path):
     proc.stdout.close()
     err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 141 and "Traceback" not in err and "Exception" not in err, err
+
+
+def test_interactive_chat_past_the_context_suggests_reset(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n" + "word " * 40 + "\n/reset\n" + "word " * 40 + "\n"))
+    assert main(["chat", "--model", "tiny", "--max-seq-len", "48", "-n", "4"]) == 0  # EOF ends the session
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0].endswith("; /reset clears the history")
+    assert "/reset" not in errors[1]  # alone in the history, the message itself is too long

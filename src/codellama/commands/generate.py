@@ -153,7 +153,8 @@ def run_chat(args) -> int:
             answer = gen.chat(history, on_text=_emit, **_sampling(args))
         except UserError as e:  # a refused message must not end the session
             history.pop()
-            print(f"error: {e}", file=sys.stderr)
+            hint = "; /reset clears the history" if len(history) > len(dialog) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
             continue
         _emit("\n")
         history.append({"role": "assistant", "content": answer})
