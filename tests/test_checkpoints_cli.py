@@ -237,3 +237,20 @@ def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellam
     assert run_cli("convert", tmp_path / "sp", tmp_path / "meta", "--to", "meta") == 0
     assert run_cli("convert", tmp_path / "bpe", tmp_path / "meta", "--to", "meta", "--force") == 0
     assert not (tmp_path / "meta" / "tokenizer.model").exists()  # Meta's layout cannot hold the BPE one
+
+
+def test_preset_tokenizers_fit_their_models(codellama):
+    """A 32000-piece preset (Python, 34B) gets Llama 2's vocabulary, so infilling is refused rather than
+    indexing past the embedding (spec 6.5); 70B Instruct gets <step> and its own chat format."""
+    from codellama.checkpoints.load import inspect_model
+    from codellama.commands.info import describe
+    from codellama.config import PRESETS
+
+    for name, cfg in PRESETS.items():
+        tok = inspect_model(name).tokenizer
+        assert tok is None or tok.vocab_size == cfg.vocab_size, name
+    assert describe(inspect_model("codellama-34b"))["can_infill"] is False
+    assert describe(inspect_model("codellama-7b-python"))["can_infill"] is False
+    assert describe(inspect_model("codellama-7b"))["can_infill"] is True
+    assert "<step>" in describe(inspect_model("codellama-70b-instruct"))["chat_format"]
+    assert "[INST]" in describe(inspect_model("codellama-34b-instruct"))["chat_format"]

@@ -142,12 +142,16 @@ def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -
 
 
 def preset_tokenizer(cfg: ModelConfig):
-    """The Code Llama tokenizer for presets with its vocabulary (32000/32016 pieces), else None."""
+    """The Code Llama tokenizer for presets with its vocabulary, else None: Llama 2's 32000 pieces for the
+    Python and 34B models (no infill pieces: their ids would be past the embedding), 32016 for the others,
+    with `<step>` (its chat format) for 70B Instruct."""
     if cfg.vocab_size not in (32000, 32016):
         return None
     from codellama.tokenizer import codellama_tokenizer
 
-    return codellama_tokenizer()
+    if cfg.vocab_size == 32000:
+        return codellama_tokenizer("python")
+    return codellama_tokenizer("70b-instruct" if cfg.name == "codellama-70b-instruct" else "base")
 
 
 def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device, name: str) -> None:
