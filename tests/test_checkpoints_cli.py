@@ -254,3 +254,17 @@ def test_preset_tokenizers_fit_their_models(codellama):
     assert describe(inspect_model("codellama-7b"))["can_infill"] is True
     assert "<step>" in describe(inspect_model("codellama-70b-instruct"))["chat_format"]
     assert "[INST]" in describe(inspect_model("codellama-34b-instruct"))["chat_format"]
+
+
+def test_tokenizer_with_pieces_past_the_embedding(tmp_path, capsys, codellama):
+    """A 32000-row model shipped with Code Llama's 32016-piece tokenizer (as the Hub's Python models were,
+    spec 6.5 / I#166): infilling is refused and text that encodes past the embedding is an error, not an
+    IndexError."""
+    save_hf(random_model(CFG.replace(vocab_size=32000)), codellama, tmp_path / "py")
+    assert run_cli("info", tmp_path / "py", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["can_infill"] is False
+    assert run_cli("infill", "--model", tmp_path / "py", "--prefix", "def f(", "--suffix", "x", "-n", "2") == 2
+    assert "cannot fill in the middle" in capsys.readouterr().err
+    assert run_cli("complete", "--model", tmp_path / "py", "x = '<PRE> <MID>'", "-n", "2") == 2
+    assert "outside the model's vocabulary of 32000" in capsys.readouterr().err
+    assert codellama.can_infill  # the shared tokenizer itself is untouched

@@ -70,8 +70,12 @@ class Generator:
             all_params = list(params)
         if len(all_params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
+        vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             check_prompt(i, len(p), self.context_len)
+            if not all(0 <= t < vocab for t in p):  # an embedding lookup past the table is an IndexError
+                raise UserError(f"prompt {i} holds token ids outside the model's vocabulary of {vocab}: its "
+                                "tokenizer has pieces the model has no embedding for (they do not belong together)")
         cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
         scheduler = Scheduler(self._decoder_for(len(prompts), cache_len), self.context_len, self._default_stop_ids())
         for i, (p, sp) in enumerate(zip(prompts, all_params)):

