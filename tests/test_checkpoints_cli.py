@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,33 @@ def test_tokenizer_with_pieces_past_the_embedding(tmp_path, capsys, codellama):
     assert run_cli("complete", "--model", tmp_path / "py", "x = '<PRE> <MID>'", "-n", "2") == 2
     assert "outside the model's vocabulary of 32000" in capsys.readouterr().err
     assert codellama.can_infill  # the shared tokenizer itself is untouched
+
+
+def test_code_llama_vocab_without_rope_theta_warns(tmp_path):
+    """Old Code Llama conversions lacked rope_theta and ran with 10000 (spec 6.10): say so, in one line."""
+    code = CFG.replace(vocab_size=32016)
+    save_hf(random_model(code), None, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["rope_theta"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    save_meta(random_model(code), None, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    del params["rope_theta"]
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    for name in ("hf", "meta"):
+        with pytest.warns(UserWarning, match="gives no RoPE theta"):
+            assert load_model(tmp_path / name).config.rope_theta == 10000
+    save_hf(random_model(CFG.replace(rope_theta=1e4)), None, tmp_path / "llama")  # not Code Llama's vocabulary
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    del config["rope_theta"]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(tmp_path / "llama")
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "codellama", "info", str(tmp_path / "hf")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    warning = f"warning: {tmp_path / 'hf' / 'config.json'} gives no RoPE theta"
+    assert r.returncode == 0 and r.stderr.startswith(warning), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
-from codellama.config import ModelConfig
+from codellama.config import ModelConfig, warn_default_theta
 from codellama.engine.quant import GROUP, INT8_GROUP, QuantCodes, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -125,6 +125,8 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     scaling_type = _field(reader, "llama.rope.scaling.type")
     if scaling_type not in (None, "none", "linear"):
         raise UserError(f"{path}: rope scaling {scaling_type!r} is not supported (only linear)")
+    if _field(reader, "llama.rope.freq_base") is None:
+        warn_default_theta(int(vocab), str(path))
     dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
     head_dim = int(_field(reader, "llama.attention.key_length", dim // n_heads))
     rope_dims = _field(reader, "llama.rope.dimension_count", head_dim)

@@ -11,7 +11,7 @@ import torch
 
 from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, try_load_tokenizer
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
-from codellama.config import ModelConfig
+from codellama.config import ModelConfig, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
 
@@ -30,6 +30,8 @@ def read_hf_config(path: Path) -> ModelConfig:
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "codellama"):
         raise UserError(f"{cfg_file}: model_type {model_type!r} is not a Llama-family model")
+    if hf.get("rope_theta") is None and (hf.get("rope_parameters") or {}).get("rope_theta") is None:
+        warn_default_theta(hf.get("vocab_size"), str(cfg_file))
     try:
         return ModelConfig.from_hf(hf)
     except KeyError as e:

@@ -21,7 +21,7 @@ from codellama.checkpoints.common import (
     resolve_dtype,
     try_load_tokenizer,
 )
-from codellama.config import ModelConfig, llama_ffn_hidden
+from codellama.config import ModelConfig, llama_ffn_hidden, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
 
@@ -140,6 +140,8 @@ def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
     except (TypeError, ValueError) as e:
         raise UserError(f"{path / 'params.json'}: {e}") from None
     cfg.name = path.name
+    if "rope_theta" not in params:
+        warn_default_theta(cfg.vocab_size, str(path / "params.json"))
     if cfg.n_kv_heads % len(files) or cfg.n_heads % len(files):
         raise UserError(f"{path}: {len(files)} shards cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads")
     return cfg, tokenizer, files
