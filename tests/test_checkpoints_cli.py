@@ -299,3 +299,12 @@ def test_code_llama_vocab_without_rope_theta_warns(tmp_path):
     warning = f"warning: {tmp_path / 'hf' / 'config.json'} gives no RoPE theta"
     assert r.returncode == 0 and r.stderr.startswith(warning), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_convert_that_cannot_write_says_so(tmp_path, capsys):
+    save_hf(random_model(CFG), None, tmp_path / "hf")
+    (tmp_path / "file").write_text("")
+    for to, out in (("hf", "file/hf"), ("meta", "file/meta"), ("gguf", "file/m.gguf")):
+        assert run_cli("convert", tmp_path / "hf", tmp_path / out, "--to", to) == 2, to
+        err = capsys.readouterr().err
+        assert f"error: writing {tmp_path / out} failed" in err and "Traceback" not in err, err
