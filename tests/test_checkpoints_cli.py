@@ -308,3 +308,10 @@ def test_convert_that_cannot_write_says_so(tmp_path, capsys):
         assert run_cli("convert", tmp_path / "hf", tmp_path / out, "--to", to) == 2, to
         err = capsys.readouterr().err
         assert f"error: writing {tmp_path / out} failed" in err and "Traceback" not in err, err
+
+
+def test_gguf_without_tokenizer_says_where_one_must_be(tmp_path, capsys):
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F16")
+    (tmp_path / "tokenizer.json").write_text("{}")  # beside a GGUF a tokenizer is not looked for
+    assert run_cli("complete", "x", "--model", tmp_path / "m.gguf") == 2
+    assert "carries no tokenizer" in capsys.readouterr().err

@@ -209,5 +209,8 @@ def load(
         raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     if loaded.tokenizer is None:
+        if loaded.format == "gguf":  # its tokenizer can only be inside it
+            raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "
+                            "checkpoint it came from again, with its tokenizer")
         raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)
