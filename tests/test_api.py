@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 import codellama
+from codellama.checkpoints.hf import save_hf
 from codellama.cli import main
+from codellama.config import ModelConfig
 from codellama.errors import UserError
+from codellama.generate import load
+from helpers import random_model
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +111,15 @@ def test_interactive_chat_past_the_context_suggests_reset(capsys, monkeypatch):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and errors[0].endswith("; /reset clears the history")
     assert "/reset" not in errors[1]  # alone in the history, the message itself is too long
+
+
+def test_chat_message_from_stdin(capsys, monkeypatch, tmp_path, codellama):
+    """`codellama chat -` takes the whole of stdin as one message (blank lines and all), as complete does."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=codellama.vocab_size, ffn_hidden=128)
+    save_hf(random_model(cfg), codellama, tmp_path / "hf")
+    text = "Fix this:\n\ndef f(x)\n    return x\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    assert main(["chat", "-", "--model", str(tmp_path / "hf"), "-t", "0", "-n", "6"]) == 0
+    gen = load(str(tmp_path / "hf"), device="cpu")
+    want = gen.chat([{"role": "user", "content": text}], temperature=0, max_new_tokens=6)
+    assert capsys.readouterr().out == want + "\n"

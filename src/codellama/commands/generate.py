@@ -52,7 +52,8 @@ def register(sub) -> None:
     p.set_defaults(func=run_infill)
 
     p = sub.add_parser("chat", help="chat with an instruct model (one message, or interactive without one)")
-    p.add_argument("message", nargs="?", help="a single user message; omit for an interactive session")
+    p.add_argument("message", nargs="?",
+                   help="a single user message ('-': read it from stdin); omit for an interactive session")
     p.add_argument("--system", default=None, help="system prompt")
     add_model_args(p)
     add_sampling_args(p, temperature=0.2)
@@ -132,7 +133,8 @@ def run_chat(args) -> int:
     gen = _load(args)
     dialog = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
-        dialog.append({"role": "user", "content": args.message})
+        message = sys.stdin.read() if args.message == "-" else args.message  # e.g. a file with blank lines
+        dialog.append({"role": "user", "content": message})
         gen.chat(dialog, on_text=_emit, **_sampling(args))
         _emit("\n")
         return 0
