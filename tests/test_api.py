@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,17 @@ def test_chat_message_from_stdin(capsys, monkeypatch, tmp_path, codellama):
     gen = load(str(tmp_path / "hf"), device="cpu")
     want = gen.chat([{"role": "user", "content": text}], temperature=0, max_new_tokens=6)
     assert capsys.readouterr().out == want + "\n"
+
+
+def test_ctrl_c_in_interactive_chat_stops_the_answer_not_the_session():
+    """Ctrl-C while an answer streams: back at the prompt with the history kept (it ended the session)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "chat", "--model", "tiny", "--max-seq-len", "100000",
+                             "-n", "90000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    proc.stdin.write(b"hi\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(3)  # "> " and the answer's first text: it is streaming
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(b"", timeout=300)  # then EOF at the next prompt ends the session
+    assert proc.returncode == 0 and b"(interrupted" in err and out.endswith(b"> "), (out[-200:], err)

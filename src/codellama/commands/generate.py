@@ -138,7 +138,8 @@ def run_chat(args) -> int:
         gen.chat(dialog, on_text=_emit, **_sampling(args))
         _emit("\n")
         return 0
-    print("interactive chat: an empty line or Ctrl-D ends it, /reset clears the history", file=sys.stderr)
+    print("interactive chat: an empty line or Ctrl-D ends it, /reset clears the history, Ctrl-C stops an answer",
+          file=sys.stderr)
     history = list(dialog)
     while True:
         try:
@@ -157,6 +158,10 @@ def run_chat(args) -> int:
             history.pop()
             hint = "; /reset clears the history" if len(history) > len(dialog) else ""
             print(f"error: {e}{hint}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session with its history
+            history.pop()
+            print("\n(interrupted: that message and its answer are left out of the history)", file=sys.stderr)
             continue
         _emit("\n")
         history.append({"role": "assistant", "content": answer})
