@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def load_model(
         return _load_path(path, device, dtype, keep_codes)
     if text in PRESETS:
         return load_preset(text, device, dtype, keep_codes)
-    if text.endswith((".gguf", ".json", ".safetensors", ".pth")) or os.sep in text or text.startswith("."):
+    file_like = text.endswith((".gguf", ".json", ".safetensors", ".pth"))
+    if not file_like and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text):  # owner/name, as on the Hub
+        raise UserError(f"{text}: no such file or directory; Hugging Face Hub ids are not downloaded: fetch it "
+                        f"first (huggingface-cli download {text} --local-dir {text.split('/')[1]}) and pass that "
+                        "directory")
+    if file_like or os.sep in text or text.startswith("."):
         raise UserError(f"{text}: no such file or directory")
     raise UserError(
         f"unknown model {text!r}: not an existing path nor a preset; known presets: {', '.join(sorted(PRESETS))}"
