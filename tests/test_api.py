@@ -138,3 +138,11 @@ def test_ctrl_c_in_interactive_chat_stops_the_answer_not_the_session():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(b"", timeout=300)  # then EOF at the next prompt ends the session
     assert proc.returncode == 0 and b"(interrupted" in err and out.endswith(b"> "), (out[-200:], err)
+
+
+def test_infill_file_from_stdin(capsys, monkeypatch):
+    """`--file -` reads the text with its <FILL_ME> from stdin (an editor piping its buffer)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n    <FILL_ME>\n    return y\n"))
+    assert main(["infill", "--model", "tiny", "--file", "-", "--full", "-n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")

@@ -36,7 +36,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 def register(sub) -> None:
     p = sub.add_parser("complete", help="continue a prompt")
     p.add_argument("prompt", nargs="?", help="the prompt text ('-' or omitted: read stdin)")
-    p.add_argument("--file", type=Path, help="read the prompt from a file")
+    p.add_argument("--file", type=Path, help="read the prompt from a file ('-': stdin)")
     add_model_args(p)
     add_sampling_args(p, temperature=0.2)  # Meta's example_completion default
     p.set_defaults(func=run_complete)
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
     p.add_argument("--prefix", help="code before the gap")
     p.add_argument("--suffix", help="code after the gap (default: none)")
-    p.add_argument("--file", type=Path, help="a file containing one <FILL_ME> marker")
+    p.add_argument("--file", type=Path, help="a file containing one <FILL_ME> marker ('-': stdin)")
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default: prefix-suffix-middle)")
     p.add_argument("--full", action="store_true", help="print prefix + middle + suffix instead of the middle")
     add_model_args(p)
@@ -82,6 +82,8 @@ def _emit(text: str) -> None:
 
 
 def _read_text(path: Path) -> str:
+    if str(path) == "-":  # the usual name for stdin, e.g. an editor piping the buffer in
+        return sys.stdin.read()
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
