@@ -316,3 +316,10 @@ def test_gguf_without_tokenizer_says_where_one_must_be(tmp_path, capsys):
     (tmp_path / "tokenizer.json").write_text("{}")  # beside a GGUF a tokenizer is not looked for
     assert run_cli("complete", "x", "--model", tmp_path / "m.gguf") == 2
     assert "carries no tokenizer" in capsys.readouterr().err
+
+
+def test_meta_dir_without_tokenizer_asks_for_tokenizer_model(tmp_path, capsys):
+    save_meta(random_model(CFG), None, tmp_path / "meta")
+    assert run_cli("complete", "x", "--model", tmp_path / "meta") == 2
+    err = capsys.readouterr().err
+    assert "put tokenizer.model beside" in err and "tokenizer.json" not in err  # a Meta load reads no other

@@ -212,5 +212,6 @@ def load(
         if loaded.format == "gguf":  # its tokenizer can only be inside it
             raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "
                             "checkpoint it came from again, with its tokenizer")
-        raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")
+        wanted = "tokenizer.model" if loaded.format == "meta" else "tokenizer.model or tokenizer.json"  # Meta: SP only
+        raise UserError(f"{loaded.source} has no tokenizer: put {wanted} beside the weights")
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)
