@@ -3,11 +3,23 @@ preset with Code Llama's real vocabulary."""
 
 from __future__ import annotations
 
+import io
+import os
+import pty
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import codellama
+from codellama.checkpoints.hf import save_hf
 from codellama.cli import main
+from codellama.config import ModelConfig
 from codellama.errors import UserError
+from codellama.generate import load
+from helpers import random_model
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +68,81 @@ def test_infill_command_fills_a_file(capsys, tmp_path):
     f = tmp_path / "a.py"
     f.write_text("def f(x):\n    <FILL_ME>\n    return y\n")
     assert main(["infill", "--model", "tiny", "--file", str(f), "--full", "-n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")
+
+
+def test_prompt_given_twice_is_refused_not_half_ignored(capsys, tmp_path):
+    f = tmp_path / "a.py"
+    f.write_text("def f(x):\n    <FILL_ME>\n    return y\n")
+    assert main(["complete", "--model", "tiny", "--file", str(f), "other prompt"]) == 2
+    assert "not both" in capsys.readouterr().err
+    for flag in ("--prefix", "--suffix"):
+        assert main(["infill", "--model", "tiny", "--file", str(f), flag, "zz"]) == 2
+        assert "not both" in capsys.readouterr().err
+
+
+def test_complete_says_it_reads_the_terminal(tmp_path):
+    """A bare `codellama complete` at a terminal says it waits for the prompt (it hung silently)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "complete", "--model", "tiny", "-n", "1"],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(slave)
+    os.write(master, b"def f():\n\x04")  # the line, then Ctrl-D
+    out, err = proc.communicate(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0 and "end it with Ctrl-D" in err and out.startswith("def f():\n"), err
+
+
+def test_output_piped_into_a_reader_that_leaves_early(tmp_path):
+    """`codellama complete ... | head -c 1`: the closed pipe ends the command quietly, as SIGPIPE would."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "complete", "--model", "tiny", "-n", "500", "x"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(1) == b"x"  # the prompt is echoed before the first new token
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "Exception" not in err, err
+
+
+def test_interactive_chat_past_the_context_suggests_reset(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n" + "word " * 40 + "\n/reset\n" + "word " * 40 + "\n"))
+    assert main(["chat", "--model", "tiny", "--max-seq-len", "48", "-n", "4"]) == 0  # EOF ends the session
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0].endswith("; /reset clears the history")
+    assert "/reset" not in errors[1]  # alone in the history, the message itself is too long
+
+
+def test_chat_message_from_stdin(capsys, monkeypatch, tmp_path, codellama):
+    """`codellama chat -` takes the whole of stdin as one message (blank lines and all), as complete does."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=codellama.vocab_size, ffn_hidden=128)
+    save_hf(random_model(cfg), codellama, tmp_path / "hf")
+    text = "Fix this:\n\ndef f(x)\n    return x\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    assert main(["chat", "-", "--model", str(tmp_path / "hf"), "-t", "0", "-n", "6"]) == 0
+    gen = load(str(tmp_path / "hf"), device="cpu")
+    want = gen.chat([{"role": "user", "content": text}], temperature=0, max_new_tokens=6)
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_ctrl_c_in_interactive_chat_stops_the_answer_not_the_session():
+    """Ctrl-C while an answer streams: back at the prompt with the history kept (it ended the session)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "chat", "--model", "tiny", "--max-seq-len", "100000",
+                             "-n", "90000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    proc.stdin.write(b"hi\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(3)  # "> " and the answer's first text: it is streaming
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(b"", timeout=300)  # then EOF at the next prompt ends the session
+    assert proc.returncode == 0 and b"(interrupted" in err and out.endswith(b"> "), (out[-200:], err)
+
+
+def test_infill_file_from_stdin(capsys, monkeypatch):
+    """`--file -` reads the text with its <FILL_ME> from stdin (an editor piping its buffer)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n    <FILL_ME>\n    return y\n"))
+    assert main(["infill", "--model", "tiny", "--file", "-", "--full", "-n", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")

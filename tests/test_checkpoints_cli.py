@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,7 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
         "truncated-gguf": (tmp / "cut.gguf", "cut.gguf"),
         "bad-params": (tmp / "meta", "params.json"),
         "unknown-preset": ("codellama-8b", "codellama-7b"),
+        "hub-id": ("codellama/CodeLlama-7b-nope", "huggingface-cli download codellama/CodeLlama-7b-nope"),
     }
 
 
@@ -141,3 +143,183 @@ def test_default_model_converts_to_hf_that_transformers_loads(tmp_path):
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     with torch.no_grad():
         torch.testing.assert_close(hf(torch.tensor([ids])).logits, ours.model(torch.tensor([ids])), atol=1e-4, rtol=1e-4)
+
+
+def test_device_this_machine_lacks_is_a_one_line_error(capsys):
+    """--device with a typo or a GPU that is not there: a message, not torch's traceback mid-load."""
+    for device, needle in (("foo", "unknown device 'foo'"), ("cuda:99", "cuda:99"), ("cpu:x", "unknown device")):
+        assert run_cli("complete", "x", "--model", "tiny", "--device", device, "-n", "1") == 2, device
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+# What a browser or wget saves when a download link has expired or needs a login (spec 6.9)
+WEB_PAGES = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Request has expired'
+             b'</Message></Error>', b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>")
+
+
+def test_web_page_saved_in_place_of_a_checkpoint_file_is_named(tmp_path, capsys):
+    save_hf(random_model(CFG), None, tmp_path / "hf")
+    save_meta(random_model(CFG), None, tmp_path / "meta", n_shards=2)
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F16")
+    files = [tmp_path / "hf" / n for n in ("model.safetensors", "config.json", "tokenizer.model")]
+    files += [tmp_path / "meta" / n for n in ("consolidated.00.pth", "params.json")] + [tmp_path / "m.gguf"]
+    for f, page in zip(files, WEB_PAGES * 3):
+        kept = f.read_bytes() if f.exists() else None
+        f.write_bytes(page)
+        assert run_cli("info", f.parent if f.suffix != ".gguf" else f) == 2, f
+        err = capsys.readouterr().err
+        assert f"{f.name} is a web page" in err and "download it again" in err, err
+        if kept is None:
+            f.unlink()
+        else:
+            f.write_bytes(kept)
+
+
+def test_max_seq_len_must_be_positive(capsys):
+    for n in ("0", "-5"):
+        assert run_cli("complete", "x", "--model", "tiny", "--max-seq-len", n, "-n", "1") == 2
+        assert f"max_seq_len must be a positive number of tokens, got {n}" in capsys.readouterr().err
+
+
+def test_convert_to_meta_warns_that_a_bpe_tokenizer_is_left_out(tmp_path, capsys, smollm2):
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "hf")
+    assert run_cli("convert", tmp_path / "hf", tmp_path / "meta", "--to", "meta") == 0
+    assert "BPETokenizer" in capsys.readouterr().err and not (tmp_path / "meta" / "tokenizer.model").exists()
+
+
+def test_info_reads_the_dtype_from_the_weights(tmp_path, capsys):
+    """transformers >= 4.56 writes config.json's "dtype" (no "torch_dtype"): info still names it."""
+    save_hf(random_model(CFG, dtype=torch.bfloat16), None, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["dtype"] = config.pop("torch_dtype")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert run_cli("info", tmp_path / "hf", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["weights"].startswith("bfloat16, 1 file(s)")
+
+
+def test_gguf_to_hf_writes_the_decimal_norm_eps(tmp_path):
+    """GGUF stores floats as float32; the HF config gets 1e-06 back, not 9.999999974752427e-07."""
+    save_gguf(random_model(CFG.replace(norm_eps=1e-6)), None, tmp_path / "m.gguf", "F16")
+    assert run_cli("convert", tmp_path / "m.gguf", tmp_path / "hf", "--to", "hf") == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-6, 1e6)
+
+
+def test_convert_force_leaves_no_stale_weights(tmp_path):
+    """--force over an earlier conversion with another shard count: the old files are gone, so neither we
+    nor transformers (which prefers model.safetensors to an index) load them instead of the new ones."""
+    from transformers import LlamaForCausalLM
+
+    old, new = random_model(CFG, seed=1), random_model(CFG, seed=2)
+    save_hf(old, None, tmp_path / "old")
+    save_hf(new, None, tmp_path / "new")
+    assert run_cli("convert", tmp_path / "old", tmp_path / "hf", "--to", "hf") == 0
+    assert run_cli("convert", tmp_path / "new", tmp_path / "hf", "--to", "hf", "--max-shard-size", "100KB",
+                   "--force") == 0
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, new(TOKENS), atol=1e-5, rtol=1e-5)
+
+    assert run_cli("convert", tmp_path / "old", tmp_path / "meta", "--to", "meta", "--shards", "2") == 0
+    assert run_cli("convert", tmp_path / "new", tmp_path / "meta", "--to", "meta", "--force") == 0
+    assert sorted(p.name for p in (tmp_path / "meta").glob("*.pth")) == ["consolidated.00.pth"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(tmp_path / "meta"), new(TOKENS), atol=0, rtol=0)
+
+
+def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellama, smollm2):
+    save_hf(random_model(CFG.replace(vocab_size=codellama.vocab_size)), codellama, tmp_path / "sp")
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "bpe")
+    assert run_cli("convert", tmp_path / "sp", tmp_path / "out", "--to", "hf") == 0
+    assert run_cli("convert", tmp_path / "bpe", tmp_path / "out", "--to", "hf", "--force") == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("tokenizer.*")) == ["tokenizer.json"]
+    assert load_model(tmp_path / "out").tokenizer.vocab_size == smollm2.vocab_size
+    assert run_cli("convert", tmp_path / "sp", tmp_path / "meta", "--to", "meta") == 0
+    assert run_cli("convert", tmp_path / "bpe", tmp_path / "meta", "--to", "meta", "--force") == 0
+    assert not (tmp_path / "meta" / "tokenizer.model").exists()  # Meta's layout cannot hold the BPE one
+
+
+def test_preset_tokenizers_fit_their_models(codellama):
+    """A 32000-piece preset (Python, 34B) gets Llama 2's vocabulary, so infilling is refused rather than
+    indexing past the embedding (spec 6.5); 70B Instruct gets <step> and its own chat format."""
+    from codellama.checkpoints.load import inspect_model
+    from codellama.commands.info import describe
+    from codellama.config import PRESETS
+
+    for name, cfg in PRESETS.items():
+        tok = inspect_model(name).tokenizer
+        assert tok is None or tok.vocab_size == cfg.vocab_size, name
+    assert describe(inspect_model("codellama-34b"))["can_infill"] is False
+    assert describe(inspect_model("codellama-7b-python"))["can_infill"] is False
+    assert describe(inspect_model("codellama-7b"))["can_infill"] is True
+    assert "<step>" in describe(inspect_model("codellama-70b-instruct"))["chat_format"]
+    assert "[INST]" in describe(inspect_model("codellama-34b-instruct"))["chat_format"]
+
+
+def test_tokenizer_with_pieces_past_the_embedding(tmp_path, capsys, codellama):
+    """A 32000-row model shipped with Code Llama's 32016-piece tokenizer (as the Hub's Python models were,
+    spec 6.5 / I#166): infilling is refused and text that encodes past the embedding is an error, not an
+    IndexError."""
+    save_hf(random_model(CFG.replace(vocab_size=32000)), codellama, tmp_path / "py")
+    assert run_cli("info", tmp_path / "py", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["can_infill"] is False
+    assert run_cli("infill", "--model", tmp_path / "py", "--prefix", "def f(", "--suffix", "x", "-n", "2") == 2
+    assert "cannot fill in the middle" in capsys.readouterr().err
+    assert run_cli("complete", "--model", tmp_path / "py", "x = '<PRE> <MID>'", "-n", "2") == 2
+    assert "outside the model's vocabulary of 32000" in capsys.readouterr().err
+    assert codellama.can_infill  # the shared tokenizer itself is untouched
+
+
+def test_code_llama_vocab_without_rope_theta_warns(tmp_path):
+    """Old Code Llama conversions lacked rope_theta and ran with 10000 (spec 6.10): say so, in one line."""
+    code = CFG.replace(vocab_size=32016)
+    save_hf(random_model(code), None, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["rope_theta"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    save_meta(random_model(code), None, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    del params["rope_theta"]
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    for name in ("hf", "meta"):
+        with pytest.warns(UserWarning, match="gives no RoPE theta"):
+            assert load_model(tmp_path / name).config.rope_theta == 10000
+    save_hf(random_model(CFG.replace(rope_theta=1e4)), None, tmp_path / "llama")  # not Code Llama's vocabulary
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    del config["rope_theta"]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(tmp_path / "llama")
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "codellama", "info", str(tmp_path / "hf")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    warning = f"warning: {tmp_path / 'hf' / 'config.json'} gives no RoPE theta"
+    assert r.returncode == 0 and r.stderr.startswith(warning), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_convert_that_cannot_write_says_so(tmp_path, capsys):
+    save_hf(random_model(CFG), None, tmp_path / "hf")
+    (tmp_path / "file").write_text("")
+    for to, out in (("hf", "file/hf"), ("meta", "file/meta"), ("gguf", "file/m.gguf")):
+        assert run_cli("convert", tmp_path / "hf", tmp_path / out, "--to", to) == 2, to
+        err = capsys.readouterr().err
+        assert f"error: writing {tmp_path / out} failed" in err and "Traceback" not in err, err
+
+
+def test_gguf_without_tokenizer_says_where_one_must_be(tmp_path, capsys):
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F16")
+    (tmp_path / "tokenizer.json").write_text("{}")  # beside a GGUF a tokenizer is not looked for
+    assert run_cli("complete", "x", "--model", tmp_path / "m.gguf") == 2
+    assert "carries no tokenizer" in capsys.readouterr().err
+
+
+def test_meta_dir_without_tokenizer_asks_for_tokenizer_model(tmp_path, capsys):
+    save_meta(random_model(CFG), None, tmp_path / "meta")
+    assert run_cli("complete", "x", "--model", tmp_path / "meta") == 2
+    err = capsys.readouterr().err
+    assert "put tokenizer.model beside" in err and "tokenizer.json" not in err  # a Meta load reads no other

@@ -19,7 +19,9 @@ from codellama.checkpoints.gguf import (
     INT4_TYPES,
     dequantize,
     file_codes,
+    gguf_config,
     load_gguf,
+    open_reader,
     save_gguf,
 )
 from codellama.checkpoints.gguf_reader import FastGGUFReader
@@ -431,3 +433,18 @@ def test_code_llama_vocabulary_through_gguf_meta_and_llama_cpp(tmp_path):
     save_meta(loaded.model, loaded.tokenizer, tmp_path / "meta", n_shards=2)
     meta = load_model(tmp_path / "meta")
     assert meta.config.vocab_size == 32016 and meta.tokenizer.encode(text) == tok.encode(text)
+
+
+def test_code_llama_gguf_without_rope_base_warns(tmp_path):
+    """An old Code Llama GGUF without rope.freq_base runs at 10000 in llama.cpp too (#3090): warn."""
+    w = GGUFWriter(tmp_path / "old.gguf", "llama")
+    for add, value in ((w.add_context_length, 16384), (w.add_embedding_length, 32), (w.add_block_count, 1),
+                       (w.add_feed_forward_length, 64), (w.add_head_count, 4), (w.add_vocab_size, 32016)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((32016, 32), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.warns(UserWarning, match="gives no RoPE theta"):
+        assert gguf_config(open_reader(tmp_path / "old.gguf"), tmp_path / "old.gguf").rope_theta == 10000

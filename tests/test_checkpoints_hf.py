@@ -121,3 +121,18 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     loaded = load_model(tmp_path)
     assert loaded.tokenizer is not None and loaded.tokenizer.chat_template == tok.chat_template
     assert loaded.tokenizer.encode("def f(x): return 1") == tok.encode("def f(x): return 1")
+
+
+def test_checkpoint_saved_by_transformers_keeps_its_rope_scaling(tmp_path):
+    """Whatever config layout the installed transformers writes (5.x: rope_parameters, no rope_scaling), the
+    linear scaling comes back and the logits match transformers'."""
+    from transformers import LlamaForCausalLM
+
+    save_hf(random_model(SCALED), None, tmp_path / "ours")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "ours", torch_dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "theirs")
+    loaded = load_model(tmp_path / "theirs")
+    assert (loaded.config.rope_scaling, loaded.config.rope_theta) == (4.0, 1e5)
+    tokens = torch.randint(0, SCALED.vocab_size, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(loaded.model, tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)

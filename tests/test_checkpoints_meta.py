@@ -173,3 +173,22 @@ def test_params_without_shards(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
     with pytest.raises(UserError, match="consolidated.00.pth"):
         load_model(tmp_path)
+
+
+def test_missing_shard_is_named_as_such(tmp_path):
+    """One of two consolidated.NN.pth absent (an interrupted download): say a shard is missing, for
+    loading and for `info`, instead of a shape mismatch between the config and the weights."""
+    from codellama.checkpoints.load import inspect_model
+
+    save_meta(random_model(MHA), None, tmp_path, n_shards=2)
+    (tmp_path / "consolidated.01.pth").unlink()
+    for read in (load_model, inspect_model):
+        with pytest.raises(UserError, match=r"written for 2 model-parallel ranks .* but 1 consolidated"):
+            read(tmp_path)
+
+
+def test_save_meta_refuses_linear_rope_scaling(tmp_path):
+    """params.json has no rope scaling field: writing one would silently give a different model."""
+    with pytest.raises(UserError, match="linear RoPE scaling"):
+        save_meta(random_model(MHA.replace(rope_scaling=4.0)), None, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()

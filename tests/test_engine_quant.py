@@ -206,3 +206,14 @@ def test_real_smollm2_auto_runs_the_files_codes_exactly():
     params = SamplingParams(max_new_tokens=32, stop_ids=())
     tokens = [Generator(m.model, m.tokenizer).generate([ids], params)[0].tokens for m in (auto, plain)]
     assert tokens[0] == tokens[1]
+
+
+def test_int8_in_float16_does_not_overflow_before_the_scale():
+    """`--dtype float16 --quantize int8`: x times the int8 codes (up to 127) summed over 1024 inputs passes
+    float16's 65504 although the scaled result (512) does not; it gave inf, then NaN logits."""
+    layer = QuantLinear.from_linear(nn.Linear(1024, 8, bias=False), "int8")
+    with torch.no_grad():
+        layer.qweight.fill_(127)
+        layer.scales.fill_(0.5 / 127)
+    y = layer.half()(torch.ones(2, 1024, dtype=torch.float16))
+    torch.testing.assert_close(y, torch.full((2, 8), 512.0, dtype=torch.float16))

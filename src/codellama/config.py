@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
+
+
+def warn_default_theta(vocab_size: int | None, source: str) -> None:
+    """A Code Llama vocabulary (32016 pieces) whose checkpoint gives no RoPE theta: the 10000 default is most
+    likely wrong (early conversions dropped rope_theta: transformers < 4.33, llama.cpp #3090; spec 1.5, 6.10)."""
+    if vocab_size == 32016:
+        warnings.warn(f"{source} gives no RoPE theta, so Llama 2's 10000 is used; Code Llama 7B/13B/34B and 70B "
+                      "base were trained with 1000000 and degrade with 10000 (old conversions dropped it): add "
+                      "rope_theta 1000000 if this is one of them", stacklevel=2)
 
 
 def llama_ffn_hidden(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -74,7 +84,8 @@ class ModelConfig:
     # ---- Hugging Face config.json ----
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
-        scaling = hf.get("rope_scaling") or {}
+        # transformers >= 5 writes the scaling (and theta) into rope_parameters instead of rope_scaling
+        scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         factor = 1.0
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))

@@ -70,8 +70,12 @@ class Generator:
             all_params = list(params)
         if len(all_params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
+        vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             check_prompt(i, len(p), self.context_len)
+            if not all(0 <= t < vocab for t in p):  # an embedding lookup past the table is an IndexError
+                raise UserError(f"prompt {i} holds token ids outside the model's vocabulary of {vocab}: its "
+                                "tokenizer has pieces the model has no embedding for (they do not belong together)")
         cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
         scheduler = Scheduler(self._decoder_for(len(prompts), cache_len), self.context_len, self._default_stop_ids())
         for i, (p, sp) in enumerate(zip(prompts, all_params)):
@@ -172,14 +176,14 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     quantised matrices as they are, every other linear layer quantised to int4; "int8": every linear layer
     quantised to int8.
     """
-    from codellama.checkpoints.load import load_model
+    from codellama.checkpoints.load import check_device, load_model
     from codellama.engine.quant import fuse_projections
     from codellama.engine.quant import quantize as quantize_model
 
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
-    keep_codes = quantize == "int4" or (quantize == "auto" and torch.device(device).type == "cpu")
+    keep_codes = quantize == "int4" or (quantize == "auto" and check_device(device).type == "cpu")
     loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes)
     if quantize in ("int8", "int4"):
         quantize_model(loaded.model, quantize)  # then stacks them
@@ -201,7 +205,13 @@ def load(
     The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
     point; the command line's default is "auto").
     """
+    if max_seq_len is not None and max_seq_len < 1:  # checked before loading; 0 would mean "the model's"
+        raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source} has no tokenizer: put tokenizer.model or tokenizer.json beside the weights")
+        if loaded.format == "gguf":  # its tokenizer can only be inside it
+            raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "
+                            "checkpoint it came from again, with its tokenizer")
+        wanted = "tokenizer.model" if loaded.format == "meta" else "tokenizer.model or tokenizer.json"  # Meta: SP only
+        raise UserError(f"{loaded.source} has no tokenizer: put {wanted} beside the weights")
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)

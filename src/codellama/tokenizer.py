@@ -489,11 +489,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
         return tokenizer_from_gguf(open_reader(p))
     config = _read_config(p.parent)
-    if p.suffix == ".json":
-        tok: Tokenizer = BPETokenizer.from_file(p, config)
-    else:
-        tok = SentencePieceTokenizer.from_file(p, chat_template=config.get("chat_template"),
-                                               add_bos=config.get("add_bos_token", True))
+    try:
+        if p.suffix == ".json":
+            tok: Tokenizer = BPETokenizer.from_file(p, config)
+        else:
+            tok = SentencePieceTokenizer.from_file(p, chat_template=config.get("chat_template"),
+                                                   add_bos=config.get("add_bos_token", True))
+    except UserError:
+        from codellama.checkpoints.common import refuse_web_page
+
+        refuse_web_page(p)
+        raise
     # generation_config.json may list several end ids (Code Llama 70B Instruct: [2, 32015])
     eos = _read_json(p.parent / "generation_config.json").get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
@@ -572,6 +578,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
         config["chat_template"] = tok.chat_template
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    # an overwritten checkpoint's tokenizer of the other kind would be loaded instead (we prefer tokenizer.model,
+    # transformers tokenizer.json)
+    (out / ("tokenizer.json" if main.name == "tokenizer.model" else "tokenizer.model")).unlink(missing_ok=True)
     return [main, cfg_path]
 
 

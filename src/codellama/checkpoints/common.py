@@ -146,6 +146,19 @@ def fill_model(
     return model.eval()
 
 
+def refuse_web_page(f: Path) -> None:
+    """UserError saying so when a file that failed to parse is a web page saved in place of the download
+    (an expired or used-up link's 403, a login page: spec 6.9); the caller raises its own error otherwise."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(256).lstrip().lower()
+    except OSError:
+        return
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<error>")):
+        raise UserError(f"{f} is a web page (HTML/XML), not model data: the download saved an error or login page "
+                        "in its place (an expired or used-up link?); download it again")
+
+
 def try_load_tokenizer(path: Path):
     """The tokenizer stored at `path` (a tokenizer file or a dir holding one)."""
     from codellama.tokenizer import load_tokenizer  # lazily: loading weights alone needs no tokenizer code

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
-from codellama.config import ModelConfig
+from codellama.config import ModelConfig, warn_default_theta
 from codellama.engine.quant import GROUP, INT8_GROUP, QuantCodes, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -97,6 +97,12 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+def _f32(value) -> float:
+    """A float32 metadata value as the shortest decimal that is that float32 (1e-05, not 9.99999974e-06), so a
+    config converted from GGUF reads as the original did."""
+    return float(str(np.float32(value)))
+
+
 def gguf_config(reader, path: Path) -> ModelConfig:
     """ModelConfig from the llama.* metadata; vocab from llama.vocab_size, else the token list."""
     arch = _field(reader, "general.architecture", "llama")
@@ -119,6 +125,8 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     scaling_type = _field(reader, "llama.rope.scaling.type")
     if scaling_type not in (None, "none", "linear"):
         raise UserError(f"{path}: rope scaling {scaling_type!r} is not supported (only linear)")
+    if _field(reader, "llama.rope.freq_base") is None:
+        warn_default_theta(int(vocab), str(path))
     dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
     head_dim = int(_field(reader, "llama.attention.key_length", dim // n_heads))
     rope_dims = _field(reader, "llama.rope.dimension_count", head_dim)
@@ -132,9 +140,9 @@ def gguf_config(reader, path: Path) -> ModelConfig:
             n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
             vocab_size=int(vocab),
             ffn_hidden=int(need("feed_forward_length")),
-            norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-            rope_scaling=float(_field(reader, "llama.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0,
+            norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+            rope_scaling=_f32(_field(reader, "llama.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0,
             max_seq_len=int(_field(reader, "llama.context_length", 4096)),
             tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),  # SmolLM2 ships no output
             head_dim=head_dim,

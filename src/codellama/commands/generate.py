@@ -36,15 +36,15 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 def register(sub) -> None:
     p = sub.add_parser("complete", help="continue a prompt")
     p.add_argument("prompt", nargs="?", help="the prompt text ('-' or omitted: read stdin)")
-    p.add_argument("--file", type=Path, help="read the prompt from a file")
+    p.add_argument("--file", type=Path, help="read the prompt from a file ('-': stdin)")
     add_model_args(p)
     add_sampling_args(p, temperature=0.2)  # Meta's example_completion default
     p.set_defaults(func=run_complete)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
     p.add_argument("--prefix", help="code before the gap")
-    p.add_argument("--suffix", default="", help="code after the gap")
-    p.add_argument("--file", type=Path, help="a file containing one <FILL_ME> marker")
+    p.add_argument("--suffix", help="code after the gap (default: none)")
+    p.add_argument("--file", type=Path, help="a file containing one <FILL_ME> marker ('-': stdin)")
     p.add_argument("--spm", action="store_true", help="suffix-prefix-middle order (default: prefix-suffix-middle)")
     p.add_argument("--full", action="store_true", help="print prefix + middle + suffix instead of the middle")
     add_model_args(p)
@@ -52,7 +52,8 @@ def register(sub) -> None:
     p.set_defaults(func=run_infill)
 
     p = sub.add_parser("chat", help="chat with an instruct model (one message, or interactive without one)")
-    p.add_argument("message", nargs="?", help="a single user message; omit for an interactive session")
+    p.add_argument("message", nargs="?",
+                   help="a single user message ('-': read it from stdin); omit for an interactive session")
     p.add_argument("--system", default=None, help="system prompt")
     add_model_args(p)
     add_sampling_args(p, temperature=0.2)
@@ -81,6 +82,8 @@ def _emit(text: str) -> None:
 
 
 def _read_text(path: Path) -> str:
+    if str(path) == "-":  # the usual name for stdin, e.g. an editor piping the buffer in
+        return sys.stdin.read()
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
@@ -91,8 +94,12 @@ def _read_text(path: Path) -> str:
 
 def run_complete(args) -> int:
     if args.file is not None:
+        if args.prompt is not None:
+            raise UserError("give the prompt as text or with --file, not both")
         prompt = _read_text(args.file)
     elif args.prompt is None or args.prompt == "-":
+        if sys.stdin.isatty():  # else a bare `codellama complete` would wait silently
+            print("reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
         prompt = sys.stdin.read()
     else:
         prompt = args.prompt
@@ -109,9 +116,11 @@ def run_infill(args) -> int:
     from codellama.prompts import split_fill_me
 
     if args.file is not None:
+        if args.prefix is not None or args.suffix is not None:
+            raise UserError("give --prefix/--suffix or --file with a <FILL_ME> marker, not both")
         prefix, suffix = split_fill_me(_read_text(args.file))
     elif args.prefix is not None:
-        prefix, suffix = args.prefix, args.suffix
+        prefix, suffix = args.prefix, args.suffix or ""
     else:
         raise UserError("give --prefix (and --suffix), or --file with a <FILL_ME> marker")
     gen = _load(args)
@@ -126,11 +135,13 @@ def run_chat(args) -> int:
     gen = _load(args)
     dialog = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
-        dialog.append({"role": "user", "content": args.message})
+        message = sys.stdin.read() if args.message == "-" else args.message  # e.g. a file with blank lines
+        dialog.append({"role": "user", "content": message})
         gen.chat(dialog, on_text=_emit, **_sampling(args))
         _emit("\n")
         return 0
-    print("interactive chat: an empty line or Ctrl-D ends it, /reset clears the history", file=sys.stderr)
+    print("interactive chat: an empty line or Ctrl-D ends it, /reset clears the history, Ctrl-C stops an answer",
+          file=sys.stderr)
     history = list(dialog)
     while True:
         try:
@@ -147,7 +158,12 @@ def run_chat(args) -> int:
             answer = gen.chat(history, on_text=_emit, **_sampling(args))
         except UserError as e:  # a refused message must not end the session
             history.pop()
-            print(f"error: {e}", file=sys.stderr)
+            hint = "; /reset clears the history" if len(history) > len(dialog) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session with its history
+            history.pop()
+            print("\n(interrupted: that message and its answer are left out of the history)", file=sys.stderr)
             continue
         _emit("\n")
         history.append({"role": "assistant", "content": answer})

@@ -149,7 +149,8 @@ class QuantLinear(nn.Module):
             kernels = cpu_kernels()
         if kernels is not None:
             y = kernels.linear(x2.contiguous(), self.qweight, self.scales)
-        elif self.mode == "int8":  # gpt-fast's form (compiled, the widening can fuse into the matmul)
+        elif self.mode == "int8" and x.dtype != torch.float16:  # gpt-fast's form (compiled, the widening can
+            # fuse into the matmul); in float16, x times the codes (up to 127) before the scale would overflow
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized(x.dtype))
