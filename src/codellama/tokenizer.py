@@ -563,6 +563,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
         as_json = spm_tokenizer_json(tok)  # what transformers reads first
         if as_json is not None:
             (out / "tokenizer.json").write_text(as_json, encoding="utf-8")
+        else:  # an overwritten checkpoint's: transformers would read it instead
+            (out / "tokenizer.json").unlink(missing_ok=True)
         config["unk_token"] = tok.id_to_piece(tok.sp.unk_id())
         config["tokenizer_class"] = "CodeLlamaTokenizer" if tok.can_infill else "LlamaTokenizer"
         if not tok.can_infill:  # CodeLlamaTokenizer would otherwise reference missing infill pieces
@@ -571,6 +573,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     elif isinstance(tok, BPETokenizer):
         main = out / "tokenizer.json"
         tok.tok.save(str(main))
+        (out / "tokenizer.model").unlink(missing_ok=True)  # an overwritten checkpoint's: we would read it instead
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:
         raise TypeError(f"not a tokenizer: {tok!r}")
@@ -578,9 +581,6 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
         config["chat_template"] = tok.chat_template
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    # an overwritten checkpoint's tokenizer of the other kind would be loaded instead (we prefer tokenizer.model,
-    # transformers tokenizer.json)
-    (out / ("tokenizer.json" if main.name == "tokenizer.model" else "tokenizer.model")).unlink(missing_ok=True)
     return [main, cfg_path]
 
 
