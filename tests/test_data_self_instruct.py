@@ -126,6 +126,11 @@ def test_the_printed_training_command_trains_on_the_output(tmp_path):
     assert run(cfg, ModelAdapter(Scripted(), batch_size=4))["kept"] == 3
     assert main(["train", "--recipe", "instruct", "--scale", "tiny", "--data-root", str(cfg.out), "--out",
                  str(tmp_path / "run"), "--set", TRAIN_ON_THEM_ALONE, "--set", "train.steps=1"]) == 0
+    # the export chats in the format it was tuned on, also where the checkpoint's template is what counts
+    from codellama.prompts import INSTRUCT_TEMPLATE
+
+    config = json.loads((tmp_path / "run" / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == INSTRUCT_TEMPLATE
 
 
 def test_bad_input_says_what_to_do(tmp_path):

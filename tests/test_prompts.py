@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 
 from codellama.errors import UserError
-from codellama.prompts import (chat_format, chat_stop_ids, chat_tokens, infill_tokens, instruct_tokens,
-                               split_fill_me, step_tokens)
+from codellama.prompts import (INSTRUCT_TEMPLATE, chat_format, chat_stop_ids, chat_tokens, infill_tokens,
+                               instruct_tokens, split_fill_me, step_tokens)
 from codellama.tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
 from tokenizer_fixtures import LLAMA2_TEMPLATE, fresh_codellama_tokenizers, hf_codellama
 
@@ -162,6 +162,25 @@ def test_instruct_equals_transformers_chat_template(codellama, tmp_path):
     assert instruct_tokens(codellama, DIALOG) == expected
     assert chat_format(templated) == "template"
     assert chat_tokens(templated, DIALOG) == expected  # BOS from the template only, never doubled
+
+
+@pytest.mark.parametrize("dialog", [DIALOG, DIALOG[1:], DIALOG[3:], DIALOG[1:3] + [DIALOG[3]]])
+def test_our_instruct_template_gives_instruct_tokens(codellama, tmp_path, dialog):
+    """INSTRUCT_TEMPLATE (written into the checkpoints the instruct recipe exports) rendered by transformers,
+    and by us, gives Meta's [INST] tokens; out-of-turn roles are refused by both."""
+    transformers = pytest.importorskip("transformers")
+    templated = SentencePieceTokenizer(codellama.model_proto, chat_template=INSTRUCT_TEMPLATE)
+    save_tokenizer(templated, tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    sp = spm.SentencePieceProcessor(model_proto=codellama.model_proto)
+    want = instruct_tokens(codellama, dialog)
+    assert encode_rendered(sp, hf.apply_chat_template(dialog, tokenize=False)) == want
+    assert chat_tokens(templated, dialog) == want
+    bad = [dialog[-1], dialog[-1]]
+    with pytest.raises(Exception, match="alternate"):
+        hf.apply_chat_template(bad, tokenize=False)
+    with pytest.raises(UserError):
+        chat_tokens(templated, bad)
 
 
 # --- 70B Instruct Source/<step> ----------------------------------------------------------------------------

@@ -17,6 +17,20 @@ from codellama.tokenizer import SentencePieceTokenizer, Tokenizer
 FILL_ME = "<FILL_ME>"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+# instruct_tokens as a Jinja chat template, for checkpoints we write (transformers and vLLM chat through the
+# template): rendered, then encoded turn by turn between <s> and </s>, it gives exactly instruct_tokens' ids
+INSTRUCT_TEMPLATE = (
+    "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else none -%}"
+    "{%- for m in (messages[1:] if system is not none else messages) -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{ raise_exception('roles must alternate user, assistant, user, ... (after an optional system message)') }}"
+    "{%- endif -%}"
+    "{%- set text = '<<SYS>>\\n' ~ system ~ '\\n<</SYS>>\\n\\n' ~ m['content'] if loop.first and system is not none "
+    "else m['content'] -%}"
+    "{%- if m['role'] == 'user' -%}{{ bos_token ~ '[INST] ' ~ text | trim ~ ' [/INST]' }}"
+    "{%- else -%}{{ ' ' ~ text | trim ~ ' ' ~ eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 # Meta refuses messages containing these (llama/generation.py SPECIAL_TAGS)
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>", "<step>")
 

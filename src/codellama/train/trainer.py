@@ -9,6 +9,7 @@ any number of ranks give the same gradient as one big batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -324,10 +325,23 @@ class Trainer:
                     missing = [k for k in missing if k != "output.weight"]
                 if missing or unexpected:
                     raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
-                save_hf(plain, self.tokenizer, out_dir)
+                save_hf(plain, self._export_tokenizer(), out_dir)
                 done = out_dir
         barrier(self.env)
         return done
+
+    def _export_tokenizer(self):
+        """The tokenizer to export; after chat training in the [INST] format, with that format as its chat
+        template (Code Llama's tokenizer carries none, and transformers and vLLM chat through one)."""
+        from codellama.prompts import INSTRUCT_TEMPLATE, chat_format
+
+        tok = self.tokenizer
+        chat = any(s.kind == "chat" for s in self.recipe.data.sources)
+        if tok is None or not chat or chat_format(tok) != "instruct":
+            return tok
+        tok = copy.copy(tok)
+        tok.chat_template = INSTRUCT_TEMPLATE
+        return tok
 
     def close(self) -> None:
         self.log.close()
