@@ -176,9 +176,10 @@ def test_token_id_prompts(client, reference):
     assert out.choices[0].text == reference(ids, 6).text
 
 
-def _post(url, path, body, **kw):
+def _post(url, path, body, timeout: float = 30, **kw):
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=30, **kw)
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout,
+                      **kw)
 
 
 @pytest.mark.parametrize(
@@ -346,3 +347,19 @@ def test_full_server_answers_429_and_a_too_big_request_400(server, client, monke
     with pytest.raises(openai.BadRequestError, match="80 generations"):
         client.completions.create(**{**kw, "prompt": ["a"] * 5})
     _wait_idle(engine)
+
+
+def test_a_client_leaving_a_request_without_stream_frees_its_slot(server, monkeypatch):
+    url, engine = server
+    _wait_idle(engine)
+    # each step takes a while, so the generation outlives the client; tokens keep coming all along
+    step = engine.scheduler.step
+    monkeypatch.setattr(engine.scheduler, "step", lambda: time.sleep(0.02) or step())
+    before = dict(engine.stats()["finished"])
+    with pytest.raises(httpx.ReadTimeout):
+        _post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True},
+              timeout=0.5)
+    _wait_idle(engine)
+    after = engine.stats()["finished"]
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1  # not run to its 200 tokens
+    assert after.get("length", 0) == before.get("length", 0)

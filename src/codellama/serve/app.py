@@ -155,13 +155,19 @@ class Server:
 
                 reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs,
                                                job.prompt_logprobs))
-            remaining = len(jobs)
+            remaining, next_check = len(jobs), loop.time() + 1.0
             while remaining:
                 try:
                     i, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
+                    ev = None
+                # every second, however fast the tokens come: a request answered in one piece hears of its
+                # client leaving only here, and would otherwise hold its slot to max_tokens
+                if loop.time() >= next_check:
                     if await request.is_disconnected():
                         return
+                    next_check = loop.time() + 1.0
+                if ev is None:
                     continue
                 if ev.completion is not None:
                     remaining -= 1
