@@ -363,3 +363,18 @@ def test_a_client_leaving_a_request_without_stream_frees_its_slot(server, monkey
     after = engine.stats()["finished"]
     assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1  # not run to its 200 tokens
     assert after.get("length", 0) == before.get("length", 0)
+
+
+def test_a_huge_body_is_refused_before_it_is_read(server, client):
+    url, engine = server
+    limit = 64 * engine.context_len * 32  # a full context for each of the server's 64 generations
+    body = json.dumps({"model": MODEL, "prompt": "a" * (limit + 10), "max_tokens": 1}).encode()
+
+    def chunked():  # no content-length: the server counts as it reads
+        yield from (body[k : k + 65536] for k in range(0, len(body), 65536))
+
+    for content in (body, chunked()):
+        r = httpx.post(url + "/v1/completions", content=content, headers={"content-type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices  # and it keeps serving

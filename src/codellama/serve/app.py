@@ -33,6 +33,9 @@ log = logging.getLogger("codellama.serve")
 
 # a JSON escape of a UTF-16 surrogate: only a body holding one pays for the check that each is paired
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# JSON bytes a request may spend per token of its prompts: token ids take up to 7, text a few (more where
+# every character is escaped, like "\u4e2d")
+_BODY_BYTES_PER_TOKEN = 32
 
 
 @dataclass
@@ -77,8 +80,29 @@ class Server:
             raise OpenAIError(404, f"The model {name!r} does not exist; this server serves "
                               f"{self.config.model_name!r} (see /v1/models)", param="model", code="model_not_found")
 
+    def _max_body(self) -> int:
+        # room for the most a request may ask: max_concurrent prompts filling the context, at a generous
+        # _BODY_BYTES_PER_TOKEN; anything bigger could not run and would hold memory and the event loop
+        return max(1 << 20, self.config.max_concurrent * self.engine.context_len * _BODY_BYTES_PER_TOKEN)
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused as soon as it is known to be too big (before it is all read)."""
+        limit = self._max_body()
+        declared = request.headers.get("content-length", "")
+        raw = bytearray()
+        if not (declared.isdigit() and int(declared) > limit):
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limit:
+                    break
+            else:
+                return bytes(raw)
+        raise OpenAIError(413, f"The request body is larger than this server accepts ({limit} bytes: room for "
+                          f"{self.config.max_concurrent} prompts of {self.engine.context_len} tokens); send fewer "
+                          "or shorter prompts", code="request_too_large")
+
     async def _parse(self, request: Request, cls):
-        raw = await request.body()
+        raw = await self._body(request)
         try:
             data = json.loads(raw)
             if _SURROGATE_ESCAPE.search(raw):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
