@@ -170,6 +170,22 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client):
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(client):
+    # OpenAI's (and vLLM's) way to only score a prompt, as lm-evaluation-harness 0.3 and HELM ask
+    kw = dict(model=MODEL, prompt="def add(a, b):", echo=True, logprobs=2, temperature=0)
+    scored = client.completions.create(max_tokens=1, **kw).choices[0].logprobs
+    out = client.completions.create(max_tokens=0, **kw)
+    choice = out.choices[0]
+    assert choice.text == kw["prompt"] and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == scored.tokens[:-1] and choice.logprobs.token_logprobs == scored.token_logprobs[:-1]
+    assert choice.logprobs.top_logprobs == scored.top_logprobs[:-1]
+    del kw["logprobs"]
+    chunks = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == kw["prompt"] and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # without echo there is nothing to answer
+        client.completions.create(max_tokens=0, **{**kw, "echo": False})
+
+
 def test_token_id_prompts(client, reference):
     ids = [1, 822, 22172, 7295]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)

@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -56,6 +56,7 @@ class _Job:
     logprobs: int | None
     prompt_index: int
     prompt_logprobs: bool = False  # echo + logprobs: the prompt's tokens are scored too
+    prompt_only: bool = False  # echo + max_tokens 0: the one token generated to score the prompt is dropped
 
 
 class Server:
@@ -193,6 +194,8 @@ class Server:
                     next_check = loop.time() + 1.0
                 if ev is None:
                     continue
+                if jobs[i].prompt_only:
+                    ev = _without_generated(ev)
                 if ev.completion is not None:
                     remaining -= 1
                 yield i, ev
@@ -241,11 +244,13 @@ class Server:
                 prompt_texts.append(decode(ids) if decode else "")
             if not ids:
                 raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
-            max_new = self._max_new(body.max_tokens, len(ids), "max_tokens")
+            # OpenAI's way to score a prompt (lm-evaluation-harness 0.3, HELM): echo it, generate nothing
+            prompt_only = body.echo and body.max_tokens == 0
+            max_new = self._max_new(1 if prompt_only else body.max_tokens, len(ids), "max_tokens")
             prompt_tokens += len(ids)
             for j in range(body.n):
                 jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
-                                 body.echo and body.logprobs is not None))
+                                 body.echo and body.logprobs is not None, prompt_only))
         return jobs, prompt_texts, prompt_tokens
 
     def _chat_jobs(self, body: ChatRequest) -> tuple[list[_Job], int]:
@@ -441,6 +446,14 @@ def _explain(e: ValidationError) -> tuple[str | None, str]:
     message = f"{field!r} is required" if first["type"] == "missing" else f"Invalid value for {field!r}: {problem}"
     others = len({place(err["loc"]) for err in errors}) - 1
     return field, message + (f" (and {others} more)" if others else "")
+
+
+def _without_generated(ev: StreamEvent) -> StreamEvent:
+    """The event as if nothing was generated (max_tokens 0): no text, and a completion of no tokens."""
+    c = ev.completion
+    if c is not None and c.finish_reason in ("stop", "length"):
+        c = replace(c, tokens=[], text="", finish_reason="length", logprobs=None if c.logprobs is None else [])
+    return replace(ev, text="", completion=c)
 
 
 def _sse(obj: dict) -> str:
