@@ -216,6 +216,8 @@ def _post(url, path, body, timeout: float = 30, **kw):
         ({"model": MODEL, "prompt": "word " * 600}, 400, "maximum context length"),
         ({"model": MODEL, "prompt": "word " * 400, "max_tokens": 150}, 400, "maximum context length"),
         ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "top_k": -1, "max_tokens": 1}, 200, None),  # vLLM's "off"
+        ({"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k"),
         ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
         ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "prompt": [5, 99999]}, 400, "token ids"),

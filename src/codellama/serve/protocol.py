@@ -40,7 +40,7 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0  # an extension (vLLM, llama.cpp server): 0 = off
+    top_k: Annotated[int, Field(ge=-1)] = 0  # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1
     ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
@@ -91,7 +91,7 @@ class _Common(BaseModel):
             stop_ids = ()
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
-                                  top_k=self.top_k, stop=self.stops(), stop_ids=stop_ids, seed=seed)
+                                  top_k=max(self.top_k, 0), stop=self.stops(), stop_ids=stop_ids, seed=seed)
         except UserError as e:
             raise OpenAIError(400, str(e)) from None
 
