@@ -284,6 +284,16 @@ def test_auth_accepted_and_refused():
         assert httpx.get(url + "/health").status_code == 200  # health stays open for probes
 
 
+def test_a_default_max_tokens_stays_within_the_servers_limit(tok):
+    # the client sends no max_tokens: OpenAI's default (16) must not fail against a smaller --max-tokens
+    with running_server(tiny_model(), tok, max_batch=2, max_tokens=8) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model=MODEL, prompt="x", extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 8 and out.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="more than this server allows"):  # asked for: refused
+            client.completions.create(model=MODEL, prompt="x", max_tokens=16)
+
+
 def test_infilling_refused_on_a_model_without_infill_tokens():
     with running_server(tiny_model(vocab_size=32000), tokenizer("python"), max_batch=2) as (url, _):
         r = _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "suffix": "):", "max_tokens": 4})

@@ -246,7 +246,10 @@ class Server:
                 raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
             # OpenAI's way to score a prompt (lm-evaluation-harness 0.3, HELM): echo it, generate nothing
             prompt_only = body.echo and body.max_tokens == 0
-            max_new = self._max_new(1 if prompt_only else body.max_tokens, len(ids), "max_tokens")
+            requested = 1 if prompt_only else body.max_tokens
+            if "max_tokens" not in body.model_fields_set and self.config.max_tokens:
+                requested = min(requested, self.config.max_tokens)  # OpenAI's default, within this server's limit
+            max_new = self._max_new(requested, len(ids), "max_tokens")
             prompt_tokens += len(ids)
             for j in range(body.n):
                 jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
