@@ -219,7 +219,9 @@ def _post(url, path, body, timeout: float = 30, **kw):
         ({"model": MODEL, "prompt": "x", "top_k": -1, "max_tokens": 1}, 200, None),  # vLLM's "off"
         ({"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k"),
         ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
-        ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": MODEL, "prompt": "x", "stop": [f"s{i}" for i in range(33)]}, 400, "stop"),
+        # lm-evaluation-harness's humaneval: its five stop strings and the EOS text
+        ({"model": MODEL, "prompt": "x", "stop": ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]}, 200, None),
         ({"model": MODEL, "prompt": [5, 99999]}, 400, "token ids"),
         ({"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
         ({"model": MODEL, "prompt": "x", "seed": 2**63 - 1, "n": 2, "max_tokens": 1}, 200, None),
