@@ -284,6 +284,9 @@ def test_auth_accepted_and_refused():
             bad.models.list()
         assert httpx.post(url + "/v1/completions", json={"prompt": "a"}).status_code == 401  # no header at all
         assert httpx.get(url + "/health").status_code == 200  # health stays open for probes
+    # an empty key (CODELLAMA_API_KEY= in a script) is no key, as the startup line's "auth off" says
+    with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="") as (url, _):
+        assert httpx.get(url + "/v1/models").status_code == 200
 
 
 def test_a_default_max_tokens_stays_within_the_servers_limit(tok):

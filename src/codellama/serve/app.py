@@ -41,7 +41,7 @@ _BODY_BYTES_PER_TOKEN = 32
 @dataclass
 class ServerConfig:
     model_name: str
-    api_key: str | None = None  # None: no authentication
+    api_key: str | None = None  # None or empty (an empty CODELLAMA_API_KEY): no authentication
     max_concurrent: int = 64  # choices running or queued at once; beyond: 429
     max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
 
@@ -68,7 +68,7 @@ class Server:
 
     # ---- helpers ----
     def _check_auth(self, request: Request) -> None:
-        if self.config.api_key is None:
+        if not self.config.api_key:  # as the banner says "auth off"
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
