@@ -181,7 +181,8 @@ def test_echo_with_max_tokens_0_returns_the_prompt_alone(client):
     assert choice.logprobs.top_logprobs == scored.top_logprobs[:-1]
     del kw["logprobs"]
     chunks = list(client.completions.create(max_tokens=0, stream=True, **kw))
-    assert "".join(c.choices[0].text for c in chunks) == kw["prompt"] and chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks) == kw["prompt"]
+    assert chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # without echo there is nothing to answer
         client.completions.create(max_tokens=0, **{**kw, "echo": False})
 
@@ -257,6 +258,13 @@ def test_bad_chat_requests(server, body, match):
     r = _post(server[0], "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
     assert match in r.json()["error"]["message"]
+
+
+def test_a_chat_longer_than_the_context_names_messages(server):
+    long = [{"role": "user", "content": "word " * 600}]
+    r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": long})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages", err
 
 
 def test_unknown_route_and_method(server):

@@ -129,11 +129,11 @@ class Server:
                               "send the prompt as a list of token ids")
         return self.tokenizer
 
-    def _max_new(self, requested: int | None, prompt_len: int, param: str) -> int:
+    def _max_new(self, requested: int | None, prompt_len: int, param: str, prompt_param: str = "prompt") -> int:
         ctx = self.engine.context_len
         if prompt_len >= ctx:
             raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                              f"{prompt_len} tokens. Shorten the prompt.", param="prompt",
+                              f"{prompt_len} tokens. Shorten the prompt.", param=prompt_param,
                               code="context_length_exceeded")
         limit = self.config.max_tokens or ctx
         if requested is None:
@@ -263,7 +263,7 @@ class Server:
         ids = chat_tokens(tok, body.message_dicts())
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_new = self._max_new(requested, len(ids), param)
+        max_new = self._max_new(requested, len(ids), param, "messages")
         lp = (body.top_logprobs or 0) if body.logprobs else None
         return [_Job(ids, body.sampling(max_new, j), tok.decode, lp, 0) for j in range(body.n)], len(ids)
 
