@@ -62,6 +62,8 @@ def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
     f.write_text("def f():\n    return 1\n")  # no <FILL_ME>
     assert main(["infill", "--model", "tiny", "--file", str(f)]) == 2
     assert "FILL_ME" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--port", "99999"]) == 2
+    assert "--port" in capsys.readouterr().err
 
 
 def test_infill_command_fills_a_file(capsys, tmp_path):

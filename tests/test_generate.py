@@ -91,6 +91,18 @@ def test_longest_stop_prefix():
     assert longest_stop_prefix("ab\n", ["\nclass", "\n#"]) == 1
 
 
+def test_a_stop_string_ending_in_a_character_of_several_tokens_is_never_streamed():
+    from codellama.engine.rows import RowState
+    from codellama.tokenizer import codellama_tokenizer
+
+    tok = codellama_tokenizer("base")
+    stop = "的龘"  # 龘 is three byte tokens: the text ends in an incomplete character twice on the way
+    row = RowState(1, SamplingParams(max_new_tokens=20, stop=(stop,)), set(), 20, tok.decode)
+    ids = tok.encode("到" + stop + "国")[1:]
+    streamed = "".join(row.push(t) for t in ids)
+    assert row.text == "到" and row.finish_reason == "stop" and streamed == row.text
+
+
 def test_context_limits(gen):
     with pytest.raises(UserError, match="more than the context"):
         gen.generate([[1] * 200], SamplingParams(max_new_tokens=4))

@@ -170,15 +170,33 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client):
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(client):
+    # OpenAI's (and vLLM's) way to only score a prompt, as lm-evaluation-harness 0.3 and HELM ask
+    kw = dict(model=MODEL, prompt="def add(a, b):", echo=True, logprobs=2, temperature=0)
+    scored = client.completions.create(max_tokens=1, **kw).choices[0].logprobs
+    out = client.completions.create(max_tokens=0, **kw)
+    choice = out.choices[0]
+    assert choice.text == kw["prompt"] and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == scored.tokens[:-1] and choice.logprobs.token_logprobs == scored.token_logprobs[:-1]
+    assert choice.logprobs.top_logprobs == scored.top_logprobs[:-1]
+    del kw["logprobs"]
+    chunks = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == kw["prompt"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # without echo there is nothing to answer
+        client.completions.create(max_tokens=0, **{**kw, "echo": False})
+
+
 def test_token_id_prompts(client, reference):
     ids = [1, 822, 22172, 7295]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
     assert out.choices[0].text == reference(ids, 6).text
 
 
-def _post(url, path, body, **kw):
+def _post(url, path, body, timeout: float = 30, **kw):
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=30, **kw)
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout,
+                      **kw)
 
 
 @pytest.mark.parametrize(
@@ -199,8 +217,12 @@ def _post(url, path, body, **kw):
         ({"model": MODEL, "prompt": "word " * 600}, 400, "maximum context length"),
         ({"model": MODEL, "prompt": "word " * 400, "max_tokens": 150}, 400, "maximum context length"),
         ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "top_k": -1, "max_tokens": 1}, 200, None),  # vLLM's "off"
+        ({"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k"),
         ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
-        ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": MODEL, "prompt": "x", "stop": [f"s{i}" for i in range(33)]}, 400, "stop"),
+        # lm-evaluation-harness's humaneval: its five stop strings and the EOS text
+        ({"model": MODEL, "prompt": "x", "stop": ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]}, 200, None),
         ({"model": MODEL, "prompt": [5, 99999]}, 400, "token ids"),
         ({"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
         ({"model": MODEL, "prompt": "x", "seed": 2**63 - 1, "n": 2, "max_tokens": 1}, 200, None),
@@ -238,6 +260,13 @@ def test_bad_chat_requests(server, body, match):
     assert match in r.json()["error"]["message"]
 
 
+def test_a_chat_longer_than_the_context_names_messages(server):
+    long = [{"role": "user", "content": "word " * 600}]
+    r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": long})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages", err
+
+
 def test_unknown_route_and_method(server):
     r = httpx.get(server[0] + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
@@ -263,6 +292,19 @@ def test_auth_accepted_and_refused():
             bad.models.list()
         assert httpx.post(url + "/v1/completions", json={"prompt": "a"}).status_code == 401  # no header at all
         assert httpx.get(url + "/health").status_code == 200  # health stays open for probes
+    # an empty key (CODELLAMA_API_KEY= in a script) is no key, as the startup line's "auth off" says
+    with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="") as (url, _):
+        assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_a_default_max_tokens_stays_within_the_servers_limit(tok):
+    # the client sends no max_tokens: OpenAI's default (16) must not fail against a smaller --max-tokens
+    with running_server(tiny_model(), tok, max_batch=2, max_tokens=8) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model=MODEL, prompt="x", extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 8 and out.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="more than this server allows"):  # asked for: refused
+            client.completions.create(model=MODEL, prompt="x", max_tokens=16)
 
 
 def test_infilling_refused_on_a_model_without_infill_tokens():
@@ -346,3 +388,34 @@ def test_full_server_answers_429_and_a_too_big_request_400(server, client, monke
     with pytest.raises(openai.BadRequestError, match="80 generations"):
         client.completions.create(**{**kw, "prompt": ["a"] * 5})
     _wait_idle(engine)
+
+
+def test_a_client_leaving_a_request_without_stream_frees_its_slot(server, monkeypatch):
+    url, engine = server
+    _wait_idle(engine)
+    # each step takes a while, so the generation outlives the client; tokens keep coming all along
+    step = engine.scheduler.step
+    monkeypatch.setattr(engine.scheduler, "step", lambda: time.sleep(0.02) or step())
+    before = dict(engine.stats()["finished"])
+    with pytest.raises(httpx.ReadTimeout):
+        _post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True},
+              timeout=0.5)
+    _wait_idle(engine)
+    after = engine.stats()["finished"]
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1  # not run to its 200 tokens
+    assert after.get("length", 0) == before.get("length", 0)
+
+
+def test_a_huge_body_is_refused_before_it_is_read(server, client):
+    url, engine = server
+    limit = 64 * engine.context_len * 32  # a full context for each of the server's 64 generations
+    body = json.dumps({"model": MODEL, "prompt": "a" * (limit + 10), "max_tokens": 1}).encode()
+
+    def chunked():  # no content-length: the server counts as it reads
+        yield from (body[k : k + 65536] for k in range(0, len(body), 65536))
+
+    for content in (body, chunked()):
+        r = httpx.post(url + "/v1/completions", content=content, headers={"content-type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices  # and it keeps serving

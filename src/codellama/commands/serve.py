@@ -63,6 +63,8 @@ def run(args) -> int:
                         ("--max-tokens", args.max_tokens), ("--context", args.context), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:  # uvicorn would fail with a traceback after loading the model
+        raise UserError(f"--port must be in 0-65535, got {args.port}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -111,9 +111,10 @@ class RowState:
                 self.finish_reason = "length"
         end = len(self.text)
         if self.finish_reason is None:
-            end -= longest_stop_prefix(self.text, self.params.stop)
             while end > self.released and self.text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
                 end -= 1
+            # what comes before an incomplete character may be the start of a stop string it completes
+            end -= longest_stop_prefix(self.text[:end], self.params.stop)
         delta, self.released = self.text[self.released : end], max(self.released, end)
         return delta
 

@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,12 +33,15 @@ log = logging.getLogger("codellama.serve")
 
 # a JSON escape of a UTF-16 surrogate: only a body holding one pays for the check that each is paired
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# JSON bytes a request may spend per token of its prompts: token ids take up to 7, text a few (more where
+# every character is escaped, like "\u4e2d")
+_BODY_BYTES_PER_TOKEN = 32
 
 
 @dataclass
 class ServerConfig:
     model_name: str
-    api_key: str | None = None  # None: no authentication
+    api_key: str | None = None  # None or empty (an empty CODELLAMA_API_KEY): no authentication
     max_concurrent: int = 64  # choices running or queued at once; beyond: 429
     max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
 
@@ -53,6 +56,7 @@ class _Job:
     logprobs: int | None
     prompt_index: int
     prompt_logprobs: bool = False  # echo + logprobs: the prompt's tokens are scored too
+    prompt_only: bool = False  # echo + max_tokens 0: the one token generated to score the prompt is dropped
 
 
 class Server:
@@ -64,7 +68,7 @@ class Server:
 
     # ---- helpers ----
     def _check_auth(self, request: Request) -> None:
-        if self.config.api_key is None:
+        if not self.config.api_key:  # as the banner says "auth off"
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -77,8 +81,29 @@ class Server:
             raise OpenAIError(404, f"The model {name!r} does not exist; this server serves "
                               f"{self.config.model_name!r} (see /v1/models)", param="model", code="model_not_found")
 
+    def _max_body(self) -> int:
+        # room for the most a request may ask: max_concurrent prompts filling the context, at a generous
+        # _BODY_BYTES_PER_TOKEN; anything bigger could not run and would hold memory and the event loop
+        return max(1 << 20, self.config.max_concurrent * self.engine.context_len * _BODY_BYTES_PER_TOKEN)
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused as soon as it is known to be too big (before it is all read)."""
+        limit = self._max_body()
+        declared = request.headers.get("content-length", "")
+        raw = bytearray()
+        if not (declared.isdigit() and int(declared) > limit):
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limit:
+                    break
+            else:
+                return bytes(raw)
+        raise OpenAIError(413, f"The request body is larger than this server accepts ({limit} bytes: room for "
+                          f"{self.config.max_concurrent} prompts of {self.engine.context_len} tokens); send fewer "
+                          "or shorter prompts", code="request_too_large")
+
     async def _parse(self, request: Request, cls):
-        raw = await request.body()
+        raw = await self._body(request)
         try:
             data = json.loads(raw)
             if _SURROGATE_ESCAPE.search(raw):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
@@ -104,11 +129,11 @@ class Server:
                               "send the prompt as a list of token ids")
         return self.tokenizer
 
-    def _max_new(self, requested: int | None, prompt_len: int, param: str) -> int:
+    def _max_new(self, requested: int | None, prompt_len: int, param: str, prompt_param: str = "prompt") -> int:
         ctx = self.engine.context_len
         if prompt_len >= ctx:
             raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                              f"{prompt_len} tokens. Shorten the prompt.", param="prompt",
+                              f"{prompt_len} tokens. Shorten the prompt.", param=prompt_param,
                               code="context_length_exceeded")
         limit = self.config.max_tokens or ctx
         if requested is None:
@@ -155,14 +180,22 @@ class Server:
 
                 reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs,
                                                job.prompt_logprobs))
-            remaining = len(jobs)
+            remaining, next_check = len(jobs), loop.time() + 1.0
             while remaining:
                 try:
                     i, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
+                    ev = None
+                # every second, however fast the tokens come: a request answered in one piece hears of its
+                # client leaving only here, and would otherwise hold its slot to max_tokens
+                if loop.time() >= next_check:
                     if await request.is_disconnected():
                         return
+                    next_check = loop.time() + 1.0
+                if ev is None:
                     continue
+                if jobs[i].prompt_only:
+                    ev = _without_generated(ev)
                 if ev.completion is not None:
                     remaining -= 1
                 yield i, ev
@@ -211,11 +244,16 @@ class Server:
                 prompt_texts.append(decode(ids) if decode else "")
             if not ids:
                 raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
-            max_new = self._max_new(body.max_tokens, len(ids), "max_tokens")
+            # OpenAI's way to score a prompt (lm-evaluation-harness 0.3, HELM): echo it, generate nothing
+            prompt_only = body.echo and body.max_tokens == 0
+            requested = 1 if prompt_only else body.max_tokens
+            if "max_tokens" not in body.model_fields_set and self.config.max_tokens:
+                requested = min(requested, self.config.max_tokens)  # OpenAI's default, within this server's limit
+            max_new = self._max_new(requested, len(ids), "max_tokens")
             prompt_tokens += len(ids)
             for j in range(body.n):
                 jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
-                                 body.echo and body.logprobs is not None))
+                                 body.echo and body.logprobs is not None, prompt_only))
         return jobs, prompt_texts, prompt_tokens
 
     def _chat_jobs(self, body: ChatRequest) -> tuple[list[_Job], int]:
@@ -225,7 +263,7 @@ class Server:
         ids = chat_tokens(tok, body.message_dicts())
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_new = self._max_new(requested, len(ids), param)
+        max_new = self._max_new(requested, len(ids), param, "messages")
         lp = (body.top_logprobs or 0) if body.logprobs else None
         return [_Job(ids, body.sampling(max_new, j), tok.decode, lp, 0) for j in range(body.n)], len(ids)
 
@@ -411,6 +449,14 @@ def _explain(e: ValidationError) -> tuple[str | None, str]:
     message = f"{field!r} is required" if first["type"] == "missing" else f"Invalid value for {field!r}: {problem}"
     others = len({place(err["loc"]) for err in errors}) - 1
     return field, message + (f" (and {others} more)" if others else "")
+
+
+def _without_generated(ev: StreamEvent) -> StreamEvent:
+    """The event as if nothing was generated (max_tokens 0): no text, and a completion of no tokens."""
+    c = ev.completion
+    if c is not None and c.finish_reason in ("stop", "length"):
+        c = replace(c, tokens=[], text="", finish_reason="length", logprobs=None if c.logprobs is None else [])
+    return replace(ev, text="", completion=c)
 
 
 def _sse(obj: dict) -> str:

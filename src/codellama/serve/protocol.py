@@ -15,6 +15,9 @@ from codellama.errors import UserError
 from codellama.sampling import SamplingParams
 
 Stop = str | list[str] | None
+# OpenAI allows 4; lm-evaluation-harness's local-completions sends a task's stop strings and the EOS text
+# uncut (humaneval: 6), as vLLM, which has no limit, takes them
+MAX_STOPS = 32
 
 
 class OpenAIError(Exception):
@@ -40,7 +43,7 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0  # an extension (vLLM, llama.cpp server): 0 = off
+    top_k: Annotated[int, Field(ge=-1)] = 0  # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1
     ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
@@ -67,8 +70,8 @@ class _Common(BaseModel):
     @classmethod
     def _stops(cls, v: Stop) -> Stop:
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return v
@@ -91,7 +94,7 @@ class _Common(BaseModel):
             stop_ids = ()
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
-                                  top_k=self.top_k, stop=self.stops(), stop_ids=stop_ids, seed=seed)
+                                  top_k=max(self.top_k, 0), stop=self.stops(), stop_ids=stop_ids, seed=seed)
         except UserError as e:
             raise OpenAIError(400, str(e)) from None
 
