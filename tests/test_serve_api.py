@@ -314,6 +314,19 @@ def test_infilling_refused_on_a_model_without_infill_tokens():
         assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "max_tokens": 2}).status_code == 200
 
 
+def test_prompt_with_pieces_past_the_embedding_is_a_400():
+    # a Python / 34B checkpoint (32000 rows) served with a tokenizer that knows the infill pieces (spec 6.5)
+    with running_server(tiny_model(vocab_size=32000), tokenizer("base"), max_batch=2) as (url, _):
+        for path, body, param in (("/v1/completions", {"prompt": "a <PRE> b"}, "prompt"),
+                                  ("/v1/completions", {"prompt": "def f(", "suffix": "):"}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a <SUF> b"}]},
+                                   "messages")):
+            r = _post(url, path, {"model": MODEL, "max_tokens": 2, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "outside this model's vocabulary of 32000" in r.json()["error"]["message"]
+        assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "max_tokens": 2}).status_code == 200
+
+
 def test_null_fields_mean_their_defaults(client):
     # the openai client sends `null` for an argument given as None; OpenAI reads it as the default
     nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None)

@@ -237,13 +237,13 @@ class Server:
             else:
                 if body.suffix is not None:
                     raise OpenAIError(400, "`suffix` needs a text prompt", param="suffix")
-                if not all(isinstance(t, int) and 0 <= t < self.engine.decoder.model.config.vocab_size for t in prompt):
-                    raise OpenAIError(400, "token ids in the prompt must be integers in [0, vocab_size)",
-                                      param="prompt")
+                if not all(isinstance(t, int) for t in prompt):
+                    raise OpenAIError(400, "token ids in the prompt must be integers", param="prompt")
                 ids = list(prompt)
                 prompt_texts.append(decode(ids) if decode else "")
             if not ids:
                 raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
+            self._check_vocab(ids, "prompt")
             # OpenAI's way to score a prompt (lm-evaluation-harness 0.3, HELM): echo it, generate nothing
             prompt_only = body.echo and body.max_tokens == 0
             requested = 1 if prompt_only else body.max_tokens
@@ -261,11 +261,20 @@ class Server:
         from codellama.prompts import chat_tokens
 
         ids = chat_tokens(tok, body.message_dicts())
+        self._check_vocab(ids, "messages")
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = self._max_new(requested, len(ids), param, "messages")
         lp = (body.top_logprobs or 0) if body.logprobs else None
         return [_Job(ids, body.sampling(max_new, j), tok.decode, lp, 0) for j in range(body.n)], len(ids)
+
+    def _check_vocab(self, ids: list[int], param: str) -> None:
+        # token ids given, or a tokenizer with pieces past the model's embedding (a Python / 34B checkpoint
+        # beside a tokenizer that has the infill pieces): the model cannot read them
+        vocab = self.engine.decoder.model.config.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise OpenAIError(400, f"the {param} holds token ids outside this model's vocabulary of {vocab} (its "
+                              "tokenizer has pieces the model has no embedding for)", param=param)
 
     # ---- response pieces ----
     def _completion_logprobs(self, c: Completion, prompt: list[int], offset: int) -> dict | None:
