@@ -80,10 +80,19 @@ def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [
         ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4)]
-    # a fresh run in the same folder replaces the log
+    # a fresh run in the same folder starts its own log and checkpoints; the earlier run's are kept aside
     assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--no-resume",
                  "--set", "train.steps=2"]) == 0
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
+    [aside] = out.glob("earlier-*")
+    assert f"moved to {aside}" in capsys.readouterr().err
+    assert sorted(p.name for p in aside.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert len((aside / "metrics.jsonl").read_text().splitlines()) == 6
+    # (before, the earlier step_4 outranked the new step_2: pruning and a later resume went by it)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_00000002"]
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
+                 "--set", "train.steps=3"]) == 0
+    assert f"resuming from {out / 'step_00000002'} (step 2 of 3)" in capsys.readouterr().err
 
 
 def test_cli_says_when_there_is_no_validation_data(recipe_file, tmp_path, capsys):

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="run directory for logs and checkpoints (overrides train.out_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run directory")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from step 0; an earlier run's checkpoints and logs there move to earlier-<time>/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")

@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         raise UserError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an older "
                         "step_* directory or delete it to start over")
     return path
+
+
+# what a run writes into its directory (checkpoints, the pointer, logs, the export)
+RUN_FILES = re.compile(r"^(\.tmp-)?step_\d+$|^latest$|^metrics\.jsonl$|^tb$|^hf$")
+
+
+def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
+    """Move what an earlier run wrote in run_dir into run_dir/earlier-<UTC time>/ and return that folder
+    (None when there is nothing). A fresh run in the same folder (--no-resume) would otherwise prune the
+    earlier checkpoints as its own, later resume from one of them, and append to their log."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.iterdir() if RUN_FILES.match(p.name)] if run_dir.is_dir() else []
+    if not found:
+        return None
+    dest = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
+    dest.mkdir()
+    for p in found:
+        os.replace(p, dest / p.name)
+    return dest
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:

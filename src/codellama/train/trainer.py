@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from codellama.config import ModelConfig, PRESETS, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
-from codellama.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from codellama.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_earlier_run
 from codellama.train.config import Recipe
 from codellama.train.data import (ChatExamples, InMemoryTokens, RankBatches, ShardsSource, TokenSource,
                                   make_source)
@@ -129,6 +129,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.step = 0
         self.tokens_seen = 0
+        if not resume and self.env.is_main and (aside := set_aside_earlier_run(self.out_dir)) is not None:
+            print(f"--no-resume: the earlier run's checkpoints and logs in {self.out_dir} were moved to {aside}",
+                  file=sys.stderr)
+        barrier(self.env)
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.model, self.optimizer)
