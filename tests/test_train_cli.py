@@ -95,10 +95,13 @@ def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
     assert f"resuming from {out / 'step_00000002'} (step 2 of 3)" in capsys.readouterr().err
 
 
-def test_cli_says_when_there_is_no_validation_data(recipe_file, tmp_path, capsys):
+def test_cli_says_when_there_is_no_validation_data_or_fim(recipe_file, tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
-                 "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]']) == 0
-    assert "note: no validation data" in capsys.readouterr().err
+                 "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]',
+                 "--set", "data.fim_rate=0.9"]) == 0
+    err = capsys.readouterr().err
+    assert "note: no validation data" in err
+    assert "note: data.fim_rate 0.9 is applied when a corpus is built" in err and "synthetic (tokens)" in err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train"}
 

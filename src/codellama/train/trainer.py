@@ -267,6 +267,10 @@ class Trainer:
             print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
                   "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
                   "tokens and chat sources a valid_path", file=sys.stderr)
+        as_they_are = [f"{s.name} ({s.kind})" for s in self.recipe.data.sources if s.kind != "shards"]
+        if self.recipe.data.fim_rate > 0 and as_they_are and env.is_main:  # else the rate looks applied to them
+            print(f"note: data.fim_rate {self.recipe.data.fim_rate} is applied when a corpus is built (`codellama data "
+                  f"--fim-rate`); {', '.join(as_they_are)} are trained as they are", file=sys.stderr)
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
                    dynamic_ncols=True)
         try:
