@@ -118,6 +118,25 @@ def test_other_settings_refused(tmp_path):
         run_task(cfg(tmp_path, temperature=0.8, n=2, phase="generate"), ModelAdapter(gen, 4))
 
 
+def _samples_file(path, completion_of) -> str:
+    path.write_text("".join(json.dumps({"task_id": t, "completion": completion_of(t)}) + "\n"
+                            for t in ("HumanEval/0", "HumanEval/1")))
+    return str(path)
+
+
+def test_samples_file_is_executed_without_generating(tmp_path, capsys):
+    from codellama.cli import main
+
+    good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])
+    out = tmp_path / "o"
+    # the documented `--samples FILE` without --phase: no model is loaded (this one does not exist)
+    assert main(["eval", "--task", "humaneval", "--samples", good, "--limit", "2", "--out", str(out), "--k", "1",
+                 "--workers", "1", "--model", str(tmp_path / "no-model")]) == 0
+    assert "100.0" in capsys.readouterr().out and not (out / "samples.jsonl").exists()
+    with pytest.raises(UserError, match="--phase generate"):
+        EvalConfig(task="humaneval", samples=good, phase="generate")
+
+
 def test_instruct_mode_extracts_code(tmp_path):
     gen = ReplayGenerator()
     s = run_task(cfg(tmp_path, instruct=True, limit=3), ModelAdapter(gen, 4))

@@ -66,6 +66,10 @@ class EvalConfig:
                 raise UserError(f"{flag} must be >= 1, got {value}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.samples and self.phase != "execute":
+            if self.phase == "generate":
+                raise UserError("--samples executes a samples file; it cannot be combined with --phase generate")
+            self.phase = "execute"  # the file is the samples: nothing to generate, no model to load
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} is a file; give a folder (it is created if missing)")
