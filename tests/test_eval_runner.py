@@ -118,10 +118,31 @@ def test_other_settings_refused(tmp_path):
         run_task(cfg(tmp_path, temperature=0.8, n=2, phase="generate"), ModelAdapter(gen, 4))
 
 
+def test_other_settings_refused_when_nothing_is_left_to_generate(tmp_path):
+    gen = ReplayGenerator()
+    run_task(cfg(tmp_path, limit=2), ModelAdapter(gen, 4))
+    for other in ({"temperature": 0.8}, {"instruct": True}, {"seed": 1}):  # same n: no sample is missing
+        with pytest.raises(UserError, match="other settings"):
+            run_task(cfg(tmp_path, limit=2, **other), ModelAdapter(gen, 4))
+    assert gen.calls == 2
+
+
 def _samples_file(path, completion_of) -> str:
     path.write_text("".join(json.dumps({"task_id": t, "completion": completion_of(t)}) + "\n"
                             for t in ("HumanEval/0", "HumanEval/1")))
     return str(path)
+
+
+def test_results_of_another_samples_file_refused(tmp_path):
+    good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])
+    bad = _samples_file(tmp_path / "bad.jsonl", lambda t: "    return None\n")
+    c = EvalConfig(task="humaneval", out=tmp_path / "o", limit=2, k=(1,), samples=good, phase="execute",
+                   workers=2, progress=False)
+    assert run_task(c)["pass@1"] == 1.0
+    assert run_task(c)["samples_scored"] == 2  # the same file again: resumed, nothing rerun
+    with pytest.raises(UserError, match="results of other samples"):
+        run_task(EvalConfig(**{**vars(c), "samples": bad}))
+    assert run_task(EvalConfig(**{**vars(c), "samples": bad, "out": tmp_path / "o2"}))["pass@1"] == 0.0
 
 
 def test_samples_file_is_executed_without_generating(tmp_path, capsys):

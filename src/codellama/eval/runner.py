@@ -204,11 +204,11 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     every = [(p, i) for p in problems for i in range(cfg.n)]
     todo = [(k, p, i) for k, (p, i) in enumerate(every) if (p["task_id"], i) not in done]
     stats = {"generated": 0, "seconds": 0.0}
-    if not todo:
-        return stats
     if cfg.instruct and not task.supports_instruct:
         raise UserError(f"task {task.name} has no instruct mode (supported: {', '.join(_instruct_tasks())})")
-    _check_same_run(cfg, path)
+    _check_same_run(cfg, path)  # also when nothing is left: the summary would label old samples as these
+    if not todo:
+        return stats
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     if task.mode == "infill" and not model.can_infill:
         raise UserError(
@@ -256,14 +256,40 @@ def _check_same_run(cfg: EvalConfig, samples: Path) -> None:
     """Resuming must not mix samples of different settings into one file."""
     meta = cfg.out / "run.json"
     mine = {k: getattr(cfg, k) for k in RUN_KEYS}
-    if meta.exists() and samples.exists():
-        theirs = json.loads(meta.read_text())
+    theirs = json.loads(meta.read_text()) if meta.exists() else {}
+    if "task" in theirs and samples.exists():
         diff = {k: (theirs.get(k), mine[k]) for k in RUN_KEYS if theirs.get(k) != mine[k]}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
     else:
-        meta.write_text(json.dumps(mine, indent=2) + "\n")
+        meta.write_text(json.dumps({**theirs, **mine}, indent=2) + "\n")
+
+
+OWN_SAMPLES = "samples.jsonl"  # run.json's "samples" when the results are of the folder's own samples
+
+
+def _samples_source(cfg: EvalConfig) -> str:
+    """What the execution phase runs: the folder's own samples, or a --samples file named by its content."""
+    if not cfg.samples:
+        return OWN_SAMPLES
+    import hashlib
+
+    path = Path(cfg.samples)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+    return f"{path.resolve()} (sha256 {digest})"
+
+
+def _check_same_samples(cfg: EvalConfig, results: Path) -> None:
+    """Resuming the execution phase must not count the results of one samples file as another's."""
+    meta = cfg.out / "run.json"
+    info = json.loads(meta.read_text()) if meta.exists() else {}
+    source = _samples_source(cfg)
+    theirs = info.get("samples", OWN_SAMPLES)  # results written before this was recorded: of the own samples
+    if theirs != source and results.exists() and results.stat().st_size:
+        raise UserError(f"{cfg.out} holds the results of other samples ({theirs}, not {source}); use another --out")
+    if info.get("samples") != source:
+        meta.write_text(json.dumps({**info, "samples": source}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- execution
@@ -294,6 +320,7 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     repair_tail(res_path)
     problems = {p["task_id"]: p for p in _problems(task, cfg)}
     samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task)
+    _check_same_samples(cfg, res_path)
     done = _done_keys(res_path)
     todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
     stats = {"executed": 0, "seconds": 0.0}
