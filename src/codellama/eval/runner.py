@@ -252,13 +252,13 @@ def _instruct_tasks() -> list[str]:
 RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed")
 
 
-def _check_same_run(cfg: EvalConfig, samples: Path) -> None:
+def _check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
     """Resuming must not mix samples of different settings into one file."""
     meta = cfg.out / "run.json"
-    mine = {k: getattr(cfg, k) for k in RUN_KEYS}
+    mine = {k: getattr(cfg, k) for k in keys}
     theirs = json.loads(meta.read_text()) if meta.exists() else {}
     if "task" in theirs and samples.exists():
-        diff = {k: (theirs.get(k), mine[k]) for k in RUN_KEYS if theirs.get(k) != mine[k]}
+        diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
