@@ -230,12 +230,23 @@ def perplexity_vs_length(model, tokenizer, out: Path, lengths=PPL_LENGTHS, files
     return summary
 
 
+def _check_options(extra: dict) -> None:
+    """Before the model loads: --examples 0 meant the default 64, a negative count a matplotlib traceback."""
+    examples, positions = extra.get("examples"), extra.get("positions")
+    if examples is not None and examples < 1:
+        raise UserError(f"--examples must be >= 1, got {examples}")
+    if positions is not None and any(not 0 <= p <= 1 for p in positions):
+        raise UserError(f"--positions are relative positions between 0 and 1 (0.5: the middle), got "
+                        f"{','.join(f'{p:g}' for p in positions)}")
+
+
 def run_special(cfg, model=None) -> dict:
     """Entry point from the runner for the tasks that do not execute programs."""
     from codellama.eval.runner import ModelAdapter, _check_same_run
 
     if cfg.phase == "execute":
         raise UserError(f"{cfg.task} has no execution phase; run it with --phase all")
+    _check_options(cfg.extra)
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     tok = model.tokenizer
     if tok is None:
