@@ -372,9 +372,19 @@ def _score_texts(task: Task, problems: dict[str, dict], todo: list[dict], res_pa
 
 
 # --------------------------------------------------------------------------------------------- summary
+def _generated_with(cfg: EvalConfig) -> EvalConfig:
+    """cfg labelled with the settings the folder's own samples were generated with: an execute-only run
+    (generated elsewhere) need not repeat --temperature, --instruct, ... for its summary to be right."""
+    meta = cfg.out / "run.json"
+    theirs = json.loads(meta.read_text()) if not cfg.samples and meta.exists() else {}
+    if "task" not in theirs:
+        return cfg
+    return replace(cfg, **{k: theirs[k] for k in ("model", "temperature", "top_p", "instruct") if k in theirs})
+
+
 def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_stats: dict | None = None,
               notes: list[str] | None = None) -> dict:
-    cfg = cfg.for_task(task)
+    cfg = _generated_with(cfg.for_task(task))
     loaded = _problems(task, cfg)
     problems = [p["task_id"] for p in loaded]
     results = [r for r in read_jsonl_tolerant(cfg.out / "results.jsonl") if r.get("task_id") in set(problems)]
