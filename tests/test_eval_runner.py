@@ -143,6 +143,10 @@ def test_results_of_another_samples_file_refused(tmp_path):
     with pytest.raises(UserError, match="results of other samples"):
         run_task(EvalConfig(**{**vars(c), "samples": bad}))
     assert run_task(EvalConfig(**{**vars(c), "samples": bad, "out": tmp_path / "o2"}))["pass@1"] == 0.0
+    # the folder's own samples named with --samples are its own samples
+    gen = cfg(tmp_path, limit=2)
+    run_task(gen, ModelAdapter(ReplayGenerator(), 4))
+    assert run_task(EvalConfig(**{**vars(gen), "samples": str(gen.out / "samples.jsonl")}))["samples_scored"] == 2
 
 
 def test_samples_file_is_executed_without_generating(tmp_path, capsys):

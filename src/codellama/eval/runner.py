@@ -271,11 +271,11 @@ OWN_SAMPLES = "samples.jsonl"  # run.json's "samples" when the results are of th
 
 def _samples_source(cfg: EvalConfig) -> str:
     """What the execution phase runs: the folder's own samples, or a --samples file named by its content."""
-    if not cfg.samples:
+    path = Path(cfg.samples or cfg.out / OWN_SAMPLES)
+    if path.resolve() == (cfg.out / OWN_SAMPLES).resolve():
         return OWN_SAMPLES
     import hashlib
 
-    path = Path(cfg.samples)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
     return f"{path.resolve()} (sha256 {digest})"
 
