@@ -280,11 +280,11 @@ def _samples_source(cfg: EvalConfig) -> str:
     return f"{path.resolve()} (sha256 {digest})"
 
 
-def _check_same_samples(cfg: EvalConfig, results: Path) -> None:
-    """Resuming the execution phase must not count the results of one samples file as another's."""
+def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None) -> None:
+    """Resuming the execution phase must not count the results of one samples file (or judge) as another's."""
     meta = cfg.out / "run.json"
     info = json.loads(meta.read_text()) if meta.exists() else {}
-    source = _samples_source(cfg)
+    source = _samples_source(cfg) + (f", judged by {judge}" if judge else "")
     theirs = info.get("samples", OWN_SAMPLES)  # results written before this was recorded: of the own samples
     if theirs != source and results.exists() and results.stat().st_size:
         raise UserError(f"{cfg.out} holds the results of other samples ({theirs}, not {source}); use another --out")
@@ -320,7 +320,7 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     repair_tail(res_path)
     problems = {p["task_id"]: p for p in _problems(task, cfg)}
     samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task)
-    _check_same_samples(cfg, res_path)
+    _check_same_samples(cfg, res_path, task.judge())
     done = _done_keys(res_path)
     todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
     stats = {"executed": 0, "seconds": 0.0}
