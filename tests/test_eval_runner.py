@@ -163,7 +163,8 @@ def test_samples_file_is_executed_without_generating(tmp_path, capsys):
 
 
 def test_execute_phase_reports_the_settings_the_samples_were_generated_with(tmp_path):
-    run_task(cfg(tmp_path, limit=2, n=2, temperature=0.8, top_p=0.9, phase="generate"), ModelAdapter(ReplayGenerator(), 4))
+    generated = cfg(tmp_path, limit=2, n=2, temperature=0.8, top_p=0.9, phase="generate")
+    run_task(generated, ModelAdapter(ReplayGenerator(), 4))
     s = run_task(cfg(tmp_path, limit=2, phase="execute"))  # elsewhere, without the sampling flags
     assert (s["temperature"], s["top_p"], s["n"]) == (0.8, 0.9, 2)  # was: labelled greedy (T=0.0, top-p 0.95)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["temperature"] == 0.8
