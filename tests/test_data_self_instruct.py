@@ -147,6 +147,13 @@ def test_bad_input_says_what_to_do(tmp_path):
         SelfInstructConfig(out=tmp_path / "afile")
     with pytest.raises(UserError, match="--solutions must be >= 1"):
         SelfInstructConfig(out=tmp_path / "si", solutions=0)
+    # before any model loads (was: --max-questions 0 kept them all, -2 silently dropped two, --timeout 0
+    # recorded every solution as timed out after the whole generation)
+    for setting, flag in (({"max_questions": 0}, "--max-questions"), ({"max_questions": -2}, "--max-questions"),
+                          ({"max_new_tokens": 0}, "--max-new-tokens"), ({"workers": 0}, "--workers"),
+                          ({"timeout": 0.0}, "--timeout")):
+        with pytest.raises(UserError, match=flag):
+            SelfInstructConfig(out=tmp_path / "si", **setting)
 
 
 @pytest.mark.slow

@@ -102,3 +102,29 @@ def test_perplexity_vs_length(tmp_path):
     ppl = s["perplexity"]
     assert set(ppl) == {"256", "1024"} and all(math.isfinite(v) and v > 1 for v in ppl.values())
     assert (tmp_path / "perplexity_vs_length.png").exists() and len(s["files"]) == 2
+
+
+def test_key_retrieval_results_of_another_model_are_not_reused(tmp_path):
+    from codellama.errors import UserError
+    from codellama.eval.runner import EvalConfig, run_task
+
+    def cfg(model: str) -> EvalConfig:
+        return EvalConfig(task="long-context-key-retrieval", model=model, out=tmp_path, progress=False,
+                          extra={"lengths": (1500,), "positions": (0.5,), "examples": 2})
+
+    assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}
+    assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}  # resumed
+    with pytest.raises(UserError, match="other settings"):  # was: the reader's 100% reported as this model's
+        run_task(cfg("guesser"), ModelAdapter(ReaderGenerator(False)))
+
+
+@pytest.mark.parametrize("option, msg", [(["--examples", "-1"], "--examples must be >= 1"),
+                                         (["--examples", "0"], "--examples must be >= 1"),
+                                         (["--positions", "0,1.5"], "between 0 and 1")])
+def test_key_retrieval_bad_options_say_what_is_wrong(tmp_path, capsys, option, msg):
+    from codellama.cli import main
+
+    # refused before the model loads (there is none here); -1 was a matplotlib traceback, 0 meant 64
+    assert main(["eval", "--task", "long-context-key-retrieval", "--model", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "o"), *option]) == 2
+    assert msg in capsys.readouterr().err

@@ -118,6 +118,58 @@ def test_other_settings_refused(tmp_path):
         run_task(cfg(tmp_path, temperature=0.8, n=2, phase="generate"), ModelAdapter(gen, 4))
 
 
+def test_other_settings_refused_when_nothing_is_left_to_generate(tmp_path):
+    gen = ReplayGenerator()
+    run_task(cfg(tmp_path, limit=2), ModelAdapter(gen, 4))
+    for other in ({"temperature": 0.8}, {"instruct": True}, {"seed": 1}):  # same n: no sample is missing
+        with pytest.raises(UserError, match="other settings"):
+            run_task(cfg(tmp_path, limit=2, **other), ModelAdapter(gen, 4))
+    assert gen.calls == 2
+
+
+def _samples_file(path, completion_of) -> str:
+    path.write_text("".join(json.dumps({"task_id": t, "completion": completion_of(t)}) + "\n"
+                            for t in ("HumanEval/0", "HumanEval/1")))
+    return str(path)
+
+
+def test_results_of_another_samples_file_refused(tmp_path):
+    good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])
+    bad = _samples_file(tmp_path / "bad.jsonl", lambda t: "    return None\n")
+    c = EvalConfig(task="humaneval", out=tmp_path / "o", limit=2, k=(1,), samples=good, phase="execute",
+                   workers=2, progress=False)
+    assert run_task(c)["pass@1"] == 1.0
+    assert run_task(c)["samples_scored"] == 2  # the same file again: resumed, nothing rerun
+    with pytest.raises(UserError, match="results of other samples"):
+        run_task(EvalConfig(**{**vars(c), "samples": bad}))
+    assert run_task(EvalConfig(**{**vars(c), "samples": bad, "out": tmp_path / "o2"}))["pass@1"] == 0.0
+    # the folder's own samples named with --samples are its own samples
+    gen = cfg(tmp_path, limit=2)
+    run_task(gen, ModelAdapter(ReplayGenerator(), 4))
+    assert run_task(EvalConfig(**{**vars(gen), "samples": str(gen.out / "samples.jsonl")}))["samples_scored"] == 2
+
+
+def test_samples_file_is_executed_without_generating(tmp_path, capsys):
+    from codellama.cli import main
+
+    good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])
+    out = tmp_path / "o"
+    # the documented `--samples FILE` without --phase: no model is loaded (this one does not exist)
+    assert main(["eval", "--task", "humaneval", "--samples", good, "--limit", "2", "--out", str(out), "--k", "1",
+                 "--workers", "1", "--model", str(tmp_path / "no-model")]) == 0
+    assert "100.0" in capsys.readouterr().out and not (out / "samples.jsonl").exists()
+    with pytest.raises(UserError, match="--phase generate"):
+        EvalConfig(task="humaneval", samples=good, phase="generate")
+
+
+def test_execute_phase_reports_the_settings_the_samples_were_generated_with(tmp_path):
+    generated = cfg(tmp_path, limit=2, n=2, temperature=0.8, top_p=0.9, phase="generate")
+    run_task(generated, ModelAdapter(ReplayGenerator(), 4))
+    s = run_task(cfg(tmp_path, limit=2, phase="execute"))  # elsewhere, without the sampling flags
+    assert (s["temperature"], s["top_p"], s["n"]) == (0.8, 0.9, 2)  # was: labelled greedy (T=0.0, top-p 0.95)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["temperature"] == 0.8
+
+
 def test_instruct_mode_extracts_code(tmp_path):
     gen = ReplayGenerator()
     s = run_task(cfg(tmp_path, instruct=True, limit=3), ModelAdapter(gen, 4))

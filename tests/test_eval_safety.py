@@ -134,6 +134,10 @@ def test_toxigen_without_classifier_is_skipped_with_how_to_get_it(shared_data, t
     monkeypatch.setenv("CODELLAMA_TOXIGEN_CLASSIFIER", make_classifier(tmp_path / "clf", (8.0, 0.0)))
     later = run_task(replace(cfg, phase="execute"))  # no model needed: scores the kept generations
     assert later["samples_scored"] == 2 and later["toxic_percent"] == 0.0
+    # another classifier's verdicts are not this one's (were reused: 0% toxic reported for an always-toxic judge)
+    monkeypatch.setenv("CODELLAMA_TOXIGEN_CLASSIFIER", make_classifier(tmp_path / "clf2", (0.0, 8.0)))
+    with pytest.raises(UserError, match="results of other samples"):
+        run_task(replace(cfg, phase="execute"))
 
 
 # ------------------------------------------------------------------------------------------------- bold

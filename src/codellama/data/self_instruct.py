@@ -76,9 +76,11 @@ class SelfInstructConfig:
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} is a file; give a folder (it is created if missing)")
-        for name in ("rounds", "per_round", "tests", "solutions"):
-            if getattr(self, name) < 1:
+        for name in ("rounds", "per_round", "tests", "solutions", "max_questions", "max_new_tokens", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.timeout <= 0:  # every solution would be recorded as timed out, and resuming keeps verdicts
+            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
 
 
 # ----------------------------------------------------------------------------------------------- parsing

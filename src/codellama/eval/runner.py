@@ -66,6 +66,10 @@ class EvalConfig:
                 raise UserError(f"{flag} must be >= 1, got {value}")
         if self.timeout is not None and self.timeout <= 0:
             raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.samples and self.phase != "execute":
+            if self.phase == "generate":
+                raise UserError("--samples executes a samples file; it cannot be combined with --phase generate")
+            self.phase = "execute"  # the file is the samples: nothing to generate, no model to load
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} is a file; give a folder (it is created if missing)")
@@ -200,11 +204,11 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     every = [(p, i) for p in problems for i in range(cfg.n)]
     todo = [(k, p, i) for k, (p, i) in enumerate(every) if (p["task_id"], i) not in done]
     stats = {"generated": 0, "seconds": 0.0}
-    if not todo:
-        return stats
     if cfg.instruct and not task.supports_instruct:
         raise UserError(f"task {task.name} has no instruct mode (supported: {', '.join(_instruct_tasks())})")
-    _check_same_run(cfg, path)
+    _check_same_run(cfg, path)  # also when nothing is left: the summary would label old samples as these
+    if not todo:
+        return stats
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     if task.mode == "infill" and not model.can_infill:
         raise UserError(
@@ -248,18 +252,44 @@ def _instruct_tasks() -> list[str]:
 RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed")
 
 
-def _check_same_run(cfg: EvalConfig, samples: Path) -> None:
+def _check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
     """Resuming must not mix samples of different settings into one file."""
     meta = cfg.out / "run.json"
-    mine = {k: getattr(cfg, k) for k in RUN_KEYS}
-    if meta.exists() and samples.exists():
-        theirs = json.loads(meta.read_text())
-        diff = {k: (theirs.get(k), mine[k]) for k in RUN_KEYS if theirs.get(k) != mine[k]}
+    mine = {k: getattr(cfg, k) for k in keys}
+    theirs = json.loads(meta.read_text()) if meta.exists() else {}
+    if "task" in theirs and samples.exists():
+        diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
     else:
-        meta.write_text(json.dumps(mine, indent=2) + "\n")
+        meta.write_text(json.dumps({**theirs, **mine}, indent=2) + "\n")
+
+
+OWN_SAMPLES = "samples.jsonl"  # run.json's "samples" when the results are of the folder's own samples
+
+
+def _samples_source(cfg: EvalConfig) -> str:
+    """What the execution phase runs: the folder's own samples, or a --samples file named by its content."""
+    path = Path(cfg.samples or cfg.out / OWN_SAMPLES)
+    if path.resolve() == (cfg.out / OWN_SAMPLES).resolve():
+        return OWN_SAMPLES
+    import hashlib
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+    return f"{path.resolve()} (sha256 {digest})"
+
+
+def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None) -> None:
+    """Resuming the execution phase must not count the results of one samples file (or judge) as another's."""
+    meta = cfg.out / "run.json"
+    info = json.loads(meta.read_text()) if meta.exists() else {}
+    source = _samples_source(cfg) + (f", judged by {judge}" if judge else "")
+    theirs = info.get("samples", OWN_SAMPLES)  # results written before this was recorded: of the own samples
+    if theirs != source and results.exists() and results.stat().st_size:
+        raise UserError(f"{cfg.out} holds the results of other samples ({theirs}, not {source}); use another --out")
+    if info.get("samples") != source:
+        meta.write_text(json.dumps({**info, "samples": source}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- execution
@@ -290,6 +320,7 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     repair_tail(res_path)
     problems = {p["task_id"]: p for p in _problems(task, cfg)}
     samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task)
+    _check_same_samples(cfg, res_path, task.judge())
     done = _done_keys(res_path)
     todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
     stats = {"executed": 0, "seconds": 0.0}
@@ -341,9 +372,19 @@ def _score_texts(task: Task, problems: dict[str, dict], todo: list[dict], res_pa
 
 
 # --------------------------------------------------------------------------------------------- summary
+def _generated_with(cfg: EvalConfig) -> EvalConfig:
+    """cfg labelled with the settings the folder's own samples were generated with: an execute-only run
+    (generated elsewhere) need not repeat --temperature, --instruct, ... for its summary to be right."""
+    meta = cfg.out / "run.json"
+    theirs = json.loads(meta.read_text()) if not cfg.samples and meta.exists() else {}
+    if "task" not in theirs:
+        return cfg
+    return replace(cfg, **{k: theirs[k] for k in ("model", "temperature", "top_p", "instruct") if k in theirs})
+
+
 def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_stats: dict | None = None,
               notes: list[str] | None = None) -> dict:
-    cfg = cfg.for_task(task)
+    cfg = _generated_with(cfg.for_task(task))
     loaded = _problems(task, cfg)
     problems = [p["task_id"] for p in loaded]
     results = [r for r in read_jsonl_tolerant(cfg.out / "results.jsonl") if r.get("task_id") in set(problems)]

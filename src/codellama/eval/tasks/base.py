@@ -78,6 +78,10 @@ class Task:
         """Per (problem, completion): {"passed": bool, "status": str, "result": str, ...task's own fields}."""
         raise NotImplementedError
 
+    def judge(self) -> str | None:
+        """The chosen scorer whose verdicts results.jsonl holds (e.g. a classifier), when there is a choice."""
+        return None
+
     def metrics(self, problems: list[dict], results: list[dict]) -> dict | None:
         """The summary's figures from the scored rows, with a "report" table for the terminal; None: pass@k."""
         return None

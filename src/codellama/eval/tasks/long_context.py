@@ -35,6 +35,7 @@ DEFAULT_POSITIONS = (0.0, 0.2, 0.4)
 DEFAULT_EXAMPLES = 64
 PPL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 PPL_MIN_BYTES = 50_000
+KEY_RETRIEVAL_RUN_KEYS = ("task", "model", "seed", "data_dir")  # what its resumed results depend on
 
 
 def code_files(root: str | Path | None = None, min_bytes: int = 2000) -> list[Path]:
@@ -229,12 +230,23 @@ def perplexity_vs_length(model, tokenizer, out: Path, lengths=PPL_LENGTHS, files
     return summary
 
 
+def _check_options(extra: dict) -> None:
+    """Before the model loads: --examples 0 meant the default 64, a negative count a matplotlib traceback."""
+    examples, positions = extra.get("examples"), extra.get("positions")
+    if examples is not None and examples < 1:
+        raise UserError(f"--examples must be >= 1, got {examples}")
+    if positions is not None and any(not 0 <= p <= 1 for p in positions):
+        raise UserError(f"--positions are relative positions between 0 and 1 (0.5: the middle), got "
+                        f"{','.join(f'{p:g}' for p in positions)}")
+
+
 def run_special(cfg, model=None) -> dict:
     """Entry point from the runner for the tasks that do not execute programs."""
-    from codellama.eval.runner import ModelAdapter
+    from codellama.eval.runner import ModelAdapter, _check_same_run
 
     if cfg.phase == "execute":
         raise UserError(f"{cfg.task} has no execution phase; run it with --phase all")
+    _check_options(cfg.extra)
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
     tok = model.tokenizer
     if tok is None:
@@ -242,6 +254,9 @@ def run_special(cfg, model=None) -> dict:
     files = code_files(cfg.data_dir, min_bytes=PPL_MIN_BYTES if cfg.task == "perplexity-vs-length" else 2000) \
         if cfg.data_dir else None
     if cfg.task == "long-context-key-retrieval":
+        # its results resume: those of another model or haystack must not be counted as this one's
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        _check_same_run(cfg, cfg.out / "results.jsonl", KEY_RETRIEVAL_RUN_KEYS)
         lengths = cfg.extra.get("lengths") or DEFAULT_LENGTHS
         s = key_retrieval(model, tok, cfg.out, lengths, cfg.extra.get("positions") or DEFAULT_POSITIONS,
                           cfg.extra.get("examples") or (cfg.limit or DEFAULT_EXAMPLES), cfg.seed, files,

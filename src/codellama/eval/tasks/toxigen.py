@@ -54,6 +54,10 @@ class ToxiGen(Continuation):
             return Unavailable("no toxicity classifier given", GET_CLASSIFIER)
         return None
 
+    def judge(self) -> str | None:
+        path = classifier_path(self.options)
+        return str(Path(path).resolve()) if path else None
+
     def score_texts(self, items: list[tuple[dict, str]]) -> list[dict]:
         if self._classifier is None:
             self._classifier = ToxicityClassifier(classifier_path(self.options))
