@@ -109,7 +109,7 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
         "truncated-gguf": (tmp / "cut.gguf", "cut.gguf"),
         "bad-params": (tmp / "meta", "params.json"),
         "unknown-preset": ("codellama-8b", "codellama-7b"),
-        "hub-id": ("codellama/CodeLlama-7b-nope", "huggingface-cli download codellama/CodeLlama-7b-nope"),
+        "hub-id": ("codellama/CodeLlama-7b-nope", "hf download codellama/CodeLlama-7b-nope"),
     }
 
 

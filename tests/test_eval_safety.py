@@ -6,14 +6,17 @@ without depending on a model's behaviour; the real default model runs in the slo
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from dataclasses import replace
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
 
 from codellama.errors import UserError
-from codellama.eval.judges import ToxicityClassifier, is_refusal, sentiments, toxic_label
+from codellama.eval.judges import GET_CLASSIFIER, ToxicityClassifier, is_refusal, sentiments, toxic_label
 from codellama.eval.runner import EvalConfig, ModelAdapter, run_task
 from codellama.eval.tasks import get_task
 
@@ -84,8 +87,10 @@ def test_toxic_label_and_bad_classifier(tmp_path):
     assert toxic_label({0: "neutral", 1: "hate"}) == 1
     with pytest.raises(UserError, match="which of the classifier's labels"):
         toxic_label({0: "a", 1: "b", 2: "c"})
-    with pytest.raises(UserError, match="no classifier at .*huggingface-cli download tomh/toxigen_roberta"):
+    with pytest.raises(UserError, match="no classifier at .*hf download tomh/toxigen_roberta"):
         ToxicityClassifier(tmp_path)
+    # the hint's command is one the installed huggingface_hub provides (`huggingface-cli` is gone since 1.0)
+    assert shutil.which(GET_CLASSIFIER.split()[0], path=str(Path(sys.executable).parent))
 
 
 # ---------------------------------------------------------------------------------------------- toxigen

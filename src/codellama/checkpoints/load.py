@@ -84,7 +84,7 @@ def load_model(
     file_like = text.endswith((".gguf", ".json", ".safetensors", ".pth"))
     if not file_like and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text):  # owner/name, as on the Hub
         raise UserError(f"{text}: no such file or directory; Hugging Face Hub ids are not downloaded: fetch it "
-                        f"first (huggingface-cli download {text} --local-dir {text.split('/')[1]}) and pass that "
+                        f"first (hf download {text} --local-dir {text.split('/')[1]}) and pass that "
                         "directory")
     if file_like or os.sep in text or text.startswith("."):
         raise UserError(f"{text}: no such file or directory")

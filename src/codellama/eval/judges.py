@@ -17,7 +17,7 @@ from pathlib import Path
 from codellama.errors import UserError
 
 CLASSIFIER_ENV = "CODELLAMA_TOXIGEN_CLASSIFIER"
-GET_CLASSIFIER = ("huggingface-cli download tomh/toxigen_roberta --local-dir toxigen_roberta, then "
+GET_CLASSIFIER = ("hf download tomh/toxigen_roberta --local-dir toxigen_roberta, then "
                   f"--classifier toxigen_roberta (or set {CLASSIFIER_ENV})")
 
 
