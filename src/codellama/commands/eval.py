@@ -6,7 +6,8 @@
     codellama eval --task humaneval --phase generate       # on the GPU box; then --phase execute elsewhere
     codellama eval-sweep --task humaneval --n 20 --temperatures 0.1,0.4,0.6,0.8   # the paper's Fig. 6
     codellama eval --task gsm8k --data-dir DATA            # maths: 8-shot, solve rate
-    codellama eval --task bold,false-refusal --data-dir DATA --limit 430   # safety (T=0.1, top-p 0.9)
+    codellama eval --task bold --data-dir DATA --limit 410   # safety: 10 per subgroup (T=0.1, top-p 0.9)
+    codellama eval --task false-refusal                     # % refused (greedy)
     codellama eval --task toxigen --data-dir DATA --classifier toxigen_roberta   # % toxic by the paper's classifier
 """
 
