@@ -76,7 +76,8 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("eval-sweep", help="pass@k against sampling temperature (the paper's Fig. 6)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(s)
-    s.add_argument("--temperatures", type=_floats, default=[0.1, 0.4, 0.6, 0.8])
+    s.add_argument("--temperatures", type=_floats, default=[0.1, 0.4, 0.6, 0.8],
+                   help="sampling temperatures, one run each (default 0.1,0.4,0.6,0.8)")
     s.set_defaults(func=run_sweep, temperature=0.8)
 
 

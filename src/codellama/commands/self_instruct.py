@@ -1,7 +1,7 @@
 """`codellama self-instruct`: build instruction data the way the paper did (spec 4.6): questions, unit tests
 and solutions written by models, kept where a solution passes its tests in the sandbox.
 
-    codellama self-instruct --out si/ --question-model CodeLlama-70B-dir --model CodeLlama-7b-dir --rounds 1240
+    codellama self-instruct --out si/ --question-model Llama-2-70b-chat-dir --model CodeLlama-7b-dir --rounds 1240
     codellama self-instruct --out si/ --rounds 4 --max-questions 20     # a small run on the default model
 
 Writes si/instructions.jsonl, the chat data of `codellama train --recipe instruct` (instructions.jsonl under
