@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from codellama.config import ModelConfig
+from codellama.errors import UserError
 from codellama.eval.runner import ModelAdapter
 from codellama.eval.tasks.long_context import (
     QUESTION, Haystack, code_files, key_retrieval, parse_answer, perplexity_vs_length, token_nll,
@@ -55,6 +56,11 @@ def test_haystack(position):
     compile(prompt[: -len("assert my_function() == ")], "<haystack>", "exec")  # valid Python throughout
     at = prompt.index("def my_function") / len(prompt)
     assert abs(at - actual) < 0.05 and abs(actual - position) < 0.35
+
+
+def test_haystack_too_short_for_the_code_says_so():
+    with pytest.raises(UserError, match="--lengths of 1000 or more"):  # the standard library has code enough
+        Haystack(ByteTokenizer(), code_files()).build(300, 0.0, 57, random.Random(0))
 
 
 def test_parse_answer():

@@ -95,7 +95,8 @@ class Haystack:
             if total >= budget * 0.98:
                 break
         if total < budget * 0.9:
-            raise UserError(f"not enough code to build a {length}-token haystack; pass --data-dir with more .py files")
+            raise UserError(f"could not fill a {length}-token haystack with whole top-level blocks of code: too short "
+                            "for the files' blocks (use --lengths of 1000 or more), or too little code (--data-dir)")
         offsets = [0]
         for _, n in chunks:
             offsets.append(offsets[-1] + n)
