@@ -124,6 +124,16 @@ def test_key_retrieval_results_of_another_model_are_not_reused(tmp_path):
         run_task(cfg("guesser"), ModelAdapter(ReaderGenerator(False)))
 
 
+def test_key_retrieval_runs_past_the_models_own_context(tmp_path, codellama):
+    """Tab. 17 asks 24k-token prompts of models trained at 16k: the model is loaded with the context the
+    lengths need (the tiny preset's own is 512 tokens; before, such a prompt was refused)."""
+    from codellama.eval.runner import EvalConfig, run_task
+
+    cfg = EvalConfig(task="long-context-key-retrieval", model="tiny", out=tmp_path, progress=False,
+                     extra={"lengths": (1200,), "positions": (0.5,), "examples": 1})
+    assert set(run_task(cfg)["accuracy"]) == {"1200/0.5"}
+
+
 @pytest.mark.parametrize("option, msg", [(["--examples", "-1"], "--examples must be >= 1"),
                                          (["--examples", "0"], "--examples must be >= 1"),
                                          (["--positions", "0,1.5"], "between 0 and 1")])

@@ -96,14 +96,16 @@ class ModelAdapter:
         return self._generator
 
     @classmethod
-    def load(cls, spec: str | None, device: str | None = None, batch_size: int = 8) -> ModelAdapter:
+    def load(cls, spec: str | None, device: str | None = None, batch_size: int = 8,
+             max_seq_len: int | None = None) -> ModelAdapter:
+        """max_seq_len: the longest prompt + completion to allow (default: the model's own context)."""
         def loader():
             import codellama
 
             load = getattr(codellama, "load", None)
             if load is None:
                 raise UserError("this build has no generation API (codellama.load); the generation phase cannot run")
-            return load(spec, device=device)
+            return load(spec, device=device, max_seq_len=max_seq_len)
 
         return cls(None, batch_size, loader)
 

@@ -35,6 +35,7 @@ DEFAULT_POSITIONS = (0.0, 0.2, 0.4)
 DEFAULT_EXAMPLES = 64
 PPL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 PPL_MIN_BYTES = 50_000
+ANSWER_TOKENS = 4  # greedy tokens generated after `assert my_function() == `: the two digits and some slack
 KEY_RETRIEVAL_RUN_KEYS = ("task", "model", "seed", "data_dir")  # what its resumed results depend on
 
 
@@ -136,7 +137,7 @@ def key_retrieval(model, tokenizer, out: Path, lengths=DEFAULT_LENGTHS, position
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         built = [hay.build(length, pos, value, rng) for _, length, pos, value, rng in chunk]
-        answers = model.complete([b[0] for b in built], max_new_tokens=4, temperature=0.0, stop=("\n",))
+        answers = model.complete([b[0] for b in built], max_new_tokens=ANSWER_TOKENS, temperature=0.0, stop=("\n",))
         rows = [{"task_id": tid, "length": length, "position": pos, "actual_position": round(b[1], 4),
                  "value": value, "completion": a, "passed": parse_answer(a) == value}
                 for (tid, length, pos, value, _), b, a in zip(chunk, built, answers)]
@@ -248,22 +249,26 @@ def run_special(cfg, model=None) -> dict:
     if cfg.phase == "execute":
         raise UserError(f"{cfg.task} has no execution phase; run it with --phase all")
     _check_options(cfg.extra)
-    model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+    key_retrieval_task = cfg.task == "long-context-key-retrieval"
+    lengths = cfg.extra.get("lengths") or (DEFAULT_LENGTHS if key_retrieval_task else PPL_LENGTHS)
+    # the point is to go past the context a model was trained at (Tab. 17: 24k tokens on Code Llama's 16k;
+    # RoPE has no length limit): the model's own context would refuse those prompts
+    context = max(lengths) + 64  # + BOS, the answer and a margin
+    model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size, max_seq_len=context)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{cfg.task} needs a model with a tokenizer")
     files = code_files(cfg.data_dir, min_bytes=PPL_MIN_BYTES if cfg.task == "perplexity-vs-length" else 2000) \
         if cfg.data_dir else None
-    if cfg.task == "long-context-key-retrieval":
+    if key_retrieval_task:
         # its results resume: those of another model or haystack must not be counted as this one's
         cfg.out.mkdir(parents=True, exist_ok=True)
         _check_same_run(cfg, cfg.out / "results.jsonl", KEY_RETRIEVAL_RUN_KEYS)
-        lengths = cfg.extra.get("lengths") or DEFAULT_LENGTHS
         s = key_retrieval(model, tok, cfg.out, lengths, cfg.extra.get("positions") or DEFAULT_POSITIONS,
                           cfg.extra.get("examples") or (cfg.limit or DEFAULT_EXAMPLES), cfg.seed, files,
                           cfg.batch_size, cfg.progress)
     else:
         gen = model.generator
-        s = perplexity_vs_length(gen.model, tok, cfg.out, cfg.extra.get("lengths") or PPL_LENGTHS, files,
+        s = perplexity_vs_length(gen.model, tok, cfg.out, lengths, files,
                                  max_files=cfg.limit or 8, progress=cfg.progress)
     return s
