@@ -119,11 +119,22 @@ def test_context_limits(gen):
         (dict(top_k=-2), "top_k"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(stop=("",)), "stop"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(stop_ids=5.0), "stop_ids"),
+        (dict(stop_ids=["2"]), "stop_ids"),
+        (dict(seed=1.5), "seed"),  # was torch's RuntimeError from manual_seed
+        (dict(seed="1"), "seed"),  # was a TypeError from seed + row
     ],
 )
 def test_invalid_sampling_values_rejected(kwargs, match):
     with pytest.raises(UserError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_stop_none_and_a_single_stop_id_are_accepted():
+    """stop=None is OpenAI's "no stop strings"; one stop id alone reads like one stop string alone."""
+    sp = SamplingParams(stop=None, stop_ids=7)
+    assert sp.stop == () and sp.stop_ids == (7,)
 
 
 def test_filtered_probs_top_k_top_p():
