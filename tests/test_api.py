@@ -34,6 +34,13 @@ def test_complete_streams_what_it_returns(gen):
     assert gen.complete(["x = 1", "def add(a, b):"], max_new_tokens=12)[1] == text  # batched = alone
 
 
+@pytest.mark.parametrize("prompts", [[1, 2, 3], None, ["ok", 5]])
+def test_complete_refuses_what_is_not_text(gen, prompts):
+    """Token ids went to the tokenizer: "TypeError: TextInputSequence must be str"."""
+    with pytest.raises(UserError, match="complete\\(\\) takes a string or a list of strings.*generate\\(\\)"):
+        gen.complete(prompts, max_new_tokens=2)
+
+
 def test_infill_uses_the_psm_and_spm_layouts_and_stops(gen):
     out = gen.infill("def f(x):\n    ", "\n    return y\n", max_new_tokens=8)
     spm = gen.infill("def f(x):\n    ", "\n    return y\n", suffix_first=True, max_new_tokens=8)

@@ -110,6 +110,19 @@ def test_context_limits(gen):
     assert len(out.tokens) == 8 and out.finish_reason == "length"  # clamped to the 128-token context
 
 
+@pytest.mark.parametrize("prompt", [[1.5, 2], "abc", 7])
+def test_prompts_that_are_not_token_ids_are_refused(gen, prompt):
+    """[1.5, 2] was prefilled, failed inside the engine and came back as an empty "error" completion."""
+    with pytest.raises(UserError, match="prompt 0 must be a sequence of token ids"):
+        gen.generate([prompt], SamplingParams(max_new_tokens=2))
+
+
+def test_prompts_as_tensors_decode_as_lists(gen):
+    params = SamplingParams(max_new_tokens=4, stop_ids=())
+    want = gen.generate([[5, 17, 3]], params)[0].tokens
+    assert gen.generate(torch.tensor([[5, 17, 3]]), params)[0].tokens == want
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
