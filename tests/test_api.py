@@ -60,6 +60,13 @@ def test_quantized_load_and_bad_value():
         codellama.load("tiny", device="cpu", quantize="int3")
 
 
+@pytest.mark.parametrize("max_seq_len", [0, "64", 64.5])
+def test_load_refuses_a_max_seq_len_that_is_not_a_token_count(max_seq_len):
+    """'64' was a TypeError from comparing it with 1; 64.5 was taken as a context length."""
+    with pytest.raises(UserError, match="max_seq_len must be a positive number of tokens"):
+        codellama.load("tiny", device="cpu", max_seq_len=max_seq_len)
+
+
 def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
     assert main(["complete", "--model", "tiny", "--top-p", "0", "x"]) == 2
     assert "top_p" in capsys.readouterr().err

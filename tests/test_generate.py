@@ -123,6 +123,13 @@ def test_prompts_as_tensors_decode_as_lists(gen):
     assert gen.generate(torch.tensor([[5, 17, 3]]), params)[0].tokens == want
 
 
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_a_prefill_chunk_that_is_not_positive_is_refused(gen, chunk):
+    """It failed every prefill inside the engine: each prompt came back as an empty "error" completion."""
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive"):
+        Generator(gen.model, prefill_chunk=chunk).generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

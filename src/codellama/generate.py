@@ -222,8 +222,9 @@ def load(
     The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
     point; the command line's default is "auto").
     """
-    if max_seq_len is not None and max_seq_len < 1:  # checked before loading; 0 would mean "the model's"
-        raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
+    # checked before loading; 0 would mean "the model's"
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len!r}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     if loaded.tokenizer is None:
         if loaded.format == "gguf":  # its tokenizer can only be inside it
