@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -45,6 +47,31 @@ def test_batch_equals_alone(gen):
     alone = [gen.generate([p], params)[0].tokens for p in prompts]
     together = [c.tokens for c in gen.generate(prompts, params)]
     assert together == alone
+
+
+def test_calls_from_several_threads_take_turns(gen):
+    """Every call decodes in the same cache slots: two threads overwrote each other's keys and values."""
+    prompts = [[3, 4, 5], [9] * 11, [1, 2, 3, 4, 5, 6, 7], [50, 60]]
+    params = SamplingParams(max_new_tokens=40, stop_ids=())
+    alone = [gen.generate([p], params)[0].tokens for p in prompts]
+    got: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: gen.generate([prompts[i]], params)[0].tokens}))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(prompts))] == alone
+
+
+def test_a_second_stream_in_the_same_thread_is_refused_not_a_deadlock(gen):
+    params = SamplingParams(max_new_tokens=8, stop_ids=())
+    first = gen.stream_generate([[3, 4, 5]], params)
+    next(first)
+    with pytest.raises(RuntimeError, match="already generating in this thread"):
+        next(gen.stream_generate([[9, 9]], params))
+    first.close()  # then the Generator is free again
+    assert len(gen.generate([[9, 9]], params)[0].tokens) == 8
 
 
 def test_seeded_sampling_reproducible_alone_and_in_batch(gen):

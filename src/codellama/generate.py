@@ -12,6 +12,7 @@ so a prompt decodes to the same tokens alone or in a batch.
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
@@ -53,6 +54,9 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.step_options = {"attention": attention, "graphs": graphs}  # passed to the Decoder
         self._decoder: Decoder | None = None
+        # every call decodes in the same cache slots: calls from several threads take turns
+        self._busy = threading.Lock()
+        self._busy_thread: int | None = None
 
     # ---- token level ----
     def stream_generate(
@@ -75,13 +79,22 @@ class Generator:
             raise ValueError("one SamplingParams per prompt, or a single one for all")
         for i, p in enumerate(prompts):
             check_prompt(i, len(p), self.context_len)
-        cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
-        scheduler = Scheduler(self._decoder_for(len(prompts), cache_len), self.context_len, self._default_stop_ids())
-        for i, (p, sp) in enumerate(zip(prompts, all_params)):
-            scheduler.submit(p, sp, decode, request_id=i)
-        while scheduler.has_work:
-            for _, event in scheduler.step():
-                yield event
+        if self._busy_thread == threading.get_ident():  # waiting for ourselves would never end
+            raise RuntimeError("this Generator is already generating in this thread (an unfinished "
+                               "stream_generate): finish or close() that one first; calls share one KV cache")
+        with self._busy:
+            self._busy_thread = threading.get_ident()
+            try:
+                cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
+                decoder = self._decoder_for(len(prompts), cache_len)
+                scheduler = Scheduler(decoder, self.context_len, self._default_stop_ids())
+                for i, (p, sp) in enumerate(zip(prompts, all_params)):
+                    scheduler.submit(p, sp, decode, request_id=i)
+                while scheduler.has_work:
+                    for _, event in scheduler.step():
+                        yield event
+            finally:
+                self._busy_thread = None
 
     def _decoder_for(self, batch: int, cache_len: int) -> Decoder:
         if self._decoder is None:
