@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import codellama
 from codellama.checkpoints.hf import save_hf
@@ -65,6 +66,13 @@ def test_load_refuses_a_max_seq_len_that_is_not_a_token_count(max_seq_len):
     """'64' was a TypeError from comparing it with 1; 64.5 was taken as a context length."""
     with pytest.raises(UserError, match="max_seq_len must be a positive number of tokens"):
         codellama.load("tiny", device="cpu", max_seq_len=max_seq_len)
+
+
+def test_load_refuses_a_dtype_that_is_not_floating_point():
+    """torch.int32 was a RuntimeError from deep in the model ("Only Tensors of floating point ... gradients")."""
+    with pytest.raises(UserError, match="unknown dtype torch.int32"):
+        codellama.load("tiny", device="cpu", dtype=torch.int32)
+    assert codellama.load("tiny", device="cpu", dtype=torch.float16).model.tok_embeddings.weight.dtype == torch.float16
 
 
 def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
