@@ -42,6 +42,13 @@ def test_complete_refuses_what_is_not_text(gen, prompts):
         gen.complete(prompts, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("prefix,suffix", [(None, "x"), ("def f():", [1, 2])])
+def test_infill_refuses_what_is_not_text(gen, prefix, suffix):
+    """Was SentencePiece's "TypeError: Input must be str or bytes"."""
+    with pytest.raises(UserError, match="infill\\(\\) takes the prefix and suffix as strings"):
+        gen.infill(prefix, suffix, max_new_tokens=2)
+
+
 def test_infill_uses_the_psm_and_spm_layouts_and_stops(gen):
     out = gen.infill("def f(x):\n    ", "\n    return y\n", max_new_tokens=8)
     spm = gen.infill("def f(x):\n    ", "\n    return y\n", suffix_first=True, max_new_tokens=8)

@@ -138,6 +138,9 @@ class Generator:
         """The middle between prefix and suffix (PSM layout, or SPM with suffix_first), ended by <EOT>."""
         from codellama.prompts import infill_tokens
 
+        if not (isinstance(prefix, str) and isinstance(suffix, str)):  # else the tokenizer's TypeError
+            raise UserError(f"infill() takes the prefix and suffix as strings, got {type(prefix).__name__} and "
+                            f"{type(suffix).__name__}; for token ids use generate()")
         tok = self._require_tokenizer()
         ids = infill_tokens(tok, prefix, suffix, suffix_first=suffix_first)
         params = SamplingParams(**sampling)
