@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import codellama
 from codellama.checkpoints.hf import save_hf
@@ -34,6 +35,20 @@ def test_complete_streams_what_it_returns(gen):
     assert gen.complete(["x = 1", "def add(a, b):"], max_new_tokens=12)[1] == text  # batched = alone
 
 
+@pytest.mark.parametrize("prompts", [[1, 2, 3], None, ["ok", 5]])
+def test_complete_refuses_what_is_not_text(gen, prompts):
+    """Token ids went to the tokenizer: "TypeError: TextInputSequence must be str"."""
+    with pytest.raises(UserError, match="complete\\(\\) takes a string or a list of strings.*generate\\(\\)"):
+        gen.complete(prompts, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prefix,suffix", [(None, "x"), ("def f():", [1, 2])])
+def test_infill_refuses_what_is_not_text(gen, prefix, suffix):
+    """Was SentencePiece's "TypeError: Input must be str or bytes"."""
+    with pytest.raises(UserError, match="infill\\(\\) takes the prefix and suffix as strings"):
+        gen.infill(prefix, suffix, max_new_tokens=2)
+
+
 def test_infill_uses_the_psm_and_spm_layouts_and_stops(gen):
     out = gen.infill("def f(x):\n    ", "\n    return y\n", max_new_tokens=8)
     spm = gen.infill("def f(x):\n    ", "\n    return y\n", suffix_first=True, max_new_tokens=8)
@@ -51,6 +66,20 @@ def test_quantized_load_and_bad_value():
     assert isinstance(q.complete("def f():", max_new_tokens=4), str)
     with pytest.raises(UserError, match="quantize"):
         codellama.load("tiny", device="cpu", quantize="int3")
+
+
+@pytest.mark.parametrize("max_seq_len", [0, "64", 64.5])
+def test_load_refuses_a_max_seq_len_that_is_not_a_token_count(max_seq_len):
+    """'64' was a TypeError from comparing it with 1; 64.5 was taken as a context length."""
+    with pytest.raises(UserError, match="max_seq_len must be a positive number of tokens"):
+        codellama.load("tiny", device="cpu", max_seq_len=max_seq_len)
+
+
+def test_load_refuses_a_dtype_that_is_not_floating_point():
+    """torch.int32 was a RuntimeError from deep in the model ("Only Tensors of floating point ... gradients")."""
+    with pytest.raises(UserError, match="unknown dtype torch.int32"):
+        codellama.load("tiny", device="cpu", dtype=torch.int32)
+    assert codellama.load("tiny", device="cpu", dtype=torch.float16).model.tok_embeddings.weight.dtype == torch.float16
 
 
 def test_commands_print_errors_not_tracebacks(capsys, tmp_path):

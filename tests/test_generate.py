@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -45,6 +47,31 @@ def test_batch_equals_alone(gen):
     alone = [gen.generate([p], params)[0].tokens for p in prompts]
     together = [c.tokens for c in gen.generate(prompts, params)]
     assert together == alone
+
+
+def test_calls_from_several_threads_take_turns(gen):
+    """Every call decodes in the same cache slots: two threads overwrote each other's keys and values."""
+    prompts = [[3, 4, 5], [9] * 11, [1, 2, 3, 4, 5, 6, 7], [50, 60]]
+    params = SamplingParams(max_new_tokens=40, stop_ids=())
+    alone = [gen.generate([p], params)[0].tokens for p in prompts]
+    got: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: gen.generate([prompts[i]], params)[0].tokens}))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(prompts))] == alone
+
+
+def test_a_second_stream_in_the_same_thread_is_refused_not_a_deadlock(gen):
+    params = SamplingParams(max_new_tokens=8, stop_ids=())
+    first = gen.stream_generate([[3, 4, 5]], params)
+    next(first)
+    with pytest.raises(RuntimeError, match="already generating in this thread"):
+        next(gen.stream_generate([[9, 9]], params))
+    first.close()  # then the Generator is free again
+    assert len(gen.generate([[9, 9]], params)[0].tokens) == 8
 
 
 def test_seeded_sampling_reproducible_alone_and_in_batch(gen):
@@ -110,6 +137,26 @@ def test_context_limits(gen):
     assert len(out.tokens) == 8 and out.finish_reason == "length"  # clamped to the 128-token context
 
 
+@pytest.mark.parametrize("prompt", [[1.5, 2], "abc", 7])
+def test_prompts_that_are_not_token_ids_are_refused(gen, prompt):
+    """[1.5, 2] was prefilled, failed inside the engine and came back as an empty "error" completion."""
+    with pytest.raises(UserError, match="prompt 0 must be a sequence of token ids"):
+        gen.generate([prompt], SamplingParams(max_new_tokens=2))
+
+
+def test_prompts_as_tensors_decode_as_lists(gen):
+    params = SamplingParams(max_new_tokens=4, stop_ids=())
+    want = gen.generate([[5, 17, 3]], params)[0].tokens
+    assert gen.generate(torch.tensor([[5, 17, 3]]), params)[0].tokens == want
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_a_prefill_chunk_that_is_not_positive_is_refused(gen, chunk):
+    """It failed every prefill inside the engine: each prompt came back as an empty "error" completion."""
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive"):
+        Generator(gen.model, prefill_chunk=chunk).generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -119,11 +166,22 @@ def test_context_limits(gen):
         (dict(top_k=-2), "top_k"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(stop=("",)), "stop"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(stop_ids=5.0), "stop_ids"),
+        (dict(stop_ids=["2"]), "stop_ids"),
+        (dict(seed=1.5), "seed"),  # was torch's RuntimeError from manual_seed
+        (dict(seed="1"), "seed"),  # was a TypeError from seed + row
     ],
 )
 def test_invalid_sampling_values_rejected(kwargs, match):
     with pytest.raises(UserError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_stop_none_and_a_single_stop_id_are_accepted():
+    """stop=None is OpenAI's "no stop strings"; one stop id alone reads like one stop string alone."""
+    sp = SamplingParams(stop=None, stop_ids=7)
+    assert sp.stop == () and sp.stop_ids == (7,)
 
 
 def test_filtered_probs_top_k_top_p():

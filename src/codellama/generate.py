@@ -11,7 +11,9 @@ so a prompt decodes to the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import operator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -52,6 +54,9 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.step_options = {"attention": attention, "graphs": graphs}  # passed to the Decoder
         self._decoder: Decoder | None = None
+        # every call decodes in the same cache slots: calls from several threads take turns
+        self._busy = threading.Lock()
+        self._busy_thread: int | None = None
 
     # ---- token level ----
     def stream_generate(
@@ -61,28 +66,35 @@ class Generator:
 
         One SamplingParams with a seed for several prompts: row i draws from seed + i (as the server's n > 1
         choices do), so that samples of the same prompt differ and the call is still reproducible."""
-        if not prompts:
+        if len(prompts) == 0:  # (a tensor of prompts has no truth value)
             return
+        vocab = self.model.config.vocab_size
+        prompts = [_token_ids(i, p, vocab) for i, p in enumerate(prompts)]
         if isinstance(params, SamplingParams):
             all_params = [params if params.seed is None else replace(params, seed=(params.seed + i) % 2**64)
                           for i in range(len(prompts))]
         else:
             all_params = list(params)
-        if len(all_params) != len(prompts):
+        if len(all_params) != len(prompts) or not all(isinstance(sp, SamplingParams) for sp in all_params):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
-        vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             check_prompt(i, len(p), self.context_len)
-            if not all(0 <= t < vocab for t in p):  # an embedding lookup past the table is an IndexError
-                raise UserError(f"prompt {i} holds token ids outside the model's vocabulary of {vocab}: its "
-                                "tokenizer has pieces the model has no embedding for (they do not belong together)")
-        cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
-        scheduler = Scheduler(self._decoder_for(len(prompts), cache_len), self.context_len, self._default_stop_ids())
-        for i, (p, sp) in enumerate(zip(prompts, all_params)):
-            scheduler.submit(p, sp, decode, request_id=i)
-        while scheduler.has_work:
-            for _, event in scheduler.step():
-                yield event
+        if self._busy_thread == threading.get_ident():  # waiting for ourselves would never end
+            raise RuntimeError("this Generator is already generating in this thread (an unfinished "
+                               "stream_generate): finish or close() that one first; calls share one KV cache")
+        with self._busy:
+            self._busy_thread = threading.get_ident()
+            try:
+                cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
+                decoder = self._decoder_for(len(prompts), cache_len)
+                scheduler = Scheduler(decoder, self.context_len, self._default_stop_ids())
+                for i, (p, sp) in enumerate(zip(prompts, all_params)):
+                    scheduler.submit(p, sp, decode, request_id=i)
+                while scheduler.has_work:
+                    for _, event in scheduler.step():
+                        yield event
+            finally:
+                self._busy_thread = None
 
     def _decoder_for(self, batch: int, cache_len: int) -> Decoder:
         if self._decoder is None:
@@ -110,7 +122,10 @@ class Generator:
         self, prompts: str | Sequence[str], *, on_text: Callable[[str], None] | None = None, **sampling
     ) -> str | list[str]:
         """Continue each prompt. A single string in, a single string out. on_text streams (one prompt only)."""
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, Iterable) else [None]
+        if not all(isinstance(t, str) for t in texts):
+            raise UserError(f"complete() takes a string or a list of strings, got {prompts!r:.80}; "
+                            "for token ids use generate() or stream_generate() with SamplingParams")
         tok = self._require_tokenizer()
         ids = [tok.encode(t, bos=tok.add_bos) for t in texts]
         out = self._run(ids, SamplingParams(**sampling), on_text)
@@ -123,6 +138,9 @@ class Generator:
         """The middle between prefix and suffix (PSM layout, or SPM with suffix_first), ended by <EOT>."""
         from codellama.prompts import infill_tokens
 
+        if not (isinstance(prefix, str) and isinstance(suffix, str)):  # else the tokenizer's TypeError
+            raise UserError(f"infill() takes the prefix and suffix as strings, got {type(prefix).__name__} and "
+                            f"{type(suffix).__name__}; for token ids use generate()")
         tok = self._require_tokenizer()
         ids = infill_tokens(tok, prefix, suffix, suffix_first=suffix_first)
         params = SamplingParams(**sampling)
@@ -161,6 +179,21 @@ class Generator:
         if self.tokenizer is None:
             raise UserError("this model was loaded without a tokenizer: load a checkpoint that carries one")
         return self.tokenizer
+
+
+def _token_ids(i: int, prompt, vocab: int) -> list[int]:
+    """Prompt i as a list of ids in the vocabulary; UserError for text, floats or ids past the embedding."""
+    try:
+        if isinstance(prompt, (str, bytes)):
+            raise TypeError
+        ids = [operator.index(t) for t in prompt]  # ints, numpy or 0-d torch integers; not 1.5 or "a"
+    except TypeError:
+        raise UserError(f"prompt {i} must be a sequence of token ids (integers), got {prompt!r:.80}; "
+                        "complete(), infill() and chat() take text") from None
+    if not all(0 <= t < vocab for t in ids):  # an embedding lookup past the table is an IndexError
+        raise UserError(f"prompt {i} holds token ids outside the model's vocabulary of {vocab}: its "
+                        "tokenizer has pieces the model has no embedding for (they do not belong together)")
+    return ids
 
 
 def default_device() -> str:
@@ -205,8 +238,9 @@ def load(
     The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
     point; the command line's default is "auto").
     """
-    if max_seq_len is not None and max_seq_len < 1:  # checked before loading; 0 would mean "the model's"
-        raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
+    # checked before loading; 0 would mean "the model's"
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len!r}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     if loaded.tokenizer is None:
         if loaded.format == "gguf":  # its tokenizer can only be inside it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,20 +25,36 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        self.stop = () if self.stop is None else _as_tuple(self.stop)  # None: OpenAI's "stop": null
+        if self.stop_ids is not None:
+            self.stop_ids = _as_tuple(self.stop_ids)
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
             raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise UserError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError(f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
+        if self.stop_ids is not None and not all(_is_int(t) for t in self.stop_ids):
+            raise UserError(f"stop_ids must be token ids (integers), got {list(self.stop_ids)!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise UserError(f"seed must be an integer (or None: not reproducible), got {self.seed!r}")
+
+
+def _as_tuple(x) -> tuple:
+    """A sequence as a tuple; one value alone (a string, an id) as a tuple of it, checked by validate()."""
+    return tuple(x) if isinstance(x, Iterable) and not isinstance(x, str) else (x,)
+
+
+def _is_int(x) -> bool:
+    """An integer proper: True and 2.0 are not token counts, ids or seeds."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass

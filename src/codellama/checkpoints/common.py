@@ -30,9 +30,9 @@ _DTYPES = {
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """A torch dtype from a name; None (and "auto") stay None: the loader's default."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return None if dtype == "auto" else dtype
-    try:
+    if dtype is None or dtype == "auto":
+        return None
+    try:  # a torch dtype goes through its name too: torch.int32 failed later, inside the model's init
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
         raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None

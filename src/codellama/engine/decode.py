@@ -76,6 +76,8 @@ class Decoder:
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         if graphs not in ("trees", "manual"):
             raise ValueError(f"graphs must be 'trees' or 'manual', got {graphs!r}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:  # 0 and -1 failed every prefill
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
         self.model = model.eval()
         self.attention, self.graphs = attention, graphs
         self.device = model.device
