@@ -55,6 +55,29 @@ def test_infill_uses_the_psm_and_spm_layouts_and_stops(gen):
     assert isinstance(out, str) and isinstance(spm, str)
 
 
+def test_infill_stops_at_eot_also_with_stop_ids_of_its_own(codellama):
+    """A model that says <EOT>, then "x", then <EOT> again...: the middle is empty, also when the caller
+    passes stop_ids (they replaced <EOT>, and the middle ran on to max_new_tokens)."""
+    from codellama.generate import Generator
+
+    x = codellama.encode("x")[-1]
+    model = random_model(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=codellama.vocab_size,
+                                     ffn_hidden=64, max_seq_len=128))
+    with torch.no_grad():  # the residual stream is the current token's embedding: +1 or (after <EOT>) -1
+        model.layers[0].attention.wo.weight.zero_()
+        model.layers[0].feed_forward.w2.weight.zero_()
+        model.norm.weight.fill_(1.0)
+        model.tok_embeddings.weight.zero_()
+        model.tok_embeddings.weight[:, 0] = 1.0
+        model.tok_embeddings.weight[codellama.eot_id, 0] = -1.0
+        model.output.weight.zero_()
+        model.output.weight[codellama.eot_id, 0], model.output.weight[x, 0] = 1.0, -1.0
+    gen = Generator(model, codellama)
+    assert "x" in gen.complete("a", max_new_tokens=3, stop_ids=[])  # <EOT> x <EOT>
+    assert gen.infill("a", "b", max_new_tokens=4) == ""
+    assert gen.infill("a", "b", max_new_tokens=4, stop_ids=[codellama.eos_id]) == ""  # was "x x"
+
+
 def test_chat_refuses_special_tags(gen):
     assert isinstance(gen.chat([{"role": "user", "content": "hi"}], max_new_tokens=5), str)
     with pytest.raises(UserError, match="special"):

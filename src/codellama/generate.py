@@ -144,8 +144,9 @@ class Generator:
         tok = self._require_tokenizer()
         ids = infill_tokens(tok, prefix, suffix, suffix_first=suffix_first)
         params = SamplingParams(**sampling)
-        if params.stop_ids is None:
-            params.stop_ids = (tok.eot_id, *sorted(tok.stop_ids))
+        # <EOT> ends the middle whatever else the caller stops on: what follows it is no part of the code
+        extra = sorted(tok.stop_ids) if params.stop_ids is None else params.stop_ids
+        params.stop_ids = (tok.eot_id, *(i for i in extra if i != tok.eot_id))
         return self._run([ids], params, on_text)[0]
 
     def chat(self, messages: Sequence[dict], *, on_text: Callable[[str], None] | None = None, **sampling) -> str:
