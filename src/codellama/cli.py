@@ -43,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_python_format_warning = warnings.formatwarning
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """Our own warnings speak to the user in one line, like our errors; other packages' keep their format."""
     if Path(filename).is_relative_to(Path(__file__).parent):
         return f"warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
-
-
-_python_format_warning = warnings.formatwarning
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ stopped, and either phase can be rerun alone (`phase="generate" | "execute" | "a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -208,7 +209,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     stats = {"generated": 0, "seconds": 0.0}
     if cfg.instruct and not task.supports_instruct:
         raise UserError(f"task {task.name} has no instruct mode (supported: {', '.join(_instruct_tasks())})")
-    _check_same_run(cfg, path)  # also when nothing is left: the summary would label old samples as these
+    check_same_run(cfg, path)  # also when nothing is left: the summary would label old samples as these
     if not todo:
         return stats
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
@@ -254,11 +255,17 @@ def _instruct_tasks() -> list[str]:
 RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed")
 
 
-def _check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
+def _run_info(out: Path) -> dict:
+    """out/run.json: the settings the folder's samples were made with, and which samples its results are of."""
+    meta = out / "run.json"
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
     """Resuming must not mix samples of different settings into one file."""
     meta = cfg.out / "run.json"
     mine = {k: getattr(cfg, k) for k in keys}
-    theirs = json.loads(meta.read_text()) if meta.exists() else {}
+    theirs = _run_info(cfg.out)
     if "task" in theirs and samples.exists():
         diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
         if diff:
@@ -276,8 +283,6 @@ def _samples_source(cfg: EvalConfig) -> str:
     path = Path(cfg.samples or cfg.out / OWN_SAMPLES)
     if path.resolve() == (cfg.out / OWN_SAMPLES).resolve():
         return OWN_SAMPLES
-    import hashlib
-
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
     return f"{path.resolve()} (sha256 {digest})"
 
@@ -285,7 +290,7 @@ def _samples_source(cfg: EvalConfig) -> str:
 def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None) -> None:
     """Resuming the execution phase must not count the results of one samples file (or judge) as another's."""
     meta = cfg.out / "run.json"
-    info = json.loads(meta.read_text()) if meta.exists() else {}
+    info = _run_info(cfg.out)
     source = _samples_source(cfg) + (f", judged by {judge}" if judge else "")
     theirs = info.get("samples", OWN_SAMPLES)  # results written before this was recorded: of the own samples
     if theirs != source and results.exists() and results.stat().st_size:
@@ -377,8 +382,7 @@ def _score_texts(task: Task, problems: dict[str, dict], todo: list[dict], res_pa
 def _generated_with(cfg: EvalConfig) -> EvalConfig:
     """cfg labelled with the settings the folder's own samples were generated with: an execute-only run
     (generated elsewhere) need not repeat --temperature, --instruct, ... for its summary to be right."""
-    meta = cfg.out / "run.json"
-    theirs = json.loads(meta.read_text()) if not cfg.samples and meta.exists() else {}
+    theirs = {} if cfg.samples else _run_info(cfg.out)
     if "task" not in theirs:
         return cfg
     return replace(cfg, **{k: theirs[k] for k in ("model", "temperature", "top_p", "instruct") if k in theirs})

@@ -244,7 +244,7 @@ def _check_options(extra: dict) -> None:
 
 def run_special(cfg, model=None) -> dict:
     """Entry point from the runner for the tasks that do not execute programs."""
-    from codellama.eval.runner import ModelAdapter, _check_same_run
+    from codellama.eval.runner import ModelAdapter, check_same_run
 
     if cfg.phase == "execute":
         raise UserError(f"{cfg.task} has no execution phase; run it with --phase all")
@@ -263,7 +263,7 @@ def run_special(cfg, model=None) -> dict:
     if key_retrieval_task:
         # its results resume: those of another model or haystack must not be counted as this one's
         cfg.out.mkdir(parents=True, exist_ok=True)
-        _check_same_run(cfg, cfg.out / "results.jsonl", KEY_RETRIEVAL_RUN_KEYS)
+        check_same_run(cfg, cfg.out / "results.jsonl", KEY_RETRIEVAL_RUN_KEYS)
         s = key_retrieval(model, tok, cfg.out, lengths, cfg.extra.get("positions") or DEFAULT_POSITIONS,
                           cfg.extra.get("examples") or (cfg.limit or DEFAULT_EXAMPLES), cfg.seed, files,
                           cfg.batch_size, cfg.progress)
