@@ -6,7 +6,9 @@ about 11 MB). Timed in the same run:
             (no filtering, dedup, decontamination or FIM): the floor cost of tokenising the same text
   ours      build_corpus with every stage on (filters, exact + near dedup, decontamination against
             HumanEval + MBPP + MultiPL-E when --decontam-dir/$CODELLAMA_DATA_DIR is set, FIM, shards),
-            with 1 and with 2 tokenising processes
+            with 1 and with 2 tokenising processes at seq_len 4096, and with 2 at 16384
+  FIM kinds of the train split at each seq_len: how many documents drawn for FIM stayed FIM and how many
+            were written left to right because no place in the stream held them in one window (l2r_cut)
   stages    each stage alone over the texts in memory (MB/s)
 Tokenizer: Code Llama's real vocabulary (codellama.tokenizer.codellama_tokenizer) when available,
 else the small SentencePiece model the tests build (more tokens per MB; noted in the output).
@@ -95,6 +97,15 @@ def stage_times(specs, tok, data_dir) -> dict[str, float]:
     return {k: (v, mb / v) for k, v in times.items()}
 
 
+def fim_kinds_line(seq_len: int, manifest: dict) -> str:
+    """The train split's FIM kinds: the FIM share of all documents, the l2r_cut share of those drawn for FIM."""
+    k = manifest["fim"]["kinds"]["train"]
+    docs, fim = sum(k.values()), k["psm"] + k["spm"]
+    drawn = fim + k["l2r_cut"]
+    return (f"seq_len {seq_len}, train split: FIM {fim} of {docs} documents ({fim / docs:.0%}); l2r_cut {k['l2r_cut']} "
+            f"of {drawn} drawn for FIM ({k['l2r_cut'] / max(drawn, 1):.0%}); kinds {k}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--package", action="append", default=None)
@@ -111,24 +122,27 @@ def main() -> None:
         tmp = Path(tmp)
         n_bytes, peer_tokens, peer_s = peer_prepare(specs, tok, tmp / "peer.bin")
         runs = {}
-        for workers in (1, 2):
-            cfg = PipelineConfig(seq_len=4096, decontam_dir=data_dir, workers=workers)
+        for workers, seq_len in ((1, 4096), (2, 4096), (2, 16384)):
+            cfg = PipelineConfig(seq_len=seq_len, decontam_dir=data_dir, workers=workers)
             t0 = time.perf_counter()
-            m = build_corpus(specs, tok, tmp / f"ours{workers}", cfg, "bench")
-            runs[workers] = (time.perf_counter() - t0, m)
+            m = build_corpus(specs, tok, tmp / f"ours{workers}-{seq_len}", cfg, "bench")
+            runs[workers, seq_len] = (time.perf_counter() - t0, m)
         stages = stage_times(specs, tok, data_dir)
 
     mb = n_bytes / 1e6
-    print(f"\nsource read: {mb:.1f} MB in {runs[1][1]['documents_read']} files")
+    print(f"\nsource read: {mb:.1f} MB in {runs[1, 4096][1]['documents_read']} files")
     print(f"{'run':<44}{'seconds':>9}{'MB/s':>9}{'tokens':>13}{'tok/s':>11}")
     name = "peer: read + encode + write (nanoGPT-style)"
     print(f"{name:<44}{peer_s:>9.2f}{mb / peer_s:>9.2f}{peer_tokens:>13,}{peer_tokens / peer_s:>11,.0f}")
-    for workers, (s, m) in runs.items():
+    for (workers, seq_len), (s, m) in runs.items():
         tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
-        name = f"ours: full pipeline, {workers} tokenising proc"
+        name = f"ours: full pipeline, {workers} tokenising proc, {seq_len}"
         print(f"{name:<44}{s:>9.2f}{mb / s:>9.2f}{tokens:>13,}{tokens / s:>11,.0f}")
-    print(f"ratio ours(2 procs)/peer throughput (MB/s): {peer_s / runs[2][0]:.2f}")
-    m = runs[1][1]
+    print(f"ratio ours(2 procs)/peer throughput (MB/s): {peer_s / runs[2, 4096][0]:.2f}")
+    for (workers, seq_len), (_, m) in runs.items():
+        if workers == 2:
+            print(fim_kinds_line(seq_len, m))
+    m = runs[1, 4096][1]
     print(f"kept {m['splits']['train']['docs'] + m['splits']['val']['docs']} docs; filtered {m['filters']['removed']}; "
           f"dedup exact {m['dedup']['exact_removed']} near {m['dedup']['near']['removed']}; "
           f"decontam {m['decontamination']['removed']}")
