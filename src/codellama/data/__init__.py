@@ -7,6 +7,7 @@ tokenised shards. One module per job:
 - decontam.py  n-gram overlap against HumanEval, MBPP, MultiPL-E
 - fim.py       the paper's fill-in-the-middle transform (PSM/SPM, document level)
 - pack.py      tokenise documents (optionally on several processes)
+- packer.py    place each split's documents in its token stream so that no training window cuts a FIM example
 - shards.py    the on-disk format: ShardWriter and the reader TokenShards the trainer consumes
 - pipeline.py  wires the above together for `codellama data` and the benchmark
 """

@@ -38,8 +38,8 @@ from typing import Protocol
 
 from codellama.errors import UserError
 
-# the kinds a document can end up as; counted in the manifest ("l2r_cut": drawn for FIM, but where it
-# was packed a training window would cut it; see fits_one_window)
+# the kinds a document can end up as; counted in the manifest ("l2r_cut": drawn for FIM, but the packer
+# found no place in the stream where one training window holds it whole; see packer.py, fits_one_window)
 KINDS = ("psm", "spm", "l2r", "l2r_too_long", "l2r_cut")
 FIM_KINDS = ("psm", "spm")
 # a FIM example has 4 more special tokens than the left-to-right one and splits the text in 3 places;

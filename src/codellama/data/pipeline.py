@@ -1,7 +1,8 @@
 """The whole corpus build: sources -> filters -> exact/near dedup -> decontamination -> train/val split
--> FIM + tokenisation -> shards -> manifest. Streaming from end to end: one document at a time (plus a
-bounded read-ahead when tokenising on worker processes); what grows with the corpus is only the dedup
-state (hashes and MinHash signatures) and the per-shard document offsets.
+-> FIM + tokenisation -> packing (packer.py) -> shards -> manifest. Streaming from end to end: one
+document at a time (plus a bounded read-ahead when tokenising on worker processes and the packer's bounded
+look-ahead); what grows with the corpus is only the dedup state (hashes and MinHash signatures) and the
+per-shard document offsets.
 """
 
 from __future__ import annotations
@@ -12,23 +13,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
+from typing import Any, Iterator, NamedTuple
 
 from codellama.data.decontam import Decontaminator, build_decontaminator
 from codellama.data.dedup import ExactDedup, NearDedup, doc_key
-from codellama.data.fim import (
-    FIM_KINDS,
-    KINDS,
-    FimConfig,
-    InfillTokenizer,
-    check_infill_tokenizer,
-    fits_one_window,
-    l2r_tokens,
-)
+from codellama.data.fim import KINDS, FimConfig, InfillTokenizer, check_infill_tokenizer, l2r_tokens
 from codellama.data.filters import FilterConfig, Filters
 from codellama.data.pack import tokenize_documents
+from codellama.data.packer import Document, WindowPacker
 from codellama.data.shards import MANIFEST, SPLITS, ShardWriter, build_manifest, token_dtype, write_manifest
 from codellama.data.sources import SourceSpec, SourceStats, check_sources, documents
 from codellama.errors import UserError
@@ -73,6 +65,15 @@ class Counts:
         c["tokens"] += n_tokens
         c["bytes"] += n_bytes
         self.kinds[split][kind] += 1
+
+
+class Kept(NamedTuple):
+    """A document that passed every filter, as the tokenising and packing stages carry it."""
+
+    split: str
+    language: str
+    n_bytes: int
+    text: str
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -132,7 +133,7 @@ def build_corpus(
     counts = Counts()
     n_read = 0
 
-    def clean() -> Iterator[tuple[tuple[str, str, int, str], str, bytes]]:
+    def clean() -> Iterator[tuple[Kept, str, bytes]]:
         nonlocal n_read
         for doc in documents(specs, cfg.filters.max_bytes, source_stats):
             n_read += 1
@@ -145,20 +146,28 @@ def build_corpus(
             if decontam is not None and decontam.is_contaminated(text, doc.path):
                 continue
             split = "val" if is_validation(key, cfg.val_fraction) else "train"
-            yield (split, doc.language, len(text.encode("utf-8", "surrogatepass")), text), text, key
+            yield Kept(split, doc.language, len(text.encode("utf-8", "surrogatepass")), text), text, key
 
     dtype = token_dtype(int(tok.vocab_size))
     writers = {s: ShardWriter(out / s, dtype, shard_tokens=cfg.shard_tokens) for s in SPLITS}
     bar = _progress(cfg.progress)
-    try:
-        stream = tokenize_documents(clean(), tok, cfg.fim, cfg.seq_len, cfg.workers)
-        for (split, language, n_bytes, text), tokens, kind in stream:
-            if kind in FIM_KINDS and not fits_one_window(writers[split].n_tokens, len(tokens), cfg.seq_len):
-                tokens, kind = np.asarray(l2r_tokens(tok, text), dtype=np.uint32), "l2r_cut"
-            writers[split].add(tokens)
-            counts.add(split, language, n_bytes, len(tokens), kind)
+    # each split's stream is packed on its own; a held document keeps its text to be encoded left to right
+    packers = {s: WindowPacker(cfg.seq_len, lambda item: l2r_tokens(tok, item.text)) for s in SPLITS}
+
+    def write(docs: list[Document]) -> None:
+        for doc in docs:
+            item: Kept = doc.meta
+            writers[item.split].add(doc.tokens)
+            counts.add(item.split, item.language, item.n_bytes, len(doc.tokens), doc.kind)
             if bar is not None:
                 bar.update(1)
+
+    try:
+        stream = tokenize_documents(clean(), tok, cfg.fim, cfg.seq_len, cfg.workers)
+        for item, tokens, kind in stream:
+            write(packers[item.split].add(Document(item, tokens, kind)))
+        for packer in packers.values():
+            write(packer.finish())
         for w in writers.values():  # finish the last shards (a full disk here is handled like above)
             w.close()
     except BaseException:
