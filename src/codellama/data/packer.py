@@ -57,11 +57,11 @@ class WindowPacker:
         if doc.kind in FIM_KINDS and not self._fits(doc):
             self.held.append(doc)
             return self._cut_oldest() if len(self.held) > self.max_held else []
-        return [self._place(doc), *self._place_held()]
+        return self._write(doc)
 
     def finish(self) -> list[Document]:
         """The held documents, each as FIM where a window still has room for it."""
-        out = self._place_held()
+        out = []
         while self.held:
             out += self._cut_oldest()
         return out
@@ -69,20 +69,22 @@ class WindowPacker:
     def _fits(self, doc: Document) -> bool:
         return fits_one_window(self.position, len(doc.tokens), self.seq_len)
 
-    def _place(self, doc: Document) -> Document:
+    def _write(self, doc: Document) -> list[Document]:
+        """`doc`, then the held examples that fit after it. In a window the room only shrinks, so none of
+        those that did not fit before can fit now unless `doc` took the stream into the next window."""
+        window = self.position // self.seq_len
         self.position += len(doc.tokens)
-        return doc
-
-    def _place_held(self) -> list[Document]:
-        """Write held examples, oldest first, while one fits in the current window."""
-        out = []
+        if self.position // self.seq_len == window:
+            return [doc]
+        out = [doc]
         while (i := next((i for i, d in enumerate(self.held) if self._fits(d)), None)) is not None:
-            out.append(self._place(self.held.pop(i)))
+            held = self.held.pop(i)  # the oldest that fits
+            self.position += len(held.tokens)
+            out.append(held)
         return out
 
     def _cut_oldest(self) -> list[Document]:
         """Write the oldest held example left to right (it may cross into the next window), then the held
         examples that fit after it."""
         doc = self.held.pop(0)
-        cut = Document(doc.meta, np.asarray(self.to_left_to_right(doc.meta), dtype=np.uint32), "l2r_cut")
-        return [self._place(cut), *self._place_held()]
+        return self._write(Document(doc.meta, np.asarray(self.to_left_to_right(doc.meta), dtype=np.uint32), "l2r_cut"))
