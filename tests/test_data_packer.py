@@ -10,7 +10,7 @@ import pytest
 
 from codellama.data.dedup import doc_key
 from codellama.data.fim import FIM_KINDS, FimConfig, encode_document, fits_one_window, l2r_tokens
-from codellama.data.packer import Document, WindowPacker
+from codellama.data.packer import EncodedDocument, WindowPacker
 
 from data_corpus import real_code_blocks
 from data_tokenizer import sp_test_tokenizer
@@ -24,16 +24,16 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def documents(tok) -> list[Document]:
+def documents(tok) -> list[EncodedDocument]:
     """Real code as the pipeline's tokenising stage hands it on (meta: the text)."""
     out = []
     for text in real_code_blocks():
         tokens, kind = encode_document(tok, text, FimConfig(), SEQ, doc_key(text))
-        out.append(Document(text, np.asarray(tokens, dtype=np.uint32), kind))
+        out.append(EncodedDocument(text, np.asarray(tokens, dtype=np.uint32), kind))
     return out
 
 
-def pack(tok, docs: list[Document], max_held: int) -> tuple[list[Document], WindowPacker]:
+def pack(tok, docs: list[EncodedDocument], max_held: int) -> tuple[list[EncodedDocument], WindowPacker]:
     packer = WindowPacker(SEQ, lambda text: l2r_tokens(tok, text), max_held=max_held)
     out = []
     for doc in docs:
@@ -42,7 +42,7 @@ def pack(tok, docs: list[Document], max_held: int) -> tuple[list[Document], Wind
     return out, packer
 
 
-def fim_examples_cut(docs: list[Document]) -> list[int]:
+def fim_examples_cut(docs: list[EncodedDocument]) -> list[int]:
     """Indices of the FIM examples that a window boundary cuts, where `docs` lie back to back."""
     starts = np.cumsum([0] + [len(d.tokens) for d in docs])
     return [i for i, d in enumerate(docs) if d.kind in FIM_KINDS and not fits_one_window(starts[i], len(d.tokens), SEQ)]

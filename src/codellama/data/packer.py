@@ -10,15 +10,15 @@ straddle a window boundary. The packer looks ahead instead, with a bounded buffe
 - only when more than `max_held` documents are held (or at the end of the stream, when nothing else is
   left to fill a window) is the oldest held example written left to right instead (kind "l2r_cut").
 
-The output is a function of the input order, the document lengths and `max_held` only, so the same for
-any number of tokenising processes; memory is bounded by `max_held` documents (each at most seq_len
+The output is a function of the input (its order included), seq_len and `max_held` only, so the same
+for any number of tokenising processes; memory is bounded by `max_held` documents (each at most seq_len
 tokens, since a longer one is never FIM). Documents are written in a different order than they came
 in, but every document is written exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,9 @@ MAX_HELD = 256
 
 
 @dataclass
-class Document:
+class EncodedDocument:
+    """A document after the FIM stage (fim.encode_document)."""
+
     meta: Any  # whatever the caller needs to write it (and, for left to right, to encode it again)
     tokens: np.ndarray
     kind: str  # one of fim.KINDS
@@ -51,25 +53,26 @@ class WindowPacker:
         self.to_left_to_right = to_left_to_right
         self.max_held = max_held
         self.position = 0  # tokens written so far: where the next document starts
-        self.held: list[Document] = []  # FIM examples waiting for a window with room, oldest first
+        self.held: list[EncodedDocument] = []  # FIM examples waiting for a window with room, oldest first
 
-    def add(self, doc: Document) -> list[Document]:
+    def add(self, doc: EncodedDocument) -> list[EncodedDocument]:
         if doc.kind in FIM_KINDS and not self._fits(doc):
             self.held.append(doc)
             return self._cut_oldest() if len(self.held) > self.max_held else []
         return self._write(doc)
 
-    def finish(self) -> list[Document]:
-        """The held documents, each as FIM where a window still has room for it."""
+    def finish(self) -> list[EncodedDocument]:
+        """The held documents at the end of the stream: with nothing left to finish a window, the oldest
+        is written left to right whenever none fits the current window, the others as FIM where they fit."""
         out = []
         while self.held:
             out += self._cut_oldest()
         return out
 
-    def _fits(self, doc: Document) -> bool:
+    def _fits(self, doc: EncodedDocument) -> bool:
         return fits_one_window(self.position, len(doc.tokens), self.seq_len)
 
-    def _write(self, doc: Document) -> list[Document]:
+    def _write(self, doc: EncodedDocument) -> list[EncodedDocument]:
         """`doc`, then the held examples that fit after it. In a window the room only shrinks, so none of
         those that did not fit before can fit now unless `doc` took the stream into the next window."""
         window = self.position // self.seq_len
@@ -83,8 +86,9 @@ class WindowPacker:
             out.append(held)
         return out
 
-    def _cut_oldest(self) -> list[Document]:
+    def _cut_oldest(self) -> list[EncodedDocument]:
         """Write the oldest held example left to right (it may cross into the next window), then the held
         examples that fit after it."""
-        doc = self.held.pop(0)
-        return self._write(Document(doc.meta, np.asarray(self.to_left_to_right(doc.meta), dtype=np.uint32), "l2r_cut"))
+        meta = self.held.pop(0).meta
+        tokens = np.asarray(self.to_left_to_right(meta), dtype=np.uint32)
+        return self._write(EncodedDocument(meta, tokens, "l2r_cut"))

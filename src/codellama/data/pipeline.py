@@ -20,7 +20,7 @@ from codellama.data.dedup import ExactDedup, NearDedup, doc_key
 from codellama.data.fim import KINDS, FimConfig, InfillTokenizer, check_infill_tokenizer, l2r_tokens
 from codellama.data.filters import FilterConfig, Filters
 from codellama.data.pack import tokenize_documents
-from codellama.data.packer import Document, WindowPacker
+from codellama.data.packer import EncodedDocument, WindowPacker
 from codellama.data.shards import MANIFEST, SPLITS, ShardWriter, build_manifest, token_dtype, write_manifest
 from codellama.data.sources import SourceSpec, SourceStats, check_sources, documents
 from codellama.errors import UserError
@@ -154,7 +154,7 @@ def build_corpus(
     # each split's stream is packed on its own; a held document keeps its text to be encoded left to right
     packers = {s: WindowPacker(cfg.seq_len, lambda item: l2r_tokens(tok, item.text)) for s in SPLITS}
 
-    def write(docs: list[Document]) -> None:
+    def write(docs: list[EncodedDocument]) -> None:
         for doc in docs:
             item: Kept = doc.meta
             writers[item.split].add(doc.tokens)
@@ -165,7 +165,7 @@ def build_corpus(
     try:
         stream = tokenize_documents(clean(), tok, cfg.fim, cfg.seq_len, cfg.workers)
         for item, tokens, kind in stream:
-            write(packers[item.split].add(Document(item, tokens, kind)))
+            write(packers[item.split].add(EncodedDocument(item, tokens, kind)))
         for packer in packers.values():
             write(packer.finish())
         for w in writers.values():  # finish the last shards (a full disk here is handled like above)
