@@ -187,6 +187,55 @@ def test_echo_with_max_tokens_0_returns_the_prompt_alone(client):
         client.completions.create(max_tokens=0, **{**kw, "echo": False})
 
 
+# Code Llama spells 🙂 in four byte-fallback pieces (<0xF0> <0x9F> <0x99> <0x82>)
+MULTIBYTE = "café 中文 🙂"
+
+
+@pytest.mark.parametrize("prompt,text,offsets", [
+    # <s> ▁c afé ▁ 中 文 ▁ <0xF0> <0x9F> <0x99> <0x82>, then the generated token: the four bytes of 🙂 at 🙂
+    (MULTIBYTE, MULTIBYTE, [0, 0, 1, 4, 5, 6, 7, 8, 8, 8, 8, 9]),
+    # the same ids sent as ids: the echo is their decoding, which keeps the leading space of ▁c
+    ([1, 274, 28059, 29871, 30275, 30333, 29871, 243, 162, 156, 133], " " + MULTIBYTE,
+     [0, 0, 2, 5, 6, 7, 8, 9, 9, 9, 9, 10]),
+], ids=["text", "token-ids"])
+def test_echo_text_offsets_index_the_text_of_multibyte_prompts(client, prompt, text, offsets):
+    out = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=0, max_tokens=1, temperature=0)
+    choice = out.choices[0]
+    assert choice.text.startswith(text) and choice.logprobs.text_offset == offsets
+
+
+def _assert_offsets_place_each_token(text: str, pieces: list[bytes], offsets: list[int]) -> None:
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+    for piece, at in zip(pieces, offsets):
+        if piece and piece[0] & 0xC0 == 0x80:  # a character's later byte: it belongs to the one at `at`
+            assert piece in text[at].encode()
+        else:
+            assert text[at:].encode().startswith(piece)
+
+
+@pytest.mark.parametrize("which", ["codellama", "smollm2"])
+def test_token_bytes_and_offsets_of_partial_characters(which, tok, smollm2):
+    from codellama.serve.tokens import text_offsets, token_bytes
+
+    vocab = tok if which == "codellama" else smollm2  # byte-fallback SentencePiece; byte-level BPE
+    text = MULTIBYTE + " 𝔘𓀀 ok"  # SmolLM2 splits 𝔘 and 𓀀 into tokens holding parts of them
+    ids = vocab.encode_infilling(text)
+    pieces = [token_bytes(vocab, t) for t in ids]
+    assert b"".join(pieces) == text.encode() and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)
+    offsets = text_offsets(pieces, text, 0)
+    _assert_offsets_place_each_token(text, pieces, offsets)
+    cut = text[:6]  # a stop string found after "café 中": the tokens past it sit at the end
+    assert text_offsets(pieces, cut, 4) == [4 + min(o, len(cut)) for o in offsets]
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(client):
+    # the tiny model answers "x" with a lone byte-fallback piece (<0xD3>): its bytes are that one byte
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=40,
+                                         temperature=0, logprobs=True)
+    partial = [e for e in out.choices[0].logprobs.content if e.token == "\ufffd"]
+    assert partial and all(len(e.bytes) == 1 and e.bytes[0] >= 0x80 for e in partial)
+
+
 def test_token_id_prompts(client, reference):
     ids = [1, 822, 22172, 7295]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)

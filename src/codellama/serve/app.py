@@ -24,10 +24,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from codellama.engine.batching import Engine
-from codellama.engine.rows import Completion, StreamEvent, TokenLogprob
+from codellama.engine.rows import Completion, StreamEvent
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
 from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
+from codellama.serve.tokens import text_offsets, token_bytes, token_text
 
 log = logging.getLogger("codellama.serve")
 
@@ -159,15 +160,6 @@ class Server:
             raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
                               "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
 
-    def _token_text(self, token: int) -> str:
-        tok = self.tokenizer
-        if tok is None:
-            return str(token)
-        text = tok.decode([token])
-        if tok.id_to_piece(token).startswith("\u2581") and not text.startswith(" "):
-            text = " " + text  # SentencePiece drops a word's leading space when it is decoded alone
-        return text
-
     async def _run(self, jobs: list[_Job], request: Request) -> AsyncIterator[tuple[int, StreamEvent]]:
         """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs."""
         loop = asyncio.get_running_loop()
@@ -277,35 +269,33 @@ class Server:
                               "tokenizer has pieces the model has no embedding for)", param=param)
 
     # ---- response pieces ----
-    def _completion_logprobs(self, c: Completion, prompt: list[int], offset: int) -> dict | None:
-        """OpenAI's logprobs object; with echo the prompt's tokens come first (the first one unscored), at
-        offsets into the prompt text, then the generated ones from `offset`."""
+    def _completion_logprobs(self, c: Completion, prompt: list[int], echo: str) -> dict | None:
+        """OpenAI's logprobs object; with echo the prompt's tokens come first (the first one unscored), then
+        the generated ones. text_offset: where each token's text starts in the choice's text (echo + c.text)."""
         if c.logprobs is None and c.prompt_logprobs is None:
             return None
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-        def add(token: int, lp: TokenLogprob | None, at: int) -> int:
-            text = self._token_text(token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(None if lp is None else lp.logprob)
-            out["top_logprobs"].append(None if lp is None else {self._token_text(t): v for t, v in lp.top.items()})
-            out["text_offset"].append(at)
-            return at + len(text)
-
-        at = 0
-        for token, lp in zip(prompt, c.prompt_logprobs or ()):
-            at = add(token, lp, at)
-        for lp in c.logprobs or ():
-            offset = add(lp.token, lp, offset)
-        return out
+        scored = list(zip(prompt, c.prompt_logprobs or ()))
+        generated = [(lp.token, lp) for lp in c.logprobs or ()]
+        tok = self.tokenizer
+        offsets = (text_offsets([token_bytes(tok, t) for t, _ in scored], echo)
+                   + text_offsets([token_bytes(tok, t) for t, _ in generated], c.text, len(echo)))
+        tokens = scored + generated
+        return {
+            "tokens": [token_text(tok, t) for t, _ in tokens],
+            "token_logprobs": [None if lp is None else lp.logprob for _, lp in tokens],
+            "top_logprobs": [None if lp is None else {token_text(tok, t): v for t, v in lp.top.items()}
+                             for _, lp in tokens],
+            "text_offset": offsets,
+        }
 
     def _chat_logprobs(self, c: Completion) -> dict | None:
         if c.logprobs is None:
             return None
 
         def entry(token: int, value: float) -> dict:
-            text = self._token_text(token)
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+            # the token's own bytes: a token holding part of a character is not U+FFFD's three bytes
+            return {"token": token_text(self.tokenizer, token), "logprob": value,
+                    "bytes": list(token_bytes(self.tokenizer, token))}
 
         return {"content": [
             {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
@@ -332,7 +322,7 @@ class Server:
 
         def final(completions: list[Completion]) -> dict:
             choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
-                        "logprobs": self._completion_logprobs(c, jobs[i].prompt, len(echo[i]))}
+                        "logprobs": self._completion_logprobs(c, jobs[i].prompt, echo[i])}
                        for i, c in enumerate(completions)]
             return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
                     "choices": choices, "usage": self._usage(prompt_tokens, completions)}
