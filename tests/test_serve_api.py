@@ -192,7 +192,7 @@ MULTIBYTE = "café 中文 🙂"
 
 
 @pytest.mark.parametrize("prompt,text,offsets", [
-    # <s> ▁c afé ▁ 中 文 ▁ <0xF0> <0x9F> <0x99> <0x82>, then the generated token: the four bytes of 🙂 at 🙂
+    # <s> ▁c afé ▁ 中 文 ▁ <0xF0> <0x9F> <0x99> <0x82>, then the generated token; the four bytes of 🙂 at 🙂
     (MULTIBYTE, MULTIBYTE, [0, 0, 1, 4, 5, 6, 7, 8, 8, 8, 8, 9]),
     # the same ids sent as ids: the echo is their decoding, which keeps the leading space of ▁c
     ([1, 274, 28059, 29871, 30275, 30333, 29871, 243, 162, 156, 133], " " + MULTIBYTE,

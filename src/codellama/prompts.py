@@ -31,6 +31,30 @@ INSTRUCT_TEMPLATE = (
     "{%- else -%}{{ ' ' ~ text | trim ~ ' ' ~ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
 )
+# step_tokens as a Jinja chat template, written into exports of a tokenizer with <step> (70B Instruct, which
+# transformers and vLLM can only chat with through a template). transformers' tokenizer adds no leading space
+# after a special token (<s>, <step>), so the template writes the one Meta's separate encode of each turn
+# gives ("  Source": ▁ ▁Source): tokenized by transformers, the export's template gives exactly step_tokens'
+# ids. Unlike the Hub's 70B template it inserts Meta's empty system message.
+STEP_TEMPLATE = (
+    "{%- set dialog = messages if messages[0]['role'] == 'system' "
+    "else [{'role': 'system', 'content': ''}] + messages -%}"
+    "{%- for m in dialog[1:] -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{ raise_exception('roles must alternate user, assistant, user, ... (after an optional system message)') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}"
+    "{%- for m in dialog -%}"
+    "{{ '  Source: ' ~ m['role'] | trim }}"
+    "{%- if m['destination'] is defined and m['destination'] is not none -%}"
+    "{{ '\\nDestination: ' ~ m['destination'] | string | trim }}"
+    "{%- endif -%}"
+    "{%- if m['content'] -%}{{ ' \\n\\n ' ~ m['content'] | trim }}{%- endif -%}"
+    "{{ '<step>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '  Source: assistant\\nDestination: user \\n\\n ' }}{%- endif -%}"
+)
 # Meta refuses messages containing these (llama/generation.py SPECIAL_TAGS)
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>", "<step>")
 
