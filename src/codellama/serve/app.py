@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from codellama.engine.batching import Engine
 from codellama.engine.rows import Completion, StreamEvent
@@ -93,27 +94,35 @@ class Server:
         declared = request.headers.get("content-length", "")
         raw = bytearray()
         if not (declared.isdigit() and int(declared) > limit):
-            async for part in request.stream():
-                raw += part
-                if len(raw) > limit:
-                    break
-            else:
-                return bytes(raw)
+            try:
+                async for part in request.stream():
+                    raw += part
+                    if len(raw) > limit:
+                        break
+                else:
+                    return bytes(raw)
+            except ClientDisconnect:  # nobody hears the answer; said so in the request's log line, no traceback
+                raise OpenAIError(400, "The client closed the connection before sending the whole request body",
+                                  code="client_disconnected") from None
         raise OpenAIError(413, f"The request body is larger than this server accepts ({limit} bytes: room for "
                           f"{self.config.max_concurrent} prompts of {self.engine.context_len} tokens); send fewer "
                           "or shorter prompts", code="request_too_large")
 
     async def _parse(self, request: Request, cls):
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise OpenAIError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
+                              code="unsupported_content_encoding")
         raw = await self._body(request)
         try:
             data = json.loads(raw)
             if _SURROGATE_ESCAPE.search(raw):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
                 json.dumps(data, ensure_ascii=False).encode()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
         except UnicodeEncodeError:
             raise OpenAIError(400, "The request body holds a lone UTF-16 surrogate escape (like \\ud800), which "
                               "is not text", code="invalid_json") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
+            raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
         except RecursionError:
             raise OpenAIError(400, "The request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
@@ -469,9 +478,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.server = server
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
-    app.add_api_route("/v1/models", server.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])  # names may hold a '/'
-    app.add_api_route("/health", server.health, methods=["GET"])
+    # HEAD too, as for any GET resource (uptime probes send it); uvicorn answers it without the body
+    app.add_api_route("/v1/models", server.models, methods=["GET", "HEAD"])
+    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET", "HEAD"])  # names may hold a '/'
+    app.add_api_route("/health", server.health, methods=["GET", "HEAD"])
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
@@ -488,10 +498,30 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body = OpenAIError(exc.status_code, message, type=kind).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.exception("unhandled error serving %s", request.url.path)
-        body = OpenAIError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
-
+    app.add_middleware(_InternalErrors)
     return app
+
+
+class _InternalErrors:
+    """A bug answered as a 500 in OpenAI's shape. Not an exception handler for Exception: Starlette runs that
+    one outermost and raises the error again after answering, so uvicorn drops the client's connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if scope["type"] != "http" or started:  # a stream already under way cannot become a 500
+                raise
+            log.exception("unhandled error serving %s", scope.get("path"))
+            body = OpenAIError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send)

@@ -37,13 +37,15 @@ def _accepts_none(annotation: Any) -> bool:
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # NaN and Infinity (which Python's json reads) are no settings: "Input should be a finite number"
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = 0  # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1
+    # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1; the sampler holds it in an int64
+    top_k: Annotated[int, Field(ge=-1, lt=2**63)] = 0
     ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
