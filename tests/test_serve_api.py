@@ -440,6 +440,33 @@ def test_a_bug_is_a_500_in_openai_shape_and_the_connection_stays_open(server, mo
         assert http.post(COMPLETIONS, json=body).status_code == 200  # the same connection answers on
 
 
+def _model_answering(token: int):
+    """The tiny model with weights that make every step's greedy token `token`: the layers add nothing to the
+    residual, every embedding is the same positive vector, and only `token`'s output row is not zero."""
+    model = tiny_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "output.weight")):
+                p.zero_()
+        model.tok_embeddings.weight.fill_(1.0)
+        model.output.weight[token] = 1.0
+    return model
+
+
+def test_an_editors_infilling_prompt_stops_at_eot(tok):
+    # Continue (provider openai, a model named codellama) writes Code Llama's infilling format into the prompt
+    # and stops at "<EOT>"; decoding drops ▁<EOT>, so only its id can end the middle, as with `suffix`
+    prompt = "<PRE> def add(a, b):\n    <SUF>\n    return c <MID>"
+    with running_server(_model_answering(tok.eot_id), tok, max_batch=2) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for kw in ({"prompt": prompt, "stop": ["<PRE>", "<SUF>", "<MID>", "<EOT>"]},
+                   {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c"}):
+            out = client.completions.create(model=MODEL, max_tokens=8, temperature=0, **kw)
+            assert (out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens) == ("", "stop", 0)
+        plain = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8, temperature=0)
+        assert plain.choices[0].finish_reason == "length"  # outside infilling ▁<EOT> is a token like any
+
+
 def test_server_keeps_answering_after_bad_input(client):
     out = client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
     assert out.choices[0].finish_reason in ("stop", "length")

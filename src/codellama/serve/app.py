@@ -224,14 +224,12 @@ class Server:
         for pi, prompt in enumerate(body.prompts()):
             # a continuation keeps the leading space of its first piece ("x =" -> " 1"), as editors expect
             decode = None if self.tokenizer is None else self.tokenizer.decode_infilling
-            stop_ids = None
             if isinstance(prompt, str):
                 tok = self._require_tokenizer("A text prompt")
                 if body.suffix is not None:
                     from codellama.prompts import infill_tokens
 
                     ids = infill_tokens(tok, prompt, body.suffix)  # UserError (-> 400) if the model cannot infill
-                    stop_ids = tuple(set(tok.stop_ids) | {tok.eot_id})
                 else:
                     ids = tok.encode(prompt, bos=tok.add_bos)
                 prompt_texts.append(prompt)
@@ -245,6 +243,7 @@ class Server:
             if not ids:
                 raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
             self._check_vocab(ids, "prompt")
+            stop_ids = self._infill_stop_ids(ids)
             # OpenAI's way to score a prompt (lm-evaluation-harness 0.3, HELM): echo it, generate nothing
             prompt_only = body.echo and body.max_tokens == 0
             requested = 1 if prompt_only else body.max_tokens
@@ -256,6 +255,15 @@ class Server:
                 jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
                                  body.echo and body.logprobs is not None, prompt_only))
         return jobs, prompt_texts, prompt_tokens
+
+    def _infill_stop_ids(self, ids: list[int]) -> tuple[int, ...] | None:
+        """An infilling prompt (one holding ▁<MID>: built from `suffix`, or by an editor in Code Llama's format
+        "<PRE> {prefix} <SUF>{suffix} <MID>", as Continue does) ends at ▁<EOT>, which decoding drops, so a stop
+        string "<EOT>" could never match. None: the engine's stop ids."""
+        tok = self.tokenizer
+        if tok is None or tok.middle_id is None or tok.eot_id is None or tok.middle_id not in ids:
+            return None
+        return tuple(set(tok.stop_ids) | {tok.eot_id})
 
     def _chat_jobs(self, body: ChatRequest) -> tuple[list[_Job], int]:
         tok = self._require_tokenizer("Chat")
