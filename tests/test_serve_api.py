@@ -225,6 +225,8 @@ def test_token_bytes_and_offsets_of_partial_characters(which, tok, smollm2):
     assert b"".join(pieces) == text.encode() and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)
     offsets = text_offsets(pieces, text, 0)
     _assert_offsets_place_each_token(text, pieces, offsets)
+    infill = [vocab.prefix_id, vocab.suffix_id, vocab.middle_id, vocab.eot_id] if which == "codellama" else []
+    assert all(token_bytes(vocab, t) == b"" for t in infill)  # ▁<EOT> & co.: decoding drops them, no space
     cut = text[:6]  # a stop string found after "café 中": the tokens past it sit at the end
     assert text_offsets(pieces, cut, 4) == [4 + min(o, len(cut)) for o in offsets]
 

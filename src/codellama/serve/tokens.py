@@ -18,13 +18,11 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def token_text(tok: Tokenizer | None, token: int) -> str:
-    """The token decoded alone, with the leading space SentencePiece drops from a word decoded alone."""
+    """The token decoded alone, keeping the leading space SentencePiece drops from a text's first word
+    ("▁c": " c"); "" for a piece decoding drops (<s>, ▁<EOT>)."""
     if tok is None:
         return str(token)
-    text = tok.decode([token])
-    if tok.id_to_piece(token).startswith("\u2581") and not text.startswith(" "):
-        text = " " + text
-    return text
+    return tok.decode_infilling([token])
 
 
 @functools.cache
