@@ -32,10 +32,12 @@ INSTRUCT_TEMPLATE = (
     "{%- endfor -%}"
 )
 # step_tokens as a Jinja chat template, written into exports of a tokenizer with <step> (70B Instruct, which
-# transformers and vLLM can only chat with through a template). transformers' tokenizer adds no leading space
-# after a special token (<s>, <step>), so the template writes the one Meta's separate encode of each turn
-# gives ("  Source": ▁ ▁Source): tokenized by transformers, the export's template gives exactly step_tokens'
-# ids. Unlike the Hub's 70B template it inserts Meta's empty system message.
+# transformers and vLLM can only chat with through a template). transformers 5's CodeLlamaTokenizer adds no
+# leading space after a special token (<s>, <step>), so the template writes the one Meta's separate encode of
+# each turn gives ("  Source": ▁ ▁Source): tokenized by transformers 5, it gives exactly step_tokens' ids.
+# (transformers 4 prepends a space to every piece after a special token, so it reads one ▁ more per turn, as
+# it reads INSTRUCT_TEMPLATE right and transformers 5 does not.) It inserts Meta's empty system message, which
+# the Hub's 70B template does not.
 STEP_TEMPLATE = (
     "{%- set dialog = messages if messages[0]['role'] == 'system' "
     "else [{'role': 'system', 'content': ''}] + messages -%}"
