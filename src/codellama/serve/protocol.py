@@ -156,6 +156,7 @@ class ChatRequest(_Common):
     tools: list | None = None
     functions: list | None = None
     response_format: dict | None = None
+    tool_choice: str | dict | None = None  # "none" and "auto" (with no tools: none) are what we do anyway
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
@@ -163,6 +164,9 @@ class ChatRequest(_Common):
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise OpenAIError(400, f"{name} (function calling) are not supported by this server", param=name)
+        if self.tool_choice not in (None, "none", "auto"):
+            raise OpenAIError(400, f"tool_choice {self.tool_choice!r} asks for a function call, which this server "
+                              "does not make (function calling is not supported)", param="tool_choice")
         if (self.response_format or {}).get("type", "text") != "text":
             raise OpenAIError(400, "response_format other than text is not supported by this server",
                               param="response_format")
