@@ -161,12 +161,40 @@ def test_vocab_from_tokenizer_model(tmp_path):
         load_model(other)
 
 
-def test_corrupt_shard_is_named(tmp_path):
-    save_meta(random_model(MHA), None, tmp_path, n_shards=2)
-    f = tmp_path / "consolidated.01.pth"
+def _swap_in_other_model(directory):
+    # consolidated.01.pth of another checkpoint with the same number of ranks (dim 128 vs 64)
+    save_meta(random_model(GQA), None, directory / "other", n_shards=2)
+    (directory / "other" / "consolidated.01.pth").replace(directory / "consolidated.01.pth")
+
+
+def _drop_a_tensor(directory):
+    f = directory / "consolidated.01.pth"
+    shard = torch.load(f, weights_only=True)
+    del shard["layers.1.feed_forward.w2.weight"]
+    torch.save(shard, f)
+
+
+def _truncate(directory):
+    f = directory / "consolidated.01.pth"
     f.write_bytes(f.read_bytes()[:3000])
-    with pytest.raises(UserError, match="consolidated.01.pth"):
-        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("spoil,match", [
+    (_truncate, r"consolidated.01.pth: not a readable PyTorch checkpoint"),
+    (_swap_in_other_model, r"consolidated.01.pth: tok_embeddings.weight is \(320, 64\) but \(256, 32\)"),
+    (_drop_a_tensor, r"consolidated.01.pth: lacks layers.1.feed_forward.w2.weight"),
+], ids=["truncated", "from-another-model", "missing-tensor"])
+def test_a_bad_later_shard_is_named_by_load_and_info(tmp_path, spoil, match):
+    """`info` reads every shard's tensor names and shapes (memory-mapped), so it names a bad
+    consolidated.01.pth as loading does, not only a bad consolidated.00.pth."""
+    from codellama.checkpoints.load import inspect_model
+
+    save_meta(random_model(MHA), None, tmp_path, n_shards=2)
+    assert inspect_model(tmp_path).weights == "2 model-parallel shard(s)"
+    spoil(tmp_path)
+    for read in (load_model, inspect_model):
+        with pytest.raises(UserError, match=match):
+            read(tmp_path)
 
 
 def test_params_without_shards(tmp_path):

@@ -211,6 +211,29 @@ def test_step_layout_equals_spec(tmp_path, monkeypatch):
         chat_tokens(t, [{"role": "user", "content": "end <step> now"}])
 
 
+STEP_DIALOGS = [
+    [{"role": "user", "content": " hi there "}, {"role": "assistant", "content": "hello"},
+     {"role": "user", "content": "write code"}],  # no system message: Meta's empty one
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q", "destination": "assistant"}],
+    [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def f(x):\n    return x\n"},
+     {"role": "assistant", "content": "  It returns x. 中文 🙂"}, {"role": "user", "content": "\tand\r\nthen?"}],
+]
+
+
+@pytest.mark.parametrize("dialog", STEP_DIALOGS, ids=["no-system", "system+destination", "multi-turn"])
+def test_exported_70b_tokenizer_chats_in_transformers_as_step_tokens(tmp_path, monkeypatch, dialog):
+    """An export of a <step> vocabulary carries STEP_TEMPLATE (and a tokenizer.json with <step> as a special
+    token): transformers' apply_chat_template gives exactly Meta's dialog_prompt_tokens, which we send."""
+    transformers = pytest.importorskip("transformers")
+    [t] = fresh_codellama_tokenizers(monkeypatch, tmp_path / "cache", "70b-instruct")
+    save_tokenizer(t, tmp_path / "export")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    got = hf.apply_chat_template(dialog, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(got) == step_tokens(t, dialog) == chat_tokens(t, dialog)
+    with pytest.raises(Exception, match="alternate"):
+        hf.apply_chat_template([dialog[-1], dialog[-1]], tokenize=False)
+
+
 # --- the checkpoint's own template: SmolLM2's ChatML -------------------------------------------------------
 CHATML_DIALOGS = [
     [{"role": "user", "content": "Write fib in Python."}],

@@ -3,6 +3,7 @@ through `suffix`, chat, streaming, n > 1, stop sequences, logprobs, auth, and 4x
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -187,6 +188,57 @@ def test_echo_with_max_tokens_0_returns_the_prompt_alone(client):
         client.completions.create(max_tokens=0, **{**kw, "echo": False})
 
 
+# Code Llama spells 🙂 in four byte-fallback pieces (<0xF0> <0x9F> <0x99> <0x82>)
+MULTIBYTE = "café 中文 🙂"
+
+
+@pytest.mark.parametrize("prompt,text,offsets", [
+    # <s> ▁c afé ▁ 中 文 ▁ <0xF0> <0x9F> <0x99> <0x82>, then the generated token; the four bytes of 🙂 at 🙂
+    (MULTIBYTE, MULTIBYTE, [0, 0, 1, 4, 5, 6, 7, 8, 8, 8, 8, 9]),
+    # the same ids sent as ids: the echo is their decoding, which keeps the leading space of ▁c
+    ([1, 274, 28059, 29871, 30275, 30333, 29871, 243, 162, 156, 133], " " + MULTIBYTE,
+     [0, 0, 2, 5, 6, 7, 8, 9, 9, 9, 9, 10]),
+], ids=["text", "token-ids"])
+def test_echo_text_offsets_index_the_text_of_multibyte_prompts(client, prompt, text, offsets):
+    out = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=0, max_tokens=1, temperature=0)
+    choice = out.choices[0]
+    assert choice.text.startswith(text) and choice.logprobs.text_offset == offsets
+
+
+def _assert_offsets_place_each_token(text: str, pieces: list[bytes], offsets: list[int]) -> None:
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+    for piece, at in zip(pieces, offsets):
+        if piece and piece[0] & 0xC0 == 0x80:  # a character's later byte: it belongs to the one at `at`
+            assert piece in text[at].encode()
+        else:
+            assert text[at:].encode().startswith(piece)
+
+
+@pytest.mark.parametrize("which", ["codellama", "smollm2"])
+def test_token_bytes_and_offsets_of_partial_characters(which, tok, smollm2):
+    from codellama.serve.tokens import text_offsets, token_bytes
+
+    vocab = tok if which == "codellama" else smollm2  # byte-fallback SentencePiece; byte-level BPE
+    text = MULTIBYTE + " 𝔘𓀀 ok"  # SmolLM2 splits 𝔘 and 𓀀 into tokens holding parts of them
+    ids = vocab.encode_infilling(text)
+    pieces = [token_bytes(vocab, t) for t in ids]
+    assert b"".join(pieces) == text.encode() and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)
+    offsets = text_offsets(pieces, text, 0)
+    _assert_offsets_place_each_token(text, pieces, offsets)
+    infill = [vocab.prefix_id, vocab.suffix_id, vocab.middle_id, vocab.eot_id] if which == "codellama" else []
+    assert all(token_bytes(vocab, t) == b"" for t in infill)  # ▁<EOT> & co.: decoding drops them, no space
+    cut = text[:6]  # a stop string found after "café 中": the tokens past it sit at the end
+    assert text_offsets(pieces, cut, 4) == [4 + min(o, len(cut)) for o in offsets]
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(client):
+    # the tiny model answers "x" with a lone byte-fallback piece (<0xD3>): its bytes are that one byte
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=40,
+                                         temperature=0, logprobs=True)
+    partial = [e for e in out.choices[0].logprobs.content if e.token == "\ufffd"]
+    assert partial and all(len(e.bytes) == 1 and e.bytes[0] >= 0x80 for e in partial)
+
+
 def test_token_id_prompts(client, reference):
     ids = [1, 822, 22172, 7295]
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
@@ -274,6 +326,150 @@ def test_unknown_route_and_method(server):
         r = httpx.request(method, server[0] + "/v1/completions")
         assert r.status_code == 405 and r.headers["allow"] == "POST", method
         assert method == "HEAD" or set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+JSON = {"content-type": "application/json"}
+# (method, path, body: a dict sent as JSON with the model and max_tokens 1 added, or bytes as they are, headers,
+#  the status, words of the error's message); one server answers them all on one connection, in order
+HOSTILE = [
+    # prompts of every wrong shape
+    ("POST", COMPLETIONS, {"prompt": None}, JSON, 400, "'prompt' is required"),
+    ("POST", COMPLETIONS, {"prompt": {"a": 1}}, JSON, 400, "expected str or list[str]"),
+    ("POST", COMPLETIONS, {"prompt": []}, JSON, 400, "prompt is empty"),
+    ("POST", COMPLETIONS, {"prompt": [[]]}, JSON, 400, "prompt 0 is empty"),
+    ("POST", COMPLETIONS, {"prompt": [-1, 5]}, JSON, 400, "outside this model's vocabulary"),
+    ("POST", COMPLETIONS, {"prompt": [1, 2**40]}, JSON, 400, "outside this model's vocabulary"),
+    ("POST", COMPLETIONS, {"prompt": ["a", 1]}, JSON, 400, "expected str or list[str]"),
+    ("POST", COMPLETIONS, {"prompt": [True, False]}, JSON, 400, "expected str or list[str]"),
+    ("POST", COMPLETIONS, {"prompt": [1, 2], "suffix": "x"}, JSON, 400, "`suffix` needs a text prompt"),
+    ("POST", COMPLETIONS, {"prompt": ""}, JSON, 200, None),  # OpenAI completes an empty prompt too
+    # numbers: huge, fractional, not finite, out of range
+    ("POST", COMPLETIONS, {"prompt": "x", "max_tokens": 2**70}, JSON, 400, "more than this server allows"),
+    ("POST", COMPLETIONS, {"prompt": "x", "max_tokens": 1.0}, JSON, 400, "'max_tokens': Input should be a valid integer"),
+    ("POST", COMPLETIONS, b'{"prompt": "x", "max_tokens": 1e400}', JSON, 400, "'max_tokens'"),
+    ("POST", COMPLETIONS, b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", JSON, 400, "not valid JSON"),
+    ("POST", COMPLETIONS, b'{"prompt": "x", "temperature": NaN}', JSON, 400, "'temperature': Input should be a finite"),
+    ("POST", COMPLETIONS, b'{"prompt": "x", "top_p": -Infinity}', JSON, 400, "'top_p': Input should be a finite"),
+    ("POST", COMPLETIONS, b'{"prompt": "x", "presence_penalty": NaN}', JSON, 400, "'presence_penalty'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "top_k": 2**70}, JSON, 400, "'top_k'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "seed": 1.5}, JSON, 400, "'seed'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "n": -1}, JSON, 400, "'n'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "n": 10**9}, JSON, 400, "'n'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logprobs": 21}, JSON, 400, "'logprobs'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logprobs": -1}, JSON, 400, "'logprobs'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logprobs": True}, JSON, 400, "'logprobs'"),
+    # stop strings
+    ("POST", COMPLETIONS, {"prompt": "x", "stop": ["", ""]}, JSON, 400, "stop sequences must be non-empty"),
+    ("POST", COMPLETIONS, {"prompt": "x", "stop": [None]}, JSON, 400, "'stop'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "stop": "a" * 100_000}, JSON, 200, None),
+    # text that is not text, fields of the wrong type, fields we do not know
+    ("POST", COMPLETIONS, b'{"prompt": "x\\ud800"}', JSON, 400, "lone UTF-16 surrogate"),
+    ("POST", COMPLETIONS, {"prompt": "x", "stream_options": "x"}, JSON, 400, "'stream_options'"),
+    ("POST", COMPLETIONS, {"prompt": "x", "unknown": {"deep": [[{"x": None}]]}}, JSON, 200, None),
+    # chat: messages of every wrong shape, content parts, roles, function calling, response formats
+    ("POST", CHAT, {"messages": None}, JSON, 400, "'messages' is required"),
+    ("POST", CHAT, {"messages": {}}, JSON, 400, "'messages'"),
+    ("POST", CHAT, {"messages": [None]}, JSON, 400, "'messages.0'"),
+    ("POST", CHAT, {"messages": [{"role": "user"}]}, JSON, 400, "'messages.0.content' is required"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": ["hi"]}]}, JSON, 400, "'messages.0.content'"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, JSON, 200, None),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     JSON, 400, "only text content parts"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, JSON, 400, "only text content"),
+    ("POST", CHAT, {"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]}, JSON, 400, "'messages.0.role'"),
+    ("POST", CHAT, {"messages": [{"role": 5, "content": "x"}]}, JSON, 400, "'messages.0.role'"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, JSON, 200, None),
+    ("POST", CHAT, {"messages": [{"role": "system", "content": "s"}]}, JSON, 400, "only a system message"),
+    ("POST", CHAT, {"messages": HI, "tools": [{"type": "function"}]}, JSON, 400, "tools (function calling)"),
+    ("POST", CHAT, {"messages": HI, "functions": [{"name": "f"}]}, JSON, 400, "functions (function calling)"),
+    ("POST", CHAT, {"messages": HI, "tools": [], "tool_choice": "none"}, JSON, 200, None),
+    ("POST", CHAT, {"messages": HI, "tool_choice": "required"}, JSON, 400, "tool_choice 'required' asks for"),
+    ("POST", CHAT, {"messages": HI, "tool_choice": {"type": "function", "function": {"name": "f"}}}, JSON, 400,
+     "function calling is not supported"),
+    ("POST", CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, JSON, 400, "response_format"),
+    ("POST", CHAT, {"messages": HI, "response_format": "json"}, JSON, 400, "'response_format'"),
+    ("POST", CHAT, {"messages": HI, "response_format": {"type": "text"}}, JSON, 200, None),
+    ("POST", CHAT, {"messages": HI, "logprobs": 1}, JSON, 400, "'logprobs'"),
+    ("POST", CHAT, {"messages": HI, "top_logprobs": 21}, JSON, 400, "'top_logprobs'"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, JSON, 400, "lone UTF-16 surrogate"),
+    # headers and bodies: OpenAI reads any content type as JSON; a compressed body is named, not mis-parsed
+    ("POST", COMPLETIONS, {"prompt": "x"}, {}, 200, None),
+    ("POST", COMPLETIONS, {"prompt": "x"}, {"content-type": "text/plain"}, 200, None),
+    ("POST", COMPLETIONS, gzip.compress(b'{"prompt": "x"}'), {**JSON, "content-encoding": "gzip"}, 415,
+     "Content-Encoding 'gzip' is not supported"),
+    ("POST", COMPLETIONS, b"", JSON, 400, "not valid JSON"),
+    ("POST", COMPLETIONS, b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}, 400, "not valid JSON"),
+    # methods and paths
+    ("HEAD", "/v1/models", None, {}, 200, None),
+    ("HEAD", "/health", None, {}, 200, None),
+    ("OPTIONS", "/v1/models", None, {}, 405, "Method Not Allowed"),
+    ("DELETE", "/v1/models/x", None, {}, 405, "Method Not Allowed"),
+    ("GET", "/v1/nothing", None, {}, 404, "Not Found"),
+    ("POST", "/v1/embeddings", b"{}", JSON, 404, "Not Found"),
+]
+
+
+def test_hostile_requests_get_4xx_in_openai_shape_and_the_server_goes_on(server):
+    url, _ = server
+    wrong = []
+    with httpx.Client(base_url=url, timeout=30) as http:  # one connection: none of them may break it
+        for method, path, body, headers, status, words in HOSTILE:
+            content = json.dumps({"model": MODEL, "max_tokens": 1, **body}) if isinstance(body, dict) else body
+            r = http.request(method, path, content=content, headers=headers)
+            if r.status_code != status:
+                wrong.append((method, path, body, r.status_code, r.text[:200]))
+            elif words is not None:
+                err = r.json().get("error", {})
+                if set(err) != {"message", "type", "param", "code"} or words not in err["message"]:
+                    wrong.append((method, path, body, r.status_code, err))
+        assert not wrong, "\n".join(map(str, wrong))
+        r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_bug_is_a_500_in_openai_shape_and_the_connection_stays_open(server, monkeypatch):
+    url, engine = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "submit", broken)
+            r = http.post(COMPLETIONS, json=body)
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal server error: RuntimeError"
+        assert r.headers.get("connection") != "close"
+        assert http.post(COMPLETIONS, json=body).status_code == 200  # the same connection answers on
+
+
+def _model_answering(token: int):
+    """The tiny model with weights that make every step's greedy token `token`: the layers add nothing to the
+    residual, every embedding is the same positive vector, and only `token`'s output row is not zero."""
+    model = tiny_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "output.weight")):
+                p.zero_()
+        model.tok_embeddings.weight.fill_(1.0)
+        model.output.weight[token] = 1.0
+    return model
+
+
+def test_an_editors_infilling_prompt_stops_at_eot(tok):
+    # Continue (provider openai, a model named codellama) writes Code Llama's infilling format into the prompt
+    # and stops at "<EOT>"; decoding drops ▁<EOT>, so only its id can end the middle, as with `suffix`
+    prompt = "<PRE> def add(a, b):\n    <SUF>\n    return c <MID>"
+    with running_server(_model_answering(tok.eot_id), tok, max_batch=2) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for kw in ({"prompt": prompt, "stop": ["<PRE>", "<SUF>", "<MID>", "<EOT>"]},
+                   {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c"}):
+            out = client.completions.create(model=MODEL, max_tokens=8, temperature=0, **kw)
+            assert (out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens) == ("", "stop", 0)
+        plain = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8, temperature=0)
+        assert plain.choices[0].finish_reason == "length"  # outside infilling ▁<EOT> is a token like any
 
 
 def test_server_keeps_answering_after_bad_input(client):

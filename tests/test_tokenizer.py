@@ -207,10 +207,13 @@ def test_save_load_sentencepiece(tmp_path, sp_tok):
     assert hf.encode("def f(x):\n    return x") == sp_tok.encode("def f(x):\n    return x", bos=True)
 
 
-def test_saved_codellama_tokenizer_tokenizes_in_transformers_as_sentencepiece(tmp_path, codellama):
+@pytest.mark.parametrize("variant", ["base", "70b-instruct"])
+def test_saved_codellama_tokenizer_tokenizes_in_transformers_as_sentencepiece(tmp_path, codellama, variant):
     """An export carries tokenizer.json: from tokenizer.model alone transformers 5 builds merges that split
-    runs of spaces otherwise (a newline and 4 spaces before "total": 268 7827, SentencePiece 1678 3001)."""
+    runs of spaces otherwise (a newline and 4 spaces before "total": 268 7827, SentencePiece 1678 3001).
+    70B Instruct's too, with its user-defined <step> a special token like <s>."""
     transformers = pytest.importorskip("transformers")
+    codellama = codellama if variant == "base" else codellama_tokenizer(variant)
     save_tokenizer(codellama, tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))

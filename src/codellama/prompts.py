@@ -31,6 +31,32 @@ INSTRUCT_TEMPLATE = (
     "{%- else -%}{{ ' ' ~ text | trim ~ ' ' ~ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
 )
+# step_tokens as a Jinja chat template, written into exports of a tokenizer with <step> (70B Instruct, which
+# transformers and vLLM can only chat with through a template). transformers 5's CodeLlamaTokenizer adds no
+# leading space after a special token (<s>, <step>), so the template writes the one Meta's separate encode of
+# each turn gives ("  Source": ▁ ▁Source): tokenized by transformers 5, it gives exactly step_tokens' ids.
+# (transformers 4 prepends a space to every piece after a special token, so it reads one ▁ more per turn, as
+# it reads INSTRUCT_TEMPLATE right and transformers 5 does not.) It inserts Meta's empty system message, which
+# the Hub's 70B template does not.
+STEP_TEMPLATE = (
+    "{%- set dialog = messages if messages[0]['role'] == 'system' "
+    "else [{'role': 'system', 'content': ''}] + messages -%}"
+    "{%- for m in dialog[1:] -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{ raise_exception('roles must alternate user, assistant, user, ... (after an optional system message)') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}"
+    "{%- for m in dialog -%}"
+    "{{ '  Source: ' ~ m['role'] | trim }}"
+    "{%- if m['destination'] is defined and m['destination'] is not none -%}"
+    "{{ '\\nDestination: ' ~ m['destination'] | string | trim }}"
+    "{%- endif -%}"
+    "{%- if m['content'] -%}{{ ' \\n\\n ' ~ m['content'] | trim }}{%- endif -%}"
+    "{{ '<step>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '  Source: assistant\\nDestination: user \\n\\n ' }}{%- endif -%}"
+)
 # Meta refuses messages containing these (llama/generation.py SPECIAL_TAGS)
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>", "<step>")
 

@@ -519,8 +519,11 @@ def spm_tokenizer_json(tok: SentencePieceTokenizer) -> str | None:
     """
     proto = spm_proto.ModelProto.from_bytes(tok.model_proto)
     # SentencePiece matches user-defined pieces whole anywhere in the escaped text, which added tokens
-    # do not reproduce around the dummy prefix: no such file, rather than an inexact one
-    if not proto.is_llama_style or any(p.type == spm_proto.USER_DEFINED for p in proto.pieces):
+    # do not reproduce around the dummy prefix: no such file, rather than an inexact one. Except 70B
+    # Instruct's <step>: a special token like <s> (decode drops it, chat refuses text spelling it), which
+    # the file reads as <s>, so a chat template's pieces between <step>s encode as Meta's turns do
+    user_defined = {p.piece for p in proto.pieces if p.type == spm_proto.USER_DEFINED}
+    if not proto.is_llama_style or user_defined - {STEP_PIECE}:
         return None
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
@@ -538,12 +541,22 @@ def spm_tokenizer_json(tok: SentencePieceTokenizer) -> str | None:
     strip = [decoders.Strip(" ", 1, 0)] if proto.add_dummy_prefix else []
     hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     hf.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
-                           if p.type in (spm_proto.CONTROL, spm_proto.UNKNOWN)])
+                           if p.type in (spm_proto.CONTROL, spm_proto.UNKNOWN, spm_proto.USER_DEFINED)])
     if tok.add_bos and tok.bos_id is not None:
         bos = tok.id_to_piece(tok.bos_id)
         hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                           special_tokens=[(bos, tok.bos_id)])
     return hf.to_str()
+
+
+def export_chat_template(tok: Tokenizer) -> str | None:
+    """The chat template an export carries: the tokenizer's own, else for a vocabulary with <step> (70B
+    Instruct) its Source/<step> format, which transformers and vLLM can only chat in through a template."""
+    if tok.chat_template or tok.step_id is None:
+        return tok.chat_template
+    from codellama.prompts import STEP_TEMPLATE
+
+    return STEP_TEMPLATE
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
@@ -577,8 +590,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:
         raise TypeError(f"not a tokenizer: {tok!r}")
-    if tok.chat_template:
-        config["chat_template"] = tok.chat_template
+    template = export_chat_template(tok)
+    if template:
+        config["chat_template"] = template
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return [main, cfg_path]

@@ -83,10 +83,7 @@ def _iter_merged(
     for name in list(shards[0]):
         if name in _IGNORED:
             continue
-        try:
-            parts = [s.pop(name) for s in shards]
-        except KeyError:
-            raise UserError(f"{source}: tensor {name!r} is missing from some model-parallel shards") from None
+        parts = [s.pop(name) for s in shards]  # meta_config checked every shard has every tensor
         t = _merge(name, parts)
         if name.endswith("attention.wq.weight"):
             t = meta_to_ours(t, cfg.n_heads)
@@ -121,13 +118,32 @@ def _check_shard_count(path: Path, params: dict, emb: torch.Tensor, n_files: int
                     "a shard is missing or does not belong (re-download the checkpoint)")
 
 
-def meta_config(path: Path, shard0: dict[str, torch.Tensor] | None = None):
-    """-> (config, tokenizer or None, shard files); reads only params.json, tokenizer.model and the
-    (memory-mapped) first shard's embedding shape."""
+def _check_shards_agree(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> None:
+    """Every shard holds the same tensors in the same shapes (fairscale splits evenly; the rest is
+    replicated): a later shard that is cut short or from another checkpoint is named before any merging."""
+    first = {name: tuple(t.shape) for name, t in shards[0].items()}
+    for f, shard in zip(files[1:], shards[1:]):
+        shapes = {name: tuple(t.shape) for name, t in shard.items()}
+        missing, extra = sorted(first.keys() - shapes.keys()), sorted(shapes.keys() - first.keys())
+        if missing or extra:
+            what = f"lacks {', '.join(missing[:3])}" if missing else f"has {', '.join(extra[:3])} extra"
+            raise UserError(f"{f}: {what} compared with {files[0].name}; the shards do not belong together "
+                            "(re-download the checkpoint)")
+        for name, shape in first.items():
+            if shapes[name] != shape:
+                raise UserError(f"{f}: {name} is {shapes[name]} but {shape} in {files[0].name}; the shards do not "
+                                "belong together (re-download the checkpoint)")
+
+
+def meta_config(path: Path, shards: list[dict[str, torch.Tensor]] | None = None):
+    """-> (config, tokenizer or None, shard files); reads params.json, tokenizer.model and the shards'
+    tensor names and shapes (memory-mapped: no weight is read), checking the shards agree."""
     params = read_params(path)
     files = shard_files(path)
-    if shard0 is None:
-        shard0 = _load_shard(files[0])
+    if shards is None:
+        shards = [_load_shard(f) for f in files]
+    _check_shards_agree(files, shards)
+    shard0 = shards[0]
     emb = shard0.get("tok_embeddings.weight")
     if emb is None:
         raise UserError(f"{files[0]}: no tok_embeddings.weight; not a Llama checkpoint")
@@ -152,7 +168,7 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
     path = Path(path)
     files = shard_files(path)
     shards = [_load_shard(f) for f in files]
-    cfg, tokenizer, _ = meta_config(path, shards[0])
+    cfg, tokenizer, _ = meta_config(path, shards)
     dt = resolve_dtype(device, dtype, shards[0]["tok_embeddings.weight"].dtype)
     model = fill_model(cfg, _iter_merged(shards, cfg, dt, str(path)), device=device, dtype=dt, source=str(path))
     return model, tokenizer, cfg

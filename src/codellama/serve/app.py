@@ -22,12 +22,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from codellama.engine.batching import Engine
-from codellama.engine.rows import Completion, StreamEvent, TokenLogprob
+from codellama.engine.rows import Completion, StreamEvent
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
 from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
+from codellama.serve.tokens import text_offsets, token_bytes, token_text
 
 log = logging.getLogger("codellama.serve")
 
@@ -92,27 +94,35 @@ class Server:
         declared = request.headers.get("content-length", "")
         raw = bytearray()
         if not (declared.isdigit() and int(declared) > limit):
-            async for part in request.stream():
-                raw += part
-                if len(raw) > limit:
-                    break
-            else:
-                return bytes(raw)
+            try:
+                async for part in request.stream():
+                    raw += part
+                    if len(raw) > limit:
+                        break
+                else:
+                    return bytes(raw)
+            except ClientDisconnect:  # nobody hears the answer; said so in the request's log line, no traceback
+                raise OpenAIError(400, "The client closed the connection before sending the whole request body",
+                                  code="client_disconnected") from None
         raise OpenAIError(413, f"The request body is larger than this server accepts ({limit} bytes: room for "
                           f"{self.config.max_concurrent} prompts of {self.engine.context_len} tokens); send fewer "
                           "or shorter prompts", code="request_too_large")
 
     async def _parse(self, request: Request, cls):
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise OpenAIError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
+                              code="unsupported_content_encoding")
         raw = await self._body(request)
         try:
             data = json.loads(raw)
             if _SURROGATE_ESCAPE.search(raw):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
                 json.dumps(data, ensure_ascii=False).encode()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
         except UnicodeEncodeError:
             raise OpenAIError(400, "The request body holds a lone UTF-16 surrogate escape (like \\ud800), which "
                               "is not text", code="invalid_json") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and a number of more than 4300 digits
+            raise OpenAIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
         except RecursionError:
             raise OpenAIError(400, "The request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
@@ -158,15 +168,6 @@ class Server:
         if self.engine.stats()["unfinished"] + n > limit:
             raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
                               "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
-
-    def _token_text(self, token: int) -> str:
-        tok = self.tokenizer
-        if tok is None:
-            return str(token)
-        text = tok.decode([token])
-        if tok.id_to_piece(token).startswith("\u2581") and not text.startswith(" "):
-            text = " " + text  # SentencePiece drops a word's leading space when it is decoded alone
-        return text
 
     async def _run(self, jobs: list[_Job], request: Request) -> AsyncIterator[tuple[int, StreamEvent]]:
         """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs."""
@@ -223,14 +224,12 @@ class Server:
         for pi, prompt in enumerate(body.prompts()):
             # a continuation keeps the leading space of its first piece ("x =" -> " 1"), as editors expect
             decode = None if self.tokenizer is None else self.tokenizer.decode_infilling
-            stop_ids = None
             if isinstance(prompt, str):
                 tok = self._require_tokenizer("A text prompt")
                 if body.suffix is not None:
                     from codellama.prompts import infill_tokens
 
                     ids = infill_tokens(tok, prompt, body.suffix)  # UserError (-> 400) if the model cannot infill
-                    stop_ids = tuple(set(tok.stop_ids) | {tok.eot_id})
                 else:
                     ids = tok.encode(prompt, bos=tok.add_bos)
                 prompt_texts.append(prompt)
@@ -244,6 +243,7 @@ class Server:
             if not ids:
                 raise OpenAIError(400, f"prompt {pi} is empty", param="prompt")
             self._check_vocab(ids, "prompt")
+            stop_ids = self._infill_stop_ids(ids)
             # OpenAI's way to score a prompt (lm-evaluation-harness 0.3, HELM): echo it, generate nothing
             prompt_only = body.echo and body.max_tokens == 0
             requested = 1 if prompt_only else body.max_tokens
@@ -255,6 +255,15 @@ class Server:
                 jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
                                  body.echo and body.logprobs is not None, prompt_only))
         return jobs, prompt_texts, prompt_tokens
+
+    def _infill_stop_ids(self, ids: list[int]) -> tuple[int, ...] | None:
+        """An infilling prompt (one holding ▁<MID>: built from `suffix`, or by an editor in Code Llama's format
+        "<PRE> {prefix} <SUF>{suffix} <MID>", as Continue does) ends at ▁<EOT>, which decoding drops, so a stop
+        string "<EOT>" could never match. None: the engine's stop ids."""
+        tok = self.tokenizer
+        if tok is None or tok.middle_id is None or tok.eot_id is None or tok.middle_id not in ids:
+            return None
+        return tuple(set(tok.stop_ids) | {tok.eot_id})
 
     def _chat_jobs(self, body: ChatRequest) -> tuple[list[_Job], int]:
         tok = self._require_tokenizer("Chat")
@@ -277,35 +286,33 @@ class Server:
                               "tokenizer has pieces the model has no embedding for)", param=param)
 
     # ---- response pieces ----
-    def _completion_logprobs(self, c: Completion, prompt: list[int], offset: int) -> dict | None:
-        """OpenAI's logprobs object; with echo the prompt's tokens come first (the first one unscored), at
-        offsets into the prompt text, then the generated ones from `offset`."""
+    def _completion_logprobs(self, c: Completion, prompt: list[int], echo: str) -> dict | None:
+        """OpenAI's logprobs object; with echo the prompt's tokens come first (the first one unscored), then
+        the generated ones. text_offset: where each token's text starts in the choice's text (echo + c.text)."""
         if c.logprobs is None and c.prompt_logprobs is None:
             return None
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-        def add(token: int, lp: TokenLogprob | None, at: int) -> int:
-            text = self._token_text(token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(None if lp is None else lp.logprob)
-            out["top_logprobs"].append(None if lp is None else {self._token_text(t): v for t, v in lp.top.items()})
-            out["text_offset"].append(at)
-            return at + len(text)
-
-        at = 0
-        for token, lp in zip(prompt, c.prompt_logprobs or ()):
-            at = add(token, lp, at)
-        for lp in c.logprobs or ():
-            offset = add(lp.token, lp, offset)
-        return out
+        scored = list(zip(prompt, c.prompt_logprobs or ()))
+        generated = [(lp.token, lp) for lp in c.logprobs or ()]
+        tok = self.tokenizer
+        offsets = (text_offsets([token_bytes(tok, t) for t, _ in scored], echo)
+                   + text_offsets([token_bytes(tok, t) for t, _ in generated], c.text, len(echo)))
+        tokens = scored + generated
+        return {
+            "tokens": [token_text(tok, t) for t, _ in tokens],
+            "token_logprobs": [None if lp is None else lp.logprob for _, lp in tokens],
+            "top_logprobs": [None if lp is None else {token_text(tok, t): v for t, v in lp.top.items()}
+                             for _, lp in tokens],
+            "text_offset": offsets,
+        }
 
     def _chat_logprobs(self, c: Completion) -> dict | None:
         if c.logprobs is None:
             return None
 
         def entry(token: int, value: float) -> dict:
-            text = self._token_text(token)
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+            # the token's own bytes: a token holding part of a character is not U+FFFD's three bytes
+            return {"token": token_text(self.tokenizer, token), "logprob": value,
+                    "bytes": list(token_bytes(self.tokenizer, token))}
 
         return {"content": [
             {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
@@ -332,7 +339,7 @@ class Server:
 
         def final(completions: list[Completion]) -> dict:
             choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
-                        "logprobs": self._completion_logprobs(c, jobs[i].prompt, len(echo[i]))}
+                        "logprobs": self._completion_logprobs(c, jobs[i].prompt, echo[i])}
                        for i, c in enumerate(completions)]
             return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
                     "choices": choices, "usage": self._usage(prompt_tokens, completions)}
@@ -479,9 +486,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.server = server
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
-    app.add_api_route("/v1/models", server.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])  # names may hold a '/'
-    app.add_api_route("/health", server.health, methods=["GET"])
+    # HEAD too, as for any GET resource (uptime probes send it); uvicorn answers it without the body
+    app.add_api_route("/v1/models", server.models, methods=["GET", "HEAD"])
+    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET", "HEAD"])  # names may hold a '/'
+    app.add_api_route("/health", server.health, methods=["GET", "HEAD"])
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
@@ -498,10 +506,30 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body = OpenAIError(exc.status_code, message, type=kind).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.exception("unhandled error serving %s", request.url.path)
-        body = OpenAIError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
-
+    app.add_middleware(_InternalErrors)
     return app
+
+
+class _InternalErrors:
+    """A bug answered as a 500 in OpenAI's shape. Not an exception handler for Exception: Starlette runs that
+    one outermost and raises the error again after answering, so uvicorn drops the client's connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if scope["type"] != "http" or started:  # a stream already under way cannot become a 500
+                raise
+            log.exception("unhandled error serving %s", scope.get("path"))
+            body = OpenAIError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send)

@@ -37,13 +37,15 @@ def _accepts_none(annotation: Any) -> bool:
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # NaN and Infinity (which Python's json reads) are no settings: "Input should be a finite number"
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = 0  # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1
+    # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1; the sampler holds it in an int64
+    top_k: Annotated[int, Field(ge=-1, lt=2**63)] = 0
     ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
@@ -154,6 +156,7 @@ class ChatRequest(_Common):
     tools: list | None = None
     functions: list | None = None
     response_format: dict | None = None
+    tool_choice: str | dict | None = None  # "none" and "auto" (with no tools: none) are what we do anyway
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
@@ -161,6 +164,9 @@ class ChatRequest(_Common):
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise OpenAIError(400, f"{name} (function calling) are not supported by this server", param=name)
+        if self.tool_choice not in (None, "none", "auto"):
+            raise OpenAIError(400, f"tool_choice {self.tool_choice!r} asks for a function call, which this server "
+                              "does not make (function calling is not supported)", param="tool_choice")
         if (self.response_format or {}).get("type", "text") != "text":
             raise OpenAIError(400, "response_format other than text is not supported by this server",
                               param="response_format")
