@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import train_worker as w
 from train_worker import one_thread  # noqa: F401  (fixture)
@@ -168,3 +170,34 @@ def test_cli_lists_and_prints_recipes(capsys):
     assert main(["train", "--recipe", "code", "--scale", "7b", "--print-recipe"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["train"]["global_batch_tokens"] == 4194304 and r["data"]["fim_rate"] == 0.9
+
+
+def test_a_training_checkpoint_is_a_model(recipe_file, tmp_path, capsys, codellama):
+    """A run directory (its latest checkpoint) and each step_* directory load like any checkpoint: a run can be
+    sampled, evaluated or converted before it ends, with the tokenizer it trained with."""
+    from codellama.checkpoints.load import load_model
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
+                 "--set", 'model.tokenizer="codellama"', "--set", "train.export_hf=true"]) == 0
+    run, step2, export = load_model(out), load_model(out / "step_00000002"), load_model(out / "hf")
+    assert run.format == "train" and run.config.replace(name="") == export.config  # HF configs carry no name
+    final = export.model.state_dict()
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, final[k]), k  # the latest checkpoint holds the final weights
+    assert not torch.equal(step2.model.layers[0].attention.wq.weight, run.model.layers[0].attention.wq.weight)
+    text = "def f(x):\n    return x  # caf\u00e9"
+    assert run.tokenizer.encode(text) == codellama.encode(text) and run.tokenizer.can_infill
+    capsys.readouterr()
+
+    def completion(model) -> str:
+        assert main(["complete", "def f(x):", "--model", str(model), "-n", "6", "-t", "0", "--quantize", "none"]) == 0
+        return capsys.readouterr().out
+
+    assert completion(out) == completion(out / "hf")
+    assert main(["info", str(out / "step_00000002")]) == 0
+    assert "float32 DCP shards, custom stage step 2" in capsys.readouterr().out
+    # a checkpoint without its tokenizer (written before checkpoints carried one) says what to do
+    shutil.rmtree(out / "step_00000004" / "tokenizer")
+    assert main(["complete", "def f(x):", "--model", str(out), "-n", "2"]) == 2
+    assert "saved without its tokenizer" in capsys.readouterr().err

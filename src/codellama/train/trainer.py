@@ -252,7 +252,7 @@ class Trainer:
         state = {"tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
                  "recipe": self.recipe.to_dict(), "model_config": self.cfg.__dict__.copy()}
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
-                               self.recipe.train.keep_checkpoints)
+                               self.recipe.train.keep_checkpoints, tokenizer=self._export_tokenizer())
 
     def run(self, stop_after: int | None = None) -> list[dict]:
         """Train to recipe.train.steps (or stop after step `stop_after`, as if killed there).

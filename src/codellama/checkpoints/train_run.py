@@ -1,0 +1,95 @@
+"""Training checkpoints as models: a run directory of `codellama train` (its latest checkpoint) or one of its
+`step_NNNNNNNN` directories loads like any other checkpoint, so a run can be sampled, evaluated, served or
+converted mid-way, or after it was stopped, without finishing it for its Hugging Face export.
+
+A step directory holds DCP shards of the model and optimizer (train/checkpoint.py), trainer_state.pt (the
+model config among the trainer's state) and the tokenizer the run trained with (`tokenizer/`). Only the
+model's tensors are read: the optimizer's moments (twice the model in float32) stay on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+
+from codellama.checkpoints.common import fill_model, resolve_dtype, try_load_tokenizer
+from codellama.config import ModelConfig
+from codellama.errors import UserError
+
+# what train/checkpoint.py writes into a step directory besides the DCP shards
+TRAINER_STATE = "trainer_state.pt"
+TOKENIZER_DIR = "tokenizer"
+MODEL_PREFIX = "model."  # DCP keys of the model's tensors ("optim." for the optimizer's)
+
+
+def is_step_dir(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "latest").is_file()
+
+
+def step_dir(path: Path) -> Path:
+    """The checkpoint a path names: itself when it is a step directory, else the run's latest."""
+    if is_step_dir(path):
+        return path
+    name = (path / "latest").read_text().strip()
+    found = path / name
+    if not is_step_dir(found):
+        raise UserError(f"{path / 'latest'} names {name}, which is not a complete checkpoint; pass one of the run's "
+                        "step_* directories instead")
+    return found
+
+
+def _model_config(state: dict, source: Path) -> ModelConfig:
+    saved = state.get("model_config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{source}: its trainer_state.pt has no model config; it was not written by `codellama train`")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def _model_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's tensors from the DCP shards, in `dtype` (DCP converts while it copies them in)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    wanted = {k: torch.empty(tuple(v.size), dtype=dtype) for k, v in meta.items()
+              if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
+    if not wanted:
+        raise UserError(f"{path}: a DCP checkpoint without model tensors")
+    with warnings.catch_warnings():  # no process group here, which DCP announces on every call
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(wanted, checkpoint_id=str(path))
+    return {k[len(MODEL_PREFIX):]: t for k, t in wanted.items()}
+
+
+@dataclasses.dataclass
+class TrainCheckpoint:
+    path: Path  # the step directory
+    step: int
+    stage: str  # the recipe's stage (code, python, lcft, instruct)
+    config: ModelConfig
+    tokenizer: object | None  # codellama.tokenizer.Tokenizer; None when the run trained without one
+
+
+def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
+    """Everything but the weights, from a run directory (its latest checkpoint) or a step directory."""
+    ckpt = step_dir(Path(path))
+    state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+    tok_dir = ckpt / TOKENIZER_DIR
+    return TrainCheckpoint(ckpt, int(state.get("step", 0)), state.get("recipe", {}).get("stage", "?"),
+                           _model_config(state, ckpt), try_load_tokenizer(tok_dir) if tok_dir.is_dir() else None)
+
+
+def load_train_run(path: str | Path, device: str | torch.device = "cpu", dtype=None):
+    """-> (model, tokenizer or None, config) from a training run directory or one of its step directories."""
+    info = read_train_checkpoint(path)
+    dt = resolve_dtype(device, dtype, torch.float32)  # training keeps float32 master weights
+    tensors = _model_tensors(info.path, dt)
+    model = fill_model(info.config, tensors.items(), device=device, dtype=dt, source=str(info.path))
+    return model, info.tokenizer, info.config
