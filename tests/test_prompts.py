@@ -166,16 +166,16 @@ def test_instruct_equals_transformers_chat_template(codellama, tmp_path):
 
 @pytest.mark.parametrize("dialog", [DIALOG, DIALOG[1:], DIALOG[3:], DIALOG[1:3] + [DIALOG[3]]])
 def test_our_instruct_template_gives_instruct_tokens(codellama, tmp_path, dialog):
-    """INSTRUCT_TEMPLATE (written into the checkpoints the instruct recipe exports) rendered by transformers,
-    and by us, gives Meta's [INST] tokens; out-of-turn roles are refused by both."""
+    """INSTRUCT_TEMPLATE (written into the checkpoints the instruct recipe exports) tokenized by transformers'
+    apply_chat_template gives Meta's [INST] tokens, and we chat with the export in them; out-of-turn roles are
+    refused by both."""
     transformers = pytest.importorskip("transformers")
     templated = SentencePieceTokenizer(codellama.model_proto, chat_template=INSTRUCT_TEMPLATE)
     save_tokenizer(templated, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    sp = spm.SentencePieceProcessor(model_proto=codellama.model_proto)
     want = instruct_tokens(codellama, dialog)
-    assert encode_rendered(sp, hf.apply_chat_template(dialog, tokenize=False)) == want
-    assert chat_tokens(templated, dialog) == want
+    assert list(hf.apply_chat_template(dialog, tokenize=True, return_dict=False)) == want
+    assert chat_format(templated) == "instruct" and chat_tokens(templated, dialog) == want
     bad = [dialog[-1], dialog[-1]]
     with pytest.raises(Exception, match="alternate"):
         hf.apply_chat_template(bad, tokenize=False)

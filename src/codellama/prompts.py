@@ -18,7 +18,10 @@ FILL_ME = "<FILL_ME>"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 # instruct_tokens as a Jinja chat template, for checkpoints we write (transformers and vLLM chat through the
-# template): rendered, then encoded turn by turn between <s> and </s>, it gives exactly instruct_tokens' ids
+# template). transformers 5's CodeLlamaTokenizer adds no leading space after a special token, so the template
+# writes the one Meta's encode of each turn gives (<s> ▁[INST]): tokenized by transformers 5, it gives exactly
+# instruct_tokens' ids (transformers 4 reads one ▁ more per turn; the Hub's Code Llama template, "<s>[INST]",
+# is right under 4 and one ▁ short under 5). We chat with it through instruct_tokens (chat_format).
 INSTRUCT_TEMPLATE = (
     "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else none -%}"
     "{%- for m in (messages[1:] if system is not none else messages) -%}"
@@ -27,7 +30,7 @@ INSTRUCT_TEMPLATE = (
     "{%- endif -%}"
     "{%- set text = '<<SYS>>\\n' ~ system ~ '\\n<</SYS>>\\n\\n' ~ m['content'] if loop.first and system is not none "
     "else m['content'] -%}"
-    "{%- if m['role'] == 'user' -%}{{ bos_token ~ '[INST] ' ~ text | trim ~ ' [/INST]' }}"
+    "{%- if m['role'] == 'user' -%}{{ bos_token ~ ' [INST] ' ~ text | trim ~ ' [/INST]' }}"
     "{%- else -%}{{ ' ' ~ text | trim ~ ' ' ~ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
 )
@@ -35,8 +38,8 @@ INSTRUCT_TEMPLATE = (
 # transformers and vLLM can only chat with through a template). transformers 5's CodeLlamaTokenizer adds no
 # leading space after a special token (<s>, <step>), so the template writes the one Meta's separate encode of
 # each turn gives ("  Source": ▁ ▁Source): tokenized by transformers 5, it gives exactly step_tokens' ids.
-# (transformers 4 prepends a space to every piece after a special token, so it reads one ▁ more per turn, as
-# it reads INSTRUCT_TEMPLATE right and transformers 5 does not.) It inserts Meta's empty system message, which
+# (transformers 4 prepends a space to every piece after a special token, so it reads one ▁ more per turn.)
+# It inserts Meta's empty system message, which
 # the Hub's 70B template does not.
 STEP_TEMPLATE = (
     "{%- set dialog = messages if messages[0]['role'] == 'system' "
@@ -241,10 +244,11 @@ def _encode_with_specials(tok: Tokenizer, text: str, specials: dict[str, int]) -
 
 
 def chat_format(tok: Tokenizer) -> str:
-    """Which layout chat_tokens uses for this tokenizer: "step" (70B), "template" or "instruct"."""
+    """Which layout chat_tokens uses for this tokenizer: "step" (70B), "template" or "instruct". Our own
+    exports' INSTRUCT_TEMPLATE is written for transformers 5's tokenization; instruct_tokens builds it exactly."""
     if tok.step_id is not None:
         return "step"
-    if tok.chat_template:
+    if tok.chat_template and tok.chat_template != INSTRUCT_TEMPLATE:
         return "template"
     return "instruct"
 
