@@ -238,3 +238,17 @@ def test_concurrent_sandboxes_do_not_kill_each_other():
         with ThreadPoolExecutor(2) as pool:
             ra, rb = pool.map(lambda sb: [r for _, r in sb.map([prog] * 6)], (a, b))
     assert all(r.passed for r in ra + rb), [r.result for r in ra + rb if not r.passed]
+
+
+@pytest.mark.parametrize("use_zygote", [True, False])
+def test_program_that_closes_its_output_runs_to_the_end(use_zygote):
+    """Closing (or redirecting) stdout and stderr is not the end of a program: it was SIGKILLed the moment
+    both pipes closed, and failed though it went on to exit 0."""
+    from codellama.eval.sandbox import Program, Step, sandbox_python
+
+    code = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(0.5)\nopen('done', 'w').close()\n"
+    prog = Program(files={"main.py": code}, steps=[Step((sandbox_python(), "-I", "main.py"), python_script="main.py")],
+                   limits=Limits(timeout=10))
+    with Sandbox(workers=1, use_zygote=use_zygote) as sb:
+        res = sb.run(prog)
+    assert (res.status, res.returncode) == ("passed", 0), res.result

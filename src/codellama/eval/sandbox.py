@@ -623,7 +623,8 @@ class Sandbox:
 
     @staticmethod
     def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str]:
-        """Read stdout/stderr until both close, the deadline passes or `cap` bytes came; then kill."""
+        """Read stdout/stderr until both close, the deadline passes or `cap` bytes came (then the group is
+        killed). why: "timeout", "output" or "" (the caller kills any stragglers)."""
         bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
         sel = selectors.DefaultSelector()
         for f in bufs:
@@ -656,14 +657,18 @@ class Sandbox:
                         break
                 if why:
                     break
+        except BaseException:  # e.g. Ctrl-C: the program must not outlive us
+            _kill_group(proc.pid)
+            raise
         finally:
             sel.close()
-            if why or proc.poll() is None:
-                _kill_group(proc.pid)
             for f in bufs:
                 f.close()
-        if not why and proc.poll() is None:
-            # pipes closed but the process lingers; give it until the deadline
+        if why:
+            _kill_group(proc.pid)
+        elif proc.poll() is None:
+            # both pipes closed but the process runs on (it closed or redirected its stdout and stderr):
+            # give it until the deadline
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
