@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -674,7 +674,3 @@ class Sandbox:
             except subprocess.TimeoutExpired:
                 why = "timeout"
         return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), why
-
-
-def with_limits(program: Program, **kw) -> Program:
-    return replace(program, limits=replace(program.limits, **kw))
