@@ -7,7 +7,6 @@ count of examples consumed, independent of the number of ranks, and a run resume
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,7 +116,6 @@ class InMemoryTokens(_PermutedSource):
         return Example(torch.from_numpy(self.tokens[i : i + self.seq_len + 1].astype(np.int64)))
 
 
-
 # ---------------------------------------------------------------- chat SFT (answers-only loss)
 
 
@@ -179,7 +177,7 @@ class ChatExamples(_PermutedSource):
 
     @staticmethod
     def _read_jsonl(path: Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
-        from codellama.prompts import chat_tokens  # tokenizer helper's module
+        from codellama.prompts import chat_tokens
 
         convs = []
         with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not JSON
@@ -209,7 +207,6 @@ class ChatExamples(_PermutedSource):
         return Example(tokens, mask)
 
 
-
 # ---------------------------------------------------------------- the data helper's packed shards
 
 
@@ -220,21 +217,13 @@ class ShardsSource:
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0, fim_rate: float | None = None,
                  name: str = "shards", fim_spm_rate: float | None = None):
-        try:
-            from codellama.data import TokenShards
-        except ImportError:
-            try:
-                from codellama.data.shards import TokenShards
-            except ImportError:
-                raise UserError("source kind 'shards' needs codellama.data.shards.TokenShards (the corpus "
-                                "pipeline); use kind = 'tokens' with a .npy file meanwhile") from None
+        from codellama.data import TokenShards
+
         if not Path(path).exists():
             raise UserError(f"corpus {path} for source {name!r} does not exist; build it with `codellama data`")
-        wanted = dict(seq_len=seq_len, seed=seed, rank=0, world_size=1)
-        accepted = inspect.signature(TokenShards).parameters
-        self.reader = TokenShards(path, split, **{k: v for k, v in wanted.items() if k in accepted})
+        self.reader = TokenShards(path, split, seq_len, seed=seed, rank=0, world_size=1)
         self.name, self.seq_len = name, seq_len
-        manifest = getattr(self.reader, "manifest", {}) or {}
+        manifest = self.reader.manifest
         self.vocab_size = manifest.get("vocab_size")  # ids are below it: checked against the model
         self.tokenizer_info = manifest.get("tokenizer") or {}
         built_fim = (manifest.get("fim") or {}).get("rate")

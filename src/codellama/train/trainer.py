@@ -44,11 +44,11 @@ def _source_seed(seed: int, name: str) -> int:
 
 
 def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | None, list]:
-    """The recipe's sources for `split` ("train" or "val", the corpus pipeline's split names) as one (mixed) stream; None when no source has
-    that split. Also returns the (name, source) pairs, for the vocabulary check."""
+    """The recipe's sources for `split` ("train" or "val", the corpus pipeline's split names) as one (mixed)
+    stream; None when no source has that split. Also returns the (name, source) pairs, for the vocabulary check."""
     d, t = recipe.data, recipe.train
     root = Path(d.root or ".")
-    sources, weights, arrays = {}, {}, []
+    sources, weights = {}, {}
     for s in d.sources:
         seed = _source_seed(t.seed, s.name)
         if s.kind == "shards":
@@ -152,7 +152,7 @@ class Trainer:
     def _build_model(self, model_config, tokenizer, parallel) -> tuple[Transformer, object]:
         m, t = self.recipe.model, self.recipe.train
         if model_config is None and m.init:
-            from codellama.checkpoints.load import load_model  # checkpoints helper's module
+            from codellama.checkpoints.load import load_model
 
             loaded = load_model(m.init, device="cpu", dtype=torch.float32)
             model, cfg = loaded.model, loaded.config
@@ -187,7 +187,7 @@ class Trainer:
     @staticmethod
     def _load_tokenizer(spec: str):
         """A tokenizer file or directory, or "codellama" for Code Llama's own vocabulary."""
-        from codellama import tokenizer  # tokenizer helper's module
+        from codellama import tokenizer
 
         return tokenizer.codellama_tokenizer() if spec == "codellama" else tokenizer.load_tokenizer(spec)
 
@@ -315,26 +315,21 @@ class Trainer:
         """Gather the full weights on rank 0 and write the Hugging Face layout (checkpoints.hf.save_hf)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from codellama.checkpoints.hf import save_hf
+
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         done = None
         if self.env.is_main:
-            try:
-                from codellama.checkpoints.hf import save_hf  # checkpoints helper's module
-            except ImportError:
-                save_hf = None
-            if save_hf is None:
-                print("Hugging Face export skipped: codellama.checkpoints.hf is not available", file=sys.stderr)
-            else:
-                with torch.device("meta"):
-                    plain = Transformer(self.cfg)
-                missing, unexpected = plain.load_state_dict(sd, assign=True, strict=False)
-                if self.cfg.tie_embeddings:
-                    plain.output.weight = plain.tok_embeddings.weight
-                    missing = [k for k in missing if k != "output.weight"]
-                if missing or unexpected:
-                    raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
-                save_hf(plain, self._export_tokenizer(), out_dir)
-                done = out_dir
+            with torch.device("meta"):
+                plain = Transformer(self.cfg)
+            missing, unexpected = plain.load_state_dict(sd, assign=True, strict=False)
+            if self.cfg.tie_embeddings:
+                plain.output.weight = plain.tok_embeddings.weight
+                missing = [k for k in missing if k != "output.weight"]
+            if missing or unexpected:
+                raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
+            save_hf(plain, self._export_tokenizer(), out_dir)
+            done = out_dir
         barrier(self.env)
         return done
 
