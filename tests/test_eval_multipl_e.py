@@ -119,7 +119,7 @@ def test_unknown_language(shared_data):
 
 def test_timeout_flag_limits_the_program_run(tmp_path, shared_data):
     """--timeout reaches the run step of a MultiPL-E program (it was ignored: every step kept the language's
-    own limits). The CPU limit follows the timeout, ceil(timeout) + 1 s, and bash can say what it is."""
+    own limits). The CPU limit follows the timeout, int(timeout) + 1 s, and bash can say what it is."""
     if "sh" not in AVAILABLE:
         pytest.skip("bash is not installed")
     completion = '    echo "cpu limit $(ulimit -t)" >&2\n    exit 3\n'

@@ -63,11 +63,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-step limits. memory_bytes/cpu_seconds None = unlimited (the JVM and Go reserve huge address
-    spaces, so their language specs raise or drop the address-space cap)."""
+    """Per-step limits. memory_bytes None = no address-space cap (the JVM and Go reserve huge address
+    spaces, so their language specs raise or drop it)."""
 
     timeout: float = 10.0  # wall clock, seconds
-    cpu_seconds: int | None = None  # None: ceil(timeout) + 1
+    cpu_seconds: int | None = None  # None: int(timeout) + 1, past the wall clock, which then decides
     memory_bytes: int | None = 2 << 30  # RLIMIT_AS
     file_size_bytes: int = 64 << 20  # RLIMIT_FSIZE: biggest file the program may write
     max_processes: int = 64  # RLIMIT_NPROC (per uid, so only meaningful with uid separation)
