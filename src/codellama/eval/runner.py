@@ -219,12 +219,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
         # row j of a batch draws from seed + j, so sample k of the run draws from its own seed, the same
         # whether the run was resumed or not
         seed = (cfg.seed << 32) + chunk[0][0] if cfg.temperature > 0 else None
-        if cfg.instruct or task.chat_only:
-            gens = model.chat_many([task.chat_messages(p) for _, p, _ in chunk], seed=seed, **params)
-        elif task.mode == "infill":
-            gens = model.infill_many([task.infill_parts(p) for _, p, _ in chunk], task.suffix_first, seed=seed, **params)
-        else:
-            gens = model.complete([task.prompt(p) for _, p, _ in chunk], stop=task.stop, seed=seed, **params)
+        gens = _generate_batch(task, model, [p for _, p, _ in chunk], cfg.instruct, seed=seed, **params)
         append_jsonl(path, [
             {"task_id": p["task_id"], "sample_idx": i, "completion": task.postprocess(p, g, cfg.instruct), "generation": g}
             for (_, p, i), g in zip(chunk, gens)
@@ -235,6 +230,15 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     bar.close()
     stats.update(generated=len(todo), seconds=time.perf_counter() - t0)
     return stats
+
+
+def _generate_batch(task: Task, model: ModelAdapter, problems: list[dict], instruct: bool, **params) -> list[str]:
+    """The model's generation for each problem, prompted the task's way: chat, infilling or completion."""
+    if instruct or task.chat_only:
+        return model.chat_many([task.chat_messages(p) for p in problems], **params)
+    if task.mode == "infill":
+        return model.infill_many([task.infill_parts(p) for p in problems], task.suffix_first, **params)
+    return model.complete([task.prompt(p) for p in problems], stop=task.stop, **params)
 
 
 def _instruct_tasks() -> list[str]:
