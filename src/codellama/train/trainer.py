@@ -263,14 +263,8 @@ class Trainer:
         tokens_per_step = t.global_batch_seqs * t.seq_len
         flops_per_token = self.cfg.flops_per_token(t.seq_len)
         records = []
-        if self.valid is None and t.eval_every and env.is_main:  # else eval_every silently does nothing
-            print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
-                  "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
-                  "tokens and chat sources a valid_path", file=sys.stderr)
-        as_they_are = [f"{s.name} ({s.kind})" for s in self.recipe.data.sources if s.kind != "shards"]
-        if self.recipe.data.fim_rate > 0 and as_they_are and env.is_main:  # else the rate looks applied to them
-            print(f"note: data.fim_rate {self.recipe.data.fim_rate} is applied when a corpus is built (`codellama data "
-                  f"--fim-rate`); {', '.join(as_they_are)} are trained as they are", file=sys.stderr)
+        if env.is_main:
+            self._note_settings_without_effect()
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
                    dynamic_ncols=True)
         try:
@@ -310,6 +304,18 @@ class Trainer:
         finally:
             bar.close()
         return records
+
+    def _note_settings_without_effect(self) -> None:
+        """Say so on stderr when a recipe setting will do nothing in this run, rather than look applied."""
+        t, d = self.recipe.train, self.recipe.data
+        if self.valid is None and t.eval_every:
+            print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
+                  "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
+                  "tokens and chat sources a valid_path", file=sys.stderr)
+        as_they_are = [f"{s.name} ({s.kind})" for s in d.sources if s.kind != "shards"]
+        if d.fim_rate > 0 and as_they_are:
+            print(f"note: data.fim_rate {d.fim_rate} is applied when a corpus is built (`codellama data "
+                  f"--fim-rate`); {', '.join(as_they_are)} are trained as they are", file=sys.stderr)
 
     def export_hf(self, out_dir: Path) -> Path | None:
         """Gather the full weights on rank 0 and write the Hugging Face layout (checkpoints.hf.save_hf)."""
