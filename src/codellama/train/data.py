@@ -11,12 +11,15 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from codellama.errors import UserError
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 
 @dataclass
@@ -164,7 +167,7 @@ class ChatExamples(_PermutedSource):
         self.order = _Permuted(len(self.convs), seed)
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, tokenizer, seq_len: int, seed: int = 0, name: str = "chat") -> ChatExamples:
+    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int, seed: int = 0, name: str = "chat") -> ChatExamples:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"chat file {path} for source {name!r} does not exist")
@@ -176,7 +179,7 @@ class ChatExamples(_PermutedSource):
         return cls(convs, seq_len, pad, seed, name)
 
     @staticmethod
-    def _read_jsonl(path: Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
+    def _read_jsonl(path: Path, tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
         from codellama.prompts import chat_tokens
 
         convs = []
@@ -249,7 +252,7 @@ class ShardsSource:
         self.reader.load_state_dict(self._start)
         self._it = iter(self.reader)
 
-    def check_tokenizer(self, tokenizer) -> None:
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """UserError when the corpus was tokenised by another tokenizer than `tokenizer` (the model's): the
         manifest's probe ids differ (corpora built before the probe was recorded are not checked)."""
         from codellama.data.pipeline import TOKENIZER_PROBE

@@ -16,6 +16,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from codellama.train.distributed import (DistEnv, all_reduce_sum, barrier, build
 from codellama.train.metrics import MetricsLog, memory_gib, mfu, peak_flops
 from codellama.train.optim import build_optimizer, lr_at, set_lr
 
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
+
 
 def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V], targets [B, T], mask [B, T] bool -> summed cross-entropy over kept targets."""
@@ -43,7 +47,7 @@ def _source_seed(seed: int, name: str) -> int:
     return seed * 7919 + zlib.crc32(name.encode())
 
 
-def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | None, list]:
+def build_sources(recipe: Recipe, tokenizer: Tokenizer | None, split: str) -> tuple[TokenSource | None, list]:
     """The recipe's sources for `split` ("train" or "val", the corpus pipeline's split names) as one (mixed)
     stream; None when no source has that split. Also returns the (name, source) pairs, for the vocabulary check."""
     d, t = recipe.data, recipe.train

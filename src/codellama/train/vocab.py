@@ -17,7 +17,7 @@ from torch import nn
 
 from codellama.errors import UserError
 from codellama.model import Transformer
-from codellama.tokenizer import add_infill_tokens
+from codellama.tokenizer import Tokenizer, add_infill_tokens
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def resize_vocab(model: Transformer, new_vocab: int, seed: int = 0) -> None:
     model.config.vocab_size = new_vocab
 
 
-def ensure_infill_tokens(model: Transformer, tokenizer, seed: int = 0):
+def ensure_infill_tokens(model: Transformer, tokenizer: Tokenizer | None, seed: int = 0) -> Tokenizer:
     """Give tokenizer and model the four infilling tokens when the tokenizer lacks them; returns the
     (possibly new) tokenizer. The tokenizer side is codellama.tokenizer.add_infill_tokens."""
     if tokenizer is None:
