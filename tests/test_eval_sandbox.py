@@ -15,6 +15,7 @@ from codellama.eval.tasks.base import python_program
 from codellama.eval.tasks.humaneval import HumanEval
 
 CAPS = capabilities()
+OUR_PARENT = os.getppid()
 needs_uid = pytest.mark.skipif(not CAPS.uid_drop, reason="no uid separation without root (see Sandbox.notes)")
 needs_netns = pytest.mark.skipif(not CAPS.netns, reason="cannot create a network namespace here")
 WORKERS = 2
@@ -129,7 +130,9 @@ def test_timeouts_and_limits_are_reported(results):
 
 
 def test_we_survive(results):
-    assert os.getpid() > 0 and os.getppid() > 1  # we are alive, and so is our parent
+    # we are alive (this runs), and so is our parent: we were not re-parented (kill_parent kills its own
+    # parent: the zygote, or the harness when started without one)
+    assert os.getppid() == OUR_PARENT
 
 
 @needs_uid
