@@ -259,3 +259,13 @@ def test_cli_execute_phase_and_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_results_of_deleted_samples_are_not_reused(tmp_path):
+    """Deleting samples.jsonl to generate anew must not leave the old results standing for the new samples:
+    they were all 'done', so nothing was executed and the summary labelled the old verdicts with the new
+    settings."""
+    run_task(cfg(tmp_path, limit=3), ModelAdapter(ReplayGenerator(), 4))
+    (tmp_path / "run" / "samples.jsonl").unlink()
+    with pytest.raises(UserError, match="results.jsonl"):
+        run_task(cfg(tmp_path, limit=3, temperature=0.8), ModelAdapter(NoisyGenerator(), 4))

@@ -195,6 +195,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     repair_tail(path)
     problems = _problems(task, cfg)
     done = _done_keys(path)
+    _check_results_have_samples(cfg.out, done)
     every = [(p, i) for p in problems for i in range(cfg.n)]
     todo = [(k, p, i) for k, (p, i) in enumerate(every) if (p["task_id"], i) not in done]
     stats = {"generated": 0, "seconds": 0.0}
@@ -230,6 +231,16 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     bar.close()
     stats.update(generated=len(todo), seconds=time.perf_counter() - t0)
     return stats
+
+
+def _check_results_have_samples(out: Path, sample_keys: set[tuple[str, int]]) -> None:
+    """Results of samples no longer in samples.jsonl (deleted to generate anew) would count as done for the
+    new samples of the same (task_id, sample_idx): never executed, summarised under the new settings."""
+    orphans = _done_keys(out / "results.jsonl") - sample_keys
+    if orphans:
+        raise UserError(f"{out / 'results.jsonl'} holds the results of {len(orphans)} samples that samples.jsonl "
+                        "does not have (was it deleted to generate anew?); remove results.jsonl too, or use "
+                        "another --out")
 
 
 def _generate_batch(task: Task, model: ModelAdapter, problems: list[dict], instruct: bool, **params) -> list[str]:
