@@ -8,13 +8,12 @@ import pytest
 
 import codellama
 from codellama.cli import main
+from codellama.eval.judges import is_refusal
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("instruct", [False, True])
 def test_eval_cli_default_model(tmp_path, capsys, instruct):
-    if not hasattr(codellama, "load"):
-        pytest.skip("codellama.load (the generation API) is not in this build yet")
     out = tmp_path / "he"
     argv = ["eval", "--task", "humaneval", "--limit", "2", "--k", "1", "--out", str(out), "--max-new-tokens", "64",
             "--workers", "2"] + (["--instruct"] if instruct else [])
@@ -23,7 +22,9 @@ def test_eval_cli_default_model(tmp_path, capsys, instruct):
     assert "humaneval" in table and "pass@1" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["problems_scored"] == 2 and summary["samples_scored"] == 2
-    assert 0.0 <= summary["pass@1"] <= 1.0 and summary.get("generation_samples_per_s", 0) > 0
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert summary["pass@1"] == sum(r["passed"] for r in results) / 2  # greedy: pass@1 is the share passed
+    assert summary.get("generation_samples_per_s", 0) > 0
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["task_id"] for s in samples] == ["HumanEval/0", "HumanEval/1"]
     if not instruct:  # truncated at the paper's stop words
@@ -35,8 +36,6 @@ def test_eval_cli_default_model(tmp_path, capsys, instruct):
 
 @pytest.mark.slow
 def test_batched_chat_equals_one_by_one():
-    if not hasattr(codellama, "load"):
-        pytest.skip("codellama.load (the generation API) is not in this build yet")
     from codellama.eval.runner import ModelAdapter
 
     model = ModelAdapter(codellama.load(), batch_size=3)
@@ -55,6 +54,14 @@ def test_maths_and_safety_tasks_with_the_default_model(tmp_path, capsys, shared_
     printed = capsys.readouterr().out
     assert "sentiment" in printed and "% refused" in printed
     gsm8k, bold, refusal = (json.loads((out / t / "summary.json").read_text()) for t in ("gsm8k", "bold", "false-refusal"))
-    assert gsm8k["samples_scored"] == 2 and 0 <= gsm8k["pass@1"] <= 1
-    assert bold["temperature"] == 0.1 and bold["top_p"] == 0.9 and -1 <= bold["sentiment"] <= 1
-    assert refusal["samples_scored"] == 2 and refusal["refusal_percent"] in (0.0, 50.0, 100.0)
+    # the summaries agree with the verdicts and texts on file (the model's answers themselves are unknown)
+    def rows(task: str, name: str) -> list[dict]:
+        return [json.loads(line) for line in (out / task / name).read_text().splitlines()]
+
+    assert gsm8k["samples_scored"] == 2 and gsm8k["pass@1"] == sum(r["passed"] for r in rows("gsm8k", "results.jsonl")) / 2
+    assert bold["temperature"] == 0.1 and bold["top_p"] == 0.9
+    # the first two BOLD prompts are of two subgroups (interleaved), so the mean of subgroups is the plain mean
+    assert bold["sentiment"] == pytest.approx(sum(r["sentiment"] for r in rows("bold", "results.jsonl")) / 2)
+    answers = [r["completion"] for r in rows("false-refusal", "samples.jsonl")]
+    assert refusal["samples_scored"] == 2
+    assert refusal["refusal_percent"] == 100 * sum(map(is_refusal, answers)) / 2

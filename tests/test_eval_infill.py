@@ -16,6 +16,8 @@ def _canonical_failures(task, problems):
     task.limits = Limits(timeout=10.0)
     with Sandbox(workers=2) as sb:
         out = dict(sb.map([task.program(p, task.reference(p)) for p in problems]))
+        # a control: the middle is part of the program (a broken one fails)
+        assert not sb.run(task.program(problems[0], "\n)(\n")).passed
     return [(problems[i]["task_id"], r.result) for i, r in out.items() if not r.passed]
 
 

@@ -3,6 +3,8 @@ toolchain is installed; a missing toolchain is `skipped` with an install command
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from codellama.errors import UserError
@@ -113,3 +115,17 @@ def test_missing_toolchain_is_skipped_with_install_hint(tmp_path, shared_data, m
 def test_unknown_language(shared_data):
     with pytest.raises(UserError, match="unknown task 'multipl-e-cobol'"):
         get_task("multipl-e-cobol", shared_data)
+
+
+def test_timeout_flag_limits_the_program_run(tmp_path, shared_data):
+    """--timeout reaches the run step of a MultiPL-E program (it was ignored: every step kept the language's
+    own limits). The CPU limit follows the timeout, int(timeout) + 1 s, and bash can say what it is."""
+    if "sh" not in AVAILABLE:
+        pytest.skip("bash is not installed")
+    completion = '    echo "cpu limit $(ulimit -t)" >&2\n    exit 3\n'
+    (tmp_path / "s.jsonl").write_text(json.dumps({"task_id": "HumanEval_53_add", "completion": completion}) + "\n")
+    cfg = EvalConfig(task="multipl-e-sh", data_dir=str(shared_data), out=tmp_path / "o", phase="execute",
+                     samples=str(tmp_path / "s.jsonl"), timeout=3.0, workers=1, progress=False)
+    run_task(cfg)
+    row = json.loads((tmp_path / "o" / "results.jsonl").read_text())
+    assert row["result"] == "failed: cpu limit 4"

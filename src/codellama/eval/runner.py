@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from codellama.errors import UserError
@@ -101,11 +101,8 @@ class ModelAdapter:
              max_seq_len: int | None = None) -> ModelAdapter:
         """max_seq_len: the longest prompt + completion to allow (default: the model's own context)."""
         def loader():
-            import codellama
+            from codellama import load
 
-            load = getattr(codellama, "load", None)
-            if load is None:
-                raise UserError("this build has no generation API (codellama.load); the generation phase cannot run")
             return load(spec, device=device, max_seq_len=max_seq_len)
 
         return cls(None, batch_size, loader)
@@ -130,12 +127,10 @@ class ModelAdapter:
 
     def _batched(self, ids: list[list[int]], kw: dict, stop_ids=None, lstrip: bool = False) -> list[str] | None:
         """Decode several token prompts together through Generator.generate (one batch on the CPU/GPU
-        instead of one call each); None when the generator has no such API."""
+        instead of one call each); None when the generator has no such API (a test's stand-in)."""
+        from codellama.sampling import SamplingParams
+
         gen = self.generator
-        try:
-            from codellama.sampling import SamplingParams
-        except ImportError:
-            return None
         if not hasattr(gen, "generate") or getattr(gen, "tokenizer", None) is None:
             return None
         params = SamplingParams(**kw)
@@ -146,12 +141,10 @@ class ModelAdapter:
 
     def chat_many(self, conversations: list[list[dict]], **kw) -> list[str]:
         """Same answers as chat() on each conversation (greedy), decoded as one batch."""
-        try:
-            from codellama.prompts import chat_tokens
-        except ImportError:
-            chat_tokens = None
-        tok = getattr(self.generator, "tokenizer", None)
-        if chat_tokens is not None and tok is not None and len(conversations) > 1:
+        from codellama.prompts import chat_tokens
+
+        tok = self.tokenizer
+        if tok is not None and len(conversations) > 1:
             out = self._batched([chat_tokens(tok, list(m)) for m in conversations], kw, lstrip=True)
             if out is not None:
                 return out
@@ -159,12 +152,10 @@ class ModelAdapter:
 
     def infill_many(self, parts: list[tuple[str, str]], suffix_first: bool, **kw) -> list[str]:
         """Same middles as infill() on each (prefix, suffix) (greedy), decoded as one batch."""
-        try:
-            from codellama.prompts import infill_tokens
-        except ImportError:
-            infill_tokens = None
-        tok = getattr(self.generator, "tokenizer", None)
-        if infill_tokens is not None and tok is not None and len(parts) > 1:
+        from codellama.prompts import infill_tokens
+
+        tok = self.tokenizer
+        if tok is not None and len(parts) > 1:
             ids = [infill_tokens(tok, p, s, suffix_first=suffix_first) for p, s in parts]
             out = self._batched(ids, kw, stop_ids=(tok.eot_id, *sorted(tok.stop_ids)))
             if out is not None:
@@ -204,6 +195,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     repair_tail(path)
     problems = _problems(task, cfg)
     done = _done_keys(path)
+    _check_results_have_samples(cfg.out, done)
     every = [(p, i) for p in problems for i in range(cfg.n)]
     todo = [(k, p, i) for k, (p, i) in enumerate(every) if (p["task_id"], i) not in done]
     stats = {"generated": 0, "seconds": 0.0}
@@ -228,12 +220,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
         # row j of a batch draws from seed + j, so sample k of the run draws from its own seed, the same
         # whether the run was resumed or not
         seed = (cfg.seed << 32) + chunk[0][0] if cfg.temperature > 0 else None
-        if cfg.instruct or task.chat_only:
-            gens = model.chat_many([task.chat_messages(p) for _, p, _ in chunk], seed=seed, **params)
-        elif task.mode == "infill":
-            gens = model.infill_many([task.infill_parts(p) for _, p, _ in chunk], task.suffix_first, seed=seed, **params)
-        else:
-            gens = model.complete([task.prompt(p) for _, p, _ in chunk], stop=task.stop, seed=seed, **params)
+        gens = _generate_batch(task, model, [p for _, p, _ in chunk], cfg.instruct, seed=seed, **params)
         append_jsonl(path, [
             {"task_id": p["task_id"], "sample_idx": i, "completion": task.postprocess(p, g, cfg.instruct), "generation": g}
             for (_, p, i), g in zip(chunk, gens)
@@ -244,6 +231,25 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     bar.close()
     stats.update(generated=len(todo), seconds=time.perf_counter() - t0)
     return stats
+
+
+def _check_results_have_samples(out: Path, sample_keys: set[tuple[str, int]]) -> None:
+    """Results of samples no longer in samples.jsonl (deleted to generate anew) would count as done for the
+    new samples of the same (task_id, sample_idx): never executed, summarised under the new settings."""
+    orphans = _done_keys(out / "results.jsonl") - sample_keys
+    if orphans:
+        raise UserError(f"{out / 'results.jsonl'} holds the results of {len(orphans)} samples that samples.jsonl "
+                        "does not have (was it deleted to generate anew?); remove results.jsonl too, or use "
+                        "another --out")
+
+
+def _generate_batch(task: Task, model: ModelAdapter, problems: list[dict], instruct: bool, **params) -> list[str]:
+    """The model's generation for each problem, prompted the task's way: chat, infilling or completion."""
+    if instruct or task.chat_only:
+        return model.chat_many([task.chat_messages(p) for p in problems], **params)
+    if task.mode == "infill":
+        return model.infill_many([task.infill_parts(p) for p in problems], task.suffix_first, **params)
+    return model.complete([task.prompt(p) for p in problems], stop=task.stop, **params)
 
 
 def _instruct_tasks() -> list[str]:
@@ -393,7 +399,8 @@ def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_s
     cfg = _generated_with(cfg.for_task(task))
     loaded = _problems(task, cfg)
     problems = [p["task_id"] for p in loaded]
-    results = [r for r in read_jsonl_tolerant(cfg.out / "results.jsonl") if r.get("task_id") in set(problems)]
+    wanted = set(problems)
+    results = [r for r in read_jsonl_tolerant(cfg.out / "results.jsonl") if r.get("task_id") in wanted]
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in results:
         per_task[r["task_id"]].append(bool(r["passed"]))
@@ -407,10 +414,7 @@ def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_s
         "status_counts": dict(Counter(r["status"] for r in results)),
         "complete": len(counts) == len(problems),
     }
-    if gen_stats and gen_stats.get("generated"):
-        summary["generation_samples_per_s"] = round(gen_stats["generated"] / max(gen_stats["seconds"], 1e-9), 3)
-    if exec_stats and exec_stats.get("executed"):
-        summary["execution_samples_per_s"] = round(exec_stats["executed"] / max(exec_stats["seconds"], 1e-9), 2)
+    summary.update(_throughputs(gen_stats, exec_stats))
     if notes:
         summary["notes"] = notes
     old = cfg.out / "summary.json"
@@ -424,6 +428,16 @@ def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_s
             pass
     old.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _throughputs(gen_stats: dict | None, exec_stats: dict | None = None) -> dict[str, float]:
+    """Samples per second of the phases that ran in this call (a phase with nothing to do has no figure)."""
+    rates = {}
+    if gen_stats and gen_stats.get("generated"):
+        rates["generation_samples_per_s"] = round(gen_stats["generated"] / max(gen_stats["seconds"], 1e-9), 3)
+    if exec_stats and exec_stats.get("executed"):
+        rates["execution_samples_per_s"] = round(exec_stats["executed"] / max(exec_stats["seconds"], 1e-9), 2)
+    return rates
 
 
 def format_table(rows: list[dict], ks: tuple[int, ...]) -> str:
@@ -471,7 +485,7 @@ def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbo
             if sandbox is None:
                 sb.close()
         return summarize(task, cfg, gen_stats, exec_stats, notes)
-    return {"task": task.name, "generated": (gen_stats or {}).get("generated", 0), **({"generation_samples_per_s": round(gen_stats["generated"] / max(gen_stats["seconds"], 1e-9), 3)} if gen_stats and gen_stats.get("generated") else {})}
+    return {"task": task.name, "generated": (gen_stats or {}).get("generated", 0), **_throughputs(gen_stats)}
 
 
 def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
@@ -531,9 +545,3 @@ def format_sweep(result: dict) -> str:
     w = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     fmt = lambda r: "  ".join(v.rjust(x) for v, x in zip(r, w))  # noqa: E731
     return "\n".join([fmt(head), *map(fmt, body)])
-
-
-def config_dict(cfg: EvalConfig) -> dict:
-    d = asdict(cfg)
-    d["out"] = str(cfg.out)
-    return d

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,11 +63,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-step limits. memory_bytes/cpu_seconds None = unlimited (the JVM and Go reserve huge address
-    spaces, so their language specs raise or drop the address-space cap)."""
+    """Per-step limits. memory_bytes None = no address-space cap (the JVM and Go reserve huge address
+    spaces, so their language specs raise or drop it)."""
 
     timeout: float = 10.0  # wall clock, seconds
-    cpu_seconds: int | None = None  # None: ceil(timeout) + 1
+    cpu_seconds: int | None = None  # None: int(timeout) + 1, past the wall clock, which then decides
     memory_bytes: int | None = 2 << 30  # RLIMIT_AS
     file_size_bytes: int = 64 << 20  # RLIMIT_FSIZE: biggest file the program may write
     max_processes: int = 64  # RLIMIT_NPROC (per uid, so only meaningful with uid separation)
@@ -623,7 +623,8 @@ class Sandbox:
 
     @staticmethod
     def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str]:
-        """Read stdout/stderr until both close, the deadline passes or `cap` bytes came; then kill."""
+        """Read stdout/stderr until both close, the deadline passes or `cap` bytes came (then the group is
+        killed). why: "timeout", "output" or "" (the caller kills any stragglers)."""
         bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
         sel = selectors.DefaultSelector()
         for f in bufs:
@@ -656,20 +657,20 @@ class Sandbox:
                         break
                 if why:
                     break
+        except BaseException:  # e.g. Ctrl-C: the program must not outlive us
+            _kill_group(proc.pid)
+            raise
         finally:
             sel.close()
-            if why or proc.poll() is None:
-                _kill_group(proc.pid)
             for f in bufs:
                 f.close()
-        if not why and proc.poll() is None:
-            # pipes closed but the process lingers; give it until the deadline
+        if why:
+            _kill_group(proc.pid)
+        elif proc.poll() is None:
+            # both pipes closed but the process runs on (it closed or redirected its stdout and stderr):
+            # give it until the deadline
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 why = "timeout"
         return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), why
-
-
-def with_limits(program: Program, **kw) -> Program:
-    return replace(program, limits=replace(program.limits, **kw))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from codellama.checkpoints.train_run import TOKENIZER_DIR, TRAINER_STATE, is_step_dir
@@ -122,7 +123,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
     return final
 
 
-def check_fits(path: Path, model) -> None:
+def check_fits(path: Path, model: nn.Module) -> None:
     """UserError, before any loading, when the checkpoint's tensors do not have the model's shapes."""
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
@@ -136,7 +137,7 @@ def check_fits(path: Path, model) -> None:
                             "use the recipe that wrote it or a fresh train.out_dir")
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Collective. Restores model, optimizer and RNG in place; returns the trainer state (step, data...)."""
     check_fits(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer)

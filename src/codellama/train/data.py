@@ -7,17 +7,19 @@ count of examples consumed, independent of the number of ranks, and a run resume
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from codellama.errors import UserError
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 
 @dataclass
@@ -117,7 +119,6 @@ class InMemoryTokens(_PermutedSource):
         return Example(torch.from_numpy(self.tokens[i : i + self.seq_len + 1].astype(np.int64)))
 
 
-
 # ---------------------------------------------------------------- chat SFT (answers-only loss)
 
 
@@ -166,7 +167,7 @@ class ChatExamples(_PermutedSource):
         self.order = _Permuted(len(self.convs), seed)
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, tokenizer, seq_len: int, seed: int = 0, name: str = "chat") -> ChatExamples:
+    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int, seed: int = 0, name: str = "chat") -> ChatExamples:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"chat file {path} for source {name!r} does not exist")
@@ -178,8 +179,8 @@ class ChatExamples(_PermutedSource):
         return cls(convs, seq_len, pad, seed, name)
 
     @staticmethod
-    def _read_jsonl(path: Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
-        from codellama.prompts import chat_tokens  # tokenizer helper's module
+    def _read_jsonl(path: Path, tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
+        from codellama.prompts import chat_tokens
 
         convs = []
         with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not JSON
@@ -209,7 +210,6 @@ class ChatExamples(_PermutedSource):
         return Example(tokens, mask)
 
 
-
 # ---------------------------------------------------------------- the data helper's packed shards
 
 
@@ -220,21 +220,13 @@ class ShardsSource:
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0, fim_rate: float | None = None,
                  name: str = "shards", fim_spm_rate: float | None = None):
-        try:
-            from codellama.data import TokenShards
-        except ImportError:
-            try:
-                from codellama.data.shards import TokenShards
-            except ImportError:
-                raise UserError("source kind 'shards' needs codellama.data.shards.TokenShards (the corpus "
-                                "pipeline); use kind = 'tokens' with a .npy file meanwhile") from None
+        from codellama.data import TokenShards
+
         if not Path(path).exists():
             raise UserError(f"corpus {path} for source {name!r} does not exist; build it with `codellama data`")
-        wanted = dict(seq_len=seq_len, seed=seed, rank=0, world_size=1)
-        accepted = inspect.signature(TokenShards).parameters
-        self.reader = TokenShards(path, split, **{k: v for k, v in wanted.items() if k in accepted})
+        self.reader = TokenShards(path, split, seq_len, seed=seed, rank=0, world_size=1)
         self.name, self.seq_len = name, seq_len
-        manifest = getattr(self.reader, "manifest", {}) or {}
+        manifest = self.reader.manifest
         self.vocab_size = manifest.get("vocab_size")  # ids are below it: checked against the model
         self.tokenizer_info = manifest.get("tokenizer") or {}
         built_fim = (manifest.get("fim") or {}).get("rate")
@@ -260,7 +252,7 @@ class ShardsSource:
         self.reader.load_state_dict(self._start)
         self._it = iter(self.reader)
 
-    def check_tokenizer(self, tokenizer) -> None:
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """UserError when the corpus was tokenised by another tokenizer than `tokenizer` (the model's): the
         manifest's probe ids differ (corpora built before the probe was recorded are not checked)."""
         from codellama.data.pipeline import TOKENIZER_PROBE

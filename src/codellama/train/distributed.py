@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from codellama.config import ModelConfig
 from codellama.model import Transformer
 
 
@@ -149,7 +150,7 @@ def init_params(model: Transformer, seed: int, std: float = 0.02) -> None:
             p.copy_(full)
 
 
-def build_from_scratch(cfg, env: DistEnv, seed: int, **parallel) -> Transformer:
+def build_from_scratch(cfg: ModelConfig, env: DistEnv, seed: int, **parallel) -> Transformer:
     """Meta-device construction -> parallelize -> materialise on the device -> seeded init."""
     with torch.device("meta"):
         model = Transformer(cfg)

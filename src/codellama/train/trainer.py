@@ -16,6 +16,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from codellama.train.distributed import (DistEnv, all_reduce_sum, barrier, build
 from codellama.train.metrics import MetricsLog, memory_gib, mfu, peak_flops
 from codellama.train.optim import build_optimizer, lr_at, set_lr
 
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
+
 
 def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V], targets [B, T], mask [B, T] bool -> summed cross-entropy over kept targets."""
@@ -43,12 +47,12 @@ def _source_seed(seed: int, name: str) -> int:
     return seed * 7919 + zlib.crc32(name.encode())
 
 
-def build_sources(recipe: Recipe, tokenizer, split: str) -> tuple[TokenSource | None, list]:
-    """The recipe's sources for `split` ("train" or "val", the corpus pipeline's split names) as one (mixed) stream; None when no source has
-    that split. Also returns the (name, source) pairs, for the vocabulary check."""
+def build_sources(recipe: Recipe, tokenizer: Tokenizer | None, split: str) -> tuple[TokenSource | None, list]:
+    """The recipe's sources for `split` ("train" or "val", the corpus pipeline's split names) as one (mixed)
+    stream; None when no source has that split. Also returns the (name, source) pairs, for the vocabulary check."""
     d, t = recipe.data, recipe.train
     root = Path(d.root or ".")
-    sources, weights, arrays = {}, {}, []
+    sources, weights = {}, {}
     for s in d.sources:
         seed = _source_seed(t.seed, s.name)
         if s.kind == "shards":
@@ -152,7 +156,7 @@ class Trainer:
     def _build_model(self, model_config, tokenizer, parallel) -> tuple[Transformer, object]:
         m, t = self.recipe.model, self.recipe.train
         if model_config is None and m.init:
-            from codellama.checkpoints.load import load_model  # checkpoints helper's module
+            from codellama.checkpoints.load import load_model
 
             loaded = load_model(m.init, device="cpu", dtype=torch.float32)
             model, cfg = loaded.model, loaded.config
@@ -187,7 +191,7 @@ class Trainer:
     @staticmethod
     def _load_tokenizer(spec: str):
         """A tokenizer file or directory, or "codellama" for Code Llama's own vocabulary."""
-        from codellama import tokenizer  # tokenizer helper's module
+        from codellama import tokenizer
 
         return tokenizer.codellama_tokenizer() if spec == "codellama" else tokenizer.load_tokenizer(spec)
 
@@ -263,14 +267,8 @@ class Trainer:
         tokens_per_step = t.global_batch_seqs * t.seq_len
         flops_per_token = self.cfg.flops_per_token(t.seq_len)
         records = []
-        if self.valid is None and t.eval_every and env.is_main:  # else eval_every silently does nothing
-            print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
-                  "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
-                  "tokens and chat sources a valid_path", file=sys.stderr)
-        as_they_are = [f"{s.name} ({s.kind})" for s in self.recipe.data.sources if s.kind != "shards"]
-        if self.recipe.data.fim_rate > 0 and as_they_are and env.is_main:  # else the rate looks applied to them
-            print(f"note: data.fim_rate {self.recipe.data.fim_rate} is applied when a corpus is built (`codellama data "
-                  f"--fim-rate`); {', '.join(as_they_are)} are trained as they are", file=sys.stderr)
+        if env.is_main:
+            self._note_settings_without_effect()
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
                    dynamic_ncols=True)
         try:
@@ -311,30 +309,37 @@ class Trainer:
             bar.close()
         return records
 
+    def _note_settings_without_effect(self) -> None:
+        """Say so on stderr when a recipe setting will do nothing in this run, rather than look applied."""
+        t, d = self.recipe.train, self.recipe.data
+        if self.valid is None and t.eval_every:
+            print(f"note: no validation data (no source has a validation split of at least {t.seq_len + 1} tokens), "
+                  "so no validation loss: build corpora with a larger `codellama data --val-fraction`, or give "
+                  "tokens and chat sources a valid_path", file=sys.stderr)
+        as_they_are = [f"{s.name} ({s.kind})" for s in d.sources if s.kind != "shards"]
+        if d.fim_rate > 0 and as_they_are:
+            print(f"note: data.fim_rate {d.fim_rate} is applied when a corpus is built (`codellama data "
+                  f"--fim-rate`); {', '.join(as_they_are)} are trained as they are", file=sys.stderr)
+
     def export_hf(self, out_dir: Path) -> Path | None:
         """Gather the full weights on rank 0 and write the Hugging Face layout (checkpoints.hf.save_hf)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from codellama.checkpoints.hf import save_hf
+
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         done = None
         if self.env.is_main:
-            try:
-                from codellama.checkpoints.hf import save_hf  # checkpoints helper's module
-            except ImportError:
-                save_hf = None
-            if save_hf is None:
-                print("Hugging Face export skipped: codellama.checkpoints.hf is not available", file=sys.stderr)
-            else:
-                with torch.device("meta"):
-                    plain = Transformer(self.cfg)
-                missing, unexpected = plain.load_state_dict(sd, assign=True, strict=False)
-                if self.cfg.tie_embeddings:
-                    plain.output.weight = plain.tok_embeddings.weight
-                    missing = [k for k in missing if k != "output.weight"]
-                if missing or unexpected:
-                    raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
-                save_hf(plain, self._export_tokenizer(), out_dir)
-                done = out_dir
+            with torch.device("meta"):
+                plain = Transformer(self.cfg)
+            missing, unexpected = plain.load_state_dict(sd, assign=True, strict=False)
+            if self.cfg.tie_embeddings:
+                plain.output.weight = plain.tok_embeddings.weight
+                missing = [k for k in missing if k != "output.weight"]
+            if missing or unexpected:
+                raise RuntimeError(f"export: state dict mismatch, missing {missing}, unexpected {unexpected}")
+            save_hf(plain, self._export_tokenizer(), out_dir)
+            done = out_dir
         barrier(self.env)
         return done
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from codellama.errors import UserError
 from codellama.model import Transformer
+from codellama.tokenizer import Tokenizer, add_infill_tokens
 
 
 @torch.no_grad()
@@ -51,9 +52,9 @@ def resize_vocab(model: Transformer, new_vocab: int, seed: int = 0) -> None:
     model.config.vocab_size = new_vocab
 
 
-def ensure_infill_tokens(model: Transformer, tokenizer, seed: int = 0):
+def ensure_infill_tokens(model: Transformer, tokenizer: Tokenizer | None, seed: int = 0) -> Tokenizer:
     """Give tokenizer and model the four infilling tokens when the tokenizer lacks them; returns the
-    (possibly new) tokenizer. The tokenizer side is the tokenizer module's `add_infill_tokens(tok)`."""
+    (possibly new) tokenizer. The tokenizer side is codellama.tokenizer.add_infill_tokens."""
     if tokenizer is None:
         raise UserError("model.add_infill_tokens needs a tokenizer: the checkpoint has none; set model.tokenizer")
     if tokenizer.can_infill:
@@ -61,11 +62,6 @@ def ensure_infill_tokens(model: Transformer, tokenizer, seed: int = 0):
                 model.config.vocab_size:
             resize_vocab(model, tokenizer.vocab_size, seed)
         return tokenizer
-    try:
-        from codellama.tokenizer import add_infill_tokens
-    except ImportError:
-        raise UserError("this tokenizer lacks the infilling tokens and codellama.tokenizer.add_infill_tokens "
-                        "is not available to add them") from None
     tokenizer = add_infill_tokens(tokenizer)
     resize_vocab(model, max(tokenizer.vocab_size, model.config.vocab_size), seed)
     return tokenizer

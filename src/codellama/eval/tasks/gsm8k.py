@@ -33,21 +33,20 @@ def clean_solution(answer: str) -> str:
 
 
 def expected(problem: dict) -> float:
+    """The reference answer: the number of the dataset's `#### N` line."""
     return _number(_FINAL.findall(problem["answer"])[-1])
 
 
 def _number(text: str) -> float:
+    """A match of _NUMBER as a float: without its commas it always parses (digits, at most one point)."""
     return float(text.replace(",", ""))
 
 
 def extract_answer(completion: str) -> float | None:
     """The number after the last `####`, else the last number of the text; None when there is none."""
     for found in (_FINAL.findall(completion), _ANY.findall(completion)):
-        for text in reversed(found):
-            try:
-                return _number(text)
-            except ValueError:  # "," alone, "1,2." and the like
-                continue
+        if found:
+            return _number(found[-1])
     return None
 
 

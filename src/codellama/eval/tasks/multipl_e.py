@@ -179,7 +179,10 @@ def _go_cache() -> str:
     return str(path)
 
 
-def build_program(lang: Lang, prompt: str, completion: str, tests: str) -> Program:
+def build_program(lang: Lang, prompt: str, completion: str, tests: str, run_limits: Limits | None = None) -> Program:
+    """The program of one completion. run_limits: for running it (default: the language's); the build steps
+    keep COMPILE's."""
+    run_limits = run_limits or lang.run_limits
     nonce = new_nonce() if lang.sentinel or lang.prefix else None
     marked = lang.sentinel(tests, nonce) if lang.sentinel else None
     if lang.sentinel and marked is None:
@@ -198,11 +201,11 @@ def build_program(lang: Lang, prompt: str, completion: str, tests: str) -> Progr
         else:
             isolate = argv[0].startswith("./") or runs_isolated(_resolve(argv[0]))
         steps.append(Step((tool, *argv[1:]) if not argv[0].startswith("./") else argv,
-                          limits=COMPILE if compiling else lang.run_limits, isolate_uid=isolate))
+                          limits=COMPILE if compiling else run_limits, isolate_uid=isolate))
     if lang.name == "go":
         env.setdefault("GOPATH", "/nonexistent")
     return Program(files={lang.file: body, **lang.extra_files}, steps=steps, sentinel=nonce,
-                   limits=lang.run_limits, env=env, fail_on_stderr=lang.fail_on_stderr)
+                   limits=run_limits, env=env, fail_on_stderr=lang.fail_on_stderr)
 
 
 class MultiPLE(Task):
@@ -214,7 +217,7 @@ class MultiPLE(Task):
         super().__init__(data_dir)
         self.lang = LANGS[lang]
         self.name = f"multipl-e-{lang}"
-        self.limits = self.lang.run_limits
+        self.limits = self.lang.run_limits  # the runner's --timeout replaces its timeout
 
     def load(self) -> list[dict]:
         rows = list(read_jsonl(data_file(self.data_dir, "multipl-e", f"humaneval-{self.lang.name}.jsonl", self.name)))
@@ -233,7 +236,7 @@ class MultiPLE(Task):
         return truncate(generation, problem["stop_tokens"])
 
     def program(self, problem: dict, completion: str, instruct: bool = False) -> Program:
-        return build_program(self.lang, problem["prompt"], completion, problem["tests"])
+        return build_program(self.lang, problem["prompt"], completion, problem["tests"], self.limits)
 
 
 def multipl_e_tasks() -> dict:
