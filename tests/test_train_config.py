@@ -60,6 +60,7 @@ def test_valid_recipe_builds_with_derived_batch():
         (_with(optim__betas=[0.9, 1.5]), ["betas"]),
         (_with(train__log_every=0), ["train.log_every must be > 0"]),
         (_with(train__ckpt_every=-1), ["train.ckpt_every", ">= 0"]),
+        (_with(train__eval_batches=0), ["train.eval_batches must be >= 1", "eval_every = 0"]),  # ran 1 anyway
         (_with(model__rope_theta=-1e6), ["model.rope_theta must be > 0"]),  # was silently ignored
     ],
 )

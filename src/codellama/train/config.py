@@ -243,8 +243,9 @@ def validate(r: Recipe) -> None:
     need(t.dtype in ("bf16", "fp32"), f"train.dtype must be bf16 or fp32, got {t.dtype!r}")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-    need(min(t.eval_every, t.ckpt_every, t.eval_batches) >= 0,
-         "train.eval_every, train.ckpt_every and train.eval_batches must be >= 0")
+    need(min(t.eval_every, t.ckpt_every) >= 0, "train.eval_every and train.ckpt_every must be >= 0")
+    need(t.eval_batches >= 1, f"train.eval_batches must be >= 1 (no validation: train.eval_every = 0), "
+         f"got {t.eval_batches}")
     need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
     need(m.rope_theta >= 0 and math.isfinite(m.rope_theta),
          f"model.rope_theta must be > 0 (or 0: keep the checkpoint's), got {m.rope_theta}")

@@ -241,7 +241,7 @@ class Trainer:
         self.valid.load_state_dict(self.valid_start)
         total = torch.zeros((), device=self.env.device)
         count = torch.zeros((), device=self.env.device)
-        for _ in range(max(1, self.recipe.train.eval_batches)):
+        for _ in range(self.recipe.train.eval_batches):
             batch = self.valid.next_batch()
             for x, y, m in self._micro_batches(batch):
                 with self.autocast:
