@@ -5,6 +5,7 @@ and in llama.cpp with the same logits, and the real SmolLM2 file matches transfo
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -433,6 +434,32 @@ def test_code_llama_vocabulary_through_gguf_meta_and_llama_cpp(tmp_path):
     save_meta(loaded.model, loaded.tokenizer, tmp_path / "meta", n_shards=2)
     meta = load_model(tmp_path / "meta")
     assert meta.config.vocab_size == 32016 and meta.tokenizer.encode(text) == tok.encode(text)
+
+
+def test_instruct_template_in_a_gguf_export_chats_in_llama_cpp_as_meta(tmp_path, codellama):
+    """A GGUF export of an instruct tokenizer carries the [INST] template in llama.cpp's convention (it adds
+    SentencePiece's space after <s> itself): rendered and tokenized by llama.cpp (as its --jinja mode does),
+    it gives Meta's instruct ids; back to HF it carries the template transformers 5 needs."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from codellama.prompts import (INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_GGUF, chat_format, instruct_tokens,
+                                   render_chat_template)
+    from codellama.tokenizer import save_tokenizer
+
+    tok = copy.copy(codellama)
+    tok.chat_template = INSTRUCT_TEMPLATE
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, ffn_hidden=64, max_seq_len=64)
+    path = save_gguf(random_model(cfg), tok, tmp_path / "instruct.gguf", "F16")
+    loaded = load_model(path).tokenizer
+    assert loaded.chat_template == INSTRUCT_TEMPLATE_GGUF and chat_format(loaded) == "instruct"
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    dialogs = [[{"role": "user", "content": "Reverse a list."}],
+               [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": " sum xs "},
+                {"role": "assistant", "content": "sum(xs)"}, {"role": "user", "content": "with a loop"}]]
+    for dialog in dialogs:
+        text = render_chat_template(loaded.chat_template, dialog, loaded)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == instruct_tokens(tok, dialog)
+    save_tokenizer(loaded, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == INSTRUCT_TEMPLATE
 
 
 def test_code_llama_gguf_without_rope_base_warns(tmp_path):

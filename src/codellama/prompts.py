@@ -17,11 +17,15 @@ from codellama.tokenizer import SentencePieceTokenizer, Tokenizer
 FILL_ME = "<FILL_ME>"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-# instruct_tokens as a Jinja chat template, for checkpoints we write (transformers and vLLM chat through the
-# template). transformers 5's CodeLlamaTokenizer adds no leading space after a special token, so the template
-# writes the one Meta's encode of each turn gives (<s> ▁[INST]): tokenized by transformers 5, it gives exactly
-# instruct_tokens' ids (transformers 4 reads one ▁ more per turn; the Hub's Code Llama template, "<s>[INST]",
-# is right under 4 and one ▁ short under 5). We chat with it through instruct_tokens (chat_format).
+
+
+# instruct_tokens as a Jinja chat template, for the checkpoints we write (transformers, vLLM and llama.cpp's
+# --jinja chat through the template). Meta encodes each turn on its own, so each starts with SentencePiece's
+# implicit space (<s> ▁[INST]). Rendered to one string and tokenized, that space comes from the tokenizer
+# after a special token in llama.cpp (and transformers 4), not in transformers 5's CodeLlamaTokenizer; so
+# Hugging Face exports write it (INSTRUCT_TEMPLATE: transformers 5 gives exactly instruct_tokens' ids) and
+# GGUF exports do not (INSTRUCT_TEMPLATE_GGUF, the Hub template's "<s>[INST]": llama.cpp gives them). We
+# chat with either through instruct_tokens (chat_format).
 INSTRUCT_TEMPLATE = (
     "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else none -%}"
     "{%- for m in (messages[1:] if system is not none else messages) -%}"
@@ -34,6 +38,8 @@ INSTRUCT_TEMPLATE = (
     "{%- else -%}{{ ' ' ~ text | trim ~ ' ' ~ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
 )
+INSTRUCT_TEMPLATE_GGUF = INSTRUCT_TEMPLATE.replace("bos_token ~ ' [INST] '", "bos_token ~ '[INST] '")
+
 # step_tokens as a Jinja chat template, written into exports of a tokenizer with <step> (70B Instruct, which
 # transformers and vLLM can only chat with through a template). transformers 5's CodeLlamaTokenizer adds no
 # leading space after a special token (<s>, <step>), so the template writes the one Meta's separate encode of
@@ -245,10 +251,10 @@ def _encode_with_specials(tok: Tokenizer, text: str, specials: dict[str, int]) -
 
 def chat_format(tok: Tokenizer) -> str:
     """Which layout chat_tokens uses for this tokenizer: "step" (70B), "template" or "instruct". Our own
-    exports' INSTRUCT_TEMPLATE is written for transformers 5's tokenization; instruct_tokens builds it exactly."""
+    exports' [INST] templates are written for other tokenizers' conventions; instruct_tokens builds them exactly."""
     if tok.step_id is not None:
         return "step"
-    if tok.chat_template and tok.chat_template != INSTRUCT_TEMPLATE:
+    if tok.chat_template and tok.chat_template not in (INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_GGUF):
         return "template"
     return "instruct"
 

@@ -422,8 +422,9 @@ def write_gguf_tokenizer(tok: Tokenizer, writer) -> None:
     if tok.pad_id is not None:
         writer.add_pad_token_id(tok.pad_id)
     writer.add_add_bos_token(tok.add_bos)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+    template = export_chat_template(tok, "gguf")
+    if template:
+        writer.add_chat_template(template)
 
 
 def _is_byte_level(data: dict) -> bool:
@@ -549,13 +550,17 @@ def spm_tokenizer_json(tok: SentencePieceTokenizer) -> str | None:
     return hf.to_str()
 
 
-def export_chat_template(tok: Tokenizer) -> str | None:
-    """The chat template an export carries: the tokenizer's own, else for a vocabulary with <step> (70B
-    Instruct) its Source/<step> format, which transformers and vLLM can only chat in through a template."""
-    if tok.chat_template or tok.step_id is None:
-        return tok.chat_template
-    from codellama.prompts import STEP_TEMPLATE
+def export_chat_template(tok: Tokenizer, layout: str = "hf") -> str | None:
+    """The chat template an export in `layout` ("hf" or "gguf") carries: the tokenizer's own (our [INST]
+    template in the layout's tokenization convention, prompts.INSTRUCT_TEMPLATE), else for a vocabulary with
+    <step> (70B Instruct) in HF exports its Source/<step> format, which transformers and vLLM can only chat
+    in through a template."""
+    from codellama.prompts import INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_GGUF, STEP_TEMPLATE
 
+    if tok.chat_template in (INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_GGUF):
+        return INSTRUCT_TEMPLATE if layout == "hf" else INSTRUCT_TEMPLATE_GGUF
+    if tok.chat_template or tok.step_id is None or layout != "hf":
+        return tok.chat_template
     return STEP_TEMPLATE
 
 
