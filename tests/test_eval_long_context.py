@@ -134,6 +134,19 @@ def test_key_retrieval_runs_past_the_models_own_context(tmp_path, codellama):
     assert set(run_task(cfg)["accuracy"]) == {"1200/0.5"}
 
 
+def test_key_retrieval_holds_one_long_prompt_in_the_cache(tmp_path, codellama):
+    """The eval's default --batch-size 8 sized the KV cache for 8 prompts of the longest length (8 x 24k
+    positions on the 7B: 100 GB) to share 4 decode steps; one prompt at a time needs one slot."""
+    from codellama.eval.runner import EvalConfig, run_task
+
+    cfg = EvalConfig(task="long-context-key-retrieval", model="tiny", out=tmp_path, progress=False, batch_size=8,
+                     extra={"lengths": (1200,), "positions": (0.0, 0.5), "examples": 2})
+    adapter = ModelAdapter.load("tiny", "cpu", cfg.batch_size, max_seq_len=1300)
+    run_task(cfg, adapter)
+    assert adapter.generator.model.cache_shape[0] == 1
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+
+
 @pytest.mark.parametrize("option, msg", [(["--examples", "-1"], "--examples must be >= 1"),
                                          (["--examples", "0"], "--examples must be >= 1"),
                                          (["--positions", "0,1.5"], "between 0 and 1")])

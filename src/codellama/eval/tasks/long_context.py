@@ -264,9 +264,12 @@ def run_special(cfg, model=None) -> dict:
         # its results resume: those of another model or haystack must not be counted as this one's
         cfg.out.mkdir(parents=True, exist_ok=True)
         check_same_run(cfg, cfg.out / "results.jsonl", KEY_RETRIEVAL_RUN_KEYS)
+        # one prompt at a time whatever --batch-size: the KV cache holds batch x length positions (8 x 24k
+        # on the 7B in float16: 100 GB), for a batch that would only share 4 decode steps after the prefills;
+        # and each answer is saved as it comes
         s = key_retrieval(model, tok, cfg.out, lengths, cfg.extra.get("positions") or DEFAULT_POSITIONS,
                           cfg.extra.get("examples") or (cfg.limit or DEFAULT_EXAMPLES), cfg.seed, files,
-                          cfg.batch_size, cfg.progress)
+                          batch_size=1, progress=cfg.progress)
     else:
         gen = model.generator
         s = perplexity_vs_length(gen.model, tok, cfg.out, lengths, files,
