@@ -47,15 +47,17 @@ class ReaderGenerator:
 
 
 @pytest.mark.parametrize("position", [0.0, 0.2, 0.5, 1.0])
-def test_haystack(position):
+@pytest.mark.parametrize("seed", range(4))
+def test_haystack(position, seed):
     hay = Haystack(ByteTokenizer(), code_files())
-    prompt, actual = hay.build(6000, position, 57, random.Random(0))
+    prompt, actual = hay.build(6000, position, 57, random.Random(seed))
     assert 0.9 * 6000 <= len(prompt.encode()) <= 6000
     assert prompt.endswith(QUESTION) and prompt.count("def my_function() -> int:") == 1
     assert "# Note that this function is used at the end\n    return 57\n" in prompt
     compile(prompt[: -len("assert my_function() == ")], "<haystack>", "exec")  # valid Python throughout
     at = prompt.index("def my_function") / len(prompt)
-    assert abs(at - actual) < 0.05 and abs(actual - position) < 0.35
+    # where asked (a large class between two boundaries put 0.5 anywhere from 0.18 to 0.82)
+    assert abs(at - actual) < 0.05 and abs(actual - position) < 0.03
 
 
 def test_haystack_too_short_for_the_code_says_so():
