@@ -136,6 +136,17 @@ def test_key_retrieval_runs_past_the_models_own_context(tmp_path, codellama):
     assert set(run_task(cfg)["accuracy"]) == {"1200/0.5"}
 
 
+def test_key_retrieval_from_the_command_line_runs_past_the_models_own_context(tmp_path, capsys, codellama):
+    """`codellama eval` loads the model once for all its tasks, with its own context: the key-retrieval prompts
+    past it were refused ("prompt 0 is 1196 tokens, 685 more than the context of 512 allows")."""
+    from codellama.cli import main
+
+    assert main(["eval", "--task", "long-context-key-retrieval", "--model", "tiny", "--lengths", "1200",
+                 "--positions", "0.5", "--examples", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+
+
 def test_key_retrieval_holds_one_long_prompt_in_the_cache(tmp_path, codellama):
     """The eval's default --batch-size 8 sized the KV cache for 8 prompts of the longest length (8 x 24k
     positions on the 7B: 100 GB) to share 4 decode steps; one prompt at a time needs one slot."""

@@ -247,6 +247,14 @@ def _check_options(extra: dict) -> None:
                         f"{','.join(f'{p:g}' for p in positions)}")
 
 
+def allow_context(generator, context: int) -> None:
+    """Let the generator take prompts of `context` tokens. `codellama eval` loads one model for all its tasks,
+    with the model's own context, which refused the lengths past it that these tasks are about (Tab. 17's
+    24k tokens on Code Llama, trained at 16k)."""
+    if getattr(generator, "context_len", context) < context:
+        generator.context_len = context
+
+
 def run_special(cfg, model=None) -> dict:
     """Entry point from the runner for the tasks that do not execute programs."""
     from codellama.eval.runner import ModelAdapter, check_same_run
@@ -260,6 +268,7 @@ def run_special(cfg, model=None) -> dict:
     # RoPE has no length limit): the model's own context would refuse those prompts
     context = max(lengths) + 64  # + BOS, the answer and a margin
     model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size, max_seq_len=context)
+    allow_context(model.generator, context)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{cfg.task} needs a model with a tokenizer")
