@@ -182,6 +182,20 @@ def test_max_seq_len_must_be_positive(capsys):
         assert f"max_seq_len must be a positive number of tokens, got {n}" in capsys.readouterr().err
 
 
+def test_prompt_past_the_context_says_what_to_do_and_prints_nothing(tmp_path, capsys):
+    """The prompt was echoed to stdout before the model refused it (a 16k-token prompt to SmolLM2: 16k
+    tokens of output, rc 2), and the error did not say how to go further; --max-seq-len runs it, warned."""
+    prompt = tmp_path / "long.py"
+    prompt.write_text("def f(x):\n    return x + 1\n\n" * 60)  # ~900 tokens; tiny's context is 512
+    assert run_cli("complete", "--file", prompt, "--model", "tiny", "-n", "1") == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "more than the context of 512 allows" in out.err and "--max-seq-len" in out.err
+    with pytest.warns(UserWarning, match="max_seq_len 1024 is past the 512 tokens tiny was trained for"):
+        assert run_cli("complete", "--file", prompt, "--model", "tiny", "-n", "1", "--max-seq-len", "1024") == 0
+    assert capsys.readouterr().out.startswith(prompt.read_text())
+
+
 def test_convert_to_meta_warns_that_a_bpe_tokenizer_is_left_out(tmp_path, capsys, smollm2):
     save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "hf")
     assert run_cli("convert", tmp_path / "hf", tmp_path / "meta", "--to", "meta") == 0

@@ -475,3 +475,69 @@ def test_code_llama_gguf_without_rope_base_warns(tmp_path):
     w.close()
     with pytest.warns(UserWarning, match="gives no RoPE theta"):
         assert gguf_config(open_reader(tmp_path / "old.gguf"), tmp_path / "old.gguf").rope_theta == 10000
+
+
+def _edit_gguf(src: Path, dst: Path, drop: tuple[str, ...] = (), add: dict | None = None,
+               tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A copy of an F32 GGUF with metadata keys dropped or added (key: (value, GGUFValueType)) and tensors
+    added: the files other converters write."""
+    from gguf import GGUFValueType
+
+    reader = GGUFReader(src)
+    w = GGUFWriter(dst, "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
+            continue
+        vtype = field.types[0]
+        w.add_key_value(name, field.contents(), vtype, field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for name, (value, vtype) in (add or {}).items():
+        w.add_key_value(name, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    for name, data in (tensors or {}).items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_rope_factor_without_a_scaling_type_is_linear_as_in_llama_cpp(tmp_path, key):
+    """llama.cpp reads a factor without rope.scaling.type as linear, and takes the pre-v3 key
+    rope.scale_linear: the factor was ignored (plain RoPE, other logits past the first positions)."""
+    from gguf import GGUFValueType
+
+    model = random_model(CFG.replace(rope_scaling=4.0))
+    save_gguf(model, None, tmp_path / "m.gguf", "F32")
+    path = _edit_gguf(tmp_path / "m.gguf", tmp_path / "edited.gguf",
+                      drop=("llama.rope.scaling.type", "llama.rope.scaling.factor"),
+                      add={key: (4.0, GGUFValueType.FLOAT32)})
+    loaded, _, cfg = load_gguf(path)
+    assert cfg.rope_scaling == 4.0
+    tokens = torch.randint(0, 300, (1, 9))
+    pos = torch.arange(5000, 5009)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, input_pos=pos), model(tokens, input_pos=pos), atol=0, rtol=0)
+
+
+def test_rope_scalings_we_do_not_implement_are_refused(tmp_path):
+    """YaRN metadata, or Llama 3.1's per-frequency factors (rope_freqs.weight, which we skipped), must not
+    load as plain RoPE; a rope_freqs.weight of ones (Meta's unused rope.freqs, converted) changes nothing."""
+    from gguf import GGUFValueType
+
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F32")
+    yarn = _edit_gguf(tmp_path / "m.gguf", tmp_path / "yarn.gguf",
+                      add={"llama.rope.scaling.type": ("yarn", GGUFValueType.STRING),
+                           "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32)})
+    with pytest.raises(UserError, match="rope scaling 'yarn' is not supported"):
+        load_gguf(yarn)
+    half = CFG.head_dim // 2
+    factors = np.linspace(1.0, 8.0, half, dtype=np.float32)  # what convert_hf_to_gguf writes for Llama 3.1
+    llama31 = _edit_gguf(tmp_path / "m.gguf", tmp_path / "llama31.gguf", tensors={"rope_freqs.weight": factors})
+    with pytest.raises(UserError, match="rope_freqs.weight"):
+        load_gguf(llama31)
+    ones = _edit_gguf(tmp_path / "m.gguf", tmp_path / "ones.gguf",
+                      tensors={"rope_freqs.weight": np.ones(half, np.float32)})
+    assert load_gguf(ones)[2].rope_scaling == 1.0

@@ -136,3 +136,20 @@ def test_checkpoint_saved_by_transformers_keeps_its_rope_scaling(tmp_path):
     tokens = torch.randint(0, SCALED.vocab_size, (2, 19))
     with torch.no_grad():
         torch.testing.assert_close(_logits(loaded.model, tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+], ids=lambda s: s["rope_type"])
+def test_rope_scalings_we_do_not_implement_are_refused(tmp_path, scaling):
+    """A checkpoint transformers saved with a scaling other than linear: refused, not run as plain RoPE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      vocab_size=300, rope_theta=1e6, rope_scaling=scaling, max_position_embeddings=16384)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=f"config.json: unsupported rope_scaling type '{scaling['rope_type']}'"):
+        load_model(tmp_path)

@@ -220,3 +220,12 @@ def test_save_meta_refuses_linear_rope_scaling(tmp_path):
     with pytest.raises(UserError, match="linear RoPE scaling"):
         save_meta(random_model(MHA.replace(rope_scaling=4.0)), None, tmp_path / "meta")
     assert not (tmp_path / "meta").exists()
+
+
+def test_llama_31_scaled_rope_is_refused(tmp_path):
+    """Meta's Llama 3.1 params.json sets use_scaled_rope: loading it as plain RoPE would be another model."""
+    write_meta_by_hand(random_meta_weights(MHA), MHA, tmp_path, 1)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params | {"use_scaled_rope": True}))
+    with pytest.raises(UserError, match="params.json: use_scaled_rope .* not supported"):
+        load_meta(tmp_path)

@@ -68,6 +68,23 @@ def test_fused_prefill_and_decode_equal_eager(mode, cfg):
     torch.testing.assert_close(out, eager.decode(*args), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pos", [8200, 16400, 100_000])
+def test_fused_decode_equals_eager_at_long_positions(pos):
+    """Past 8k, 16k and at 100k, where float32 angles of ~1e5 radians show any difference in the RoPE tables
+    (the fused step indexes one table for the whole cache; the model computes cos/sin per call). The cache
+    before `pos` is filled with random keys and values instead of prefilled: no 100k-token prompt."""
+    model = prepared("float32", CFG.replace(rope_scaling=3.0))
+    fused, eager = (Decoder(copy.deepcopy(model), 2, pos + 8) for _ in range(2))
+    eager._fused = None
+    for dec in (fused, eager):
+        torch.manual_seed(0)
+        for layer in dec.model.layers:
+            layer.attention.cache.kv.normal_()
+    args = ([0, 1], [7, 50], [pos, pos - 3000])  # two rows, far apart
+    # 1e-6 apart; a table whose angles round differently (positions / 3 instead of inv_freq / 3) is 7e-5 apart
+    torch.testing.assert_close(fused.decode(*args), eager.decode(*args), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["float32", "int4"])
 def test_fused_greedy_equals_full_recompute(mode):
     model = prepared(mode)

@@ -47,15 +47,17 @@ class ReaderGenerator:
 
 
 @pytest.mark.parametrize("position", [0.0, 0.2, 0.5, 1.0])
-def test_haystack(position):
+@pytest.mark.parametrize("seed", range(4))
+def test_haystack(position, seed):
     hay = Haystack(ByteTokenizer(), code_files())
-    prompt, actual = hay.build(6000, position, 57, random.Random(0))
+    prompt, actual = hay.build(6000, position, 57, random.Random(seed))
     assert 0.9 * 6000 <= len(prompt.encode()) <= 6000
     assert prompt.endswith(QUESTION) and prompt.count("def my_function() -> int:") == 1
     assert "# Note that this function is used at the end\n    return 57\n" in prompt
     compile(prompt[: -len("assert my_function() == ")], "<haystack>", "exec")  # valid Python throughout
     at = prompt.index("def my_function") / len(prompt)
-    assert abs(at - actual) < 0.05 and abs(actual - position) < 0.35
+    # where asked (a large class between two boundaries put 0.5 anywhere from 0.18 to 0.82)
+    assert abs(at - actual) < 0.05 and abs(actual - position) < 0.03
 
 
 def test_haystack_too_short_for_the_code_says_so():
@@ -132,6 +134,30 @@ def test_key_retrieval_runs_past_the_models_own_context(tmp_path, codellama):
     cfg = EvalConfig(task="long-context-key-retrieval", model="tiny", out=tmp_path, progress=False,
                      extra={"lengths": (1200,), "positions": (0.5,), "examples": 1})
     assert set(run_task(cfg)["accuracy"]) == {"1200/0.5"}
+
+
+def test_key_retrieval_from_the_command_line_runs_past_the_models_own_context(tmp_path, capsys, codellama):
+    """`codellama eval` loads the model once for all its tasks, with its own context: the key-retrieval prompts
+    past it were refused ("prompt 0 is 1196 tokens, 685 more than the context of 512 allows")."""
+    from codellama.cli import main
+
+    assert main(["eval", "--task", "long-context-key-retrieval", "--model", "tiny", "--lengths", "1200",
+                 "--positions", "0.5", "--examples", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_key_retrieval_holds_one_long_prompt_in_the_cache(tmp_path, codellama):
+    """The eval's default --batch-size 8 sized the KV cache for 8 prompts of the longest length (8 x 24k
+    positions on the 7B: 100 GB) to share 4 decode steps; one prompt at a time needs one slot."""
+    from codellama.eval.runner import EvalConfig, run_task
+
+    cfg = EvalConfig(task="long-context-key-retrieval", model="tiny", out=tmp_path, progress=False, batch_size=8,
+                     extra={"lengths": (1200,), "positions": (0.0, 0.5), "examples": 2})
+    adapter = ModelAdapter.load("tiny", "cpu", cfg.batch_size, max_seq_len=1300)
+    run_task(cfg, adapter)
+    assert adapter.generator.model.cache_shape[0] == 1
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.parametrize("option, msg", [(["--examples", "-1"], "--examples must be >= 1"),

@@ -131,7 +131,7 @@ def test_a_stop_string_ending_in_a_character_of_several_tokens_is_never_streamed
 
 
 def test_context_limits(gen):
-    with pytest.raises(UserError, match="more than the context"):
+    with pytest.raises(UserError, match="more than the context of 128 allows .*: shorten it, or .*--max-seq-len"):
         gen.generate([[1] * 200], SamplingParams(max_new_tokens=4))
     out = gen.generate([[1] * 120], SamplingParams(max_new_tokens=50, stop_ids=()))[0]
     assert len(out.tokens) == 8 and out.finish_reason == "length"  # clamped to the 128-token context

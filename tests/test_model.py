@@ -27,6 +27,23 @@ def test_logits_match_transformers(name):
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scaling", [1.0, 4.0, 3.0], ids=["theta1e6", "linear-x4", "linear-x3"])
+@pytest.mark.parametrize("start", [4090, 16380, 100_000])
+def test_logits_match_transformers_at_long_positions(scaling, start):
+    """RoPE past 4k, 16k and at 100k: an angle of ~1e5 radians in float32 shows any difference in how the
+    angle is rounded (a factor that is not a power of two, divided into the positions instead of into
+    inv_freq, was 3e-3 apart at 100k). Positions are given, so no 100k-token attention is needed."""
+    cfg = CONFIGS["gqa-theta1e6"].replace(rope_scaling=scaling, max_seq_len=16384)
+    model = random_model(cfg)
+    hf = hf_twin(model)
+    tokens = torch.randint(0, 300, (1, 24))
+    pos = torch.arange(start, start + 24)[None]  # [1, 24]
+    with torch.no_grad():
+        ours = model(tokens, input_pos=pos)
+        ref = hf(tokens, position_ids=pos).logits
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_kv_cache_equals_full_pass(name):
     model = random_model(CONFIGS[name])

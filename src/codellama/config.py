@@ -147,6 +147,8 @@ class ModelConfig:
     # ---- Meta params.json ----
     @classmethod
     def from_meta(cls, params: dict, vocab_size: int) -> ModelConfig:
+        if params.get("use_scaled_rope"):  # ignoring it would load plain RoPE: other logits past 8k tokens
+            raise ValueError("use_scaled_rope (Llama 3.1's RoPE frequency scaling) is not supported")
         theta = float(params.get("rope_theta", 10000.0))
         return cls(
             dim=params["dim"],

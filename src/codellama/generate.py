@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
@@ -78,7 +79,7 @@ class Generator:
         if len(all_params) != len(prompts) or not all(isinstance(sp, SamplingParams) for sp in all_params):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
         for i, p in enumerate(prompts):
-            check_prompt(i, len(p), self.context_len)
+            check_prompt(i, len(p), self.context_len, self._too_long_remedy())
         if self._busy_thread == threading.get_ident():  # waiting for ourselves would never end
             raise RuntimeError("this Generator is already generating in this thread (an unfinished "
                                "stream_generate): finish or close() that one first; calls share one KV cache")
@@ -95,6 +96,11 @@ class Generator:
                         yield event
             finally:
                 self._busy_thread = None
+
+    def _too_long_remedy(self) -> str:
+        trained = self.model.config.max_seq_len
+        return (f"shorten it, or allow a longer context with max_seq_len (command line: --max-seq-len); the model "
+                f"was trained for {trained} tokens and its output degrades past that")
 
     def _decoder_for(self, batch: int, cache_len: int) -> Decoder:
         if self._decoder is None:
@@ -243,6 +249,7 @@ def load(
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len!r}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
+    warn_past_trained_context(max_seq_len, loaded.config)
     if loaded.tokenizer is None:
         if loaded.format == "gguf":  # its tokenizer can only be inside it
             raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "
@@ -253,3 +260,13 @@ def load(
         wanted = "tokenizer.model" if loaded.format == "meta" else "tokenizer.model or tokenizer.json"  # Meta: SP only
         raise UserError(f"{loaded.source} has no tokenizer: put {wanted} beside the weights")
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)
+
+
+def warn_past_trained_context(max_seq_len: int | None, config) -> None:
+    """RoPE has no hard limit, so a context past the trained one runs; say that quality drops there (Code
+    Llama, trained at 16k, still retrieves keys at 24k and keeps its perplexity to ~100k: spec 5.6; a model
+    without long-context training falls apart soon after its own)."""
+    if max_seq_len is not None and max_seq_len > config.max_seq_len:
+        warnings.warn(f"max_seq_len {max_seq_len} is past the {config.max_seq_len} tokens {config.name or 'the model'} "
+                      "was trained for: prompts that long run, but expect worse output the further past it they go",
+                      stacklevel=3)

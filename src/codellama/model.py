@@ -40,11 +40,14 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for the given positions: [..., head_dim/2] each, float32.
 
-    freq_i = theta^(-2i/head_dim); linear interpolation divides positions by `scaling`.
+    freq_i = theta^(-2i/head_dim); linear interpolation divides them by `scaling`. The float32 operations
+    are transformers' (inv_freq / factor, then position * inv_freq): dividing the positions instead rounds
+    differently for a factor that is not a power of two, and at position 100k an angle of ~1e5 radians
+    carries that rounding into the logits (3e-3 apart at factor 3).
     """
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)  # [hd/2]
-    angles = (positions.float() / scaling)[..., None] * inv_freq  # [..., hd/2]
+    inv_freq = 1.0 / (theta**exponents) / scaling  # [hd/2]
+    angles = positions.float()[..., None] * inv_freq  # [..., hd/2]
     return angles.cos(), angles.sin()
 
 

@@ -103,6 +103,22 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
+def gguf_rope_scaling(reader, path: Path) -> float:
+    """The linear RoPE factor, read as llama.cpp reads it: a factor without a scaling type is linear, and
+    files from before GGUF v3 name it rope.scale_linear. UserError for a scaling we do not implement."""
+    kind = _field(reader, "llama.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        raise UserError(f"{path}: rope scaling {kind!r} is not supported (only linear): its logits would be "
+                        "wrong past the context it was trained at")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None and not np.all(dequantize(freqs.data, freqs.tensor_type).numpy() == 1):
+        # llama.cpp divides each frequency by its entry: Llama 3.1-style scaling, converted into a tensor
+        raise UserError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style rope scaling) "
+                        "are not supported")
+    factor = _field(reader, "llama.rope.scaling.factor", _field(reader, "llama.rope.scale_linear"))
+    return 1.0 if kind == "none" or factor in (None, 0) else _f32(factor)  # llama.cpp: 0 means none
+
+
 def gguf_config(reader, path: Path) -> ModelConfig:
     """ModelConfig from the llama.* metadata; vocab from llama.vocab_size, else the token list."""
     arch = _field(reader, "general.architecture", "llama")
@@ -122,9 +138,7 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else int(emb.shape[1])
-    scaling_type = _field(reader, "llama.rope.scaling.type")
-    if scaling_type not in (None, "none", "linear"):
-        raise UserError(f"{path}: rope scaling {scaling_type!r} is not supported (only linear)")
+    rope_scaling = gguf_rope_scaling(reader, path)
     if _field(reader, "llama.rope.freq_base") is None:
         warn_default_theta(int(vocab), str(path))
     dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
@@ -142,7 +156,7 @@ def gguf_config(reader, path: Path) -> ModelConfig:
             ffn_hidden=int(need("feed_forward_length")),
             norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
-            rope_scaling=_f32(_field(reader, "llama.rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0,
+            rope_scaling=rope_scaling,
             max_seq_len=int(_field(reader, "llama.context_length", 4096)),
             tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),  # SmolLM2 ships no output
             head_dim=head_dim,

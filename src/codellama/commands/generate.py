@@ -81,6 +81,19 @@ def _emit(text: str) -> None:
     sys.stdout.flush()
 
 
+class _EchoFirst:
+    """Prints `head` (the prompt, echoed) before the first text: once the model has accepted the prompt, so a
+    refused one (too long for the context) leaves stdout empty instead of holding the prompt and no answer."""
+
+    def __init__(self, head: str):
+        self.head: str | None = head
+
+    def __call__(self, text: str) -> None:
+        if self.head is not None:
+            text, self.head = self.head + text, None
+        _emit(text)
+
+
 def _read_text(path: Path) -> str:
     if str(path) == "-":  # the usual name for stdin, e.g. an editor piping the buffer in
         return sys.stdin.read()
@@ -106,9 +119,9 @@ def run_complete(args) -> int:
     if not prompt:
         raise UserError("the prompt is empty: pass text, --file, or pipe it on stdin")
     gen = _load(args)
-    _emit(prompt)
-    gen.complete(prompt, on_text=_emit, **_sampling(args))
-    _emit("\n")
+    echo = _EchoFirst(prompt)
+    gen.complete(prompt, on_text=echo, **_sampling(args))
+    echo("\n")
     return 0
 
 
@@ -124,10 +137,9 @@ def run_infill(args) -> int:
     else:
         raise UserError("give --prefix (and --suffix), or --file with a <FILL_ME> marker")
     gen = _load(args)
-    if args.full:
-        _emit(prefix)
-    gen.infill(prefix, suffix, suffix_first=args.spm, on_text=_emit, **_sampling(args))
-    _emit(suffix if args.full else "\n")
+    echo = _EchoFirst(prefix if args.full else "")
+    gen.infill(prefix, suffix, suffix_first=args.spm, on_text=echo, **_sampling(args))
+    echo(suffix if args.full else "\n")
     return 0
 
 

@@ -60,14 +60,15 @@ def longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def check_prompt(i: int, n: int, context_len: int) -> None:
-    """UserError unless a prompt of n tokens leaves room for at least one new token."""
+def check_prompt(i: int, n: int, context_len: int, remedy: str = "") -> None:
+    """UserError unless a prompt of n tokens leaves room for at least one new token; `remedy` says what the
+    caller can do about a prompt that is too long."""
     if n == 0:
         raise UserError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
     if n >= context_len:
         raise UserError(
             f"prompt {i} is {n} tokens, {n - context_len + 1} more than the context of "
-            f"{context_len} allows (leave room for at least one new token)"
+            f"{context_len} allows (leave room for at least one new token)" + (f": {remedy}" if remedy else "")
         )
 
 
