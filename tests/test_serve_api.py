@@ -407,6 +407,11 @@ HOSTILE = [
     ("OPTIONS", "/v1/models", None, {}, 405, "Method Not Allowed"),
     ("DELETE", "/v1/models/x", None, {}, 405, "Method Not Allowed"),
     ("GET", "/v1/nothing", None, {}, 404, "Not Found"),
+    # a trailing slash is served in place (was a 307 redirect, an empty answer to curl without -L)
+    ("POST", COMPLETIONS + "/", {"prompt": "x"}, JSON, 200, None),
+    ("POST", CHAT + "/", {"messages": HI}, JSON, 200, None),
+    ("GET", "/v1/models/", None, {}, 200, None),  # the list, not the model ""
+    ("GET", "/health/", None, {}, 200, None),
     ("POST", "/v1/embeddings", b"{}", JSON, 404, "Not Found"),
 ]
 

@@ -484,12 +484,19 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     server = Server(engine, config)
     app = FastAPI(title="codellama", version="0.1.0")
     app.state.server = server
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+
+    def route(path: str, endpoint, methods: list[str]) -> None:
+        # "/v1/completions/" is served in place, not with Starlette's 307 redirect: curl without -L gets an
+        # empty answer, and behind a TLS proxy the redirect points at http://, where clients drop the API key
+        app.add_api_route(path, endpoint, methods=methods)
+        app.add_api_route(path + "/", endpoint, methods=methods, include_in_schema=False)
+
+    route("/v1/completions", server.completions, ["POST"])
+    route("/v1/chat/completions", server.chat, ["POST"])
     # HEAD too, as for any GET resource (uptime probes send it); uvicorn answers it without the body
-    app.add_api_route("/v1/models", server.models, methods=["GET", "HEAD"])
+    route("/v1/models", server.models, ["GET", "HEAD"])  # before the next route, which would read "/" as model ""
     app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET", "HEAD"])  # names may hold a '/'
-    app.add_api_route("/health", server.health, methods=["GET", "HEAD"])
+    route("/health", server.health, ["GET", "HEAD"])
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
