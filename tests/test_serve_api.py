@@ -378,7 +378,15 @@ HOSTILE = [
     ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      JSON, 400, "only text content parts"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, JSON, 400, "only text content"),
-    ("POST", CHAT, {"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]}, JSON, 400, "'messages.0.role'"),
+    # a function-calling client's history: was "expected str or list" about content null, or an unknown role
+    ("POST", CHAT, {"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, JSON, 400,
+     "messages[1] is part of a function call (tool_calls"),
+    ("POST", CHAT, {"messages": [*HI, {"role": "assistant", "content": "x", "function_call": {"name": "f"}}]}, JSON,
+     400, "function calling is not supported"),
+    ("POST", CHAT, {"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]}, JSON, 400,
+     "role 'tool'): function calling is not supported"),
+    ("POST", CHAT, {"messages": [*HI, {"role": "assistant", "content": None}]}, JSON, 400, "'messages.1.content'"),
     ("POST", CHAT, {"messages": [{"role": 5, "content": "x"}]}, JSON, 400, "'messages.0.role'"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, JSON, 200, None),
     ("POST", CHAT, {"messages": [{"role": "system", "content": "s"}]}, JSON, 400, "only a system message"),
