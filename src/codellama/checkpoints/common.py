@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from codellama.config import ModelConfig
 from codellama.errors import UserError
 from codellama.engine.quant import QuantCodes, QuantEmbedding, QuantLinear
 from codellama.model import Transformer
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 T = TypeVar("T", torch.Tensor, QuantCodes)
 
@@ -159,8 +162,8 @@ def refuse_web_page(f: Path) -> None:
                         "in its place (an expired or used-up link?); download it again")
 
 
-def try_load_tokenizer(path: Path):
-    """The tokenizer stored at `path` (a tokenizer file or a dir holding one)."""
+def tokenizer_at(path: Path) -> Tokenizer:
+    """The tokenizer stored at `path` (a tokenizer file or a dir holding one); UserError if it cannot be read."""
     from codellama.tokenizer import load_tokenizer  # lazily: loading weights alone needs no tokenizer code
 
     return load_tokenizer(path)

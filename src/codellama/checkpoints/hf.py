@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, tokenizer_at
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
 from codellama.config import ModelConfig, warn_default_theta
 from codellama.errors import UserError
@@ -162,7 +162,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
 def hf_tokenizer(path: Path):
     """The tokenizer saved beside the weights (tokenizer.model or tokenizer.json), or None."""
     if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        return try_load_tokenizer(path)
+        return tokenizer_at(path)
     return None
 
 

@@ -19,7 +19,7 @@ from codellama.checkpoints.common import (
     ours_to_meta,
     refuse_web_page,
     resolve_dtype,
-    try_load_tokenizer,
+    tokenizer_at,
 )
 from codellama.config import ModelConfig, llama_ffn_hidden, warn_default_theta
 from codellama.errors import UserError
@@ -100,7 +100,7 @@ def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
     f = path / "tokenizer.model"
     if not f.is_file():
         return None, None
-    tok = try_load_tokenizer(f)
+    tok = tokenizer_at(f)
     return tok, tok.vocab_size
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from codellama.checkpoints.common import fill_model, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.common import fill_model, resolve_dtype, tokenizer_at
 from codellama.config import ModelConfig
 from codellama.errors import UserError
 
@@ -83,7 +83,7 @@ def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
     state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
     tok_dir = ckpt / TOKENIZER_DIR
     return TrainCheckpoint(ckpt, int(state.get("step", 0)), state.get("recipe", {}).get("stage", "?"),
-                           _model_config(state, ckpt), try_load_tokenizer(tok_dir) if tok_dir.is_dir() else None)
+                           _model_config(state, ckpt), tokenizer_at(tok_dir) if tok_dir.is_dir() else None)
 
 
 def load_train_run(path: str | Path, device: str | torch.device = "cpu", dtype=None):
