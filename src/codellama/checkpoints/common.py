@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from codellama.tokenizer import Tokenizer
 
 T = TypeVar("T", torch.Tensor, QuantCodes)
+# a dtype as callers give it: a torch dtype, its name, "auto" (as stored) or None (the loader's default)
+DTypeSpec = str | torch.dtype | None
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
@@ -31,7 +33,7 @@ _DTYPES = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(dtype: DTypeSpec) -> torch.dtype | None:
     """A torch dtype from a name; None (and "auto") stay None: the loader's default."""
     if dtype is None or dtype == "auto":
         return None
@@ -42,7 +44,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_dtype(
-    device: str | torch.device, dtype: str | torch.dtype | None, stored: torch.dtype | None
+    device: str | torch.device, dtype: DTypeSpec, stored: torch.dtype | None
 ) -> torch.dtype:
     """The dtype to load into: the one asked for; "auto": as stored (float16 for quantised GGUF), so
     conversions never widen; else float32 on CPU (fast and exact there); on an accelerator the stored
@@ -63,7 +65,7 @@ def resolve_dtype(
 
 
 def meta_to_ours(w: T, n_heads: int) -> T:
-    """wq/wk [n_heads*hd, ...] from Meta's interleaved row order to rotate-half order (spec 1.5); an
+    """wq/wk [n_heads*hd, ...] from Meta's interleaved row order to rotate-half order (spec 1.5); a
     QuantCodes matrix has its codes' and scales' rows reordered alike."""
     if isinstance(w, QuantCodes):
         return QuantCodes(w.mode, meta_to_ours(w.qweight, n_heads), meta_to_ours(w.scales, n_heads))

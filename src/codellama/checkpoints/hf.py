@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, tokenizer_at
+from codellama.checkpoints.common import DTypeSpec, fill_model, refuse_web_page, resolve_dtype, tokenizer_at
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
 from codellama.config import ModelConfig, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -149,7 +153,9 @@ def stored_dtype(files: list[Path]) -> torch.dtype | None:
     return None
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True):
+def load_hf(
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, *, with_tokenizer: bool = True
+) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from an HF checkpoint directory."""
     path = Path(path)
     cfg = read_hf_config(path)
@@ -159,7 +165,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
     return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
 
 
-def hf_tokenizer(path: Path):
+def hf_tokenizer(path: Path) -> Tokenizer | None:
     """The tokenizer saved beside the weights (tokenizer.model or tokenizer.json), or None."""
     if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         return tokenizer_at(path)
@@ -204,7 +210,9 @@ def _remove_weights(out: Path) -> None:
             f.unlink()
 
 
-def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: int | str = "5GB") -> Path:
+def save_hf(
+    model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, max_shard_size: int | str = "5GB"
+) -> Path:
     """Write config.json, generation_config.json, model.safetensors (or shards + index), and the tokenizer."""
     from safetensors.torch import save_file
 
