@@ -7,6 +7,7 @@ storage), and each tensor read from a memory-mapped file is converted and assign
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -162,6 +163,19 @@ def refuse_web_page(f: Path) -> None:
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<error>")):
         raise UserError(f"{f} is a web page (HTML/XML), not model data: the download saved an error or login page "
                         "in its place (an expired or used-up link?); download it again")
+
+
+def read_json_object(f: Path, what: str) -> dict:
+    """A checkpoint's JSON file (config.json, params.json, a shard index) as a dict; UserError naming the file
+    when it is missing, not JSON (a web page saved in its place is named as such) or not a JSON object."""
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        refuse_web_page(f)
+        raise UserError(f"{f}: cannot read {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{f}: {what} must be a JSON object, not {type(data).__name__}")
+    return data
 
 
 def tokenizer_at(path: Path) -> Tokenizer:

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from codellama.checkpoints.common import DTypeSpec, fill_model, refuse_web_page, resolve_dtype, tokenizer_at
+from codellama.checkpoints.common import (
+    DTypeSpec,
+    fill_model,
+    read_json_object,
+    refuse_web_page,
+    resolve_dtype,
+    tokenizer_at,
+)
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
 from codellama.config import ModelConfig, warn_default_theta
 from codellama.errors import UserError
@@ -26,11 +33,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def read_hf_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        refuse_web_page(cfg_file)
-        raise UserError(f"{cfg_file}: cannot read the model config ({e})") from None
+    hf = read_json_object(cfg_file, "the model config")
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "codellama"):
         raise UserError(f"{cfg_file}: model_type {model_type!r} is not a Llama-family model")
@@ -49,10 +52,9 @@ def weight_files(path: Path) -> list[Path]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{index}: unreadable shard index ({e!r})") from None
+            weight_map = read_json_object(index, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: the shard index has no weight_map object")
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:

@@ -19,6 +19,7 @@ from codellama.checkpoints.common import (
     fill_model,
     meta_to_ours,
     ours_to_meta,
+    read_json_object,
     refuse_web_page,
     resolve_dtype,
     tokenizer_at,
@@ -62,11 +63,7 @@ def _load_shard(f: Path) -> dict[str, torch.Tensor]:
 
 def read_params(path: Path) -> dict:
     f = path / "params.json"
-    try:
-        params = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        refuse_web_page(f)
-        raise UserError(f"{f}: cannot read model parameters ({e})") from None
+    params = read_json_object(f, "model parameters")
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise UserError(f"{f}: missing key(s) {', '.join(missing)}")
