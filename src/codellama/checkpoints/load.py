@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from codellama.assets import SMOLLM2_GGUF, package_file
-from codellama.checkpoints.common import DTypeSpec, empty_model, refuse_web_page, resolve_dtype
+from codellama.checkpoints.common import DTypeSpec, empty_model, read_json_object, refuse_web_page, resolve_dtype
 from codellama.checkpoints.train_run import is_run_dir, is_step_dir, load_train_run, read_train_checkpoint
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
@@ -220,7 +220,6 @@ class ModelInfo:
 
 def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
     """Config, tokenizer and storage description of a model spec, without loading the weights."""
-    import json
     from collections import Counter
 
     if spec is None or str(spec) == "default":
@@ -261,7 +260,7 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
         stored = stored_dtype(files)  # the files' own word; transformers >= 4.56 writes "dtype", not "torch_dtype"
-        hf = json.loads((path / "config.json").read_text())
+        hf = read_json_object(path / "config.json", "the model config")
         dtype = str(stored).removeprefix("torch.") if stored else hf.get("torch_dtype") or hf.get("dtype") or "?"
         weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
         return ModelInfo(cfg, fit_tokenizer(hf_tokenizer(path), cfg), str(path), fmt, weights)
