@@ -130,6 +130,7 @@ def filtered_probs(
     The nucleus rule is Meta's: drop a token when the mass of the tokens ranked above it already exceeds p.
     `unfiltered` (known on the host) skips the sort when no row filters; None reads it from the tensors.
     """
+    # a greedy row (T = 0) is divided by a small number instead of 0: its sample is replaced by the argmax
     scaled = logits / temperature.clamp(min=1e-5)[:, None]  # [B, V]
     if unfiltered is None:
         unfiltered = bool((top_p >= 1).all()) and bool((top_k == 0).all())
