@@ -41,10 +41,9 @@ def tok(request):
         pytest.skip(str(e))
 
 
-def test_spec_example_ids(tok):
+def test_spec_example_ids():
     """Spec 2.3's PSM prompt for remove_non_ascii, on Code Llama's vocabulary: the FIM example starts with it."""
-    if tok.vocab_size != 32016:
-        pytest.skip("needs Code Llama's vocabulary")
+    tok = codellama_tokenizer()  # not the `tok` fixture: its trained-here vocabulary always skipped this test
     prefix, suffix = 'def remove_non_ascii(s: str) -> str:\n    """ ', "\n    return result\n"
     middle = "Remove non-ASCII."
     ids = ("1 32007 822 3349 29918 5464 29918 294 18869 29898 29879 29901 851 29897 1599 851 29901 13 1678 9995 "
