@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
-
 from codellama.config import preset
+from codellama.tokenizer import SentencePieceTokenizer, codellama_tokenizer
 from helpers import random_model
 
 MODEL = "tiny-test"
 
 
-def tokenizer(variant: str = "base"):
-    tokenizer_mod = pytest.importorskip("codellama.tokenizer", reason="codellama.tokenizer has not landed yet")
-    pytest.importorskip("codellama.prompts", reason="codellama.prompts has not landed yet")
-    return tokenizer_mod.codellama_tokenizer(variant)
+def tokenizer(variant: str = "base") -> SentencePieceTokenizer:
+    return codellama_tokenizer(variant)
 
 
 def tiny_model(vocab_size: int = 32016):

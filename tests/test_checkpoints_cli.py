@@ -102,12 +102,18 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
     (tmp / "empty").mkdir()
     (tmp / "meta").mkdir()
     (tmp / "meta" / "params.json").write_text("{not json")
+    save_hf(random_model(CFG), None, tmp / "list-config")
+    (tmp / "list-config" / "config.json").write_text("[]")  # was an AttributeError's traceback
+    save_meta(random_model(CFG), None, tmp / "null-params")
+    (tmp / "null-params" / "params.json").write_text("null")  # was a TypeError's traceback
     return {
         "missing": (tmp / "nope", "no such file"),
         "neither": (tmp / "empty", "params.json"),
         "corrupt-safetensors": (tmp / "hf", "model.safetensors"),
         "truncated-gguf": (tmp / "cut.gguf", "cut.gguf"),
         "bad-params": (tmp / "meta", "params.json"),
+        "config-not-an-object": (tmp / "list-config", "config.json: the model config must be a JSON object"),
+        "params-not-an-object": (tmp / "null-params", "params.json: model parameters must be a JSON object"),
         "unknown-preset": ("codellama-8b", "codellama-7b"),
         "hub-id": ("codellama/CodeLlama-7b-nope", "hf download codellama/CodeLlama-7b-nope"),
     }
@@ -162,9 +168,11 @@ def test_web_page_saved_in_place_of_a_checkpoint_file_is_named(tmp_path, capsys)
     save_hf(random_model(CFG), None, tmp_path / "hf")
     save_meta(random_model(CFG), None, tmp_path / "meta", n_shards=2)
     save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F16")
+    save_hf(random_model(CFG), None, tmp_path / "sharded", max_shard_size=100_000)
     files = [tmp_path / "hf" / n for n in ("model.safetensors", "config.json", "tokenizer.model")]
+    files += [tmp_path / "sharded" / "model.safetensors.index.json"]  # was "unreadable shard index"
     files += [tmp_path / "meta" / n for n in ("consolidated.00.pth", "params.json")] + [tmp_path / "m.gguf"]
-    for f, page in zip(files, WEB_PAGES * 3):
+    for f, page in zip(files, WEB_PAGES * 4):
         kept = f.read_bytes() if f.exists() else None
         f.write_bytes(page)
         assert run_cli("info", f.parent if f.suffix != ".gguf" else f) == 2, f
@@ -264,7 +272,7 @@ def test_preset_tokenizers_fit_their_models(codellama):
 
     for name, cfg in PRESETS.items():
         tok = inspect_model(name).tokenizer
-        assert tok is None or tok.vocab_size == cfg.vocab_size, name
+        assert tok is not None and tok.vocab_size == cfg.vocab_size, name  # was: None passed too
     assert describe(inspect_model("codellama-34b"))["can_infill"] is False
     assert describe(inspect_model("codellama-7b-python"))["can_infill"] is False
     assert describe(inspect_model("codellama-7b"))["can_infill"] is True

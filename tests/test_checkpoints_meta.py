@@ -140,8 +140,9 @@ def test_save_meta_two_shards_then_hf_then_transformers(tmp_path, cfg):
 
 def test_vocab_from_tokenizer_model(tmp_path):
     """params.json has no vocab: it comes from tokenizer.model; a mismatch names the embedding."""
-    spm = pytest.importorskip("sentencepiece")
     import io
+
+    import sentencepiece as spm
 
     text = "def f(x):\n    return x + 1\n" * 50 + "print('hello world')\n" * 50
     buf = io.BytesIO()

@@ -96,6 +96,8 @@ def test_one_coincident_ngram_is_not_enough():
     d.finish()
     assert d.match("we compute the rolling sum") is None  # no 4 words in common
     assert d.match("so compute the rolling maximum, said nobody") is None  # one 4-gram: a coincidence
+    # the same coincidence twice is still one n-gram (was counted as two matches and dropped the file)
+    assert d.match("compute the rolling maximum; then again: compute the rolling maximum") is None
     assert d.match("compute the rolling maximum of arrays").item.item == "1"  # two 4-grams: 5 words
     assert d.match("for i in range n for j in range n: pass") is None
 

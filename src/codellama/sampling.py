@@ -11,6 +11,11 @@ import torch
 from codellama.engine.host import to_device
 from codellama.errors import UserError
 
+# top_k is held in an int64 tensor, and a seed must fit torch.Generator.manual_seed (int64 or uint64): a
+# value beyond these would fail only when the batch is built, inside the engine
+_TOP_K_LIMIT = 2**63
+_SEED_RANGE = range(-(2**63), 2**64)
+
 
 @dataclass
 class SamplingParams:
@@ -37,14 +42,14 @@ class SamplingParams:
             raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise UserError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < _TOP_K_LIMIT:
+            raise UserError(f"top_k must be an integer >= 0 (0 = off) and below 2**63, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError(f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
         if self.stop_ids is not None and not all(_is_int(t) for t in self.stop_ids):
             raise UserError(f"stop_ids must be token ids (integers), got {list(self.stop_ids)!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise UserError(f"seed must be an integer (or None: not reproducible), got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and self.seed in _SEED_RANGE):
+            raise UserError(f"seed must be an integer in [-2**63, 2**64) (None: not reproducible), got {self.seed!r}")
 
 
 def _as_tuple(x) -> tuple:
@@ -125,6 +130,7 @@ def filtered_probs(
     The nucleus rule is Meta's: drop a token when the mass of the tokens ranked above it already exceeds p.
     `unfiltered` (known on the host) skips the sort when no row filters; None reads it from the tensors.
     """
+    # a greedy row (T = 0) is divided by a small number instead of 0: its sample is replaced by the argmax
     scaled = logits / temperature.clamp(min=1e-5)[:, None]  # [B, V]
     if unfiltered is None:
         unfiltered = bool((top_p >= 1).all()) and bool((top_k == 0).all())

@@ -7,9 +7,10 @@ storage), and each tensor read from a memory-mapped file is converted and assign
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -19,7 +20,12 @@ from codellama.errors import UserError
 from codellama.engine.quant import QuantCodes, QuantEmbedding, QuantLinear
 from codellama.model import Transformer
 
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
+
 T = TypeVar("T", torch.Tensor, QuantCodes)
+# a dtype as callers give it: a torch dtype, its name, "auto" (as stored) or None (the loader's default)
+DTypeSpec = str | torch.dtype | None
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
@@ -28,7 +34,7 @@ _DTYPES = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(dtype: DTypeSpec) -> torch.dtype | None:
     """A torch dtype from a name; None (and "auto") stay None: the loader's default."""
     if dtype is None or dtype == "auto":
         return None
@@ -39,7 +45,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_dtype(
-    device: str | torch.device, dtype: str | torch.dtype | None, stored: torch.dtype | None
+    device: str | torch.device, dtype: DTypeSpec, stored: torch.dtype | None
 ) -> torch.dtype:
     """The dtype to load into: the one asked for; "auto": as stored (float16 for quantised GGUF), so
     conversions never widen; else float32 on CPU (fast and exact there); on an accelerator the stored
@@ -60,7 +66,7 @@ def resolve_dtype(
 
 
 def meta_to_ours(w: T, n_heads: int) -> T:
-    """wq/wk [n_heads*hd, ...] from Meta's interleaved row order to rotate-half order (spec 1.5); an
+    """wq/wk [n_heads*hd, ...] from Meta's interleaved row order to rotate-half order (spec 1.5); a
     QuantCodes matrix has its codes' and scales' rows reordered alike."""
     if isinstance(w, QuantCodes):
         return QuantCodes(w.mode, meta_to_ours(w.qweight, n_heads), meta_to_ours(w.scales, n_heads))
@@ -159,8 +165,21 @@ def refuse_web_page(f: Path) -> None:
                         "in its place (an expired or used-up link?); download it again")
 
 
-def try_load_tokenizer(path: Path):
-    """The tokenizer stored at `path` (a tokenizer file or a dir holding one)."""
+def read_json_object(f: Path, what: str) -> dict:
+    """A checkpoint's JSON file (config.json, params.json, a shard index) as a dict; UserError naming the file
+    when it is missing, not JSON (a web page saved in its place is named as such) or not a JSON object."""
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        refuse_web_page(f)
+        raise UserError(f"{f}: cannot read {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{f}: {what} must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def tokenizer_at(path: Path) -> Tokenizer:
+    """The tokenizer stored at `path` (a tokenizer file or a dir holding one); UserError if it cannot be read."""
     from codellama.tokenizer import load_tokenizer  # lazily: loading weights alone needs no tokenizer code
 
     return load_tokenizer(path)

@@ -21,15 +21,29 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from codellama.checkpoints.common import drop_mapped_pages, fill_model, meta_to_ours, ours_to_meta, resolve_dtype
+from codellama.checkpoints.common import (
+    DTypeSpec,
+    drop_mapped_pages,
+    fill_model,
+    meta_to_ours,
+    ours_to_meta,
+    resolve_dtype,
+)
 from codellama.config import ModelConfig, warn_default_theta
 from codellama.engine.quant import GROUP, INT8_GROUP, QuantCodes, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
+
+if TYPE_CHECKING:
+    import gguf
+
+    from codellama.checkpoints.gguf_reader import FastGGUFReader
+    from codellama.tokenizer import Tokenizer
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the int4 layout holds exactly
 # the rest as int8g
@@ -76,7 +90,7 @@ def from_gguf_name(name: str) -> str | None:
 # ---- reading ----
 
 
-def open_reader(path: str | Path):
+def open_reader(path: str | Path) -> FastGGUFReader:
     from codellama.checkpoints.gguf_reader import FastGGUFReader
 
     path = Path(path)
@@ -103,7 +117,7 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def gguf_rope_scaling(reader, path: Path) -> float:
+def gguf_rope_scaling(reader: FastGGUFReader, path: Path) -> float:
     """The linear RoPE factor, read as llama.cpp reads it: a factor without a scaling type is linear, and
     files from before GGUF v3 name it rope.scale_linear. UserError for a scaling we do not implement."""
     kind = _field(reader, "llama.rope.scaling.type", "linear")
@@ -119,7 +133,7 @@ def gguf_rope_scaling(reader, path: Path) -> float:
     return 1.0 if kind == "none" or factor in (None, 0) else _f32(factor)  # llama.cpp: 0 means none
 
 
-def gguf_config(reader, path: Path) -> ModelConfig:
+def gguf_config(reader: FastGGUFReader, path: Path) -> ModelConfig:
     """ModelConfig from the llama.* metadata; vocab from llama.vocab_size, else the token list."""
     arch = _field(reader, "general.architecture", "llama")
     if arch != "llama":
@@ -327,7 +341,7 @@ def _stored_dtype(reader) -> torch.dtype:
     return {"BF16": torch.bfloat16, "F32": torch.float32}.get(types.pop(), torch.float16)
 
 
-def gguf_tokenizer(reader):
+def gguf_tokenizer(reader: FastGGUFReader) -> Tokenizer | None:
     """The tokenizer (with chat template) embedded in the GGUF, or None when it carries none."""
     if reader.fields.get("tokenizer.ggml.tokens") is None:
         return None
@@ -337,9 +351,9 @@ def gguf_tokenizer(reader):
 
 
 def load_gguf(
-    path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True,
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, *, with_tokenizer: bool = True,
     keep_codes: bool = False,
-):
+) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from a .gguf file; keep_codes: see the module docstring."""
     path = Path(path)
     reader = open_reader(path)
@@ -390,7 +404,7 @@ def _nbytes(shape: tuple[int, ...], kind: str) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def save_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "F16") -> Path:
+def save_gguf(model: Transformer, tokenizer: Tokenizer | None, path: str | Path, qtype: str = "F16") -> Path:
     """Write a llama-architecture GGUF (F32, F16 or Q8_0 matrices; norms F32) with the tokenizer fields,
     streaming one tensor at a time."""
     import gguf
@@ -440,7 +454,7 @@ def save_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "F16
     return path
 
 
-def write_tokenizer(w, tok, cfg: ModelConfig) -> None:
+def write_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, cfg: ModelConfig) -> None:
     """The tokenizer.ggml.* fields (codellama.tokenizer's writer) plus llama.cpp's infill token ids."""
     from codellama.tokenizer import write_gguf_tokenizer
 

@@ -6,14 +6,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from codellama.checkpoints.common import fill_model, refuse_web_page, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.common import (
+    DTypeSpec,
+    fill_model,
+    read_json_object,
+    refuse_web_page,
+    resolve_dtype,
+    tokenizer_at,
+)
 from codellama.checkpoints.hf_names import from_hf_name, to_hf_name
 from codellama.config import ModelConfig, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -22,11 +33,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def read_hf_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        refuse_web_page(cfg_file)
-        raise UserError(f"{cfg_file}: cannot read the model config ({e})") from None
+    hf = read_json_object(cfg_file, "the model config")
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "codellama"):
         raise UserError(f"{cfg_file}: model_type {model_type!r} is not a Llama-family model")
@@ -45,10 +52,9 @@ def weight_files(path: Path) -> list[Path]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{index}: unreadable shard index ({e!r})") from None
+            weight_map = read_json_object(index, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: the shard index has no weight_map object")
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -149,7 +155,9 @@ def stored_dtype(files: list[Path]) -> torch.dtype | None:
     return None
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *, with_tokenizer: bool = True):
+def load_hf(
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, *, with_tokenizer: bool = True
+) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from an HF checkpoint directory."""
     path = Path(path)
     cfg = read_hf_config(path)
@@ -159,10 +167,10 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype=None, *,
     return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
 
 
-def hf_tokenizer(path: Path):
+def hf_tokenizer(path: Path) -> Tokenizer | None:
     """The tokenizer saved beside the weights (tokenizer.model or tokenizer.json), or None."""
     if any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        return try_load_tokenizer(path)
+        return tokenizer_at(path)
     return None
 
 
@@ -204,7 +212,9 @@ def _remove_weights(out: Path) -> None:
             f.unlink()
 
 
-def save_hf(model: Transformer, tokenizer, out_dir: str | Path, max_shard_size: int | str = "5GB") -> Path:
+def save_hf(
+    model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, max_shard_size: int | str = "5GB"
+) -> Path:
     """Write config.json, generation_config.json, model.safetensors (or shards + index), and the tokenizer."""
     from safetensors.torch import save_file
 

@@ -8,15 +8,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from codellama.assets import SMOLLM2_GGUF, package_file
-from codellama.checkpoints.common import empty_model, refuse_web_page, resolve_dtype
+from codellama.checkpoints.common import DTypeSpec, empty_model, read_json_object, refuse_web_page, resolve_dtype
 from codellama.checkpoints.train_run import is_run_dir, is_step_dir, load_train_run, read_train_checkpoint
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
 
@@ -24,7 +28,7 @@ GGUF_MAGIC = b"GGUF"
 @dataclass
 class LoadedModel:
     model: Transformer
-    tokenizer: object | None  # codellama.tokenizer.Tokenizer
+    tokenizer: Tokenizer | None
     config: ModelConfig
     source: str  # the path (or preset name) it came from
     format: str  # "hf" | "meta" | "gguf" | "train" (a training run or checkpoint) | "preset"
@@ -70,7 +74,11 @@ def detect_format(path: Path) -> str:
 
 
 def load_model(
-    spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype=None, *, keep_codes: bool = False
+    spec: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: DTypeSpec = None,
+    *,
+    keep_codes: bool = False,
 ) -> LoadedModel:
     """Load a model from any supported spec; see the module docstring. keep_codes: a GGUF's quantised
     matrices (its linear layers and embedding) stay the file's codes (checkpoints/gguf.py); other formats
@@ -135,7 +143,7 @@ def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedMod
     return LoadedModel(model=model, tokenizer=fit_tokenizer(tok, cfg), config=cfg, source=str(path), format=fmt)
 
 
-def fit_tokenizer(tok, cfg: ModelConfig):
+def fit_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> Tokenizer:
     """The tokenizer without the special pieces whose ids are past the model's embedding: a Python or 34B
     checkpoint (32000 rows) shipped with a tokenizer that knows the infill pieces, as the Hub's did, then
     says it cannot infill instead of indexing past the embedding (spec 6.5, I#166). A copy: tokenizers
@@ -150,7 +158,9 @@ def fit_tokenizer(tok, cfg: ModelConfig):
     return tok
 
 
-def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -> LoadedModel:
+def load_preset(
+    name: str, device: str | torch.device = "cpu", dtype: DTypeSpec = None, keep_codes: bool = False
+) -> LoadedModel:
     """smollm2-135m: the real default weights. Other presets: random weights (init_weights) allocated
     once in the target dtype, with the Code Llama tokenizer when the vocab is Code Llama's."""
     if name == "smollm2-135m":
@@ -168,7 +178,7 @@ def load_preset(name: str, device="cpu", dtype=None, keep_codes: bool = False) -
     return LoadedModel(model=model.eval(), tokenizer=preset_tokenizer(cfg), config=cfg, source=name, format="preset")
 
 
-def preset_tokenizer(cfg: ModelConfig):
+def preset_tokenizer(cfg: ModelConfig) -> Tokenizer | None:
     """The Code Llama tokenizer for presets with its vocabulary, else None: Llama 2's 32000 pieces for the
     Python and 34B models (no infill pieces: their ids would be past the embedding), 32016 for the others,
     with `<step>` (its chat format) for 70B Instruct."""
@@ -202,7 +212,7 @@ class ModelInfo:
     """What `codellama info` shows: everything but the weights."""
 
     config: ModelConfig
-    tokenizer: object | None
+    tokenizer: Tokenizer | None
     source: str
     format: str
     weights: str  # how the weights are stored, e.g. "float16, 2 safetensors shards" or "Q4_1 x210, F32 x61"
@@ -210,7 +220,6 @@ class ModelInfo:
 
 def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
     """Config, tokenizer and storage description of a model spec, without loading the weights."""
-    import json
     from collections import Counter
 
     if spec is None or str(spec) == "default":
@@ -251,7 +260,7 @@ def inspect_model(spec: str | os.PathLike | None = None) -> ModelInfo:
             if f.suffix == ".safetensors":
                 read_safetensors_header(f)
         stored = stored_dtype(files)  # the files' own word; transformers >= 4.56 writes "dtype", not "torch_dtype"
-        hf = json.loads((path / "config.json").read_text())
+        hf = read_json_object(path / "config.json", "the model config")
         dtype = str(stored).removeprefix("torch.") if stored else hf.get("torch_dtype") or hf.get("dtype") or "?"
         weights = f"{dtype}, {len(files)} file(s) ({files[0].suffix[1:]})"
         return ModelInfo(cfg, fit_tokenizer(hf_tokenizer(path), cfg), str(path), fmt, weights)

@@ -9,21 +9,27 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from codellama.checkpoints.common import (
+    DTypeSpec,
     drop_mapped_pages,
     fill_model,
     meta_to_ours,
     ours_to_meta,
+    read_json_object,
     refuse_web_page,
     resolve_dtype,
-    try_load_tokenizer,
+    tokenizer_at,
 )
 from codellama.config import ModelConfig, llama_ffn_hidden, warn_default_theta
 from codellama.errors import UserError
 from codellama.model import Transformer
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 # fairscale ColumnParallelLinear splits the output dim (0), RowParallelLinear the input dim (1);
 # ParallelEmbedding splits the embedding dim (1); norms are replicated.
@@ -57,11 +63,7 @@ def _load_shard(f: Path) -> dict[str, torch.Tensor]:
 
 def read_params(path: Path) -> dict:
     f = path / "params.json"
-    try:
-        params = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        refuse_web_page(f)
-        raise UserError(f"{f}: cannot read model parameters ({e})") from None
+    params = read_json_object(f, "model parameters")
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise UserError(f"{f}: missing key(s) {', '.join(missing)}")
@@ -100,7 +102,7 @@ def _tokenizer_vocab(path: Path) -> tuple[object | None, int | None]:
     f = path / "tokenizer.model"
     if not f.is_file():
         return None, None
-    tok = try_load_tokenizer(f)
+    tok = tokenizer_at(f)
     return tok, tok.vocab_size
 
 
@@ -135,7 +137,9 @@ def _check_shards_agree(files: list[Path], shards: list[dict[str, torch.Tensor]]
                                 "belong together (re-download the checkpoint)")
 
 
-def meta_config(path: Path, shards: list[dict[str, torch.Tensor]] | None = None):
+def meta_config(
+    path: Path, shards: list[dict[str, torch.Tensor]] | None = None
+) -> tuple[ModelConfig, Tokenizer | None, list[Path]]:
     """-> (config, tokenizer or None, shard files); reads params.json, tokenizer.model and the shards'
     tensor names and shapes (memory-mapped: no weight is read), checking the shards agree."""
     params = read_params(path)
@@ -163,7 +167,9 @@ def meta_config(path: Path, shards: list[dict[str, torch.Tensor]] | None = None)
     return cfg, tokenizer, files
 
 
-def load_meta(path: str | Path, device: str | torch.device = "cpu", dtype=None):
+def load_meta(
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None
+) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from a Meta checkpoint directory (any number of MP shards)."""
     path = Path(path)
     files = shard_files(path)
@@ -188,7 +194,7 @@ def meta_ffn_params(dim: int, ffn_hidden: int, multiple_of: int, multiplier: flo
     return 1, mult
 
 
-def save_meta(model: Transformer, tokenizer, out_dir: str | Path, n_shards: int = 1) -> Path:
+def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, n_shards: int = 1) -> Path:
     """Write params.json (no vocab_size, as Meta's), consolidated.NN.pth split for `n_shards` ranks, and
     tokenizer.model when the tokenizer is SentencePiece."""
     cfg = model.config

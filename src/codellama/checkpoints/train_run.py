@@ -12,12 +12,17 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from codellama.checkpoints.common import fill_model, resolve_dtype, try_load_tokenizer
+from codellama.checkpoints.common import DTypeSpec, fill_model, resolve_dtype, tokenizer_at
 from codellama.config import ModelConfig
 from codellama.errors import UserError
+
+if TYPE_CHECKING:
+    from codellama.model import Transformer
+    from codellama.tokenizer import Tokenizer
 
 # what train/checkpoint.py writes into a step directory besides the DCP shards
 TRAINER_STATE = "trainer_state.pt"
@@ -74,7 +79,7 @@ class TrainCheckpoint:
     step: int
     stage: str  # the recipe's stage (code, python, lcft, instruct)
     config: ModelConfig
-    tokenizer: object | None  # codellama.tokenizer.Tokenizer; None when the run trained without one
+    tokenizer: Tokenizer | None  # None when the run trained without one
 
 
 def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
@@ -83,10 +88,12 @@ def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
     state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
     tok_dir = ckpt / TOKENIZER_DIR
     return TrainCheckpoint(ckpt, int(state.get("step", 0)), state.get("recipe", {}).get("stage", "?"),
-                           _model_config(state, ckpt), try_load_tokenizer(tok_dir) if tok_dir.is_dir() else None)
+                           _model_config(state, ckpt), tokenizer_at(tok_dir) if tok_dir.is_dir() else None)
 
 
-def load_train_run(path: str | Path, device: str | torch.device = "cpu", dtype=None):
+def load_train_run(
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None
+) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from a training run directory or one of its step directories."""
     info = read_train_checkpoint(path)
     dt = resolve_dtype(device, dtype, torch.float32)  # training keeps float32 master weights

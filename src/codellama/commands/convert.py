@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codellama.errors import UserError
+
+if TYPE_CHECKING:
+    from codellama.model import Transformer
+    from codellama.tokenizer import Tokenizer
 
 
 def register(sub) -> None:
@@ -42,7 +47,7 @@ def _check_output(out: Path, to: str, force: bool) -> Path:
     return out
 
 
-def _save(args, model, tok, out: Path) -> None:
+def _save(args: argparse.Namespace, model: Transformer, tok: Tokenizer | None, out: Path) -> None:
     if args.to == "hf":
         from codellama.checkpoints.hf import save_hf
 
@@ -57,7 +62,7 @@ def _save(args, model, tok, out: Path) -> None:
         save_gguf(model, tok, out, qtype=args.qtype)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from codellama.checkpoints.load import load_model
 
     if args.shards < 1:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codellama.errors import UserError
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 DEFAULT_TOKENIZER = "codellama"
 
@@ -57,12 +61,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_data_tokenizer(spec: str):
+def load_data_tokenizer(spec: str) -> Tokenizer:
     """'codellama', a tokenizer file/folder, or a model spec -> Tokenizer."""
-    try:
-        from codellama import tokenizer as tokmod
-    except ImportError:
-        raise UserError("codellama.tokenizer is not available in this installation") from None
+    from codellama import tokenizer as tokmod
+
     if spec == "codellama":
         return tokmod.codellama_tokenizer()
     path = Path(spec).expanduser()
@@ -78,16 +80,11 @@ def load_data_tokenizer(spec: str):
     return loaded.tokenizer
 
 
-def with_infill_tokens(tok, spec: str):
+def with_infill_tokens(tok: Tokenizer, spec: str) -> Tokenizer:
     """The tokenizer with ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT> appended, by the same function the trainer uses to
     grow the model's vocabulary (codellama.tokenizer.add_infill_tokens), so the ids agree."""
-    try:
-        from codellama.tokenizer import add_infill_tokens
-    except ImportError:
-        raise UserError(
-            f"tokenizer {spec} has no infill pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>) and this installation cannot "
-            "add them: use --tokenizer codellama, or --fim-rate 0"
-        ) from None
+    from codellama.tokenizer import add_infill_tokens
+
     new = add_infill_tokens(tok)
     print(
         f"note: tokenizer {spec} has no infill pieces; FIM uses appended ids PRE {new.prefix_id}, SUF {new.suffix_id}, "
@@ -97,7 +94,7 @@ def with_infill_tokens(tok, spec: str):
     return new
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from codellama.data.fim import FimConfig
     from codellama.data.filters import FilterConfig
     from codellama.data.decontam import resolve_data_dir
@@ -136,7 +133,7 @@ def run(args) -> int:
     return 0
 
 
-def summary(m: dict, out) -> str:
+def summary(m: dict, out: str | Path) -> str:
     """The counts of a finished build, as a short table."""
     sp = m["splits"]
     n_shards = sum(len(s["shards"]) for s in sp.values())

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from codellama.checkpoints.load import ModelInfo
+    from codellama.tokenizer import Tokenizer
 
 
 def register(sub) -> None:
@@ -13,7 +19,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def chat_format(tok) -> str:
+def chat_format(tok: Tokenizer | None) -> str:
     if tok is None:
         return "unknown (no tokenizer)"
     if getattr(tok, "step_id", None) is not None:
@@ -23,7 +29,8 @@ def chat_format(tok) -> str:
     return "Llama 2 [INST] / <<SYS>>"
 
 
-def describe(info) -> dict:
+def describe(info: ModelInfo) -> dict:
+    """What `codellama info` prints, as one JSON-ready dict."""
     cfg, tok = info.config, info.tokenizer
     out = {
         "source": info.source,
@@ -61,7 +68,7 @@ def describe(info) -> dict:
     return out
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from codellama.checkpoints.load import inspect_model
 
     d = describe(inspect_model(args.model))

@@ -45,13 +45,14 @@ def register(subparsers) -> None:
 
 
 def model_name(spec: str | None) -> str:
+    """The name clients send as `model`: the file or folder name of --model (a .gguf without its suffix)."""
     if spec in (None, "default"):
         return "smollm2-135m-instruct"
     path = Path(spec)
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from codellama.engine.batching import Engine

@@ -130,10 +130,11 @@ class Decontaminator:
         hits = np.flatnonzero(self._keys[pos] == h)  # positions in the text
         if not len(hits):
             return None
-        # a problem matches when min_matches of its n-grams occur (all of them if it has fewer): one
-        # 10-word coincidence is not enough, an 11-word overlap is
-        groups = self._item_group[self._vals[pos[hits]]]
-        found = np.bincount(groups, minlength=len(self._group_ngrams))
+        # a problem matches when min_matches of its distinct n-grams occur (all of them if it has fewer): one
+        # 10-word coincidence is not enough, even repeated, an 11-word overlap is
+        groups = self._item_group[self._vals[pos[hits]]]  # the problem of each hit
+        distinct = np.unique(pos[hits])  # index entries: a 10-gram the text repeats counts once
+        found = np.bincount(self._item_group[self._vals[distinct]], minlength=len(self._group_ngrams))
         need = np.minimum(self.min_matches, self._group_ngrams)
         ok = np.flatnonzero((found >= need) & (found > 0))
         if not len(ok):

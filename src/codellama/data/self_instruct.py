@@ -49,6 +49,8 @@ SOLUTION_PROMPT = (
 )
 
 SOLUTION_SEEDS = 1 << 20  # solutions draw from seeds past the question lists
+# room for one numbered question line (a sentence or two) when a list of per_round is asked for
+_TOKENS_PER_QUESTION = 40
 _NUMBERED = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$")
 _TESTS = re.compile(r"\[TESTS\](.*?)(?:\[/TESTS\]|\Z)", re.S)
 
@@ -125,10 +127,11 @@ def ask_questions(cfg: SelfInstructConfig, model) -> None:
     todo = [r for r in range(cfg.rounds) if r not in done]
     bar = progress_bar(len(todo), "question lists", cfg.progress, "list")
     prompt = [{"role": "user", "content": QUESTIONS_PROMPT.format(n=cfg.per_round)}]
+    max_new = max(cfg.max_new_tokens, _TOKENS_PER_QUESTION * cfg.per_round)
     for start in range(0, len(todo), model.batch_size):
         chunk = todo[start : start + model.batch_size]
         # the same prompt in every row, row j drawing from seed + j: list r gets seed + r, resumed or not
-        texts = model.chat_many([prompt] * len(chunk), max_new_tokens=max(cfg.max_new_tokens, 40 * cfg.per_round),
+        texts = model.chat_many([prompt] * len(chunk), max_new_tokens=max_new,
                                 temperature=cfg.question_temperature, top_p=cfg.top_p, seed=cfg.seed + chunk[0])
         append_jsonl(path, [{"round": r, "text": t} for r, t in zip(chunk, texts)])
         bar.update(len(chunk))

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
@@ -54,7 +54,7 @@ class _Job:
 
     prompt: list[int]
     params: SamplingParams
-    decode: object  # callable(ids) -> str, or None without a tokenizer
+    decode: Callable[[list[int]], str] | None  # None without a tokenizer
     logprobs: int | None
     prompt_index: int
     prompt_logprobs: bool = False  # echo + logprobs: the prompt's tokens are scored too
@@ -367,7 +367,21 @@ class Server:
 
         return await self._respond("chat", rid, request, body, jobs, prompt_tokens, chunk, final, None)
 
-    async def _respond(self, kind, rid, request, body, jobs, prompt_tokens, chunk, final, echo):
+    async def _respond(
+        self,
+        kind: str,
+        rid: str,
+        request: Request,
+        body: CompletionRequest | ChatRequest,
+        jobs: list[_Job],
+        prompt_tokens: int,
+        chunk: Callable[[int, str | None, str | None], dict],
+        final: Callable[[list[Completion]], dict],
+        echo: list[str] | None,
+    ) -> JSONResponse | StreamingResponse:
+        """Run the jobs and answer with one JSON body (`final`) or, for a stream, one event per piece of text
+        (`chunk(choice, text, finish_reason)`). `echo`: each completion choice's echoed prompt ("" without
+        echo); None for a chat, whose stream opens each choice with the assistant's role."""
         self._check_capacity(len(jobs))
         start, first = time.perf_counter(), None
         completions: list[Completion | None] = [None] * len(jobs)
@@ -484,12 +498,19 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     server = Server(engine, config)
     app = FastAPI(title="codellama", version="0.1.0")
     app.state.server = server
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+
+    def route(path: str, endpoint, methods: list[str]) -> None:
+        # "/v1/completions/" is served in place, not with Starlette's 307 redirect: curl without -L gets an
+        # empty answer, and behind a TLS proxy the redirect points at http://, where clients drop the API key
+        app.add_api_route(path, endpoint, methods=methods)
+        app.add_api_route(path + "/", endpoint, methods=methods, include_in_schema=False)
+
+    route("/v1/completions", server.completions, ["POST"])
+    route("/v1/chat/completions", server.chat, ["POST"])
     # HEAD too, as for any GET resource (uptime probes send it); uvicorn answers it without the body
-    app.add_api_route("/v1/models", server.models, methods=["GET", "HEAD"])
+    route("/v1/models", server.models, ["GET", "HEAD"])  # before the next route, which would read "/" as model ""
     app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET", "HEAD"])  # names may hold a '/'
-    app.add_api_route("/health", server.health, methods=["GET", "HEAD"])
+    route("/health", server.health, ["GET", "HEAD"])
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):

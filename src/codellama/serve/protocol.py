@@ -158,6 +158,21 @@ class ChatRequest(_Common):
     response_format: dict | None = None
     tool_choice: str | dict | None = None  # "none" and "auto" (with no tools: none) are what we do anyway
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_tool_call_history(cls, data: Any) -> Any:
+        # a history from a function-calling client: an assistant turn that made tool calls (its content often
+        # null) and the tools' answers. Said as such, not as a wrong type of content or an unknown role.
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for i, m in enumerate(messages if isinstance(messages, list) else ()):
+            if not isinstance(m, dict):
+                continue  # a wrong shape, named by validation
+            if m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"):
+                raise OpenAIError(400, f"messages[{i}] is part of a function call (tool_calls, function_call or "
+                                  f"role {m.get('role')!r}): function calling is not supported by this server",
+                                  param=f"messages.{i}")
+        return data
+
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         self._refuse_streamed_logprobs(self.logprobs)
