@@ -137,3 +137,22 @@ def test_cached_attention_paths_match_the_definition(heads, T, fused):
     kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # head h reads kv head h // g
     ref = torch.softmax(q @ kr.transpose(-1, -2) / hd**0.5 + bias, dim=-1) @ vr
     torch.testing.assert_close(cached_attention(q, k, v, bias, fused=fused), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_first_chunk_attends_causally_without_a_bias():
+    """A chunk at positions 0..T-1 in every row (a prompt's first) runs SDPA's is_causal, which skips the
+    masked half of the pairs; its top-left alignment over a longer cache is the bias's mask. Later chunks,
+    and rows elsewhere, keep the bias."""
+    from codellama.model import CacheStep, cached_attention
+
+    model = random_model(CONFIGS["gqa-theta1e6"])
+    model.setup_cache(max_batch=2, max_seq_len=64)
+    cache = model.layers[0].attention.cache
+    first = CacheStep.plan(cache, torch.arange(12).expand(2, 12), None, 16)
+    later = CacheStep.plan(cache, torch.arange(12, 20).expand(2, 8), None, 24)
+    shifted = CacheStep.plan(cache, torch.stack([torch.arange(12), torch.arange(3, 15)]), None, 16)
+    assert first.bias is None and later.bias is not None and shifted.bias is not None
+    B, H, Hkv, T, S, hd = 2, 8, 2, 12, 16, 16
+    q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
+    bias = torch.zeros(B, 1, T, S).masked_fill_(torch.arange(S) > torch.arange(T)[:, None], float("-inf"))
+    torch.testing.assert_close(cached_attention(q, k, v, None), cached_attention(q, k, v, bias), atol=1e-5, rtol=1e-5)

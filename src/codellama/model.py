@@ -72,7 +72,9 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
     slots: torch.Tensor | None  # [B] cache rows (None: rows 0..B-1)
     kv_len: int | None  # read only the first kv_len positions; None: the whole static cache
     write_idx: torch.Tensor  # [B*Hkv*T] rows of the flattened cache [slots*Hkv*S, hd] to write
-    bias: torch.Tensor | None  # [B, 1, T, kv_len or S] causal, per row: 0 where a query sees a key, else -inf
+    # [B, 1, T, kv_len or S] causal, per row: 0 where a query sees a key, else -inf; None (with no block_mask):
+    # every row's chunk is positions 0..T-1, so query t sees keys 0..t (SDPA's is_causal)
+    bias: torch.Tensor | None
     block_mask: BlockMask | None  # instead of the bias: the same mask for FlexAttention (attention="flex")
 
     @classmethod
@@ -99,6 +101,13 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
             # blocks of keys past a row's position are skipped, not masked
             mask = create_block_mask(causal, B, None, flex_rows, keys, device=device.type, BLOCK_SIZE=FLEX_BLOCK)
             return cls(input_pos, slots, kv_len, idx, None, mask)
+        if T > 1 and device.type == "cpu" and not torch.compiler.is_compiling() and torch.equal(
+            input_pos, torch.arange(T).expand(B, T)
+        ):
+            # a first chunk (positions 0..T-1 in every row): SDPA's is_causal, whose top-left alignment is
+            # this mask, skips the masked half of the query-key pairs that a bias computes (CPU only:
+            # reading the positions would wait for a GPU)
+            return cls(input_pos, slots, kv_len, idx, None, None)
         key_pos = torch.arange(keys, device=device)
         seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
         # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
@@ -202,9 +211,10 @@ class Attention(nn.Module):
 
 
 def cached_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, fused: bool | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, fused: bool | None = None
 ) -> torch.Tensor:
     """Attention over cached keys: q [B, H, T, hd], k/v [B, Hkv, S, hd], bias [B, 1, T, S] -> [B, H, T, hd].
+    bias None: query t sees keys 0..t (CacheStep's first chunk).
 
     fused: the path for SDPA's fused CUDA kernels (default: off the CPU). Flash takes no mask, and the
     memory-efficient kernel (torch 2.11) no grouped-query heads, so SDPA(enable_gqa=True) with a mask runs
@@ -226,7 +236,7 @@ def cached_attention(
         return out.reshape(B, H, 1, hd)
     if fused and H != Hkv:
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # [B, H, S, hd]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != H)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, enable_gqa=k.shape[1] != H)
 
 
 class FeedForward(nn.Module):
