@@ -85,6 +85,14 @@ def test_linear_kernel_any_width(fmt, M):  # K not a multiple of 8 (nor 16): the
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
+def test_int8g_is_no_quantisation_of_ours():
+    """It has no quantiser: QuantLinear.from_linear gave int4's packed codes labelled int8g (half the width)."""
+    with pytest.raises(ValueError, match="cannot quantise to 'int8g'"):
+        QuantLinear.from_linear(nn.Linear(64, 8, bias=False), "int8g")
+    with pytest.raises(ValueError, match="int8g holds a file's codes only"):
+        quantize(random_model(CFG), "int8g")
+
+
 def test_quantisation_round_trip_error():
     torch.manual_seed(0)
     w = torch.randn(64, 128)
