@@ -152,14 +152,7 @@ class Scheduler:
             self._accept(pending, events)
             if self._pending is not None:
                 return events
-        admitted = []
-        while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
-            if req.cancelled:
-                self._finish(req, "cancelled", events)
-                continue
-            req.slot = heapq.heappop(self.free_slots)
-            admitted.append(req)
+        admitted = self._admit(events)
         if admitted:
             self.active = sorted(self.active + admitted, key=lambda r: r.slot)
             self._prefill(admitted, events)
@@ -171,6 +164,18 @@ class Scheduler:
             else:
                 self._accept(launched, events)
         return events
+
+    def _admit(self, events: Events) -> list[Request]:
+        """Waiting requests given the free slots, lowest slot first; a cancelled one finishes instead."""
+        admitted = []
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                self._finish(req, "cancelled", events)
+                continue
+            req.slot = heapq.heappop(self.free_slots)
+            admitted.append(req)
+        return admitted
 
     def _decode(self, rows: list[Request], tokens: Sequence[int] | torch.Tensor, positions: list[int]) -> Launched:
         logits = self.decoder.decode([r.slot for r in rows], tokens, positions)  # [b, V]
