@@ -1,4 +1,5 @@
-"""Per-sequence decoding state shared by every decode loop: stop ids, stop strings, streaming hold-back."""
+"""One sequence's decoding state (RowState: stop ids, stop strings, streaming hold-back) and what it reports
+(StreamEvent while it runs, Completion when it ends, TokenLogprob when asked for)."""
 
 from __future__ import annotations
 
