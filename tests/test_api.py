@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import codellama
 from codellama.checkpoints.hf import save_hf
 from codellama.cli import main
 from codellama.config import ModelConfig
+from codellama.engine.quant import QuantLinear
 from codellama.errors import UserError
 from codellama.generate import load
 from helpers import random_model
@@ -49,10 +51,25 @@ def test_infill_refuses_what_is_not_text(gen, prefix, suffix):
         gen.infill(prefix, suffix, max_new_tokens=2)
 
 
-def test_infill_uses_the_psm_and_spm_layouts_and_stops(gen):
-    out = gen.infill("def f(x):\n    ", "\n    return y\n", max_new_tokens=8)
-    spm = gen.infill("def f(x):\n    ", "\n    return y\n", suffix_first=True, max_new_tokens=8)
-    assert isinstance(out, str) and isinstance(spm, str)
+def test_infill_uses_the_psm_and_spm_layouts_and_stops(gen, monkeypatch):
+    """PSM: <s> <PRE> prefix <SUF> suffix <MID>; SPM: <s> <PRE> <SUF> suffix <MID> prefix; both stop at <EOT>."""
+    seen, run = [], gen._run
+
+    def spy(ids, params, on_text):
+        seen.append((ids[0], params))
+        return run(ids, params, on_text)
+
+    monkeypatch.setattr(gen, "_run", spy)
+    tok, prefix, suffix = gen.tokenizer, "def f(x):\n    ", "\n    return y\n"
+    for suffix_first in (False, True):
+        assert isinstance(gen.infill(prefix, suffix, suffix_first=suffix_first, max_new_tokens=8), str)
+    (psm, psm_params), (spm, spm_params) = seen
+    pre, suf, mid, bos = tok.prefix_id, tok.suffix_id, tok.middle_id, tok.bos_id
+    p, n = tok.encode(prefix), len(tok.encode(prefix))
+    assert psm[:2] == [bos, pre] and psm[2 : 2 + n] == p and psm[2 + n] == suf and psm[-1] == mid
+    assert spm[:3] == [bos, pre, suf] and spm[-n - 1 :] == [mid, *p]
+    assert sorted(psm[3 + n : -1]) == sorted(spm[3 : -n - 1])  # the suffix, in both
+    assert tok.eot_id in psm_params.stop_ids and tok.eot_id in spm_params.stop_ids
 
 
 def test_infill_stops_at_eot_also_with_stop_ids_of_its_own(codellama):
@@ -86,6 +103,8 @@ def test_chat_refuses_special_tags(gen):
 
 def test_quantized_load_and_bad_value():
     q = codellama.load("tiny", device="cpu", quantize="int8")
+    linears = [m for m in q.model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    assert linears and all(isinstance(m, QuantLinear) and m.mode == "int8" for m in linears)
     assert isinstance(q.complete("def f():", max_new_tokens=4), str)
     with pytest.raises(UserError, match="quantize"):
         codellama.load("tiny", device="cpu", quantize="int3")

@@ -16,10 +16,11 @@ from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.decode import Decoder
+from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import fuse_projections, quantize
 from codellama.errors import UserError
 from codellama.generate import Generator
-from codellama.sampling import SamplingParams
+from codellama.sampling import RowSampler, SamplingParams
 from helpers import letters, naive_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
@@ -32,9 +33,10 @@ def model(request):
     """The same weights run by the eager model, or (projections fused) by the fused CPU step."""
     model = random_model(CFG, seed=1)
     if request.param == "fused":
-        fuse_projections(model)
-        if FusedCPUDecode.for_model(model) is None:
+        if cpu_kernels() is None:
             pytest.skip("the CPU kernels cannot be built here")
+        fuse_projections(model)
+        assert FusedCPUDecode.for_model(model) is not None  # else "fused" would quietly run the eager model
     return model
 
 
@@ -307,7 +309,14 @@ def test_scored_prompt_has_the_full_passes_logprobs_and_decodes_on(model, schedu
     assert out[plain.id].tokens == naive_greedy(model, PROMPTS[0], 4)
 
 
-def test_sampling_on_one_thread_restores_torch_threads(model):
+def test_sampling_runs_on_one_thread_and_restores_torch_threads(model, monkeypatch):
+    sample, during = RowSampler.sample, []
+
+    def spy(self, logits):
+        during.append(torch.get_num_threads())
+        return sample(self, logits)
+
+    monkeypatch.setattr(RowSampler, "sample", spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -316,6 +325,7 @@ def test_sampling_on_one_thread_restores_torch_threads(model):
         assert len(out[0].tokens) == 4 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+    assert during == [1] * 4  # the prefill's token and three decode steps
 
 
 def test_warm_up_runs_one_row_then_several_and_leaves_the_engine_fresh(model):

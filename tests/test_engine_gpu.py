@@ -63,12 +63,14 @@ def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch, attention,
 
 
 def test_our_cuda_graphs_are_recorded_again_over_a_reallocated_cache():
-    # a Generator grows its cache for more prompts: graphs recorded over the old one must not replay
+    # a Generator grows its cache for more prompts: graphs recorded over the old one must not replay. The
+    # second call ends with steps of one row at the first call's bucket (one row, the fewest positions), the
+    # one graph the first call recorded; slot 0 held another prompt there, so a stale graph reads wrong keys
     model = random_model(CFG, seed=1)
     gen = Generator(random_model(CFG, seed=1).cuda(), compile=True, graphs="manual")
-    for prompts in ([PROMPTS[0]], PROMPTS[:2]):  # a cache of one slot, then of two
-        out = gen.generate(prompts, SamplingParams(max_new_tokens=6))
-        assert [o.tokens for o in out] == [naive_greedy(model, p, 6) for p in prompts]
+    for prompts, lengths in (([PROMPTS[1]], [6]), ([PROMPTS[0], PROMPTS[2]], [8, 2])):  # 1 slot, then 2
+        out = gen.generate(prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
+        assert [o.tokens for o in out] == [naive_greedy(model, p, n) for p, n in zip(prompts, lengths)]
 
 
 def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once():

@@ -64,8 +64,7 @@ def _int8_groups(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 # M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the
 # widened block (3-row tiles and their remainders), 257 past the limit of our tiles (torch's GEMM, quantised
-# weights widened for it);
-# N % 4 != 0 exercises the tail rows, K % 8 != 0 the tail columns.
+# weights widened for it); N % 4 != 0 exercises the tail rows (K % 8 != 0: test_linear_kernel_any_width).
 @pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int8g"])
@@ -76,8 +75,9 @@ def test_linear_kernel_equals_matmul(fmt, M, N, K):
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("M", [1, 2, 4])  # streamed in registers (1, 2 rows) and through the widened block
-@pytest.mark.parametrize("fmt", ["float32", "int8"])
+# streamed in registers (1, 2 rows), through the widened block (4) and widened for torch's GEMM (257)
+@pytest.mark.parametrize("M", [1, 2, 4, 257])
+@pytest.mark.parametrize("fmt", ["float32", "int8"])  # int4 and int8g need K in whole groups (32, 16)
 def test_linear_kernel_any_width(fmt, M):  # K not a multiple of 8 (nor 16): the scalar tail of each row
     torch.manual_seed(1)
     w, x = torch.randn(13, 203), torch.randn(M, 203)
@@ -85,13 +85,26 @@ def test_linear_kernel_any_width(fmt, M):  # K not a multiple of 8 (nor 16): the
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
+def test_int8g_is_no_quantisation_of_ours():
+    """It has no quantiser: QuantLinear.from_linear gave int4's packed codes labelled int8g (half the width)."""
+    with pytest.raises(ValueError, match="cannot quantise to 'int8g'"):
+        QuantLinear.from_linear(nn.Linear(64, 8, bias=False), "int8g")
+    with pytest.raises(ValueError, match="int8g holds a file's codes only"):
+        quantize(random_model(CFG), "int8g")
+
+
 def test_quantisation_round_trip_error():
     torch.manual_seed(0)
     w = torch.randn(64, 128)
     q, s = quantize_int8(w)
-    assert (q.float() * s[:, None] - w).abs().max() <= s.max() / 2 + 1e-6  # half a step at most
+    torch.testing.assert_close(s, w.abs().amax(1) / 127)  # each row's own range, its largest weight exact
+    # half a step at most, each row (int8) or group of 32 (int4) against its own step
+    assert ((q.float() * s[:, None] - w).abs().amax(1) <= s / 2 + 1e-6).all()
     p, sz = quantize_int4(w)
-    assert (dequantize_int4(p, sz) - w).abs().max() <= sz[..., 0].max() / 2 + 1e-6
+    g = w.view(64, 4, 32)
+    torch.testing.assert_close(sz, torch.stack(((g.amax(-1) - g.amin(-1)) / 15, g.amin(-1)), dim=-1))
+    err = (dequantize_int4(p, sz) - w).view(64, 4, 32).abs().amax(-1)  # [N, K/32]
+    assert (err <= sz[..., 0] / 2 + 1e-6).all()
 
 
 def test_fused_projections_compute_the_same():
@@ -130,15 +143,29 @@ def test_layers_of_different_layouts_stack_exactly_as_int8g():
     assert type(_stack([*layers, nn.Linear(96, 4, bias=False)])) is nn.Linear  # floats among them: widened
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_kernel_and_portable_paths_agree(mode):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8g"])
+def test_kernel_and_portable_paths_agree(mode, dtype, monkeypatch):
+    """QuantLinear.forward with the C++ kernels and without them (no compiler, a GPU, a compiled graph:
+    F.linear, in gpt-fast's form for int8), both against the dequantised weights' matmul."""
     torch.manual_seed(1)
-    layer = QuantLinear.from_linear(nn.Linear(96, 40, bias=False), mode)
-    x = torch.randn(3, 96)
-    portable = x @ layer.dequantized().T
-    torch.testing.assert_close(layer(x), portable, atol=1e-4, rtol=1e-4)
+    if mode == "int8g":
+        layer = QuantLinear(mode, *_int8_groups(40, 96, seed=1))
+    else:
+        layer = QuantLinear.from_linear(nn.Linear(96, 40, bias=False), mode)
+    x = torch.randn(3, 96)  # decode-sized
     big = torch.randn(300, 96)  # prefill-sized: the kernel widens the weights for torch's GEMM
-    torch.testing.assert_close(layer(big), big @ layer.dequantized().T, atol=1e-4, rtol=1e-4)
+    want = [v @ layer.dequantized().T for v in (x, big)]
+    if dtype == torch.float32:  # the kernels take float32 only
+        kernels()
+        for v, w in zip((x, big), want):
+            torch.testing.assert_close(layer(v), w, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr("codellama.engine.quant.cpu_kernels", lambda: None)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # bfloat16 rounds x and the product to 8 bits
+    for v, w in zip((x, big), want):
+        got = layer(v.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), w, atol=tol * w.abs().max(), rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -150,8 +177,9 @@ def test_quantised_model_logits_and_greedy_agreement(mode):
     tokens = torch.randint(0, CFG.vocab_size, (4, 64))
     with torch.no_grad():
         ref, got = model(tokens), qmodel(tokens)  # [4, 64, V]
-        # decode-sized calls take the kernel path: compare those too
-        ref_step, got_step = model(tokens[:, :1]), qmodel(tokens[:, :1])
+        # 256 rows go through widened blocks of the weights; a two-row decode step streams the codes in
+        # registers (csrc/qlinear.cpp): compare that path too
+        ref_step, got_step = model(tokens[:2, :1]), qmodel(tokens[:2, :1])
     max_err, min_agree = BOUNDS[mode]
     for r, g in ((ref, got), (ref_step, got_step)):
         rel = float((g - r).abs().max() / r.std())

@@ -27,6 +27,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,13 +35,19 @@ from codellama.engine.decode import Decoder
 from codellama.engine.host import HostTokens, to_device
 from codellama.engine.kernels import torch_on_one_thread
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt, token_logprobs
+from codellama.model import Transformer
 from codellama.sampling import RowSampler, SamplingParams
+
+if TYPE_CHECKING:
+    from codellama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class Request:
+    """One prompt's generation in a Scheduler, from submit() until its Completion."""
+
     id: int
     prompt: list[int]
     params: SamplingParams
@@ -68,7 +75,12 @@ class Launched:
     host: HostTokens
 
 
+Events = list[tuple[Request, StreamEvent]]  # what a step reports, in order: each event with its request
+
+
 class Scheduler:
+    """Continuous batching over a Decoder's slots, one step() at a time (see the module docstring)."""
+
     def __init__(
         self,
         decoder: Decoder,
@@ -125,12 +137,12 @@ class Scheduler:
 
     # ---- the loop body ----
     @torch.inference_mode()
-    def step(self) -> list[tuple[Request, StreamEvent]]:
+    def step(self) -> Events:
         """Admit waiting requests into free slots, then decode one token for every active request.
 
         With overlap, the tokens decoded by one call are accepted (and their events returned) by the next.
         """
-        events: list[tuple[Request, StreamEvent]] = []
+        events: Events = []
         for req in [r for r in self.active if r.cancelled]:
             self._finish(req, "cancelled", events)
         if self._pending is not None:
@@ -140,14 +152,7 @@ class Scheduler:
             self._accept(pending, events)
             if self._pending is not None:
                 return events
-        admitted = []
-        while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
-            if req.cancelled:
-                self._finish(req, "cancelled", events)
-                continue
-            req.slot = heapq.heappop(self.free_slots)
-            admitted.append(req)
+        admitted = self._admit(events)
         if admitted:
             self.active = sorted(self.active + admitted, key=lambda r: r.slot)
             self._prefill(admitted, events)
@@ -159,6 +164,18 @@ class Scheduler:
             else:
                 self._accept(launched, events)
         return events
+
+    def _admit(self, events: Events) -> list[Request]:
+        """Waiting requests given the free slots, lowest slot first; a cancelled one finishes instead."""
+        admitted = []
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                self._finish(req, "cancelled", events)
+                continue
+            req.slot = heapq.heappop(self.free_slots)
+            admitted.append(req)
+        return admitted
 
     def _decode(self, rows: list[Request], tokens: Sequence[int] | torch.Tensor, positions: list[int]) -> Launched:
         logits = self.decoder.decode([r.slot for r in rows], tokens, positions)  # [b, V]
@@ -177,7 +194,7 @@ class Scheduler:
         rows = [pending.rows[i] for i in keep]
         return self._decode(rows, tokens, [r.row.position + 1 for r in rows])
 
-    def _prefill(self, reqs: list[Request], events: list) -> None:
+    def _prefill(self, reqs: list[Request], events: Events) -> None:
         """Prefill the admitted requests together; a prompt that breaks the model fails alone."""
         try:
             logits = self._prefill_logits(reqs)  # [n, V]
@@ -203,10 +220,10 @@ class Scheduler:
                 last[r.id], r.row.prompt_logprobs = self.decoder.score_prompt(r.prompt, r.slot, r.logprobs or 0)
         return torch.stack([last[r.id] for r in reqs])
 
-    def abort_all(self, reason: str = "error") -> list[tuple[Request, StreamEvent]]:
+    def abort_all(self, reason: str = "error") -> Events:
         """Finish every request (after a failed step), freeing all slots."""
         self._pending = None
-        events: list[tuple[Request, StreamEvent]] = []
+        events: Events = []
         for req in list(self.active) + list(self.waiting):
             self._finish(req, reason, events)
         self.waiting.clear()
@@ -217,7 +234,7 @@ class Scheduler:
             tokens = self._sampler_for(rows).sample(logits)  # [n] on the device
         return Launched(rows, logits, tokens, HostTokens(tokens))
 
-    def _accept(self, step: Launched, events: list) -> None:
+    def _accept(self, step: Launched, events: Events) -> None:
         tokens = step.host.wait()  # the one host sync per step
         with torch_on_one_thread(self.device):
             lps = self._logprobs(step.rows, step.logits, tokens)
@@ -230,7 +247,7 @@ class Scheduler:
             elif delta:
                 events.append((req, StreamEvent(req.id, delta, None)))
 
-    def _finish(self, req: Request, reason: str, events: list, delta: str = "") -> None:
+    def _finish(self, req: Request, reason: str, events: Events, delta: str = "") -> None:
         if req.finished:
             return
         req.finished = True
@@ -287,8 +304,8 @@ class Engine:
 
     def __init__(
         self,
-        model,
-        tokenizer=None,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
         max_batch: int = 16,
         context_len: int | None = None,
         prefill_chunk: int = 2048,
@@ -403,7 +420,12 @@ class Engine:
         req.cancel()
         self._wake.set()
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, decode=None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> list[Completion]:
         """Blocking helper: run the prompts through the running engine, return their completions."""
         done = threading.Semaphore(0)
         out: dict[int, Completion] = {}

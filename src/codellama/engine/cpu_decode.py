@@ -13,6 +13,8 @@ for anything else.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -20,7 +22,9 @@ from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import QuantLinear
 from codellama.model import Transformer, rope_cos_sin
 
-_NO_SCALES = torch.empty(0)
+_NO_SCALES = torch.empty(0)  # a float32 weight has none (the kernels pick the matmul by the weight's dtype)
+# (output weights, per-layer weights) as the kernels take them: see _capture
+Captured = tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[torch.Tensor, ...]]]
 
 
 def _weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -32,7 +36,7 @@ def _weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def _capture(model: Transformer) -> tuple[tuple, list[tuple]] | None:
+def _capture(model: Transformer) -> Captured | None:
     """(output weights, per-layer weights) as the kernels take them, or None for a model they cannot run.
 
     Per layer: (attn_norm, wqkv, wqkv_s, wo, wo_s, ffn_norm, w13, w13_s, w2, w2_s)."""
@@ -52,7 +56,8 @@ def _capture(model: Transformer) -> tuple[tuple, list[tuple]] | None:
     return output, layers
 
 
-def _storage(captured: tuple[tuple, list[tuple]]) -> list[tuple[int, torch.dtype]]:
+def _storage(captured: Captured) -> list[tuple[int, torch.dtype]]:
+    """Where each captured tensor lives, and as what: a model quantised or converted since differs."""
     output, layers = captured
     return [(t.data_ptr(), t.dtype) for t in (*output, *(t for layer in layers for t in layer))]
 
@@ -60,7 +65,7 @@ def _storage(captured: tuple[tuple, list[tuple]]) -> list[tuple[int, torch.dtype
 class FusedCPUDecode:
     """Decode and prefill steps of a Transformer on the CPU, over its slot KV cache."""
 
-    def __init__(self, model: Transformer, kernels, captured: tuple[tuple, list[tuple]]):
+    def __init__(self, model: Transformer, kernels: ModuleType, captured: Captured):
         self.model, self.kernels = model, kernels
         self.output, self.layers = captured
         self._storage = _storage(captured)

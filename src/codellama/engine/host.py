@@ -34,6 +34,7 @@ class HostTokens:
             self.buf = tokens
 
     def wait(self) -> list[int]:
+        """The tokens, once their copy has landed (waits for the step that sampled them, not for later ones)."""
         if self.event is not None:
             self.event.synchronize()
         return self.buf.tolist()

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -22,10 +23,10 @@ log = logging.getLogger(__name__)
 NAME = "codellama_cpu_kernels"
 SOURCES = ("parallel.cpp", "qlinear.cpp", "decode_layer.cpp", "module.cpp")
 
-_kernels: object | None | bool = None  # the built extension, False when unavailable
+_kernels: ModuleType | bool | None = None  # the built extension; False when unavailable; None: not tried yet
 
 
-def cpu_kernels():
+def cpu_kernels() -> ModuleType | None:
     """The compiled CPU kernels, built on first use; None when they cannot be (no AVX2, no compiler)."""
     global _kernels
     if _kernels is None:
@@ -33,7 +34,7 @@ def cpu_kernels():
     return _kernels or None
 
 
-def _build():
+def _build() -> ModuleType | None:
     if os.environ.get("CODELLAMA_NO_KERNELS"):
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

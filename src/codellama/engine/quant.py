@@ -6,8 +6,8 @@ kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 
 quantised weights directly (for prefill's many rows it widens them a few MB at a time for torch's GEMM);
 without a compiler, or on a GPU, the weights are widened and multiplied with F.linear (on a GPU that is
 gpt-fast's int8 formulation; compiled without tuning it decoded the 7B shape at 89 tok/s against
-bfloat16's 194 on an H200: memory, not speed; the compiled step now uses gpt-fast's coordinate-descent
-tuning for it, not yet measured).
+bfloat16's 184 in the same run on an H200: memory, not speed; the compiled step now uses gpt-fast's
+coordinate-descent tuning for it, not yet measured).
 
 quantize() leaves the embedding table in floating point (a lookup reads one row) and gives a tied output
 projection its own quantised copy; a GGUF's quantised table, kept as codes, is a QuantEmbedding whose rows
@@ -77,6 +77,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, K/2], scale/min float32 [N, K/32, 2] -> float32 [N, K]."""
     q = unpack_int4(packed).float()  # [N, G, 32]
     return (q * sz[..., :1] + sz[..., 1:]).reshape(packed.shape[0], -1)
 
@@ -123,11 +124,15 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str) -> QuantLinear:
+        """The layer quantised by our int8 or int4 quantiser (int8g has none: it holds a file's codes)."""
+        if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
+            raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
         w = linear.weight.detach()
         q, s = quantize_int8(w) if mode == "int8" else quantize_int4(w)
         return cls(mode, q.to(w.device), s.to(w.device))
 
-    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights the codes stand for, [out_features, in_features]."""
         return dequantize_codes(self.mode, self.qweight, self.scales).to(dtype)
 
     def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +231,7 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
         raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
     if any(p.is_cuda for p in model.parameters()):
         log.warning("%s weights on a GPU save memory but decoded slower than bfloat16 there (BENCHMARKS.md: "
-                    "89 vs 194 tok/s for the 7B shape with int8, before the step's tuning); leave "
+                    "89 vs 184 tok/s for the 7B shape with int8, before the step's tuning); leave "
                     "quantisation off for speed", mode)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode == "int4":
@@ -254,7 +259,6 @@ def weight_bytes(model: nn.Module) -> int:
             total += m.qweight.numel() * m.qweight.element_size() + m.scales.numel() * m.scales.element_size()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, nn.Module) and hasattr(m, "weight") and not isinstance(m, nn.Embedding):
-            w = m.weight
-            total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) and w.dim() == 1 else 0
+        elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1:  # a norm's
+            total += m.weight.numel() * m.weight.element_size()
     return total

@@ -1,8 +1,9 @@
-"""Per-sequence decoding state shared by every decode loop: stop ids, stop strings, streaming hold-back."""
+"""One sequence's decoding state (RowState: stop ids, stop strings, streaming hold-back) and what it reports
+(StreamEvent while it runs, Completion when it ends, TokenLogprob when asked for)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,12 +76,13 @@ def check_prompt(i: int, n: int, context_len: int, remedy: str = "") -> None:
 class RowState:
     """Decoding state of one sequence: its tokens, decoded text and how much of it was released."""
 
-    def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], max_new: int, decode=None):
+    def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], max_new: int,
+                 decode: Callable[[list[int]], str] | None = None):
         self.prompt_len = prompt_len
         self.params = params
         self.stop_ids = stop_ids
         self.max_new = max_new
-        self.decode = decode
+        self.decode = decode  # ids -> text; None: no text, so no stop strings either
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -120,5 +122,6 @@ class RowState:
         return delta
 
     def completion(self) -> Completion:
+        """The row's result, once it has finished (the scheduler sets finish_reason first)."""
         return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len, self.logprobs,
                           self.prompt_logprobs)
