@@ -267,22 +267,33 @@ def test_flex_decode_step_traces_whole_and_decodes_the_greedy_tokens(monkeypatch
         fn, fullgraph=fullgraph, dynamic=dynamic, backend=backend))
     model = random_model(CFG, seed=1)
     decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True, attention="flex")
-    prompts, lengths = [PROMPTS[0], PROMPTS[0][::-1]], [3, 8]  # one prefill length: one prefill graph
+    # one prefill length: one prefill graph; slot 0 decodes on alone, in flex's one-row step
+    prompts, lengths = [PROMPTS[0], PROMPTS[0][::-1]], [8, 3]
     out = run(Scheduler(decoder, stop_ids=(), overlap=True),
               {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]})
     assert [out[i].tokens for i in range(2)] == [naive_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     assert decoder.compiled and any("flex_attention" in g for g in graphs)
 
 
-def test_flex_attention_decodes_the_sdpa_steps_logits():
-    # FlexAttention (a candidate for the GPU's compiled step) over the same cache, eager: rows at different
-    # positions in one step, each masked to its own prefix by the block mask
+def test_flex_attention_decodes_the_sdpa_steps_logits(monkeypatch):
+    # FlexAttention (a candidate for the GPU's compiled step) over the same cache, eager: steps of one row,
+    # slot 0 (flex's only use: a step runs the first n slots), at the positions of three prompts, each masked
+    # to its prefix by the block mask (the cache past it holds the longer prompts' keys)
+    import codellama.model
+
+    calls = []
+    flex = codellama.model.flex_attention
+    monkeypatch.setattr(codellama.model, "flex_attention", lambda *a, **k: calls.append(1) or flex(*a, **k))
     logits = {}
     for attention in ("sdpa", "flex"):
         decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=False, attention=attention)
-        decoder.prefill(PROMPTS[:3], [0, 1, 3])
-        logits[attention] = decoder.decode([0, 1, 3], [7, 8, 9], [len(p) for p in PROMPTS[:3]])
-    torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+        logits[attention] = []
+        for token, p in zip([7, 8, 9], sorted(PROMPTS[:3], key=len, reverse=True)):
+            decoder.prefill([p], [0])
+            logits[attention].append(decoder.decode([0], [token], [len(p)]))
+    assert len(calls) == 3 * CFG.n_layers  # each step's every layer ran flex
+    for flex_logits, sdpa_logits in zip(logits["flex"], logits["sdpa"]):
+        torch.testing.assert_close(flex_logits, sdpa_logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'sdpa' or 'flex'"):
         Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=96, attention="flash")
     with pytest.raises(ValueError, match="needs a model on a CUDA device"):

@@ -331,7 +331,7 @@ class Transformer(nn.Module):
         filled ones as kv_read_len rounds them when eager, the whole static cache when compiled).
         attention: over the cache in one-token steps, "sdpa" (scaled_dot_product_attention with a bias) or
         "flex" (FlexAttention with a block mask: its own Triton kernel when compiled, a slow reference when
-        not). Longer chunks use sdpa.
+        not) for a step of one row. Longer chunks and steps of several rows use sdpa.
         Without input_pos the call is a plain causal pass over positions 0..T-1 (training).
         """
         B, T = tokens.shape
@@ -345,7 +345,9 @@ class Transformer(nn.Module):
             if cache is not None:
                 if kv_len is None and not torch.compiler.is_compiling():
                     kv_len = kv_read_len(int(input_pos.max()) + 1, cache.shape[2])
-                flex_rows = c.n_rep if attention == "flex" and T == 1 else 0
+                # flex for one row only: compiled by torch 2.11's inductor on an H200 (2026-11-27), its general
+                # kernel (several rows) gave rows past the first wrong logits; the decoding kernel (one row) did not
+                flex_rows = c.n_rep if attention == "flex" and T == 1 and B == 1 else 0
                 step = CacheStep.plan(cache, input_pos, slots, kv_len, flex_rows)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
