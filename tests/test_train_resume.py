@@ -11,9 +11,9 @@ import torch
 
 import train_worker as w
 from train_worker import one_thread  # noqa: F401  (fixture)
+from codellama.checkpoints.train_run import latest_checkpoint
 from codellama.errors import UserError
 from codellama.train import checkpoint as ckpt_mod
-from codellama.train.checkpoint import latest_checkpoint
 from codellama.train.data import InMemoryTokens
 from codellama.train.trainer import Trainer
 

@@ -45,8 +45,7 @@ INSTRUCT_TEMPLATE_GGUF = INSTRUCT_TEMPLATE.replace("bos_token ~ ' [INST] '", "bo
 # leading space after a special token (<s>, <step>), so the template writes the one Meta's separate encode of
 # each turn gives ("  Source": ▁ ▁Source): tokenized by transformers 5, it gives exactly step_tokens' ids.
 # (transformers 4 prepends a space to every piece after a special token, so it reads one ▁ more per turn.)
-# It inserts Meta's empty system message, which
-# the Hub's 70B template does not.
+# It inserts Meta's empty system message, which the Hub's 70B template does not.
 STEP_TEMPLATE = (
     "{%- set dialog = messages if messages[0]['role'] == 'system' "
     "else [{'role': 'system', 'content': ''}] + messages -%}"

@@ -559,9 +559,9 @@ def export_chat_template(tok: Tokenizer, layout: str = "hf") -> str | None:
 
     if tok.chat_template in (INSTRUCT_TEMPLATE, INSTRUCT_TEMPLATE_GGUF):
         return INSTRUCT_TEMPLATE if layout == "hf" else INSTRUCT_TEMPLATE_GGUF
-    if tok.chat_template or tok.step_id is None or layout != "hf":
+    if tok.chat_template:
         return tok.chat_template
-    return STEP_TEMPLATE
+    return STEP_TEMPLATE if tok.step_id is not None and layout == "hf" else None
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:

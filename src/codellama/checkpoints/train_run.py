@@ -9,8 +9,10 @@ model's tensors are read: the optimizer's moments (twice the model in float32) s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,14 @@ TOKENIZER_DIR = "tokenizer"
 MODEL_PREFIX = "model."  # DCP keys of the model's tensors ("optim." for the optimizer's)
 
 
+@contextlib.contextmanager
+def dcp_quietly() -> Iterator[None]:
+    """DCP without a process group (one process), which it would announce on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def is_step_dir(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
 
@@ -38,16 +48,22 @@ def is_run_dir(path: Path) -> bool:
     return (path / "latest").is_file()
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step directory a run's `latest` names; None when there is no `latest`."""
+    pointer = Path(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    if not is_step_dir(path):
+        raise UserError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an older "
+                        "step_* directory or delete it to start over")
+    return path
+
+
 def step_dir(path: Path) -> Path:
-    """The checkpoint a path names: itself when it is a step directory, else the run's latest."""
-    if is_step_dir(path):
-        return path
-    name = (path / "latest").read_text().strip()
-    found = path / name
-    if not is_step_dir(found):
-        raise UserError(f"{path / 'latest'} names {name}, which is not a complete checkpoint; pass one of the run's "
-                        "step_* directories instead")
-    return found
+    """The checkpoint a path names: itself when it is a step directory, else the latest of the run it is
+    (a directory with `latest`: load.detect_format)."""
+    return path if is_step_dir(path) else latest_checkpoint(path)
 
 
 def _model_config(state: dict, source: Path) -> ModelConfig:
@@ -67,8 +83,7 @@ def _model_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
               if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
     if not wanted:
         raise UserError(f"{path}: a DCP checkpoint without model tensors")
-    with warnings.catch_warnings():  # no process group here, which DCP announces on every call
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    with dcp_quietly():
         dcp.load(wanted, checkpoint_id=str(path))
     return {k[len(MODEL_PREFIX):]: t for k, t in wanted.items()}
 

@@ -13,12 +13,10 @@ Multi-node runs need the run directory on a filesystem every node sees.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,17 +24,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from codellama.checkpoints.train_run import TOKENIZER_DIR, TRAINER_STATE, is_step_dir
+from codellama.checkpoints.train_run import MODEL_PREFIX, TOKENIZER_DIR, TRAINER_STATE, dcp_quietly
 from codellama.errors import UserError
 from codellama.train.distributed import DistEnv, barrier
 
-
-@contextlib.contextmanager
-def _quiet():
-    """Single-process runs use DCP without a process group, which it announces on every call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -52,17 +43,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = Path(run_dir) / pointer.read_text().strip()
-    if not is_step_dir(path):
-        raise UserError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an older "
-                        "step_* directory or delete it to start over")
-    return path
 
 
 # what a run writes into its directory (checkpoints, the pointer, logs, the export)
@@ -101,7 +81,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
         tmp.mkdir()
     barrier(env)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet():
+    with dcp_quietly():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     barrier(env)
     if env.is_main:
@@ -126,7 +106,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
 def check_fits(path: Path, model: nn.Module) -> None:
     """UserError, before any loading, when the checkpoint's tensors do not have the model's shapes."""
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    saved = {k[len(MODEL_PREFIX):]: tuple(v.size) for k, v in meta.items()
+             if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k, shape in ours.items():
         if k not in saved:
@@ -142,7 +123,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     check_fits(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _quiet():
+    with dcp_quietly():
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from codellama.checkpoints.train_run import latest_checkpoint
 from codellama.config import ModelConfig, PRESETS, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
-from codellama.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_earlier_run
+from codellama.train.checkpoint import load_checkpoint, save_checkpoint, set_aside_earlier_run
 from codellama.train.config import Recipe
 from codellama.train.data import (ChatExamples, InMemoryTokens, RankBatches, ShardsSource, TokenSource,
                                   make_source)
