@@ -109,6 +109,20 @@ def test_cancel_frees_slot_for_waiting_request(model, scheduler):
     assert sorted(sched.free_slots) == [0, 1]
 
 
+def test_cancelled_waiting_request_finishes_while_slots_are_busy(model, scheduler):
+    # a queued client that gave up must not hold a place under the server's limit until a slot frees
+    sched = scheduler(Decoder(model, max_batch=1, max_seq_len=96), stop_ids=())
+    busy = sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=30))
+    queued = sched.submit(PROMPTS[1], SamplingParams(max_new_tokens=4))
+    sched.step()
+    queued.cancel()
+    events = sched.step()
+    done = {req.id: ev.completion for req, ev in events if ev.completion is not None}
+    assert done[queued.id].finish_reason == "cancelled" and not done[queued.id].tokens
+    assert busy in sched.active and busy not in done and sched.unfinished == {busy} and not sched.waiting
+    assert run(sched)[busy.id].tokens == naive_greedy(model, PROMPTS[0], 30)
+
+
 def test_stop_ids_and_lengths_per_request(model, scheduler):
     free = naive_greedy(model, PROMPTS[0], 10)
     sched = scheduler(Decoder(model, 4, 96), stop_ids=())

@@ -145,6 +145,11 @@ class Scheduler:
         events: Events = []
         for req in [r for r in self.active if r.cancelled]:
             self._finish(req, "cancelled", events)
+        # a queued request cancelled while every slot is busy finishes now: it must not count against the
+        # server's limit (stats()["unfinished"]) until a slot frees. list(): other threads append meanwhile.
+        for req in [r for r in list(self.waiting) if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, "cancelled", events)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             if not (self.waiting and self.free_slots):  # nothing to admit: queue the next step first
