@@ -59,13 +59,12 @@ def _tok(can_infill: bool, ids=(None, None, None, None), vocab=100):
 
 
 def test_ensure_infill_tokens(monkeypatch):
-    # each model on its own config: resize_vocab writes model.config, which would otherwise be CFG itself
-    model = random_model(CFG.replace())
+    model = random_model(CFG)  # the config is shared: resizing must give the model a config of its own
     tok = _tok(True, (10, 11, 12, 13))
     assert ensure_infill_tokens(model, tok) is tok and model.config.vocab_size == 100  # nothing to add
     tok = _tok(True, (100, 101, 102, 103), vocab=104)  # a tokenizer that has them, a model that does not
     ensure_infill_tokens(model, tok)
-    assert model.config.vocab_size == 104
+    assert model.config.vocab_size == 104 and CFG.vocab_size == 100
     with pytest.raises(UserError, match="needs a tokenizer"):
         ensure_infill_tokens(model, None)
     # a tokenizer that lacks them: it gets the four pieces (add_infill_tokens), the model their rows

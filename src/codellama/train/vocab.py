@@ -49,7 +49,7 @@ def resize_vocab(model: Transformer, new_vocab: int, seed: int = 0) -> None:
         out = _grow_rows(model.output.weight.cpu(), new_vocab - old, g)
         model.output = nn.Linear(out.shape[1], new_vocab, bias=False, device=device, dtype=out.dtype)
         model.output.weight.copy_(out)
-    model.config.vocab_size = new_vocab
+    model.config = model.config.replace(vocab_size=new_vocab)  # not the caller's config: it may be shared
 
 
 def ensure_infill_tokens(model: Transformer, tokenizer: Tokenizer | None, seed: int = 0) -> Tokenizer:
