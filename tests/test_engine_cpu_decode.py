@@ -124,6 +124,24 @@ def test_fused_step_refuses_rows_outside_the_cache():
         dec._fused(one, torch.tensor([1]), torch.tensor([0]))
 
 
+
+@pytest.mark.parametrize("table", ["cos", "sin"])
+@pytest.mark.parametrize("bad", ["one row short", "float64", "not contiguous"])
+def test_decode_layer_refuses_malformed_rope_tables(table, bad):
+    fused = Decoder(prepared("float32"), max_batch=2, max_seq_len=16)._fused
+    m, c = fused.model, fused.model.config
+    cos_table, sin_table = fused._rope_tables()
+    pos = torch.tensor([0, 1])
+    tables = {"cos": cos_table[pos], "sin": sin_table[pos]}  # [2, hd/2]
+    t = tables[table]
+    tables[table] = {"one row short": t[:1], "float64": t.double(),
+                     "not contiguous": torch.cat([t, t], 1)[:, ::2]}[bad]
+    cache = m.layers[0].attention.cache
+    with pytest.raises(RuntimeError, match=r"rope tables cos, sin: contiguous float32 \[B, hd/2\]"):
+        fused.kernels.decode_layer(m.tok_embeddings(torch.tensor([1, 2])), torch.tensor([0, 1]), pos,
+                                   tables["cos"], tables["sin"], *fused.layers[0], cache.k, cache.v,
+                                   c.n_heads, c.norm_eps)
+
 @pytest.mark.slow
 def test_real_smollm2_fused_greedy_equals_transformers():
     from codellama.checkpoints.load import load_model

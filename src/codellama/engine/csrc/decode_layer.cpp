@@ -205,7 +205,13 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
               "slots: int64 [B]");
   const int64_t B = x.size(0), Hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
   const int64_t H = n_heads, group = H / Hkv, qdim = H * hd, kvdim = Hkv * hd;
-  TORCH_CHECK(cos.size(0) == B && cos.size(1) == hd / 2, "rope tables: [B, hd/2]");
+  TORCH_CHECK(cache_v.sizes() == cache_k.sizes(), "cache_v: the shape of cache_k");
+  TORCH_CHECK(H % Hkv == 0, "n_heads: a multiple of the cache's key/value heads");
+  for (const at::Tensor* t : {&cos, &sin}) {  // read as [B, hd/2] float32 below
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == hd / 2 && t->scalar_type() == at::kFloat &&
+                    t->is_contiguous(),
+                "rope tables cos, sin: contiguous float32 [B, hd/2]");
+  }
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
