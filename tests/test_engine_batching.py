@@ -406,7 +406,7 @@ def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once(monkey
 
     sdpa_attention = model_module.cached_attention
     monkeypatch.setattr(model_module, "cached_attention",
-                        lambda q, k, v, bias, fused=None: sdpa_attention(q, k, v, bias, fused=True))
+                        lambda q, k, v, bias, fused=None, start=0: sdpa_attention(q, k, v, bias, True, start))
     decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True)
     tokens, pos = torch.tensor([[7]]), torch.tensor([[5]])
     with torch.inference_mode():

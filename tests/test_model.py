@@ -139,10 +139,10 @@ def test_cached_attention_paths_match_the_definition(heads, T, fused):
     torch.testing.assert_close(cached_attention(q, k, v, bias, fused=fused), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_a_first_chunk_attends_causally_without_a_bias():
-    """A chunk at positions 0..T-1 in every row (a prompt's first) runs SDPA's is_causal, which skips the
-    masked half of the pairs; its top-left alignment over a longer cache is the bias's mask. Later chunks,
-    and rows elsewhere, keep the bias."""
+def test_a_prompt_chunk_attends_without_a_bias():
+    """A chunk at positions start..start+T-1 in every row (a prompt's chunk on the CPU) needs no bias: keys
+    before `start` unmasked and its own causally, merged by log-sum-exp, equal the bias's mask (over a
+    longer cache too). Rows at different positions keep the bias."""
     from codellama.model import CacheStep, cached_attention
 
     model = random_model(CONFIGS["gqa-theta1e6"])
@@ -151,8 +151,14 @@ def test_a_first_chunk_attends_causally_without_a_bias():
     first = CacheStep.plan(cache, torch.arange(12).expand(2, 12), None, 16)
     later = CacheStep.plan(cache, torch.arange(12, 20).expand(2, 8), None, 24)
     shifted = CacheStep.plan(cache, torch.stack([torch.arange(12), torch.arange(3, 15)]), None, 16)
-    assert first.bias is None and later.bias is not None and shifted.bias is not None
-    B, H, Hkv, T, S, hd = 2, 8, 2, 12, 16, 16
-    q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
-    bias = torch.zeros(B, 1, T, S).masked_fill_(torch.arange(S) > torch.arange(T)[:, None], float("-inf"))
-    torch.testing.assert_close(cached_attention(q, k, v, None), cached_attention(q, k, v, bias), atol=1e-5, rtol=1e-5)
+    assert (first.bias, first.start, later.bias, later.start) == (None, 0, None, 12) and shifted.bias is not None
+    B, S, hd = 2, 40, 16
+    for (H, Hkv), start, T, dtype in [((8, 2), 0, 12, torch.float32), ((8, 2), 12, 8, torch.float32),
+                                      ((4, 4), 25, 9, torch.float32), ((8, 1), 30, 2, torch.bfloat16)]:
+        q = torch.randn(B, H, T, hd, dtype=dtype)
+        k, v = torch.randn(B, Hkv, S, hd, dtype=dtype), torch.randn(B, Hkv, S, hd, dtype=dtype)
+        pos = torch.arange(start, start + T)
+        bias = torch.zeros(B, 1, T, S, dtype=dtype).masked_fill_(torch.arange(S) > pos[:, None], float("-inf"))
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(cached_attention(q, k, v, None, start=start), cached_attention(q, k, v, bias),
+                                   atol=tol, rtol=tol)

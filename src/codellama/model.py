@@ -73,9 +73,10 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
     kv_len: int | None  # read only the first kv_len positions; None: the whole static cache
     write_idx: torch.Tensor  # [B*Hkv*T] rows of the flattened cache [slots*Hkv*S, hd] to write
     # [B, 1, T, kv_len or S] causal, per row: 0 where a query sees a key, else -inf; None (with no block_mask):
-    # every row's chunk is positions 0..T-1, so query t sees keys 0..t (SDPA's is_causal)
+    # every row's chunk is positions start..start+T-1 (see cached_attention)
     bias: torch.Tensor | None
     block_mask: BlockMask | None  # instead of the bias: the same mask for FlexAttention (attention="flex")
+    start: int = 0  # with no bias: the position of every row's first query
 
     @classmethod
     def plan(
@@ -101,13 +102,11 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
             # blocks of keys past a row's position are skipped, not masked
             mask = create_block_mask(causal, B, None, flex_rows, keys, device=device.type, BLOCK_SIZE=FLEX_BLOCK)
             return cls(input_pos, slots, kv_len, idx, None, mask)
-        if T > 1 and device.type == "cpu" and not torch.compiler.is_compiling() and torch.equal(
-            input_pos, torch.arange(T).expand(B, T)
-        ):
-            # a first chunk (positions 0..T-1 in every row): SDPA's is_causal, whose top-left alignment is
-            # this mask, skips the masked half of the query-key pairs that a bias computes (CPU only:
-            # reading the positions would wait for a GPU)
-            return cls(input_pos, slots, kv_len, idx, None, None)
+        if T > 1 and device.type == "cpu" and not torch.compiler.is_compiling():
+            start = int(input_pos[0, 0])  # CPU only: reading a position would wait for a GPU
+            if torch.equal(input_pos, torch.arange(start, start + T).expand(B, T)):
+                # a prompt's chunk, the same positions in every row: no bias (see cached_attention)
+                return cls(input_pos, slots, kv_len, idx, None, None, start)
         key_pos = torch.arange(keys, device=device)
         seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
         # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
@@ -206,15 +205,16 @@ class Attention(nn.Module):
                 qg = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H/Hkv, hd]
                 out = flex_attention(qg, k, v, block_mask=step.block_mask).reshape(B, self.n_heads, 1, self.head_dim)
             else:
-                out = cached_attention(q, k, v, step.bias)
+                out = cached_attention(q, k, v, step.bias, start=step.start)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 def cached_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, fused: bool | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, fused: bool | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Attention over cached keys: q [B, H, T, hd], k/v [B, Hkv, S, hd], bias [B, 1, T, S] -> [B, H, T, hd].
-    bias None: query t sees keys 0..t (CacheStep's first chunk).
+    bias None (CPU, T > 1): every row's queries sit at positions start..start+T-1 (prompt_chunk_attention).
 
     fused: the path for SDPA's fused CUDA kernels (default: off the CPU). Flash takes no mask, and the
     memory-efficient kernel (torch 2.11) no grouped-query heads, so SDPA(enable_gqa=True) with a mask runs
@@ -234,9 +234,29 @@ def cached_attention(
             scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5 + bias  # [B, Hkv, H/Hkv, S]
             out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hkv, H/Hkv, hd]
         return out.reshape(B, H, 1, hd)
+    if bias is None:
+        return prompt_chunk_attention(q, k, v, start)
     if fused and H != Hkv:
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # [B, H, S, hd]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, enable_gqa=k.shape[1] != H)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != H)
+
+
+def prompt_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """A prompt's chunk on the CPU: queries q [B, H, T, hd] at positions start..start+T-1 in every row, over
+    cached k/v [B, Hkv, S, hd] (S >= start + T) -> [B, H, T, hd]. Each query sees every key before `start`
+    and its own chunk causally. A bias over all the keys would compute the masked pairs too and hold T x S
+    floats (800 MB for a 2048-token chunk at 100k positions); instead one flash attention over the earlier
+    keys, unmasked, and one over the chunk's own, causal (half its pairs), merged by their log-sum-exps."""
+    T, gqa = q.shape[2], k.shape[1] != q.shape[1]
+    own_k, own_v = k[:, :, start : start + T], v[:, :, start : start + T]
+    if start == 0:
+        return F.scaled_dot_product_attention(q, own_k, own_v, is_causal=True, enable_gqa=gqa)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (out, log-sum-exp [B, H, T])
+    before, lse_before = flash(q, k[:, :, :start], v[:, :, :start])
+    own, lse_own = flash(q, own_k, own_v, is_causal=True)
+    # the softmax over both key sets weighs each part's by its share of the exp-sum: e^a / (e^a + e^b)
+    share = torch.sigmoid(lse_before - lse_own)[..., None].to(own.dtype)  # [B, H, T, 1]
+    return torch.lerp(own, before, share)
 
 
 class FeedForward(nn.Module):
