@@ -245,3 +245,30 @@ def test_int8_in_float16_does_not_overflow_before_the_scale():
         layer.scales.fill_(0.5 / 127)
     y = layer.half()(torch.ones(2, 1024, dtype=torch.float16))
     torch.testing.assert_close(y, torch.full((2, 8), 512.0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("layout", ["hf-bf16", "hf-tied", "meta", "gguf-mixed"])
+def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, layout, mode):
+    """load_for_inference quantises each linear layer as it is read (the float model never exists whole:
+    BENCHMARKS.md, memory); the result is exactly what quantising the whole loaded model gives, for each
+    checkpoint layout, a tied output projection and a GGUF whose matrices are partly quantised already
+    (int4 keeps those codes, int8 requantises their floats)."""
+    from codellama.checkpoints.hf import save_hf
+    from codellama.checkpoints.meta import save_meta
+    from test_checkpoints_gguf import _write_mixed_file
+
+    if layout == "gguf-mixed":
+        path = tmp_path / "mixed.gguf"
+        _write_mixed_file(path)
+    else:
+        model = random_model(CFG.replace(tie_embeddings=layout == "hf-tied"), dtype=torch.bfloat16)
+        path = tmp_path / "ckpt"
+        (save_meta if layout == "meta" else save_hf)(model, None, path)
+    loaded = load_for_inference(str(path), "cpu", None, mode).model
+    whole = quantize(load_model(str(path), keep_codes=mode == "int4").model, mode)
+    got, want = dict(loaded.named_buffers()) | dict(loaded.named_parameters()), \
+        dict(whole.named_buffers()) | dict(whole.named_parameters())
+    assert got.keys() == want.keys() and any(name.endswith("qweight") for name in got)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

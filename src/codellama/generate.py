@@ -224,9 +224,10 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
     keep_codes = quantize == "int4" or (quantize == "auto" and check_device(device).type == "cpu")
-    loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes)
-    if quantize in ("int8", "int4"):
-        quantize_model(loaded.model, quantize)  # then stacks them
+    quantized = quantize if quantize in ("int8", "int4") else None  # as each layer loads: less memory
+    loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes, quantize=quantized)
+    if quantized:
+        quantize_model(loaded.model, quantized)  # what loading left: a tied output projection; then stacks them
     else:
         fuse_projections(loaded.model)  # fewer, larger matmuls (and the fused CPU decode step)
     return loaded

@@ -17,7 +17,7 @@ from torch import nn
 
 from codellama.config import ModelConfig
 from codellama.errors import UserError
-from codellama.engine.quant import QuantCodes, QuantEmbedding, QuantLinear
+from codellama.engine.quant import GROUP, QuantCodes, QuantEmbedding, QuantLinear, quantize_weight
 from codellama.model import Transformer
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ def fill_model(
     device: str | torch.device,
     dtype: torch.dtype,
     source: str,
+    quantize: str | None = None,
 ) -> Transformer:
     """Build the model from (our name, tensor) pairs, converting and assigning them one at a time.
 
@@ -111,6 +112,10 @@ def fill_model(
     `output.weight` are ignored for tied embeddings (HF tied checkpoints sometimes keep a copy). A linear
     layer's weight given as QuantCodes makes that layer a QuantLinear holding them, and the embedding's a
     QuantEmbedding over them (a tied output projection then is that QuantLinear).
+
+    quantize ("int8" or "int4"): each linear layer's floating-point weight is quantised as it is read, so
+    the model never exists whole in floating point (a 7B in int8 needs its 7 GB, not float32's 27 and
+    more); a weight int4 cannot group is left in floating point (engine.quant.quantize refuses it).
     """
     model = empty_model(cfg)
     expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
@@ -127,6 +132,9 @@ def fill_model(
             )
         module_name, _, attr = name.rpartition(".")
         seen.add(name)
+        if quantize and isinstance(model.get_submodule(module_name), nn.Linear) and not isinstance(t, QuantCodes) \
+                and (quantize == "int8" or t.shape[1] % GROUP == 0):
+            t = quantize_weight(t.to(device=device, dtype=dtype), quantize)  # as engine.quant.quantize would
         if isinstance(t, QuantCodes):
             layer = QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device))
             if module_name == "tok_embeddings":

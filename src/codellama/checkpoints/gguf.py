@@ -352,14 +352,16 @@ def gguf_tokenizer(reader: FastGGUFReader) -> Tokenizer | None:
 
 def load_gguf(
     path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, *, with_tokenizer: bool = True,
-    keep_codes: bool = False,
+    keep_codes: bool = False, quantize: str | None = None,
 ) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
-    """-> (model, tokenizer or None, config) from a .gguf file; keep_codes: see the module docstring."""
+    """-> (model, tokenizer or None, config) from a .gguf file; keep_codes: see the module docstring;
+    quantize: see fill_model."""
     path = Path(path)
     reader = open_reader(path)
     cfg = gguf_config(reader, path)
     dt = resolve_dtype(device, dtype, _stored_dtype(reader))
-    model = fill_model(cfg, _iter_tensors(reader, cfg, path, keep_codes), device=device, dtype=dt, source=str(path))
+    model = fill_model(cfg, _iter_tensors(reader, cfg, path, keep_codes), device=device, dtype=dt, source=str(path),
+                       quantize=quantize)
     tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
     return model, tokenizer, cfg
 

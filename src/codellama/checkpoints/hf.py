@@ -156,14 +156,15 @@ def stored_dtype(files: list[Path]) -> torch.dtype | None:
 
 
 def load_hf(
-    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, *, with_tokenizer: bool = True
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, *, with_tokenizer: bool = True,
+    quantize: str | None = None,
 ) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
-    """-> (model, tokenizer or None, config) from an HF checkpoint directory."""
+    """-> (model, tokenizer or None, config) from an HF checkpoint directory; quantize: see fill_model."""
     path = Path(path)
     cfg = read_hf_config(path)
     files = weight_files(path)
     dt = resolve_dtype(device, dtype, stored_dtype(files))
-    model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path))
+    model = fill_model(cfg, _iter_ours(files), device=device, dtype=dt, source=str(path), quantize=quantize)
     return model, (hf_tokenizer(path) if with_tokenizer else None), cfg
 
 

@@ -80,19 +80,21 @@ def load_model(
     dtype: DTypeSpec = None,
     *,
     keep_codes: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a model from any supported spec; see the module docstring. keep_codes: a GGUF's quantised
     matrices (its linear layers and embedding) stay the file's codes (checkpoints/gguf.py); other formats
-    ignore it."""
+    ignore it. quantize ("int8", "int4"): a checkpoint's linear layers are quantised as they are read
+    (common.fill_model); random-weight presets ignore it."""
     check_device(device)
     if spec is None or str(spec) == "default":
-        return _load_path(default_model_path(), device, dtype, keep_codes)
+        return _load_path(default_model_path(), device, dtype, keep_codes, quantize)
     text = str(spec)
     path = Path(text).expanduser()
     if path.exists():
-        return _load_path(path, device, dtype, keep_codes)
+        return _load_path(path, device, dtype, keep_codes, quantize)
     if text in PRESETS:
-        return load_preset(text, device, dtype, keep_codes)
+        return load_preset(text, device, dtype, keep_codes, quantize)
     file_like = text.endswith((".gguf", ".json", ".safetensors", ".pth"))
     if not file_like and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text):  # owner/name, as on the Hub
         raise UserError(f"{text}: no such file or directory; Hugging Face Hub ids are not downloaded: fetch it "
@@ -123,24 +125,24 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _load_path(path: Path, device, dtype, keep_codes: bool = False) -> LoadedModel:
+def _load_path(path: Path, device, dtype, keep_codes: bool = False, quantize: str | None = None) -> LoadedModel:
     fmt = detect_format(path)
     if path.is_file() and fmt != "gguf":
         path = path.parent
     if fmt == "gguf":
         from codellama.checkpoints.gguf import load_gguf
 
-        model, tok, cfg = load_gguf(path, device, dtype, keep_codes=keep_codes)
+        model, tok, cfg = load_gguf(path, device, dtype, keep_codes=keep_codes, quantize=quantize)
     elif fmt == "hf":
         from codellama.checkpoints.hf import load_hf
 
-        model, tok, cfg = load_hf(path, device, dtype)
+        model, tok, cfg = load_hf(path, device, dtype, quantize=quantize)
     elif fmt == "train":
-        model, tok, cfg = load_train_run(path, device, dtype)
+        model, tok, cfg = load_train_run(path, device, dtype, quantize)
     else:
         from codellama.checkpoints.meta import load_meta
 
-        model, tok, cfg = load_meta(path, device, dtype)
+        model, tok, cfg = load_meta(path, device, dtype, quantize)
     return LoadedModel(model=model, tokenizer=fit_tokenizer(tok, cfg), config=cfg, source=str(path), format=fmt)
 
 
@@ -160,12 +162,13 @@ def fit_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> Tokenizer:
 
 
 def load_preset(
-    name: str, device: str | torch.device = "cpu", dtype: DTypeSpec = None, keep_codes: bool = False
+    name: str, device: str | torch.device = "cpu", dtype: DTypeSpec = None, keep_codes: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """smollm2-135m: the real default weights. Other presets: random weights (init_weights) allocated
     once in the target dtype, with the Code Llama tokenizer when the vocab is Code Llama's."""
     if name == "smollm2-135m":
-        loaded = _load_path(default_model_path(), device, dtype, keep_codes)
+        loaded = _load_path(default_model_path(), device, dtype, keep_codes, quantize)
         loaded.source = name
         return loaded
     cfg = preset(name)

@@ -168,15 +168,17 @@ def meta_config(
 
 
 def load_meta(
-    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, quantize: str | None = None
 ) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
-    """-> (model, tokenizer or None, config) from a Meta checkpoint directory (any number of MP shards)."""
+    """-> (model, tokenizer or None, config) from a Meta checkpoint directory (any number of MP shards);
+    quantize: see fill_model."""
     path = Path(path)
     files = shard_files(path)
     shards = [_load_shard(f) for f in files]
     cfg, tokenizer, _ = meta_config(path, shards)
     dt = resolve_dtype(device, dtype, shards[0]["tok_embeddings.weight"].dtype)
-    model = fill_model(cfg, _iter_merged(shards, cfg, dt, str(path)), device=device, dtype=dt, source=str(path))
+    model = fill_model(cfg, _iter_merged(shards, cfg, dt, str(path)), device=device, dtype=dt, source=str(path),
+                       quantize=quantize)
     return model, tokenizer, cfg
 
 

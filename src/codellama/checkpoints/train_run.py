@@ -107,11 +107,12 @@ def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
 
 
 def load_train_run(
-    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None
+    path: str | Path, device: str | torch.device = "cpu", dtype: DTypeSpec = None, quantize: str | None = None
 ) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
-    """-> (model, tokenizer or None, config) from a training run directory or one of its step directories."""
+    """-> (model, tokenizer or None, config) from a training run directory or one of its step directories;
+    quantize: see fill_model."""
     info = read_train_checkpoint(path)
     dt = resolve_dtype(device, dtype, torch.float32)  # training keeps float32 master weights
     tensors = _model_tensors(info.path, dt)
-    model = fill_model(info.config, tensors.items(), device=device, dtype=dt, source=str(info.path))
+    model = fill_model(info.config, tensors.items(), device=device, dtype=dt, source=str(info.path), quantize=quantize)
     return model, info.tokenizer, info.config

@@ -110,6 +110,13 @@ class QuantCodes:
         return self.qweight.shape[0], self.qweight.shape[1] * (2 if self.mode == "int4" else 1)
 
 
+def quantize_weight(w: torch.Tensor, mode: str) -> QuantCodes:
+    """w [N, K] by our int8 or int4 quantiser, on w's device (int8g has none: it holds a file's codes)."""
+    if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
+        raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
+    return QuantCodes(mode, *(quantize_int8(w) if mode == "int8" else quantize_int4(w)))
+
+
 class QuantLinear(nn.Module):
     """A bias-free nn.Linear with quantised weights (a mode of the module docstring); float activations in and out."""
 
@@ -125,11 +132,8 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str) -> QuantLinear:
         """The layer quantised by our int8 or int4 quantiser (int8g has none: it holds a file's codes)."""
-        if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
-            raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
-        w = linear.weight.detach()
-        q, s = quantize_int8(w) if mode == "int8" else quantize_int4(w)
-        return cls(mode, q.to(w.device), s.to(w.device))
+        codes = quantize_weight(linear.weight.detach(), mode)
+        return cls(mode, codes.qweight, codes.scales)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights the codes stand for, [out_features, in_features]."""
