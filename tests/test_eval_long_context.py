@@ -60,9 +60,23 @@ def test_haystack(position, seed):
     assert abs(at - actual) < 0.05 and abs(actual - position) < 0.03
 
 
-def test_haystack_too_short_for_the_code_says_so():
-    with pytest.raises(UserError, match="--lengths of 1000 or more"):  # the standard library has code enough
-        Haystack(ByteTokenizer(), code_files()).build(300, 0.0, 57, random.Random(0))
+def test_haystack_too_short_for_the_code_says_so(tmp_path):
+    for i in range(3):  # every block 3 kB: no file order fills 1000 bytes
+        (tmp_path / f"m{i}.py").write_text(f"def f{i}():\n" + "    x = 1\n" * 300)
+    with pytest.raises(UserError, match="--lengths of 1000 or more"):
+        Haystack(ByteTokenizer(), code_files(tmp_path)).build(1000, 0.0, 57, random.Random(0))
+
+
+def test_haystack_of_the_smallest_length_the_error_recommends_builds():
+    """--lengths 1000 with the tiny model refused one example in a few ('use --lengths of 1000 or more'): one
+    file order missed the budget by a large block, and no other order was tried."""
+    from codellama.tokenizer import codellama_tokenizer
+
+    hay = Haystack(codellama_tokenizer(), code_files())
+    for position in (0.0, 0.2, 0.4, 0.5, 1.0):
+        for seed in range(20):
+            prompt, _ = hay.build(1000, position, 57, random.Random(f"0/1000/{position}/{seed}"))
+            assert prompt.endswith(QUESTION)
 
 
 def test_parse_answer():

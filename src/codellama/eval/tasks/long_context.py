@@ -35,6 +35,7 @@ DEFAULT_POSITIONS = (0.0, 0.2, 0.4)
 DEFAULT_EXAMPLES = 64
 PPL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 PPL_MIN_BYTES = 50_000
+FILL_TRIES = 16  # file orders tried before a haystack length is refused as too short for the code's blocks
 POSITION_SLACK = 0.02  # the key lands within this fraction of the haystack of its relative position
 ANSWER_TOKENS = 4  # greedy tokens generated after `assert my_function() == `: the two digits and some slack
 KEY_RETRIEVAL_RUN_KEYS = ("task", "model", "seed", "data_dir")  # what its resumed results depend on
@@ -86,8 +87,24 @@ class Haystack:
         key = KEY_FUNCTION.format(value=value) + "\n\n"
         budget = length - self.ntok(key) - self.ntok(QUESTION)
         target, slack = position * budget, POSITION_SLACK * budget
-        order = self.files[:]
-        rng.shuffle(order)
+        for _ in range(FILL_TRIES):  # a short haystack can miss its budget in one file order and fit in another
+            order = self.files[:]
+            rng.shuffle(order)
+            chunks, at, total = self._fill(order, budget, target, slack)
+            if total >= budget * 0.9:
+                break
+        else:
+            raise UserError(f"could not fill a {length}-token haystack with whole top-level blocks of code: too short "
+                            "for the files' blocks (use --lengths of 1000 or more), or too little code (--data-dir)")
+        at = len(chunks) if at is None else at
+        texts = [t for t, _ in chunks]
+        head = "".join(texts[:at])
+        if head and not head.endswith("\n\n"):
+            head = head.rstrip("\n") + "\n\n"
+        return head + key + "".join(texts[at:]).rstrip("\n") + QUESTION, sum(n for _, n in chunks[:at]) / max(total, 1)
+
+    def _fill(self, order: list[Path], budget: int, target: float, slack: float):
+        """(chunks, how many precede the key or None, their tokens) for one file order."""
         chunks: list[tuple[str, int]] = []
         total, at = 0, None  # at: how many chunks precede the key
         for path in order:
@@ -103,15 +120,7 @@ class Haystack:
                 total += n
             if total >= budget * 0.98:
                 break
-        if total < budget * 0.9:
-            raise UserError(f"could not fill a {length}-token haystack with whole top-level blocks of code: too short "
-                            "for the files' blocks (use --lengths of 1000 or more), or too little code (--data-dir)")
-        at = len(chunks) if at is None else at
-        texts = [t for t, _ in chunks]
-        head = "".join(texts[:at])
-        if head and not head.endswith("\n\n"):
-            head = head.rstrip("\n") + "\n\n"
-        return head + key + "".join(texts[at:]).rstrip("\n") + QUESTION, sum(n for _, n in chunks[:at]) / max(total, 1)
+        return chunks, at, total
 
 
 def parse_answer(completion: str) -> int | None:
