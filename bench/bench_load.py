@@ -10,7 +10,8 @@ weights themselves, not counting file pages a memory map keeps resident). Cases:
     matrices kept as the file's codes (keep_codes: what the command line runs on the CPU by default);
   * the same model as an HF checkpoint (bfloat16 safetensors, written by us), loaded as float32 / bfloat16;
   * a "7B slice": Code Llama 7B's exact tensor shapes (dim 4096, ffn 11008, vocab 32016) with only
-    --slice-layers layers, on disk as HF bfloat16 safetensors and as a 2-shard Meta checkpoint;
+    --slice-layers layers, on disk as HF bfloat16 safetensors and as a 2-shard Meta checkpoint; also
+    prepared as `--quantize int8` / `int4` prepare it (load_for_inference: quantised while loading);
   * the full Code Llama 7B, built on the meta device only: what a load must allocate (nothing is allocated).
 
 The peer is transformers (AutoModelForCausalLM.from_pretrained; GGUF via gguf_file=, which needs accelerate).
@@ -67,6 +68,7 @@ def child(case: str, path: str, dtype: str) -> None:
 
     if case.startswith("ours"):
         from codellama.checkpoints.load import load_model
+        from codellama.generate import load_for_inference
     else:
         import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM
@@ -76,7 +78,9 @@ def child(case: str, path: str, dtype: str) -> None:
     base_rss, base_anon = _status("VmRSS"), _status("RssAnon")
     t0 = time.perf_counter()
     with AnonPeak() as anon:
-        if case.startswith("ours"):
+        if case in ("ours-int8", "ours-int4"):  # dtype: the activations' (float32 on the CPU)
+            model = load_for_inference(path, "cpu", dtype, case.removeprefix("ours-")).model
+        elif case.startswith("ours"):
             model = load_model(path, dtype=dtype, keep_codes=case == "ours-codes").model
         else:
             p = Path(path)
@@ -181,6 +185,8 @@ def main() -> None:
             label = f"7B slice ({args.slice_layers} layers, {n / 1e9:.2f}B params) HF bf16"
             cases += [(label, hf_dir, "bfloat16"), (label, hf_dir, "float32"),
                       (label.replace("HF bf16", "Meta 2 shards bf16"), meta_dir, "bfloat16")]
+            for mode in ("int8", "int4"):
+                rows.append(row(label, f"ours, --quantize {mode}", mode, measure(f"ours-{mode}", hf_dir, "float32")))
         rows.append(row("SmolLM2 Q4_1 GGUF", "ours, codes kept", "float32", measure("ours-codes", gguf, "float32")))
         for label, path, dtype in cases:
             ours = measure("ours", path, dtype)
