@@ -272,3 +272,53 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, l
     assert got.keys() == want.keys() and any(name.endswith("qweight") for name in got)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quantize_mode", [None, "int8", "int4"])
+def test_model_bytes_is_what_the_loaded_model_holds(tmp_path, tied, quantize_mode):
+    from codellama.checkpoints.common import model_bytes
+    from codellama.checkpoints.hf import save_hf
+
+    cfg = CFG.replace(tie_embeddings=tied)
+    save_hf(random_model(cfg, dtype=torch.bfloat16), None, tmp_path)
+    model = load_for_inference(str(tmp_path), "cpu", None, quantize_mode or "none").model
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.dim() > 0}
+    held = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert model_bytes(cfg, torch.float32, quantize_mode) == pytest.approx(held, rel=0.01)
+
+
+def _physical_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_a_model_larger_than_memory_is_refused_before_loading_with_what_fits(tmp_path):
+    from codellama.checkpoints.common import GiB, check_fits_memory
+    from codellama.config import preset
+    from codellama.errors import UserError
+
+    seven_b = preset("codellama-7b")
+    with pytest.raises(UserError, match=r"needs about 25\.1 GiB in float32, more than this machine's 16\.0 GiB of "
+                       r"memory; load it with --dtype bfloat16: about 12\.6 GiB; or --quantize int8 .*6\.6 GiB; "
+                       r"or --quantize int4 .*5\.1 GiB"):
+        check_fits_memory(seven_b, torch.float32, "cpu", "CodeLlama-7b-hf", total=16 * GiB)
+    with pytest.raises(UserError, match=r"quantised to int8, .* 6\.0 GiB .* --quantize int4 .*: about 5\.1 GiB$"):
+        check_fits_memory(seven_b, torch.float32, "cpu", "CodeLlama-7b-hf", "int8", total=6 * GiB)
+    with pytest.raises(UserError, match="int8, .* 40.0 GiB of memory; it does not fit this machine$"):
+        check_fits_memory(preset("codellama-70b"), torch.float32, "cpu", "CodeLlama-70b-hf", "int8", total=40 * GiB)
+    with pytest.raises(UserError, match=r"preset codellama-7b .*; load it with --dtype bfloat16: about 12\.6 GiB$"):
+        load_model("codellama-7b", dtype="float32") if _physical_memory() < 25 * GiB else \
+            check_fits_memory(seven_b, torch.float32, "cpu", "preset codellama-7b", total=16 * GiB, quantize_on_load=False)
+    check_fits_memory(seven_b, torch.float32, "cpu", "CodeLlama-7b-hf", "int8", total=16 * GiB)  # fits: no error
+    check_fits_memory(seven_b, torch.float32, "cuda", "CodeLlama-7b-hf", total=16 * GiB)  # GPUs are not checked here
+    # through the loader: a checkpoint whose config claims more than the machine has is refused before any
+    # weight is read (the config is all it takes)
+    from codellama.checkpoints.hf import save_hf
+
+    save_hf(random_model(CFG), None, tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 2000000'))
+    with pytest.raises(UserError, match="more than this machine's"):
+        load_model(str(tmp_path))

@@ -8,6 +8,7 @@ storage), and each tensor read from a memory-mapped file is converted and assign
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -97,6 +98,51 @@ def empty_model(cfg: ModelConfig) -> Transformer:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
+GiB = 2**30
+
+
+def model_bytes(cfg: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
+    """Bytes the loaded model holds: every weight in `dtype`, or (quantize) its linear layers as codes, a
+    byte a weight and a float32 scale per output row (int8) or half a byte plus a float32 scale and minimum
+    per 32 (int4), and the embedding in `dtype` (a tied output projection gets codes of its own)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if quantize is None:
+        return cfg.num_params() * size
+    table = cfg.vocab_size * cfg.dim
+    linear = cfg.num_params(include_embeddings=False) + table  # the layers' and the output projection's
+    if quantize == "int4":
+        return table * size + linear * 3 // 4
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    rows = cfg.n_layers * (qkv + 2 * cfg.dim + 2 * cfg.ffn_hidden) + cfg.vocab_size  # outputs of the linear layers
+    return table * size + linear + 4 * rows
+
+
+def check_fits_memory(cfg: ModelConfig, dtype: torch.dtype, device, source: str, quantize: str | None = None,
+                      total: int | None = None, quantize_on_load: bool = True) -> None:
+    """Refuse, before allocating it, a model larger than this machine's memory (`total` bytes, default: all
+    of it) on the CPU: it would be killed half-loaded, or swap for hours. Names the settings it fits with
+    (quantisation only where it happens while loading: random-weight presets are made in floating point)."""
+    if torch.device(device).type != "cpu":
+        return
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return
+    need = model_bytes(cfg, dtype, quantize)
+    if need <= total:
+        return
+    held = f"quantised to {quantize}" if quantize else f"in {str(dtype).removeprefix('torch.')}"
+    options = [(f"--quantize {q} (quantize={q!r} from Python)", model_bytes(cfg, dtype, q))
+               for q in ("int8", "int4") if quantize_on_load]
+    if dtype == torch.float32 and not quantize:
+        options.insert(0, ("--dtype bfloat16", model_bytes(cfg, torch.bfloat16)))
+    fits = [f"{how}: about {n / GiB:.1f} GiB" for how, n in options if n < min(need, total)]
+    advice = f"load it with {'; or '.join(fits)}" if fits else "it does not fit this machine"
+    raise UserError(f"{source} needs about {need / GiB:.1f} GiB {held}, more than this machine's "
+                    f"{total / GiB:.1f} GiB of memory; {advice}")
+
+
 def fill_model(
     cfg: ModelConfig,
     tensors: Iterable[tuple[str, torch.Tensor | QuantCodes]],
@@ -105,6 +151,7 @@ def fill_model(
     dtype: torch.dtype,
     source: str,
     quantize: str | None = None,
+    check_memory: bool = True,
 ) -> Transformer:
     """Build the model from (our name, tensor) pairs, converting and assigning them one at a time.
 
@@ -116,7 +163,11 @@ def fill_model(
     quantize ("int8" or "int4"): each linear layer's floating-point weight is quantised as it is read, so
     the model never exists whole in floating point (a 7B in int8 needs its 7 GB, not float32's 27 and
     more); a weight int4 cannot group is left in floating point (engine.quant.quantize refuses it).
+    check_memory: refuse a model larger than the machine's memory first (check_fits_memory); off where
+    the tensors are kept codes (a GGUF's), which the floating-point estimate would overstate.
     """
+    if check_memory:
+        check_fits_memory(cfg, dtype, device, source, quantize)
     model = empty_model(cfg)
     expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
     seen: set[str] = set()

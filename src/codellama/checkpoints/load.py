@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from codellama.assets import SMOLLM2_GGUF, package_file
-from codellama.checkpoints.common import DTypeSpec, empty_model, read_json_object, refuse_web_page, resolve_dtype
+from codellama.checkpoints.common import (
+    DTypeSpec,
+    check_fits_memory,
+    empty_model,
+    read_json_object,
+    refuse_web_page,
+    resolve_dtype,
+)
 from codellama.checkpoints.train_run import is_run_dir, is_step_dir, load_train_run, read_train_checkpoint
 from codellama.config import PRESETS, ModelConfig, preset
 from codellama.errors import UserError
@@ -173,7 +180,7 @@ def load_preset(
         return loaded
     cfg = preset(name)
     dt = resolve_dtype(device, dtype, torch.bfloat16)
-    _check_fits(cfg, dt, device, name)
+    check_fits_memory(cfg, dt, device, f"preset {name}", quantize_on_load=False)
     model = empty_model(cfg).to(dt)
     model = model.to_empty(device=device)
     if cfg.tie_embeddings:
@@ -193,22 +200,6 @@ def preset_tokenizer(cfg: ModelConfig) -> Tokenizer | None:
     if cfg.vocab_size == 32000:
         return codellama_tokenizer("python")
     return codellama_tokenizer("70b-instruct" if cfg.name == "codellama-70b-instruct" else "base")
-
-
-def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device, name: str) -> None:
-    """Refuse a random-weight preset that cannot fit in this machine's memory (instead of swapping)."""
-    if torch.device(device).type != "cpu":
-        return
-    need = cfg.num_params() * torch.empty((), dtype=dtype).element_size()
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return
-    if need > 0.8 * total:
-        raise UserError(
-            f"preset {name} needs {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} but this machine has "
-            f"{total / 2**30:.1f} GiB; use a smaller preset or --dtype bfloat16"
-        )
 
 
 @dataclass
