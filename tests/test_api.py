@@ -137,6 +137,25 @@ def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
     assert "--port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("message, stdin", [("", ""), ("  \n", ""), ("-", ""), ("-", "\n\n")])
+def test_empty_chat_message_is_refused_before_loading(capsys, monkeypatch, message, stdin):
+    """`chat "$MSG"` with MSG unset, or `chat -` from an empty pipe: the model answered an empty message
+    (256 tokens of whatever); the error now comes before any model is loaded."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert main(["chat", message, "--model", "no-such-model", "-n", "2"]) == 2
+    assert "the message is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["complete", "infill", "chat", "serve", "eval", "eval-sweep", "self-instruct"])
+def test_every_command_with_a_model_takes_dash_m(command):
+    """-m worked for complete/infill/chat only; elsewhere argparse named the top-level usage and said
+    "codellama: error: unrecognized arguments: -m tiny"."""
+    from codellama.cli import build_parser
+
+    extra = ["--out", "x"] if command == "self-instruct" else []
+    assert build_parser().parse_args([command, "-m", "tiny", *extra]).model == "tiny"
+
+
 def test_infill_command_fills_a_file(capsys, tmp_path):
     f = tmp_path / "a.py"
     f.write_text("def f(x):\n    <FILL_ME>\n    return y\n")

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions with `suffix` for "
         "infilling, /v1/chat/completions, /v1/models, /health) with continuous batching.",
     )
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", "-m", default=None,
                    help="HF dir, Meta dir, .gguf file or preset name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", default=None, help="the name clients send as `model` (default: from --model)")
     p.add_argument("--host", default="127.0.0.1")
