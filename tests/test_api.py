@@ -137,6 +137,26 @@ def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
     assert "--port" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_address_or_log_file_it_cannot_use_before_loading(capsys, tmp_path):
+    """A port in use, a host not of this machine, or a --log-file in a missing folder (or a directory):
+    uvicorn's error or an OSError's traceback, after the model had loaded and warmed up. Now a one-line
+    error first: the model spec here does not even exist."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [(["--port", str(port)], "another server?"),
+                 (["--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+                 (["--log-file", str(tmp_path / "missing" / "log.jsonl")], "No such file or directory"),
+                 (["--log-file", str(tmp_path)], "Is a directory")]
+        for argv, needle in cases:
+            assert main(["serve", "--model", "no-such-model", "--port", "0", *argv]) == 2, argv
+            err = capsys.readouterr().err
+            assert needle in err and "no-such-model" not in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("message, stdin", [("", ""), ("  \n", ""), ("-", ""), ("-", "\n\n")])
 def test_empty_chat_message_is_refused_before_loading(capsys, monkeypatch, message, stdin):
     """`chat "$MSG"` with MSG unset, or `chat -` from an empty pipe: the model answered an empty message
