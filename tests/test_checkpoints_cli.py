@@ -105,6 +105,9 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
     save_hf(random_model(CFG), None, tmp / "list-config")
     (tmp / "list-config" / "config.json").write_text("[]")  # was an AttributeError's traceback
     save_meta(random_model(CFG), None, tmp / "null-params")
+    (tmp / "loose").mkdir()  # weights without their config, beside a GGUF: was "pass the file itself" (it was)
+    (tmp / "loose" / "model.safetensors").write_bytes((tmp / "list-config" / "model.safetensors").read_bytes())
+    (tmp / "loose" / "other.gguf").write_bytes(data)
     (tmp / "null-params" / "params.json").write_text("null")  # was a TypeError's traceback
     return {
         "missing": (tmp / "nope", "no such file"),
@@ -114,6 +117,7 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
         "bad-params": (tmp / "meta", "params.json"),
         "config-not-an-object": (tmp / "list-config", "config.json: the model config must be a JSON object"),
         "params-not-an-object": (tmp / "null-params", "params.json: model parameters must be a JSON object"),
+        "weights-file-alone": (tmp / "loose" / "model.safetensors", "model.safetensors is part of a checkpoint"),
         "unknown-preset": ("codellama-8b", "codellama-7b"),
         "hub-id": ("codellama/CodeLlama-7b-nope", "hf download codellama/CodeLlama-7b-nope"),
     }
