@@ -157,6 +157,26 @@ def test_serve_refuses_an_address_or_log_file_it_cannot_use_before_loading(capsy
             assert needle in err and "no-such-model" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_serve_context_past_the_model_runs_with_a_warning():
+    """--context 1024 on a 512-token model served 512 without a word; now 1024, warned, as complete's
+    --max-seq-len (RoPE has no hard limit; spec 6.2: users want Code Llama at 100k)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "serve", "--model", "tiny", "--device", "cpu",
+                             "--no-compile", "--port", "0", "--context", "1024", "--max-batch", "1"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith(("serving", "codellama serve: error", "Traceback")):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)  # ended before it served
+            lines.append(line)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    err = "".join(lines)
+    assert "1 slots x 1024 tokens" in err and "warning: --context 1024 is past the 512 tokens" in err, err
+
+
 @pytest.mark.parametrize("message, stdin", [("", ""), ("  \n", ""), ("-", ""), ("-", "\n\n")])
 def test_empty_chat_message_is_refused_before_loading(capsys, monkeypatch, message, stdin):
     """`chat "$MSG"` with MSG unset, or `chat -` from an empty pipe: the model answered an empty message

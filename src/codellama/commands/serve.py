@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's context, at most 4096; "
-                   "the KV cache holds max-batch x context positions)")
+                   "past the model's, with a warning; the KV cache holds max-batch x context positions)")
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="generations running or queued before new requests get 429")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from codellama.engine.batching import Engine
-    from codellama.generate import load_for_inference
+    from codellama.generate import load_for_inference, warn_past_trained_context
     from codellama.serve.app import ServerConfig, create_app
 
     for name, value in (("--max-batch", args.max_batch), ("--max-concurrent", args.max_concurrent),
@@ -73,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     loaded = load_for_inference(args.model, device, dtype, args.quantize)
-    context = min(args.context or 4096, loaded.config.max_seq_len)
+    # a --context past the trained one runs, as complete's --max-seq-len does (RoPE has no hard limit: Code
+    # Llama keeps its perplexity to ~100k, spec 5.6 / 6.2), with the same warning; it was cut to the model's
+    # context without a word
+    context = args.context or min(4096, loaded.config.max_seq_len)
+    warn_past_trained_context(args.context, loaded.config, "--context")
     _setup_logging(log_file)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
                     compile=args.compile)
