@@ -491,6 +491,19 @@ def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbo
     return {"task": task.name, "generated": (gen_stats or {}).get("generated", 0), **_throughputs(gen_stats)}
 
 
+# the task-specific options (EvalConfig.extra) and the tasks that read them
+OPTION_TASKS = {"lengths": SPECIAL_TASKS, "positions": ("long-context-key-retrieval",),
+                "examples": ("long-context-key-retrieval",), "classifier": ("toxigen",)}
+
+
+def _check_options(cfg: EvalConfig, names: list[str]) -> None:
+    """An option none of the tasks reads is an error: `--task humaneval --lengths 100` ignored it."""
+    for key in cfg.extra:
+        readers = OPTION_TASKS.get(key, ())
+        if not any(name in readers for name in names):
+            raise UserError(f"--{key} applies to {' and '.join(readers)} only, not {', '.join(names)}")
+
+
 def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     """Several tasks (comma list), one model load, one sandbox; each task gets out/<task>/ when there are
     several."""
@@ -500,6 +513,7 @@ def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     for name in names:  # fail fast on a typo before loading anything
         if name not in SPECIAL_TASKS:
             get_task(name, cfg.data_dir)
+    _check_options(cfg, names)
     model = None
     if cfg.phase in ("generate", "all"):
         model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
@@ -522,6 +536,7 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
     if not temperatures or any(t <= 0 for t in temperatures):
         raise UserError("--temperatures needs positive values, e.g. 0.1,0.4,0.6,0.8")
     task = None if cfg.task in SPECIAL_TASKS else get_task(cfg.task, cfg.data_dir)
+    _check_options(cfg, [cfg.task])
     if task is None or task.metrics([], []) is not None:
         raise UserError(f"eval-sweep plots pass@k; {cfg.task} is scored otherwise (run it with eval --temperature T)")
     cfg = cfg.for_task(task)
