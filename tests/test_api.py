@@ -137,6 +137,65 @@ def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
     assert "--port" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_address_or_log_file_it_cannot_use_before_loading(capsys, tmp_path):
+    """A port in use, a host not of this machine, or a --log-file in a missing folder (or a directory):
+    uvicorn's error or an OSError's traceback, after the model had loaded and warmed up. Now a one-line
+    error first: the model spec here does not even exist."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [(["--port", str(port)], "another server?"),
+                 (["--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+                 (["--log-file", str(tmp_path / "missing" / "log.jsonl")], "No such file or directory"),
+                 (["--log-file", str(tmp_path)], "Is a directory")]
+        for argv, needle in cases:
+            assert main(["serve", "--model", "no-such-model", "--port", "0", *argv]) == 2, argv
+            err = capsys.readouterr().err
+            assert needle in err and "no-such-model" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_context_past_the_model_runs_with_a_warning():
+    """--context 1024 on a 512-token model served 512 without a word; now 1024, warned, as complete's
+    --max-seq-len (RoPE has no hard limit; spec 6.2: users want Code Llama at 100k)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", "serve", "--model", "tiny", "--device", "cpu",
+                             "--no-compile", "--port", "0", "--context", "1024", "--max-batch", "1"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith(("serving", "codellama serve: error", "Traceback")):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)  # ended before it served
+            lines.append(line)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    err = "".join(lines)
+    assert "1 slots x 1024 tokens" in err and "warning: --context 1024 is past the 512 tokens" in err, err
+
+
+@pytest.mark.parametrize("message, stdin", [("", ""), ("  \n", ""), ("-", ""), ("-", "\n\n")])
+def test_empty_chat_message_is_refused_before_loading(capsys, monkeypatch, message, stdin):
+    """`chat "$MSG"` with MSG unset, or `chat -` from an empty pipe: the model answered an empty message
+    (256 tokens of whatever); the error now comes before any model is loaded."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert main(["chat", message, "--model", "no-such-model", "-n", "2"]) == 2
+    assert "the message is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["complete", "infill", "chat", "serve", "eval", "eval-sweep", "self-instruct"])
+def test_every_command_with_a_model_takes_dash_m(command):
+    """-m worked for complete/infill/chat only; elsewhere argparse named the top-level usage and said
+    "codellama: error: unrecognized arguments: -m tiny"."""
+    from codellama.cli import build_parser
+
+    extra = ["--out", "x"] if command == "self-instruct" else []
+    assert build_parser().parse_args([command, "-m", "tiny", *extra]).model == "tiny"
+
+
 def test_infill_command_fills_a_file(capsys, tmp_path):
     f = tmp_path / "a.py"
     f.write_text("def f(x):\n    <FILL_ME>\n    return y\n")

@@ -79,6 +79,23 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "x.gguf").read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--to", "hf", "--qtype", "q8_0"], "--qtype applies to --to gguf only"),  # wrote float32, silently
+    (["--to", "gguf", "--dtype", "float32"], "a GGUF's tensor type is --qtype"),  # wrote F16, silently
+    (["--to", "gguf", "--shards", "2"], "--shards applies to --to meta only"),
+    (["--to", "meta", "--max-shard-size", "1GB"], "--max-shard-size applies to --to hf only"),
+    (["--to", "hf", "--max-shard-size", "abc"], "cannot parse size 'abc'"),  # was checked after loading
+    (["--to", "hf", "--max-shard-size", "infGB"], "cannot parse size"),  # was an OverflowError's traceback
+    (["--to", "hf", "--max-shard-size", "0"], "must be positive"),  # was a file per tensor
+])
+def test_convert_options_are_checked_before_loading(tmp_path, capsys, argv, needle):
+    """An option the chosen layout does not read is refused, not ignored; all before the source loads (it
+    does not even exist here)."""
+    assert run_cli("convert", "no-such-model", tmp_path / "out", *argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_info_reports_config_and_exact_parameter_count(tmp_path, capsys):
     model = random_model(CFG)
     save_gguf(model, None, tmp_path / "m.gguf", "Q8_0")
@@ -105,6 +122,9 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
     save_hf(random_model(CFG), None, tmp / "list-config")
     (tmp / "list-config" / "config.json").write_text("[]")  # was an AttributeError's traceback
     save_meta(random_model(CFG), None, tmp / "null-params")
+    (tmp / "loose").mkdir()  # weights without their config, beside a GGUF: was "pass the file itself" (it was)
+    (tmp / "loose" / "model.safetensors").write_bytes((tmp / "list-config" / "model.safetensors").read_bytes())
+    (tmp / "loose" / "other.gguf").write_bytes(data)
     (tmp / "null-params" / "params.json").write_text("null")  # was a TypeError's traceback
     return {
         "missing": (tmp / "nope", "no such file"),
@@ -114,6 +134,7 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path | str, str]]:
         "bad-params": (tmp / "meta", "params.json"),
         "config-not-an-object": (tmp / "list-config", "config.json: the model config must be a JSON object"),
         "params-not-an-object": (tmp / "null-params", "params.json: model parameters must be a JSON object"),
+        "weights-file-alone": (tmp / "loose" / "model.safetensors", "model.safetensors is part of a checkpoint"),
         "unknown-preset": ("codellama-8b", "codellama-7b"),
         "hub-id": ("codellama/CodeLlama-7b-nope", "hf download codellama/CodeLlama-7b-nope"),
     }

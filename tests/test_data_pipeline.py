@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,15 @@ def test_rebuild_replaces_and_foreign_folder_refused(tmp_path, tok):
     with pytest.raises(UserError, match="not empty"):
         build_corpus(src, tok, tmp_path / "mine", PipelineConfig(), "t")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_more_workers_than_cpus_are_capped():
+    """--workers 100000 forked processes until the machine gave out (the build hung); now the CPUs this
+    process may use, with a warning."""
+    cpus = len(os.sched_getaffinity(0))
+    with pytest.warns(UserWarning, match=f"--workers 100000 is more than the {cpus} CPUs"):
+        assert PipelineConfig(workers=100_000).workers == cpus
+    assert PipelineConfig(workers=1).workers == 1
 
 
 def test_empty_corpus_is_a_user_error(tmp_path, tok):

@@ -151,7 +151,8 @@ def test_bad_input_says_what_to_do(tmp_path):
     # recorded every solution as timed out after the whole generation)
     for setting, flag in (({"max_questions": 0}, "--max-questions"), ({"max_questions": -2}, "--max-questions"),
                           ({"max_new_tokens": 0}, "--max-new-tokens"), ({"workers": 0}, "--workers"),
-                          ({"timeout": 0.0}, "--timeout")):
+                          ({"timeout": 0.0}, "--timeout"), ({"timeout": float("nan")}, "--timeout"),
+                          ({"timeout": float("inf")}, "--timeout")):  # nan, inf: were a traceback
         with pytest.raises(UserError, match=flag):
             SelfInstructConfig(out=tmp_path / "si", **setting)
 

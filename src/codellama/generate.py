@@ -263,11 +263,11 @@ def load(
     return Generator(loaded.model, loaded.tokenizer, max_seq_len)
 
 
-def warn_past_trained_context(max_seq_len: int | None, config) -> None:
+def warn_past_trained_context(max_seq_len: int | None, config, name: str = "max_seq_len") -> None:
     """RoPE has no hard limit, so a context past the trained one runs; say that quality drops there (Code
     Llama, trained at 16k, still retrieves keys at 24k and keeps its perplexity to ~100k: spec 5.6; a model
     without long-context training falls apart soon after its own)."""
     if max_seq_len is not None and max_seq_len > config.max_seq_len:
-        warnings.warn(f"max_seq_len {max_seq_len} is past the {config.max_seq_len} tokens {config.name or 'the model'} "
+        warnings.warn(f"{name} {max_seq_len} is past the {config.max_seq_len} tokens {config.name or 'the model'} "
                       "was trained for: prompts that long run, but expect worse output the further past it they go",
                       stacklevel=3)

@@ -179,7 +179,14 @@ def hf_tokenizer(path: Path) -> Tokenizer | None:
 
 
 def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes."""
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes, at least 1."""
+    n = _parse_size(size)
+    if n < 1:  # 0 or less put every tensor in a file of its own, without a word
+        raise UserError(f"size {size!r} must be positive; use e.g. 5GB, 500MB or a number of bytes")
+    return n
+
+
+def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper()
@@ -188,7 +195,7 @@ def parse_size(size: int | str) -> int:
         if s.endswith(unit):
             try:
                 return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
+            except (ValueError, OverflowError):  # nan, inf: was an OverflowError's traceback
                 break
     try:
         return int(s)

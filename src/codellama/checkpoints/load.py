@@ -64,7 +64,12 @@ def detect_format(path: Path) -> str:
             refuse_web_page(path)
             raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes at its start); it is corrupt or truncated")
         if path.name in ("config.json", "params.json") or path.suffix in (".safetensors", ".pth", ".bin"):
-            return detect_format(path.parent)
+            try:
+                return detect_format(path.parent)
+            except UserError:  # its folder's error spoke of the folder ("pass the file itself", when it was)
+                raise UserError(f"{path} is part of a checkpoint, not one by itself, and {path.parent} is no "
+                                "checkpoint: pass a .gguf file, a Hugging Face dir (config.json + "
+                                "model*.safetensors) or a Meta dir (params.json + consolidated.NN.pth)") from None
         raise UserError(f"{path}: unknown model file; expected a .gguf file, an HF dir or a Meta dir")
     if (path / "config.json").is_file():
         return "hf"

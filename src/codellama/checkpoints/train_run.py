@@ -49,15 +49,23 @@ def is_run_dir(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The step directory a run's `latest` names; None when there is no `latest`."""
-    pointer = Path(run_dir) / "latest"
+    """The step directory a run's `latest` names; None when there is no `latest` and no checkpoint."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest"
+    start_over = "or pass --no-resume to start over (what the run wrote moves to earlier-<time>/)"
     if not pointer.is_file():
+        # a run started here from step 0 would overwrite these one by one and mix its files with theirs
+        # (deleting `latest` to start over was this error's own advice)
+        steps = sorted(p.name for p in run_dir.glob("step_*") if is_step_dir(p))
+        if steps:
+            raise UserError(f"{run_dir} holds checkpoints ({', '.join(steps[-3:])}) but no `latest` naming the "
+                            f"one to resume: write that name into {pointer} to resume from it, {start_over}")
         return None
-    path = Path(run_dir) / pointer.read_text().strip()
-    if not is_step_dir(path):
-        raise UserError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an older "
-                        "step_* directory or delete it to start over")
-    return path
+    name = pointer.read_text().strip()
+    if not name or not is_step_dir(run_dir / name):
+        raise UserError(f"{pointer} names {name or 'nothing'}, which is not a complete checkpoint; point it at an "
+                        f"older step_* directory, {start_over}")
+    return run_dir / name
 
 
 def step_dir(path: Path) -> Path:

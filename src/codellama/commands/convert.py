@@ -24,11 +24,12 @@ def register(sub) -> None:
     p.add_argument("src", help="source: HF dir, Meta dir, .gguf file or preset name")
     p.add_argument("out", help="output directory (hf, meta) or .gguf file (gguf)")
     p.add_argument("--to", required=True, choices=["hf", "gguf", "meta"], help="output layout")
-    p.add_argument("--qtype", default="F16", type=str.upper, choices=["F16", "Q8_0", "F32"],
+    # None: not given, so that an option of another layout is refused rather than ignored (_layout_options)
+    p.add_argument("--qtype", default=None, type=str.upper, choices=["F16", "Q8_0", "F32"],
                    help="GGUF tensor type (default F16)")
-    p.add_argument("--shards", type=int, default=1, help="Meta output: model-parallel shards (default 1)")
-    p.add_argument("--max-shard-size", default="5GB", help="HF output: largest safetensors file (default 5GB)")
-    p.add_argument("--dtype", default="auto", help="weights dtype for hf/meta output (default: as stored)")
+    p.add_argument("--shards", type=int, default=None, help="Meta output: model-parallel shards (default 1)")
+    p.add_argument("--max-shard-size", default=None, help="HF output: largest safetensors file (default 5GB)")
+    p.add_argument("--dtype", default=None, help="weights dtype for hf/meta output (default: as stored)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
 
@@ -45,6 +46,23 @@ def _check_output(out: Path, to: str, force: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"{out} is not empty; pass --force to write into it")
     return out
+
+
+def _layout_options(args: argparse.Namespace) -> None:
+    """Refuse the options the chosen layout does not read (--to hf --qtype q8_0 wrote float weights without a
+    word), check --max-shard-size before loading, then fill in the defaults."""
+    from codellama.checkpoints.hf import parse_size
+
+    for flag, value, layouts in (("--qtype", args.qtype, ("gguf",)), ("--shards", args.shards, ("meta",)),
+                                 ("--max-shard-size", args.max_shard_size, ("hf",)),
+                                 ("--dtype", args.dtype, ("hf", "meta"))):
+        if value is not None and args.to not in layouts:
+            hint = "; a GGUF's tensor type is --qtype (F16, Q8_0 or F32)" if flag == "--dtype" else ""
+            raise UserError(f"{flag} applies to --to {' and '.join(layouts)} only, not --to {args.to}{hint}")
+    if args.shards is not None and args.shards < 1:
+        raise UserError("--shards must be at least 1")
+    args.qtype, args.shards, args.dtype = args.qtype or "F16", args.shards or 1, args.dtype or "auto"
+    args.max_shard_size = parse_size(args.max_shard_size or "5GB")
 
 
 def _save(args: argparse.Namespace, model: Transformer, tok: Tokenizer | None, out: Path) -> None:
@@ -65,8 +83,7 @@ def _save(args: argparse.Namespace, model: Transformer, tok: Tokenizer | None, o
 def run(args: argparse.Namespace) -> int:
     from codellama.checkpoints.load import load_model
 
-    if args.shards < 1:
-        raise UserError("--shards must be at least 1")
+    _layout_options(args)
     out = _check_output(Path(args.out), args.to, args.force)
     if Path(args.src).exists() and Path(args.src).resolve() == out.resolve():
         raise UserError("the output must differ from the source (the source is read while the output is written)")

@@ -42,7 +42,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model spec: HF dir, Meta dir, .gguf, preset name (default: the embedded model)")
+    p.add_argument("--model", "-m", default=None,
+                   help="model spec: HF dir, Meta dir, .gguf, preset name (default: the embedded model)")
     p.add_argument("--task", required=False, default=None, help="task name or comma list; --list-tasks shows them")
     p.add_argument("--n", type=int, default=1, help="samples per problem (the paper: 1 greedy, 200 for pass@10/100)")
     p.add_argument("--top-p", type=float, default=None, help="default: the task's protocol (0.95; 0.9 for toxigen, bold)")

@@ -144,10 +144,15 @@ def run_infill(args) -> int:
 
 
 def run_chat(args) -> int:
-    gen = _load(args)
-    dialog = [{"role": "system", "content": args.system}] if args.system else []
+    message = None
     if args.message is not None:
         message = sys.stdin.read() if args.message == "-" else args.message  # e.g. a file with blank lines
+        if not message.strip():  # e.g. `chat "$MSG"` with MSG unset: the model would answer nothing, at length
+            raise UserError("the message is empty: pass text, '-' to read it from stdin, or no message for an "
+                            "interactive chat")
+    gen = _load(args)
+    dialog = [{"role": "system", "content": args.system}] if args.system else []
+    if message is not None:
         dialog.append({"role": "user", "content": message})
         gen.chat(dialog, on_text=_emit, **_sampling(args))
         _emit("\n")

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("self-instruct", help="generate tested instruction data (questions, tests, solutions)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (stages resume from what is there)")
-    p.add_argument("--model", default=None, help="writes tests and solutions (the paper: Code Llama 7B; default: "
+    p.add_argument("--model", "-m", default=None, help="writes tests and solutions (the paper: Code Llama 7B; default: "
                    "the embedded model)")
     p.add_argument("--question-model", default=None, help="writes the questions (the paper: Llama 2 70B; default: --model)")
     p.add_argument("--rounds", type=int, default=20, help="question lists to ask for (default 20)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from codellama.commands.generate import QUANTIZE_HELP
 from codellama.config import QUANTIZE_CHOICES
+from codellama.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -19,7 +20,7 @@ def register(subparsers) -> None:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions with `suffix` for "
         "infilling, /v1/chat/completions, /v1/models, /health) with continuous batching.",
     )
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", "-m", default=None,
                    help="HF dir, Meta dir, .gguf file or preset name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", default=None, help="the name clients send as `model` (default: from --model)")
     p.add_argument("--host", default="127.0.0.1")
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's context, at most 4096; "
-                   "the KV cache holds max-batch x context positions)")
+                   "past the model's, with a warning; the KV cache holds max-batch x context positions)")
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="generations running or queued before new requests get 429")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -56,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from codellama.engine.batching import Engine
-    from codellama.errors import UserError
-    from codellama.generate import load_for_inference
+    from codellama.generate import load_for_inference, warn_past_trained_context
     from codellama.serve.app import ServerConfig, create_app
 
     for name, value in (("--max-batch", args.max_batch), ("--max-concurrent", args.max_concurrent),
@@ -66,13 +66,19 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:  # uvicorn would fail with a traceback after loading the model
         raise UserError(f"--port must be in 0-65535, got {args.port}")
+    _check_address(args.host, args.port)
+    log_file = _open_log(args.log_file)  # before the model loads: a log that cannot be written costs nothing
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     loaded = load_for_inference(args.model, device, dtype, args.quantize)
-    context = min(args.context or 4096, loaded.config.max_seq_len)
-    _setup_logging(args.log_file)
+    # a --context past the trained one runs, as complete's --max-seq-len does (RoPE has no hard limit: Code
+    # Llama keeps its perplexity to ~100k, spec 5.6 / 6.2), with the same warning; it was cut to the model's
+    # context without a word
+    context = args.context or min(4096, loaded.config.max_seq_len)
+    warn_past_trained_context(args.context, loaded.config, "--context")
+    _setup_logging(log_file)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
                     compile=args.compile)
     config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens)
@@ -98,13 +104,47 @@ def _cache_gb(cfg, slots: int, context: int, model) -> float:
     return 2 * cfg.n_layers * slots * cfg.n_kv_heads * context * cfg.head_dim * dtype_bytes / 1e9
 
 
-def _setup_logging(log_file: Path | None) -> None:
-    """Request logs are JSON lines on stderr (and in log_file)."""
+def _check_address(host: str, port: int) -> None:
+    """Bind host:port once before the model loads: a port in use or a host that is not this machine's ended
+    the command only after loading and warming up (minutes for a big model), with uvicorn's message."""
+    import errno
+    import socket
+
+    not_here = "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}; {not_here}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            hint = {errno.EADDRINUSE: "another server? stop it or pick another --port",
+                    errno.EADDRNOTAVAIL: not_here,
+                    errno.EACCES: "ports below 1024 need privileges; pick another --port"}.get(e.errno, "")
+            message = f"cannot listen on {host}:{port}: {e.strerror or e}" + (f"; {hint}" if hint else "")
+            raise UserError(message) from None
+
+
+def _open_log(log_file: Path | None) -> logging.Handler | None:
+    """The --log-file handler; UserError for a missing folder, a directory or no permission (was a traceback
+    once the model had loaded)."""
+    if log_file is None:
+        return None
+    try:
+        return logging.FileHandler(log_file)
+    except OSError as e:
+        raise UserError(f"--log-file {log_file}: cannot open it for appending ({e.strerror or e})") from None
+
+
+def _setup_logging(log_file: logging.Handler | None) -> None:
+    """Request logs are JSON lines on stderr (and in the --log-file handler)."""
     logger = logging.getLogger("codellama.serve")
     logger.setLevel(logging.INFO)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(log_file)
     for h in handlers:
         h.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(h)

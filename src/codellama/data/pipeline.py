@@ -8,9 +8,11 @@ per-shard document offsets.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -50,6 +52,10 @@ class PipelineConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if self.workers > cpus:  # each is a process with its own tokenizer: 100000 was a fork storm, not a build
+            warnings.warn(f"--workers {self.workers} is more than the {cpus} CPUs this process may use; using {cpus}")
+            self.workers = cpus
 
 
 @dataclass

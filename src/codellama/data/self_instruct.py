@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -81,8 +82,10 @@ class SelfInstructConfig:
         for name in ("rounds", "per_round", "tests", "solutions", "max_questions", "max_new_tokens", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.timeout <= 0:  # every solution would be recorded as timed out, and resuming keeps verdicts
-            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        # <= 0: every solution would be recorded as timed out, and resuming keeps verdicts; nan and inf were
+        # a ValueError / OverflowError from the sandbox's CPU limit
+        if not 0 < self.timeout < math.inf:
+            raise UserError(f"--timeout must be a number of seconds > 0, got {self.timeout}")
 
 
 # ----------------------------------------------------------------------------------------------- parsing

