@@ -185,7 +185,7 @@ def fill_model(
         seen.add(name)
         if quantize and isinstance(model.get_submodule(module_name), nn.Linear) and not isinstance(t, QuantCodes) \
                 and (quantize == "int8" or t.shape[1] % GROUP == 0):
-            t = quantize_weight(t.to(device=device, dtype=dtype), quantize)  # as engine.quant.quantize would
+            t = quantize_weight(t, quantize, device, dtype)  # the values engine.quant.quantize would quantise
         if isinstance(t, QuantCodes):
             layer = QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device))
             if module_name == "tok_embeddings":

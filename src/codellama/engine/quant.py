@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 INT8_GROUP = 16  # int8g group size: the smallest (sub-)block of any ggml type (Q6_K, Q3_K, Q2_K)
 MODES = ("int8", "int4", "int8g")
+QUANTIZE_CHUNK = 1 << 22  # weights quantised at once by quantize_weight
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,11 +111,16 @@ class QuantCodes:
         return self.qweight.shape[0], self.qweight.shape[1] * (2 if self.mode == "int4" else 1)
 
 
-def quantize_weight(w: torch.Tensor, mode: str) -> QuantCodes:
-    """w [N, K] by our int8 or int4 quantiser, on w's device (int8g has none: it holds a file's codes)."""
+def quantize_weight(w: torch.Tensor, mode: str, device=None, dtype: torch.dtype | None = None) -> QuantCodes:
+    """w [N, K] by our int8 or int4 quantiser (int8g has none: it holds a file's codes), on `device` (default:
+    w's), from its values in `dtype` (default: w's)."""
     if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
         raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
-    return QuantCodes(mode, *(quantize_int8(w) if mode == "int8" else quantize_int4(w)))
+    # a few rows at a time (both quantise each row on its own): the float32 temporaries of a whole matrix
+    # were three copies of it, 1.5 GB for a 7B's output projection, most of the peak of quantising on load
+    quantizer, step = quantize_int8 if mode == "int8" else quantize_int4, max(1, QUANTIZE_CHUNK // w.shape[1])
+    parts = [quantizer(w[i : i + step].to(device=device, dtype=dtype)) for i in range(0, w.shape[0], step)]
+    return QuantCodes(mode, torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
 
 
 class QuantLinear(nn.Module):
