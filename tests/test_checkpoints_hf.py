@@ -56,6 +56,15 @@ def test_sharded_save_writes_index_and_loads(tmp_path):
     torch.testing.assert_close(_logits(loaded, tokens), _logits(model, tokens), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("shard_size", ["5GB", "40KB"])
+def test_saved_weights_get_the_mode_of_any_file_written_here(tmp_path, shard_size):
+    # safetensors 0.8 wrote them owner-only (0600): a checkpoint converted for a team was unreadable to it
+    save_hf(random_model(GQA), None, tmp_path, max_shard_size=shard_size)
+    (tmp_path / "plain").write_text("")
+    weights = list(tmp_path.glob("*.safetensors"))
+    assert weights and {f.stat().st_mode for f in weights} == {(tmp_path / "plain").stat().st_mode}
+
+
 def test_bf16_checkpoint_loads_as_float32_on_cpu_and_as_stored_on_request(tmp_path):
     model = random_model(GQA, dtype=torch.bfloat16)
     save_hf(model, None, tmp_path)

@@ -4,6 +4,7 @@ pytorch_model*.bin as a fallback; tokenizer files alongside. HF<->ours is a pure
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -243,13 +244,22 @@ def save_hf(
         shards[-1][name] = t.cpu()
         size += nbytes
     _remove_weights(out)
+
+    def save(shard: dict[str, torch.Tensor], f: Path) -> None:
+        save_file(shard, str(f), metadata={"format": "pt"})
+        # safetensors (0.8) leaves the file readable by its owner only: give it the mode of any file written
+        # here, so a checkpoint converted for a team can be read by it
+        umask = os.umask(0)
+        os.umask(umask)
+        f.chmod(0o666 & ~umask)
+
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        save(shards[0], out / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            save(shard, out / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
