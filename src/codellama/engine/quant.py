@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 INT8_GROUP = 16  # int8g group size: the smallest (sub-)block of any ggml type (Q6_K, Q3_K, Q2_K)
 MODES = ("int8", "int4", "int8g")
-QUANTIZE_CHUNK = 1 << 22  # weights quantised at once by quantize_weight
+# weights quantised at once by quantize_weight: a 7B's output projection in two (its other matrices whole)
+QUANTIZE_CHUNK = 1 << 26
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +117,19 @@ def quantize_weight(w: torch.Tensor, mode: str, device=None, dtype: torch.dtype 
     w's), from its values in `dtype` (default: w's)."""
     if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
         raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
-    # a few rows at a time (both quantise each row on its own): the float32 temporaries of a whole matrix
-    # were three copies of it, 1.5 GB for a 7B's output projection, most of the peak of quantising on load
+    # A large matrix a few rows at a time (both quantise each row on its own): the float32 temporaries of a
+    # whole one are three copies of it, 1.5 GB for a 7B's output projection. Others whole: codes copied out
+    # of each chunk's left the freed chunks as holes in the allocator's heap, 2 GB of them after a 7B.
     quantizer, step = quantize_int8 if mode == "int8" else quantize_int4, max(1, QUANTIZE_CHUNK // w.shape[1])
-    parts = [quantizer(w[i : i + step].to(device=device, dtype=dtype)) for i in range(0, w.shape[0], step)]
-    return QuantCodes(mode, torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]))
+    if step >= w.shape[0]:
+        return QuantCodes(mode, *quantizer(w.to(device=device, dtype=dtype)))
+    codes = scales = None
+    for i in range(0, w.shape[0], step):
+        q, s = quantizer(w[i : i + step].to(device=device, dtype=dtype))
+        if codes is None:
+            codes, scales = q.new_empty((w.shape[0], *q.shape[1:])), s.new_empty((w.shape[0], *s.shape[1:]))
+        codes[i : i + step], scales[i : i + step] = q, s
+    return QuantCodes(mode, codes, scales)
 
 
 class QuantLinear(nn.Module):
