@@ -157,6 +157,14 @@ def test_bad_input_says_what_to_do(tmp_path):
             SelfInstructConfig(out=tmp_path / "si", **setting)
 
 
+def test_batch_size_zero_is_refused_before_loading(tmp_path, capsys):
+    from codellama.cli import main
+
+    # a model spec that does not exist: reaching the loader would say so instead
+    assert main(["self-instruct", "--out", str(tmp_path / "si"), "--batch-size", "0", "-m", "no-such-model"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_default_model_end_to_end(tmp_path, capsys):
     from codellama.cli import main

@@ -44,6 +44,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from codellama.data.decontam import resolve_data_dir
     from codellama.data.self_instruct import SelfInstructConfig, run as run_stages
+    from codellama.errors import UserError
     from codellama.eval.runner import ModelAdapter
 
     cfg = SelfInstructConfig(out=args.out, rounds=args.rounds, per_round=args.per_round, tests=args.tests,
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
                              workers=args.workers, decontam=args.decontam,
                              decontam_dir=resolve_data_dir(args.decontam_dir) if args.decontam else None,
                              progress=not args.no_progress and sys.stderr.isatty())
+    if args.batch_size < 1:  # the model would have run one prompt at a time without a word
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     model = ModelAdapter.load(args.model, args.device, args.batch_size)
     asker = ModelAdapter.load(args.question_model, args.device, args.batch_size) if args.question_model else None
     counts = run_stages(cfg, model, asker)
