@@ -6,9 +6,13 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -159,7 +163,8 @@ def test_serve_refuses_an_address_or_log_file_it_cannot_use_before_loading(capsy
 
 def test_serve_context_past_the_model_runs_with_a_warning():
     """--context 1024 on a 512-token model served 512 without a word; now 1024, warned, as complete's
-    --max-seq-len (RoPE has no hard limit; spec 6.2: users want Code Llama at 100k)."""
+    --max-seq-len (RoPE has no hard limit; spec 6.2: users want Code Llama at 100k). With --port 0 the
+    command says the port it got (it said :0) and answers there."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "codellama", "serve", "--model", "tiny", "--device", "cpu",
                              "--no-compile", "--port", "0", "--context", "1024", "--max-batch", "1"],
@@ -170,6 +175,17 @@ def test_serve_context_past_the_model_runs_with_a_warning():
             line = proc.stderr.readline()
             assert line, "".join(lines)  # ended before it served
             lines.append(line)
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", lines[-1])
+        assert url and not url.group(1).endswith(":0"), lines[-1]
+        for _ in range(100):  # uvicorn starts listening just after the line
+            try:
+                with urllib.request.urlopen(url.group(1) + "/health", timeout=5) as r:
+                    assert r.status == 200
+                break
+            except urllib.error.URLError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"nothing answered at {url.group(1)}")
     finally:
         proc.terminate()
         proc.wait(timeout=60)

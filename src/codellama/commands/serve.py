@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:  # uvicorn would fail with a traceback after loading the model
         raise UserError(f"--port must be in 0-65535, got {args.port}")
-    _check_address(args.host, args.port)
+    sock = _bind(args.host, args.port)
     log_file = _open_log(args.log_file)  # before the model loads: a log that cannot be written costs nothing
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
     compiling = " (compiling it: minutes the first time, less once cached)" if engine.decoder.compiled else ""
     print(f"warming up the decode step{compiling}", file=sys.stderr)
     engine.warm_up()
-    print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
+    print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{sock.getsockname()[1]}/v1 "
           f"[{device}, {args.max_batch} slots x {context} tokens, "
           f"KV cache {_cache_gb(loaded.config, args.max_batch, context, loaded.model):.2f} GB, "
           f"auth {'on' if args.api_key else 'off'}]",
           file=sys.stderr)
     with engine:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 
@@ -104,27 +105,29 @@ def _cache_gb(cfg, slots: int, context: int, model) -> float:
     return 2 * cfg.n_layers * slots * cfg.n_kv_heads * context * cfg.head_dim * dtype_bytes / 1e9
 
 
-def _check_address(host: str, port: int) -> None:
-    """Bind host:port once before the model loads: a port in use or a host that is not this machine's ended
-    the command only after loading and warming up (minutes for a big model), with uvicorn's message."""
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to host:port before the model loads (uvicorn listens on it): a port in use
+    or a host that is not this machine's ended the command only after loading and warming up (minutes for
+    a big model), with uvicorn's message; and port 0's real port can be said."""
     import errno
-    import socket
 
     not_here = "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise UserError(f"--host {host}: {e.strerror}; {not_here}") from None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
-        try:
-            sock.bind(addr)
-        except OSError as e:
-            hint = {errno.EADDRINUSE: "another server? stop it or pick another --port",
-                    errno.EADDRNOTAVAIL: not_here,
-                    errno.EACCES: "ports below 1024 need privileges; pick another --port"}.get(e.errno, "")
-            message = f"cannot listen on {host}:{port}: {e.strerror or e}" + (f"; {hint}" if hint else "")
-            raise UserError(message) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = {errno.EADDRINUSE: "another server? stop it or pick another --port",
+                errno.EADDRNOTAVAIL: not_here,
+                errno.EACCES: "ports below 1024 need privileges; pick another --port"}.get(e.errno, "")
+        message = f"cannot listen on {host}:{port}: {e.strerror or e}" + (f"; {hint}" if hint else "")
+        raise UserError(message) from None
+    return sock
 
 
 def _open_log(log_file: Path | None) -> logging.Handler | None:
