@@ -294,3 +294,17 @@ def test_infill_file_from_stdin(capsys, monkeypatch):
     assert main(["infill", "--model", "tiny", "--file", "-", "--full", "-n", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")
+
+
+def test_serve_holds_its_port_while_the_model_loads():
+    """_bind's socket was only bound, not listening: with SO_REUSEADDR (as uvicorn binds) a second server
+    bound the same port and listened, and the first failed with EADDRINUSE after loading its model."""
+    from codellama.commands.serve import _bind
+    from codellama.errors import UserError
+
+    first = _bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(UserError, match="another server"):
+            _bind("127.0.0.1", first.getsockname()[1]).close()
+    finally:
+        first.close()

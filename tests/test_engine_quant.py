@@ -322,3 +322,16 @@ def test_a_model_larger_than_memory_is_refused_before_loading_with_what_fits(tmp
     (tmp_path / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 2000000'))
     with pytest.raises(UserError, match="more than this machine's"):
         load_model(str(tmp_path))
+
+
+def test_int4_refuses_a_model_whose_layers_it_cannot_group_before_loading(tmp_path):
+    """ffn_hidden 48 (w2's inputs) is no whole number of int4's groups of 32: loading left w2 in floating point
+    and engine.quant.quantize raised a ValueError, a traceback from the CLI once the whole model had loaded."""
+    from codellama.checkpoints.hf import save_hf
+    from codellama.errors import UserError
+
+    save_hf(random_model(CFG.replace(ffn_hidden=48)), None, tmp_path)
+    with pytest.raises(UserError, match=r"groups of 32 .* 48 inputs; use --quantize int8"):
+        load_for_inference(str(tmp_path), "cpu", None, "int4")
+    assert isinstance(load_for_inference(str(tmp_path), "cpu", None, "int8").model.layers[0].feed_forward.w2,
+                      QuantLinear)

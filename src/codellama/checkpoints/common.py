@@ -162,10 +162,17 @@ def fill_model(
 
     quantize ("int8" or "int4"): each linear layer's floating-point weight is quantised as it is read, so
     the model never exists whole in floating point (a 7B in int8 needs its 7 GB, not float32's 27 and
-    more); a weight int4 cannot group is left in floating point (engine.quant.quantize refuses it).
+    more). int4 needs every linear layer's inputs in whole groups of 32: a model whose are not is refused
+    before anything is read (engine.quant.quantize's ValueError came after the whole load, as a traceback).
     check_memory: refuse a model larger than the machine's memory first (check_fits_memory); off where
     the tensors are kept codes (a GGUF's), which the floating-point estimate would overstate.
     """
+    if quantize == "int4":
+        # the linear layers' inputs: dim (wq, wk, wv, w1, w3, output), the heads' (wo), ffn_hidden (w2)
+        odd = sorted({n for n in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_hidden) if n % GROUP})
+        if odd:
+            raise UserError(f"{source}: int4 quantises groups of {GROUP} inputs, and this model has linear layers "
+                            f"of {', '.join(map(str, odd))} inputs; use --quantize int8 (quantize='int8' from Python)")
     if check_memory:
         check_fits_memory(cfg, dtype, device, source, quantize)
     model = empty_model(cfg)
@@ -183,8 +190,7 @@ def fill_model(
             )
         module_name, _, attr = name.rpartition(".")
         seen.add(name)
-        if quantize and isinstance(model.get_submodule(module_name), nn.Linear) and not isinstance(t, QuantCodes) \
-                and (quantize == "int8" or t.shape[1] % GROUP == 0):
+        if quantize and isinstance(model.get_submodule(module_name), nn.Linear) and not isinstance(t, QuantCodes):
             t = quantize_weight(t, quantize, device, dtype)  # the values engine.quant.quantize would quantise
         if isinstance(t, QuantCodes):
             layer = QuantLinear(t.mode, t.qweight.to(device), t.scales.to(device))

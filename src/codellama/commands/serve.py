@@ -120,6 +120,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
     try:
         sock.bind(addr)
+        # listening now holds the port: a socket only bound does not, as SO_REUSEADDR lets another bind it
+        # (and listen) until then; connections made while the model loads wait in the backlog
+        sock.listen()
     except OSError as e:
         sock.close()
         hint = {errno.EADDRINUSE: "another server? stop it or pick another --port",
