@@ -124,7 +124,6 @@ def test_fused_step_refuses_rows_outside_the_cache():
         dec._fused(one, torch.tensor([1]), torch.tensor([0]))
 
 
-
 @pytest.mark.parametrize("table", ["cos", "sin"])
 @pytest.mark.parametrize("bad", ["one row short", "float64", "not contiguous"])
 def test_decode_layer_refuses_malformed_rope_tables(table, bad):
@@ -141,6 +140,7 @@ def test_decode_layer_refuses_malformed_rope_tables(table, bad):
         fused.kernels.decode_layer(m.tok_embeddings(torch.tensor([1, 2])), torch.tensor([0, 1]), pos,
                                    tables["cos"], tables["sin"], *fused.layers[0], cache.k, cache.v,
                                    c.n_heads, c.norm_eps)
+
 
 @pytest.mark.slow
 def test_real_smollm2_fused_greedy_equals_transformers():

@@ -313,15 +313,15 @@ def test_a_model_larger_than_memory_is_refused_before_loading_with_what_fits(tmp
             check_fits_memory(seven_b, torch.float32, "cpu", "preset codellama-7b", total=16 * GiB, quantize_on_load=False)
     check_fits_memory(seven_b, torch.float32, "cpu", "CodeLlama-7b-hf", "int8", total=16 * GiB)  # fits: no error
     check_fits_memory(seven_b, torch.float32, "cuda", "CodeLlama-7b-hf", total=16 * GiB)  # GPUs are not checked here
-    # through the loader: a checkpoint whose config claims more than the machine has is refused before any
-    # weight is read (the config is all it takes)
+    # through load_for_inference (complete, chat, serve, eval, codellama.load): a checkpoint whose config claims
+    # more than the machine has is refused before any weight is read (the config is all it takes)
     from codellama.checkpoints.hf import save_hf
 
     save_hf(random_model(CFG), None, tmp_path)
     config = (tmp_path / "config.json").read_text()
     (tmp_path / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 2000000'))
     with pytest.raises(UserError, match="more than this machine's"):
-        load_model(str(tmp_path))
+        load_for_inference(str(tmp_path), "cpu", None, "none")
 
 
 def test_int4_refuses_a_model_whose_layers_it_cannot_group_before_loading(tmp_path):

@@ -16,10 +16,11 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from codellama.config import QUANTIZE_CHOICES
+from codellama.config import PRESETS, QUANTIZE_CHOICES
 from codellama.errors import UserError
 from codellama.engine.batching import Scheduler
 from codellama.engine.decode import Decoder
@@ -225,12 +226,29 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
     keep_codes = quantize == "int4" or (quantize == "auto" and check_device(device).type == "cpu")
     quantized = quantize if quantize in ("int8", "int4") else None  # as each layer loads: less memory
+    _check_fits(spec, device, dtype, quantized, keep_codes)
     loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes, quantize=quantized)
     if quantized:
         quantize_model(loaded.model, quantized)  # what loading left: a tied output projection; then stacks them
     else:
         fuse_projections(loaded.model)  # fewer, larger matmuls (and the fused CPU decode step)
     return loaded
+
+
+def _check_fits(spec: str | None, device: str, dtype: torch.dtype | None, quantize: str | None,
+                keep_codes: bool) -> None:
+    """Refuse a checkpoint that cannot fit in the CPU's memory as it would be loaded, before reading its
+    weights (it was killed half-loaded), naming the --dtype and --quantize settings it fits in."""
+    from codellama.checkpoints.common import check_fits_memory, resolve_dtype
+    from codellama.checkpoints.load import check_device, detect_format, inspect_model
+
+    if check_device(device).type != "cpu" or spec is None or str(spec) in PRESETS:
+        return  # the default model is small; random-weight presets check themselves (load_preset)
+    path = Path(str(spec)).expanduser()
+    if not path.exists() or (keep_codes and detect_format(path) == "gguf"):
+        return  # load_model says what is wrong; a GGUF's kept codes take about the file's size
+    info = inspect_model(spec)
+    check_fits_memory(info.config, resolve_dtype(device, dtype, None), device, info.source, quantize)
 
 
 def load(

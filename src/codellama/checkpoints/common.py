@@ -151,7 +151,6 @@ def fill_model(
     dtype: torch.dtype,
     source: str,
     quantize: str | None = None,
-    check_memory: bool = True,
 ) -> Transformer:
     """Build the model from (our name, tensor) pairs, converting and assigning them one at a time.
 
@@ -164,8 +163,6 @@ def fill_model(
     the model never exists whole in floating point (a 7B in int8 needs its 7 GB, not float32's 27 and
     more). int4 needs every linear layer's inputs in whole groups of 32: a model whose are not is refused
     before anything is read (engine.quant.quantize's ValueError came after the whole load, as a traceback).
-    check_memory: refuse a model larger than the machine's memory first (check_fits_memory); off where
-    the tensors are kept codes (a GGUF's), which the floating-point estimate would overstate.
     """
     if quantize == "int4":
         # the linear layers' inputs: dim (wq, wk, wv, w1, w3, output), the heads' (wo), ffn_hidden (w2)
@@ -173,8 +170,6 @@ def fill_model(
         if odd:
             raise UserError(f"{source}: int4 quantises groups of {GROUP} inputs, and this model has linear layers "
                             f"of {', '.join(map(str, odd))} inputs; use --quantize int8 (quantize='int8' from Python)")
-    if check_memory:
-        check_fits_memory(cfg, dtype, device, source, quantize)
     model = empty_model(cfg)
     expected = dict(model.named_parameters())  # tied: output.weight is deduplicated away
     seen: set[str] = set()

@@ -361,7 +361,7 @@ def load_gguf(
     cfg = gguf_config(reader, path)
     dt = resolve_dtype(device, dtype, _stored_dtype(reader))
     model = fill_model(cfg, _iter_tensors(reader, cfg, path, keep_codes), device=device, dtype=dt, source=str(path),
-                       quantize=quantize, check_memory=not keep_codes)
+                       quantize=quantize)
     tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
     return model, tokenizer, cfg
 

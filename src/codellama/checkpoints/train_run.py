@@ -52,7 +52,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The step directory a run's `latest` names; None when there is no `latest` and no checkpoint."""
     run_dir = Path(run_dir)
     pointer = run_dir / "latest"
-    start_over = "or pass --no-resume to start over (what the run wrote moves to earlier-<time>/)"
+    start_over = "or start the run over with `codellama train ... --no-resume` (what it wrote moves to earlier-<time>/)"
     if not pointer.is_file():
         # a run started here from step 0 would overwrite these one by one and mix its files with theirs
         # (deleting `latest` to start over was this error's own advice)
