@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -221,6 +222,16 @@ def _remove_weights(out: Path) -> None:
             f.unlink()
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError):  # not Linux
+        mask = os.umask(0o22)
+        os.umask(mask)
+        return mask
+
+
 def save_hf(
     model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, max_shard_size: int | str = "5GB"
 ) -> Path:
@@ -249,9 +260,7 @@ def save_hf(
         save_file(shard, str(f), metadata={"format": "pt"})
         # safetensors (0.8) leaves the file readable by its owner only: give it the mode of any file written
         # here, so a checkpoint converted for a team can be read by it
-        umask = os.umask(0)
-        os.umask(umask)
-        f.chmod(0o666 & ~umask)
+        f.chmod(0o666 & ~_umask())
 
     if len(shards) == 1:
         save(shards[0], out / "model.safetensors")
