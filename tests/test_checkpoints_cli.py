@@ -96,6 +96,26 @@ def test_convert_options_are_checked_before_loading(tmp_path, capsys, argv, need
     assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_convert_to_meta_refuses_a_split_it_cannot_make_before_loading(tmp_path, capsys):
+    """Shards that do not divide the heads (or vocab, ffn, dim) were refused only once the source had
+    loaded; now from its config. The source here lacks a tensor, which loading it would report instead."""
+    from safetensors.torch import load_file, save_file
+
+    save_hf(random_model(CFG), None, tmp_path / "src")
+    weights = load_file(tmp_path / "src" / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "src" / "model.safetensors")
+    assert run_cli("convert", tmp_path / "src", tmp_path / "out", "--to", "meta", "--shards", "3") == 2
+    assert "cannot split 4 heads / 2 kv heads into 3 shards" in capsys.readouterr().err
+    assert run_cli("convert", tmp_path / "src", tmp_path / "out", "--to", "meta", "--shards", "2") == 2
+    assert "lacks tensors output.weight" in capsys.readouterr().err  # 2 shards fit: it loads, then meets the gap
+    from codellama.checkpoints.meta import check_meta_layout
+    from codellama.errors import UserError
+
+    with pytest.raises(UserError, match="cannot split vocab_size 301 into 2 shards"):
+        check_meta_layout(CFG.replace(vocab_size=301), 2)  # the output's rows, as Meta's files cut them
+
+
 def test_info_reports_config_and_exact_parameter_count(tmp_path, capsys):
     model = random_model(CFG)
     save_gguf(model, None, tmp_path / "m.gguf", "Q8_0")

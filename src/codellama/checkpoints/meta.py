@@ -196,10 +196,9 @@ def meta_ffn_params(dim: int, ffn_hidden: int, multiple_of: int, multiplier: flo
     return 1, mult
 
 
-def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, n_shards: int = 1) -> Path:
-    """Write params.json (no vocab_size, as Meta's), consolidated.NN.pth split for `n_shards` ranks, and
-    tokenizer.model when the tokenizer is SentencePiece."""
-    cfg = model.config
+def check_meta_layout(cfg: ModelConfig, n_shards: int) -> None:
+    """UserError unless Meta's layout can hold the model split for `n_shards` ranks (checked from the config
+    alone, so `convert` says so before loading the source)."""
     if cfg.head_dim * cfg.n_heads != cfg.dim:
         raise UserError("Meta's layout cannot express head_dim != dim / n_heads")
     if cfg.rope_scaling != 1.0:  # params.json has no field for it: the model would load with plain RoPE
@@ -207,6 +206,17 @@ def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
                         "convert to hf or gguf instead")
     if cfg.n_kv_heads % n_shards or cfg.n_heads % n_shards:
         raise UserError(f"cannot split {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads into {n_shards} shards")
+    # the other sizes _SPLIT_DIM cuts: w1/w3 rows and w2 columns, the output's rows, the embedding's columns
+    for what, size in (("ffn_hidden", cfg.ffn_hidden), ("vocab_size", cfg.vocab_size), ("dim", cfg.dim)):
+        if size % n_shards:
+            raise UserError(f"cannot split {what} {size} into {n_shards} shards")
+
+
+def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, n_shards: int = 1) -> Path:
+    """Write params.json (no vocab_size, as Meta's), consolidated.NN.pth split for `n_shards` ranks, and
+    tokenizer.model when the tokenizer is SentencePiece."""
+    cfg = model.config
+    check_meta_layout(cfg, n_shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
@@ -221,10 +231,6 @@ def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         full["output.weight"] = full["output.weight"].clone()  # Meta's layout has no tying
     # Meta's files carry the RoPE table too (ignored on load)
     full["rope.freqs"] = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-    for name, t in full.items():
-        d = split_dim(name)
-        if d is not None and t.shape[d] % n_shards:
-            raise UserError(f"cannot split {name} {tuple(t.shape)} on dim {d} into {n_shards} shards")
     for stale in out.glob("consolidated.*.pth"):  # an overwritten checkpoint's extra ranks would be loaded too
         stale.unlink()
     for rank in range(n_shards):

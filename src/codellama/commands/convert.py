@@ -81,12 +81,15 @@ def _save(args: argparse.Namespace, model: Transformer, tok: Tokenizer | None, o
 
 
 def run(args: argparse.Namespace) -> int:
-    from codellama.checkpoints.load import load_model
+    from codellama.checkpoints.load import inspect_model, load_model
+    from codellama.checkpoints.meta import check_meta_layout
 
     _layout_options(args)
     out = _check_output(Path(args.out), args.to, args.force)
     if Path(args.src).exists() and Path(args.src).resolve() == out.resolve():
         raise UserError("the output must differ from the source (the source is read while the output is written)")
+    if args.to == "meta":  # from the config alone: the layout's limits were found only after loading
+        check_meta_layout(inspect_model(args.src).config, args.shards)
     loaded = load_model(args.src, device="cpu", dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
