@@ -335,3 +335,16 @@ def test_int4_refuses_a_model_whose_layers_it_cannot_group_before_loading(tmp_pa
         load_for_inference(str(tmp_path), "cpu", None, "int4")
     assert isinstance(load_for_inference(str(tmp_path), "cpu", None, "int8").model.layers[0].feed_forward.w2,
                       QuantLinear)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_weight_in_parts_equals_whole(monkeypatch, mode):
+    # a matrix of more than QUANTIZE_CHUNK weights (a 7B's output projection) is quantised a few rows at a
+    # time, the last part ragged; each row is quantised on its own, so the codes are the whole matrix's
+    from codellama.engine import quant
+
+    w = torch.randn(23, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK", 5 * 64)  # parts of 5 rows: 5 x 4 + 3
+    parts = quant.quantize_weight(w, mode, dtype=torch.float32)
+    whole = (quantize_int8 if mode == "int8" else quantize_int4)(w.float())
+    assert torch.equal(parts.qweight, whole[0]) and torch.equal(parts.scales, whole[1])

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:  # uvicorn would fail with a traceback after loading the model
         raise UserError(f"--port must be in 0-65535, got {args.port}")
     sock = _bind(args.host, args.port)
-    log_file = _open_log(args.log_file)  # before the model loads: a log that cannot be written costs nothing
+    log_handler = _open_log(args.log_file)  # before the model loads: a log that cannot be written costs nothing
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     # context without a word
     context = args.context or min(4096, loaded.config.max_seq_len)
     warn_past_trained_context(args.context, loaded.config, "--context")
-    _setup_logging(log_file)
+    _setup_logging(log_handler)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
                     compile=args.compile)
     config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens)
@@ -144,13 +144,13 @@ def _open_log(log_file: Path | None) -> logging.Handler | None:
         raise UserError(f"--log-file {log_file}: cannot open it for appending ({e.strerror or e})") from None
 
 
-def _setup_logging(log_file: logging.Handler | None) -> None:
-    """Request logs are JSON lines on stderr (and in the --log-file handler)."""
+def _setup_logging(log_handler: logging.Handler | None) -> None:
+    """Request logs are JSON lines on stderr (and through the --log-file handler)."""
     logger = logging.getLogger("codellama.serve")
     logger.setLevel(logging.INFO)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        handlers.append(log_file)
+    if log_handler is not None:
+        handlers.append(log_handler)
     for h in handlers:
         h.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(h)
