@@ -1,6 +1,7 @@
 """Batch-1 decode speed on the CPU: ours (auto, float32, int8, int4) vs transformers vs llama.cpp, same run.
 
     python bench/bench_decode.py [--tokens 64] [--reps 5] [--random]
+    python bench/bench_decode.py --gguf model-q8_0.gguf       # any GGUF: ours (auto) vs llama.cpp on that file
     python bench/bench_decode.py --device cuda --preset codellama-7b     # GPU: compiled bf16 vs transformers
     python bench/bench_decode.py --device cuda --engine 16x4096          # also the server's engine (slots x context)
 
@@ -8,7 +9,7 @@ Weights: SmolLM2-135M-Instruct from its GGUF via codellama.checkpoints.load.load
 weights of the smollm2-135m preset with --random). transformers runs a
 LlamaForCausalLM holding the same float32 weights; llama.cpp (llama-cpp-python) runs the Q4_1 GGUF. "ours
 auto" is what the command line runs by default: the file's Q4_1 matrices as int4 codes and its Q8_0 tied
-output projection as int8g codes, exactly its values.
+output projection as int8s codes, exactly its values.
 Every engine decodes the same prompt ids for exactly --tokens tokens (no early stop), with the same thread
 count; repetitions are interleaved and medians reported, so machine noise hits all engines alike.
 GB/s = bytes of weights read per token x tokens/s.
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--random", action="store_true", help="random weights instead of the real model")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="this GGUF instead of the default model: ours with its codes kept (auto) against "
+                    "llama.cpp on the same file only (no float32 copies: a 7B's would not fit)")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--device", default="cpu", help="cuda: the GPU path (compiled decode, CUDA graphs)")
     ap.add_argument("--preset", default=None, help="random weights of this shape, e.g. codellama-7b on a GPU")
@@ -90,10 +94,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n = args.tokens
 
-    base, what = load_ours(args.random)
+    file = args.gguf or gguf_path()
+    base, what = (None, str(file)) if args.gguf else load_ours(args.random)
     llm = None
     if not args.no_llamacpp:
-        cmd = [sys.executable, "-c", LLAMA_WORKER, str(gguf_path()), str(args.threads), str(n), PROMPT]
+        cmd = [sys.executable, "-c", LLAMA_WORKER, str(file), str(args.threads), str(n), PROMPT]
         llm = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         prompt = [int(t) for t in llm.stdout.readline().split(",")]
     else:
@@ -101,9 +106,10 @@ def main() -> None:
     print(f"model: {what}; prompt {len(prompt)} tokens, {n} new tokens, {args.threads} threads, {args.reps} reps")
 
     runners = {}
-    ours = {} if args.random else {"ours auto": load_for_inference(None, "cpu", None, "auto").model}
-    ours |= {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
-            "ours int4": quantize(copy.deepcopy(base), "int4")}
+    ours = {} if args.random else {"ours auto": load_for_inference(args.gguf, "cpu", None, "auto").model}
+    if base is not None:
+        ours |= {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
+                 "ours int4": quantize(copy.deepcopy(base), "int4")}
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     for name, model in ours.items():
         gen = Generator(model, max_seq_len=len(prompt) + n + 1)
@@ -113,22 +119,23 @@ def main() -> None:
             assert len(out.tokens) == n
         runners[name] = (run, weight_bytes(model))
 
-    hf = hf_twin(base)
-    ids = torch.tensor([prompt])
+    if base is not None:
+        hf = hf_twin(base)
+        ids = torch.tensor([prompt])
 
-    def run_hf():
-        with torch.inference_mode():
-            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-        assert out.shape[1] == len(prompt) + n
-    runners["transformers fp32"] = (run_hf, weight_bytes(base))
+        def run_hf():
+            with torch.inference_mode():
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+            assert out.shape[1] == len(prompt) + n
+        runners["transformers fp32"] = (run_hf, weight_bytes(base))
 
     if llm is not None:
         def run_llama():
             llm.stdin.write("run\n")
             llm.stdin.flush()
             return float(llm.stdout.readline())
-        runners["llama.cpp Q4_1"] = (run_llama, gguf_path().stat().st_size)
+        runners["llama.cpp"] = (run_llama, file.stat().st_size)
 
     for run, _ in runners.values():  # warm up (builds the CPU kernels on first use)
         run()
@@ -143,12 +150,13 @@ def main() -> None:
         llm.wait()
 
     tps = {k: n / statistics.median(v) for k, v in times.items()}
-    ref_hf, ref_ll = tps["transformers fp32"], tps.get("llama.cpp Q4_1")
+    ref_hf, ref_ll = tps.get("transformers fp32"), tps.get("llama.cpp")
     print(f"{'engine':<20} {'tok/s':>8} {'ms/tok':>8} {'GB/s':>7} {'x transformers':>15} {'x llama.cpp':>12}")
     for name, v in tps.items():
         gbs = runners[name][1] * v / 1e9
         ll = f"{v / ref_ll:12.2f}" if ref_ll else f"{'-':>12}"
-        print(f"{name:<20} {v:8.1f} {1000 / v:8.1f} {gbs:7.1f} {v / ref_hf:15.2f} {ll}")
+        hf_ratio = f"{v / ref_hf:15.2f}" if ref_hf else f"{'-':>15}"
+        print(f"{name:<20} {v:8.1f} {1000 / v:8.1f} {gbs:7.1f} {hf_ratio} {ll}")
 
 
 def gpu_main(args) -> None:

@@ -18,6 +18,7 @@ from codellama.checkpoints.gguf import (
     CODE_TYPES,
     FLOAT_ONLY_TYPES,
     INT4_TYPES,
+    INT8S_TYPES,
     dequantize,
     file_codes,
     gguf_config,
@@ -149,7 +150,8 @@ def test_file_mixing_every_type_loads_into_the_right_places(tmp_path):
 def test_file_codes_hold_the_files_values_exactly(qtype):
     raw = quantised_bytes(qtype, 8, 512)
     codes = file_codes(raw, Q[qtype])
-    assert codes.shape == (8, 512) and codes.mode == ("int4" if qtype in INT4_TYPES else "int8g")
+    assert codes.shape == (8, 512)
+    assert codes.mode == ("int4" if qtype in INT4_TYPES else "int8s" if qtype in INT8S_TYPES else "int8g")
     layer = QuantLinear(codes.mode, codes.qweight, codes.scales)
     np.testing.assert_array_equal(layer.dequantized().numpy(), ref_float(qtype, raw))
 
@@ -168,8 +170,8 @@ def test_keep_codes_makes_the_quantised_matrices_quantised_layers_with_the_files
     model, _, _ = load_gguf(tmp_path / "mixed.gguf", keep_codes=True)
     kept = {name.removesuffix(".table"): m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert {name: m.mode for name, m in kept.items()} == {
-        "tok_embeddings": "int8g", "layers.0.attention.wq": "int4", "layers.0.attention.wk": "int8g",
-        "layers.0.attention.wv": "int4", "layers.0.attention.wo": "int4", "output": "int8g"}
+        "tok_embeddings": "int8s", "layers.0.attention.wq": "int4", "layers.0.attention.wk": "int8s",
+        "layers.0.attention.wv": "int4", "layers.0.attention.wo": "int4", "output": "int8s"}
     for name, layer in kept.items():
         np.testing.assert_array_equal(layer.dequantized().numpy(), expected[name + ".weight"], err_msg=name)
     ids = torch.tensor([[3, 95, 0], [7, 7, 42]])
@@ -192,7 +194,7 @@ def test_keep_codes_gives_a_tied_output_projection_the_embeddings_codes(tmp_path
     Q8_0 codes, held once."""
     expected = _write_mixed_file(tmp_path / "tied.gguf", tied=True)
     model, _, cfg = load_gguf(tmp_path / "tied.gguf", keep_codes=True)
-    assert cfg.tie_embeddings and isinstance(model.output, QuantLinear) and model.output.mode == "int8g"
+    assert cfg.tie_embeddings and isinstance(model.output, QuantLinear) and model.output.mode == "int8s"
     assert model.output is model.tok_embeddings.table
     np.testing.assert_array_equal(model.output.dequantized().numpy(), expected["tok_embeddings.weight"])
     plain, _, _ = load_gguf(tmp_path / "tied.gguf")

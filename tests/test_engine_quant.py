@@ -17,6 +17,7 @@ from codellama.engine.quant import (
     _stack,
     dequantize_int4,
     dequantize_int8_groups,
+    dequantize_int8_scaled,
     fuse_projections,
     quantize,
     quantize_int4,
@@ -53,6 +54,9 @@ def _weights(fmt: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     if fmt == "int8g":  # a GGUF's layout, no quantiser of ours: any codes, scales and minima
         q, sz = _int8_groups(*w.shape)
         return q, sz, dequantize_int8_groups(q, sz)
+    if fmt.startswith("int8s"):  # int8s16, int8s32: any codes and a scale per group
+        q, s = _int8_scaled(*w.shape, group=int(fmt[5:]))
+        return q, s, dequantize_int8_scaled(q, s)
     return w, torch.empty(0), w
 
 
@@ -62,12 +66,17 @@ def _int8_groups(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return q, torch.randn(N, K // 16, 2, generator=g) * torch.tensor([0.01, 0.1])
 
 
+def _int8_scaled(N: int, K: int, group: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), torch.randn(N, K // group, generator=g) * 0.01
+
+
 # M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the
 # widened block (3-row tiles and their remainders), 257 past the limit of our tiles (torch's GEMM, quantised
 # weights widened for it); N % 4 != 0 exercises the tail rows (K % 8 != 0: test_linear_kernel_any_width).
 @pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
-@pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int8g"])
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int8g", "int8s16", "int8s32"])
 def test_linear_kernel_equals_matmul(fmt, M, N, K):
     torch.manual_seed(M * N + K)
     w, x = torch.randn(N, K), torch.randn(M, K)
@@ -85,12 +94,20 @@ def test_linear_kernel_any_width(fmt, M):  # K not a multiple of 8 (nor 16): the
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
-def test_int8g_is_no_quantisation_of_ours():
-    """It has no quantiser: QuantLinear.from_linear gave int4's packed codes labelled int8g (half the width)."""
-    with pytest.raises(ValueError, match="cannot quantise to 'int8g'"):
-        QuantLinear.from_linear(nn.Linear(64, 8, bias=False), "int8g")
-    with pytest.raises(ValueError, match="int8g holds a file's codes only"):
-        quantize(random_model(CFG), "int8g")
+@pytest.mark.parametrize("mode", ["int8s", "int8g"])
+def test_file_layouts_are_no_quantisation_of_ours(mode):
+    """They have no quantiser: QuantLinear.from_linear gave int4's packed codes labelled int8g (half the width)."""
+    with pytest.raises(ValueError, match=f"cannot quantise to '{mode}'"):
+        QuantLinear.from_linear(nn.Linear(64, 8, bias=False), mode)
+    with pytest.raises(ValueError, match="int8s and int8g hold a file's codes only"):
+        quantize(random_model(CFG), mode)
+
+
+def test_int8s_scales_must_be_whole_groups_of_16_or_32():
+    q, _ = _int8_scaled(8, 64)
+    for scales in (torch.ones(8, 8), torch.ones(8), torch.ones(8, 2, 2)):  # groups of 8, per row, int8g's shape
+        with pytest.raises(ValueError, match="int8s scales must be"):
+            QuantLinear("int8s", q, scales)
 
 
 def test_quantisation_round_trip_error():
@@ -134,7 +151,8 @@ def test_layers_of_different_layouts_stack_exactly_as_int8g():
     torch.manual_seed(2)
     layers = [QuantLinear.from_linear(nn.Linear(96, 32, bias=False), "int4"),
               QuantLinear("int8g", *_int8_groups(16, 96, seed=3)),
-              QuantLinear.from_linear(nn.Linear(96, 8, bias=False), "int8")]
+              QuantLinear.from_linear(nn.Linear(96, 8, bias=False), "int8"),
+              QuantLinear("int8s", *_int8_scaled(8, 96, group=32, seed=4))]
     stacked = _stack(layers)
     assert isinstance(stacked, QuantLinear) and stacked.mode == "int8g"
     assert torch.equal(stacked.dequantized(), torch.cat([m.dequantized() for m in layers]))
@@ -144,13 +162,15 @@ def test_layers_of_different_layouts_stack_exactly_as_int8g():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["int8", "int4", "int8g"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8g", "int8s"])
 def test_kernel_and_portable_paths_agree(mode, dtype, monkeypatch):
     """QuantLinear.forward with the C++ kernels and without them (no compiler, a GPU, a compiled graph:
     F.linear, in gpt-fast's form for int8), both against the dequantised weights' matmul."""
     torch.manual_seed(1)
     if mode == "int8g":
         layer = QuantLinear(mode, *_int8_groups(40, 96, seed=1))
+    elif mode == "int8s":
+        layer = QuantLinear(mode, *_int8_scaled(40, 96, seed=1))
     else:
         layer = QuantLinear.from_linear(nn.Linear(96, 40, bias=False), mode)
     x = torch.randn(3, 96)  # decode-sized
@@ -216,7 +236,7 @@ def test_real_smollm2_int8_keeps_greedy_tokens():
 @pytest.mark.slow
 def test_real_smollm2_auto_runs_the_files_codes_exactly():
     """The default model is a Q4_1 GGUF with a Q8_0 embedding: on the CPU, "auto" keeps its 4-bit matrices
-    as int4 codes and the embedding, which is also the tied output projection, as int8g codes, and they are
+    as int4 codes and the embedding, which is also the tied output projection, as int8s codes, and they are
     exactly the weights "none" dequantises."""
     auto, plain = load_for_inference(None, "cpu", None, "auto"), load_for_inference(None, "cpu", None, "none")
     for a, b in zip(auto.model.layers, plain.model.layers):
@@ -224,7 +244,7 @@ def test_real_smollm2_auto_runs_the_files_codes_exactly():
         for x, y in ((att.wqkv, att_b.wqkv), (att.wo, att_b.wo), (ffn.w13, ffn_b.w13), (ffn.w2, ffn_b.w2)):
             assert isinstance(x, QuantLinear) and x.mode == "int4"
             assert torch.equal(x.dequantized(), y.weight)
-    assert isinstance(auto.model.output, QuantLinear) and auto.model.output.mode == "int8g"
+    assert isinstance(auto.model.output, QuantLinear) and auto.model.output.mode == "int8s"
     assert auto.model.output is auto.model.tok_embeddings.table  # the embedding's codes, held once
     assert torch.equal(auto.model.output.dequantized(), plain.model.output.weight)
     ids = plain.tokenizer.encode("def fibonacci(n):\n    ", bos=plain.tokenizer.add_bos)

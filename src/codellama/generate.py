@@ -212,8 +212,8 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     """load_model, prepared for decoding only: q/k/v and w1/w3 stacked, the linear layers as `quantize` says.
 
     "none" (or None): every weight in floating point. "auto": on the CPU, a GGUF's quantised matrices stay
-    the file's codes, exactly its values, run by the int4/int8g kernels as llama.cpp runs them (the default
-    model: BENCHMARKS.md); the other weights, and everything on a GPU, as "none". "int4": the file's
+    the file's codes, exactly its values, run by the int4/int8s/int8g kernels as llama.cpp runs them (the
+    default model: BENCHMARKS.md); the other weights, and everything on a GPU, as "none". "int4": the file's
     quantised matrices as they are, every other linear layer quantised to int4; "int8": every linear layer
     quantised to int8.
     """

@@ -8,9 +8,11 @@ memory map, so only the final weights are ever held in full.
 
 With keep_codes, the linear layers' quantised matrices are not dequantised but kept as the file's codes in
 a QuantLinear layout (engine/quant.py) that holds them exactly: the 4-bit types (Q4_0, Q4_1, Q4_K) as int4
-(groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the other Q types
-and IQ4_NL/IQ4_XS (whose nibbles index 16 int8 levels) as int8g (int8 codes, a scale and minimum per 16
-weights: 12 bits per weight); the grid-coded IQ types, TQ and the FP4 types are dequantised. That is the way
+(groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the types without
+a minimum (Q8_0, Q5_0, Q6_K, Q3_K, and IQ4_NL/IQ4_XS, whose nibbles index 16 int8 levels) as int8s (int8
+codes with a float32 scale per block of 32 or 16: 9 or 10 bits per weight), the others (Q5_1, Q5_K, Q2_K)
+as int8g (a scale and a minimum per 16: 12 bits); the grid-coded IQ types, TQ and the FP4 types are
+dequantised. That is the way
 llama.cpp runs such a file, with its very values, instead of float32's 32 bits per weight. A tied output
 projection (no output.weight: the embedding's) runs on the embedding's codes, which the embedding lookup
 widens a row at a time (engine/quant.py: QuantEmbedding).
@@ -46,8 +48,8 @@ if TYPE_CHECKING:
     from codellama.tokenizer import Tokenizer
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the int4 layout holds exactly
-# the rest as int8g
-CODE_TYPES = (*INT4_TYPES, "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
+INT8S_TYPES = ("Q8_0", "Q5_0", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS")  # int8s: no minimum
+CODE_TYPES = (*INT4_TYPES, *INT8S_TYPES, "Q5_1", "Q5_K", "Q2_K")  # the rest as int8g
 # read through gguf.quants.dequantize to floating point only (grid and ternary codes: no layout of ours)
 FLOAT_ONLY_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4",
                     "NVFP4")
@@ -291,7 +293,8 @@ def _block_values(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np
 
 def file_codes(data: np.ndarray, qtype) -> QuantCodes:
     """A quantised matrix's raw data [N, row bytes] -> its codes in a QuantLinear layout, exactly its values:
-    Q4_0/Q4_1/Q4_K as int4 (4.5-5 bits per weight, as in the file), the others as int8g (12 bits)."""
+    Q4_0/Q4_1/Q4_K as int4 (4.5-5 bits per weight, as in the file), those without a minimum as int8s (9-10
+    bits), the others as int8g (12 bits)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
     qtype = Q(qtype)
@@ -299,6 +302,9 @@ def file_codes(data: np.ndarray, qtype) -> QuantCodes:
     arr = np.asarray(data)
     n = arr.shape[0]
     codes, scale, low = _block_values(arr.reshape(n, -1, size), qtype)  # [N, B, block], [N, B, S] x 2
+    if qtype.name in INT8S_TYPES:  # low is all zeros: a scale per sub-block, as the file has it
+        return QuantCodes("int8s", torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8).reshape(n, -1)),
+                          torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, -1)))
     int4 = qtype.name in INT4_TYPES
     # a scale and min per group of the layout (32 or 16 weights): a 32-weight sub-block's for both its 16s
     repeat = codes.shape[-1] // scale.shape[-1] // (GROUP if int4 else INT8_GROUP)

@@ -1,5 +1,5 @@
 """Weight-only quantisation of the linear layers: int8 per output channel, int4 in groups of 32, and int8 in
-groups of 16 (a GGUF's other block types).
+groups of 16 or 32 (a GGUF's other block types).
 
 Decoding reads every weight once per token, so fewer bytes per weight is speed. On the CPU a small C++
 kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
@@ -14,12 +14,14 @@ projection its own quantised copy; a GGUF's quantised table, kept as codes, is a
 are widened as they are looked up (and a tied output projection uses the same codes). A quantised model is
 for inference only.
 
-Three layouts (QuantLinear.mode), each w = code * scale + min over a group of weights of a row:
+Four layouts (QuantLinear.mode), each w = code * scale + min over a group of weights of a row:
 - "int8": our quantiser's, symmetric per output row (min 0; gpt-fast's);
 - "int4": ggml's Q4_1, 4-bit codes per 32 weights, which also holds Q4_0 and Q4_K exactly;
-- "int8g": int8 codes per 16 weights, which holds the other ggml Q and K types and IQ4_NL/IQ4_XS exactly
-  (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K: all are code * scale + min over (sub-)blocks of 16 or 32 with
-  codes within 8 bits; the IQ4 types' codes index 16 int8 levels).
+- "int8s": int8 codes with a scale (min 0) per 16 or 32 weights, which holds the ggml types without a
+  minimum exactly: Q8_0, Q5_0 and IQ4_NL (blocks of 32), IQ4_XS (sub-blocks of 32), Q6_K and Q3_K (of 16),
+  at 9 or 10 bits per weight (the IQ4 types' codes index 16 int8 levels);
+- "int8g": int8 codes with a scale and a min per 16 weights, which holds those with one (Q5_1, Q5_K,
+  Q2_K) and any mix of the layouts above (a fused layer of matrices stored in different types): 12 bits.
 A GGUF's quantised matrices load straight into QuantLinear as QuantCodes (checkpoints/gguf.py, keep_codes),
 so they run with the file's very values, as llama.cpp runs them, instead of being widened to floats.
 
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 INT8_GROUP = 16  # int8g group size: the smallest (sub-)block of any ggml type (Q6_K, Q3_K, Q2_K)
-MODES = ("int8", "int4", "int8g")
+INT8S_GROUPS = (16, 32)  # int8s group sizes (the kernel's)
+MODES = ("int8", "int4", "int8s", "int8g")
 # weights quantised at once by quantize_weight: a 7B's output projection in two (its other matrices whole)
 QUANTIZE_CHUNK = 1 << 26
 
@@ -90,10 +93,18 @@ def dequantize_int8_groups(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return (q.view(N, K // INT8_GROUP, INT8_GROUP).float() * sz[..., :1] + sz[..., 1:]).reshape(N, K)
 
 
+def dequantize_int8_scaled(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K], scale float32 [N, K/G] -> float32 [N, K]."""
+    N, K = q.shape
+    return (q.view(N, s.shape[1], -1).float() * s[..., None]).reshape(N, K)
+
+
 def dequantize_codes(mode: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Rows [N] of codes and their scales in a layout of the module docstring -> float32 [N, K]."""
     if mode == "int8":
         return qweight.float() * scales[:, None]
+    if mode == "int8s":
+        return dequantize_int8_scaled(qweight, scales)
     if mode == "int8g":
         return dequantize_int8_groups(qweight, scales)
     return dequantize_int4(qweight, scales)
@@ -104,8 +115,9 @@ class QuantCodes:
     """A matrix [N, K] held in a QuantLinear layout (see the module docstring), e.g. as a GGUF file stores it."""
 
     mode: str
-    qweight: torch.Tensor  # int8 [N, K] (int8, int8g) or packed uint8 [N, K/2] (int4)
-    scales: torch.Tensor  # float32 [N] (int8), [N, K/32, 2] (int4) or [N, K/16, 2] (int8g): scale, min
+    qweight: torch.Tensor  # int8 [N, K] (int8, int8s, int8g) or packed uint8 [N, K/2] (int4)
+    # float32 [N] (int8), [N, K/G] (int8s: G = 16 or 32), [N, K/32, 2] (int4) or [N, K/16, 2] (int8g): scale, min
+    scales: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -113,10 +125,10 @@ class QuantCodes:
 
 
 def quantize_weight(w: torch.Tensor, mode: str, device=None, dtype: torch.dtype | None = None) -> QuantCodes:
-    """w [N, K] by our int8 or int4 quantiser (int8g has none: it holds a file's codes), on `device` (default:
-    w's), from its values in `dtype` (default: w's)."""
+    """w [N, K] by our int8 or int4 quantiser (int8s and int8g have none: they hold a file's codes), on
+    `device` (default: w's), from its values in `dtype` (default: w's)."""
     if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
-        raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
+        raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 ({mode} holds a file's codes only)")
     # A large matrix a few rows at a time (both quantise each row on its own): the float32 temporaries of a
     # whole one are three copies of it, 1.5 GB for a 7B's output projection. Others whole: codes copied out
     # of each chunk's left the freed chunks as holes in the allocator's heap, 2 GB of them after a 7B.
@@ -141,12 +153,16 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown quantised layout {mode!r}: one of {', '.join(MODES)}")
         self.mode = mode
         self.out_features, self.in_features = QuantCodes(mode, qweight, scales).shape
+        if mode == "int8s" and not (scales.dim() == 2 and any(scales.shape[1] * g == self.in_features
+                                                              for g in INT8S_GROUPS)):
+            raise ValueError(f"int8s scales must be [N, K/G] with G in {INT8S_GROUPS}; got {tuple(scales.shape)} "
+                             f"for K = {self.in_features}")
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str) -> QuantLinear:
-        """The layer quantised by our int8 or int4 quantiser (int8g has none: it holds a file's codes)."""
+        """The layer quantised by our int8 or int4 quantiser (int8s and int8g hold a file's codes only)."""
         codes = quantize_weight(linear.weight.detach(), mode)
         return cls(mode, codes.qweight, codes.scales)
 
@@ -154,13 +170,19 @@ class QuantLinear(nn.Module):
         """The weights the codes stand for, [out_features, in_features]."""
         return dequantize_codes(self.mode, self.qweight, self.scales).to(dtype)
 
+    @property
+    def int8s_group(self) -> int:
+        """int8s: the weights per scale (16 or 32)."""
+        return self.in_features // self.scales.shape[1]
+
     def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The same weights, exactly, as int8g codes and scales (to stack with a layer of another layout)."""
         N, K = self.out_features, self.in_features
         if self.mode == "int8g":
             return self.qweight, self.scales
-        if self.mode == "int8":  # a row's one scale for each of its groups, min 0
-            scale = self.scales[:, None].expand(N, K // INT8_GROUP)
+        if self.mode in ("int8", "int8s"):  # each group of 16 gets its row's or its group's scale, min 0
+            scale = (self.scales[:, None].expand(N, K // INT8_GROUP) if self.mode == "int8"
+                     else self.scales.repeat_interleave(self.int8s_group // INT8_GROUP, dim=1))
             return self.qweight, torch.stack((scale, torch.zeros_like(scale)), dim=-1)
         codes = unpack_int4(self.qweight).reshape(N, K).to(torch.int8)  # int4: codes 0..15
         return codes, self.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)  # each group of 32's for its halves
@@ -205,10 +227,10 @@ def _stack(linears: list[nn.Module]) -> nn.Module:
     """One layer computing the given layers' outputs one after another (their rows stacked).
 
     Layers quantised alike stack their codes; quantised layers of different layouts (a GGUF storing q and
-    k in 4 bits, v in 6) stack as int8g, which holds each exactly; with any floating-point layer among them
+    k in 4 bits, v in 6; or int8s in groups of 32 beside 16) stack as int8g, which holds each exactly; with any floating-point layer among them
     all are widened to floating point, exactly their values."""
     modes = {m.mode if isinstance(m, QuantLinear) else None for m in linears}
-    if len(modes) == 1 and None not in modes:
+    if len(modes) == 1 and None not in modes and len({m.scales.shape[1:] for m in linears}) == 1:
         return QuantLinear(modes.pop(), torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]))
     if None not in modes and all(m.in_features % INT8_GROUP == 0 for m in linears):
         codes, scales = zip(*(m.int8_groups() for m in linears))
@@ -247,7 +269,7 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
     quantise each output row on its own, so stacking after quantising gives the same codes as before.
     """
     if mode not in ("int8", "int4"):
-        raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4 (int8g holds a file's codes only)")
+        raise ValueError(f"unknown quantisation {mode!r}: use int8 or int4 (int8s and int8g hold a file's codes only)")
     if any(p.is_cuda for p in model.parameters()):
         log.warning("%s weights on a GPU save memory but decoded slower than bfloat16 there (BENCHMARKS.md: "
                     "89 vs 184 tok/s for the 7B shape with int8, before the step's tuning); leave "

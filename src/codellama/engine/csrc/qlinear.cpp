@@ -5,7 +5,8 @@
 //   int4:    y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g])
 //            q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
 //   int8 in groups: y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g]), group size 16,
-//            q int8 [N, K]: holds the other ggml Q/K types and IQ4_NL/IQ4_XS exactly (engine/quant.py)
+//            q int8 [N, K]: holds the other ggml Q/K types and IQ4_NL/IQ4_XS exactly (engine/quant.py);
+//            without the min (z = 0), groups of 16 or 32: ggml's types whose blocks have no minimum (Q8_0 ...)
 //
 // Work is split in blocks of 4 output rows (parallel_for over blocks, parallel.h). For one or two rows of x the
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
@@ -244,18 +245,30 @@ struct Int4W {
   }
 };
 
+// int8 codes in groups of G = 16 << shift weights, w = q * s (+ z with MIN): int8g (scale and min per 16,
+// sz [N, K/16, 2]) and int8s (scale only per 16 or 32, sz [N, K/G]), which hold the ggml types exactly
+template <bool MIN>
 struct Int8GroupW {
   const int8_t* w;  // [N, K]
-  const float* sz;  // [N, K/16, 2]: (scale, min) per group
+  const float* sz;  // [N, K/G, 1 + MIN]: the scale (and min) of each group
   int64_t K;
+  int shift;        // G = 16 << shift
   static constexpr bool quantised = true;
-  // the 16 weights of row n's group g as 2 x 8 float32, q * s + z
+  static constexpr int64_t PER = MIN ? 2 : 1;  // floats per group
+  int64_t groups() const { return K >> (4 + shift); }
+  // the 16 weights of row n from k = 16 * g as 2 x 8 float32
   void group(int64_t n, int64_t g, __m256 out[2]) const {
-    const float* p = sz + (n * (K / 16) + g) * 2;
-    const __m256 s = _mm256_set1_ps(p[0]), z = _mm256_set1_ps(p[1]);
+    const float* p = sz + (n * groups() + (g >> shift)) * PER;
+    const __m256 s = _mm256_set1_ps(p[0]);
     const int8_t* q = w + n * K + g * 16;
-    out[0] = _mm256_fmadd_ps(widen8(q), s, z);
-    out[1] = _mm256_fmadd_ps(widen8(q + 8), s, z);
+    if constexpr (MIN) {
+      const __m256 z = _mm256_set1_ps(p[1]);
+      out[0] = _mm256_fmadd_ps(widen8(q), s, z);
+      out[1] = _mm256_fmadd_ps(widen8(q + 8), s, z);
+    } else {
+      out[0] = _mm256_mul_ps(widen8(q), s);
+      out[1] = _mm256_mul_ps(widen8(q + 8), s);
+    }
   }
   void widen(int64_t n0, float* buf, const float* rows[NB], float post[NB]) const {
     for (int j = 0; j < NB; ++j) {
@@ -277,13 +290,13 @@ struct Int8GroupW {
       for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
   }
   float at(int64_t n, int64_t k) const {
-    const float* p = sz + (n * (K / 16) + k / 16) * 2;
-    return float(w[n * K + k]) * p[0] + p[1];
+    const float* p = sz + (n * groups() + (k >> (4 + shift))) * PER;
+    return float(w[n * K + k]) * p[0] + (MIN ? p[1] : 0.0f);
   }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
   int64_t raw_bytes() const { return NB * K; }
-  Ahead ahead(int64_t n0) const {  // per group of 16: 16 bytes and a scale/min pair of each row
-    return {{raw(n0), reinterpret_cast<const char*>(sz + n0 * (K / 16) * 2)}, {NB * 16, NB * 8}};
+  Ahead ahead(int64_t n0) const {  // per 16 weights: 16 bytes of codes and 16 / G groups' scales of each row
+    return {{raw(n0), reinterpret_cast<const char*>(sz + n0 * groups() * PER)}, {NB * 16, (NB * 4 * PER) >> shift}};
   }
 };
 
@@ -364,7 +377,10 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
 }  // namespace
 
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s) {
-  if (w.scalar_type() == at::kChar) return s.dim() == 3 ? int8_group_linear(x, w, s) : int8_linear(x, w, s);
+  if (w.scalar_type() == at::kChar) {
+    if (s.dim() == 1) return int8_linear(x, w, s);
+    return s.dim() == 3 ? int8_group_linear(x, w, s) : int8_scaled_linear(x, w, s);
+  }
   if (w.scalar_type() == at::kByte) return int4_linear(x, w, s);
   // float32: ours up to a few hundred rows (2-4x torch's GEMM at M <= 32, ~10% faster at 208), torch's
   // blocked GEMM beyond (at 1024 rows it is 20% faster: ours re-reads x for every block of 4 outputs)
@@ -394,11 +410,28 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
 }
 
+// the shift of a group size G = 16 << shift that divides K into groups_per_row
+static int group_shift(int64_t K, int64_t groups_per_row) {
+  TORCH_CHECK(groups_per_row > 0 && K % groups_per_row == 0, "scales: a whole number of groups per row");
+  const int64_t G = K / groups_per_row;
+  TORCH_CHECK(G == 16 || G == 32, "groups of 16 or 32 weights, got ", G);
+  return G == 32 ? 1 : 0;
+}
+
 at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   check(x, w, sz);
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kChar && K % 16 == 0 && w.size(1) == K, "int8 weight [N, K], K % 16 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 16) * 2, "scales [N, K/16, 2]");
-  const Int8GroupW q{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K};
+  const Int8GroupW<true> q{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K, 0};
+  return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
+}
+
+at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s) {
+  check(x, w, s);
+  const int64_t K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && s.dim() == 2 && s.size(0) == N,
+              "int8 weight [N, K], scales [N, K/G]");
+  const Int8GroupW<false> q{w.data_ptr<int8_t>(), s.data_ptr<float>(), K, group_shift(K, s.size(1))};
   return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
 }
