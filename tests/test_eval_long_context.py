@@ -130,14 +130,20 @@ def test_key_retrieval_results_of_another_model_are_not_reused(tmp_path):
     from codellama.errors import UserError
     from codellama.eval.runner import EvalConfig, run_task
 
-    def cfg(model: str) -> EvalConfig:
+    def cfg(model: str, **kw) -> EvalConfig:
         return EvalConfig(task="long-context-key-retrieval", model=model, out=tmp_path, progress=False,
-                          extra={"lengths": (1500,), "positions": (0.5,), "examples": 2})
+                          extra={"lengths": (1500,), "positions": (0.5,), "examples": 2}, **kw)
 
     assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}
     assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}  # resumed
     with pytest.raises(UserError, match="other settings"):  # was: the reader's 100% reported as this model's
         run_task(cfg("guesser"), ModelAdapter(ReaderGenerator(False)))
+    with pytest.raises(UserError, match="quantize 'none' -> 'int8'"):
+        run_task(cfg("reader", quantize="int8"), ModelAdapter(ReaderGenerator(True)))
+    run = json.loads((tmp_path / "run.json").read_text())
+    del run["quantize"], run["dtype"]  # a run.json written before they were recorded: resumes under the defaults
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}
 
 
 def test_key_retrieval_runs_past_the_models_own_context(tmp_path, codellama):

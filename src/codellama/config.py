@@ -235,3 +235,4 @@ def preset(name: str) -> ModelConfig:
 # How an inference model holds its linear layers (generate.load_for_inference says what each means); here,
 # not there, so that the command line lists them without importing torch.
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # the weights' dtypes a command line may ask for

@@ -18,10 +18,16 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from codellama.commands.generate import add_precision_args
 from codellama.errors import UserError
 
 if TYPE_CHECKING:
     from codellama.eval.runner import EvalConfig
+
+
+# eval and self-instruct default to floating point: runs made before they had --dtype/--quantize resume, and
+# their numbers stay comparable
+AS_BEFORE = ", as before this option existed: earlier runs resume and stay comparable"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -60,6 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="per-program wall-clock seconds (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    add_precision_args(p, quantize="none", why=AS_BEFORE)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--lengths", type=_ints, default=None, help="long-context tasks: context lengths in tokens")
     p.add_argument("--positions", type=_floats, default=None, help="key retrieval: relative key positions")
@@ -98,7 +105,8 @@ def _config(args: argparse.Namespace, task: str) -> EvalConfig:
         limit=args.limit, out=Path(args.out or f"eval-out/{task.replace(',', '+')}"), phase=args.phase,
         instruct=args.instruct, data_dir=args.data_dir, workers=args.workers, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, timeout=args.timeout, samples=args.samples, seed=args.seed,
-        device=args.device, progress=not args.no_progress and sys.stderr.isatty(), extra=extra,
+        device=args.device, dtype=args.dtype, quantize=args.quantize,
+        progress=not args.no_progress and sys.stderr.isatty(), extra=extra,
     )
 
 

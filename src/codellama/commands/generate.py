@@ -6,22 +6,30 @@ import argparse
 import sys
 from pathlib import Path
 
-from codellama.config import QUANTIZE_CHOICES
+from codellama.config import DTYPE_CHOICES, QUANTIZE_CHOICES
 from codellama.errors import UserError
 
-QUANTIZE_HELP = ("weight-only quantised linear layers; auto (default): on the CPU a GGUF's quantised matrices "
-                 "stay the file's codes, exactly its values; none: all floating point; int4: the file's codes "
-                 "and the rest quantised to int4; int8: every layer quantised to int8 (faster CPU decoding; "
-                 "first use builds a C++ kernel)")
+QUANTIZE_HELP = ("weight-only quantised linear layers; auto: on the CPU a GGUF's quantised matrices stay the "
+                 "file's codes, exactly its values; none: all floating point; int4: the file's codes and the rest "
+                 "quantised to int4; int8: every layer quantised to int8 (faster CPU decoding; first use builds a "
+                 "C++ kernel)")
+
+
+def add_precision_args(p: argparse.ArgumentParser, quantize: str = "auto", why: str = "") -> None:
+    """--dtype and --quantize, the same on every command that loads a model to generate; `why`: a note on
+    a command's defaults."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help=f"weights dtype (default: float32 on CPU, half precision on GPU{why})")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=quantize,
+                   help=f"{QUANTIZE_HELP} (default: {quantize}{why})")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="HF dir, Meta dir, .gguf file or preset name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
+    add_precision_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
+
+from codellama.commands.eval import AS_BEFORE
+from codellama.commands.generate import add_precision_args
 
 TRAIN_ON_THEM_ALONE = 'data.sources=[{name="instructions", kind="chat", path="instructions.jsonl", weight=1.0}]'
 
@@ -37,6 +41,7 @@ def register(subparsers) -> None:
                    "to decontaminate against, besides HumanEval (default $CODELLAMA_DATA_DIR)")
     p.add_argument("--no-decontam", dest="decontam", action="store_false", help="keep examples that overlap benchmarks")
     p.add_argument("--device", default=None)
+    add_precision_args(p, quantize="none", why=AS_BEFORE)  # both models
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -55,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.no_progress and sys.stderr.isatty())
     if args.batch_size < 1:  # the model would have run one prompt at a time without a word
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model = ModelAdapter.load(args.model, args.device, args.batch_size)
-    asker = ModelAdapter.load(args.question_model, args.device, args.batch_size) if args.question_model else None
+    load = partial(ModelAdapter.load, device=args.device, batch_size=args.batch_size, dtype=args.dtype,
+                   quantize=args.quantize)
+    model = load(args.model)
+    asker = load(args.question_model) if args.question_model else None
     counts = run_stages(cfg, model, asker)
     width = max(map(len, counts))
     print("\n".join(f"{k.replace('_', ' '):<{width}}  {v}" for k, v in counts.items()))

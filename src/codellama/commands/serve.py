@@ -9,8 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from codellama.commands.generate import QUANTIZE_HELP
-from codellama.config import QUANTIZE_CHOICES
+from codellama.commands.generate import add_precision_args
 from codellama.errors import UserError
 
 
@@ -29,9 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--api-key", default=os.environ.get("CODELLAMA_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $CODELLAMA_API_KEY; unset = no auth)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
+    add_precision_args(p)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt + completion (default: the model's context, at most 4096; "

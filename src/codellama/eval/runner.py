@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from codellama.config import DTYPE_CHOICES, QUANTIZE_CHOICES
 from codellama.errors import UserError
 from codellama.eval.data import append_jsonl, read_jsonl, read_jsonl_tolerant, repair_tail
 from codellama.eval.passk import estimate
@@ -50,6 +51,8 @@ class EvalConfig:
     samples: str | None = None  # execute this samples file instead of out/samples.jsonl
     seed: int = 0
     device: str | None = None
+    dtype: str | None = None  # the weights' dtype by name; None: the loader's (float32 on CPU)
+    quantize: str = "none"  # codellama.load's; "none": all floating point, as eval ran before it had the option
     progress: bool = True
     extra: dict = field(default_factory=dict)  # task-specific options (lengths, positions, ...)
 
@@ -66,6 +69,10 @@ class EvalConfig:
                             ("--max-new-tokens", self.max_new_tokens)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
         if self.timeout is not None and not 0 < self.timeout < math.inf:  # nan, inf: the sandbox's int() failed
             raise UserError(f"--timeout must be a number of seconds > 0, got {self.timeout}")
         if self.samples and self.phase != "execute":
@@ -99,14 +106,21 @@ class ModelAdapter:
 
     @classmethod
     def load(cls, spec: str | None, device: str | None = None, batch_size: int = 8,
-             max_seq_len: int | None = None) -> ModelAdapter:
-        """max_seq_len: the longest prompt + completion to allow (default: the model's own context)."""
+             max_seq_len: int | None = None, dtype: str | None = None, quantize: str | None = None) -> ModelAdapter:
+        """max_seq_len: the longest prompt + completion to allow (default: the model's own context); dtype: a
+        name such as "bfloat16" (None: the loader's default); quantize: as codellama.load's (None: "none")."""
         def loader():
             from codellama import load
+            from codellama.checkpoints.common import parse_dtype
 
-            return load(spec, device=device, max_seq_len=max_seq_len)
+            return load(spec, device=device, dtype=parse_dtype(dtype), max_seq_len=max_seq_len, quantize=quantize)
 
         return cls(None, batch_size, loader)
+
+    @classmethod
+    def for_config(cls, cfg: EvalConfig, max_seq_len: int | None = None) -> ModelAdapter:
+        """The model an eval config names, with its device, batch size, dtype and quantisation."""
+        return cls.load(cfg.model, cfg.device, cfg.batch_size, max_seq_len, dtype=cfg.dtype, quantize=cfg.quantize)
 
     @property
     def tokenizer(self):
@@ -205,7 +219,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     check_same_run(cfg, path)  # also when nothing is left: the summary would label old samples as these
     if not todo:
         return stats
-    model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+    model = model or ModelAdapter.for_config(cfg)
     if task.mode == "infill" and not model.can_infill:
         raise UserError(
             f"model {cfg.model or 'default'} cannot infill (its tokenizer has no <PRE>/<SUF>/<MID>/<EOT> tokens), "
@@ -259,7 +273,9 @@ def _instruct_tasks() -> list[str]:
     return [name for name, make in _registry().items() if make().supports_instruct]
 
 
-RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed")
+RUN_KEYS = ("task", "model", "n", "temperature", "top_p", "instruct", "max_new_tokens", "seed", "quantize", "dtype")
+# what a run.json written before a key was recorded was made with: such a run resumes under the defaults
+RUN_KEY_DEFAULTS = {"quantize": "none", "dtype": None}
 
 
 def _run_info(out: Path) -> dict:
@@ -274,7 +290,8 @@ def check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_K
     mine = {k: getattr(cfg, k) for k in keys}
     theirs = _run_info(cfg.out)
     if "task" in theirs and samples.exists():
-        diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
+        recorded = {k: theirs.get(k, RUN_KEY_DEFAULTS.get(k)) for k in keys}
+        diff = {k: (recorded[k], mine[k]) for k in keys if recorded[k] != mine[k]}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
@@ -516,7 +533,7 @@ def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     _check_options(cfg, names)
     model = None
     if cfg.phase in ("generate", "all"):
-        model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+        model = ModelAdapter.for_config(cfg)
     summaries = []
     sandbox = Sandbox(workers=cfg.workers) if cfg.phase in ("execute", "all") else None
     try:
@@ -541,7 +558,7 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
         raise UserError(f"eval-sweep plots pass@k; {cfg.task} is scored otherwise (run it with eval --temperature T)")
     cfg = cfg.for_task(task)
     if model is None and cfg.phase in ("generate", "all"):
-        model = ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size)
+        model = ModelAdapter.for_config(cfg)
     rows = []
     with Sandbox(workers=cfg.workers) as sb:
         for t in temperatures:

@@ -38,7 +38,8 @@ PPL_MIN_BYTES = 50_000
 FILL_TRIES = 16  # file orders tried before a haystack length is refused as too short for the code's blocks
 POSITION_SLACK = 0.02  # the key lands within this fraction of the haystack of its relative position
 ANSWER_TOKENS = 4  # greedy tokens generated after `assert my_function() == `: the two digits and some slack
-KEY_RETRIEVAL_RUN_KEYS = ("task", "model", "seed", "data_dir")  # what its resumed results depend on
+# what its resumed results depend on
+KEY_RETRIEVAL_RUN_KEYS = ("task", "model", "seed", "data_dir", "quantize", "dtype")
 
 
 def code_files(root: str | Path | None = None, min_bytes: int = 2000) -> list[Path]:
@@ -276,7 +277,7 @@ def run_special(cfg, model=None) -> dict:
     # the point is to go past the context a model was trained at (Tab. 17: 24k tokens on Code Llama's 16k;
     # RoPE has no length limit): the model's own context would refuse those prompts
     context = max(lengths) + 64  # + BOS, the answer and a margin
-    model = model or ModelAdapter.load(cfg.model, cfg.device, cfg.batch_size, max_seq_len=context)
+    model = model or ModelAdapter.for_config(cfg, max_seq_len=context)
     allow_context(model.generator, context)
     tok = model.tokenizer
     if tok is None:
