@@ -33,7 +33,13 @@ def test_quantised_run_is_recorded_and_resumes_only_with_the_same_quantisation(t
     assert main([*EVAL, "--limit", "1", "--out", str(out), "--quantize", "int8"]) == 0, capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())
     assert run["quantize"] == "int8" and run["dtype"] is None
-    assert json.loads((out / "summary.json").read_text())["samples_scored"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_scored"] == 1 and (summary["quantize"], summary["dtype"]) == ("int8", None)
+    capsys.readouterr()
+
+    # executed again on its own, without the flags: the summary still says what the samples were made with
+    assert main([*EVAL, "--limit", "1", "--out", str(out), "--phase", "execute"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["quantize"] == "int8"
     capsys.readouterr()
 
     assert main([*EVAL, "--limit", "2", "--out", str(out)]) == 2  # the default: none

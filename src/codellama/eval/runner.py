@@ -411,7 +411,8 @@ def _generated_with(cfg: EvalConfig) -> EvalConfig:
     theirs = {} if cfg.samples else _run_info(cfg.out)
     if "task" not in theirs:
         return cfg
-    return replace(cfg, **{k: theirs[k] for k in ("model", "temperature", "top_p", "instruct") if k in theirs})
+    labels = {k: theirs[k] for k in ("model", "temperature", "top_p", "instruct") if k in theirs}
+    return replace(cfg, **labels, **{k: theirs.get(k, default) for k, default in RUN_KEY_DEFAULTS.items()})
 
 
 def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_stats: dict | None = None,
@@ -426,7 +427,8 @@ def summarize(task: Task, cfg: EvalConfig, gen_stats: dict | None = None, exec_s
         per_task[r["task_id"]].append(bool(r["passed"]))
     counts = {t: (len(v), sum(v)) for t, v in per_task.items()}
     summary = {
-        "task": task.name, "model": cfg.model or "default", "instruct": cfg.instruct or task.chat_only,
+        "task": task.name, "model": cfg.model or "default", "quantize": cfg.quantize, "dtype": cfg.dtype,
+        "instruct": cfg.instruct or task.chat_only,
         "n": min((n for n, _ in counts.values()), default=0),  # samples per problem actually scored
         "temperature": cfg.temperature, "top_p": cfg.top_p, "problems": len(problems),
         "problems_scored": len(counts), "samples_scored": len(results),
@@ -565,7 +567,8 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
             s = run_task(replace(cfg, temperature=t, out=cfg.out / f"T{t:g}"), model, sb)
             rows.append({"temperature": t, **{k: v for k, v in s.items() if k.startswith("pass@")}})
     cfg.out.mkdir(parents=True, exist_ok=True)
-    result = {"task": cfg.task, "model": cfg.model or "default", "n": cfg.n, "top_p": cfg.top_p, "rows": rows}
+    result = {"task": cfg.task, "model": cfg.model or "default", "quantize": cfg.quantize, "dtype": cfg.dtype,
+              "n": cfg.n, "top_p": cfg.top_p, "rows": rows}
     (cfg.out / "temperature_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     from codellama.eval.plots import plot_sweep
 
