@@ -47,6 +47,7 @@ class Generator:
         prefill_chunk: int = 2048,
         attention: str = "sdpa",
         graphs: str = "trees",
+        reuse_prefixes: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -54,7 +55,9 @@ class Generator:
         self.device = model.device
         self.compile = compile
         self.prefill_chunk = prefill_chunk
-        self.step_options = {"attention": attention, "graphs": graphs}  # passed to the Decoder
+        # passed to the Decoder (reuse_prefixes: a call's prompts that start like what a slot holds from an
+        # earlier call are prefilled from where they differ, engine/decode.py)
+        self.step_options = {"attention": attention, "graphs": graphs, "reuse_prefixes": reuse_prefixes}
         self._decoder: Decoder | None = None
         # every call decodes in the same cache slots: calls from several threads take turns
         self._busy = threading.Lock()

@@ -145,6 +145,9 @@ class KVCache(nn.Module):
         self.shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
         rows = max_batch * n_kv_heads * max_seq_len
         self.register_buffer("kv", torch.zeros(2, rows, head_dim, dtype=dtype, device=device), persistent=False)
+        # slot -> the tokens whose keys/values it holds at positions 0..n-1, kept by the engine's Decoder for
+        # prefix reuse (engine/decode.py); on the first layer's cache, for all of them
+        self.held: dict[int, list[int]] = {}
 
     @property
     def k(self) -> torch.Tensor:
@@ -311,17 +314,23 @@ class Transformer(nn.Module):
 
     # ---- KV cache ----
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache (reused when the requested one fits in the current one)."""
+        """Allocate a static KV cache (reused when the requested one fits in the current one; what its slots
+        held is then forgotten, since the caller may write anywhere in it)."""
         c = self.config
         dtype = dtype or self.dtype
         current = self.layers[0].attention.cache
-        if current is not None and current.kv.dtype == dtype and current.shape[0] >= max_batch and (
-            current.shape[2] >= max_seq_len
-        ):
+        if self.cache_fits(max_batch, max_seq_len, dtype):
+            current.held.clear()
             return
         device = self.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+
+    def cache_fits(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> bool:
+        """Whether the allocated cache holds max_batch slots of max_seq_len positions in `dtype`."""
+        current = self.layers[0].attention.cache
+        return current is not None and current.kv.dtype == (dtype or self.dtype) and (
+            current.shape[0] >= max_batch and current.shape[2] >= max_seq_len)
 
     def clear_cache(self) -> None:
         for layer in self.layers:

@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile prefill and the decode step, the latter with CUDA graphs (default: on CUDA)")
     p.add_argument("--log-file", type=Path, default=None, help="also append the JSON request log here")
+    p.add_argument("--reuse-prefixes", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill a prompt only from where it differs from what a free cache slot holds (an editor "
+                   "resending a file, a chat its history; usage.prompt_tokens_details.cached_tokens counts them); "
+                   "--no-reuse-prefixes prefills every prompt whole (logits then never depend on earlier "
+                   "requests, not even by float rounding)"),
     p.set_defaults(func=run)
 
 
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     warn_past_trained_context(args.context, loaded.config, "--context")
     _setup_logging(log_handler)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
-                    compile=args.compile)
+                    compile=args.compile, reuse_prefixes=args.reuse_prefixes)
     config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens)
     app = create_app(engine, config)
 

@@ -8,7 +8,8 @@ server, with thread-safe `submit`/`cancel` and an asyncio-friendly `stream`.
 
 Every request is prefilled into its own slot (requests admitted in the same step share prefill calls
 where the decoder can) and decoded at its own positions, so its greedy tokens do not depend on which
-other requests share the batch.
+other requests share the batch. A request goes to the free slot that holds the longest start of its prompt
+(engine/decode.py: prefix reuse), when that is MIN_REUSED_TOKENS or more, else to the lowest free slot.
 
 Overlap (the default on a GPU): the host reads a step's sampled tokens only after it has queued the next
 step, fed with those tokens on the device, so the GPU does not wait for the host's work between steps
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
     from codellama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# The fewest prompt tokens a free slot must hold already for a request to go there instead of the lowest free
+# slot: the rows of a GPU step span slots 0..n-1, so a high slot costs every step until it frees.
+MIN_REUSED_TOKENS = 16
 
 
 @dataclass(eq=False)
@@ -178,9 +183,19 @@ class Scheduler:
             if req.cancelled:
                 self._finish(req, "cancelled", events)
                 continue
-            req.slot = heapq.heappop(self.free_slots)
+            req.slot = self._slot_for(req.prompt)
             admitted.append(req)
         return admitted
+
+    def _slot_for(self, prompt: list[int]) -> int:
+        """Take the free slot holding the longest start of the prompt if that is worth it, else the lowest."""
+        held = {s: self.decoder.reusable(prompt, s) for s in self.free_slots}
+        best = max(held, key=lambda s: (held[s], -s))
+        if held[best] < MIN_REUSED_TOKENS:
+            return heapq.heappop(self.free_slots)
+        self.free_slots.remove(best)
+        heapq.heapify(self.free_slots)
+        return best
 
     def _decode(self, rows: list[Request], tokens: Sequence[int] | torch.Tensor, positions: list[int]) -> Launched:
         logits = self.decoder.decode([r.slot for r in rows], tokens, positions)  # [b, V]
@@ -218,6 +233,8 @@ class Scheduler:
         last: dict[int, torch.Tensor] = {}
         plain = [r for r in reqs if not r.prompt_logprobs]
         if plain:
+            for r in plain:
+                r.row.cached_tokens = self.decoder.reusable(r.prompt, r.slot)  # where its prefill starts
             last.update(zip((r.id for r in plain), self.decoder.prefill([r.prompt for r in plain],
                                                                         [r.slot for r in plain])))
         for r in reqs:
@@ -260,6 +277,8 @@ class Scheduler:
         req.row.finish_reason = req.row.finish_reason or reason
         self.finished[req.row.finish_reason] += 1
         if req.slot is not None:
+            if reason != "error":  # what was fed back: every token but the last (no step took it as input)
+                self.decoder.hold(req.slot, req.prompt + req.row.tokens[:-1])
             self.active.remove(req)
             heapq.heappush(self.free_slots, req.slot)
             req.slot = None
@@ -316,10 +335,11 @@ class Engine:
         prefill_chunk: int = 2048,
         compile: bool | dict | None = None,
         overlap: bool | None = None,
+        reuse_prefixes: bool = True,
     ):
         context_len = context_len or model.config.max_seq_len
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, max_batch, context_len, prefill_chunk, compile)
+        self.decoder = Decoder(model, max_batch, context_len, prefill_chunk, compile, reuse_prefixes=reuse_prefixes)
         if tokenizer is not None:
             stop_ids = tokenizer.stop_ids
         else:
@@ -358,6 +378,7 @@ class Engine:
             while self.scheduler.has_work:
                 self.scheduler.step()
         self.scheduler.finished.clear()
+        self.decoder.held.clear()  # the warm-up's prompts are no client's
 
     def start(self) -> Engine:
         if self._thread is None:

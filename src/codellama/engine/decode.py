@@ -21,6 +21,15 @@ if the model was quantised or converted since):
 Both cover slots 0..n-1 as a contiguous prefix of the cache (a view, no gather); a free slot inside that
 range carries a dummy token whose cache write is harmless (the next prompt prefilled there overwrites it,
 and attention never reads past a row's own position).
+
+Prefix reuse: a slot keeps the keys and values of what it last held after its request ends (`held`: the
+prompt and the tokens fed after it), so a prompt that starts with the same tokens (an editor resending a
+file with one more line, a chat resending its history, few-shot prompts) is prefilled from where they
+differ. The reused positions were computed in other calls, possibly as rows of larger matmuls, so the
+logits can differ from a fresh prefill's by float rounding (as llama.cpp's and vLLM's prefix caches do).
+A dummy token's write at position 0 ends what its slot held. The record lives with the cache (KVCache.held),
+so every Decoder of a model keeps it true, and Transformer.setup_cache, which others call before writing
+the cache themselves, forgets it.
 """
 
 from __future__ import annotations
@@ -65,13 +74,15 @@ class Decoder:
         compile: bool | dict | None = None,
         attention: str = "sdpa",
         graphs: str = "trees",
+        reuse_prefixes: bool = True,
     ):
         """compile: compile prefill and decode (default: on CUDA); a dict compiles them with these inductor
         options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings).
         Candidates for the GPU's compiled step, timed beside the defaults by bench/bench_decode.py:
         attention: the decode step's attention over the cache, "sdpa" or "flex" (FlexAttention, see
         Transformer.forward); graphs: its CUDA graphs, "trees" (torch.compile's) or "manual" (engine/graphs.py;
-        the model must not be converted once decoding began)."""
+        the model must not be converted once decoding began). reuse_prefixes: prefill a prompt from where it
+        differs from what its slot holds (module docstring); off, every prompt is prefilled whole."""
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         if graphs not in ("trees", "manual"):
@@ -90,40 +101,67 @@ class Decoder:
         self._prefill = None  # the compiled prefill chunk
         # the fused CPU step has its own attention: a Decoder asked for flex runs the model
         self._fused = None if self.compiled or attention != "sdpa" else FusedCPUDecode.for_model(model)
+        self.reuse_prefixes = reuse_prefixes
         self.ensure(max_batch, max_seq_len)
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
         """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
         cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
-        cache = self.model.layers[0].attention.cache
-        self.model.setup_cache(max_batch, cache_len)  # keeps a larger cache: we use its first rows
-        if isinstance(self._step, StepGraphs) and self.model.layers[0].attention.cache is not cache:
-            self._step.clear()  # recorded over the old cache
+        if not self.model.cache_fits(max_batch, cache_len):  # else we use the first rows of the larger one
+            self.model.setup_cache(max_batch, cache_len)
+            if isinstance(self._step, StepGraphs):
+                self._step.clear()  # recorded over the old cache
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    @property
+    def held(self) -> dict[int, list[int]]:
+        """slot -> the tokens whose keys/values the slot holds at positions 0..n-1 (see the module docstring)."""
+        return self.model.layers[0].attention.cache.held
+
+    # ---- what the slots hold ----
+    def reusable(self, prompt: Sequence[int], slot: int) -> int:
+        """How many of the prompt's first tokens the slot holds already: where its prefill would start (never
+        its last token, whose logits the prefill returns)."""
+        if not self.reuse_prefixes or slot not in self.held:
+            return 0
+        return common_prefix_len(self.held[slot], prompt, limit=len(prompt) - 1)
+
+    def hold(self, slot: int, tokens: Sequence[int]) -> None:
+        """Record that the slot's cache holds `tokens` at positions 0..len-1 (a finished request's prompt and
+        the tokens decoded after it that were fed back)."""
+        self.held[slot] = list(tokens)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        """Write each prompt's keys/values into its slot; return the logits after each prompt's last token,
-        [len(prompts), V] float32."""
+        """Write each prompt's keys/values into its slot, from where it differs from what the slot holds
+        (reusable()); return the logits after each prompt's last token, [len(prompts), V] float32."""
         if self._fused is not None and not self._fused.current():  # the model was quantised or converted
             self._fused = FusedCPUDecode.for_model(self.model)
+            self.held.clear()  # computed with the old weights
+        starts = [self.reusable(p, s) for p, s in zip(prompts, slots)]
+        for s in slots:  # overwritten from here on: held again once the prefill succeeded
+            self.held.pop(s, None)
         if self._fused is None:
-            return torch.stack([self._prefill_one(p, s) for p, s in zip(prompts, slots)])
-        # Short prompts go through the fused step, several per call; long ones through the model's SDPA
-        # (the fused step's attention loops per row, which a long prompt makes quadratic).
-        out: list[torch.Tensor | None] = [None] * len(prompts)
-        short = [i for i, p in enumerate(prompts) if len(p) <= FUSED_PREFILL_MAX_PROMPT]
-        if short:
-            logits = self._fused_prefill([prompts[i] for i in short], [slots[i] for i in short])
-            for i, row in zip(short, logits):
-                out[i] = row
-        for i, (p, s) in enumerate(zip(prompts, slots)):
-            if out[i] is None:
-                out[i] = self._prefill_one(p, s)
-        return torch.stack(out)
+            logits = torch.stack([self._prefill_one(p, s, b) for p, s, b in zip(prompts, slots, starts)])
+        else:
+            # Short rests of prompts go through the fused step, several per call; long ones through the model's
+            # SDPA (the fused step's attention loops per row, which many rows make quadratic).
+            out: list[torch.Tensor | None] = [None] * len(prompts)
+            short = [i for i, (p, b) in enumerate(zip(prompts, starts)) if len(p) - b <= FUSED_PREFILL_MAX_PROMPT]
+            if short:
+                rows = self._fused_prefill(*zip(*((prompts[i], slots[i], starts[i]) for i in short)))
+                for i, row in zip(short, rows):
+                    out[i] = row
+            for i, (p, s, b) in enumerate(zip(prompts, slots, starts)):
+                if out[i] is None:
+                    out[i] = self._prefill_one(p, s, b)
+            logits = torch.stack(out)
+        for p, s in zip(prompts, slots):
+            self.hold(s, p)
+        return logits
 
-    def _prefill_one(self, prompt: Sequence[int], slot: int) -> torch.Tensor:
-        for _, logits in self._prefill_chunks(prompt, slot, last_only=True):
+    def _prefill_one(self, prompt: Sequence[int], slot: int, start: int = 0) -> torch.Tensor:
+        for _, logits in self._prefill_chunks(prompt, slot, last_only=True, start=start):
             pass
         return logits[-1]
 
@@ -133,17 +171,21 @@ class Decoder:
         prompt token: None for the first, then its logprob given the tokens before it and the `top`
         likeliest alternatives). What OpenAI's echo + logprobs returns (lm-evaluation-harness's loglikelihood)."""
         scored: list[TokenLogprob | None] = [None]
+        self.held.pop(slot, None)
         for start, logits in self._prefill_chunks(prompt, slot, last_only=False):
             following = list(prompt[start + 1 : start + 1 + logits.shape[0]])  # what each position predicts
             scored += token_logprobs(logits[: len(following)], following, [top] * len(following))
+        self.hold(slot, prompt)
         return logits[-1], scored
 
-    def _prefill_chunks(self, prompt: Sequence[int], slot: int, last_only: bool) -> Iterator[tuple[int, torch.Tensor]]:
-        """Prefill by the model in chunks; yields (start, logits [t or 1, V] float32) per chunk."""
+    def _prefill_chunks(self, prompt: Sequence[int], slot: int, last_only: bool,
+                        start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """Prefill by the model in chunks from position `start` (the slot holds the tokens before it); yields
+        (start, logits [t or 1, V] float32) per chunk."""
         tokens = to_device(prompt, self.device)  # [n]
         slots = to_device([slot], self.device)
         cache_len = self.model.cache_shape[1]
-        for start in range(0, len(tokens), self.prefill_chunk):
+        for start in range(start, len(tokens), self.prefill_chunk):
             piece = tokens[start : start + self.prefill_chunk][None]  # [1, t], strides (t, 1) as compiled
             end = start + piece.shape[1]
             pos = torch.arange(start, end, device=self.device)[None]
@@ -153,12 +195,12 @@ class Decoder:
             chunk = self._compiled_chunk if self.compiled and piece.shape[1] > 1 else self._eager_chunk
             yield start, chunk(piece, pos, slots, kv_len, last_only)[0]
 
-    def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token
-        for prompt, slot in zip(prompts, slots):
-            tokens += prompt
-            row_slots += [slot] * len(prompt)
-            positions += range(len(prompt))
+    def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int]) -> torch.Tensor:
+        tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token from its start
+        for prompt, slot, start in zip(prompts, slots, starts):
+            tokens += prompt[start:]
+            row_slots += [slot] * (len(prompt) - start)
+            positions += range(start, len(prompt))
             last.append(len(tokens) - 1)
         tokens_t, slots_t, pos_t = (torch.tensor(v, device=self.device) for v in (tokens, row_slots, positions))
         last_t = torch.tensor(last, device=self.device)
@@ -190,6 +232,9 @@ class Decoder:
         pos = [0] * n  # rows outside `slots` carry a dummy token 0 at position 0
         for s, p in zip(slots, positions):
             pos[s] = p
+        if len(slots) < n:
+            for s in set(range(n)) - set(slots):
+                self.held.pop(s, None)  # its position 0 is overwritten
         pos_t = to_device(pos, self.device)[:, None]  # [n, 1]
         if len(slots) == n:  # slots are exactly 0..n-1
             tok_t = tokens_t[:, None]  # [n, 1]
@@ -252,6 +297,19 @@ class Decoder:
         """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on."""
         log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
         self.compiled, self._step, self._prefill = False, None, None
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """The number of leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), len(b) if limit is None else limit)
+    lo, hi = 0, n  # a[:lo] == b[:lo]; compared in slices (C speed) by halving: 100k-token prompts
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if list(a[lo:mid]) == list(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def bucket(n: int, least: int, most: int) -> int:

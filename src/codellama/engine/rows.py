@@ -41,6 +41,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
     # one per prompt token when asked for (None for the first, which nothing predicts): OpenAI's echo + logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys/values its slot held already (not prefilled again)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class RowState:
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.cached_tokens = 0
         self.text = ""
         self.released = 0
         self.finish_reason: str | None = None
@@ -124,4 +126,4 @@ class RowState:
     def completion(self) -> Completion:
         """The row's result, once it has finished (the scheduler sets finish_reason first)."""
         return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len, self.logprobs,
-                          self.prompt_logprobs)
+                          self.prompt_logprobs, self.cached_tokens)

@@ -61,6 +61,15 @@ class _Job:
     prompt_only: bool = False  # echo + max_tokens 0: the one token generated to score the prompt is dropped
 
 
+def _cached_tokens(completions: list[Completion | None], jobs: list[_Job]) -> int:
+    """Prompt tokens the engine did not prefill again (its slots held them), counted once per prompt (by its
+    first choice), as prompt_tokens is."""
+    first = {}
+    for job, c in zip(jobs, completions):
+        first.setdefault(job.prompt_index, c)
+    return sum(c.cached_tokens for c in first.values() if c is not None)
+
+
 class Server:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine = engine
@@ -206,13 +215,14 @@ class Server:
                     self.engine.cancel(r)
 
     def _log(self, kind: str, rid: str, start: float, first: float | None, prompt_tokens: int,
-             completions: list[Completion | None], stream: bool, status: str) -> None:
+             completions: list[Completion | None], jobs: list[_Job], stream: bool, status: str) -> None:
         done = [c for c in completions if c is not None]
         latency = time.perf_counter() - start
         n_out = sum(len(c.tokens) for c in done)
         log.info(json.dumps({
             "event": "request", "id": rid, "endpoint": kind, "stream": stream, "status": status,
-            "prompt_tokens": prompt_tokens, "completion_tokens": n_out, "latency_s": round(latency, 4),
+            "prompt_tokens": prompt_tokens, "cached_tokens": _cached_tokens(completions, jobs),
+            "completion_tokens": n_out, "latency_s": round(latency, 4),
             "ttft_s": None if first is None else round(first - start, 4),
             "tokens_per_s": round(n_out / latency, 2) if latency > 0 else None,
             "finish_reasons": [c.finish_reason for c in done],
@@ -320,9 +330,10 @@ class Server:
         ]}
 
     @staticmethod
-    def _usage(prompt_tokens: int, completions: list[Completion | None]) -> dict:
+    def _usage(prompt_tokens: int, completions: list[Completion | None], jobs: list[_Job]) -> dict:
         n_out = sum(len(c.tokens) for c in completions if c is not None)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out,
+                "prompt_tokens_details": {"cached_tokens": _cached_tokens(completions, jobs)}}
 
     # ---- endpoints ----
     async def completions(self, request: Request):
@@ -342,7 +353,7 @@ class Server:
                         "logprobs": self._completion_logprobs(c, jobs[i].prompt, echo[i])}
                        for i, c in enumerate(completions)]
             return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
-                    "choices": choices, "usage": self._usage(prompt_tokens, completions)}
+                    "choices": choices, "usage": self._usage(prompt_tokens, completions, jobs)}
 
         return await self._respond("completions", rid, request, body, jobs, prompt_tokens, chunk, final, echo)
 
@@ -363,7 +374,7 @@ class Server:
                         "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
                        for i, c in enumerate(completions)]
             return {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
-                    "choices": choices, "usage": self._usage(prompt_tokens, completions)}
+                    "choices": choices, "usage": self._usage(prompt_tokens, completions, jobs)}
 
         return await self._respond("chat", rid, request, body, jobs, prompt_tokens, chunk, final, None)
 
@@ -401,7 +412,7 @@ class Server:
                     return JSONResponse({}, status_code=499)
                 return JSONResponse(final(completions))
             finally:
-                self._log(kind, rid, start, first, prompt_tokens, completions, False, status)
+                self._log(kind, rid, start, first, prompt_tokens, completions, jobs, False, status)
 
         def piece(i: int, text: str | None, finish: str | None) -> str:
             obj = chunk(i, text, finish)
@@ -431,12 +442,12 @@ class Server:
                             yield piece(i, None if echo is None else "", ev.completion.finish_reason)
                 if body.include_usage():
                     usage = chunk(0, None, None)
-                    usage["choices"], usage["usage"] = [], self._usage(prompt_tokens, completions)
+                    usage["choices"], usage["usage"] = [], self._usage(prompt_tokens, completions, jobs)
                     yield _sse(usage)
                 yield "data: [DONE]\n\n"
                 status = "ok"
             finally:
-                self._log(kind, rid, start, first, prompt_tokens, completions, True, status)
+                self._log(kind, rid, start, first, prompt_tokens, completions, jobs, True, status)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,128 @@
+"""Prefix reuse: a prompt that starts like what a free cache slot holds is prefilled from where they differ,
+and decodes what a whole prefill would (engine/decode.py, engine/batching.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama.config import ModelConfig
+from codellama.engine.batching import MIN_REUSED_TOKENS, Scheduler
+from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, Decoder, common_prefix_len
+from codellama.engine.kernels import cpu_kernels
+from codellama.engine.quant import fuse_projections
+from codellama.generate import Generator
+from codellama.sampling import SamplingParams
+from helpers import naive_greedy, random_model
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
+                  max_seq_len=640, eos_id=None)
+GREEDY = SamplingParams(max_new_tokens=6, stop_ids=())
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(1, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module", params=["eager", "fused"])
+def model(request):
+    """The same weights run by the eager model, or (projections fused) by the fused CPU step."""
+    model = random_model(CFG, seed=1)
+    if request.param == "fused":
+        if cpu_kernels() is None:
+            pytest.skip("the CPU kernels cannot be built here")
+        fuse_projections(model)
+        assert FusedCPUDecode.for_model(model) is not None
+    return model
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([7], [1]) == 0
+    assert common_prefix_len([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix_len([1, 2, 3], [1, 2, 3], limit=2) == 2
+    assert common_prefix_len([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert common_prefix_len((1, 2), [1, 2, 3]) == 2  # a tuple and a list
+    long = list(range(100_000))
+    assert common_prefix_len(long, long[:77_777] + [-1] + long[77_778:]) == 77_777
+
+
+# the rest after the held tokens: a few rows of the fused step, or (past FUSED_PREFILL_MAX_PROMPT) the
+# model's chunked prefill starting in the middle of a chunk
+@pytest.mark.parametrize("held,rest", [(40, 30), (150, FUSED_PREFILL_MAX_PROMPT + 50)])
+def test_prefill_from_what_the_slot_holds_gives_a_whole_prefills_logits(model, held, rest):
+    prompt = tokens(held + rest, seed=held)
+    decoder = Decoder(model, 2, CFG.max_seq_len, prefill_chunk=64)
+    decoder.prefill([prompt[:held]], [1])
+    assert decoder.reusable(prompt, 1) == held and decoder.reusable(prompt, 0) == 0
+    got = decoder.prefill([prompt], [1])[0]
+    assert decoder.held[1] == prompt
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the whole prompt again: all but its last token, whose logits the prefill returns
+    assert decoder.reusable(prompt, 1) == len(prompt) - 1
+    torch.testing.assert_close(decoder.prefill([prompt], [1])[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_conversation_reuses_its_history(model):
+    """A second turn resends the first prompt and its answer: all of it is reused but the answer's last token
+    (decoding never fed it back), and the greedy tokens are a whole recomputation's."""
+    gen = Generator(model)
+    first_prompt = tokens(30, seed=2)
+    first = gen.generate([first_prompt], GREEDY)[0]
+    assert first.cached_tokens == 0
+    prompt = first_prompt + first.tokens + tokens(9, seed=3)
+    second = gen.generate([prompt], GREEDY)[0]
+    assert second.cached_tokens == len(first_prompt) + len(first.tokens) - 1
+    assert second.tokens == naive_greedy(model, prompt, GREEDY.max_new_tokens)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_request_goes_to_the_free_slot_holding_the_start_of_its_prompt(model, overlap):
+    decoder = Decoder(model, 3, CFG.max_seq_len)
+    shared = tokens(40, seed=4)
+    decoder.prefill([[5] * 20, shared], [0, 2])  # slot 0 holds something else, slot 2 the shared start
+    sched = Scheduler(decoder, stop_ids=(), overlap=overlap)
+    a = sched.submit(shared + [7, 8], GREEDY)  # 40 tokens held in slot 2
+    b = sched.submit(shared[: MIN_REUSED_TOKENS - 1] + [3], GREEDY)  # too few to leave the lowest free slot
+    done = {}
+    while sched.has_work:
+        done.update((req.id, ev.completion) for req, ev in sched.step() if ev.completion is not None)
+        if a.slot is not None:
+            assert (a.slot, b.slot) == (2, 0)
+    assert (done[a.id].cached_tokens, done[b.id].cached_tokens) == (40, 0)
+    for req in (a, b):
+        assert done[req.id].tokens == naive_greedy(model, req.prompt, GREEDY.max_new_tokens)
+    # what each slot holds now: the prompt and every generated token but the last
+    assert decoder.held[2] == a.prompt + done[a.id].tokens[:-1]
+    assert decoder.held[0] == b.prompt + done[b.id].tokens[:-1]
+
+
+def test_a_dummy_rows_write_ends_what_its_slot_held():
+    """The eager step runs slots 0..n-1: a free slot among them gets a dummy token at position 0."""
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=3, max_seq_len=64)  # projections not stacked: eager
+    decoder.prefill([[4, 5, 6], [7, 8]], [0, 1])
+    decoder.decode([1], [9], [2])
+    assert set(decoder.held) == {1}
+
+
+def test_decoders_of_one_model_share_what_its_slots_hold(model):
+    """Two Generators on one model write the same cache: neither may reuse what the other overwrote."""
+    a, b = Generator(model), Generator(model)
+    prompt = tokens(30, seed=5)
+    a.generate([prompt], GREEDY)
+    b.generate([tokens(25, seed=6)], GREEDY)  # slot 0 again
+    longer = prompt + [1, 2, 3]
+    out = a.generate([longer], GREEDY)[0]
+    assert out.cached_tokens == 0 and out.tokens == naive_greedy(model, longer, GREEDY.max_new_tokens)
+    model.setup_cache(1, 8)  # what a caller writing the cache itself does first: the record is forgotten
+    assert a.generate([longer], GREEDY)[0].cached_tokens == 0
+
+
+def test_without_reuse_every_prompt_is_prefilled_whole(model):
+    gen = Generator(model, reuse_prefixes=False)
+    prompt = tokens(30, seed=7)
+    gen.generate([prompt], GREEDY)
+    assert gen.generate([prompt], GREEDY)[0].cached_tokens == 0
