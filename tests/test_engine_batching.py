@@ -395,6 +395,13 @@ def test_compiled_prefill_matches_a_full_pass_with_one_graph_for_every_length():
     assert counters["stats"]["unique_graphs"] == graphs + 1 and decoder.compiled  # (not fallen back to eager)
     want = torch.log_softmax(full[4][:-1], dim=-1).gather(1, torch.tensor(prompts[4][1:])[:, None])[:, 0]
     assert [lp.logprob for lp in scored[1:]] == pytest.approx(want.tolist(), abs=1e-4)
+    # a prompt that starts like what slot 3 holds: its chunk starts mid-cache, with the graph it had
+    longer = prompts[4] + [5, 6, 7]
+    assert decoder.reusable(longer, 3) == len(prompts[4])
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder.prefill([longer], [3])[0], model(torch.tensor([longer]))[0, -1],
+                                   atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 @pytest.mark.slow
