@@ -126,3 +126,20 @@ def test_without_reuse_every_prompt_is_prefilled_whole(model):
     prompt = tokens(30, seed=7)
     gen.generate([prompt], GREEDY)
     assert gen.generate([prompt], GREEDY)[0].cached_tokens == 0
+
+
+def test_a_prompt_repeated_in_one_call_is_computed_once(model):
+    """n samples of one prompt: prefilled in one slot, copied into the others (and the logits shared)."""
+    gen = Generator(model)
+    p, q = tokens(40, seed=8), tokens(12, seed=9)
+    out = gen.generate([p, p, q, p], GREEDY)
+    assert [c.cached_tokens for c in out] == [0, len(p), 0, len(p)]
+    want = naive_greedy(model, p, GREEDY.max_new_tokens)
+    assert [c.tokens for c in out] == [want, want, naive_greedy(model, q, GREEDY.max_new_tokens), want]
+    decoder = gen._decoder
+    with torch.inference_mode():
+        logits = decoder.prefill([p, p], [0, 2])
+    torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+    cache = model.layers[1].attention.cache
+    assert torch.equal(cache.k[2, :, : len(p)], cache.k[0, :, : len(p)])
+    assert torch.equal(cache.v[2, :, : len(p)], cache.v[0, :, : len(p)])

@@ -233,8 +233,8 @@ class Scheduler:
         last: dict[int, torch.Tensor] = {}
         plain = [r for r in reqs if not r.prompt_logprobs]
         if plain:
-            for r in plain:
-                r.row.cached_tokens = self.decoder.reusable(r.prompt, r.slot)  # where its prefill starts
+            for r, n in zip(plain, self.decoder.reused([r.prompt for r in plain], [r.slot for r in plain])):
+                r.row.cached_tokens = n
             last.update(zip((r.id for r in plain), self.decoder.prefill([r.prompt for r in plain],
                                                                         [r.slot for r in plain])))
         for r in reqs:

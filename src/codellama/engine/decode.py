@@ -25,8 +25,10 @@ and attention never reads past a row's own position).
 Prefix reuse: a slot keeps the keys and values of what it last held after its request ends (`held`: the
 prompt and the tokens fed after it), so a prompt that starts with the same tokens (an editor resending a
 file with one more line, a chat resending its history, few-shot prompts) is prefilled from where they
-differ. The reused positions were computed in other calls, possibly as rows of larger matmuls, so the
-logits can differ from a fresh prefill's by float rounding (as llama.cpp's and vLLM's prefix caches do).
+differ; a prompt repeated in one prefill call (n samples of it) is computed once, its keys and values
+copied into the other slots. The reused positions were computed in other calls, possibly as rows of larger
+matmuls, so the logits can differ from a fresh prefill's by float rounding (as llama.cpp's and vLLM's prefix
+caches do).
 A dummy token's write at position 0 ends what its slot held. The record lives with the cache (KVCache.held),
 so every Decoder of a model keeps it true, and Transformer.setup_cache, which others call before writing
 the cache themselves, forgets it.
@@ -126,6 +128,17 @@ class Decoder:
             return 0
         return common_prefix_len(self.held[slot], prompt, limit=len(prompt) - 1)
 
+    def reused(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> list[int]:
+        """Per prompt, how many of its tokens prefill(prompts, slots) will not compute: those its slot holds
+        already, or all of them for a prompt repeating an earlier one of the list (copied from its slot)."""
+        first: set[tuple[int, ...]] = set()
+        out = []
+        for p, s in zip(prompts, slots):
+            key = tuple(p)
+            out.append(len(p) if self.reuse_prefixes and key in first else self.reusable(p, s))
+            first.add(key)
+        return out
+
     def hold(self, slot: int, tokens: Sequence[int]) -> None:
         """Record that the slot's cache holds `tokens` at positions 0..len-1 (a finished request's prompt and
         the tokens decoded after it that were fed back)."""
@@ -138,27 +151,40 @@ class Decoder:
         if self._fused is not None and not self._fused.current():  # the model was quantised or converted
             self._fused = FusedCPUDecode.for_model(self.model)
             self.held.clear()  # computed with the old weights
-        starts = [self.reusable(p, s) for p, s in zip(prompts, slots)]
+        starts = self.reused(prompts, slots)
         for s in slots:  # overwritten from here on: held again once the prefill succeeded
             self.held.pop(s, None)
-        if self._fused is None:
-            logits = torch.stack([self._prefill_one(p, s, b) for p, s, b in zip(prompts, slots, starts)])
-        else:
+        first = {}  # a prompt -> the index of its first occurrence, which the repeats copy
+        for i, p in enumerate(prompts):
+            first.setdefault(tuple(p), i)
+        todo = [i for i, p in enumerate(prompts) if first[tuple(p)] == i or not self.reuse_prefixes]
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        if self._fused is not None:
             # Short rests of prompts go through the fused step, several per call; long ones through the model's
             # SDPA (the fused step's attention loops per row, which many rows make quadratic).
-            out: list[torch.Tensor | None] = [None] * len(prompts)
-            short = [i for i, (p, b) in enumerate(zip(prompts, starts)) if len(p) - b <= FUSED_PREFILL_MAX_PROMPT]
+            short = [i for i in todo if len(prompts[i]) - starts[i] <= FUSED_PREFILL_MAX_PROMPT]
             if short:
                 rows = self._fused_prefill(*zip(*((prompts[i], slots[i], starts[i]) for i in short)))
                 for i, row in zip(short, rows):
                     out[i] = row
-            for i, (p, s, b) in enumerate(zip(prompts, slots, starts)):
-                if out[i] is None:
-                    out[i] = self._prefill_one(p, s, b)
-            logits = torch.stack(out)
+        for i in todo:
+            if out[i] is None:
+                out[i] = self._prefill_one(prompts[i], slots[i], starts[i])
+        for i, p in enumerate(prompts):
+            if out[i] is None:  # a repeat
+                j = first[tuple(p)]
+                self._copy_positions(slots[j], slots[i], len(p))
+                out[i] = out[j]
         for p, s in zip(prompts, slots):
             self.hold(s, p)
-        return logits
+        return torch.stack(out)
+
+    def _copy_positions(self, source: int, slot: int, n: int) -> None:
+        """Copy the keys and values of positions 0..n-1 of slot `source` into `slot`, in every layer."""
+        for layer in self.model.layers:
+            cache = layer.attention.cache
+            for t in (cache.k, cache.v):  # [max_batch, Hkv, S, hd] views of the cache's buffer
+                t[slot, :, :n] = t[source, :, :n]
 
     def _prefill_one(self, prompt: Sequence[int], slot: int, start: int = 0) -> torch.Tensor:
         for _, logits in self._prefill_chunks(prompt, slot, last_only=True, start=start):
