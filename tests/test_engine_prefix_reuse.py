@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from codellama.config import ModelConfig
-from codellama.engine.batching import MIN_REUSED_TOKENS, Scheduler
+from codellama.engine.batching import Scheduler
 from codellama.engine.cpu_decode import FusedCPUDecode
-from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, Decoder, common_prefix_len
+from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, MIN_REUSED_TOKENS, Decoder, common_prefix_len
 from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
@@ -143,3 +143,31 @@ def test_a_prompt_repeated_in_one_call_is_computed_once(model):
     cache = model.layers[1].attention.cache
     assert torch.equal(cache.k[2, :, : len(p)], cache.k[0, :, : len(p)])
     assert torch.equal(cache.v[2, :, : len(p)], cache.v[0, :, : len(p)])
+
+
+def test_a_prompt_copies_the_start_another_slot_holds(model):
+    """Its own slot holds nothing of it; another does (a busy one too: decoding writes past its prompt)."""
+    decoder = Decoder(model, 3, CFG.max_seq_len)
+    shared = tokens(50, seed=10)
+    decoder.prefill([shared], [1])
+    prompt = shared + tokens(7, seed=11)
+    assert decoder.reused([prompt], [0]) == [50]
+    with torch.inference_mode():
+        got = decoder.prefill([prompt], [0])[0]
+        want = model(torch.tensor([prompt]))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # slot 0 now holds all of `prompt`, but a slot this very call overwrites is no source: slot 1's 50 tokens
+    assert decoder.reused([prompt + [1]], [2]) == [len(prompt)]
+    assert decoder.reused([prompt + [1], tokens(5, seed=12)], [2, 0]) == [50, 0]
+    # fewer than MIN_REUSED_TOKENS are not worth a copy
+    assert decoder.reused([shared[: MIN_REUSED_TOKENS - 1] + [2, 3]], [2]) == [0]
+
+
+def test_prompts_of_one_call_sharing_a_start_compute_it_once(model):
+    """Few-shot prompts: the first is prefilled, the others copy the examples from its slot, then go on."""
+    gen = Generator(model)
+    shots = tokens(45, seed=13)
+    prompts = [shots + tokens(6, seed=14), shots + tokens(9, seed=15), tokens(20, seed=16)]
+    out = gen.generate(prompts, GREEDY)
+    assert [c.cached_tokens for c in out] == [0, len(shots), 0]
+    assert [c.tokens for c in out] == [naive_greedy(model, p, GREEDY.max_new_tokens) for p in prompts]

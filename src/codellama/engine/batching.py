@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from codellama.engine.decode import Decoder
+from codellama.engine.decode import MIN_REUSED_TOKENS, Decoder
 from codellama.engine.host import HostTokens, to_device
 from codellama.engine.kernels import torch_on_one_thread
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt, token_logprobs
@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from codellama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-# The fewest prompt tokens a free slot must hold already for a request to go there instead of the lowest free
-# slot: the rows of a GPU step span slots 0..n-1, so a high slot costs every step until it frees.
-MIN_REUSED_TOKENS = 16
 
 
 @dataclass(eq=False)

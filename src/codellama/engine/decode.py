@@ -50,6 +50,10 @@ from codellama.model import Transformer, kv_read_len, round_up
 
 log = logging.getLogger(__name__)
 
+# The fewest tokens worth taking from another slot than a prompt's own (a copy per layer; on a GPU the
+# scheduler's slot choice too: the rows of a step span slots 0..n-1, so a high slot costs every step)
+MIN_REUSED_TOKENS = 16
+
 # The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt),
 # and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs).
 FUSED_PREFILL_MAX_PROMPT = 256
@@ -129,15 +133,31 @@ class Decoder:
         return common_prefix_len(self.held[slot], prompt, limit=len(prompt) - 1)
 
     def reused(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> list[int]:
-        """Per prompt, how many of its tokens prefill(prompts, slots) will not compute: those its slot holds
-        already, or all of them for a prompt repeating an earlier one of the list (copied from its slot)."""
-        first: set[tuple[int, ...]] = set()
-        out = []
-        for p, s in zip(prompts, slots):
-            key = tuple(p)
-            out.append(len(p) if self.reuse_prefixes and key in first else self.reusable(p, s))
-            first.add(key)
-        return out
+        """Per prompt, how many of its tokens prefill(prompts, slots) will not compute."""
+        return [n for n, _, _ in self._plan(prompts, slots)]
+
+    def _plan(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> list[tuple[int, int | None, int | None]]:
+        """Per prompt: (how many of its first tokens it need not compute, the slot holding them already if not
+        its own, the index of the prompt of this call they are copied from once it is computed).
+
+        Its own slot's start is taken unless another slot holds MIN_REUSED_TOKENS more: one this call does
+        not overwrite (a busy one too: decoding writes only past its prompt), or an earlier prompt of the call
+        that copies from none (n samples of one prompt; few-shot prompts sharing their examples). A repeat of
+        such a prompt is copied whole, its logits too."""
+        if not self.reuse_prefixes:
+            return [(0, None, None)] * len(prompts)
+        plan: list[tuple[int, int | None, int | None]] = []
+        for i, (p, slot) in enumerate(zip(prompts, slots)):
+            best = (self.reusable(p, slot), None, None)
+            candidates = [(common_prefix_len(held, p, limit=len(p) - 1), s, None) for s, held in self.held.items()
+                          if s not in slots]
+            for j in range(i):
+                if plan[j][2] is None:  # computed first, so it can be copied from
+                    n = len(p) if prompts[j] == p else common_prefix_len(prompts[j], p, limit=len(p) - 1)
+                    candidates.append((n, None, j))
+            other = max(candidates, key=lambda c: c[0], default=best)
+            plan.append(other if other[0] >= best[0] + MIN_REUSED_TOKENS else best)
+        return plan
 
     def hold(self, slot: int, tokens: Sequence[int]) -> None:
         """Record that the slot's cache holds `tokens` at positions 0..len-1 (a finished request's prompt and
@@ -151,33 +171,41 @@ class Decoder:
         if self._fused is not None and not self._fused.current():  # the model was quantised or converted
             self._fused = FusedCPUDecode.for_model(self.model)
             self.held.clear()  # computed with the old weights
-        starts = self.reused(prompts, slots)
+        plan = self._plan(prompts, slots)
         for s in slots:  # overwritten from here on: held again once the prefill succeeded
             self.held.pop(s, None)
-        first = {}  # a prompt -> the index of its first occurrence, which the repeats copy
-        for i, p in enumerate(prompts):
-            first.setdefault(tuple(p), i)
-        todo = [i for i, p in enumerate(prompts) if first[tuple(p)] == i or not self.reuse_prefixes]
         out: list[torch.Tensor | None] = [None] * len(prompts)
+        first = [i for i, (_, _, after) in enumerate(plan) if after is None]
+        for i in first:
+            n, source, _ = plan[i]
+            if source is not None:
+                self._copy_positions(source, slots[i], n)
+        self._prefill_rests(prompts, slots, plan, first, out)
+        then = [i for i, (_, _, after) in enumerate(plan) if after is not None]
+        for i in then:
+            n, _, after = plan[i]
+            self._copy_positions(slots[after], slots[i], n)
+            if n == len(prompts[i]):  # a repeat
+                out[i] = out[after]
+        self._prefill_rests(prompts, slots, plan, [i for i in then if out[i] is None], out)
+        for p, s in zip(prompts, slots):
+            self.hold(s, p)
+        return torch.stack(out)
+
+    def _prefill_rests(self, prompts: Sequence[Sequence[int]], slots: Sequence[int],
+                       plan: list[tuple[int, int | None, int | None]], todo: list[int], out: list) -> None:
+        """Prefill prompts[i] for i in todo from their planned starts; out[i] = the logits after each."""
         if self._fused is not None:
             # Short rests of prompts go through the fused step, several per call; long ones through the model's
             # SDPA (the fused step's attention loops per row, which many rows make quadratic).
-            short = [i for i in todo if len(prompts[i]) - starts[i] <= FUSED_PREFILL_MAX_PROMPT]
+            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= FUSED_PREFILL_MAX_PROMPT]
             if short:
-                rows = self._fused_prefill(*zip(*((prompts[i], slots[i], starts[i]) for i in short)))
+                rows = self._fused_prefill(*zip(*((prompts[i], slots[i], plan[i][0]) for i in short)))
                 for i, row in zip(short, rows):
                     out[i] = row
         for i in todo:
             if out[i] is None:
-                out[i] = self._prefill_one(prompts[i], slots[i], starts[i])
-        for i, p in enumerate(prompts):
-            if out[i] is None:  # a repeat
-                j = first[tuple(p)]
-                self._copy_positions(slots[j], slots[i], len(p))
-                out[i] = out[j]
-        for p, s in zip(prompts, slots):
-            self.hold(s, p)
-        return torch.stack(out)
+                out[i] = self._prefill_one(prompts[i], slots[i], plan[i][0])
 
     def _copy_positions(self, source: int, slot: int, n: int) -> None:
         """Copy the keys and values of positions 0..n-1 of slot `source` into `slot`, in every layer."""
