@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from codellama.checkpoints.hf import to_transformers
 from codellama.config import ModelConfig
+from codellama.engine.cpu_decode import FusedCPUDecode
+from codellama.engine.kernels import cpu_kernels
+from codellama.engine.quant import fuse_projections
 from codellama.model import Transformer
 
 
@@ -18,6 +22,18 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transf
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.to(dtype).eval()
+
+
+def eager_or_fused(cfg: ModelConfig, how: str) -> Transformer:
+    """Random weights (seed 1) run by the eager model ("eager"), or with their projections fused by the fused
+    CPU step ("fused"; skips where the kernels cannot be built)."""
+    model = random_model(cfg, seed=1)
+    if how == "fused":
+        if cpu_kernels() is None:
+            pytest.skip("the CPU kernels cannot be built here")
+        fuse_projections(model)
+        assert FusedCPUDecode.for_model(model) is not None  # else "fused" would quietly run the eager model
+    return model
 
 
 def hf_twin(model: Transformer):

@@ -29,7 +29,7 @@ from codellama.checkpoints.gguf import (
 from codellama.checkpoints.gguf_reader import FastGGUFReader
 from codellama.checkpoints.load import default_model_path, load_model
 from codellama.config import ModelConfig
-from codellama.engine.quant import QuantLinear, dequantize_int4, fuse_projections
+from codellama.engine.quant import QuantLinear, fuse_projections
 from codellama.errors import UserError
 from codellama.tokenizer import BPETokenizer
 from helpers import random_model

@@ -14,14 +14,12 @@ import codellama.model as model_module
 from codellama.config import ModelConfig
 from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
-from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.decode import Decoder
-from codellama.engine.kernels import cpu_kernels
-from codellama.engine.quant import fuse_projections, quantize
+from codellama.engine.quant import quantize
 from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import RowSampler, SamplingParams
-from helpers import letters, naive_greedy, random_model
+from helpers import eager_or_fused, letters, naive_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=96, eos_id=None)
@@ -31,13 +29,7 @@ PROMPTS = [[5, 17, 3, 88, 41], [9] * 11, [1, 2, 3, 4, 5, 6, 7], [50], [33, 34] *
 @pytest.fixture(scope="module", params=["eager", "fused"])
 def model(request):
     """The same weights run by the eager model, or (projections fused) by the fused CPU step."""
-    model = random_model(CFG, seed=1)
-    if request.param == "fused":
-        if cpu_kernels() is None:
-            pytest.skip("the CPU kernels cannot be built here")
-        fuse_projections(model)
-        assert FusedCPUDecode.for_model(model) is not None  # else "fused" would quietly run the eager model
-    return model
+    return eager_or_fused(CFG, request.param)
 
 
 @pytest.fixture(params=[False, True], ids=["sync", "overlap"])

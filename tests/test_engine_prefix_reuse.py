@@ -8,13 +8,10 @@ import torch
 
 from codellama.config import ModelConfig
 from codellama.engine.batching import Scheduler
-from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, MIN_REUSED_TOKENS, Decoder, common_prefix_len
-from codellama.engine.kernels import cpu_kernels
-from codellama.engine.quant import fuse_projections
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
-from helpers import naive_greedy, random_model
+from helpers import eager_or_fused, naive_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=640, eos_id=None)
@@ -28,13 +25,7 @@ def tokens(n: int, seed: int) -> list[int]:
 @pytest.fixture(scope="module", params=["eager", "fused"])
 def model(request):
     """The same weights run by the eager model, or (projections fused) by the fused CPU step."""
-    model = random_model(CFG, seed=1)
-    if request.param == "fused":
-        if cpu_kernels() is None:
-            pytest.skip("the CPU kernels cannot be built here")
-        fuse_projections(model)
-        assert FusedCPUDecode.for_model(model) is not None
-    return model
+    return eager_or_fused(CFG, request.param)
 
 
 def test_common_prefix_len():
