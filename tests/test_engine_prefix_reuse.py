@@ -162,3 +162,22 @@ def test_prompts_of_one_call_sharing_a_start_compute_it_once(model):
     out = gen.generate(prompts, GREEDY)
     assert [c.cached_tokens for c in out] == [0, len(shots), 0]
     assert [c.tokens for c in out] == [naive_greedy(model, p, GREEDY.max_new_tokens) for p in prompts]
+
+
+def test_weights_changed_in_place_are_not_decoded_with_old_keys(model):
+    """An optimizer step (or load_state_dict) between two calls writes the weights in place: what the slots
+    held was computed with the old ones."""
+    gen = Generator(model)
+    prompt = tokens(30, seed=17)
+    gen.generate([prompt], GREEDY)
+    weight = model.layers[0].attention_norm.weight
+    with torch.no_grad():
+        weight.mul_(1.5)
+    try:
+        longer = prompt + [4, 5]
+        out = gen.generate([longer], GREEDY)[0]
+        assert out.cached_tokens == 0 and out.tokens == naive_greedy(model, longer, GREEDY.max_new_tokens)
+        assert gen.generate([longer], GREEDY)[0].cached_tokens == len(longer) - 1  # unchanged since: reused
+    finally:
+        with torch.no_grad():
+            weight.div_(1.5)

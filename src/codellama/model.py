@@ -146,8 +146,10 @@ class KVCache(nn.Module):
         rows = max_batch * n_kv_heads * max_seq_len
         self.register_buffer("kv", torch.zeros(2, rows, head_dim, dtype=dtype, device=device), persistent=False)
         # slot -> the tokens whose keys/values it holds at positions 0..n-1, kept by the engine's Decoder for
-        # prefix reuse (engine/decode.py); on the first layer's cache, for all of them
+        # prefix reuse (engine/decode.py); on the first layer's cache, for all of them, with the weights they
+        # were computed with (decode.weights_stamp)
         self.held: dict[int, list[int]] = {}
+        self.held_with: tuple | None = None
 
     @property
     def k(self) -> torch.Tensor:

@@ -174,6 +174,8 @@ class Scheduler:
     def _admit(self, events: Events) -> list[Request]:
         """Waiting requests given the free slots, lowest slot first; a cancelled one finishes instead."""
         admitted = []
+        if self.waiting and self.free_slots:
+            self.decoder.forget_if_weights_changed()  # before choosing slots by what they hold
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
             if req.cancelled:

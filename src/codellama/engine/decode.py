@@ -31,7 +31,8 @@ matmuls, so the logits can differ from a fresh prefill's by float rounding (as l
 caches do).
 A dummy token's write at position 0 ends what its slot held. The record lives with the cache (KVCache.held),
 so every Decoder of a model keeps it true, and Transformer.setup_cache, which others call before writing
-the cache themselves, forgets it.
+the cache themselves, forgets it; so does a change to the weights (an optimizer step between two calls of a
+Generator, a load_state_dict, quantize()), checked before each prefill and admission.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from codellama.engine.graphs import StepGraphs
 from codellama.engine.host import to_device
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
-from codellama.model import Transformer, kv_read_len, round_up
+from codellama.model import KVCache, Transformer, kv_read_len, round_up
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,13 @@ class Decoder:
         """slot -> the tokens whose keys/values the slot holds at positions 0..n-1 (see the module docstring)."""
         return self.model.layers[0].attention.cache.held
 
+    def forget_if_weights_changed(self) -> None:
+        """Forget what the slots hold if the weights changed since it was computed."""
+        cache, stamp = self.model.layers[0].attention.cache, weights_stamp(self.model)
+        if cache.held_with != stamp:
+            cache.held.clear()
+            cache.held_with = stamp
+
     # ---- what the slots hold ----
     def reusable(self, prompt: Sequence[int], slot: int) -> int:
         """How many of the prompt's first tokens the slot holds already: where its prefill would start (never
@@ -170,7 +178,7 @@ class Decoder:
         (reusable()); return the logits after each prompt's last token, [len(prompts), V] float32."""
         if self._fused is not None and not self._fused.current():  # the model was quantised or converted
             self._fused = FusedCPUDecode.for_model(self.model)
-            self.held.clear()  # computed with the old weights
+        self.forget_if_weights_changed()
         plan = self._plan(prompts, slots)
         for s in slots:  # overwritten from here on: held again once the prefill succeeded
             self.held.pop(s, None)
@@ -351,6 +359,13 @@ class Decoder:
         """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on."""
         log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
         self.compiled, self._step, self._prefill = False, None, None
+
+
+def weights_stamp(model: Transformer) -> tuple[tuple[int, int], ...]:
+    """Which tensors hold the weights and how often each was written in place (torch's version counter): any
+    change to the weights changes it. The KV cache is left out. About 0.4 ms for SmolLM2's 303 tensors."""
+    return tuple((id(t), t._version) for m in model.modules() if not isinstance(m, KVCache)
+                 for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
