@@ -9,6 +9,7 @@ import torch
 from codellama.config import ModelConfig
 from codellama.engine.batching import Scheduler
 from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, MIN_REUSED_TOKENS, Decoder, common_prefix_len
+from codellama.engine.quant import quantize
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 from helpers import eager_or_fused, naive_greedy, random_model
@@ -60,6 +61,7 @@ def test_prefill_from_what_the_slot_holds_gives_a_whole_prefills_logits(model, h
 def test_a_conversation_reuses_its_history(model):
     """A second turn resends the first prompt and its answer: all of it is reused but the answer's last token
     (decoding never fed it back), and the greedy tokens are a whole recomputation's."""
+    model.clear_cache()  # a fresh process: the second, longer call needs a longer cache than the first made
     gen = Generator(model)
     first_prompt = tokens(30, seed=2)
     first = gen.generate([first_prompt], GREEDY)[0]
@@ -101,6 +103,7 @@ def test_a_dummy_rows_write_ends_what_its_slot_held():
 
 def test_decoders_of_one_model_share_what_its_slots_hold(model):
     """Two Generators on one model write the same cache: neither may reuse what the other overwrote."""
+    model.clear_cache()
     a, b = Generator(model), Generator(model)
     prompt = tokens(30, seed=5)
     a.generate([prompt], GREEDY)
@@ -167,9 +170,11 @@ def test_prompts_of_one_call_sharing_a_start_compute_it_once(model):
 def test_weights_changed_in_place_are_not_decoded_with_old_keys(model):
     """An optimizer step (or load_state_dict) between two calls writes the weights in place: what the slots
     held was computed with the old ones."""
+    model.clear_cache()
     gen = Generator(model)
     prompt = tokens(30, seed=17)
     gen.generate([prompt], GREEDY)
+    assert gen.generate([prompt + [4, 5]], GREEDY)[0].cached_tokens == len(prompt)  # unchanged weights: reused
     weight = model.layers[0].attention_norm.weight
     with torch.no_grad():
         weight.mul_(1.5)
@@ -181,3 +186,65 @@ def test_weights_changed_in_place_are_not_decoded_with_old_keys(model):
     finally:
         with torch.no_grad():
             weight.div_(1.5)
+
+
+def test_a_slot_a_dummy_row_overwrote_is_not_recorded_when_its_request_ends():
+    """Overlap (the GPU default): the chained step leaves out a row whose pending token is its last by length;
+    the eager step runs slots 0..n-1, so that slot, below an active one, gets the dummy token at position 0."""
+    model = random_model(CFG, seed=1)  # projections not stacked: the eager step, with dummy rows
+    decoder = Decoder(model, 2, CFG.max_seq_len)
+    sched = Scheduler(decoder, stop_ids=(), overlap=True)
+    first = tokens(40, seed=20)
+    a = sched.submit(first, SamplingParams(max_new_tokens=3, stop_ids=()))  # slot 0, ends first, by length
+    sched.submit(tokens(30, seed=21), SamplingParams(max_new_tokens=4, stop_ids=()))  # slot 1, one step longer
+    done = {}
+    while sched.has_work:
+        done.update((req.id, ev.completion) for req, ev in sched.step() if ev.completion is not None)
+    prompt = first + done[a.id].tokens[:-1] + [3, 4, 5]
+    assert decoder.reused([prompt], [0]) == [0]
+    with torch.inference_mode():
+        got = decoder.prefill([prompt], [0])[0]
+        want = model(torch.tensor([prompt]))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_larger_cache_keeps_what_the_slots_held():
+    model = random_model(CFG, seed=1)
+    decoder = Decoder(model, 2, 64)
+    prompt = tokens(40, seed=22)
+    decoder.prefill([prompt], [1])
+    decoder.ensure(3, 128)  # a new cache: more slots, more positions
+    assert model.cache_shape == (3, 128) and decoder.reused([prompt + [1, 2]], [1]) == [len(prompt)]
+    with torch.inference_mode():
+        got = decoder.prefill([prompt + [1, 2]], [1])[0]
+        want = model(torch.tensor([prompt + [1, 2]]))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    decoder.ensure(1, 200)  # fewer slots: slot 1's record goes with it
+    assert decoder.held == {}
+
+
+@pytest.mark.parametrize("where", ["built", "quantised"])
+def test_a_model_made_under_inference_mode_generates(where):
+    """Inference tensors have no version counter (weights_stamp read it: every prefill raised)."""
+    with torch.inference_mode():
+        model = random_model(CFG, seed=1)
+        if where == "quantised":
+            quantize(model, "int8")
+    prompt = tokens(20, seed=23)
+    gen = Generator(model)
+    gen.generate([prompt], GREEDY)
+    assert gen.generate([prompt + [1]], GREEDY)[0].cached_tokens == len(prompt)
+
+
+def test_weights_replaced_through_data_are_noticed():
+    """p.data = ... (vector_to_parameters, some optimizers' swaps) keeps the parameter's id and version."""
+    model = random_model(CFG, seed=1)
+    gen = Generator(model)
+    prompt = tokens(30, seed=17)
+    gen.generate([prompt], GREEDY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data * 1.5
+    longer = prompt + [4, 5]
+    out = gen.generate([longer], GREEDY)[0]
+    assert out.cached_tokens == 0 and out.tokens == naive_greedy(model, longer, GREEDY.max_new_tokens)

@@ -82,3 +82,11 @@ def test_bad_values_from_python_are_refused(tmp_path):
     for kw, flag in (({"quantize": "int3"}, "--quantize"), ({"dtype": "float64"}, "--dtype")):
         with pytest.raises(UserError, match=flag):
             EvalConfig(task="humaneval", out=tmp_path, **kw)
+
+
+def test_a_sweep_executed_alone_says_what_its_samples_were_made_with(tmp_path, capsys, codellama):
+    sweep = ["eval-sweep", *EVAL[1:], "--limit", "1", "--n", "2", "--temperatures", "0.5", "--out", str(tmp_path)]
+    assert main([*sweep, "--quantize", "int8", "--phase", "generate"]) == 0, capsys.readouterr().err
+    assert main([*sweep, "--phase", "execute"]) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "temperature_sweep.json").read_text())
+    assert (result["quantize"], result["dtype"]) == ("int8", None)

@@ -328,6 +328,26 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
 
+    def resize_cache(self, max_batch: int, max_seq_len: int) -> None:
+        """A cache of exactly this size, holding what the old one held in the slots and positions both have
+        (and its record of them, KVCache.held): one layer at a time, so the old and the new cache are never
+        both whole in memory."""
+        c, old0 = self.config, self.layers[0].attention.cache
+        if old0 is None or old0.kv.dtype != self.dtype or not old0.held:  # nothing worth keeping
+            self.clear_cache()
+            self.setup_cache(max_batch, max_seq_len)
+            return
+        slots, length = min(old0.shape[0], max_batch), min(old0.shape[2], max_seq_len)
+        for layer in self.layers:
+            old = layer.attention.cache
+            new = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
+            for a, b in ((new.k, old.k), (new.v, old.v)):  # [max_batch, Hkv, S, hd]
+                a[:slots, :, :length] = b[:slots, :, :length]
+            layer.attention.cache = new
+        new0 = self.layers[0].attention.cache
+        new0.held = {slot: tokens[:length] for slot, tokens in old0.held.items() if slot < slots}
+        new0.held_with = old0.held_with
+
     def cache_fits(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> bool:
         """Whether the allocated cache holds max_batch slots of max_seq_len positions in `dtype`."""
         current = self.layers[0].attention.cache

@@ -275,7 +275,9 @@ class Scheduler:
         req.row.finish_reason = req.row.finish_reason or reason
         self.finished[req.row.finish_reason] += 1
         if req.slot is not None:
-            if reason != "error":  # what was fed back: every token but the last (no step took it as input)
+            # what was fed back: every token but the last (no step took it as input); unless its record is
+            # gone (an error, or a dummy row's write at position 0 while a chained step left it out)
+            if reason != "error" and req.slot in self.decoder.held:
                 self.decoder.hold(req.slot, req.prompt + req.row.tokens[:-1])
             self.active.remove(req)
             heapq.heappush(self.free_slots, req.slot)

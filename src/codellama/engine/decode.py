@@ -112,10 +112,12 @@ class Decoder:
         self.ensure(max_batch, max_seq_len)
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
-        """Make sure the cache holds max_batch slots of max_seq_len positions (grows it if not)."""
+        """Make sure the cache holds max_batch slots of max_seq_len positions (else a new one of this size,
+        keeping what the old one's slots held: a Generator's next call, a chat's longer turn, needs a longer
+        cache)."""
         cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
         if not self.model.cache_fits(max_batch, cache_len):  # else we use the first rows of the larger one
-            self.model.setup_cache(max_batch, cache_len)
+            self.model.resize_cache(max_batch, cache_len)
             if isinstance(self._step, StepGraphs):
                 self._step.clear()  # recorded over the old cache
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -127,6 +129,8 @@ class Decoder:
 
     def forget_if_weights_changed(self) -> None:
         """Forget what the slots hold if the weights changed since it was computed."""
+        if not self.reuse_prefixes:  # nothing is reused here (another Decoder of the model checks for itself)
+            return
         cache, stamp = self.model.layers[0].attention.cache, weights_stamp(self.model)
         if cache.held_with != stamp:
             cache.held.clear()
@@ -361,16 +365,21 @@ class Decoder:
         self.compiled, self._step, self._prefill = False, None, None
 
 
-def weights_stamp(model: Transformer) -> tuple[tuple[int, int], ...]:
-    """Which tensors hold the weights and how often each was written in place (torch's version counter): any
-    change to the weights changes it. The KV cache is left out. About 0.4 ms for SmolLM2's 303 tensors."""
-    return tuple((id(t), t._version) for m in model.modules() if not isinstance(m, KVCache)
-                 for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+def weights_stamp(model: Transformer) -> tuple[tuple[int, int, int], ...]:
+    """Which tensors and storage hold the weights, and how often each was written in place (torch's version
+    counter; inference tensors have none): a quantisation, a conversion, an optimizer step or a
+    load_state_dict changes it. Writes through `.data` in place are not seen. The KV cache is left out. About
+    0.4 ms for SmolLM2's 303 tensors."""
+    return tuple((id(t), t.data_ptr(), 0 if t.is_inference() else t._version) for m in model.modules()
+                 if not isinstance(m, KVCache) for t in (*m._parameters.values(), *m._buffers.values())
+                 if t is not None)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
     """The number of leading tokens a and b share, at most `limit`."""
     n = min(len(a), len(b), len(b) if limit is None else limit)
+    if n == 0 or a[0] != b[0]:  # most pairs of prompts that differ differ at once
+        return 0
     lo, hi = 0, n  # a[:lo] == b[:lo]; compared in slices (C speed) by halving: 100k-token prompts
     while lo < hi:
         mid = (lo + hi + 1) // 2

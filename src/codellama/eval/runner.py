@@ -561,14 +561,16 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
     cfg = cfg.for_task(task)
     if model is None and cfg.phase in ("generate", "all"):
         model = ModelAdapter.for_config(cfg)
-    rows = []
+    rows, made_with = [], {}
     with Sandbox(workers=cfg.workers) as sb:
         for t in temperatures:
             s = run_task(replace(cfg, temperature=t, out=cfg.out / f"T{t:g}"), model, sb)
             rows.append({"temperature": t, **{k: v for k, v in s.items() if k.startswith("pass@")}})
+            # the samples' settings (from run.json when executed alone), as each summary says
+            made_with = made_with or {k: s.get(k, getattr(cfg, k)) for k in ("quantize", "dtype")}
     cfg.out.mkdir(parents=True, exist_ok=True)
-    result = {"task": cfg.task, "model": cfg.model or "default", "quantize": cfg.quantize, "dtype": cfg.dtype,
-              "n": cfg.n, "top_p": cfg.top_p, "rows": rows}
+    result = {"task": cfg.task, "model": cfg.model or "default", **made_with, "n": cfg.n, "top_p": cfg.top_p,
+              "rows": rows}
     (cfg.out / "temperature_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     from codellama.eval.plots import plot_sweep
 
