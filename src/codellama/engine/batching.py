@@ -9,7 +9,8 @@ server, with thread-safe `submit`/`cancel` and an asyncio-friendly `stream`.
 Every request is prefilled into its own slot (requests admitted in the same step share prefill calls
 where the decoder can) and decoded at its own positions, so its greedy tokens do not depend on which
 other requests share the batch. A request goes to the free slot that holds the longest start of its prompt
-(engine/decode.py: prefix reuse), when that is MIN_REUSED_TOKENS or more, else to the lowest free slot.
+(engine/decode.py: prefix reuse), when that is MIN_REUSED_TOKENS or more, else to the lowest empty free slot,
+else to the free slot whose record is oldest.
 
 Overlap (the default on a GPU): the host reads a step's sampled tokens only after it has queued the next
 step, fed with those tokens on the device, so the GPU does not wait for the host's work between steps
@@ -186,11 +187,17 @@ class Scheduler:
         return admitted
 
     def _slot_for(self, prompt: list[int]) -> int:
-        """Take the free slot holding the longest start of the prompt if that is worth it, else the lowest."""
-        held = {s: self.decoder.reusable(prompt, s) for s in self.free_slots}
-        best = max(held, key=lambda s: (held[s], -s))
-        if held[best] < MIN_REUSED_TOKENS:
-            return heapq.heappop(self.free_slots)
+        """Take the free slot holding the longest start of the prompt if that is worth it; else the lowest
+        free slot holding nothing, else the one whose record is oldest (an editor's file outlives a few
+        other requests); where steps run slots 0..n-1 (GPU), the lowest free slot."""
+        reusable = {s: self.decoder.reusable(prompt, s) for s in self.free_slots}
+        best = max(reusable, key=lambda s: (reusable[s], -s))
+        if reusable[best] < MIN_REUSED_TOKENS:
+            held = self.decoder.held  # oldest record first
+            empty = [s for s in self.free_slots if s not in held]
+            if not self.decoder.steps_exact_slots:  # a free slot's record would not survive the steps anyway
+                return heapq.heappop(self.free_slots)
+            best = min(empty) if empty else next(s for s in held if s in reusable)
         self.free_slots.remove(best)
         heapq.heapify(self.free_slots)
         return best

@@ -127,6 +127,12 @@ class Decoder:
         """slot -> the tokens whose keys/values the slot holds at positions 0..n-1 (see the module docstring)."""
         return self.model.layers[0].attention.cache.held
 
+    @property
+    def steps_exact_slots(self) -> bool:
+        """Whether a decode step runs exactly the active slots (the fused CPU step), leaving free slots' caches
+        as they are; the other steps run slots 0..n-1, a dummy token in each free one."""
+        return self._fused is not None
+
     def forget_if_weights_changed(self) -> None:
         """Forget what the slots hold if the weights changed since it was computed."""
         if not self.reuse_prefixes:  # nothing is reused here (another Decoder of the model checks for itself)
@@ -173,7 +179,8 @@ class Decoder:
 
     def hold(self, slot: int, tokens: Sequence[int]) -> None:
         """Record that the slot's cache holds `tokens` at positions 0..len-1 (a finished request's prompt and
-        the tokens decoded after it that were fed back)."""
+        the tokens decoded after it that were fed back); the records stay in the order they were made."""
+        self.held.pop(slot, None)
         self.held[slot] = list(tokens)
 
     @torch.inference_mode()
