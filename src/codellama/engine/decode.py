@@ -25,10 +25,10 @@ and attention never reads past a row's own position).
 Prefix reuse: a slot keeps the keys and values of what it last held after its request ends (`held`: the
 prompt and the tokens fed after it), so a prompt that starts with the same tokens (an editor resending a
 file with one more line, a chat resending its history, few-shot prompts) is prefilled from where they
-differ; a prompt repeated in one prefill call (n samples of it) is computed once, its keys and values
-copied into the other slots. The reused positions were computed in other calls, possibly as rows of larger
-matmuls, so the logits can differ from a fresh prefill's by float rounding (as llama.cpp's and vLLM's prefix
-caches do).
+differ. A prompt may also copy its start from another slot, and prompts of one prefill call that start
+alike (n samples of one prompt, few-shot prompts) compute that start once (_plan). The reused positions
+were computed in other calls, possibly as rows of larger matmuls, so the logits can differ from a fresh
+prefill's by float rounding (as llama.cpp's and vLLM's prefix caches do).
 A dummy token's write at position 0 ends what its slot held. The record lives with the cache (KVCache.held),
 so every Decoder of a model keeps it true, and Transformer.setup_cache, which others call before writing
 the cache themselves, forgets it; so does a change to the weights (an optimizer step between two calls of a
