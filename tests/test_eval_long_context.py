@@ -136,6 +136,8 @@ def test_key_retrieval_results_of_another_model_are_not_reused(tmp_path):
 
     assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}
     assert run_task(cfg("reader"), ModelAdapter(ReaderGenerator(True)))["accuracy"] == {"1500/0.5": 1.0}  # resumed
+    summary = json.loads((tmp_path / "summary.json").read_text())  # says which model, as other tasks' do
+    assert (summary["model"], summary["quantize"], summary["dtype"]) == ("reader", "none", None)
     with pytest.raises(UserError, match="other settings"):  # was: the reader's 100% reported as this model's
         run_task(cfg("guesser"), ModelAdapter(ReaderGenerator(False)))
     with pytest.raises(UserError, match="quantize 'none' -> 'int8'"):

@@ -298,4 +298,7 @@ def run_special(cfg, model=None) -> dict:
         gen = model.generator
         s = perplexity_vs_length(gen.model, tok, cfg.out, lengths, files,
                                  max_files=cfg.limit or 8, progress=cfg.progress)
+    # which model, as the other tasks' summaries say
+    s = {"task": s["task"], "model": cfg.model or "default", "quantize": cfg.quantize, "dtype": cfg.dtype, **s}
+    (cfg.out / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     return s
