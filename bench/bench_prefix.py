@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import json
 import statistics
 import subprocess
 import sys
@@ -49,17 +50,14 @@ for line in sys.stdin:
 
 def editor_requests(tokenizer, file_tokens: int, requests: int) -> tuple[list[list[int]], list[int]]:
     """Token ids of each request (the file up to a cursor that moves on a line at a time) and of another file."""
-    import argparse as some_module
-    import json as other_module
-
-    text = inspect.getsource(some_module)
+    text = inspect.getsource(argparse)
     ids = tokenizer.encode(text, bos=tokenizer.add_bos)[:file_tokens]
     file = tokenizer.decode(ids)
     lines = file.splitlines(keepends=True)
     cut = len("".join(lines[: len(lines) - requests]))  # the cursor's first place, `requests` lines before the end
     cursors = [cut + len("".join(lines[len(lines) - requests : len(lines) - requests + i])) for i in range(requests)]
     prompts = [tokenizer.encode(file[:c], bos=tokenizer.add_bos) for c in cursors]
-    other = tokenizer.encode(inspect.getsource(other_module), bos=tokenizer.add_bos)[:file_tokens]
+    other = tokenizer.encode(inspect.getsource(json), bos=tokenizer.add_bos)[:file_tokens]
     return prompts, other
 
 

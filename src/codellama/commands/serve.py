@@ -44,7 +44,7 @@ def register(subparsers) -> None:
                    help="prefill a prompt only from where it differs from what a free cache slot holds (an editor "
                    "resending a file, a chat its history; usage.prompt_tokens_details.cached_tokens counts them); "
                    "--no-reuse-prefixes prefills every prompt whole (logits then never depend on earlier "
-                   "requests, not even by float rounding)"),
+                   "requests, not even by float rounding)")
     p.set_defaults(func=run)
 
 

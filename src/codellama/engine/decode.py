@@ -268,7 +268,9 @@ class Decoder:
             chunk = self._compiled_chunk if self.compiled and piece.shape[1] > 1 else self._eager_chunk
             yield start, chunk(piece, pos, slots, kv_len, last_only)[0]
 
-    def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int]) -> torch.Tensor:
+    def _fused_prefill(
+        self, prompts: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int]
+    ) -> torch.Tensor:
         tokens, row_slots, positions, last = [], [], [], []  # one row per prompt token from its start
         for prompt, slot, start in zip(prompts, slots, starts):
             tokens += prompt[start:]

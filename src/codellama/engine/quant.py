@@ -128,7 +128,7 @@ def quantize_weight(w: torch.Tensor, mode: str, device=None, dtype: torch.dtype 
     """w [N, K] by our int8 or int4 quantiser (int8s and int8g have none: they hold a file's codes), on
     `device` (default: w's), from its values in `dtype` (default: w's)."""
     if mode not in ("int8", "int4"):  # int8g got int4's packed codes, read as int8 codes of half the width
-        raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 ({mode} holds a file's codes only)")
+        raise ValueError(f"cannot quantise to {mode!r}: use int8 or int4 (int8s and int8g hold a file's codes only)")
     # A large matrix a few rows at a time (both quantise each row on its own): the float32 temporaries of a
     # whole one are three copies of it, 1.5 GB for a 7B's output projection. Others whole: codes copied out
     # of each chunk's left the freed chunks as holes in the allocator's heap, 2 GB of them after a 7B.
@@ -227,8 +227,8 @@ def _stack(linears: list[nn.Module]) -> nn.Module:
     """One layer computing the given layers' outputs one after another (their rows stacked).
 
     Layers quantised alike stack their codes; quantised layers of different layouts (a GGUF storing q and
-    k in 4 bits, v in 6; or int8s in groups of 32 beside 16) stack as int8g, which holds each exactly; with any floating-point layer among them
-    all are widened to floating point, exactly their values."""
+    k in 4 bits, v in 6; or int8s in groups of 32 beside 16) stack as int8g, which holds each exactly;
+    with any floating-point layer among them all are widened to floating point, exactly their values."""
     modes = {m.mode if isinstance(m, QuantLinear) else None for m in linears}
     if len(modes) == 1 and None not in modes and len({m.scales.shape[1:] for m in linears}) == 1:
         return QuantLinear(modes.pop(), torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]))
