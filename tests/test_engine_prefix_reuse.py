@@ -85,8 +85,8 @@ def test_a_request_goes_to_the_free_slot_holding_the_start_of_its_prompt(model, 
     decoder.prefill([[5] * 20, shared], [0, 2])  # slot 0 holds something else, slot 2 the shared start
     sched = Scheduler(decoder, stop_ids=(), overlap=overlap)
     a = sched.submit(shared + [7, 8], GREEDY)  # 40 tokens held in slot 2
-    b = sched.submit(shared[: MIN_REUSED_TOKENS - 1] + [3], GREEDY)  # too few: an empty slot, or the lowest
-    b_slot = 1 if decoder.steps_exact_slots else 0
+    b = sched.submit(shared[: MIN_REUSED_TOKENS - 1] + [3], GREEDY)  # too few: the empty slot
+    b_slot = 1
     done = {}
     while sched.has_work:
         done.update((req.id, ev.completion) for req, ev in sched.step() if ev.completion is not None)
@@ -100,12 +100,21 @@ def test_a_request_goes_to_the_free_slot_holding_the_start_of_its_prompt(model, 
     assert decoder.held[b_slot] == b.prompt + done[b.id].tokens[:-1]
 
 
-def test_a_dummy_rows_write_ends_what_its_slot_held():
-    """The eager step runs slots 0..n-1: a free slot among them gets a dummy token at position 0."""
-    decoder = Decoder(random_model(CFG, seed=1), max_batch=3, max_seq_len=64)  # projections not stacked: eager
-    decoder.prefill([[4, 5, 6], [7, 8]], [0, 1])
-    decoder.decode([1], [9], [2])
-    assert set(decoder.held) == {1}
+def test_a_dummy_rows_write_leaves_what_its_slot_held():
+    """The eager step runs slots 0..n-1: a free slot among them gets a dummy token, written at the cache's
+    last position, which no record covers."""
+    model = random_model(CFG, seed=1)  # projections not stacked: the eager step, with dummy rows
+    decoder = Decoder(model, max_batch=3, max_seq_len=64)
+    held = tokens(63, seed=40)  # as long as a record gets: all but the last position
+    decoder.prefill([held + [1], [7, 8]], [0, 1])
+    assert decoder.held[0] == held
+    for position in range(2, 6):
+        decoder.decode([1], [9], [position])  # slot 0 carries the dummy row
+    assert decoder.reused([held + [2]], [0]) == [len(held)]
+    with torch.inference_mode():
+        got = decoder.prefill([held + [2]], [0])[0]
+        want = model(torch.tensor([held + [2]]))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_decoders_of_one_model_share_what_its_slots_hold(model):
@@ -193,9 +202,10 @@ def test_weights_changed_in_place_are_not_decoded_with_old_keys(model):
             weight.div_(1.5)
 
 
-def test_a_slot_a_dummy_row_overwrote_is_not_recorded_when_its_request_ends():
+def test_a_slot_left_out_of_a_chained_step_keeps_what_its_request_fed():
     """Overlap (the GPU default): the chained step leaves out a row whose pending token is its last by length;
-    the eager step runs slots 0..n-1, so that slot, below an active one, gets the dummy token at position 0."""
+    the eager step runs slots 0..n-1, so that slot, below an active one, gets a dummy token (which must not
+    overwrite what the request fed)."""
     model = random_model(CFG, seed=1)  # projections not stacked: the eager step, with dummy rows
     decoder = Decoder(model, 2, CFG.max_seq_len)
     sched = Scheduler(decoder, stop_ids=(), overlap=True)
@@ -206,7 +216,7 @@ def test_a_slot_a_dummy_row_overwrote_is_not_recorded_when_its_request_ends():
     while sched.has_work:
         done.update((req.id, ev.completion) for req, ev in sched.step() if ev.completion is not None)
     prompt = first + done[a.id].tokens[:-1] + [3, 4, 5]
-    assert decoder.reused([prompt], [0]) == [0]
+    assert decoder.reused([prompt], [0]) == [len(prompt) - 3]
     with torch.inference_mode():
         got = decoder.prefill([prompt], [0])[0]
         want = model(torch.tensor([prompt]))[0, -1]
@@ -257,11 +267,23 @@ def test_weights_replaced_through_data_are_noticed():
 
 def test_a_prompt_matching_no_slot_takes_an_empty_one_then_the_oldest_record(model):
     """An editor's file outlives other clients' requests: they go to empty slots first, then evict the
-    oldest record. Where steps run slots 0..n-1 (the eager step), a free slot's record would not survive
-    them anyway: the lowest free slot, as without records."""
+    oldest record. Where steps run slots 0..n-1 (the eager step), the lowest free slot if none is below a
+    busy one (see the next test)."""
     decoder = Decoder(model, 3, CFG.max_seq_len)
     decoder.prefill([tokens(30, seed=30)], [0])  # the editor's file
     decoder.prefill([tokens(30, seed=31)], [2])  # then another client's prompt
     sched = Scheduler(decoder, stop_ids=())
     slots = [sched._slot_for(tokens(20, seed=32 + i)) for i in range(3)]
     assert slots == ([1, 0, 2] if decoder.steps_exact_slots else [0, 1, 2])
+
+
+def test_where_steps_run_slots_0_to_n_a_prompt_takes_a_free_slot_below_a_busy_one():
+    """A free slot below the highest busy one costs the steps nothing: an empty one first, then the oldest
+    record; above the busy ones, only the lowest free slot."""
+    decoder = Decoder(random_model(CFG, seed=1), 6, CFG.max_seq_len)  # projections not stacked: eager
+    assert not decoder.steps_exact_slots
+    decoder.prefill([tokens(30, seed=50)], [1])
+    decoder.prefill([tokens(30, seed=51)], [0])
+    sched = Scheduler(decoder, stop_ids=())
+    sched.free_slots.remove(3)  # busy
+    assert [sched._slot_for(tokens(20, seed=52 + i)) for i in range(4)] == [2, 1, 0, 4]

@@ -345,7 +345,7 @@ class Transformer(nn.Module):
                 a[:slots, :, :length] = b[:slots, :, :length]
             layer.attention.cache = new
         new0 = self.layers[0].attention.cache
-        new0.held = {slot: tokens[:length] for slot, tokens in old0.held.items() if slot < slots}
+        new0.held = {slot: tokens[: length - 1] for slot, tokens in old0.held.items() if slot < slots}  # Decoder.hold
         new0.held_with = old0.held_with
 
     def cache_fits(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> bool:

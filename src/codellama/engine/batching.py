@@ -189,15 +189,18 @@ class Scheduler:
     def _slot_for(self, prompt: list[int]) -> int:
         """Take the free slot holding the longest start of the prompt if that is worth it; else the lowest
         free slot holding nothing, else the one whose record is oldest (an editor's file outlives a few
-        other requests); where steps run slots 0..n-1 (GPU), the lowest free slot."""
+        other requests). Where steps run slots 0..n-1 (GPU), a slot above the busy ones costs every step a
+        row: the choice is among the free slots below them, or else the lowest free slot alone."""
         reusable = {s: self.decoder.reusable(prompt, s) for s in self.free_slots}
         best = max(reusable, key=lambda s: (reusable[s], -s))
         if reusable[best] < MIN_REUSED_TOKENS:
+            candidates = list(reusable)
+            if not self.decoder.steps_exact_slots:
+                busy = set(range(self.decoder.max_batch)) - set(self.free_slots)
+                candidates = [s for s in candidates if s < max(busy, default=-1)] or [min(candidates)]
             held = self.decoder.held  # oldest record first
-            empty = [s for s in self.free_slots if s not in held]
-            if not self.decoder.steps_exact_slots:  # a free slot's record would not survive the steps anyway
-                return heapq.heappop(self.free_slots)
-            best = min(empty) if empty else next(s for s in held if s in reusable)
+            empty = [s for s in candidates if s not in held]
+            best = min(empty) if empty else next(s for s in held if s in candidates)
         self.free_slots.remove(best)
         heapq.heapify(self.free_slots)
         return best
@@ -283,7 +286,7 @@ class Scheduler:
         self.finished[req.row.finish_reason] += 1
         if req.slot is not None:
             # what was fed back: every token but the last (no step took it as input); unless its record is
-            # gone (an error, or a dummy row's write at position 0 while a chained step left it out)
+            # gone (an error, or the weights changed)
             if reason != "error" and req.slot in self.decoder.held:
                 self.decoder.hold(req.slot, req.prompt + req.row.tokens[:-1])
             self.active.remove(req)

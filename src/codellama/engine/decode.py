@@ -19,8 +19,8 @@ if the model was quantised or converted since):
   the 27-33 ms that a generate call spent beyond its decode steps on the H200 (several steps' worth).
 - Otherwise the eager model, over exactly the slots and positions in use.
 Both cover slots 0..n-1 as a contiguous prefix of the cache (a view, no gather); a free slot inside that
-range carries a dummy token whose cache write is harmless (the next prompt prefilled there overwrites it,
-and attention never reads past a row's own position).
+range carries a dummy token written at the cache's last position, which no record of what a slot holds
+covers (see hold) and no row reads before a request fills the whole cache.
 
 Prefix reuse: a slot keeps the keys and values of what it last held after its request ends (`held`: the
 prompt and the tokens fed after it), so a prompt that starts with the same tokens (an editor resending a
@@ -29,7 +29,7 @@ differ. A prompt may also copy its start from another slot, and prompts of one p
 alike (n samples of one prompt, few-shot prompts) compute that start once (_plan). The reused positions
 were computed in other calls, possibly as rows of larger matmuls, so the logits can differ from a fresh
 prefill's by float rounding (as llama.cpp's and vLLM's prefix caches do).
-A dummy token's write at position 0 ends what its slot held. The record lives with the cache (KVCache.held),
+The record lives with the cache (KVCache.held),
 so every Decoder of a model keeps it true, and Transformer.setup_cache, which others call before writing
 the cache themselves, forgets it; so does a change to the weights (an optimizer step between two calls of a
 Generator, a load_state_dict, quantize()), checked before each prefill and admission.
@@ -179,9 +179,10 @@ class Decoder:
 
     def hold(self, slot: int, tokens: Sequence[int]) -> None:
         """Record that the slot's cache holds `tokens` at positions 0..len-1 (a finished request's prompt and
-        the tokens decoded after it that were fed back); the records stay in the order they were made."""
+        the tokens decoded after it that were fed back), all but the cache's last position: the steps write
+        their dummy rows there. The records stay in the order they were made."""
         self.held.pop(slot, None)
-        self.held[slot] = list(tokens)
+        self.held[slot] = list(tokens[: self.model.cache_shape[1] - 1])
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
@@ -304,12 +305,10 @@ class Decoder:
             n, kv_len = bucket(n, 1, self.max_batch), bucket(kv_len, MIN_KV_BUCKET, cache_len)
         else:
             kv_len = kv_read_len(kv_len, cache_len)
-        pos = [0] * n  # rows outside `slots` carry a dummy token 0 at position 0
+        # rows outside `slots` carry a dummy token 0 at the cache's last position, which no record covers
+        pos = [cache_len - 1] * n
         for s, p in zip(slots, positions):
             pos[s] = p
-        if len(slots) < n:
-            for s in set(range(n)) - set(slots):
-                self.held.pop(s, None)  # its position 0 is overwritten
         pos_t = to_device(pos, self.device)[:, None]  # [n, 1]
         if len(slots) == n:  # slots are exactly 0..n-1
             tok_t = tokens_t[:, None]  # [n, 1]
