@@ -22,7 +22,8 @@
 #   7b-cd     [420 s] 7b, plus ours with coordinate-descent tuning, in the same run
 #   7b-cd-sep [540 s] 7b-cd, plus ours tuned with q/k/v and w1/w3 as separate matmuls
 #   tests     [240 s] tests/test_engine_gpu.py: steps queue without waiting, compiled buckets (also with each
-#                     candidate) and prefill compute the eager model's tokens and logits
+#                     candidate) and prefill compute the eager model's tokens and logits; free slots keep
+#                     what they held through compiled steps (prefix reuse)
 #   profile   [260 s] where a step's time goes (host vs kernels, which kernels) and the prefill's time,
 #                     compiled and eager: SmolLM2, then 7B
 #   profile-candidates [260 s] the same, with both candidates (flex-graphs)

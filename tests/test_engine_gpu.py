@@ -1,7 +1,7 @@
 """On a GPU: the decode path queues work without waiting for the device (what overlapped decoding needs),
 the compiled step (CUDA graphs, buckets of rows and positions; also with FlexAttention, and with our own
-CUDA graphs) decodes the eager model's greedy tokens, and the compiled prefill computes the eager model's
-logits.
+CUDA graphs) decodes the eager model's greedy tokens and leaves what free slots held, and the compiled
+prefill computes the eager model's logits.
 
 Skipped without CUDA; `bash bench/gpu_checks.sh tests` runs this file on the device machine.
 """
@@ -71,6 +71,25 @@ def test_our_cuda_graphs_are_recorded_again_over_a_reallocated_cache():
     for prompts, lengths in (([PROMPTS[1]], [6]), ([PROMPTS[0], PROMPTS[2]], [8, 2])):  # 1 slot, then 2
         out = gen.generate(prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
         assert [o.tokens for o in out] == [naive_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_compiled_steps_dummy_rows_leave_what_a_free_slot_held(monkeypatch):
+    # steps over slots 0..2 with slots 0 and 1 free: their dummy rows write at the cache's last position,
+    # so slot 0 still holds its prompt, and a prompt extending it is prefilled from where they differ
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    model = random_model(CFG, seed=1).cuda()
+    decoder = Decoder(model, max_batch=4, max_seq_len=96, compile=True)
+    held = PROMPTS[4]
+    decoder.prefill([held, PROMPTS[0]], [0, 2])
+    for position in range(len(PROMPTS[0]), len(PROMPTS[0]) + 4):
+        decoder.decode([2], [7], [position])
+    longer = held + [3, 4]
+    assert decoder.reused([longer], [0]) == [len(held)]
+    with torch.inference_mode():
+        got = decoder.prefill([longer], [0])[0]
+        want = model(torch.tensor([longer], device="cuda"))[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
 
 
 def test_compiled_step_writes_the_cache_in_place_and_builds_the_bias_once():
