@@ -2,7 +2,7 @@
 a short completion at the cursor. Ours with prefix reuse (the default) and without, against llama.cpp,
 which reuses the prefix its context holds (llama-cpp-python's generate), same run.
 
-    python bench/bench_prefix.py [--file-tokens 2000] [--requests 6] [--new-tokens 16] [--rounds 3]
+    python bench/bench_prefix.py [--file-tokens 2000] [--requests 6] [--new-tokens 16] [--rounds 3] [--infill]
 
 The model is the embedded default (SmolLM2-135M-Instruct, its Q4_1 GGUF; ours with --quantize auto). The
 file is the start of a Python module of the standard library, so the text is real code. Request i sends
@@ -10,6 +10,12 @@ the file up to a cursor that moves on by one line each request (what was typed),
 --new-tokens greedy tokens. Each round runs the whole sequence on every engine in turn, and each engine's
 first request of a round starts from a cache holding another file (a fresh session); the figure is the
 median latency of requests 2.. over the rounds, where prefix reuse applies.
+
+--infill: the editor writes lines in the middle of the file instead, and each request asks for the middle
+between the code before the cursor and the rest of the file, laid out in PSM order (<PRE> prefix <SUF>
+suffix <MID>) and in SPM order (<PRE> <SUF> suffix <MID> prefix, `serve --spm`). SmolLM2 has no infilling
+pieces, so three of its special tokens stand in for them: the timing depends only on the tokens' number
+and on what each cache holds.
 """
 
 from __future__ import annotations
@@ -61,6 +67,25 @@ def editor_requests(tokenizer, file_tokens: int, requests: int) -> tuple[list[li
     return prompts, other
 
 
+def infill_requests(tokenizer, file_tokens: int, requests: int, suffix_first: bool) -> list[list[int]]:
+    """Token ids of each request as an editor writing lines in the middle of the file sends them: the code
+    before the cursor (a line longer each time) and the rest of the file after the lines being written, in
+    PSM or SPM order (Code Llama's layouts, prompts.infill_tokens, with stand-ins for its pieces)."""
+    text = inspect.getsource(argparse)
+    file = tokenizer.decode(tokenizer.encode(text)[:file_tokens])
+    lines = file.splitlines(keepends=True)
+    middle = len(lines) // 2
+    suffix = "".join(lines[middle + requests :])
+    pre, suf, mid = (tokenizer.piece_to_id(p) for p in ("<filename>", "<file_sep>", "<gh_stars>"))
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    out = []
+    for i in range(requests):
+        prefix = "".join(lines[: middle + i])
+        p, s = tokenizer.encode(prefix), tokenizer.encode(suffix)
+        out.append(bos + ([pre, suf] + s + [mid] + p if suffix_first else [pre] + p + [suf] + s + [mid]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--file-tokens", type=int, default=2000)
@@ -69,14 +94,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--infill", action="store_true", help="infilling requests in PSM and in SPM order")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     loaded = load_for_inference(None, "cpu", None, "auto")
     prompts, other = editor_requests(loaded.tokenizer, args.file_tokens, args.requests)
-    context = max(map(len, prompts + [other])) + args.new_tokens + 1
-    print(f"{machine()}\nmodel: {loaded.source}; {len(prompts)} requests of {len(prompts[0])}-{len(prompts[-1])} "
-          f"tokens, {args.new_tokens} new tokens each, {args.rounds} rounds")
+    layouts = {"": prompts}
+    if args.infill:
+        layouts = {f", {name}": infill_requests(loaded.tokenizer, args.file_tokens, args.requests, spm)
+                   for name, spm in (("PSM", False), ("SPM", True))}
+    every = [p for ps in layouts.values() for p in ps]
+    context = max(map(len, every + [other])) + args.new_tokens + 1
+    print(f"{machine()}\nmodel: {loaded.source}; {args.requests} requests of {min(map(len, every))}-"
+          f"{max(map(len, every))} tokens, {args.new_tokens} new tokens each, {args.rounds} rounds")
 
     from codellama.generate import Generator
 
@@ -109,24 +140,26 @@ def main() -> None:
 
     for run in engines.values():  # warm up: builds the CPU kernels
         run(other)
-    first: dict[str, list[float]] = {k: [] for k in engines}
-    later: dict[str, list[float]] = {k: [] for k in engines}
+    cases = [(name + layout, run, ps) for layout, ps in layouts.items() for name, run in engines.items()]
+    first: dict[str, list[float]] = {case: [] for case, _, _ in cases}
+    later: dict[str, list[float]] = {case: [] for case, _, _ in cases}
     for _ in range(args.rounds):
-        for name, run in engines.items():
+        for case, run, ps in cases:
             run(other)  # a cache holding another file
-            first[name].append(run(prompts[0]))
-            later[name] += [run(p) for p in prompts[1:]]
+            first[case].append(run(ps[0]))
+            later[case] += [run(p) for p in ps[1:]]
     if llm is not None:
         llm.stdin.close()
         llm.wait()
 
-    peer = "llama.cpp (its prefix reuse)"
     rows = []
-    for name in engines:
-        med = statistics.median(later[name])
-        rows.append({"engine": name, "first request s": f"{statistics.median(first[name]):.3f}",
-                     "next requests s": f"{med:.3f}",
-                     "x llama.cpp": f"{statistics.median(later[peer]) / med:.2f}" if peer in later else "-"})
+    for layout in layouts:
+        peer = "llama.cpp (its prefix reuse)" + layout  # the same requests
+        for name in engines:
+            med = statistics.median(later[name + layout])
+            rows.append({"engine": name + layout, "first request s": f"{statistics.median(first[name + layout]):.3f}",
+                         "next requests s": f"{med:.3f}",
+                         "x llama.cpp": f"{statistics.median(later[peer]) / med:.2f}" if peer in later else "-"})
     print_table(rows)
 
 

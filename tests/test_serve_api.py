@@ -76,6 +76,33 @@ def test_infilling_through_suffix(client, tok, reference):
     assert out.usage.prompt_tokens == len(infill_tokens(tok, prefix, suffix))
 
 
+@pytest.mark.parametrize("suffix_first", [False, True], ids=["psm", "spm"])
+def test_an_editor_typing_at_the_cursor_reuses_the_file_around_it_with_spm(tok, reference, suffix_first):
+    """With `serve --spm` a `suffix` request is laid out suffix-first, so what is typed at the cursor changes
+    only the prompt's end: the next request reuses the suffix and the prefix. PSM puts the suffix after the
+    cursor's text, so it is prefilled again."""
+    from codellama.prompts import infill_tokens
+
+    prefix = "import os\n\n\ndef size(path):\n    "
+    suffix = "\n    return total\n\n\ndef main():\n    print(size(os.getcwd()))\n" * 3
+    with running_server(tiny_model(), tok, max_batch=1, suffix_first=suffix_first) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        first = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=4, temperature=0)
+        typed = prefix + "total = 0\n    "
+        out = client.completions.create(model=MODEL, prompt=typed, suffix=suffix, max_tokens=4, temperature=0)
+    ids = infill_tokens(tok, typed, suffix, suffix_first=suffix_first)
+    ref = reference(ids, 4, tok.decode_infilling, stop_ids=tuple(tok.stop_ids | {tok.eot_id}))
+    assert out.choices[0].text == ref.text and out.usage.prompt_tokens == len(ids)
+    before = infill_tokens(tok, prefix, suffix, suffix_first=suffix_first)
+    shared = next(i for i, (a, b) in enumerate(zip(before, ids)) if a != b)  # where the two prompts part
+    assert first.usage.prompt_tokens == len(before)
+    assert out.usage.prompt_tokens_details.cached_tokens == shared
+    if suffix_first:  # all but the prefix's last piece or two (the typed text may join them)
+        assert shared >= len(before) - 2
+    else:  # the suffix is prefilled again
+        assert shared < len(before) - len(tok.encode_infilling(suffix))
+
+
 def test_chat(client, tok, reference):
     from codellama.prompts import chat_tokens
 

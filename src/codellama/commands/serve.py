@@ -45,6 +45,11 @@ def register(subparsers) -> None:
                    "resending a file, a chat its history; usage.prompt_tokens_details.cached_tokens counts them); "
                    "--no-reuse-prefixes prefills every prompt whole (logits then never depend on earlier "
                    "requests, not even by float rounding)")
+    p.add_argument("--spm", action="store_true",
+                   help="lay out `suffix` requests suffix-first (<PRE> <SUF> suffix <MID> prefix; default: "
+                   "prefix-suffix-middle): an editor typing at the cursor then changes only the prompt's end, so "
+                   "the rest of the file is reused, not prefilled again; Code Llama was trained on both orders, "
+                   "SPM being weaker when the cursor splits a word (docs/serving.md)")
     p.set_defaults(func=run)
 
 
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging(log_handler)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
                     compile=args.compile, reuse_prefixes=args.reuse_prefixes)
-    config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens)
+    config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens,
+                          suffix_first=args.spm)
     app = create_app(engine, config)
 
     import uvicorn

@@ -46,6 +46,9 @@ class ServerConfig:
     api_key: str | None = None  # None or empty (an empty CODELLAMA_API_KEY): no authentication
     max_concurrent: int = 64  # choices running or queued at once; beyond: 429
     max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
+    # `suffix` requests in SPM order (<PRE> <SUF> suffix <MID> prefix): typing at the cursor then changes
+    # only the prompt's end, so prefix reuse covers the file around it (PSM changes the middle of the prompt)
+    suffix_first: bool = False
 
 
 @dataclass
@@ -239,7 +242,8 @@ class Server:
                 if body.suffix is not None:
                     from codellama.prompts import infill_tokens
 
-                    ids = infill_tokens(tok, prompt, body.suffix)  # UserError (-> 400) if the model cannot infill
+                    # UserError (-> 400) if the model cannot infill
+                    ids = infill_tokens(tok, prompt, body.suffix, suffix_first=self.config.suffix_first)
                 else:
                     ids = tok.encode(prompt, bos=tok.add_bos)
                 prompt_texts.append(prompt)
