@@ -93,6 +93,8 @@ def test_overrides_and_scales():
         recipe_from_dict(data, scale="huge")
     with pytest.raises(UserError, match="'train.nope'"):
         recipe_from_dict(data, overrides=["train.nope=1"])
+    with pytest.raises(UserError, match=r"recipe key 'scales.tiny' must be a table .*, got int 3"):
+        recipe_from_dict({**data, "scales": {"tiny": 3}})
     with pytest.raises(UserError, match="KEY=VALUE"):
         recipe_from_dict(data, overrides=["train.steps"])
     home = recipe_from_dict(data, overrides=["train.out_dir=~/runs/x", "data.root=~/corpus"])
