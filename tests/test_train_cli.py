@@ -201,3 +201,13 @@ def test_a_training_checkpoint_is_a_model(recipe_file, tmp_path, capsys, codella
     shutil.rmtree(out / "step_00000004" / "tokenizer")
     assert main(["complete", "def f(x):", "--model", str(out), "-n", "2"]) == 2
     assert "saved without its tokenizer" in capsys.readouterr().err
+
+
+def test_cli_validation_tokens_from_another_vocabulary(recipe_file, tmp_path, capsys):
+    """The valid_path array is checked like the training one, before any step (it was an IndexError
+    traceback at the first validation, after eval_every steps of training)."""
+    np.save(tmp_path / "valid.npy", np.full(500, 40000, dtype=np.uint16))
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "source 'synthetic (validation)' has token ids up to 40000, beyond the model's vocabulary" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "latest").exists()

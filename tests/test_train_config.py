@@ -93,6 +93,8 @@ def test_overrides_and_scales():
         recipe_from_dict(data, scale="huge")
     with pytest.raises(UserError, match="'train.nope'"):
         recipe_from_dict(data, overrides=["train.nope=1"])
+    with pytest.raises(UserError, match=r"recipe key 'scales.tiny' must be a table .*, got int 3"):
+        recipe_from_dict({**data, "scales": {"tiny": 3}})
     with pytest.raises(UserError, match="KEY=VALUE"):
         recipe_from_dict(data, overrides=["train.steps"])
     home = recipe_from_dict(data, overrides=["train.out_dir=~/runs/x", "data.root=~/corpus"])
@@ -141,9 +143,21 @@ def test_builtin_recipes_load_at_every_scale(name, scale):
             assert r.train.steps == 125_000 and r.optim.warmup_steps == 1000 and r.optim.lr == 3e-4
         if name == "python":
             assert r.optim.lr == 1e-4 and r.train.steps == 25_000
-        if name == "lcft":
-            assert r.train.steps == 10_000
+        if name == "lcft":  # starts from the base model: the paper's 3,000 steps for Code Llama 7B
+            assert r.train.steps == 3_000
     r.grad_accum(1)  # every scale's batch splits on one rank
+
+
+def test_instruct_7b_descends_from_the_base_model_not_the_python_one():
+    """Spec 4.1: Instruct 7B/13B/34B are trained from Code Llama (base) after LCFT. Following each stage's
+    model.init back through the stages' out_dirs gives instruct <- lcft <- code (the lcft stage started from
+    the Python model, so the instruct recipe trained Code Llama - Instruct from Code Llama - Python)."""
+    by_out = {str(Path(load_recipe(n, scale="7b").train.out_dir) / "hf"): n for n in ("code", "python", "lcft")}
+    lineage, init = ["instruct"], load_recipe("instruct", scale="7b").model.init
+    while init in by_out:
+        lineage.append(by_out[init])
+        init = load_recipe(by_out[init], scale="7b").model.init
+    assert lineage == ["instruct", "lcft", "code"]
 
 
 def test_lr_schedule_warmup_then_cosine_to_peak_over_30():

@@ -204,6 +204,9 @@ def recipe_from_dict(data: dict, scale: str | None = None, overrides: list[str] 
     if scale:
         if scale not in scales:
             raise UserError(f"unknown scale {scale!r}; this recipe has: {', '.join(scales) or 'none'}")
+        if not isinstance(scales[scale], dict):  # `[scales] tiny = 3` was an AttributeError traceback
+            raise UserError(f"recipe key 'scales.{scale}' must be a table ([scales.{scale}.train] ...), "
+                            f"got {type(scales[scale]).__name__} {scales[scale]!r}")
         data = _merge(data, scales[scale])
         data["scale"] = scale
     for item in overrides:

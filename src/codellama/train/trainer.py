@@ -118,7 +118,9 @@ class Trainer:
         from_recipe = train_source is None
         if from_recipe:
             train_source, arrays = build_sources(recipe, self.tokenizer, "train")
-            valid_source, _ = build_sources(recipe, self.tokenizer, "val")
+            valid_source, valid_arrays = build_sources(recipe, self.tokenizer, "val")
+            # checked too: a valid_path of another vocabulary was an IndexError at the first validation
+            arrays += [(f"{name} (validation)", src) for name, src in valid_arrays]
         for name, src in arrays:
             bound = getattr(src, "vocab_size", None)  # pre-tokenised sources know their largest id
             if bound is not None and bound > self.cfg.vocab_size:
