@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -69,6 +71,26 @@ def test_cli_trains_and_resumes(recipe_file, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "trained to step 6" in captured.out
     assert f"resuming from {out / 'step_00000004'} (step 4 of 6)" in captured.err
+
+
+def test_cli_stopped_by_a_signal_says_so_and_exits_with_its_status(recipe_file, tmp_path, capsys, monkeypatch):
+    from codellama.train.trainer import Trainer
+
+    train_step = Trainer.train_step
+
+    def step_then_sigterm(self):
+        out = train_step(self)
+        if self.step == 0:  # during step 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after this step" in err
+    assert f"stopped by SIGTERM at step 1 of 4, its checkpoint saved in {out}; the same command resumes" in err
+    assert (out / "latest").read_text().strip() == "step_00000001"
 
 
 def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):

@@ -21,9 +21,9 @@ TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def torchrun(nproc: int, *args: str, tied: bool = False) -> dict:
+def torchrun(nproc: int, *args: str, tied: bool = False, sigterm_rank0_at: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]), OMP_NUM_THREADS="1",
-               TRAIN_WORKER_TIED="1" if tied else "0")
+               TRAIN_WORKER_TIED="1" if tied else "0", TRAIN_WORKER_SIGTERM_RANK0_AT=str(sigterm_rank0_at))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(TESTS / "train_worker.py"), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
@@ -62,3 +62,11 @@ def test_two_ranks_fsdp_equal_one_rank_and_resume_on_one(tmp_path, tied):
     for (s1, l1), (s2, l2) in zip(full[4:], rest):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-5)
 
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_its_checkpoint(tmp_path):
+    """Rank 0 alone gets SIGTERM during step 3: both ranks finish it, save it together and stop."""
+    two = torchrun(2, str(tmp_path / "two"), "6", sigterm_rank0_at=3)
+    assert two["stopped_by"] == "SIGTERM" and [s for s, _ in two["train"]] == [1, 2, 3]
+    assert (tmp_path / "two" / "latest").read_text().strip() == "step_00000003"

@@ -4,6 +4,8 @@ atomic (a crash mid-save leaves the previous one as latest), pruned, and checked
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -50,6 +52,36 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):
     # the log holds each step once: the killed run's step 5 (after its last checkpoint) was logged again
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"], r["loss"]) for r in logged] == [(r["kind"], r["step"], r["loss"]) for r in full]
+
+
+def signal_during_step(trainer: Trainer, monkeypatch, sig: signal.Signals, step: int) -> None:
+    """Send the process `sig` while the trainer computes step `step` (counting from 1), as a scheduler would."""
+    train_step = trainer.train_step
+
+    def step_then_signal():
+        out = train_step()
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_then_stops_and_the_run_resumes_from_it(tmp_path, monkeypatch, sig):
+    """SIGTERM (preemption, torchrun's shutdown) or Ctrl-C mid-step: the step finishes, is saved (step 3,
+    between the periodic checkpoints of steps 2 and 4) and the run stops; the handlers are restored."""
+    full = make(tmp_path / "full", 8).run()
+    before = signal.getsignal(sig)
+    stopped = make(tmp_path / "run", 8)
+    signal_during_step(stopped, monkeypatch, sig, 3)
+    part = stopped.run()
+    stopped.close()
+    assert stopped.stopped_by == sig and losses(part) == losses(full)[:3]
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    assert signal.getsignal(sig) == before
+    resumed = make(tmp_path / "run", 8)
+    assert resumed.step == 3 and losses(resumed.run()) == losses(full)[3:]
 
 
 def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):

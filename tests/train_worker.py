@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -61,10 +62,22 @@ def main() -> None:
     cfg = CFG.replace(tie_embeddings=os.environ.get("TRAIN_WORKER_TIED") == "1")
     trainer = Trainer(recipe(out_dir, steps), model_config=cfg, train_source=InMemoryTokens(toks[:3000], SEQ, 1),
                       valid_source=InMemoryTokens(toks[3000:], SEQ, 2), progress=False)
+    signal_at = int(os.environ.get("TRAIN_WORKER_SIGTERM_RANK0_AT", "0"))
+    if signal_at and trainer.env.rank == 0:  # only rank 0 is told to stop, during this step
+        train_step = trainer.train_step
+
+        def step_then_sigterm():
+            out = train_step()
+            if trainer.step + 1 == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        trainer.train_step = step_then_sigterm
     records = trainer.run(stop_after=stop)
     trainer.close()
     if trainer.env.is_main:
         print(json.dumps({"resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+                          "stopped_by": trainer.stopped_by and trainer.stopped_by.name,
                           "world_size": trainer.env.world_size,
                           "train": [[r["step"], r["loss"]] for r in records if r["kind"] == "train"],
                           "valid": [[r["step"], r["loss"]] for r in records if r["kind"] == "valid"]}))

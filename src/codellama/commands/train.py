@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
         close_distributed()
+    if trainer.stopped_by is not None:
+        if trainer.env.is_main:
+            print(f"stopped by {trainer.stopped_by.name} at step {trainer.step} of {recipe.train.steps}, its "
+                  f"checkpoint saved in {recipe.train.out_dir}; the same command resumes from it", file=sys.stderr)
+        return 128 + trainer.stopped_by  # the shell's status for a process a signal ended
     if trainer.env.is_main:
         last = next((r for r in reversed(records) if r["kind"] == "train"), None)
         val = next((r for r in reversed(records) if r["kind"] == "valid"), None)

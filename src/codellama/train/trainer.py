@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import os
+import signal
 import sys
 import time
 import zlib
@@ -31,6 +32,7 @@ from codellama.train.data import (ChatExamples, InMemoryTokens, RankBatches, Sha
                                   make_source)
 from codellama.train.distributed import (DistEnv, all_reduce_sum, barrier, build_from_scratch, init_distributed,
                                          place_loaded)
+from codellama.train.interrupt import StopRequest
 from codellama.train.metrics import MetricsLog, memory_gib, mfu, peak_flops
 from codellama.train.optim import build_optimizer, lr_at, set_lr
 
@@ -148,6 +150,7 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.batches.load_state_dict(state["data"])
         self.resumed_from = ckpt
+        self.stopped_by: signal.Signals | None = None  # what stopped run() early (train/interrupt.py)
         # FSDP2 mixed precision already computes in bf16; otherwise autocast on CUDA
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not self.env.distributed
                          else contextlib.nullcontext())
@@ -275,37 +278,45 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and env.is_main), unit="step",
                    dynamic_ncols=True)
         try:
-            while self.step < t.steps and (stop_after is None or self.step < stop_after):
-                lr = lr_at(self.step, t.steps, o)
-                set_lr(self.optimizer, lr)
-                t0 = time.perf_counter()
-                out = self.train_step()
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-                dt = time.perf_counter() - t0
-                if not math.isfinite(out["loss"]):
-                    raise RuntimeError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
-                                       "resume from an earlier checkpoint")
-                self.step += 1
-                self.tokens_seen += tokens_per_step
-                tps = tokens_per_step / dt
-                rec = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": lr,
-                       "grad_norm": out["grad_norm"], "tokens_per_s": tps,
-                       "mfu": mfu(tps, flops_per_token, self.peak, env.world_size),
-                       "memory_gib": memory_gib(env.device), "tokens": self.tokens_seen}
-                records.append(rec)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    self.log.log(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    val = self.evaluate()
-                    if val is not None:
-                        vrec = {"kind": "valid", "step": self.step, "loss": val}
-                        records.append(vrec)
-                        self.log.log(vrec)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
-                    self.save()
+            with StopRequest(announce=env.is_main) as stop:
+                while self.step < t.steps and (stop_after is None or self.step < stop_after):
+                    lr = lr_at(self.step, t.steps, o)
+                    set_lr(self.optimizer, lr)
+                    t0 = time.perf_counter()
+                    out = self.train_step()
+                    if env.device.type == "cuda":
+                        torch.cuda.synchronize(env.device)
+                    dt = time.perf_counter() - t0
+                    if not math.isfinite(out["loss"]):
+                        raise RuntimeError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
+                                           "resume from an earlier checkpoint")
+                    self.step += 1
+                    self.tokens_seen += tokens_per_step
+                    tps = tokens_per_step / dt
+                    rec = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": lr,
+                           "grad_norm": out["grad_norm"], "tokens_per_s": tps,
+                           "mfu": mfu(tps, flops_per_token, self.peak, env.world_size),
+                           "memory_gib": memory_gib(env.device), "tokens": self.tokens_seen}
+                    records.append(rec)
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        self.log.log(rec)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                        val = self.evaluate()
+                        if val is not None:
+                            vrec = {"kind": "valid", "step": self.step, "loss": val}
+                            records.append(vrec)
+                            self.log.log(vrec)
+                    saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
+                    if saved:
+                        self.save()
+                    if stop.agreed(env):  # SIGTERM or Ctrl-C: this step's checkpoint, then stop
+                        if not saved:
+                            self.save()
+                        # another rank's signal: torchrun and schedulers send SIGTERM to every rank
+                        self.stopped_by = stop.signal or signal.SIGTERM
+                        break
             if self.step == t.steps and t.export_hf:
                 self.export_hf(self.out_dir / "hf")
         finally:
