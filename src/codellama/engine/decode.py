@@ -29,10 +29,10 @@ differ. A prompt may also copy its start from another slot, and prompts of one p
 alike (n samples of one prompt, few-shot prompts) compute that start once (_plan). The reused positions
 were computed in other calls, possibly as rows of larger matmuls, so the logits can differ from a fresh
 prefill's by float rounding (as llama.cpp's and vLLM's prefix caches do).
-The record lives with the cache (KVCache.held),
-so every Decoder of a model keeps it true, and Transformer.setup_cache, which others call before writing
-the cache themselves, forgets it; so does a change to the weights (an optimizer step between two calls of a
-Generator, a load_state_dict, quantize()), checked before each prefill and admission.
+The record lives with the cache (KVCache.held), so every Decoder of a model keeps it true, and
+Transformer.setup_cache, which others call before writing the cache themselves, forgets it; so does a
+change to the weights (an optimizer step between two calls of a Generator, a load_state_dict, quantize()),
+checked before each prefill and admission.
 """
 
 from __future__ import annotations
