@@ -376,7 +376,8 @@ struct Int8GroupW {
   // widened to float32 first (float16 ones 8 per instruction, not one per group and row). Not inlined:
   // inlined into run(), one row of SmolLM2's output projection took 1.4x as long (1 thread).
   template <int MR>
-  __attribute__((noinline)) void stream_scaled(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
+  __attribute__((noinline)) void stream_scaled(const float* x, float* y, int64_t N, int64_t m, int64_t n0,
+                                               const Ahead& next) const {
     const int64_t steps = 1 << shift, G = groups();  // steps of 16 weights per group
     const int8_t* rows = w + n0 * K;
     const S* scales = sz + n0 * G;
