@@ -12,12 +12,13 @@
 // Work is split in blocks of 4 output rows (parallel_for over blocks, parallel.h). For one or two rows of x the
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
 // the weights, so the win is bytes (1 or 0.5 instead of 4 per weight), provided the arithmetic keeps up:
-// for one row, each output sums a few steps into a fresh register (and the scale-only and int4 layouts
-// apply their scales once per group), since one chain of dependent FMAs per output was the bound. For more rows the block is widened
-// once into a float32 buffer that stays in cache and every row of x is multiplied against it, 3 rows at a
-// time, so the widening is paid once per block rather than once per row (continuous batching). Beyond
-// TILES_MAX_M rows (prefill) the weights are widened a few megabytes at a time and multiplied by torch's
-// blocked GEMM instead, which re-reads x far less than 4 outputs at a time can. AVX2 + FMA (+ F16C).
+// for one row, each output sums a few steps into a fresh register (and the int4 layout, and for two rows
+// too the scale-only one, apply their scales once per group), since one chain of dependent FMAs per output
+// was the bound. For more rows the block is widened once into a float32 buffer that stays in cache and
+// every row of x is multiplied against it, 3 rows at a time, so the widening is paid once per block rather
+// than once per row (continuous batching). Beyond TILES_MAX_M rows (prefill) the weights are widened a few
+// megabytes at a time and multiplied by torch's blocked GEMM instead, which re-reads x far less than 4
+// outputs at a time can. AVX2 + FMA (+ F16C).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
