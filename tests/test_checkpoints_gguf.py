@@ -31,6 +31,8 @@ from codellama.checkpoints.load import default_model_path, load_model
 from codellama.config import ModelConfig
 from codellama.engine.quant import QuantLinear, fuse_projections
 from codellama.errors import UserError
+from codellama.generate import Generator, load_for_inference
+from codellama.sampling import SamplingParams
 from codellama.tokenizer import BPETokenizer
 from helpers import random_model
 
@@ -154,6 +156,23 @@ def test_file_codes_hold_the_files_values_exactly(qtype):
     assert codes.mode == ("int4" if qtype in INT4_TYPES else "int8s" if qtype in INT8S_TYPES else "int8g")
     layer = QuantLinear(codes.mode, codes.qweight, codes.scales)
     np.testing.assert_array_equal(layer.dequantized().numpy(), ref_float(qtype, raw))
+    if codes.mode == "int8s":  # float16 scales where the file's are its own d; products of random d: float32
+        assert codes.scales.dtype == (torch.float16 if qtype in ("Q8_0", "Q5_0", "IQ4_NL") else torch.float32)
+
+
+def test_int8s_scales_are_float16_where_a_matrixs_all_are_exactly():
+    """Q6_K's scales are d times an int8 sub-scale: with every d a power of two each product is a float16 and
+    the matrix holds them so; one block's d of 11 significant bits and its products are not: float32. Both
+    are the file's values exactly."""
+    raw = quantised_bytes("Q6_K", 8, 512)
+    d = raw.reshape(-1, GGML_QUANT_SIZES[Q.Q6_K][1])[:, -2:]  # each block's f16 d (a view of raw)
+    d[:] = np.full(len(d), 2.0**-12, np.float16).view(np.uint8).reshape(-1, 2)
+    for dtype in (torch.float16, torch.float32):
+        codes = file_codes(raw, Q.Q6_K)
+        assert codes.scales.dtype == dtype
+        np.testing.assert_array_equal(QuantLinear(codes.mode, codes.qweight, codes.scales).dequantized().numpy(),
+                                      ref_float("Q6_K", raw))
+        d[0] = np.array([0.0123], np.float16).view(np.uint8)
 
 
 def test_file_codes_refuse_types_without_a_layout():
@@ -272,6 +291,32 @@ def test_q8_0_within_quantisation_error(tmp_path):
     tokens = torch.randint(0, 300, (1, 17))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), atol=0.05, rtol=0.05)
+
+
+def test_q8_0_codes_hold_float16_scales_and_compute_what_float32_ones_do(tmp_path):
+    """A Q8_0 file's codes kept (--quantize auto on the CPU): every matrix int8s with the file's float16
+    block scales, 2 bytes a scale less than float32 ones, and the same model with its scales widened to
+    float32 (as it was held before; model.float() does it) gives the same logits bit for bit, and the same
+    greedy tokens through the fused CPU decode step."""
+    path = save_gguf(random_model(CFG), None, tmp_path / "q8.gguf", "Q8_0")
+    model = load_for_inference(str(path), "cpu", None, "auto").model
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 + 4 * CFG.n_layers  # the embedding, the output, and wqkv, wo, w13, w2 per layer
+    assert all(m.mode == "int8s" and m.scales.dtype == torch.float16 for m in layers)
+    wide = copy.deepcopy(model).float()
+    assert all(m.scales.dtype == torch.float32 for m in wide.modules() if isinstance(m, QuantLinear))
+
+    def held(m: torch.nn.Module) -> int:  # bytes of its buffers (the embedding's and the output's once)
+        return sum(b.numel() * b.element_size() for b in m.buffers())
+
+    assert held(model) == held(wide) - 2 * sum(m.scales.numel() for m in layers)
+    tokens = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), wide(tokens))
+        plain = load_for_inference(str(path), "cpu", None, "none").model  # gguf's dequantisation, float32
+        torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
+    prompt, params = [3, 1, 4, 1, 5], SamplingParams(max_new_tokens=8, stop_ids=())
+    assert Generator(model).generate([prompt], params)[0].tokens == Generator(wide).generate([prompt], params)[0].tokens
 
 
 def test_tied_embeddings_and_linear_rope_scaling_roundtrip(tmp_path):

@@ -19,6 +19,7 @@ from codellama.engine.quant import (
     dequantize_int8_groups,
     dequantize_int8_scaled,
     fuse_projections,
+    int8s_scales,
     quantize,
     quantize_int4,
     quantize_int8,
@@ -82,6 +83,28 @@ def test_linear_kernel_equals_matmul(fmt, M, N, K):
     w, x = torch.randn(N, K), torch.randn(M, K)
     weight, scales, dense = _weights(fmt, w)
     torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
+
+
+# float16 scales (int8s holds a layer's so where they are exact): the same float32 arithmetic, so bit for bit
+# what their float32 values give on every path (1-2 rows in registers, 3-5 through widened blocks, 257 torch's
+# GEMM; N % 4 rows one weight at a time), K = 576 has 18 groups of 32 (scales widened 8 at a time, then 2)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 257])
+@pytest.mark.parametrize("N,K,group", [(37, 224, 32), (12, 576, 32), (64, 96, 16), (8, 576, 16)])
+def test_int8s_float16_scales_compute_what_their_float32_values_do(M, N, K, group):
+    torch.manual_seed(M)
+    q, s = _int8_scaled(N, K, group=group, seed=M)
+    half, x = s.half(), torch.randn(M, K)
+    got = kernels().linear(x, q, half)
+    assert torch.equal(got, kernels().linear(x, q, half.float()))
+    torch.testing.assert_close(got, x @ dequantize_int8_scaled(q, half).T, atol=1e-4, rtol=1e-4)
+
+
+def test_int8s_scales_are_float16_only_where_every_one_is_exactly():
+    exact = torch.tensor([[0.5, -3.0, 2.0**-24, -0.0]])  # a float16 subnormal, a negative zero
+    assert int8s_scales(exact).dtype == torch.float16
+    assert torch.equal(int8s_scales(exact).float().view(torch.int32), exact.view(torch.int32))
+    for inexact in (torch.tensor([[0.5, 0.1]]), torch.tensor([[0.5, 1e5]])):  # 0.1 rounds; 1e5 is past float16
+        assert int8s_scales(inexact) is inexact
 
 
 # streamed in registers (1, 2 rows), through the widened block (4) and widened for torch's GEMM (257)
@@ -149,10 +172,12 @@ def test_quantising_then_stacking_gives_the_codes_of_stacking_then_quantising(mo
 def test_layers_of_different_layouts_stack_exactly_as_int8g():
     """q/k in 4 bits, v in 6 (a Q4_K_M file), our int8 beside them: one int8g layer with each one's weights."""
     torch.manual_seed(2)
+    q, s = _int8_scaled(8, 96, group=16, seed=5)
     layers = [QuantLinear.from_linear(nn.Linear(96, 32, bias=False), "int4"),
               QuantLinear("int8g", *_int8_groups(16, 96, seed=3)),
               QuantLinear.from_linear(nn.Linear(96, 8, bias=False), "int8"),
-              QuantLinear("int8s", *_int8_scaled(8, 96, group=32, seed=4))]
+              QuantLinear("int8s", *_int8_scaled(8, 96, group=32, seed=4)),
+              QuantLinear("int8s", q, s.half())]  # int8s with float16 scales (a Q8_0 file's)
     stacked = _stack(layers)
     assert isinstance(stacked, QuantLinear) and stacked.mode == "int8g"
     assert torch.equal(stacked.dequantized(), torch.cat([m.dequantized() for m in layers]))
@@ -161,16 +186,26 @@ def test_layers_of_different_layouts_stack_exactly_as_int8g():
     assert type(_stack([*layers, nn.Linear(96, 4, bias=False)])) is nn.Linear  # floats among them: widened
 
 
+def test_int8s_layers_stack_keeping_float16_scales_where_all_have_them():
+    a, b = (QuantLinear("int8s", q, s.half()) for q, s in (_int8_scaled(8, 96, seed=5), _int8_scaled(16, 96, seed=6)))
+    c = QuantLinear("int8s", *_int8_scaled(4, 96, seed=7))  # float32 scales
+    for layers, dtype in (([a, b], torch.float16), ([a, c], torch.float32)):
+        stacked = _stack(layers)
+        assert stacked.mode == "int8s" and stacked.scales.dtype == dtype
+        assert torch.equal(stacked.dequantized(), torch.cat([m.dequantized() for m in layers]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["int8", "int4", "int8g", "int8s"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8g", "int8s", "int8s-f16"])
 def test_kernel_and_portable_paths_agree(mode, dtype, monkeypatch):
     """QuantLinear.forward with the C++ kernels and without them (no compiler, a GPU, a compiled graph:
     F.linear, in gpt-fast's form for int8), both against the dequantised weights' matmul."""
     torch.manual_seed(1)
     if mode == "int8g":
         layer = QuantLinear(mode, *_int8_groups(40, 96, seed=1))
-    elif mode == "int8s":
-        layer = QuantLinear(mode, *_int8_scaled(40, 96, seed=1))
+    elif mode.startswith("int8s"):  # int8s-f16: its scales float16
+        q, s = _int8_scaled(40, 96, seed=1)
+        layer = QuantLinear("int8s", q, s.half() if mode.endswith("f16") else s)
     else:
         layer = QuantLinear.from_linear(nn.Linear(96, 40, bias=False), mode)
     x = torch.randn(3, 96)  # decode-sized

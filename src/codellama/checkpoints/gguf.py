@@ -10,7 +10,8 @@ With keep_codes, the linear layers' quantised matrices are not dequantised but k
 a QuantLinear layout (engine/quant.py) that holds them exactly: the 4-bit types (Q4_0, Q4_1, Q4_K) as int4
 (groups of 32 with a float32 scale and minimum, 4.5-5 bits per weight as in the file), the types without
 a minimum (Q8_0, Q5_0, Q6_K, Q3_K, and IQ4_NL/IQ4_XS, whose nibbles index 16 int8 levels) as int8s (int8
-codes with a float32 scale per block of 32 or 16: 9 or 10 bits per weight), the others (Q5_1, Q5_K, Q2_K)
+codes with a scale per block of 32 or 16, float16 where a matrix's are all exactly so, as Q8_0's, Q5_0's and
+IQ4_NL's are, else float32: 8.5 to 10 bits per weight), the others (Q5_1, Q5_K, Q2_K)
 as int8g (a scale and a minimum per 16: 12 bits); the grid-coded IQ types, TQ and the FP4 types are
 dequantised. That is the way
 llama.cpp runs such a file, with its very values, instead of float32's 32 bits per weight. A tied output
@@ -37,7 +38,7 @@ from codellama.checkpoints.common import (
     resolve_dtype,
 )
 from codellama.config import ModelConfig, warn_default_theta
-from codellama.engine.quant import GROUP, INT8_GROUP, QuantCodes, pack_int4
+from codellama.engine.quant import GROUP, INT8_GROUP, QuantCodes, int8s_scales, pack_int4
 from codellama.errors import UserError
 from codellama.model import Transformer
 
@@ -293,8 +294,8 @@ def _block_values(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np
 
 def file_codes(data: np.ndarray, qtype) -> QuantCodes:
     """A quantised matrix's raw data [N, row bytes] -> its codes in a QuantLinear layout, exactly its values:
-    Q4_0/Q4_1/Q4_K as int4 (4.5-5 bits per weight, as in the file), those without a minimum as int8s (9-10
-    bits), the others as int8g (12 bits)."""
+    Q4_0/Q4_1/Q4_K as int4 (4.5-5 bits per weight, as in the file), those without a minimum as int8s (8.5-10
+    bits: float16 scales where exact), the others as int8g (12 bits)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
     qtype = Q(qtype)
@@ -303,8 +304,9 @@ def file_codes(data: np.ndarray, qtype) -> QuantCodes:
     n = arr.shape[0]
     codes, scale, low = _block_values(arr.reshape(n, -1, size), qtype)  # [N, B, block], [N, B, S] x 2
     if qtype.name in INT8S_TYPES:  # low is all zeros: a scale per sub-block, as the file has it
+        scales = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, -1))  # [N, K/G]
         return QuantCodes("int8s", torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8).reshape(n, -1)),
-                          torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, -1)))
+                          int8s_scales(scales))
     int4 = qtype.name in INT4_TYPES
     # a scale and min per group of the layout (32 or 16 weights): a 32-weight sub-block's for both its 16s
     repeat = codes.shape[-1] // scale.shape[-1] // (GROUP if int4 else INT8_GROUP)

@@ -1,4 +1,4 @@
-"""The engine's C++ CPU kernels (csrc/): quantised matmuls and a fused decoder layer, AVX2 + FMA.
+"""The engine's C++ CPU kernels (csrc/): quantised matmuls and a fused decoder layer, AVX2 + FMA (+ F16C).
 
 Built on first use with torch's extension builder (a C++ compiler and ninja) and cached in
 TORCH_EXTENSIONS_DIR; every caller has a pure-PyTorch fallback when they cannot be built, so a machine
@@ -27,7 +27,8 @@ _kernels: ModuleType | bool | None = None  # the built extension; False when una
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled CPU kernels, built on first use; None when they cannot be (no AVX2, no compiler)."""
+    """The compiled CPU kernels, built on first use; None when they cannot be (no AVX2, FMA or F16C, no
+    compiler)."""
     global _kernels
     if _kernels is None:
         _kernels = _build() or False
@@ -50,11 +51,16 @@ def _build() -> ModuleType | None:
         # torch rebuilds when the sources or flags change, not the headers: put their hash in the flags
         headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(csrc.glob("*.h")))).hexdigest()[:16]
         with _one_builder(build_dir):
-            return load(name=NAME, sources=[str(csrc / s) for s in SOURCES], extra_include_paths=[str(csrc)],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", f"-DCODELLAMA_HEADERS={headers}"], verbose=False)
+            built = load(name=NAME, sources=[str(csrc / s) for s in SOURCES], extra_include_paths=[str(csrc)],
+                         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", f"-DCODELLAMA_HEADERS={headers}"],
+                         verbose=False)
     except Exception as e:  # no compiler / ninja / headers: correct but slower
         log.warning("could not build the CPU kernels (%s); using the portable PyTorch path", e)
         return None
+    if not built.cpu_supported():  # AVX2 without F16C (int8s's float16 scales): none is known, but ask
+        log.info("CPU without AVX2, FMA or F16C: the engine uses its portable PyTorch path")
+        return None
+    return built
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ Four layouts (QuantLinear.mode), each w = code * scale + min over a group of wei
 - "int4": ggml's Q4_1, 4-bit codes per 32 weights, which also holds Q4_0 and Q4_K exactly;
 - "int8s": int8 codes with a scale (min 0) per 16 or 32 weights, which holds the ggml types without a
   minimum exactly: Q8_0, Q5_0 and IQ4_NL (blocks of 32), IQ4_XS (sub-blocks of 32), Q6_K and Q3_K (of 16),
-  at 9 or 10 bits per weight (the IQ4 types' codes index 16 int8 levels);
+  at 8.5 to 10 bits per weight (the IQ4 types' codes index 16 int8 levels); the scales are float16 where
+  all of a layer's are exactly so (Q8_0, Q5_0, IQ4_NL: the file's own), else float32 (int8s_scales);
 - "int8g": int8 codes with a scale and a min per 16 weights, which holds those with one (Q5_1, Q5_K,
   Q2_K) and any mix of the layouts above (a fused layer of matrices stored in different types): 12 bits.
 A GGUF's quantised matrices load straight into QuantLinear as QuantCodes (checkpoints/gguf.py, keep_codes),
@@ -94,9 +95,16 @@ def dequantize_int8_groups(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int8_scaled(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K], scale float32 [N, K/G] -> float32 [N, K]."""
+    """int8 [N, K], scale float32 or float16 [N, K/G] -> float32 [N, K]."""
     N, K = q.shape
-    return (q.view(N, s.shape[1], -1).float() * s[..., None]).reshape(N, K)
+    return (q.view(N, s.shape[1], -1).float() * s.float()[..., None]).reshape(N, K)
+
+
+def int8s_scales(s: torch.Tensor) -> torch.Tensor:
+    """A layer's int8s scales float32 [N, K/G] as float16 when every one is exactly a float16 (bit for bit: a
+    Q8_0 file's are), else as they are: half the bytes of scales the kernels read, the same weights."""
+    half = s.half()
+    return half if torch.equal(half.float().view(torch.int32), s.float().view(torch.int32)) else s
 
 
 def dequantize_codes(mode: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -116,7 +124,8 @@ class QuantCodes:
 
     mode: str
     qweight: torch.Tensor  # int8 [N, K] (int8, int8s, int8g) or packed uint8 [N, K/2] (int4)
-    # float32 [N] (int8), [N, K/G] (int8s: G = 16 or 32), [N, K/32, 2] (int4) or [N, K/16, 2] (int8g): scale, min
+    # float32 [N] (int8), [N, K/G] (int8s: G = 16 or 32; float16 where exact), [N, K/32, 2] (int4) or
+    # [N, K/16, 2] (int8g): scale, min
     scales: torch.Tensor
 
     @property
@@ -181,8 +190,8 @@ class QuantLinear(nn.Module):
         if self.mode == "int8g":
             return self.qweight, self.scales
         if self.mode in ("int8", "int8s"):  # each group of 16 gets its row's or its group's scale, min 0
-            scale = (self.scales[:, None].expand(N, K // INT8_GROUP) if self.mode == "int8"
-                     else self.scales.repeat_interleave(self.int8s_group // INT8_GROUP, dim=1))
+            scale = (self.scales[:, None].expand(N, K // INT8_GROUP) if self.mode == "int8"  # int8g's are float32
+                     else self.scales.float().repeat_interleave(self.int8s_group // INT8_GROUP, dim=1))
             return self.qweight, torch.stack((scale, torch.zeros_like(scale)), dim=-1)
         codes = unpack_int4(self.qweight).reshape(N, K).to(torch.int8)  # int4: codes 0..15
         return codes, self.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)  # each group of 32's for its halves

@@ -4,8 +4,8 @@
 #include <ATen/ATen.h>
 
 // x [M, K] float32 @ w.T, the kernel picked by w's dtype and s's shape: float32 [N, K] (s unused), int8
-// [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G],
-// or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]
+// [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]
+// (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);
@@ -13,7 +13,7 @@ at::Tensor float_linear(at::Tensor x, at::Tensor w);
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale);
 // x [M, K] float32 @ (int8 [N, K] * scale + min, per group of 16 [N, K/16, 2]).T -> [M, N]
 at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz);
-// x [M, K] float32 @ (int8 [N, K] * scale, per group of G = 16 or 32 [N, K/G]).T -> [M, N]
+// x [M, K] float32 @ (int8 [N, K] * scale, per group of G = 16 or 32 [N, K/G] float32 or float16).T -> [M, N]
 at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s);
 // x [M, K] float32 @ dequant(uint8 [N, K/2], scale/min [N, K/32, 2]).T -> [M, N]
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz);

@@ -6,17 +6,19 @@
 //            q packed two per byte, group size 32: byte j of a group holds k = j (low nibble) and j + 16 (high)
 //   int8 in groups: y[m, n] = sum_g sum_{k in g} x[m, k] * (q[n, k] * s[n, g] + z[n, g]), group size 16,
 //            q int8 [N, K]: holds the other ggml Q/K types and IQ4_NL/IQ4_XS exactly (engine/quant.py);
-//            without the min (z = 0), groups of 16 or 32: ggml's types whose blocks have no minimum (Q8_0 ...)
+//            without the min (z = 0), groups of 16 or 32: ggml's types whose blocks have no minimum (Q8_0 ...),
+//            s float32 or float16 (where a layer's scales are exactly float16: Q8_0's are), widened by F16C
 //
 // Work is split in blocks of 4 output rows (parallel_for over blocks, parallel.h). For one or two rows of x the
 // quantised weights are widened to float32 in registers and used at once: decoding is bound by reading
 // the weights, so the win is bytes (1 or 0.5 instead of 4 per weight), provided the arithmetic keeps up:
-// for one row, each output sums a few steps into a fresh register (and the scale-only and int4 layouts
-// apply their scales once per group), since one chain of dependent FMAs per output was the bound. For more rows the block is widened
-// once into a float32 buffer that stays in cache and every row of x is multiplied against it, 3 rows at a
-// time, so the widening is paid once per block rather than once per row (continuous batching). Beyond
-// TILES_MAX_M rows (prefill) the weights are widened a few megabytes at a time and multiplied by torch's
-// blocked GEMM instead, which re-reads x far less than 4 outputs at a time can. AVX2 + FMA.
+// for one row, each output sums a few steps into a fresh register (and the int4 layout, and for two rows
+// too the scale-only one, apply their scales once per group), since one chain of dependent FMAs per output
+// was the bound. For more rows the block is widened once into a float32 buffer that stays in cache and
+// every row of x is multiplied against it, 3 rows at a time, so the widening is paid once per block rather
+// than once per row (continuous batching). Beyond TILES_MAX_M rows (prefill) the weights are widened a few
+// megabytes at a time and multiplied by torch's blocked GEMM instead, which re-reads x far less than 4
+// outputs at a time can. AVX2 + FMA (+ F16C).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -37,6 +39,21 @@ constexpr int64_t TILES_MAX_M = 256;  // beyond this many rows of x (prefill): t
 
 inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 float32
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// a scale as float32: int8s holds a layer's scales as float16 where they are exactly so (half the bytes)
+inline float scale_f32(float s) { return s; }
+inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
+
+// the n <= 8 scales at p as float32: float32 ones where they are, float16 ones widened into out
+inline const float* scales8(const float* p, int64_t, float*) { return p; }
+inline const float* scales8(const uint16_t* p, int64_t n, float out[8]) {
+  if (n == 8) {
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return out;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = _cvtsh_ss(p[i]);
+  return out;
 }
 
 // 32 packed 4-bit codes (16 bytes) of one group -> 4 x 8 float32 in k order
@@ -298,23 +315,24 @@ struct Int4W {
 };
 
 // int8 codes in groups of G = 16 << shift weights, w = q * s (+ z with MIN): int8g (scale and min per 16,
-// sz [N, K/16, 2]) and int8s (scale only per 16 or 32, sz [N, K/G]), which hold the ggml types exactly
-template <bool MIN>
+// sz [N, K/16, 2] float32) and int8s (scale only per 16 or 32, sz [N, K/G] float32 or float16: S = uint16_t),
+// which hold the ggml types exactly
+template <bool MIN, class S = float>
 struct Int8GroupW {
   const int8_t* w;  // [N, K]
-  const float* sz;  // [N, K/G, 1 + MIN]: the scale (and min) of each group
+  const S* sz;      // [N, K/G, 1 + MIN]: the scale (and min) of each group
   int64_t K;
   int shift;        // G = 16 << shift
   static constexpr bool quantised = true;
-  static constexpr int64_t PER = MIN ? 2 : 1;  // floats per group
+  static constexpr int64_t PER = MIN ? 2 : 1;  // values per group
   int64_t groups() const { return K >> (4 + shift); }
   // the 16 weights of row n from k = 16 * g as 2 x 8 float32
   void group(int64_t n, int64_t g, __m256 out[2]) const {
-    const float* p = sz + (n * groups() + (g >> shift)) * PER;
-    const __m256 s = _mm256_set1_ps(p[0]);
+    const S* p = sz + (n * groups() + (g >> shift)) * PER;
+    const __m256 s = _mm256_set1_ps(scale_f32(p[0]));
     const int8_t* q = w + n * K + g * 16;
     if constexpr (MIN) {
-      const __m256 z = _mm256_set1_ps(p[1]);
+      const __m256 z = _mm256_set1_ps(scale_f32(p[1]));
       out[0] = _mm256_fmadd_ps(widen8(q), s, z);
       out[1] = _mm256_fmadd_ps(widen8(q + 8), s, z);
     } else {
@@ -322,22 +340,30 @@ struct Int8GroupW {
       out[1] = _mm256_mul_ps(widen8(q + 8), s);
     }
   }
+  // each row's scales (and mins) 8 values at a time as float32 (float16 ones 8 per instruction)
   void widen(int64_t n0, float* buf, const float* rows[NB], float post[NB]) const {
+    const int64_t V = groups() * PER, G16 = int64_t(16) << shift;  // values per row, weights per group
     for (int j = 0; j < NB; ++j) {
       float* out = buf + j * K;
-      for (int64_t g = 0; g < K / 16; ++g) {
-        __m256 wv[2];
-        group(n0 + j, g, wv);
-        _mm256_storeu_ps(out + g * 16, wv[0]);
-        _mm256_storeu_ps(out + g * 16 + 8, wv[1]);
+      const int8_t* q = w + (n0 + j) * K;
+      for (int64_t v0 = 0; v0 < V; v0 += 8) {
+        const int64_t nv = std::min<int64_t>(8, V - v0);
+        float wide[8];  // values v0 .. v0 + nv of the row: nv / PER groups' scale (and min)
+        const float* sc = scales8(sz + (n0 + j) * V + v0, nv, wide);
+        for (int64_t v = 0; v < nv; v += PER) {
+          const __m256 s = _mm256_set1_ps(sc[v]);
+          for (int64_t k = (v0 + v) / PER * G16, end = k + G16; k < end; k += 8)
+            _mm256_storeu_ps(out + k, MIN ? _mm256_fmadd_ps(widen8(q + k), s, _mm256_set1_ps(sc[v + MIN]))
+                                          : _mm256_mul_ps(widen8(q + k), s));
+        }
       }
       rows[j] = out, post[j] = 1.0f;
     }
   }
   template <int MR>
   void stream(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
-    if constexpr (!MIN && MR == 1) {
-      stream_one(x, y, N, m, n0, next);
+    if constexpr (!MIN) {
+      stream_scaled<MR>(x, y, N, m, n0, next);
       return;
     }
     __m256 acc[MR][NB];
@@ -345,40 +371,59 @@ struct Int8GroupW {
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
   }
-  // One row of x without a min: each group's codes times x summed first, then times the group's scale
-  // once (a multiply per 8 weights fewer). Batch-1 decoding of a 7B's Q8_0 file was bound by instructions,
-  // not by memory: int8s ran at 20 GB/s where int8g, 1.3x the bytes, read 25.
-  void stream_one(const float* x, float* y, int64_t N, int64_t m, int64_t n0, const Ahead& next) const {
+  // Without a min: each group's codes times x summed first, then times the group's scale once (a multiply
+  // per 8 weights fewer). Batch-1 decoding of a 7B's Q8_0 file was bound by instructions, not by memory:
+  // int8s ran at 20 GB/s where int8g, 1.3x the bytes, read 25. The scales of 8 groups at a time are
+  // widened to float32 first (float16 ones 8 per instruction, not one per group and row). Not inlined:
+  // inlined into run(), one row of SmolLM2's output projection took 1.4x as long (1 thread).
+  template <int MR>
+  __attribute__((noinline)) void stream_scaled(const float* x, float* y, int64_t N, int64_t m, int64_t n0,
+                                               const Ahead& next) const {
     const int64_t steps = 1 << shift, G = groups();  // steps of 16 weights per group
     const int8_t* rows = w + n0 * K;
-    const float* scales = sz + n0 * G;
-    const float* xr = x + m * K;
-    __m256 acc[NB];
-    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 part[NB];
-      for (int j = 0; j < NB; ++j) part[j] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < steps; ++t) {
-        const int64_t k = (g * steps + t) * 16;
-        next.step(g * steps + t);
-        const __m256 x0 = _mm256_loadu_ps(xr + k), x1 = _mm256_loadu_ps(xr + k + 8);
+    const S* scales = sz + n0 * G;
+    __m256 acc[MR][NB];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+      const int64_t n8 = std::min<int64_t>(8, G - g0);
+      float wide[NB][8];  // [row, group]: the scales of groups g0 .. g0 + n8 of the block's rows
+      const float* sc[NB];
+      for (int j = 0; j < NB; ++j) sc[j] = scales8(scales + j * G + g0, n8, wide[j]);
+      for (int64_t g = g0; g < g0 + n8; ++g) {
+        __m256 part[MR][NB];
+        for (int r = 0; r < MR; ++r)
+          for (int j = 0; j < NB; ++j) part[r][j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < steps; ++t) {
+          const int64_t k = (g * steps + t) * 16;
+          next.step(g * steps + t);
+          __m256 xv[MR][2];
+          for (int r = 0; r < MR; ++r)
+            for (int c = 0; c < 2; ++c) xv[r][c] = _mm256_loadu_ps(x + (m + r) * K + k + c * 8);
+          for (int j = 0; j < NB; ++j)
+            for (int c = 0; c < 2; ++c) {
+              const __m256 q = widen8(rows + j * K + k + c * 8);
+              for (int r = 0; r < MR; ++r) part[r][j] = _mm256_fmadd_ps(q, xv[r][c], part[r][j]);
+            }
+        }
         for (int j = 0; j < NB; ++j) {
-          part[j] = _mm256_fmadd_ps(widen8(rows + j * K + k), x0, part[j]);
-          part[j] = _mm256_fmadd_ps(widen8(rows + j * K + k + 8), x1, part[j]);
+          const __m256 s = _mm256_set1_ps(sc[j][g - g0]);
+          for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(part[r][j], s, acc[r][j]);
         }
       }
-      for (int j = 0; j < NB; ++j) acc[j] = _mm256_fmadd_ps(part[j], _mm256_set1_ps(scales[j * G + g]), acc[j]);
     }
-    for (int j = 0; j < NB; ++j) y[m * N + n0 + j] = hsum(acc[j]);
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) y[(m + r) * N + n0 + j] = hsum(acc[r][j]);
   }
   float at(int64_t n, int64_t k) const {
-    const float* p = sz + (n * groups() + (k >> (4 + shift))) * PER;
-    return float(w[n * K + k]) * p[0] + (MIN ? p[1] : 0.0f);
+    const S* p = sz + (n * groups() + (k >> (4 + shift))) * PER;
+    return float(w[n * K + k]) * scale_f32(p[0]) + (MIN ? scale_f32(p[1]) : 0.0f);
   }
   const char* raw(int64_t n0) const { return reinterpret_cast<const char*>(w + n0 * K); }
   int64_t raw_bytes() const { return NB * K; }
   Ahead ahead(int64_t n0) const {  // per 16 weights: 16 bytes of codes and 16 / G groups' scales of each row
-    return {{raw(n0), reinterpret_cast<const char*>(sz + n0 * groups() * PER)}, {NB * 16, (NB * 4 * PER) >> shift}};
+    return {{raw(n0), reinterpret_cast<const char*>(sz + n0 * groups() * PER)},
+            {NB * 16, int64_t(NB * sizeof(S) * PER) >> shift}};
   }
 };
 
@@ -450,10 +495,17 @@ at::Tensor run_widened(const W& w, const at::Tensor& x, int64_t N) {
   return y;
 }
 
-void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
+// half_scales: float16 scales are taken too (int8s)
+void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, bool half_scales = false) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && s.is_contiguous() && s.scalar_type() == at::kFloat,
-              "weights: contiguous [N, *], float32 scales");
+  const bool typed = s.scalar_type() == at::kFloat || (half_scales && s.scalar_type() == at::kHalf);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && s.is_contiguous() && typed, "weights: contiguous [N, *], float32 ",
+              half_scales ? "or float16 " : "", "scales");
+}
+
+template <class W>
+at::Tensor run_any(const W& w, const at::Tensor& x, int64_t N) {  // our tiles, or torch's GEMM for prefill
+  return x.size(0) > TILES_MAX_M ? run_widened(w, x, N) : run(w, x, N);
 }
 
 }  // namespace
@@ -479,8 +531,7 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale) {
   check(x, w, scale);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "int8 weight [N, K]");
   TORCH_CHECK(scale.numel() == w.size(0), "scale [N]");
-  const Int8W q{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)};
-  return x.size(0) > TILES_MAX_M ? run_widened(q, x, w.size(0)) : run(q, x, w.size(0));
+  return run_any(Int8W{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)}, x, w.size(0));
 }
 
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
@@ -488,8 +539,7 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kByte && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 32) * 2, "scales [N, K/32, 2]");
-  const Int4W q{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K};
-  return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
+  return run_any(Int4W{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N);
 }
 
 // the shift of a group size G = 16 << shift that divides K into groups_per_row
@@ -505,15 +555,18 @@ at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kChar && K % 16 == 0 && w.size(1) == K, "int8 weight [N, K], K % 16 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 16) * 2, "scales [N, K/16, 2]");
-  const Int8GroupW<true> q{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K, 0};
-  return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
+  return run_any(Int8GroupW<true>{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K, 0}, x, N);
 }
 
 at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s) {
-  check(x, w, s);
+  check(x, w, s, true);
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && s.dim() == 2 && s.size(0) == N,
               "int8 weight [N, K], scales [N, K/G]");
-  const Int8GroupW<false> q{w.data_ptr<int8_t>(), s.data_ptr<float>(), K, group_shift(K, s.size(1))};
-  return x.size(0) > TILES_MAX_M ? run_widened(q, x, N) : run(q, x, N);
+  const int shift = group_shift(K, s.size(1));
+  const int8_t* q = w.data_ptr<int8_t>();
+  if (s.scalar_type() == at::kHalf)  // float16's bits, widened by F16C
+    return run_any(Int8GroupW<false, uint16_t>{q, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), K, shift},
+                   x, N);
+  return run_any(Int8GroupW<false>{q, s.data_ptr<float>(), K, shift}, x, N);
 }
