@@ -127,6 +127,28 @@ def test_run_dir_with_checkpoints_but_no_latest_is_not_overwritten(tmp_path):
     assert [p.name for p in tmp_path.glob("earlier-*/step_00000002")] == ["step_00000002"]
 
 
+def test_two_fresh_starts_within_one_second_keep_both_earlier_runs(tmp_path, monkeypatch):
+    from codellama.train.checkpoint import set_aside_earlier_run
+
+    epoch = ckpt_mod.time.gmtime(0)
+    monkeypatch.setattr(ckpt_mod.time, "gmtime", lambda *_: epoch)  # both in the same second
+    for run in ("first", "second"):
+        (tmp_path / "metrics.jsonl").write_text(run)
+        set_aside_earlier_run(tmp_path)
+    assert sorted(p.read_text() for p in tmp_path.glob("earlier-*/metrics.jsonl")) == ["first", "second"]
+
+
+@pytest.mark.parametrize("change", ["tokens", "seq_len"])
+def test_resuming_with_a_changed_token_source_is_refused(tmp_path, change):
+    """Its saved state was a position alone: a rebuilt .npy or another seq_len went on in another order."""
+    make(tmp_path, 8).run(stop_after=2)
+    toks = w.corpus()
+    shorter = InMemoryTokens(toks[:2000], w.SEQ, 1) if change == "tokens" else InMemoryTokens(toks[:3000], w.SEQ - 1, 1)
+    with pytest.raises(UserError, match=r"does not belong to source 'tokens' as it is now \(\d+ examples and seed 1 "
+                                        r"when it was saved, \d+ and seed 1 now"):
+        Trainer(w.recipe(str(tmp_path), 8), model_config=w.CFG, train_source=shorter, progress=False)
+
+
 def test_checkpoint_of_another_shape_is_refused_before_loading(tmp_path):
     make(tmp_path, 8).run(stop_after=2)
     wider = w.CFG.replace(dim=48, ffn_hidden=96)

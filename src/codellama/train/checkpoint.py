@@ -57,7 +57,11 @@ def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
     found = [p for p in run_dir.iterdir() if RUN_FILES.match(p.name)] if run_dir.is_dir() else []
     if not found:
         return None
-    dest = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
+    stamp = time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = run_dir / stamp, 1
+    while dest.exists():  # two fresh starts within one second
+        n += 1
+        dest = run_dir / f"{stamp}-{n}"
     dest.mkdir()
     for p in found:
         os.replace(p, dest / p.name)

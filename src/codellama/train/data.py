@@ -57,9 +57,16 @@ class _Permuted:
         return int(self._perm[i])
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "epoch": self.pos // self.n}
+        return {"pos": self.pos, "epoch": self.pos // self.n, "n": self.n, "seed": self.seed}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str) -> None:
+        saved = (state.get("n", self.n), state.get("seed", self.seed))  # checkpoints before they were saved: as now
+        if saved != (self.n, self.seed):
+            raise UserError(
+                f"data state does not belong to source {source!r} as it is now ({saved[0]} examples and seed "
+                f"{saved[1]} when it was saved, {self.n} and seed {self.seed} now: its file or train.seq_len "
+                "changed): resume with the data, seq_len and seed the run started with, or start a new run "
+                "(codellama train --no-resume or another --out)")
         self.pos = int(state["pos"])
 
 
@@ -67,6 +74,7 @@ class _PermutedSource:
     """A source that walks its examples in a seeded permutation (`self.order`): skip and resume by position."""
 
     order: _Permuted
+    name: str
 
     def skip(self, n: int) -> None:
         self.order.pos += n
@@ -75,7 +83,7 @@ class _PermutedSource:
         return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
+        self.order.load_state_dict(state, self.name)
 
 
 class InMemoryTokens(_PermutedSource):
@@ -163,7 +171,7 @@ class ChatExamples(_PermutedSource):
         if not self.convs:
             raise UserError(f"chat data {name!r} has no conversation with an assistant answer inside the first "
                             f"{seq_len} tokens")
-        self.seq_len, self.pad_id = seq_len, pad_id
+        self.seq_len, self.pad_id, self.name = seq_len, pad_id, name
         self.order = _Permuted(len(self.convs), seed)
 
     @classmethod
