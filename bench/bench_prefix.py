@@ -75,13 +75,12 @@ def infill_requests(tokenizer, file_tokens: int, requests: int, suffix_first: bo
     file = tokenizer.decode(tokenizer.encode(text)[:file_tokens])
     lines = file.splitlines(keepends=True)
     middle = len(lines) // 2
-    suffix = "".join(lines[middle + requests :])
+    s = tokenizer.encode("".join(lines[middle + requests :]))  # the same suffix in every request
     pre, suf, mid = (tokenizer.piece_to_id(p) for p in ("<filename>", "<file_sep>", "<gh_stars>"))
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     out = []
     for i in range(requests):
-        prefix = "".join(lines[: middle + i])
-        p, s = tokenizer.encode(prefix), tokenizer.encode(suffix)
+        p = tokenizer.encode("".join(lines[: middle + i]))
         out.append(bos + ([pre, suf] + s + [mid] + p if suffix_first else [pre] + p + [suf] + s + [mid]))
     return out
 
