@@ -223,6 +223,29 @@ def test_kernel_and_portable_paths_agree(mode, dtype, monkeypatch):
         torch.testing.assert_close(got.float(), w, atol=tol * w.abs().max(), rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8s-f16"])
+def test_changing_a_models_dtype_keeps_its_codes_and_scales_exact(mode):
+    """`.bfloat16()` then `.float()` on a quantised model: the activations' dtype changes, the weights do
+    not (bfloat16 scales would round every weight, and the CPU kernels refused them with a traceback)."""
+    if mode == "int8s-f16":
+        q, s = _int8_scaled(40, 96, seed=3)
+        layer = QuantLinear("int8s", q, s.half())
+    else:
+        layer = QuantLinear.from_linear(nn.Linear(96, 40, bias=False), mode)
+    codes, scales = layer.qweight.clone(), layer.scales.clone()
+    x = torch.randn(3, 96)
+    want = layer(x)
+    model = nn.Sequential(layer)
+    for convert in (model.bfloat16, model.half, model.float):
+        convert()
+        assert layer.qweight.dtype == codes.dtype and layer.scales.dtype == scales.dtype
+        assert torch.equal(layer.qweight, codes) and torch.equal(layer.scales, scales)
+    torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+    assert model.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+    model.to("meta")  # a device move still applies
+    assert layer.qweight.device.type == layer.scales.device.type == "meta"
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantised_model_logits_and_greedy_agreement(mode):
     model = random_model(CFG, seed=2)

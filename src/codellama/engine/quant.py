@@ -169,6 +169,16 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
+    def _apply(self, fn, recurse: bool = True) -> QuantLinear:
+        # A model-wide .to(dtype) / .half() / .bfloat16() sets the activations' dtype; the codes and their
+        # scales stay exactly as they are (rounding scales to bfloat16 would change every weight, and the CPU
+        # kernels read float32 or float16 scales only): of such a move only the device applies to them.
+        for name in ("qweight", "scales"):
+            t = getattr(self, name)
+            moved = fn(t)
+            setattr(self, name, moved if moved.dtype == t.dtype else t.to(moved.device))
+        return self
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str) -> QuantLinear:
         """The layer quantised by our int8 or int4 quantiser (int8s and int8g hold a file's codes only)."""
