@@ -100,3 +100,38 @@ def test_smollm2_gets_the_four_infill_tokens():
         assert (after[..., :49152] - before).abs().max() < 0.05
         ids = prompts.infill_tokens(tok2, "def add(a, b):\n    ", "\n")
         assert model(torch.tensor([ids])).shape == (1, len(ids), 49156)
+
+
+def test_training_from_scratch_adds_the_infill_tokens_to_tokenizer_and_model(tmp_path):
+    """`add_infill_tokens` without `model.init`: a tokenizer that lacks the four pieces gets them, and the
+    model is built with rows for them (before, the setting was ignored from scratch)."""
+    import numpy as np
+
+    from codellama.train.config import recipe_from_dict
+    from codellama.train.data import InMemoryTokens
+    from codellama.train.trainer import Trainer
+    from tokenizer_fixtures import train_sp_model
+
+    (tmp_path / "tokenizer.model").write_bytes(train_sp_model(1000))
+
+    def trainer(add: bool, tokenizer: str | None = str(tmp_path / "tokenizer.model")) -> Trainer:
+        model = {"preset": "tiny", "add_infill_tokens": add} | ({"tokenizer": tokenizer} if tokenizer else {})
+        recipe = recipe_from_dict({
+            "model": model, "data": {"sources": [{"name": "toy", "path": "-", "kind": "tokens"}]},
+            "train": {"steps": 1, "seq_len": 16, "global_batch_tokens": 32, "micro_batch": 2, "device": "cpu",
+                      "out_dir": str(tmp_path / f"run-{add}-{tokenizer is None}"), "export_hf": False}})
+        source = InMemoryTokens(np.random.default_rng(0).integers(0, 1000, 2000), 16, seed=0)
+        return Trainer(recipe, model_config=CFG.replace(vocab_size=1000), train_source=source, progress=False)
+
+    plain = trainer(add=False)
+    assert not plain.tokenizer.can_infill and plain.model.config.vocab_size == 1000
+    plain.close()
+    t = trainer(add=True)
+    tok = t.tokenizer
+    assert tok.can_infill and [tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id] == [1000, 1001, 1002, 1003]
+    assert t.model.config.vocab_size == 1004 and t.model.output.weight.shape[0] == 1004
+    assert tok.encode("def f(x):") == plain.tokenizer.encode("def f(x):")  # old text, old ids
+    t.run()
+    t.close()
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        trainer(add=True, tokenizer=None)

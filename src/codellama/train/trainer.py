@@ -185,6 +185,13 @@ class Trainer:
         cfg = model_config.replace() if model_config is not None else self._preset(m.preset)
         if tokenizer is None and m.tokenizer:
             tokenizer = self._load_tokenizer(m.tokenizer)
+        if m.add_infill_tokens:  # from scratch the pieces only need ids, and the model rows for them
+            if tokenizer is None:
+                raise UserError("model.add_infill_tokens needs a tokenizer to add the pieces to; set model.tokenizer")
+            from codellama.tokenizer import add_infill_tokens
+
+            tokenizer = add_infill_tokens(tokenizer)
+            cfg.vocab_size = max(cfg.vocab_size, tokenizer.vocab_size)
         self._adjust_config(cfg)
         return build_from_scratch(cfg, self.env, t.seed, **parallel), tokenizer
 
