@@ -54,6 +54,26 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):
     assert [(r["kind"], r["step"], r["loss"]) for r in logged] == [(r["kind"], r["step"], r["loss"]) for r in full]
 
 
+def test_resuming_applies_the_recipes_optimizer_settings(tmp_path, capsys):
+    """A checkpoint restores AdamW's param groups as they were saved; a recipe edited before resuming (a
+    lower weight decay, another eps) must win, and the run says what changed."""
+    make(tmp_path, 4).run(stop_after=2)
+    capsys.readouterr()
+    toks = w.corpus()
+    recipe = w.recipe(str(tmp_path), 4)
+    recipe.optim.weight_decay, recipe.optim.eps = 0.02, 1e-6
+    resumed = Trainer(recipe, model_config=w.CFG, train_source=InMemoryTokens(toks[:3000], w.SEQ, 1), progress=False)
+    assert resumed.step == 2
+    decayed, gains = resumed.optimizer.param_groups
+    assert (decayed["weight_decay"], gains["weight_decay"]) == (0.02, 0.0) and decayed["eps"] == gains["eps"] == 1e-6
+    err = capsys.readouterr().err
+    assert "weight_decay 0.1 -> 0.02" in err and err.count("eps 1e-08 -> 1e-06") == 1
+    resumed.close()
+    unchanged = make(tmp_path, 4)  # the same settings as the checkpoint's: nothing to say
+    assert "optimizer settings" not in capsys.readouterr().err
+    unchanged.close()
+
+
 def signal_during_step(trainer: Trainer, monkeypatch, sig: signal.Signals, step: int) -> None:
     """Send the process `sig` while the trainer computes step `step` (counting from 1), as a scheduler would."""
     train_step = trainer.train_step

@@ -34,7 +34,7 @@ from codellama.train.distributed import (DistEnv, all_reduce_sum, barrier, build
                                          place_loaded)
 from codellama.train.interrupt import StopRequest
 from codellama.train.metrics import MetricsLog, memory_gib, mfu, peak_flops
-from codellama.train.optim import build_optimizer, lr_at, set_lr
+from codellama.train.optim import apply_recipe_settings, build_optimizer, lr_at, set_lr
 
 if TYPE_CHECKING:
     from codellama.tokenizer import Tokenizer
@@ -145,6 +145,10 @@ class Trainer:
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.model, self.optimizer)
+            changed = apply_recipe_settings(self.optimizer, recipe.optim)
+            if changed and self.env.is_main:
+                print(f"resuming with the recipe's optimizer settings, not the checkpoint's: {'; '.join(changed)}",
+                      file=sys.stderr)
             if from_recipe:  # the data state is per source: it only fits the same source list
                 _check_same_sources(state, recipe, ckpt)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
