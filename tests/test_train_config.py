@@ -161,20 +161,22 @@ def test_instruct_7b_descends_from_the_base_model_not_the_python_one():
 
 
 def test_lr_schedule_warmup_then_cosine_to_peak_over_30():
+    """Steps 0..109: a linear ramp to the peak at step 9, then a half cosine from there reaching peak/30 at
+    the last step the run takes (109), each value once (no second step at the peak)."""
     o = OptimSection(lr=3e-4, warmup_steps=10, final_lr_div=30)
     total = 110
     lrs = [lr_at(s, total, o) for s in range(total + 5)]
     assert lrs[0] == pytest.approx(3e-4 / 10)
     assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))  # linear ramp
     assert lrs[9] == pytest.approx(3e-4)
-    assert lrs[10] == pytest.approx(3e-4)  # cosine starts at the peak
-    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[60] == pytest.approx((3e-4 + 1e-5) / 2)  # halfway: mid-point of peak and floor
-    assert lrs[total] == pytest.approx(3e-4 / 30) and lrs[total + 4] == pytest.approx(1e-5)
+    assert all(b < a for a, b in zip(lrs[9:total], lrs[10:total]))  # the cosine falls from the peak at once
+    assert lrs[59] == pytest.approx((3e-4 + 1e-5) / 2)  # halfway: mid-point of peak and floor
+    assert lrs[total - 1] == pytest.approx(3e-4 / 30) and lrs[total + 4] == pytest.approx(1e-5)
     assert min(lrs) == pytest.approx(1e-5)
     # the formula itself at an arbitrary point
     s = 37
-    p = (s - 10) / 100
+    p = (s - 9) / 100
     assert lrs[s] == pytest.approx(1e-5 + 0.5 * (3e-4 - 1e-5) * (1 + math.cos(math.pi * p)))
     # no warm-up
     assert lr_at(0, 10, OptimSection(lr=1.0, warmup_steps=0)) == pytest.approx(1.0)
+    assert lr_at(9, 10, OptimSection(lr=1.0, warmup_steps=0, final_lr_div=30)) == pytest.approx(1 / 30)

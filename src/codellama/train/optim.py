@@ -11,12 +11,13 @@ from codellama.train.config import OptimSection
 
 
 def lr_at(step: int, total_steps: int, o: OptimSection) -> float:
-    """Learning rate for optimizer step `step` (0-based): warm-up reaches the peak at step warmup-1, then
-    a half cosine reaches lr/final_lr_div at step `total_steps` (and stays there)."""
+    """Learning rate for optimizer step `step` (0-based, the run's last is total_steps - 1): warm-up reaches
+    the peak at step warmup-1, then a half cosine reaches lr/final_lr_div at the last step (and stays there)."""
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
+    peak_step = max(o.warmup_steps - 1, 0)
     final = o.lr / o.final_lr_div
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    progress = min(1.0, (step - peak_step) / max(1, total_steps - 1 - peak_step))
     return final + 0.5 * (o.lr - final) * (1 + math.cos(math.pi * progress))
 
 
