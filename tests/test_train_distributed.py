@@ -21,9 +21,10 @@ TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def torchrun(nproc: int, *args: str, tied: bool = False, sigterm_rank0_at: int = 0) -> dict:
+def torchrun(nproc: int, *args: str, tied: bool = False, sigterm_rank0_at: int = 0, lora_init: str = "") -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]), OMP_NUM_THREADS="1",
-               TRAIN_WORKER_TIED="1" if tied else "0", TRAIN_WORKER_SIGTERM_RANK0_AT=str(sigterm_rank0_at))
+               TRAIN_WORKER_TIED="1" if tied else "0", TRAIN_WORKER_SIGTERM_RANK0_AT=str(sigterm_rank0_at),
+               TRAIN_WORKER_LORA_INIT=lora_init)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(TESTS / "train_worker.py"), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
@@ -70,3 +71,22 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_its_chec
     two = torchrun(2, str(tmp_path / "two"), "6", sigterm_rank0_at=3)
     assert two["stopped_by"] == "SIGTERM" and [s for s, _ in two["train"]] == [1, 2, 3]
     assert (tmp_path / "two" / "latest").read_text().strip() == "step_00000003"
+
+
+@pytest.mark.slow
+def test_lora_on_two_ranks_equals_one_rank(tmp_path):
+    """FSDP2 shards frozen weights and trainable adapters of one block together: 2 ranks give 1 rank's
+    losses, and each draws the same adapters."""
+    from codellama.checkpoints import hf
+    from helpers import random_model
+
+    hf.save_hf(random_model(w.CFG, seed=3), None, tmp_path / "start")
+    two = torchrun(2, str(tmp_path / "two"), "4", lora_init=str(tmp_path / "start"))
+    toks = w.corpus()
+    one = Trainer(w.recipe(str(tmp_path / "one"), 4, str(tmp_path / "start")),
+                  train_source=InMemoryTokens(toks[:3000], w.SEQ, 1), valid_source=InMemoryTokens(toks[3000:], w.SEQ, 2),
+                  progress=False)
+    full = [(r["step"], r["loss"]) for r in one.run() if r["kind"] == "train"]
+    assert [s for s, _ in two["train"]] == [s for s, _ in full] == [1, 2, 3, 4]
+    for (_, l1), (_, l2) in zip(full, two["train"]):
+        assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-5)

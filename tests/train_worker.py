@@ -1,7 +1,8 @@
 """Run by tests under torchrun (or plainly): a tiny from-scratch training run on a synthetic corpus.
 
 usage: python tests/train_worker.py OUT_DIR STEPS [STOP_AFTER] -> prints one json line of train losses.
-TRAIN_WORKER_TIED=1 in the environment ties the embeddings (as SmolLM2 does).
+TRAIN_WORKER_TIED=1 in the environment ties the embeddings (as SmolLM2 does); TRAIN_WORKER_LORA_INIT=DIR
+fine-tunes the checkpoint in DIR through rank-4 LoRA adapters instead.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def recipe(out_dir: str, steps: int):
+def recipe(out_dir: str, steps: int, lora_init: str = ""):
     return recipe_from_dict({
-        "model": {"preset": "tiny"},
+        "model": {"init": lora_init, "lora": {"rank": 4, "alpha": 8.0}} if lora_init else {"preset": "tiny"},
         "data": {"sources": [{"name": "synthetic", "path": "-", "kind": "tokens"}]},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"steps": steps, "seq_len": SEQ, "global_batch_tokens": SEQ * 8, "micro_batch": 2,
@@ -60,7 +61,9 @@ def main() -> None:
     stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
     toks = corpus()
     cfg = CFG.replace(tie_embeddings=os.environ.get("TRAIN_WORKER_TIED") == "1")
-    trainer = Trainer(recipe(out_dir, steps), model_config=cfg, train_source=InMemoryTokens(toks[:3000], SEQ, 1),
+    lora_init = os.environ.get("TRAIN_WORKER_LORA_INIT", "")
+    trainer = Trainer(recipe(out_dir, steps, lora_init), model_config=None if lora_init else cfg,
+                      train_source=InMemoryTokens(toks[:3000], SEQ, 1),
                       valid_source=InMemoryTokens(toks[3000:], SEQ, 2), progress=False)
     signal_at = int(os.environ.get("TRAIN_WORKER_SIGTERM_RANK0_AT", "0"))
     if signal_at and trainer.env.rank == 0:  # only rank 0 is told to stop, during this step

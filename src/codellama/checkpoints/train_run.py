@@ -119,8 +119,10 @@ def load_train_run(
 ) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from a training run directory or one of its step directories;
     quantize: see fill_model."""
+    from codellama.train.lora import merge_lora_tensors
+
     info = read_train_checkpoint(path)
     dt = resolve_dtype(device, dtype, torch.float32)  # training keeps float32 master weights
-    tensors = _model_tensors(info.path, dt)
+    tensors = merge_lora_tensors(_model_tensors(info.path, dt))  # a LoRA run's adapters into their weights
     model = fill_model(info.config, tensors.items(), device=device, dtype=dt, source=str(info.path), quantize=quantize)
     return model, info.tokenizer, info.config

@@ -120,6 +120,10 @@ def check_fits(path: Path, model: nn.Module) -> None:
         if saved[k] != shape:
             raise UserError(f"checkpoint {path}: {k} has shape {saved[k]}, the recipe's model needs {shape}; "
                             "use the recipe that wrote it or a fresh train.out_dir")
+    extra = sorted(set(saved) - set(ours))
+    if extra:  # e.g. a LoRA run's adapters, resumed by a recipe without (or with other) model.lora settings
+        raise UserError(f"checkpoint {path} holds tensors the recipe's model has no place for ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''}): use the recipe that wrote it or a fresh train.out_dir")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

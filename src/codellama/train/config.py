@@ -18,9 +18,18 @@ from importlib import resources
 from pathlib import Path
 
 from codellama.errors import UserError
+from codellama.train.lora import TARGETS, check_targets
 
 STAGES = ("code", "python", "lcft", "instruct", "custom")
 SOURCE_KINDS = ("shards", "tokens", "chat")
+
+
+@dataclass
+class LoRASection:
+    rank: int = 0  # > 0: train low-rank adapters of this rank on the loaded model, its weights frozen (train/lora.py)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
 
 
 @dataclass
@@ -30,6 +39,7 @@ class ModelSection:
     tokenizer: str = ""  # tokenizer path when the checkpoint carries none (or from scratch)
     rope_theta: float = 0.0  # > 0: replace the model's RoPE base (LCFT: 1e4 -> 1e6)
     add_infill_tokens: bool = False  # append <PRE> <SUF> <MID> <EOT> when the vocabulary lacks them
+    lora: LoRASection = field(default_factory=LoRASection)
 
 
 @dataclass
@@ -254,6 +264,13 @@ def validate(r: Recipe) -> None:
     need(not Path(t.out_dir).is_file(), f"train.out_dir {t.out_dir} is a file; give a folder for the run (--out)")
     need(m.rope_theta >= 0 and math.isfinite(m.rope_theta),
          f"model.rope_theta must be > 0 (or 0: keep the checkpoint's), got {m.rope_theta}")
+    if m.lora.rank:
+        need(m.lora.rank > 0 and m.lora.alpha > 0 and 0 <= m.lora.dropout < 1,
+             f"model.lora: rank and alpha must be > 0 and dropout in [0, 1), got rank {m.lora.rank}, "
+             f"alpha {m.lora.alpha}, dropout {m.lora.dropout}")
+        need(bool(m.init), "model.lora adapts a loaded model: set model.init to the checkpoint to fine-tune "
+             "(from scratch, train every weight: model.lora.rank = 0)")
+        check_targets(m.lora.targets)
     need(o.lr > 0 and o.final_lr_div >= 1, "optim.lr must be > 0 and optim.final_lr_div >= 1")
     need(all(0 <= b < 1 for b in o.betas), f"optim.betas must lie in [0, 1), got {o.betas}")
     need(o.warmup_steps >= 0 and o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,

@@ -183,8 +183,17 @@ class Trainer:
             if m.add_infill_tokens:
                 from codellama.train.vocab import ensure_infill_tokens
 
+                vocab = model.config.vocab_size
                 tokenizer = ensure_infill_tokens(model, tokenizer, seed=t.seed)
+                if m.lora.rank and model.config.vocab_size != vocab:
+                    raise UserError(f"model.add_infill_tokens added {model.config.vocab_size - vocab} tokens to the "
+                                    f"vocabulary of {m.init}, but with model.lora only the adapters train: the new "
+                                    "tokens' embedding rows would stay as initialised. Add them in a full fine-tune "
+                                    "first (model.lora.rank = 0), or start from a checkpoint that has them (Code "
+                                    "Llama's do)")
             self._adjust_config(model.config)
+            if m.lora.rank:
+                self._apply_lora(model)
             return place_loaded(model, self.env, **parallel), tokenizer
         cfg = model_config.replace() if model_config is not None else self._preset(m.preset)
         if tokenizer is None and m.tokenizer:
@@ -198,6 +207,15 @@ class Trainer:
             cfg.vocab_size = max(cfg.vocab_size, tokenizer.vocab_size)
         self._adjust_config(cfg)
         return build_from_scratch(cfg, self.env, t.seed, **parallel), tokenizer
+
+    def _apply_lora(self, model: Transformer) -> None:
+        from codellama.train.lora import apply_lora
+
+        lora, total = self.recipe.model.lora, sum(p.numel() for p in model.parameters())
+        trainable = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, self.recipe.train.seed)
+        if self.env.is_main:
+            print(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters, "
+                  f"{100 * trainable / total:.2f}% of the model's {total:,}", file=sys.stderr)
 
     @staticmethod
     def _preset(name: str) -> ModelConfig:
@@ -283,6 +301,8 @@ class Trainer:
         t, o, env = self.recipe.train, self.recipe.optim, self.env
         tokens_per_step = t.global_batch_seqs * t.seq_len
         flops_per_token = self.cfg.flops_per_token(t.seq_len)
+        if self.recipe.model.lora.rank:  # frozen weights get no gradients: a third of the matmuls' work is not done
+            flops_per_token -= 2 * self.cfg.num_params(include_embeddings=False)
         records = []
         if env.is_main:
             self._note_settings_without_effect()
@@ -351,8 +371,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from codellama.checkpoints.hf import save_hf
+        from codellama.train.lora import merge_lora_tensors
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = merge_lora_tensors(sd)  # LoRA adapters into the weights they adapt
         done = None
         if self.env.is_main:
             with torch.device("meta"):
