@@ -65,6 +65,18 @@ def test_humaneval_prompt_unstripped_and_stop_words():
     assert truncate("    x = 1\nprint(x)\nif y", task.stop) == "    x = 1"
 
 
+def test_decorated_next_function_is_cut_before_its_decorator():
+    """bigcode's stop words include "\\n@": cut only at "\\ndef", the decorator line stayed in the completion
+    and the tests after it were a SyntaxError, failing a correct body."""
+    task = get_task("humaneval")
+    p = task.load()[2]  # truncate_number
+    gen = "    return number % 1.0\n\n\n@functools.lru_cache(maxsize=None)\ndef helper(x):\n    return x\n"
+    completion = task.postprocess(p, gen)
+    assert completion == "    return number % 1.0\n\n"
+    with Sandbox(workers=1) as sb:
+        assert sb.run(task.program(p, completion)).passed
+
+
 def test_extract_code_from_chat_answers():
     assert extract_code("Sure!\n```python\ndef f():\n    return 1\n```\nDone.") == "def f():\n    return 1\n"
     assert extract_code("[PYTHON]\ndef f():\n    return 2\n[/PYTHON]") == "def f():\n    return 2\n"
