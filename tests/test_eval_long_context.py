@@ -103,6 +103,18 @@ def test_key_retrieval_table_and_heatmap(tmp_path, perfect):
     assert json.loads((tmp_path / "summary.json").read_text())["examples"] == 3
 
 
+def test_key_retrieval_rerun_with_fewer_examples_reports_those(tmp_path):
+    """A rerun with fewer --examples (or --limit) summarised every saved example, and said `examples` = fewer."""
+    def run_with(perfect: bool, examples: int) -> dict:
+        gen = ReaderGenerator(perfect)
+        return key_retrieval(ModelAdapter(gen), gen.tokenizer, tmp_path, lengths=(1500,), positions=(0.0,),
+                             examples=examples, progress=False, plot=False)
+
+    assert run_with(True, 2)["accuracy"] == {"1500/0": 1.0}
+    assert run_with(False, 4)["accuracy"] == {"1500/0": 0.5}  # examples 2 and 3 answered wrong
+    assert run_with(False, 2)["accuracy"] == {"1500/0": 1.0}  # nothing new asked: the first two, both right
+
+
 def tiny_cfg() -> ModelConfig:
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden=128, max_seq_len=4096)
 

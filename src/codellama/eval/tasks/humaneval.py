@@ -11,7 +11,9 @@ from codellama.eval.data import read_jsonl
 from codellama.eval.sandbox import Program
 from codellama.eval.tasks.base import Task, python_program
 
-STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+# the bigcode harness's (Codex's plus "\n@"): without it a decorated next function was cut at its "\ndef",
+# leaving the decorator line dangling before the tests (a SyntaxError)
+STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
 
 INSTRUCT = (
     "Complete the following Python function. Answer with the complete function, including the imports it "

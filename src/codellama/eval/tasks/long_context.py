@@ -163,7 +163,9 @@ def key_retrieval(model, tokenizer, out: Path, lengths=DEFAULT_LENGTHS, position
     table: dict[tuple[int, float], float] = {}
     for length in lengths:
         for pos in positions:
-            rows = [r for r in done.values() if r["length"] == length and r["position"] == pos]
+            # this run's examples only: a rerun with fewer (--examples, --limit) reported those of the longer run
+            wanted = {f"L{length}/P{pos:g}/{i}" for i in range(examples)}
+            rows = [r for tid, r in done.items() if tid in wanted]
             if rows:
                 table[(length, pos)] = sum(r["passed"] for r in rows) / len(rows)
     from codellama.eval.plots import plot_heatmap

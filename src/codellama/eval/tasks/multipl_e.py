@@ -5,8 +5,9 @@ MultiPL-E's pipeline and the bigcode harness. Each language has its toolchain co
 evaluation/src/eval_*.py and its Dockerfile); a missing toolchain makes the task `skipped` with the command
 that installs it. Pass = every step exits 0, plus, where the language allows it, a nonce printed after the
 last assert (so an early exit(0) fails); racket's rackunit reports failures on stderr with status 0, so
-there any stderr output fails. C# is scored with the DeepSeek-fixed `humaneval-cs.jsonl`: MultiPL-E's
-original list `.Equals` asserts (humaneval-cs-bu.jsonl) compare references and can never pass (data README).
+there any stderr output fails; mono exits 0 after a failed C# Debug.Assert, so there its trace fails. C# is
+scored with the DeepSeek-fixed `humaneval-cs.jsonl`: MultiPL-E's original list `.Equals` asserts
+(humaneval-cs-bu.jsonl) compare references and can never pass (data README).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Lang:
     prefix: Callable[[str], str] | None = None  # code put before the prompt (ruby's at_exit)
     compile_steps: int = 0  # leading steps that build (longer limits)
     fail_on_stderr: bool = False
+    stderr_failures: tuple[str, ...] = ()  # stderr text that fails a run with status 0
     run_limits: Limits = RUN
     env: dict = field(default_factory=dict)
     extra_files: dict = field(default_factory=dict)
@@ -101,6 +103,9 @@ def _path() -> str:
 
 
 GO_MOD = "module humaneval\n\ngo 1.18\n"
+# mono exits 0 after a failed Debug.Assert, and says so only through a trace listener: on stderr with
+# MONO_TRACE_LISTENER=Console.Error; MultiPL-E's eval_cs fails a run whose stderr has one of these
+MONO_FAILURES = ("System.Diagnostics.DefaultTraceListener.Fail", "Unhandled Exception")
 LANGS: dict[str, Lang] = {lang.name: lang for lang in [
     Lang("py", "main.py", (("{python}", "-I", "{file}"),), (), "apt-get install -y python3",
          sentinel=_append("print({nonce!r})")),
@@ -148,7 +153,8 @@ LANGS: dict[str, Lang] = {lang.name: lang for lang in [
     Lang("cs", "Problem.cs", (("mcs", "-d:DEBUG", "-r:System.Numerics.dll", "-out:main.exe", "{file}"),
                               ("mono", "main.exe")), ("mcs", "mono"), "apt-get install -y mono-devel", compile_steps=1,
          sentinel=_before_last_brace('System.Console.WriteLine("{nonce}");', skip=1),
-         run_limits=Limits(timeout=15.0, memory_bytes=None)),
+         run_limits=Limits(timeout=15.0, memory_bytes=None), env={"MONO_TRACE_LISTENER": "Console.Error"},
+         stderr_failures=MONO_FAILURES),
 ]}
 MULTIPLE_LANGS = [name for name in LANGS if name != "py"]  # the 18 data files
 
@@ -205,7 +211,7 @@ def build_program(lang: Lang, prompt: str, completion: str, tests: str, run_limi
     if lang.name == "go":
         env.setdefault("GOPATH", "/nonexistent")
     return Program(files={lang.file: body, **lang.extra_files}, steps=steps, sentinel=nonce,
-                   limits=run_limits, env=env, fail_on_stderr=lang.fail_on_stderr)
+                   limits=run_limits, env=env, fail_on_stderr=lang.fail_on_stderr, stderr_failures=lang.stderr_failures)
 
 
 class MultiPLE(Task):
