@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from codellama import cli
 from codellama.checkpoints.hf import load_hf, save_hf
 from codellama.checkpoints.load import load_model
 from codellama.config import ModelConfig
@@ -84,6 +85,22 @@ def test_pytorch_bin_fallback(tmp_path):
     torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
     loaded = load_model(tmp_path).model
     assert torch.equal(loaded.layers[0].feed_forward.w2.weight, model.layers[0].feed_forward.w2.weight)
+
+
+def test_pytorch_bin_keeps_its_stored_dtype(tmp_path):
+    """A float16 pytorch_model.bin (the only weights of many Llama 2 fine-tunes) loads "auto" as float16, so
+    `convert` keeps it float16 (it was widened to float32: twice the memory and the output's size)."""
+    from codellama.checkpoints.hf import hf_state_dict
+
+    model = random_model(GQA, dtype=torch.float16)
+    save_hf(model, None, tmp_path / "src")
+    (tmp_path / "src" / "model.safetensors").unlink()
+    sd = hf_state_dict(model)
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # older conversions kept it, in float32
+    torch.save(dict(reversed(sd.items())), tmp_path / "src" / "pytorch_model.bin")
+    assert load_model(tmp_path / "src", dtype="auto").model.output.weight.dtype == torch.float16
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):

@@ -108,12 +108,16 @@ def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if f.suffix == ".safetensors":
         yield from _iter_safetensors(f)
     else:
-        try:
-            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            refuse_web_page(f)
-            raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
-        yield from sd.items()
+        yield from _load_bin(f).items()
+
+
+def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model*.bin's state dict, memory-mapped (no weight is read until used)."""
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        refuse_web_page(f)
+        raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
 
 
 def _iter_ours(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -148,13 +152,15 @@ def read_safetensors_header(f: Path) -> dict:
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype | None:
-    """The dtype of the first tensor, from the safetensors header only."""
+    """The dtype of the first weight, from the safetensors header or the .bin's pickled tensors (memory-mapped:
+    no weight is read); a .bin's unknown dtype had `convert` widen float16 .bin checkpoints to float32."""
     if files[0].suffix != ".safetensors":
-        return None
-    for k, v in read_safetensors_header(files[0]).items():
-        if k != "__metadata__":
-            return _ST_DTYPES.get(v.get("dtype"))
-    return None
+        dtypes = (t.dtype for k, t in _load_bin(files[0]).items() if not k.endswith("inv_freq"))
+    else:
+        header = read_safetensors_header(files[0])
+        dtypes = (_ST_DTYPES.get(v.get("dtype")) for k, v in header.items()
+                  if k != "__metadata__" and not k.endswith("inv_freq"))
+    return next((d for d in dtypes if d in _ST_DTYPES.values()), None)
 
 
 def load_hf(
