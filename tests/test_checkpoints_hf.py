@@ -128,6 +128,28 @@ def test_missing_shard_is_named(tmp_path):
         load_model(tmp_path)
 
 
+def test_bin_shards_load_beside_the_safetensors_index_of_shards_not_downloaded(tmp_path):
+    """The Hub's repos (CodeLlama-7b-hf) carry both shard indexes: a download of the .bin shards and the
+    JSON files loads them (the safetensors index was read first, and its absent shards refused)."""
+    from codellama.checkpoints.hf import hf_state_dict
+
+    model = random_model(GQA)
+    save_hf(model, None, tmp_path, max_shard_size="40KB")
+    sd, weight_map = hf_state_dict(model), {}
+    for i, names in enumerate((list(sd)[:5], list(sd)[5:])):
+        name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({n: sd[n] for n in names}, tmp_path / name)
+        weight_map |= dict.fromkeys(names, name)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for f in tmp_path.glob("model-*.safetensors"):
+        f.unlink()
+    loaded = load_model(tmp_path).model
+    assert torch.equal(loaded.layers[1].attention.wk.weight, model.layers[1].attention.wk.weight)
+    (tmp_path / "pytorch_model-00002-of-00002.bin").unlink()  # neither complete: the safetensors one is named
+    with pytest.raises(UserError, match=r"model.safetensors.index.json lists shard\(s\) model-00001"):
+        load_model(tmp_path)
+
+
 def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

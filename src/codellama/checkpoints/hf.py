@@ -51,17 +51,21 @@ def read_hf_config(path: Path) -> ModelConfig:
 
 def weight_files(path: Path) -> list[Path]:
     """The weight files of an HF dir, in the order the index lists them (safetensors preferred)."""
+    incomplete = None
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
             weight_map = read_json_object(index, "the shard index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index}: the shard index has no weight_map object")
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            files = [path / str(f) for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise UserError(f"{index} lists shard(s) {', '.join(absent)} that are missing from {path}")
-            return files
+            if not absent:
+                return files
+            # the Hub's repos carry both indexes: a download of the .bin shards alone is complete too
+            incomplete = incomplete or f"{index} lists shard(s) {', '.join(absent)} that are missing from {path}"
+    if incomplete:
+        raise UserError(incomplete)
     for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
         files = sorted(path.glob(pattern))
         if files:
