@@ -485,6 +485,24 @@ def test_code_llama_vocabulary_through_gguf_meta_and_llama_cpp(tmp_path):
     assert meta.config.vocab_size == 32016 and meta.tokenizer.encode(text) == tok.encode(text)
 
 
+@pytest.mark.parametrize("variant,rows", [("base", 32000), ("python", 32001)])
+def test_gguf_export_fits_the_vocabulary_to_the_embedding_as_llama_cpp_does(tmp_path, codellama, variant, rows):
+    """A 32000-row model with Code Llama's 32016 pieces (the Hub's Python models, spec 6.5) and a fine-tune
+    with a pad row added to Llama 2's 32000 pieces were refused ("llama.cpp needs them equal"); now pieces
+    past the embedding are dropped and rows past the pieces get unused [PAD{id}] ones, as llama.cpp's
+    converter does."""
+    from codellama.tokenizer import codellama_tokenizer
+
+    source = codellama_tokenizer(variant)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=rows, ffn_hidden=64, max_seq_len=64)
+    path = save_gguf(random_model(cfg), source, tmp_path / "m.gguf", "F16")
+    tok = load_model(path).tokenizer
+    assert tok.vocab_size == rows and not tok.can_infill and tok.chat_template == source.chat_template
+    assert tok.id_to_piece(rows - 1) == ("[PAD32000]" if rows == 32001 else codellama.id_to_piece(31999))
+    text = "def f(x):\n    return x  # é 😀"
+    assert tok.encode(text) == codellama.encode(text) and all(i < 32000 for i in tok.encode("<PRE> <EOT>"))
+
+
 def test_instruct_template_in_a_gguf_export_chats_in_llama_cpp_as_meta(tmp_path, codellama):
     """A GGUF export of an instruct tokenizer carries the [INST] template in llama.cpp's convention (it adds
     SentencePiece's space after <s> itself): rendered and tokenized by llama.cpp (as its --jinja mode does),

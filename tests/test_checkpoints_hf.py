@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from codellama import cli
 from codellama.checkpoints.hf import load_hf, save_hf
 from codellama.checkpoints.load import load_model
 from codellama.config import ModelConfig
@@ -86,6 +87,22 @@ def test_pytorch_bin_fallback(tmp_path):
     assert torch.equal(loaded.layers[0].feed_forward.w2.weight, model.layers[0].feed_forward.w2.weight)
 
 
+def test_pytorch_bin_keeps_its_stored_dtype(tmp_path):
+    """A float16 pytorch_model.bin (the only weights of many Llama 2 fine-tunes) loads "auto" as float16, so
+    `convert` keeps it float16 (it was widened to float32: twice the memory and the output's size)."""
+    from codellama.checkpoints.hf import hf_state_dict
+
+    model = random_model(GQA, dtype=torch.float16)
+    save_hf(model, None, tmp_path / "src")
+    (tmp_path / "src" / "model.safetensors").unlink()
+    sd = hf_state_dict(model)
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # older conversions kept it, in float32
+    torch.save(dict(reversed(sd.items())), tmp_path / "src" / "pytorch_model.bin")
+    assert load_model(tmp_path / "src", dtype="auto").model.output.weight.dtype == torch.float16
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
 def test_shape_mismatch_names_the_tensor(tmp_path):
     save_hf(random_model(GQA), None, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -108,6 +125,28 @@ def test_missing_shard_is_named(tmp_path):
     victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(UserError, match=victim.name):
+        load_model(tmp_path)
+
+
+def test_bin_shards_load_beside_the_safetensors_index_of_shards_not_downloaded(tmp_path):
+    """The Hub's repos (CodeLlama-7b-hf) carry both shard indexes: a download of the .bin shards and the
+    JSON files loads them (the safetensors index was read first, and its absent shards refused)."""
+    from codellama.checkpoints.hf import hf_state_dict
+
+    model = random_model(GQA)
+    save_hf(model, None, tmp_path, max_shard_size="40KB")
+    sd, weight_map = hf_state_dict(model), {}
+    for i, names in enumerate((list(sd)[:5], list(sd)[5:])):
+        name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({n: sd[n] for n in names}, tmp_path / name)
+        weight_map |= dict.fromkeys(names, name)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for f in tmp_path.glob("model-*.safetensors"):
+        f.unlink()
+    loaded = load_model(tmp_path).model
+    assert torch.equal(loaded.layers[1].attention.wk.weight, model.layers[1].attention.wk.weight)
+    (tmp_path / "pytorch_model-00002-of-00002.bin").unlink()  # neither complete: the safetensors one is named
+    with pytest.raises(UserError, match=r"model.safetensors.index.json lists shard\(s\) model-00001"):
         load_model(tmp_path)
 
 

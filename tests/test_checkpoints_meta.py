@@ -162,6 +162,22 @@ def test_vocab_from_tokenizer_model(tmp_path):
         load_model(other)
 
 
+def test_model_with_fewer_rows_than_its_tokenizer_has_pieces_round_trips(tmp_path, codellama):
+    """A 32000-row model with Code Llama's 32016-piece tokenizer (the Hub's Python models, spec 6.5) written
+    to Meta's layout loads back (params.json gives the vocab; it was taken from tokenizer.model, 32016, and
+    the embedding refused), with infilling refused as from the HF original."""
+    model = random_model(MHA.replace(vocab_size=32000))
+    save_meta(model, codellama, tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.config.vocab_size == 32000 and loaded.tokenizer.vocab_size == 32016
+    assert not loaded.tokenizer.can_infill
+    tokens = torch.randint(0, 32000, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens), model(tokens), atol=0, rtol=0)
+    save_meta(random_model(MHA.replace(vocab_size=32016)), codellama, tmp_path / "same")
+    assert "vocab_size" not in json.loads((tmp_path / "same" / "params.json").read_text())  # as Meta's
+
+
 def _swap_in_other_model(directory):
     # consolidated.01.pth of another checkpoint with the same number of ranks (dim 128 vs 64)
     save_meta(random_model(GQA), None, directory / "other", n_shards=2)

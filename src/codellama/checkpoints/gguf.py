@@ -468,6 +468,7 @@ def write_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, cfg: ModelConfig) -> Non
     """The tokenizer.ggml.* fields (codellama.tokenizer's writer) plus llama.cpp's infill token ids."""
     from codellama.tokenizer import write_gguf_tokenizer
 
+    tok = _fit_pieces(tok, cfg.vocab_size)
     if tok.vocab_size != cfg.vocab_size:
         raise UserError(
             f"the tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} embedding rows; "
@@ -479,3 +480,21 @@ def write_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, cfg: ModelConfig) -> Non
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", tid)
     if tok.eot_id is not None:
         w.add_eot_token_id(tok.eot_id)
+
+
+def _fit_pieces(tok: Tokenizer, rows: int) -> Tokenizer:
+    """A SentencePiece tokenizer with as many pieces as the embedding has rows, made as llama.cpp's converter
+    makes them: pieces past the embedding dropped (a 32000-row Python model shipped with Code Llama's 32016),
+    rows past the pieces named [PAD{id}], unused (a fine-tune's added pad row). Any other tokenizer as is."""
+    from codellama import spm_proto
+    from codellama.tokenizer import SentencePieceTokenizer
+
+    if not isinstance(tok, SentencePieceTokenizer) or tok.vocab_size == rows:
+        return tok
+    proto = spm_proto.ModelProto.from_bytes(tok.model_proto)
+    if max(proto.special_ids().values()) >= rows:  # its BOS, EOS, unknown or pad piece would be lost
+        return tok
+    proto.pieces = proto.pieces[:rows] + [spm_proto.Piece(f"[PAD{i}]", -10000.0, spm_proto.UNUSED)
+                                          for i in range(len(proto.pieces), rows)]
+    proto.set_vocab_size()
+    return SentencePieceTokenizer(proto.to_bytes(), chat_template=tok.chat_template, add_bos=tok.add_bos)

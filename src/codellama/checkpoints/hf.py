@@ -51,17 +51,21 @@ def read_hf_config(path: Path) -> ModelConfig:
 
 def weight_files(path: Path) -> list[Path]:
     """The weight files of an HF dir, in the order the index lists them (safetensors preferred)."""
+    incomplete = None
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
             weight_map = read_json_object(index, "the shard index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index}: the shard index has no weight_map object")
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            files = [path / str(f) for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise UserError(f"{index} lists shard(s) {', '.join(absent)} that are missing from {path}")
-            return files
+            if not absent:
+                return files
+            # the Hub's repos carry both indexes: a download of the .bin shards alone is complete too
+            incomplete = incomplete or f"{index} lists shard(s) {', '.join(absent)} that are missing from {path}"
+    if incomplete:
+        raise UserError(incomplete)
     for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
         files = sorted(path.glob(pattern))
         if files:
@@ -108,12 +112,16 @@ def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if f.suffix == ".safetensors":
         yield from _iter_safetensors(f)
     else:
-        try:
-            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            refuse_web_page(f)
-            raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
-        yield from sd.items()
+        yield from _load_bin(f).items()
+
+
+def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model*.bin's state dict, memory-mapped (no weight is read until used)."""
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        refuse_web_page(f)
+        raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
 
 
 def _iter_ours(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -148,13 +156,15 @@ def read_safetensors_header(f: Path) -> dict:
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype | None:
-    """The dtype of the first tensor, from the safetensors header only."""
+    """The dtype of the first weight, from the safetensors header or the .bin's pickled tensors (memory-mapped:
+    no weight is read); a .bin's unknown dtype had `convert` widen float16 .bin checkpoints to float32."""
     if files[0].suffix != ".safetensors":
-        return None
-    for k, v in read_safetensors_header(files[0]).items():
-        if k != "__metadata__":
-            return _ST_DTYPES.get(v.get("dtype"))
-    return None
+        dtypes = (t.dtype for k, t in _load_bin(files[0]).items() if not k.endswith("inv_freq"))
+    else:
+        header = read_safetensors_header(files[0])
+        dtypes = (_ST_DTYPES.get(v.get("dtype")) for k, v in header.items()
+                  if k != "__metadata__" and not k.endswith("inv_freq"))
+    return next((d for d in dtypes if d in _ST_DTYPES.values()), None)
 
 
 def load_hf(

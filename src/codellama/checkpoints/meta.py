@@ -213,8 +213,8 @@ def check_meta_layout(cfg: ModelConfig, n_shards: int) -> None:
 
 
 def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, n_shards: int = 1) -> Path:
-    """Write params.json (no vocab_size, as Meta's), consolidated.NN.pth split for `n_shards` ranks, and
-    tokenizer.model when the tokenizer is SentencePiece."""
+    """Write params.json (no vocab_size, as Meta's, unless the tokenizer's differs), consolidated.NN.pth split
+    for `n_shards` ranks, and tokenizer.model when the tokenizer is SentencePiece."""
     cfg = model.config
     check_meta_layout(cfg, n_shards)
     out = Path(out_dir)
@@ -247,8 +247,12 @@ def save_meta(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
     )
     if params["ffn_dim_multiplier"] is None:
         params.pop("ffn_dim_multiplier")
-    (out / "params.json").write_text(json.dumps(params) + "\n")
     proto = getattr(tokenizer, "model_proto", None)  # SentencePieceTokenizer; Meta's layout has no BPE
+    if proto is not None and tokenizer.vocab_size != cfg.vocab_size:
+        # loading takes the vocab from tokenizer.model unless params.json gives one: a 32000-row model with
+        # Code Llama's 32016 pieces (the Hub's Python models) was written, then refused for its embedding
+        params["vocab_size"] = cfg.vocab_size
+    (out / "params.json").write_text(json.dumps(params) + "\n")
     if proto is not None:
         (out / "tokenizer.model").write_bytes(proto)
     else:  # an overwritten checkpoint's tokenizer does not belong to these weights
