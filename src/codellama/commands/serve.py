@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from codellama.commands.generate import add_precision_args
+from codellama.commands.generate import add_lookup_arg, add_precision_args, check_lookup
 from codellama.errors import UserError
 
 
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
                    "resending a file, a chat its history; usage.prompt_tokens_details.cached_tokens counts them); "
                    "--no-reuse-prefixes prefills every prompt whole (logits then never depend on earlier "
                    "requests, not even by float rounding)")
+    add_lookup_arg(p)
     p.add_argument("--spm", action="store_true",
                    help="lay out `suffix` requests suffix-first (<PRE> <SUF> suffix <MID> prefix; default: "
                    "prefix-suffix-middle): an editor typing at the cursor then changes only the prompt's end, so "
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-tokens", args.max_tokens), ("--context", args.context), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    check_lookup(args.lookup)
     if not 0 <= args.port <= 65535:  # uvicorn would fail with a traceback after loading the model
         raise UserError(f"--port must be in 0-65535, got {args.port}")
     sock = _bind(args.host, args.port)
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     warn_past_trained_context(args.context, loaded.config, "--context")
     _setup_logging(log_handler)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
-                    compile=args.compile, reuse_prefixes=args.reuse_prefixes)
+                    compile=args.compile, reuse_prefixes=args.reuse_prefixes, lookup=args.lookup)
     config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens,
                           suffix_first=args.spm)
     app = create_app(engine, config)

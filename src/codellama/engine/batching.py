@@ -17,11 +17,18 @@ step, fed with those tokens on the device, so the GPU does not wait for the host
 (1-2 ms per token on an H200 when each step was read at once, BENCHMARKS.md). A row that stops on a stop
 token or string has one step computed past its end, which is discarded; rows ending by length are known
 ahead and skipped. The chain pauses for one step whenever waiting requests can be admitted.
+
+Prompt lookup (`lookup` > 0, where a step runs exactly the active rows: the CPU's fused step): a greedy
+request whose last tokens occurred earlier in its prompt or output gets up to `lookup` guessed tokens
+(engine/lookup.py) fed after its own in the same step, one row each; the step's logits then check the
+guesses, and every one that equals the model's choice adds a token. The tokens are exactly those of one
+step per token. Requests that sample, or want logprobs, take one token per step as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -36,6 +43,7 @@ import torch
 from codellama.engine.decode import MIN_REUSED_TOKENS, Decoder
 from codellama.engine.host import HostTokens, to_device
 from codellama.engine.kernels import torch_on_one_thread
+from codellama.engine.lookup import draft
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt, token_logprobs
 from codellama.model import Transformer
 from codellama.sampling import RowSampler, SamplingParams
@@ -58,6 +66,7 @@ class Request:
     on_event: Callable[[StreamEvent], None] | None = None
     generator: torch.Generator | None = None
     prompt_logprobs: bool = False  # also score the prompt's tokens (with `logprobs` alternatives)
+    guesses: int = 1  # prompt lookup: how many tokens its next step may guess (grows while guesses hold)
     slot: int | None = None
     finished: bool = False
     cancelled: bool = field(default=False, repr=False)
@@ -89,10 +98,18 @@ class Scheduler:
         context_len: int | None = None,
         stop_ids: Sequence[int] = (),
         overlap: bool | None = None,
+        lookup: int = 0,
     ):
         self.decoder = decoder
         self.device = decoder.device
         self.overlap = self.device.type == "cuda" if overlap is None else overlap  # see the module's docstring
+        if lookup < 0:
+            raise ValueError(f"lookup is a number of guessed tokens per step (0: off), got {lookup}")
+        # guessed tokens per greedy row and step (module docstring); only where a step runs exactly its rows
+        self.lookup = lookup if decoder.steps_exact_slots and not self.overlap else 0
+        if lookup and not self.lookup:
+            _warn_once("prompt lookup needs the CPU's fused decode step (a float32 model on the CPU); decoding "
+                       "one token per step")
         self._pending: Launched | None = None  # the step queued but not yet read (overlap only)
         ctx = context_len or decoder.model.config.max_seq_len
         self.context_len = min(ctx, decoder.max_seq_len)  # longest prompt + completion one slot holds
@@ -165,6 +182,10 @@ class Scheduler:
             self._prefill(admitted, events)
         if self.active:
             rows = list(self.active)
+            guesses = {r.id: guess for r in rows if (guess := self._guess(r))}
+            if guesses:
+                self._speculate(rows, guesses, events)
+                return events
             launched = self._decode(rows, [r.row.tokens[-1] for r in rows], [r.row.position for r in rows])
             if self.overlap:
                 self._pending = launched
@@ -208,6 +229,43 @@ class Scheduler:
     def _decode(self, rows: list[Request], tokens: Sequence[int] | torch.Tensor, positions: list[int]) -> Launched:
         logits = self.decoder.decode([r.slot for r in rows], tokens, positions)  # [b, V]
         return self._sample(rows, logits)
+
+    def _guess(self, req: Request) -> list[int]:
+        """Tokens to check after the request's next input by prompt lookup (module docstring); [] for none."""
+        if not self.lookup or req.params.temperature > 0 or req.logprobs is not None:
+            return []
+        room = min(req.guesses, req.row.max_new - len(req.row.tokens) - 1,  # tokens it may still take
+                   self.decoder.model.cache_shape[1] - 2 - req.row.position)  # the last position is the steps'
+        return draft(req.prompt + req.row.tokens, room) if room > 0 else []
+
+    def _speculate(self, rows: list[Request], guesses: dict[int, list[int]], events: Events) -> None:
+        """One step in which each row feeds its next input and then its guesses, one row per token at
+        consecutive positions of its slot; every guess equal to the greedy choice before it adds a token."""
+        slots, tokens, positions, first = [], [], [], []
+        for r in rows:
+            fed = [r.row.tokens[-1], *guesses.get(r.id, ())]
+            first.append(len(tokens))
+            slots += [r.slot] * len(fed)
+            tokens += fed
+            positions += range(r.row.position, r.row.position + len(fed))
+        logits = self.decoder.decode(slots, tokens, positions)  # [len(tokens), V]
+        with torch_on_one_thread(self.device):
+            own = logits[first]  # [len(rows), V]
+            choices = logits.argmax(-1).tolist()  # the greedy token after each fed one
+        self._accept(self._sample(rows, own), events)  # each row's own next token, as a plain step
+        for r, i in zip(rows, first):
+            guess = guesses.get(r.id)
+            if not guess or r.finished:
+                continue
+            held = 0
+            for g, after in zip(guess, choices[i + 1 :]):
+                if g != r.row.tokens[-1] or r.finished:  # a wrong guess: what follows it was computed for nothing
+                    break
+                self._push(r, after, None, events)
+                held += 1
+            # a row costs about half a token on the CPU: guess twice as far after a run of right guesses, and
+            # after a wrong one only as far as this guess held
+            r.guesses = min(self.lookup, len(guess) + 1) if held == len(guess) else max(1, held)
 
     def _chain(self, pending: Launched) -> Launched | None:
         """The next step for the pending step's rows, fed with its sampled tokens while still on the device.
@@ -271,11 +329,14 @@ class Scheduler:
         for req, token, lp in zip(step.rows, tokens, lps):
             if req.finished:  # stopped or cancelled while this step ran (overlap): its token is past the end
                 continue
-            delta = req.row.push(token, lp)
-            if req.row.finish_reason is not None:
-                self._finish(req, req.row.finish_reason, events, delta)
-            elif delta:
-                events.append((req, StreamEvent(req.id, delta, None)))
+            self._push(req, token, lp, events)
+
+    def _push(self, req: Request, token: int, lp: TokenLogprob | None, events: Events) -> None:
+        delta = req.row.push(token, lp)
+        if req.row.finish_reason is not None:
+            self._finish(req, req.row.finish_reason, events, delta)
+        elif delta:
+            events.append((req, StreamEvent(req.id, delta, None)))
 
     def _finish(self, req: Request, reason: str, events: Events, delta: str = "") -> None:
         if req.finished:
@@ -313,6 +374,11 @@ class Scheduler:
         return out
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 _STASHED_STATE: list = []
 
 
@@ -346,6 +412,7 @@ class Engine:
         compile: bool | dict | None = None,
         overlap: bool | None = None,
         reuse_prefixes: bool = True,
+        lookup: int = 0,
     ):
         context_len = context_len or model.config.max_seq_len
         self.tokenizer = tokenizer
@@ -354,7 +421,7 @@ class Engine:
             stop_ids = tokenizer.stop_ids
         else:
             stop_ids = {model.config.eos_id} - {None}
-        self.scheduler = Scheduler(self.decoder, context_len, stop_ids, overlap)
+        self.scheduler = Scheduler(self.decoder, context_len, stop_ids, overlap, lookup)
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # submit vs. abort_all

@@ -292,7 +292,9 @@ class Decoder:
     def decode(
         self, slots: Sequence[int], tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]
     ) -> torch.Tensor:
-        """One step for the rows in `slots` (ascending), each feeding `tokens[i]` at `positions[i]`.
+        """One step for the rows in `slots` (ascending), each feeding `tokens[i]` at `positions[i]`. Where
+        steps run exactly their rows (steps_exact_slots), a slot may have several rows, at consecutive
+        positions (prompt lookup's guesses, engine/batching.py).
 
         tokens may be a tensor on the model's device (the previous step's samples, never read by the host).
         Returns logits [len(slots), V] float32 in the same order.
