@@ -201,3 +201,21 @@ def test_rope_scalings_we_do_not_implement_are_refused(tmp_path, scaling):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(UserError, match=f"config.json: unsupported rope_scaling type '{scaling['rope_type']}'"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_attention_heads", "4", "n_heads must be a positive integer, got '4'"),
+    ("vocab_size", None, "vocab_size must be a positive integer, got None"),
+    ("rope_scaling", 2.0, "rope_scaling must be an object"),
+    ("num_attention_heads", 6, r"dim \(64\) must be a multiple of n_heads \(6\)"),
+])
+def test_a_config_json_with_a_wrong_value_is_named(tmp_path, field, value, match):
+    """Hand-edited or corrupt config.json values: an error naming the file, not a TypeError or a reshape
+    error deep in loading."""
+    save_hf(random_model(GQA), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    cfg.pop("head_dim", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=f"config.json: .*{match}"):
+        load_model(tmp_path)

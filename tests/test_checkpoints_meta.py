@@ -246,3 +246,18 @@ def test_llama_31_scaled_rope_is_refused(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(params | {"use_scaled_rope": True}))
     with pytest.raises(UserError, match="params.json: use_scaled_rope .* not supported"):
         load_meta(tmp_path)
+
+
+def test_a_shard_saved_by_a_training_tool_loads_and_a_non_state_dict_is_named(tmp_path):
+    """Fine-tuning tools save consolidated.00.pth as {"model": state dict, ...}: its weights load. A file
+    holding something else is named (it was an AttributeError on .shape)."""
+    model = random_model(MHA)
+    save_meta(model, None, tmp_path)
+    f = tmp_path / "consolidated.00.pth"
+    torch.save({"model": torch.load(f, weights_only=True), "step": 7}, f)
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path).model(tokens), model(tokens))
+    torch.save([1, 2, 3], f)
+    with pytest.raises(UserError, match="consolidated.00.pth: holds a list, not a state dict of named tensors"):
+        load_model(tmp_path)

@@ -51,9 +51,19 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        # a checkpoint's config.json / params.json / GGUF metadata with a wrong value was a TypeError or a
+        # reshape error deep in loading; the callers turn this ValueError into one naming their file
+        optional = ("n_kv_heads", "ffn_hidden", "head_dim")  # None: derived below
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", *optional):
+            value = getattr(self, name)
+            if (value is not None or name not in optional) and (isinstance(value, bool) or not isinstance(value, int)
+                                                                or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}), or head_dim given")
             self.head_dim = self.dim // self.n_heads
         if self.ffn_hidden is None:
             self.ffn_hidden = llama_ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
@@ -86,6 +96,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> ModelConfig:
         # transformers >= 5 writes the scaling (and theta) into rope_parameters instead of rope_scaling
         scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        if not isinstance(scaling, dict):
+            raise ValueError(f"rope_scaling must be an object with rope_type and factor, got {scaling!r}")
         factor = 1.0
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
@@ -111,7 +123,7 @@ class ModelConfig:
             rope_scaling=factor,
             max_seq_len=hf.get("max_position_embeddings", 4096),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            head_dim=hf.get("head_dim"),  # None: dim // n_heads, checked
             bos_id=hf.get("bos_token_id", 1),
             eos_id=eos,
             name=hf.get("_name_or_path", ""),

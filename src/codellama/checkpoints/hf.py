@@ -47,6 +47,8 @@ def read_hf_config(path: Path) -> ModelConfig:
         raise UserError(f"{cfg_file}: missing field {e}") from None
     except ValueError as e:
         raise UserError(f"{cfg_file}: {e}") from None
+    except TypeError as e:  # e.g. a head count written as a string
+        raise UserError(f"{cfg_file}: a field has the wrong type ({e})") from None
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -55,10 +55,18 @@ def shard_files(path: Path) -> list[Path]:
 
 def _load_shard(f: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, pickle error, not a checkpoint at all
         refuse_web_page(f)
         raise UserError(f"{f}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
+    # fine-tuning tools save {"model": state dict, "optimizer": ...}: the weights are that entry
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and "tok_embeddings.weight" not in sd:
+        sd = sd["model"]
+    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in sd.items())):
+        raise UserError(f"{f}: holds a {type(sd).__name__}, not a state dict of named tensors as Meta's "
+                        "consolidated.NN.pth files do")
+    return sd
 
 
 def read_params(path: Path) -> dict:
@@ -151,6 +159,9 @@ def meta_config(
     emb = shard0.get("tok_embeddings.weight")
     if emb is None:
         raise UserError(f"{files[0]}: no tok_embeddings.weight; not a Llama checkpoint")
+    if emb.dim() != 2:
+        raise UserError(f"{files[0]}: tok_embeddings.weight has shape {tuple(emb.shape)}, not [vocab, dim]; "
+                        "not a Llama checkpoint")
     _check_shard_count(path, params, emb, len(files))
     tokenizer, vocab = _tokenizer_vocab(path)
     if vocab is None:  # no tokenizer.model: the embedding rows (never split) are the vocabulary
