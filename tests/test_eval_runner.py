@@ -111,6 +111,20 @@ def test_resumed_sampling_draws_the_seeds_of_an_uninterrupted_run(tmp_path):
     assert len(whole.draws) == 9 and first.draws | second.draws == whole.draws and not first.draws & second.draws
 
 
+def test_samples_removed_from_the_middle_are_drawn_again_from_their_own_seeds(tmp_path):
+    """Rows deleted by hand from samples.jsonl leave gaps among the samples to do: a batch spanning a gap
+    drew the later ones from their neighbours' seeds."""
+    whole = SeedRecorder()
+    c = cfg(tmp_path, limit=3, n=3, temperature=0.8)
+    generate(get_task("humaneval"), c, ModelAdapter(whole, 4))
+    samples = c.out / "samples.jsonl"
+    rows = samples.read_text().splitlines()
+    samples.write_text("".join(r + "\n" for k, r in enumerate(rows) if k not in (1, 4, 5, 7)))
+    again = SeedRecorder()
+    generate(get_task("humaneval"), c, ModelAdapter(again, 4))
+    assert len(again.draws) == 4 and again.draws <= whole.draws
+
+
 def test_other_settings_refused(tmp_path):
     gen = ReplayGenerator()
     run_task(cfg(tmp_path, phase="generate"), ModelAdapter(gen, 4))

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -229,9 +229,7 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
                   top_p=cfg.top_p)
     t0 = time.perf_counter()
     bar = progress_bar(len(todo), f"generate {task.name}", cfg.progress)
-    batch = model.batch_size
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
+    for chunk in _consecutive_batches(todo, model.batch_size):
         # row j of a batch draws from seed + j, so sample k of the run draws from its own seed, the same
         # whether the run was resumed or not
         seed = (cfg.seed << 32) + chunk[0][0] if cfg.temperature > 0 else None
@@ -246,6 +244,19 @@ def generate(task: Task, cfg: EvalConfig, model: ModelAdapter | None = None,
     bar.close()
     stats.update(generated=len(todo), seconds=time.perf_counter() - t0)
     return stats
+
+
+def _consecutive_batches(todo: list[tuple[int, dict, int]], size: int) -> Iterator[list[tuple[int, dict, int]]]:
+    """Batches of at most `size` samples whose run indices k follow one another, so that seed + j is sample
+    k's own seed (samples done earlier, e.g. some rows kept of an edited samples.jsonl, leave gaps)."""
+    chunk: list[tuple[int, dict, int]] = []
+    for item in todo:
+        if chunk and (len(chunk) == size or item[0] != chunk[-1][0] + 1):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
 
 def _check_results_have_samples(out: Path, sample_keys: set[tuple[str, int]]) -> None:
