@@ -21,8 +21,9 @@ ahead and skipped. The chain pauses for one step whenever waiting requests can b
 Prompt lookup (`lookup` > 0, where a step runs exactly the active rows: the CPU's fused step): a greedy
 request whose last tokens occurred earlier in its prompt or output gets up to `lookup` guessed tokens
 (engine/lookup.py) fed after its own in the same step, one row each; the step's logits then check the
-guesses, and every one that equals the model's choice adds a token. The tokens are exactly those of one
-step per token. Requests that sample, or want logprobs, take one token per step as before.
+guesses, and every one that equals the model's choice adds a token. The tokens are those of one step per
+token (up to the float rounding of a near-tie: the guessed rows go through the matmuls together). Requests
+that sample, or want logprobs, take one token per step as before.
 """
 
 from __future__ import annotations
@@ -263,8 +264,8 @@ class Scheduler:
                     break
                 self._push(r, after, None, events)
                 held += 1
-            # a row costs about half a token on the CPU: guess twice as far after a run of right guesses, and
-            # after a wrong one only as far as this guess held
+            # a guessed row costs about half a step on the CPU: guess one further after a step whose guesses
+            # all held, and after a wrong one only as far as this guess held
             r.guesses = min(self.lookup, len(guess) + 1) if held == len(guess) else max(1, held)
 
     def _chain(self, pending: Launched) -> Launched | None:

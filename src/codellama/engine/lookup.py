@@ -4,8 +4,8 @@ decoding, as transformers' `prompt_lookup_num_tokens` and llama.cpp's lookup dec
 Code models repeat their context: an edit rewrites the function it was given, a completion repeats names,
 calls and whole lines. When the sequence's last few tokens occurred earlier, the tokens that followed them
 there are a guess at what follows now. One step over the guess checks all of it (engine/batching.py):
-each guessed token is kept while it equals the model's greedy choice, so the output is exactly that of
-one token per step, in fewer steps.
+each guessed token is kept while it equals the model's greedy choice, so the output is that of one token
+per step, in fewer steps.
 """
 
 from __future__ import annotations
