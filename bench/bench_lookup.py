@@ -4,8 +4,8 @@ transformers (`prompt_lookup_num_tokens`) and llama.cpp (`LlamaPromptLookupDecod
     python bench/bench_lookup.py [--tokens 200] [--reps 3] [--lookup 16]
 
 SmolLM2-135M-Instruct (the embedded default) gets two edits in its chat format. In "copy" (add type hints
-and docstrings to a function, return the whole file) its answer repeats the file: what prompt lookup is
-for. In "rewrite" (add a docstring to each function of another file) it writes something else: the
+and docstrings to every function of engine/lookup.py, return the whole file) its answer repeats the file:
+what prompt lookup is for. In "rewrite" (add a docstring to each function of another file) it writes something else: the
 guesses mostly fail, and what they cost shows. Every engine gets the same prompt ids, decodes greedily for
 exactly --tokens tokens (no early stop) and prefills the prompt on every repetition (ours with prefix
 reuse off); repetitions are interleaved and medians reported. Weights as in bench_decode.py: ours and
@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_decode import gguf_path
@@ -29,37 +30,8 @@ from codellama.generate import Generator, load_for_inference
 from codellama.prompts import chat_tokens
 from codellama.sampling import SamplingParams
 
-# a fixed copy of engine/lookup.py as it was when this benchmark was written
-COPIED = '''"""Prompt lookup: draft tokens for speculative decoding, copied from the sequence itself (prompt lookup
-decoding, as transformers' `prompt_lookup_num_tokens` and llama.cpp's lookup decoding do).
-
-Code models repeat their context: an edit rewrites the function it was given, a completion repeats names,
-calls and whole lines. When the sequence's last few tokens occurred earlier, the tokens that followed them
-there are a guess at what follows now. One step over the guess checks all of it (engine/batching.py):
-each guessed token is kept while it equals the model's greedy choice, so the output is exactly that of
-one token per step, in fewer steps.
-"""
-
-from __future__ import annotations
-
-from collections.abc import Sequence
-
-# The n-grams looked up, longest first: a 1-token match is right too rarely to pay for the rows it adds.
-MAX_NGRAM, MIN_NGRAM = 3, 2
-
-
-def draft(tokens: Sequence[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens, for the
-    longest n from MAX_NGRAM down to MIN_NGRAM that occurred; [] when none did."""
-    tokens = list(tokens)
-    size = len(tokens)
-    for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
-        tail = tokens[-n:]
-        for start in range(size - n - 1, -1, -1):  # latest first; at least one token follows the match
-            if tokens[start] == tail[0] and tokens[start : start + n] == tail:
-                return tokens[start + n : start + n + k]
-    return []
-'''
+# the copy task's file: our own engine/lookup.py (about 450 tokens with the request)
+COPIED = (Path(__file__).parents[1] / "src/codellama/engine/lookup.py").read_text()
 
 TASKS = {
     "copy": "Add type hints and a docstring to every function of this code, and return the whole file:\n\n"
