@@ -103,6 +103,20 @@ def test_pytorch_bin_keeps_its_stored_dtype(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
 
 
+def test_a_bin_in_the_pre_zip_format_loads(tmp_path):
+    """torch.save before 1.6 wrote a format that cannot be memory-mapped (old Llama 2 fine-tunes on the Hub):
+    it is read whole instead of refused."""
+    from codellama.checkpoints.hf import hf_state_dict
+
+    model = random_model(GQA)
+    save_hf(model, None, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    tokens = torch.tensor([[1, 7, 42, 3]])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path).model(tokens), model(tokens))
+
+
 def test_shape_mismatch_names_the_tensor(tmp_path):
     save_hf(random_model(GQA), None, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

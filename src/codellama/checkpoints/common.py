@@ -225,6 +225,29 @@ def refuse_web_page(f: Path) -> None:
                         "in its place (an expired or used-up link?); download it again")
 
 
+def load_state_dict_file(f: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch weights file (pytorch_model*.bin, consolidated.NN.pth) as a state dict of named tensors,
+    memory-mapped (no weight is read until used); one in the pre-zip format torch.save wrote before 1.6 (it
+    cannot be mapped) is read whole. Fine-tuning tools' {"model": state dict, ...} gives that entry."""
+    try:
+        try:
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "zipfile" not in str(e):  # torch: mmap needs _use_new_zipfile_serialization=True
+                raise
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, not a checkpoint at all
+        refuse_web_page(f)
+        raise UserError(f"{f}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and not any(isinstance(v, torch.Tensor)
+                                                                            for v in sd.values()):
+        sd = sd["model"]
+    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in sd.items())):
+        raise UserError(f"{f}: holds a {type(sd).__name__}, not a state dict of named tensors")
+    return sd
+
+
 def read_json_object(f: Path, what: str) -> dict:
     """A checkpoint's JSON file (config.json, params.json, a shard index) as a dict; UserError naming the file
     when it is missing, not JSON (a web page saved in its place is named as such) or not a JSON object."""

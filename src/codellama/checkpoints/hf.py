@@ -15,6 +15,7 @@ import torch
 from codellama.checkpoints.common import (
     DTypeSpec,
     fill_model,
+    load_state_dict_file,
     read_json_object,
     refuse_web_page,
     resolve_dtype,
@@ -114,16 +115,7 @@ def _iter_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if f.suffix == ".safetensors":
         yield from _iter_safetensors(f)
     else:
-        yield from _load_bin(f).items()
-
-
-def _load_bin(f: Path) -> dict[str, torch.Tensor]:
-    """A pytorch_model*.bin's state dict, memory-mapped (no weight is read until used)."""
-    try:
-        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        refuse_web_page(f)
-        raise UserError(f"{f}: not a readable PyTorch checkpoint ({e})") from None
+        yield from load_state_dict_file(f).items()
 
 
 def _iter_ours(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -161,7 +153,7 @@ def stored_dtype(files: list[Path]) -> torch.dtype | None:
     """The dtype of the first weight, from the safetensors header or the .bin's pickled tensors (memory-mapped:
     no weight is read); a .bin's unknown dtype had `convert` widen float16 .bin checkpoints to float32."""
     if files[0].suffix != ".safetensors":
-        dtypes = (t.dtype for k, t in _load_bin(files[0]).items() if not k.endswith("inv_freq"))
+        dtypes = (t.dtype for k, t in load_state_dict_file(files[0]).items() if not k.endswith("inv_freq"))
     else:
         header = read_safetensors_header(files[0])
         dtypes = (_ST_DTYPES.get(v.get("dtype")) for k, v in header.items()

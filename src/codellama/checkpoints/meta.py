@@ -17,10 +17,10 @@ from codellama.checkpoints.common import (
     DTypeSpec,
     drop_mapped_pages,
     fill_model,
+    load_state_dict_file,
     meta_to_ours,
     ours_to_meta,
     read_json_object,
-    refuse_web_page,
     resolve_dtype,
     tokenizer_at,
 )
@@ -51,22 +51,6 @@ def shard_files(path: Path) -> list[Path]:
             "(Meta layout: params.json, consolidated.NN.pth, tokenizer.model)"
         )
     return files
-
-
-def _load_shard(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, not a checkpoint at all
-        refuse_web_page(f)
-        raise UserError(f"{f}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
-    # fine-tuning tools save {"model": state dict, "optimizer": ...}: the weights are that entry
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and "tok_embeddings.weight" not in sd:
-        sd = sd["model"]
-    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                 for k, v in sd.items())):
-        raise UserError(f"{f}: holds a {type(sd).__name__}, not a state dict of named tensors as Meta's "
-                        "consolidated.NN.pth files do")
-    return sd
 
 
 def read_params(path: Path) -> dict:
@@ -153,7 +137,7 @@ def meta_config(
     params = read_params(path)
     files = shard_files(path)
     if shards is None:
-        shards = [_load_shard(f) for f in files]
+        shards = [load_state_dict_file(f) for f in files]
     _check_shards_agree(files, shards)
     shard0 = shards[0]
     emb = shard0.get("tok_embeddings.weight")
@@ -185,7 +169,7 @@ def load_meta(
     quantize: see fill_model."""
     path = Path(path)
     files = shard_files(path)
-    shards = [_load_shard(f) for f in files]
+    shards = [load_state_dict_file(f) for f in files]
     cfg, tokenizer, _ = meta_config(path, shards)
     dt = resolve_dtype(device, dtype, shards[0]["tok_embeddings.weight"].dtype)
     model = fill_model(cfg, _iter_merged(shards, cfg, dt, str(path)), device=device, dtype=dt, source=str(path),
