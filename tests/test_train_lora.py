@@ -114,7 +114,7 @@ def test_adapters_are_drawn_by_name_so_every_rank_draws_the_same():
 
 def test_bad_lora_settings_are_refused_before_training(tmp_path, start):
     path, _ = start
-    with pytest.raises(UserError, match="lora_targets: wz; choose among wq"):
+    with pytest.raises(UserError, match="model.lora.targets: wz; choose among wq"):
         trainer(tmp_path / "a", path, targets=["wq", "wz"])
     with pytest.raises(UserError, match="rank and alpha must be > 0"):
         trainer(tmp_path / "b", path, rank=-2)

@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
 def check_targets(targets: list[str]) -> None:
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
-        raise UserError(f"model.lora_targets: {', '.join(unknown) or 'empty'}; choose among {', '.join(TARGETS)}")
+        raise UserError(f"model.lora.targets: {', '.join(unknown) or 'empty'}; choose among {', '.join(TARGETS)}")
 
 
 @torch.no_grad()
