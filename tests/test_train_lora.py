@@ -145,3 +145,19 @@ def test_resuming_a_lora_run_with_other_lora_settings_is_refused(tmp_path, start
         trainer(tmp_path / "run", path, steps=4, rank=8)
     with pytest.raises(UserError, match="holds tensors the recipe's model has no place for"):  # was a DCP traceback
         trainer(tmp_path / "run", path, steps=4, rank=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_checks.sh tests runs it)")
+def test_lora_trains_on_a_gpu_in_bfloat16(tmp_path, start):
+    """bf16 autocast on CUDA: the adapters (float32) learn, the frozen weights stay as loaded, the export merges."""
+    path, model = start
+    recipe = lora_recipe(tmp_path / "run", str(path), steps=24)
+    recipe.train.device, recipe.train.dtype = "cuda", "bf16"
+    t = Trainer(recipe, train_source=InMemoryTokens(w.corpus()[:3000], w.SEQ, 1), progress=False)
+    losses = [r["loss"] for r in t.run() if r["kind"] == "train"]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
+    wq = t.model.layers[0].attention.wq
+    assert wq.lora_a.dtype == torch.float32 and torch.equal(wq.weight.cpu(), model.layers[0].attention.wq.weight)
+    exported, _, _ = hf.load_hf(tmp_path / "run" / "hf")
+    assert not torch.equal(exported.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
+    t.close()
