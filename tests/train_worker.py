@@ -19,7 +19,7 @@ import torch
 from codellama.config import ModelConfig
 from codellama.train.config import recipe_from_dict
 from codellama.train.data import InMemoryTokens
-from codellama.train.distributed import close_distributed
+from codellama.train.distributed import close_distributed, exit_worker
 from codellama.train.trainer import Trainer
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden=64, max_seq_len=64)
@@ -85,6 +85,7 @@ def main() -> None:
                           "train": [[r["step"], r["loss"]] for r in records if r["kind"] == "train"],
                           "valid": [[r["step"], r["loss"]] for r in records if r["kind"] == "valid"]}))
     close_distributed()
+    exit_worker(0)
 
 
 if __name__ == "__main__":

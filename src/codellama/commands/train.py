@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(recipe.to_dict(), indent=2))
         return 0
 
-    from codellama.train.distributed import close_distributed
+    from codellama.train.distributed import close_distributed, exit_worker
     from codellama.train.trainer import Trainer
 
     trainer = Trainer(recipe, progress=not args.no_progress, resume=not args.no_resume)
@@ -64,6 +64,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
         close_distributed()
+    code = _report(trainer, recipe, records)
+    if trainer.env.distributed:
+        exit_worker(code)
+    return code
+
+
+def _report(trainer, recipe, records: list[dict]) -> int:
+    """Say how the run ended (the main rank); the exit status."""
+    import sys
+
     if trainer.stopped_by is not None:
         if trainer.env.is_main:
             print(f"stopped by {trainer.stopped_by.name} at step {trainer.step} of {recipe.train.steps}, its "
