@@ -227,6 +227,31 @@ def test_saved_codellama_tokenizer_tokenizes_in_transformers_as_sentencepiece(tm
         assert hf.decode(hf.encode(s), skip_special_tokens=True) == codellama.decode(codellama.encode(s)), repr(s)
 
 
+def test_a_fine_tunes_added_tokens_in_tokenizer_json_are_kept(tmp_path, codellama):
+    """A Code Llama fine-tune that added ChatML's tokens has them in tokenizer.json only (tokenizer.model is
+    the base's): the checkpoint's tokenizer is then tokenizer.json's, as transformers' is, not SentencePiece's
+    without them (which split <|im_start|> into pieces). transformers' own <FILL_ME> marker alone keeps
+    SentencePiece."""
+    transformers = pytest.importorskip("transformers")
+
+    def resaved(directory: Path, added: list[str]):
+        save_tokenizer(codellama, directory)
+        hf = transformers.AutoTokenizer.from_pretrained(str(directory))  # adds <FILL_ME> at 32016
+        if added:
+            hf.add_special_tokens({"additional_special_tokens": added})
+        hf.save_pretrained(str(directory))
+        (directory / "tokenizer.model").write_bytes(codellama.model_proto)  # the base's, as fine-tunes ship it
+        return hf
+
+    resaved(tmp_path / "plain", [])
+    assert isinstance(load_tokenizer(tmp_path / "plain"), SentencePieceTokenizer)
+    hf = resaved(tmp_path / "chat", ["<|im_start|>", "<|im_end|>"])
+    text = "<|im_start|>user\ndef f(x): return x<|im_end|>"
+    tok = load_tokenizer(tmp_path / "chat")
+    assert isinstance(tok, BPETokenizer) and tok.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert {32017, 32018} <= set(tok.encode(text)) and tok.encode("def f(x):") == codellama.encode("def f(x):")
+
+
 def test_save_load_bpe_readable_by_transformers(tmp_path, smollm2):
     transformers = pytest.importorskip("transformers")
     save_tokenizer(smollm2, tmp_path)

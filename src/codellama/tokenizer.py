@@ -474,14 +474,33 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def _added_token_ids(path: Path) -> list[int]:
+    """The ids of a tokenizer.json's added tokens, but for transformers' <FILL_ME> (its CodeLlamaTokenizer
+    adds that marker past the vocabulary; no model has a row for it); none when the file cannot be read
+    (loading it says why)."""
+    try:
+        added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [t["id"] for t in added
+            if isinstance(t, dict) and isinstance(t.get("id"), int) and t.get("content") != "<FILL_ME>"]
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer from tokenizer.model, tokenizer.json, a directory holding either, or a .gguf file.
     tokenizer_config.json beside the file supplies the chat template, BOS/EOS and add_bos."""
     p = Path(path)
     if p.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):  # SentencePiece first: Meta's exact semantics
-            if (p / name).is_file():
-                return load_tokenizer(p / name)
+        sp, js = p / "tokenizer.model", p / "tokenizer.json"
+        if sp.is_file():  # SentencePiece first: Meta's exact semantics
+            tok = load_tokenizer(sp)
+            # unless tokenizer.json has pieces it lacks: a fine-tune's added tokens (a pad, ChatML's
+            # <|im_start|>) live there only, and transformers tokenises with them
+            if js.is_file() and max(_added_token_ids(js), default=-1) >= tok.vocab_size:
+                return load_tokenizer(js)
+            return tok
+        if js.is_file():
+            return load_tokenizer(js)
         raise UserError(f"{p} holds no tokenizer.model or tokenizer.json")
     if not p.is_file():
         raise UserError(f"tokenizer file {p} does not exist")
