@@ -193,8 +193,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample"):
 
 # ------------------------------------------------------------------------------------------ generation
 def _problems(task: Task, cfg: EvalConfig) -> list[dict]:
-    problems = task.load()
-    return problems[: cfg.limit] if cfg.limit else problems
+    return task.load()[: cfg.limit or None]
 
 
 def _done_keys(path: Path) -> set[tuple[str, int]]:
@@ -367,8 +366,9 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     cfg.out.mkdir(parents=True, exist_ok=True)
     res_path = cfg.out / "results.jsonl"
     repair_tail(res_path)
-    problems = {p["task_id"]: p for p in _problems(task, cfg)}
-    beyond = {p["task_id"] for p in task.load()[cfg.limit :]} if cfg.limit else set()
+    loaded = task.load()
+    problems = {p["task_id"]: p for p in loaded[: cfg.limit or None]}
+    beyond = {p["task_id"] for p in loaded[len(problems) :]}  # --limit's rest: left out of a whole file
     samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task, beyond)
     _check_same_samples(cfg, res_path, task.judge())
     done = _done_keys(res_path)

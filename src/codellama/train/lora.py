@@ -14,13 +14,13 @@ Hugging Face export and loading a run directory as a model use.
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from codellama.errors import UserError
+from codellama.train.distributed import named_generator
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the attention's and the feed-forward's projections
 ADAPTER_KEYS = ("lora_a", "lora_b", "lora_scale")
@@ -68,7 +68,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     for name, module in list(model.named_modules()):
         if name.rpartition(".")[2] in targets and isinstance(module, nn.Linear):
             parent_name, _, attr = name.rpartition(".")
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            g = named_generator(seed, name)
             setattr(model.get_submodule(parent_name), attr, LoRALinear(module, rank, alpha, dropout, g))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
