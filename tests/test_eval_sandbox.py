@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from codellama.eval.sandbox import Limits, Sandbox, capabilities
+from codellama.eval.sandbox import OUTPUT_TAIL, Limits, Sandbox, capabilities
 from codellama.eval.tasks.base import python_program
 from codellama.eval.tasks.humaneval import HumanEval
 
@@ -102,9 +102,14 @@ def results(env):
         right, wrong = task.reference(problem), "    return False\n"
         programs = [task.program(problem, module_level(wrong if n in WRONG_ANSWER else right, cases[n])) for n in names]
         programs.append(task.program(problem, task.reference(problem)))  # a control that must pass
+        # 3 MiB printed, past the 256 KiB kept, then the asserts: the verdict is theirs
+        chatty = "import sys\nfor _ in range(3 * 1024):\n    print('y' * 1023)\nprint('wrote', file=sys.stderr)\n"
+        programs += [task.program(problem, module_level(body, chatty)) for body in (right, wrong)]
         out = dict(sb.map(programs))
         uid_base = sb.uid_base
-    return {**{n: out[i] for i, n in enumerate(names)}, "_control": out[len(names)], "_uid_base": uid_base}
+    n = len(names)
+    return {**{name: out[i] for i, name in enumerate(names)}, "_control": out[n], "_chatty_right": out[n + 1],
+            "_chatty_wrong": out[n + 2], "_uid_base": uid_base}
 
 
 def test_control_passes(results):
@@ -122,11 +127,21 @@ def test_hostile_completion_fails(results, name):
 def test_timeouts_and_limits_are_reported(results):
     assert results["infinite_loop"].status == "timed out"
     assert results["ignore_signals"].status == "timed out"
-    assert "output limit" in results["gigabytes_of_output"].detail
-    assert len(results["gigabytes_of_output"].stdout) <= 256 << 10
+    flood = results["gigabytes_of_output"]
+    assert flood.status == "timed out"
+    assert len(flood.stdout) <= (256 << 10) + OUTPUT_TAIL + 100 and "bytes of output left out" in flood.stdout
     assert "MemoryError" in results["memory_bomb"].detail or results["memory_bomb"].status == "timed out"
     for name in ("exit_before_asserts", "sys_exit_before_asserts", "os_exit_before_asserts", "raise_systemexit"):
         assert results[name].returncode == 0 and "did not run to the end" in results[name].detail
+
+
+def test_output_past_the_limit_leaves_the_verdict_to_the_tests(results):
+    right, wrong = results["_chatty_right"], results["_chatty_wrong"]
+    assert right.passed, right.result
+    assert not wrong.passed and wrong.status == "failed" and "AssertionError" in wrong.detail
+    # the start and the end kept (the sentinel the right one passed by is printed last), the rest counted
+    assert right.stdout.startswith("y" * 1023) and right.stderr == "wrote\n"
+    assert "bytes of output left out" in right.stdout and len(right.stdout) < (256 << 10) + OUTPUT_TAIL + 100
 
 
 def test_we_survive(results):
