@@ -383,6 +383,16 @@ HOSTILE = [
     ("POST", COMPLETIONS, b'{"prompt": "x", "temperature": NaN}', JSON, 400, "'temperature': Input should be a finite"),
     ("POST", COMPLETIONS, b'{"prompt": "x", "top_p": -Infinity}', JSON, 400, "'top_p': Input should be a finite"),
     ("POST", COMPLETIONS, b'{"prompt": "x", "presence_penalty": NaN}', JSON, 400, "'presence_penalty'"),
+    # penalties and logit_bias: OpenAI's neutral values (what clients send by default) are accepted; others
+    # would change the answer, which this sampler cannot do (were accepted and silently ignored, 99 included)
+    ("POST", COMPLETIONS, {"prompt": "x", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}, JSON,
+     200, None),
+    ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 0.5}, JSON, 400,
+     "frequency_penalty 0.5 is not supported by this server"),
+    ("POST", CHAT, {"messages": HI, "presence_penalty": -1}, JSON, 400, "presence_penalty -1.0 is not supported"),
+    ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 99}, JSON, 400,
+     "'frequency_penalty': Input should be less than or equal to 2"),
+    ("POST", CHAT, {"messages": HI, "logit_bias": {"5": 100}}, JSON, 400, "logit_bias is not supported"),
     ("POST", COMPLETIONS, {"prompt": "x", "top_k": 2**70}, JSON, 400, "'top_k'"),
     ("POST", COMPLETIONS, {"prompt": "x", "seed": 1.5}, JSON, 400, "'seed'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": -1}, JSON, 400, "'n'"),
@@ -563,7 +573,8 @@ def test_prompt_with_pieces_past_the_embedding_is_a_400():
 
 def test_null_fields_mean_their_defaults(client):
     # the openai client sends `null` for an argument given as None; OpenAI reads it as the default
-    nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None)
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None, presence_penalty=None,
+                 frequency_penalty=None, logit_bias=None)
     out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=None, logprobs=None, **nulls)
     assert len(out.choices) == 1 and out.choices[0].logprobs is None
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API subset we serve, validated strictly (a wrong type is a 400).
 
-Fields OpenAI defines that we cannot honour are rejected with a clear message, except the ones clients
-send by default with neutral values (penalties, logit_bias, user), which are accepted and ignored.
+Fields OpenAI defines that we cannot honour are rejected with a clear message; the penalties and logit_bias,
+which clients send by default with neutral values, are accepted at those values only.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ class _Common(BaseModel):
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's seeds are int64
     stream: bool = False
     stream_options: dict | None = None
-    # accepted for compatibility, not applied
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # not applied: accepted at the neutral values clients send by default, any other value refused
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0  # OpenAI's range
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     logit_bias: dict | None = None
-    user: str | None = None
+    user: str | None = None  # accepted and ignored (an end user's id, for OpenAI's abuse monitoring)
 
     @model_validator(mode="before")
     @classmethod
@@ -67,6 +67,19 @@ class _Common(BaseModel):
             return data
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or _accepts_none(cls.model_fields[k].annotation)}
+
+    @model_validator(mode="after")
+    def _neutral_unapplied(self) -> _Common:
+        # the sampler applies no penalties or biases: another value would be ignored and change the answer
+        # without saying so (vLLM and llama.cpp do apply them)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"{name} {getattr(self, name)} is not supported by this server (it applies "
+                                  "no penalties): send 0 or leave it out", param=name)
+        if self.logit_bias:
+            raise OpenAIError(400, "logit_bias is not supported by this server (it applies no biases): send {} "
+                              "or leave it out", param="logit_bias")
+        return self
 
     @field_validator("stop")
     @classmethod
