@@ -441,6 +441,11 @@ HOSTILE = [
     ("POST", CHAT, {"messages": HI, "response_format": {"type": "text"}}, JSON, 200, None),
     ("POST", CHAT, {"messages": HI, "logprobs": 1}, JSON, 400, "'logprobs'"),
     ("POST", CHAT, {"messages": HI, "top_logprobs": 21}, JSON, 400, "'top_logprobs'"),
+    # top_logprobs asks for logprobs only with logprobs: true, as OpenAI says (was answered with none); 0 is
+    # what some clients send beside logprobs false
+    ("POST", CHAT, {"messages": HI, "top_logprobs": 2}, JSON, 400, "top_logprobs needs logprobs: true"),
+    ("POST", CHAT, {"messages": HI, "logprobs": False, "top_logprobs": 2}, JSON, 400, "top_logprobs needs logprobs"),
+    ("POST", CHAT, {"messages": HI, "logprobs": False, "top_logprobs": 0}, JSON, 200, None),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, JSON, 400, "lone UTF-16 surrogate"),
     # headers and bodies: OpenAI reads any content type as JSON; a compressed body is named, not mis-parsed
     ("POST", COMPLETIONS, {"prompt": "x"}, {}, 200, None),

@@ -189,6 +189,9 @@ class ChatRequest(_Common):
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         self._refuse_streamed_logprobs(self.logprobs)
+        if self.top_logprobs and not self.logprobs:  # 0: what some clients send beside logprobs false
+            raise OpenAIError(400, f"top_logprobs needs logprobs: true (got top_logprobs {self.top_logprobs} "
+                              "without it, which would return no logprobs)", param="top_logprobs")
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise OpenAIError(400, f"{name} (function calling) are not supported by this server", param=name)
