@@ -374,6 +374,11 @@ HOSTILE = [
     ("POST", COMPLETIONS, {"prompt": ["a", 1]}, JSON, 400, "expected str or list[str]"),
     ("POST", COMPLETIONS, {"prompt": [True, False]}, JSON, 400, "expected str or list[str]"),
     ("POST", COMPLETIONS, {"prompt": [1, 2], "suffix": "x"}, JSON, 400, "`suffix` needs a text prompt"),
+    # echo + logprobs scores the prompt's tokens: with suffix those are the infilling prompt's (the suffix and
+    # the infill pieces too), not the echoed text (was answered with tokens that did not spell the text)
+    ("POST", COMPLETIONS, {"prompt": "def f(", "suffix": "):", "echo": True, "logprobs": 0}, JSON, 400,
+     "echo with logprobs cannot be combined with suffix"),
+    ("POST", COMPLETIONS, {"prompt": "def f(", "suffix": "):", "echo": True}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": ""}, JSON, 200, None),  # OpenAI completes an empty prompt too
     # numbers: huge, fractional, not finite, out of range
     ("POST", COMPLETIONS, {"prompt": "x", "max_tokens": 2**70}, JSON, 400, "more than this server allows"),

@@ -128,6 +128,10 @@ class CompletionRequest(_Common):
             raise OpenAIError(400, f"best_of is {self.best_of} and n is {self.n}: this server returns every choice "
                               "it generates, so best_of must equal n (or be left out)", param="best_of")
         self._refuse_streamed_logprobs(self.logprobs is not None)
+        if self.echo and self.logprobs is not None and self.suffix is not None:
+            # the scored prompt would be the infilling one (the suffix and infill pieces too), not the echoed text
+            raise OpenAIError(400, "echo with logprobs cannot be combined with suffix: it scores the prompt's tokens, "
+                              "and an infilling prompt's tokens are not the echoed text", param="echo")
         return self
 
     def prompts(self) -> list[str | list[int]]:
