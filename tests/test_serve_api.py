@@ -412,6 +412,10 @@ HOSTILE = [
     # text that is not text, fields of the wrong type, fields we do not know
     ("POST", COMPLETIONS, b'{"prompt": "x\\ud800"}', JSON, 400, "lone UTF-16 surrogate"),
     ("POST", COMPLETIONS, {"prompt": "x", "stream_options": "x"}, JSON, 400, "'stream_options'"),
+    # was read as truthy: "false" asked for the usage chunk
+    ("POST", COMPLETIONS, {"prompt": "x", "stream": True, "stream_options": {"include_usage": "false"}}, JSON, 400,
+     "'stream_options.include_usage': Input should be a valid boolean"),
+    ("POST", CHAT, {"messages": HI, "stream": True, "stream_options": {"include_usage": None}}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": "x", "unknown": {"deep": [[{"x": None}]]}}, JSON, 200, None),
     # chat: messages of every wrong shape, content parts, roles, function calling, response formats
     ("POST", CHAT, {"messages": None}, JSON, 400, "'messages' is required"),

@@ -32,6 +32,12 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # vLLM's continuous_usage_stats & co.: not applied
+
+    include_usage: bool | None = None
+
+
 def _accepts_none(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
@@ -51,7 +57,7 @@ class _Common(BaseModel):
     stop: Stop = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's seeds are int64
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     # not applied: accepted at the neutral values clients send by default, any other value refused
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0  # OpenAI's range
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
@@ -95,7 +101,7 @@ class _Common(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def _refuse_streamed_logprobs(self, wanted: bool) -> None:
         # the engine streams text, not per-token logprobs: fail loudly rather than drop them
