@@ -342,6 +342,14 @@ def test_bad_chat_requests(server, body, match):
     assert match in r.json()["error"]["message"]
 
 
+def test_a_chat_the_prompt_format_refuses_names_messages(server):
+    # Code Llama Instruct's format takes alternating turns; the 400 names the field, as OpenAI's errors do
+    two_users = [*HI, {"role": "user", "content": "again"}]
+    r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": two_users})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages" and "roles must alternate" in err["message"], err
+
+
 def test_a_chat_longer_than_the_context_names_messages(server):
     long = [{"role": "user", "content": "word " * 600}]
     r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": long})
@@ -569,6 +577,7 @@ def test_infilling_refused_on_a_model_without_infill_tokens():
     with running_server(tiny_model(vocab_size=32000), tokenizer("python"), max_batch=2) as (url, _):
         r = _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "suffix": "):", "max_tokens": 4})
         assert r.status_code == 400 and "infill" in r.json()["error"]["message"].lower()
+        assert r.json()["error"]["param"] == "suffix"
         assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "max_tokens": 2}).status_code == 200
 
 
