@@ -359,7 +359,9 @@ def test_a_chat_longer_than_the_context_names_messages(server):
 
 def test_unknown_route_and_method(server):
     r = httpx.get(server[0] + "/v1/nothing")
-    assert r.status_code == 404 and "error" in r.json()
+    # OpenAI's own answer to an unknown URL (was type not_found_error, which OpenAI does not use)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["code"] == "unknown_url"
     for method in ("GET", "OPTIONS", "HEAD"):
         r = httpx.request(method, server[0] + "/v1/completions")
         assert r.status_code == 405 and r.headers["allow"] == "POST", method

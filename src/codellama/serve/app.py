@@ -542,9 +542,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "unknown_url" if exc.status_code == 404 else None  # what OpenAI answers to an unknown URL
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        body = OpenAIError(exc.status_code, message, type=kind).body()
+        body = OpenAIError(exc.status_code, message, code=code).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
     app.add_middleware(_InternalErrors)
