@@ -342,6 +342,14 @@ def test_bad_chat_requests(server, body, match):
     assert match in r.json()["error"]["message"]
 
 
+def test_a_chat_the_prompt_format_refuses_names_messages(server):
+    # Code Llama Instruct's format takes alternating turns; the 400 names the field, as OpenAI's errors do
+    two_users = [*HI, {"role": "user", "content": "again"}]
+    r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": two_users})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages" and "roles must alternate" in err["message"], err
+
+
 def test_a_chat_longer_than_the_context_names_messages(server):
     long = [{"role": "user", "content": "word " * 600}]
     r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": long})
@@ -351,7 +359,9 @@ def test_a_chat_longer_than_the_context_names_messages(server):
 
 def test_unknown_route_and_method(server):
     r = httpx.get(server[0] + "/v1/nothing")
-    assert r.status_code == 404 and "error" in r.json()
+    # OpenAI's own answer to an unknown URL (was type not_found_error, which OpenAI does not use)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["code"] == "unknown_url"
     for method in ("GET", "OPTIONS", "HEAD"):
         r = httpx.request(method, server[0] + "/v1/completions")
         assert r.status_code == 405 and r.headers["allow"] == "POST", method
@@ -374,6 +384,11 @@ HOSTILE = [
     ("POST", COMPLETIONS, {"prompt": ["a", 1]}, JSON, 400, "expected str or list[str]"),
     ("POST", COMPLETIONS, {"prompt": [True, False]}, JSON, 400, "expected str or list[str]"),
     ("POST", COMPLETIONS, {"prompt": [1, 2], "suffix": "x"}, JSON, 400, "`suffix` needs a text prompt"),
+    # echo + logprobs scores the prompt's tokens: with suffix those are the infilling prompt's (the suffix and
+    # the infill pieces too), not the echoed text (was answered with tokens that did not spell the text)
+    ("POST", COMPLETIONS, {"prompt": "def f(", "suffix": "):", "echo": True, "logprobs": 0}, JSON, 400,
+     "echo with logprobs cannot be combined with suffix"),
+    ("POST", COMPLETIONS, {"prompt": "def f(", "suffix": "):", "echo": True}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": ""}, JSON, 200, None),  # OpenAI completes an empty prompt too
     # numbers: huge, fractional, not finite, out of range
     ("POST", COMPLETIONS, {"prompt": "x", "max_tokens": 2**70}, JSON, 400, "more than this server allows"),
@@ -383,6 +398,16 @@ HOSTILE = [
     ("POST", COMPLETIONS, b'{"prompt": "x", "temperature": NaN}', JSON, 400, "'temperature': Input should be a finite"),
     ("POST", COMPLETIONS, b'{"prompt": "x", "top_p": -Infinity}', JSON, 400, "'top_p': Input should be a finite"),
     ("POST", COMPLETIONS, b'{"prompt": "x", "presence_penalty": NaN}', JSON, 400, "'presence_penalty'"),
+    # penalties and logit_bias: OpenAI's neutral values (what clients send by default) are accepted; others
+    # would change the answer, which this sampler cannot do (were accepted and silently ignored, 99 included)
+    ("POST", COMPLETIONS, {"prompt": "x", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}, JSON,
+     200, None),
+    ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 0.5}, JSON, 400,
+     "frequency_penalty 0.5 is not supported by this server"),
+    ("POST", CHAT, {"messages": HI, "presence_penalty": -1}, JSON, 400, "presence_penalty -1.0 is not supported"),
+    ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 99}, JSON, 400,
+     "'frequency_penalty': Input should be less than or equal to 2"),
+    ("POST", CHAT, {"messages": HI, "logit_bias": {"5": 100}}, JSON, 400, "logit_bias is not supported"),
     ("POST", COMPLETIONS, {"prompt": "x", "top_k": 2**70}, JSON, 400, "'top_k'"),
     ("POST", COMPLETIONS, {"prompt": "x", "seed": 1.5}, JSON, 400, "'seed'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": -1}, JSON, 400, "'n'"),
@@ -397,6 +422,10 @@ HOSTILE = [
     # text that is not text, fields of the wrong type, fields we do not know
     ("POST", COMPLETIONS, b'{"prompt": "x\\ud800"}', JSON, 400, "lone UTF-16 surrogate"),
     ("POST", COMPLETIONS, {"prompt": "x", "stream_options": "x"}, JSON, 400, "'stream_options'"),
+    # was read as truthy: "false" asked for the usage chunk
+    ("POST", COMPLETIONS, {"prompt": "x", "stream": True, "stream_options": {"include_usage": "false"}}, JSON, 400,
+     "'stream_options.include_usage': Input should be a valid boolean"),
+    ("POST", CHAT, {"messages": HI, "stream": True, "stream_options": {"include_usage": None}}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": "x", "unknown": {"deep": [[{"x": None}]]}}, JSON, 200, None),
     # chat: messages of every wrong shape, content parts, roles, function calling, response formats
     ("POST", CHAT, {"messages": None}, JSON, 400, "'messages' is required"),
@@ -431,6 +460,11 @@ HOSTILE = [
     ("POST", CHAT, {"messages": HI, "response_format": {"type": "text"}}, JSON, 200, None),
     ("POST", CHAT, {"messages": HI, "logprobs": 1}, JSON, 400, "'logprobs'"),
     ("POST", CHAT, {"messages": HI, "top_logprobs": 21}, JSON, 400, "'top_logprobs'"),
+    # top_logprobs asks for logprobs only with logprobs: true, as OpenAI says (was answered with none); 0 is
+    # what some clients send beside logprobs false
+    ("POST", CHAT, {"messages": HI, "top_logprobs": 2}, JSON, 400, "top_logprobs needs logprobs: true"),
+    ("POST", CHAT, {"messages": HI, "logprobs": False, "top_logprobs": 2}, JSON, 400, "top_logprobs needs logprobs"),
+    ("POST", CHAT, {"messages": HI, "logprobs": False, "top_logprobs": 0}, JSON, 200, None),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, JSON, 400, "lone UTF-16 surrogate"),
     # headers and bodies: OpenAI reads any content type as JSON; a compressed body is named, not mis-parsed
     ("POST", COMPLETIONS, {"prompt": "x"}, {}, 200, None),
@@ -545,6 +579,7 @@ def test_infilling_refused_on_a_model_without_infill_tokens():
     with running_server(tiny_model(vocab_size=32000), tokenizer("python"), max_batch=2) as (url, _):
         r = _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "suffix": "):", "max_tokens": 4})
         assert r.status_code == 400 and "infill" in r.json()["error"]["message"].lower()
+        assert r.json()["error"]["param"] == "suffix"
         assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(", "max_tokens": 2}).status_code == 200
 
 
@@ -563,7 +598,8 @@ def test_prompt_with_pieces_past_the_embedding_is_a_400():
 
 def test_null_fields_mean_their_defaults(client):
     # the openai client sends `null` for an argument given as None; OpenAI reads it as the default
-    nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None)
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None, presence_penalty=None,
+                 frequency_penalty=None, logit_bias=None)
     out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=None, logprobs=None, **nulls)
     assert len(out.choices) == 1 and out.choices[0].logprobs is None
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,

@@ -242,8 +242,10 @@ class Server:
                 if body.suffix is not None:
                     from codellama.prompts import infill_tokens
 
-                    # UserError (-> 400) if the model cannot infill
-                    ids = infill_tokens(tok, prompt, body.suffix, suffix_first=self.config.suffix_first)
+                    try:
+                        ids = infill_tokens(tok, prompt, body.suffix, suffix_first=self.config.suffix_first)
+                    except UserError as e:  # the model cannot infill
+                        raise OpenAIError(400, str(e), param="suffix") from None
                 else:
                     ids = tok.encode(prompt, bos=tok.add_bos)
                 prompt_texts.append(prompt)
@@ -283,7 +285,10 @@ class Server:
         tok = self._require_tokenizer("Chat")
         from codellama.prompts import chat_tokens
 
-        ids = chat_tokens(tok, body.message_dicts())
+        try:
+            ids = chat_tokens(tok, body.message_dicts())
+        except UserError as e:  # the prompt format refuses the conversation (roles out of turn, say)
+            raise OpenAIError(400, str(e), param="messages") from None
         self._check_vocab(ids, "messages")
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -537,9 +542,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "unknown_url" if exc.status_code == 404 else None  # what OpenAI answers to an unknown URL
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        body = OpenAIError(exc.status_code, message, type=kind).body()
+        body = OpenAIError(exc.status_code, message, code=code).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
     app.add_middleware(_InternalErrors)

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API subset we serve, validated strictly (a wrong type is a 400).
 
-Fields OpenAI defines that we cannot honour are rejected with a clear message, except the ones clients
-send by default with neutral values (penalties, logit_bias, user), which are accepted and ignored.
+Fields OpenAI defines that we cannot honour are rejected with a clear message; the penalties and logit_bias,
+which clients send by default with neutral values, are accepted at those values only.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # vLLM's continuous_usage_stats & co.: not applied
+
+    include_usage: bool | None = None
+
+
 def _accepts_none(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
@@ -51,12 +57,12 @@ class _Common(BaseModel):
     stop: Stop = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's seeds are int64
     stream: bool = False
-    stream_options: dict | None = None
-    # accepted for compatibility, not applied
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stream_options: StreamOptions | None = None
+    # not applied: accepted at the neutral values clients send by default, any other value refused
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0  # OpenAI's range
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     logit_bias: dict | None = None
-    user: str | None = None
+    user: str | None = None  # accepted and ignored (an end user's id, for OpenAI's abuse monitoring)
 
     @model_validator(mode="before")
     @classmethod
@@ -67,6 +73,19 @@ class _Common(BaseModel):
             return data
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or _accepts_none(cls.model_fields[k].annotation)}
+
+    @model_validator(mode="after")
+    def _neutral_unapplied(self) -> _Common:
+        # the sampler applies no penalties or biases: another value would be ignored and change the answer
+        # without saying so (vLLM and llama.cpp do apply them)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"{name} {getattr(self, name)} is not supported by this server (it applies "
+                                  "no penalties): send 0 or leave it out", param=name)
+        if self.logit_bias:
+            raise OpenAIError(400, "logit_bias is not supported by this server (it applies no biases): send {} "
+                              "or leave it out", param="logit_bias")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -82,7 +101,7 @@ class _Common(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def _refuse_streamed_logprobs(self, wanted: bool) -> None:
         # the engine streams text, not per-token logprobs: fail loudly rather than drop them
@@ -115,6 +134,10 @@ class CompletionRequest(_Common):
             raise OpenAIError(400, f"best_of is {self.best_of} and n is {self.n}: this server returns every choice "
                               "it generates, so best_of must equal n (or be left out)", param="best_of")
         self._refuse_streamed_logprobs(self.logprobs is not None)
+        if self.echo and self.logprobs is not None and self.suffix is not None:
+            # the scored prompt would be the infilling one (the suffix and infill pieces too), not the echoed text
+            raise OpenAIError(400, "echo with logprobs cannot be combined with suffix: it scores the prompt's tokens, "
+                              "and an infilling prompt's tokens are not the echoed text", param="echo")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -176,6 +199,9 @@ class ChatRequest(_Common):
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         self._refuse_streamed_logprobs(self.logprobs)
+        if self.top_logprobs and not self.logprobs:  # 0: what some clients send beside logprobs false
+            raise OpenAIError(400, f"top_logprobs needs logprobs: true (got top_logprobs {self.top_logprobs} "
+                              "without it, which would return no logprobs)", param="top_logprobs")
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise OpenAIError(400, f"{name} (function calling) are not supported by this server", param=name)
