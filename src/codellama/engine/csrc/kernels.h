@@ -7,6 +7,8 @@
 // [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]
 // (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s);
+// x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by torch's fastest float32 GEMM, for large M
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);
 // x [M, K] float32 @ (int8 [N, K] * scale [N]).T -> [M, N]

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -490,7 +491,7 @@ at::Tensor run_widened(const W& w, const at::Tensor& x, int64_t N) {
     });
     for (int64_t n = blocks * NB; n < c; ++n)  // the last N % 4 rows
       for (int64_t k = 0; k < K; ++k) out[n * K + k] = w.at(c0 + n, k);
-    y.narrow(1, c0, c).copy_(at::linear(x, wide.narrow(0, 0, c)));
+    y.narrow(1, c0, c).copy_(gemm(x, wide.narrow(0, 0, c)));
   }
   return y;
 }
@@ -518,7 +519,19 @@ at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s) {
   if (w.scalar_type() == at::kByte) return int4_linear(x, w, s);
   // float32: ours up to a few hundred rows (2-4x torch's GEMM at M <= 32, ~10% faster at 208), torch's
   // blocked GEMM beyond (at 1024 rows it is 20% faster: ours re-reads x for every block of 4 outputs)
-  return x.size(0) <= TILES_MAX_M ? float_linear(x, w) : at::linear(x, w);
+  return x.size(0) <= TILES_MAX_M ? float_linear(x, w) : gemm(x, w);
+}
+
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& w) {
+  // torch's float32 GEMM is MKL's, which on AMD CPUs runs a path 2-3x slower than oneDNN's (the same
+  // float32 arithmetic, no lower-precision math mode): oneDNN's linear, registered by torch as the op
+  // inductor uses for CPU linears, where this build of torch has it
+  static const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value() || !w.is_contiguous()) return at::linear(x, w);
+  torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          c10::IValue()};
+  op->callBoxed(&stack);
+  return stack[0].toTensor();
 }
 
 at::Tensor float_linear(at::Tensor x, at::Tensor w) {
