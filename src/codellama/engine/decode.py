@@ -45,6 +45,7 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.graphs import StepGraphs
 from codellama.engine.host import to_device
+from codellama.engine.kernels import KernelLinears, cpu_kernels
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
 from codellama.model import KVCache, Transformer, kv_read_len, round_up
@@ -108,6 +109,10 @@ class Decoder:
         self._prefill = None  # the compiled prefill chunk
         # the fused CPU step has its own attention: a Decoder asked for flex runs the model
         self._fused = None if self.compiled or attention != "sdpa" else FusedCPUDecode.for_model(model)
+        # the eager model's float32 linear layers through the kernels' GEMM on the CPU (long prompts)
+        float_cpu = self.device.type == "cpu" and model.dtype == torch.float32 and not self.compiled
+        kernels = cpu_kernels() if float_cpu else None
+        self._kernel_linears = None if kernels is None else KernelLinears(kernels)
         self.reuse_prefixes = reuse_prefixes
         self.ensure(max_batch, max_seq_len)
 
@@ -363,7 +368,10 @@ class Decoder:
     def _eager_chunk(
         self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, last_only: bool
     ) -> torch.Tensor:
-        return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+        if self._kernel_linears is None:
+            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+        with self._kernel_linears:
+            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
 
     def _unit_chunk(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_units: int,
                     last_only: bool) -> torch.Tensor:

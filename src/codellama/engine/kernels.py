@@ -17,6 +17,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +107,26 @@ def torch_on_one_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class KernelLinears(TorchFunctionMode):
+    """Inside it, F.linear of float32 CPU tensors without a bias runs through the kernels' linear: oneDNN's
+    GEMM for many rows (2x MKL's, torch's own, on AMD CPUs), our tiles for a few. For the eager model's
+    prefill (a prompt longer than the fused step takes), whose float32 layers would otherwise use MKL's."""
+
+    def __init__(self, kernels: ModuleType):
+        super().__init__()
+        self.kernels = kernels
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2:
+            x, w, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+            if (bias is None and x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu"
+                    and w.is_contiguous()):
+                y = self.kernels.linear(x.reshape(-1, x.shape[-1]).contiguous(), w, _NO_SCALES)  # [M, N]
+                return y.view(*x.shape[:-1], w.shape[0])
+        return func(*args, **kwargs)
+
+
+_NO_SCALES = torch.empty(0)
