@@ -87,6 +87,8 @@ def test_bad_values_from_python_are_refused(tmp_path):
 def test_a_sweep_executed_alone_says_what_its_samples_were_made_with(tmp_path, capsys, codellama):
     sweep = ["eval-sweep", *EVAL[1:], "--limit", "1", "--n", "2", "--temperatures", "0.5", "--out", str(tmp_path)]
     assert main([*sweep, "--quantize", "int8", "--phase", "generate"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
     assert main([*sweep, "--phase", "execute"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == f"outputs in {tmp_path}"  # was a line of JSON
     result = json.loads((tmp_path / "temperature_sweep.json").read_text())
     assert (result["quantize"], result["dtype"]) == ("int8", None)

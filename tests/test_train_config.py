@@ -97,6 +97,8 @@ def test_overrides_and_scales():
         recipe_from_dict({**data, "scales": {"tiny": 3}})
     with pytest.raises(UserError, match="KEY=VALUE"):
         recipe_from_dict(data, overrides=["train.steps"])
+    with pytest.raises(UserError, match=r"--set data.sources: .* is not a TOML value; quote the strings"):
+        recipe_from_dict(data, overrides=["data.sources=[{name=code, path=code}]"])  # was "must be a list, got str"
     home = recipe_from_dict(data, overrides=["train.out_dir=~/runs/x", "data.root=~/corpus"])
     assert (home.train.out_dir, home.data.root) == (str(Path.home() / "runs/x"), str(Path.home() / "corpus"))
 

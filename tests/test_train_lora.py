@@ -141,10 +141,16 @@ def test_lora_refuses_new_infill_tokens_it_could_not_train(tmp_path):
 def test_resuming_a_lora_run_with_other_lora_settings_is_refused(tmp_path, start):
     path, _ = start
     trainer(tmp_path / "run", path, steps=2).run()
-    with pytest.raises(UserError, match=r"wq.lora_a has shape \(4, 32\), the recipe's model needs \(8, 32\)"):
+    with pytest.raises(UserError, match=r"other model.lora settings \(rank 4 -> 8\): resume with the same"):
         trainer(tmp_path / "run", path, steps=4, rank=8)
-    with pytest.raises(UserError, match="holds tensors the recipe's model has no place for"):  # was a DCP traceback
+    with pytest.raises(UserError, match=r"\(rank 4 -> 0\)"):  # was a DCP traceback
         trainer(tmp_path / "run", path, steps=4, rank=0)
+    # same shapes, but the checkpoint's lora_scale buffers silently overrode the new alpha
+    with pytest.raises(UserError, match=r"\(alpha 8.0 -> 32.0; dropout 0.0 -> 0.1\)"):
+        trainer(tmp_path / "run", path, steps=4, alpha=32.0, dropout=0.1)
+    same = trainer(tmp_path / "run", path, steps=4)  # the same settings resume
+    assert same.step == 2
+    same.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_checks.sh tests runs it)")

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -157,5 +156,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args, task)
     result = sweep(cfg, args.temperatures)
     print(format_sweep(result))
-    print(json.dumps({"plot": result.get("plot")}), file=sys.stderr)
+    if result.get("plot") is None:  # the table and temperature_sweep.json are written all the same
+        print("note: no plot: matplotlib is not installed (pip install 'codellama[plots]')", file=sys.stderr)
+    print(f"outputs in {cfg.out}", file=sys.stderr)  # as eval says it: the PNG, the JSON and a run per T
     return 0

@@ -126,6 +126,11 @@ def check_fits(path: Path, model: nn.Module) -> None:
                         f"{', ...' if len(extra) > 3 else ''}): use the recipe that wrote it or a fresh train.out_dir")
 
 
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state of a checkpoint (step, data position, RNG, recipe, model config), no tensors loaded."""
+    return torch.load(path / TRAINER_STATE, weights_only=False)
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Collective. Restores model, optimizer and RNG in place; returns the trainer state (step, data...)."""
     check_fits(path, model)
@@ -134,6 +139,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with dcp_quietly():
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+    trainer_state = read_trainer_state(path)
     set_rng_state(trainer_state["rng"])
     return trainer_state

@@ -200,6 +200,10 @@ def parse_override(item: str) -> tuple[str, object]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
+        # a bare word is a string, but a list or table that is not TOML was reported as "got str"
+        if raw.lstrip().startswith(("[", "{")):
+            raise UserError(f"--set {key.strip()}: {raw!r} is not a TOML value; quote the strings in it, "
+                            'e.g. data.sources=[{name="code", path="code", weight=1.0}]') from None
         value = raw
     return key.strip(), value
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -26,7 +27,8 @@ from codellama.checkpoints.train_run import latest_checkpoint
 from codellama.config import ModelConfig, PRESETS, preset
 from codellama.errors import UserError
 from codellama.model import Transformer
-from codellama.train.checkpoint import load_checkpoint, save_checkpoint, set_aside_earlier_run
+from codellama.train.checkpoint import (load_checkpoint, read_trainer_state, save_checkpoint,
+                                       set_aside_earlier_run)
 from codellama.train.config import Recipe
 from codellama.train.data import (ChatExamples, InMemoryTokens, RankBatches, ShardsSource, TokenSource,
                                   make_source)
@@ -92,6 +94,19 @@ def _check_same_sources(state: dict, recipe: Recipe, ckpt: Path) -> None:
                         "resume with the same data.sources, or start a new run (--no-resume or another --out)")
 
 
+def _check_same_lora(state: dict, recipe: Recipe, ckpt: Path) -> None:
+    """UserError when the checkpoint was written with other model.lora settings than the recipe's: its
+    adapters have other shapes, and its lora_scale buffers would silently override a new alpha."""
+    saved = state.get("recipe", {}).get("model", {}).get("lora")
+    if saved is None:  # written before LoRA existed: no adapters, and check_fits compares the tensors
+        return
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(recipe.model.lora).items()
+               if saved.get(k) != v]
+    if changed:
+        raise UserError(f"checkpoint {ckpt} was written with other model.lora settings ({'; '.join(changed)}): "
+                        "resume with the same model.lora, or start a new run (--no-resume or another --out)")
+
+
 def _shape_of(cfg: ModelConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim")}
 
@@ -144,6 +159,8 @@ class Trainer:
         barrier(self.env)
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
+            # checked before any tensor loads: a shape error would not say which setting changed
+            _check_same_lora(read_trainer_state(ckpt), recipe, ckpt)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             changed = apply_recipe_settings(self.optimizer, recipe.optim)
             if changed and self.env.is_main:
