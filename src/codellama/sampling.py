@@ -141,12 +141,12 @@ class Penalties:
         rows = [i for i, p in enumerate(params) if p.adjusts_logits]
         if not rows:
             return None
-        bias = None
-        pairs = [(k, token, b) for k, i in enumerate(rows) for token, b in params[i].logit_bias.items()]
+        bias, vocab = None, counts.shape[1]
+        pairs = [(k * vocab + token, b) for k, i in enumerate(rows) for token, b in params[i].logit_bias.items()]
         if pairs:
-            at_row, at_token, values = zip(*pairs)
-            bias = torch.zeros(len(rows), counts.shape[1], device=device)  # [P, V]
-            bias[to_device(at_row, device), to_device(at_token, device)] = to_device(values, device, torch.float32)
+            at, values = zip(*pairs)  # flat indexes into [P, V]: index_copy_ queues without a sync
+            bias = torch.zeros(len(rows), vocab, device=device)  # [P, V]
+            bias.view(-1).index_copy_(0, to_device(at, device), to_device(values, device, torch.float32))
         return cls(
             rows=to_device(rows, device),
             slots=to_device([slots[i] for i in rows], device),
@@ -163,8 +163,8 @@ class Penalties:
 
     def count(self, tokens: torch.Tensor) -> None:
         """Add each row's new token (tokens [B]) to its counts."""
-        ones = torch.ones(self.rows.shape, device=self.counts.device)  # [P]
-        self.counts.index_put_((self.slots, tokens[self.rows]), ones, accumulate=True)
+        at = self.slots * self.counts.shape[1] + tokens[self.rows]  # [P] flat indexes into counts
+        self.counts.view(-1).index_add_(0, at, torch.ones(at.shape, device=at.device))
 
 
 @dataclass
