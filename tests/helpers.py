@@ -53,3 +53,18 @@ def naive_greedy(model: Transformer, prompt, n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def naive_penalized_greedy(model: Transformer, prompt, n: int, presence: float = 0.0, frequency: float = 0.0,
+                           bias: dict[int, float] | None = None) -> list[int]:
+    """naive_greedy with OpenAI's penalties over the tokens generated so far and logit_bias, token by token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            new = ids[len(prompt):]
+            for j, mu in enumerate(logits.tolist()):
+                c = new.count(j)
+                logits[j] = mu - c * frequency - (c > 0) * presence + (bias or {}).get(j, 0.0)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]

@@ -141,6 +141,26 @@ def test_commands_print_errors_not_tracebacks(capsys, tmp_path):
     assert "--port" in capsys.readouterr().err
 
 
+def test_penalty_flags_reach_the_sampler_and_bad_ones_are_refused_before_loading(gen, capsys, monkeypatch):
+    seen, run = [], gen._run
+
+    def spy(ids, params, on_text, lstrip=False):
+        seen.append(params)
+        return run(ids, params, on_text, lstrip)
+
+    monkeypatch.setattr(gen, "_run", spy)
+    monkeypatch.setattr("codellama.generate.load", lambda *a, **kw: gen)
+    flags = ["--presence-penalty", "1.5", "--frequency-penalty", "-0.5", "-n", "3"]
+    assert main(["complete", "x", *flags]) == 0
+    assert main(["chat", "hi", *flags]) == 0
+    assert main(["infill", "--prefix", "a", "--suffix", "b", *flags]) == 0
+    assert [(p.presence_penalty, p.frequency_penalty) for p in seen] == [(1.5, -0.5)] * 3
+    capsys.readouterr()
+    monkeypatch.setattr("codellama.generate.load", lambda *a, **kw: pytest.fail("loaded a model"))
+    assert main(["complete", "x", "--frequency-penalty", "2.5"]) == 2
+    assert "frequency_penalty must be a number from -2 to 2" in capsys.readouterr().err
+
+
 def test_serve_refuses_an_address_or_log_file_it_cannot_use_before_loading(capsys, tmp_path):
     """A port in use, a host not of this machine, or a --log-file in a missing folder (or a directory):
     uvicorn's error or an OSError's traceback, after the model had loaded and warmed up. Now a one-line

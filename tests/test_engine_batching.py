@@ -19,7 +19,7 @@ from codellama.engine.quant import quantize
 from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import RowSampler, SamplingParams
-from helpers import eager_or_fused, letters, naive_greedy, random_model
+from helpers import eager_or_fused, letters, naive_greedy, naive_penalized_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=96, eos_id=None)
@@ -81,6 +81,43 @@ def test_seeded_sampling_same_alone_and_among_others(model, scheduler):
     others = [(p, SamplingParams(max_new_tokens=5, temperature=1.0, seed=i)) for i, p in enumerate(PROMPTS[1:4])]
     out = run(scheduler(Decoder(model, 4, 96), stop_ids=()), {0: others, 3: [(PROMPTS[0], sp)]})
     assert out[3].tokens == alone
+
+
+def test_penalised_and_plain_rows_each_decode_as_alone(model, scheduler):
+    # 2 slots for 5 requests arriving at different steps: penalised rows share batches with plain ones, and
+    # a penalised request takes a slot after another (its counts start from zero again)
+    sched = scheduler(Decoder(model, max_batch=2, max_seq_len=96), stop_ids=())
+    settings = [dict(frequency_penalty=2.0, presence_penalty=2.0), {},
+                dict(presence_penalty=-1.5, logit_bias={4: 3.0, 86: -100}), dict(frequency_penalty=0.8),
+                dict(logit_bias={42: -2.5, 7: 1.0})]
+    lengths = [14, 9, 12, 6, 10]
+    arrivals: dict[int, list[tuple]] = {0: [], 1: [], 4: []}
+    for i, (kw, n) in enumerate(zip(settings, lengths)):
+        arrivals[[0, 0, 1, 4, 4][i]].append((PROMPTS[i + 1], SamplingParams(max_new_tokens=n, **kw)))
+    out = run(sched, arrivals)
+    for i, (kw, n) in enumerate(zip(settings, lengths)):
+        want = naive_penalized_greedy(model, PROMPTS[i + 1], n, kw.get("presence_penalty", 0.0),
+                                      kw.get("frequency_penalty", 0.0), kw.get("logit_bias"))
+        assert out[i].tokens == want, i
+    assert sched._counts is not None and sched._counts.shape == (2, CFG.vocab_size)
+
+
+def test_logprobs_of_a_penalised_row_are_the_models(model, scheduler):
+    sched = scheduler(Decoder(model, 2, 96), stop_ids=())
+    forced = sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=3, logit_bias={61: 100}), logprobs=1)
+    out = run(sched)[forced.id]
+    assert out.tokens == [61] * 3
+    ids = list(PROMPTS[0]) + out.tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0], -1)  # [T, V]
+    for k, lp in enumerate(out.logprobs):
+        assert abs(lp.logprob - float(ref[len(PROMPTS[0]) - 1 + k, 61])) < 1e-4
+
+
+def test_plain_batches_make_no_token_counts(model, scheduler):
+    sched = scheduler(Decoder(model, 2, 96), stop_ids=())
+    run(sched, {0: [(p, SamplingParams(max_new_tokens=3, temperature=0.5, seed=1)) for p in PROMPTS[:2]]})
+    assert sched._counts is None and sched._sampler[1].penalties is None
 
 
 def test_cancel_frees_slot_for_waiting_request(model, scheduler):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.decode import Decoder
 from codellama.engine.lookup import draft
 from codellama.sampling import SamplingParams
-from helpers import eager_or_fused
+from helpers import eager_or_fused, naive_penalized_greedy
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=512, eos_id=None)
@@ -68,6 +70,24 @@ def test_guessed_tokens_give_the_same_completions_in_fewer_steps(fused):
     stop_at = plain[0].tokens[20]
     stopped = [SamplingParams(max_new_tokens=40, stop_ids=(stop_at,))]
     assert run(fused, prompts[:1], stopped, 0)[0][0].tokens == run(fused, prompts[:1], stopped, 8)[0][0].tokens
+
+
+def test_penalised_greedy_rows_take_one_token_per_step_beside_guessing_ones(fused):
+    """A penalised row's logits change with each token it takes: it does not guess (guesses checked against
+    the plain greedy choice would hold where its penalties change the token), and decodes as without lookup."""
+    prompts = [repetitive(s) for s in range(3)]
+    plain = SamplingParams(max_new_tokens=30, stop_ids=())
+    # small penalties: the first 10-18 tokens repeat the prompt as the plain row's do, then they differ
+    params = [replace(plain, frequency_penalty=0.05), replace(plain, frequency_penalty=0.1, logit_bias={0: 0.5}), plain]
+    alone, alone_steps = run(fused, prompts, params, lookup=0)
+    guessed, steps = run(fused, prompts, params, lookup=8)
+    assert [c.tokens for c in guessed] == [c.tokens for c in alone]
+    assert steps == alone_steps  # the penalised rows set the pace: one token per step
+    plain_tokens = run(fused, prompts[:2], [plain, plain], lookup=0)[0]
+    for c, p, sp, unpenalised in zip(alone, prompts, params, plain_tokens):
+        assert c.tokens == naive_penalized_greedy(fused, p, 30, sp.presence_penalty, sp.frequency_penalty,
+                                                  sp.logit_bias)
+        assert c.tokens != unpenalised.tokens
 
 
 def test_what_a_slot_holds_after_guessing_is_what_was_fed(fused):

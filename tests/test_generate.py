@@ -13,7 +13,7 @@ from codellama.engine.quant import fuse_projections
 from codellama.errors import UserError
 from codellama.generate import Generator, longest_stop_prefix
 from codellama.sampling import SamplingParams, filtered_probs
-from helpers import hf_twin, letters, naive_greedy, random_model
+from helpers import hf_twin, letters, naive_greedy, naive_penalized_greedy, random_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden=128, rope_theta=1e6,
                   max_seq_len=128, eos_id=None)
@@ -212,3 +212,26 @@ def test_sampling_frequencies_follow_the_distribution():
         counts[sampler.sample(probs.log()[None])[0]] += 1
     freq = counts / counts.sum()
     assert (freq - probs).abs().max() < 0.04  # ~4.5 sigma for n=3000
+
+
+def test_a_large_frequency_penalty_stops_the_repeats_of_plain_greedy(gen):
+    prompt, n = [9] * 11, 24
+    plain = gen.generate([prompt], SamplingParams(max_new_tokens=n, stop_ids=()))[0].tokens
+    assert len(set(plain)) < n  # this tiny model loops
+    penalised = gen.generate([prompt], SamplingParams(max_new_tokens=n, stop_ids=(), frequency_penalty=2.0))[0].tokens
+    assert len(set(penalised)) == n
+    assert penalised == naive_penalized_greedy(gen.model, prompt, n, frequency=2.0)
+
+
+def test_logit_bias_bans_and_forces_tokens_in_greedy_decoding(gen):
+    prompt = [5, 17, 3, 88, 41]
+    plain = gen.generate([prompt], SamplingParams(max_new_tokens=6, stop_ids=()))[0].tokens
+    banned = gen.generate([prompt], SamplingParams(max_new_tokens=6, stop_ids=(), logit_bias={plain[0]: -100}))
+    assert banned[0].tokens[0] != plain[0] and plain[0] not in banned[0].tokens
+    forced = gen.generate([prompt], SamplingParams(max_new_tokens=6, stop_ids=(), logit_bias={61: 100}))
+    assert forced[0].tokens == [61] * 6
+
+
+def test_a_logit_bias_past_the_vocabulary_is_refused(gen):
+    with pytest.raises(UserError, match="logit_bias has token id 97, outside the model's vocabulary of 97"):
+        gen.generate([[1, 2]], SamplingParams(max_new_tokens=2, logit_bias={97: 1.0}))

@@ -24,3 +24,69 @@ def test_the_extremes_it_accepts_build_a_sampler():
     params = [SamplingParams(temperature=1.0, top_k=2**63 - 1, seed=2**64 - 1), SamplingParams(seed=-(2**63))]
     sampler = RowSampler.build(params, torch.device("cpu"))
     assert sampler.sample(torch.zeros(2, 5)).shape == (2,)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(presence_penalty=2.5), "presence_penalty must be a number from -2 to 2"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(presence_penalty=True), "presence_penalty"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias keys must be token ids"),  # JSON's string keys, unparsed
+    (dict(logit_bias={-1: 1.0}), "logit_bias keys must be token ids"),
+    (dict(logit_bias={5: 100.5}), "logit_bias values must be numbers from -100 to 100, got 100.5 for token 5"),
+    (dict(logit_bias={5: float("inf")}), "logit_bias values"),
+    (dict(logit_bias=[5]), "logit_bias must map token ids"),
+])
+def test_penalties_and_biases_out_of_openais_ranges_are_refused(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_logit_bias_ids_are_checked_against_the_vocabulary():
+    params = SamplingParams(logit_bias={3: 1.0, 97: -5.0})
+    params.check_vocab(98)
+    with pytest.raises(UserError, match="logit_bias has token id 97, outside the model's vocabulary of 97"):
+        params.check_vocab(97)
+    assert SamplingParams(logit_bias=None).logit_bias == {} and not SamplingParams(logit_bias={}).adjusts_logits
+
+
+def reference(logits: list[float], history: list[int], presence: float, frequency: float,
+              bias: dict[int, float]) -> list[float]:
+    """OpenAI's formula, one token at a time: mu[j] - c[j] * frequency - (c[j] > 0) * presence + bias[j]."""
+    return [mu - history.count(j) * frequency - (history.count(j) > 0) * presence + bias.get(j, 0.0)
+            for j, mu in enumerate(logits)]
+
+
+def test_penalties_and_biases_follow_openais_formula_and_leave_other_rows_alone():
+    torch.manual_seed(0)
+    V = 12
+    logits = torch.randn(3, V)
+    rows = [  # (params, tokens generated so far)
+        (SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4, logit_bias={2: 5.0, 9: -100}), [3, 3, 5, 11, 3]),
+        (SamplingParams(), [1, 1, 1]),  # no penalties: its logits stay the model's
+        (SamplingParams(frequency_penalty=2.0), [0, 7, 7]),
+    ]
+    counts = torch.zeros(5, V)  # one line per slot; the rows sit in slots 4, 0, 2
+    slots = [4, 0, 2]
+    for slot, (_, history) in zip(slots, rows):
+        counts[slot] = torch.bincount(torch.tensor(history), minlength=V).float()
+    sampler = RowSampler.build([p for p, _ in rows], torch.device("cpu"), counts=counts, slots=slots)
+    adjusted = sampler.penalties.apply(logits)
+    for i, (p, history) in enumerate(rows):
+        want = reference(logits[i].tolist(), history, p.presence_penalty, p.frequency_penalty, p.logit_bias)
+        torch.testing.assert_close(adjusted[i], torch.tensor(want))
+    assert torch.equal(adjusted[1], logits[1])
+
+    # greedy rows take the argmax of the adjusted logits, and the penalised rows count what they took
+    before = counts.clone()
+    tokens = sampler.sample(logits)
+    assert tokens.tolist() == adjusted.argmax(-1).tolist()
+    added = torch.zeros_like(counts)
+    added[4, tokens[0]] = added[2, tokens[2]] = 1
+    assert torch.equal(counts - before, added)  # slot 0's row has no penalties: not counted
+
+
+def test_rows_with_penalties_need_counts():
+    with pytest.raises(ValueError, match="need `counts`"):
+        RowSampler.build([SamplingParams(presence_penalty=1.0)], torch.device("cpu"))
+    assert RowSampler.build([SamplingParams()], torch.device("cpu")).penalties is None  # the fast path

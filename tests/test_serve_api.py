@@ -39,8 +39,8 @@ def reference(tok):
     """The plain Generator on a twin of the served model (same seed, same weights, its own cache)."""
     gen = Generator(tiny_model(), tok)
 
-    def run(ids, max_new, decode=None, stop=(), stop_ids=None):
-        params = SamplingParams(max_new_tokens=max_new, stop=stop, stop_ids=stop_ids)
+    def run(ids, max_new, decode=None, stop=(), stop_ids=None, **sampling):
+        params = SamplingParams(max_new_tokens=max_new, stop=stop, stop_ids=stop_ids, **sampling)
         # completions keep the first piece's leading space (they continue the prompt); chat answers do not
         return gen.generate([ids], params, decode=decode or tok.decode_infilling)[0]
 
@@ -275,6 +275,44 @@ def test_token_id_prompts(client, reference):
     assert out.choices[0].text == reference(ids, 6).text
 
 
+def test_penalties_and_logit_bias_are_applied(client, tok, reference):
+    from codellama.prompts import chat_tokens
+
+    ids = [1, 822, 22172, 7295]
+    plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0).choices[0].text
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0, frequency_penalty=2,
+                                    presence_penalty=0.5, logit_bias={"822": -100, "29871": 3})
+    ref = reference(ids, 12, frequency_penalty=2.0, presence_penalty=0.5, logit_bias={822: -100, 29871: 3})
+    assert out.choices[0].text == ref.text != plain
+    x = tok.encode("x", bos=False)[-1]
+    forced = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0.7, seed=1,
+                                       logit_bias={str(x): 100})
+    assert forced.choices[0].text == tok.decode_infilling([x] * 4)
+    messages = [{"role": "user", "content": "Sort a list."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                          presence_penalty=-1.5, logit_bias={str(x): 2})
+    ref = reference(chat_tokens(tok, messages), 10, tok.decode, presence_penalty=-1.5, logit_bias={x: 2})
+    assert chat.choices[0].message.content == ref.text
+
+
+@pytest.mark.parametrize("create,kwargs,param,match", [
+    ("completions", dict(logit_bias={"32016": 1}), "logit_bias", "token id 32016, outside the model's vocabulary"),
+    ("chat", dict(logit_bias={"32016": 1}), "logit_bias", "token id 32016"),
+    ("chat", dict(logit_bias={"hello": 1}), "logit_bias", "keys must be token ids"),
+    ("completions", dict(logit_bias={"5": -101}), "logit_bias.5", "greater than or equal to -100"),
+    ("chat", dict(frequency_penalty=2.01), "frequency_penalty", "less than or equal to 2"),
+    ("completions", dict(presence_penalty=-3), "presence_penalty", "greater than or equal to -2"),
+])
+def test_bad_penalties_and_biases_are_400s_naming_the_field(client, create, kwargs, param, match):
+    with pytest.raises(openai.BadRequestError, match=match) as e:
+        if create == "chat":
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           **kwargs)
+        else:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, **kwargs)
+    assert e.value.param == param
+
+
 def _post(url, path, body, timeout: float = 30, **kw):
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout,
@@ -398,16 +436,27 @@ HOSTILE = [
     ("POST", COMPLETIONS, b'{"prompt": "x", "temperature": NaN}', JSON, 400, "'temperature': Input should be a finite"),
     ("POST", COMPLETIONS, b'{"prompt": "x", "top_p": -Infinity}', JSON, 400, "'top_p': Input should be a finite"),
     ("POST", COMPLETIONS, b'{"prompt": "x", "presence_penalty": NaN}', JSON, 400, "'presence_penalty'"),
-    # penalties and logit_bias: OpenAI's neutral values (what clients send by default) are accepted; others
-    # would change the answer, which this sampler cannot do (were accepted and silently ignored, 99 included)
+    # penalties and logit_bias: applied in OpenAI's ranges (were refused unless neutral); logit_bias's keys are
+    # token ids in strings
     ("POST", COMPLETIONS, {"prompt": "x", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}, JSON,
      200, None),
-    ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 0.5}, JSON, 400,
-     "frequency_penalty 0.5 is not supported by this server"),
-    ("POST", CHAT, {"messages": HI, "presence_penalty": -1}, JSON, 400, "presence_penalty -1.0 is not supported"),
+    ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 0.5, "logit_bias": {"5": 100, "7": -2.5}}, JSON, 200,
+     None),
+    ("POST", CHAT, {"messages": HI, "presence_penalty": -1, "logit_bias": {"32015": -100}}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": "x", "frequency_penalty": 99}, JSON, 400,
      "'frequency_penalty': Input should be less than or equal to 2"),
-    ("POST", CHAT, {"messages": HI, "logit_bias": {"5": 100}}, JSON, 400, "logit_bias is not supported"),
+    ("POST", CHAT, {"messages": HI, "presence_penalty": -2.5}, JSON, 400,
+     "'presence_penalty': Input should be greater than or equal to -2"),
+    ("POST", CHAT, {"messages": HI, "logit_bias": {"5": 101}}, JSON, 400,
+     "'logit_bias.5': Input should be less than or equal to 100"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logit_bias": {"5": "1"}}, JSON, 400, "'logit_bias.5': Input should be a"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logit_bias": {"x": 1}}, JSON, 400,
+     "'logit_bias': keys must be token ids, integers >= 0 written as strings"),
+    ("POST", CHAT, {"messages": HI, "logit_bias": {"-1": 1}}, JSON, 400, "keys must be token ids"),
+    ("POST", CHAT, {"messages": HI, "logit_bias": {"1.5": 1}}, JSON, 400, "keys must be token ids"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logit_bias": {"32016": 1}}, JSON, 400,
+     "logit_bias has token id 32016, outside the model's vocabulary of 32016"),
+    ("POST", COMPLETIONS, {"prompt": "x", "logit_bias": [5]}, JSON, 400, "'logit_bias'"),
     ("POST", COMPLETIONS, {"prompt": "x", "top_k": 2**70}, JSON, 400, "'top_k'"),
     ("POST", COMPLETIONS, {"prompt": "x", "seed": 1.5}, JSON, 400, "'seed'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": -1}, JSON, 400, "'n'"),

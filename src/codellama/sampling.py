@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +15,9 @@ from codellama.errors import UserError
 # value beyond these would fail only when the batch is built, inside the engine
 _TOP_K_LIMIT = 2**63
 _SEED_RANGE = range(-(2**63), 2**64)
+# OpenAI's ranges, either way from 0: presence_penalty and frequency_penalty, and a logit_bias value
+PENALTY_LIMIT = 2
+BIAS_LIMIT = 100
 
 
 @dataclass
@@ -28,12 +31,33 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
     stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's end-of-turn ids
     seed: int | None = None
+    # OpenAI's: logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0), count[j] being
+    # how often token j was generated so far (not in the prompt); then logit_bias[j] is added
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         self.stop = () if self.stop is None else _as_tuple(self.stop)  # None: OpenAI's "stop": null
         if self.stop_ids is not None:
             self.stop_ids = _as_tuple(self.stop_ids)
+        if self.logit_bias is None:  # OpenAI's "logit_bias": null
+            self.logit_bias = {}
+        elif isinstance(self.logit_bias, Mapping):  # a copy: the caller's dict may change later
+            self.logit_bias = dict(self.logit_bias)
         self.validate()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or biases change this row's logits (rows that do cost [V] work per step)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """UserError naming the first logit_bias id past a vocabulary of vocab_size tokens."""
+        bad = next((t for t in self.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise UserError(f"logit_bias has token id {bad}, outside the model's vocabulary of {vocab_size} "
+                            f"(ids 0 to {vocab_size - 1})")
 
     def validate(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -50,6 +74,21 @@ class SamplingParams:
             raise UserError(f"stop_ids must be token ids (integers), got {list(self.stop_ids)!r}")
         if self.seed is not None and not (_is_int(self.seed) and self.seed in _SEED_RANGE):
             raise UserError(f"seed must be an integer in [-2**63, 2**64) (None: not reproducible), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number_within(getattr(self, name), PENALTY_LIMIT):
+                raise UserError(f"{name} must be a number from -{PENALTY_LIMIT} to {PENALTY_LIMIT} (0: off), "
+                                f"got {getattr(self, name)!r}")
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise UserError(f"logit_bias must map token ids to biases, got {self.logit_bias!r:.80}")
+        for token, bias in self.logit_bias.items():
+            if not (_is_int(token) and token >= 0):
+                raise UserError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not _is_number_within(bias, BIAS_LIMIT):
+                raise UserError(f"logit_bias values must be numbers from -{BIAS_LIMIT} to {BIAS_LIMIT}, got "
+                                f"{bias!r} for token {token}")
 
 
 def _as_tuple(x) -> tuple:
@@ -60,6 +99,72 @@ def _as_tuple(x) -> tuple:
 def _is_int(x) -> bool:
     """An integer proper: True and 2.0 are not token counts, ids or seeds."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number_within(x, limit: float) -> bool:
+    """A real number (not a bool) in [-limit, limit]; NaN is not."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and -limit <= x <= limit
+
+
+def penalized(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """OpenAI's penalties and logit_bias: logits - frequency * counts - presence * (counts > 0) + bias.
+
+    logits, counts (how often each token was generated so far), bias: [P, V]; presence, frequency: [P, 1]."""
+    out = logits - frequency * counts - presence * (counts > 0)  # [P, V]
+    return out if bias is None else out + bias
+
+
+@dataclass
+class Penalties:
+    """The rows of a batch whose logits penalties or biases change, and the counts of the tokens they generated.
+
+    Everything stays on the device: applying and counting read nothing back (no GPU sync)."""
+
+    rows: torch.Tensor  # [P] int64: the rows' indexes in the batch
+    slots: torch.Tensor  # [P] int64: each row's line in counts
+    counts: torch.Tensor  # [S, V] float32: tokens generated per slot, the caller's (zeroed for a new row)
+    presence: torch.Tensor  # [P, 1] float32
+    frequency: torch.Tensor  # [P, 1] float32
+    bias: torch.Tensor | None  # [P, V] float32; None when no row has one
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], device: torch.device, counts: torch.Tensor, slots: list[int]
+    ) -> Penalties | None:
+        """The rows of `params` that adjust their logits (None: no row does), row i counting in counts[slots[i]]."""
+        rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+        if not rows:
+            return None
+        bias, vocab = None, counts.shape[1]
+        pairs = [(k * vocab + token, b) for k, i in enumerate(rows) for token, b in params[i].logit_bias.items()]
+        if pairs:
+            at, values = zip(*pairs)  # flat indexes into [P, V]: index_copy_ queues without a sync
+            bias = torch.zeros(len(rows), vocab, device=device)  # [P, V]
+            bias.view(-1).index_copy_(0, to_device(at, device), to_device(values, device, torch.float32))
+        return cls(
+            rows=to_device(rows, device),
+            slots=to_device([slots[i] for i in rows], device),
+            counts=counts,
+            presence=to_device([params[i].presence_penalty for i in rows], device, torch.float32)[:, None],
+            frequency=to_device([params[i].frequency_penalty for i in rows], device, torch.float32)[:, None],
+            bias=bias,
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> a copy with these rows adjusted (the model's own stay as they are, for logprobs)."""
+        adjusted = penalized(logits[self.rows], self.counts[self.slots], self.presence, self.frequency, self.bias)
+        return logits.index_copy(0, self.rows, adjusted)  # [B, V]
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """Add each row's new token (tokens [B]) to its counts."""
+        at = self.slots * self.counts.shape[1] + tokens[self.rows]  # [P] flat indexes into counts
+        self.counts.view(-1).index_add_(0, at, torch.ones(at.shape, device=at.device))
 
 
 @dataclass
@@ -73,6 +178,7 @@ class RowSampler:
     # Decided on the host when built, so sampling never reads a device tensor back (no GPU sync).
     all_greedy: bool = False
     unfiltered: bool = False  # no row uses top-p or top-k
+    penalties: Penalties | None = None  # None: no row has penalties or biases (no [B, V] work for them)
 
     @staticmethod
     def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -89,9 +195,19 @@ class RowSampler:
         params: list[SamplingParams],
         device: torch.device,
         generators: list[torch.Generator | None] | None = None,
+        counts: torch.Tensor | None = None,
+        slots: list[int] | None = None,
     ) -> RowSampler:
-        """A sampler for rows with these settings; pass `generators` to continue rows' existing streams."""
+        """A sampler for rows with these settings; pass `generators` to continue rows' existing streams.
+
+        Rows with penalties or biases need `counts` [S, V] (zeros for a new row): row i counts the tokens it
+        generates in counts[slots[i]] (slots: default row i in line i) and is penalised by them."""
         gens = [cls.generator(p, device) for p in params] if generators is None else list(generators)
+        penalties = None
+        if any(p.adjusts_logits for p in params):
+            if counts is None:
+                raise ValueError("rows with penalties or logit_bias need `counts` of the tokens they generate")
+            penalties = Penalties.build(params, device, counts, list(range(len(params))) if slots is None else slots)
         return cls(
             temperature=to_device([p.temperature for p in params], device, torch.float32),
             top_p=to_device([p.top_p for p in params], device, torch.float32),
@@ -99,10 +215,19 @@ class RowSampler:
             generators=gens,
             all_greedy=all(p.temperature == 0 for p in params),
             unfiltered=all(p.top_p >= 1 and p.top_k == 0 for p in params),
+            penalties=penalties,
         )
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] float32 -> next tokens [B]."""
+        """logits [B, V] float32 -> next tokens [B], after the rows' penalties and biases (greedy rows too);
+        the tokens are added to the counts of the rows that have them."""
+        if self.penalties is None:
+            return self._draw(logits)
+        tokens = self._draw(self.penalties.apply(logits))
+        self.penalties.count(tokens)
+        return tokens
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
         greedy = logits.argmax(-1)
         if self.all_greedy:
             return greedy

@@ -23,7 +23,13 @@ request whose last tokens occurred earlier in its prompt or output gets up to `l
 (engine/lookup.py) fed after its own in the same step, one row each; the step's logits then check the
 guesses, and every one that equals the model's choice adds a token. The tokens are those of one step per
 token (up to the float rounding of a near-tie: the guessed rows go through the matmuls together). Requests
-that sample, or want logprobs, take one token per step as before.
+that sample, want logprobs, or have penalties or logit biases (whose logits change with every token they
+take) take one token per step as before.
+
+Penalties and logit biases (OpenAI's presence_penalty, frequency_penalty, logit_bias): the scheduler counts
+each such request's generated tokens in a [slots, V] tensor on the device, zeroed when the request takes its
+slot and updated as its tokens are sampled, so a chained step (overlap) is penalised by the token the host has
+not read yet. It is made for the first such request; batches without them do no [B, V] work for it.
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ class Scheduler:
         self.free_slots = list(range(decoder.max_batch))  # a heap: the lowest slot first keeps rows packed
         self._ids = itertools.count()
         self._sampler: tuple[tuple[int, ...], RowSampler] | None = None
+        self._counts: torch.Tensor | None = None  # [max_batch, V] generated tokens per slot (penalties)
         self.finished = Counter()  # finish reason -> requests, over the scheduler's life
 
     # ---- requests ----
@@ -141,6 +148,7 @@ class Scheduler:
         prompt_logprobs: its Completion also carries each prompt token's logprob (OpenAI's echo + logprobs)."""
         prompt = list(prompt)
         check_prompt(len(self.waiting) if request_id is None else request_id, len(prompt), self.context_len)
+        params.check_vocab(self.decoder.model.config.vocab_size)
         rid = next(self._ids) if request_id is None else request_id
         stop_ids = set(params.stop_ids) if params.stop_ids is not None else self.default_stop_ids
         max_new = min(params.max_new_tokens, self.context_len - len(prompt))
@@ -205,6 +213,8 @@ class Scheduler:
                 self._finish(req, "cancelled", events)
                 continue
             req.slot = self._slot_for(req.prompt)
+            if req.params.adjusts_logits:  # a new row: nothing generated yet
+                self._token_counts()[req.slot].zero_()
             admitted.append(req)
         return admitted
 
@@ -233,7 +243,9 @@ class Scheduler:
 
     def _guess(self, req: Request) -> list[int]:
         """Tokens to check after the request's next input by prompt lookup (module docstring); [] for none."""
-        if not self.lookup or req.params.temperature > 0 or req.logprobs is not None:
+        # a penalised row's logits change with each token it takes: its guesses would be checked against the
+        # logits before them
+        if not self.lookup or req.params.temperature > 0 or req.logprobs is not None or req.params.adjusts_logits:
             return []
         room = min(req.guesses, req.row.max_new - len(req.row.tokens) - 1,  # tokens it may still take
                    self.decoder.model.cache_shape[1] - 2 - req.row.position)  # the last position is the steps'
@@ -359,9 +371,18 @@ class Scheduler:
     def _sampler_for(self, rows: list[Request]) -> RowSampler:
         key = tuple(r.id for r in rows)
         if self._sampler is None or self._sampler[0] != key:  # rebuilt only when the batch changes
-            sampler = RowSampler.build([r.params for r in rows], self.device, [r.generator for r in rows])
+            params = [r.params for r in rows]
+            counts = self._token_counts() if any(p.adjusts_logits for p in params) else None
+            sampler = RowSampler.build(params, self.device, [r.generator for r in rows], counts, [r.slot for r in rows])
             self._sampler = (key, sampler)
         return self._sampler[1]
+
+    def _token_counts(self) -> torch.Tensor:
+        """The generated tokens per slot of the requests with penalties or biases [max_batch, V], made at first use."""
+        if self._counts is None:
+            vocab = self.decoder.model.config.vocab_size
+            self._counts = torch.zeros(self.decoder.max_batch, vocab, device=self.device)
+        return self._counts
 
     @staticmethod
     def _logprobs(rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:

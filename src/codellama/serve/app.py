@@ -268,7 +268,7 @@ class Server:
             max_new = self._max_new(requested, len(ids), "max_tokens")
             prompt_tokens += len(ids)
             for j in range(body.n):
-                jobs.append(_Job(ids, body.sampling(max_new, j, stop_ids), decode, body.logprobs, pi,
+                jobs.append(_Job(ids, body.sampling(max_new, j, self._vocab_size, stop_ids), decode, body.logprobs, pi,
                                  body.echo and body.logprobs is not None, prompt_only))
         return jobs, prompt_texts, prompt_tokens
 
@@ -294,12 +294,18 @@ class Server:
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = self._max_new(requested, len(ids), param, "messages")
         lp = (body.top_logprobs or 0) if body.logprobs else None
-        return [_Job(ids, body.sampling(max_new, j), tok.decode, lp, 0) for j in range(body.n)], len(ids)
+        jobs = [_Job(ids, body.sampling(max_new, j, self._vocab_size), tok.decode, lp, 0) for j in range(body.n)]
+        return jobs, len(ids)
+
+    @property
+    def _vocab_size(self) -> int:
+        """The model's vocabulary: the token ids it has embeddings and logits for."""
+        return self.engine.decoder.model.config.vocab_size
 
     def _check_vocab(self, ids: list[int], param: str) -> None:
         # token ids given, or a tokenizer with pieces past the model's embedding (a Python / 34B checkpoint
         # beside a tokenizer that has the infill pieces): the model cannot read them
-        vocab = self.engine.decoder.model.config.vocab_size
+        vocab = self._vocab_size
         if not all(0 <= t < vocab for t in ids):
             raise OpenAIError(400, f"the {param} holds token ids outside this model's vocabulary of {vocab} (its "
                               "tokenizer has pieces the model has no embedding for)", param=param)

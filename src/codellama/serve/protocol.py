@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI API subset we serve, validated strictly (a wrong type is a 400).
 
-Fields OpenAI defines that we cannot honour are rejected with a clear message; the penalties and logit_bias,
-which clients send by default with neutral values, are accepted at those values only.
+Fields OpenAI defines that we cannot honour are rejected with a clear message. presence_penalty,
+frequency_penalty and logit_bias are applied by the sampler (sampling.py); logit_bias's keys arrive as strings
+of token ids, as JSON's object keys must be.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from codellama.errors import UserError
-from codellama.sampling import SamplingParams
+from codellama.sampling import BIAS_LIMIT, PENALTY_LIMIT, SamplingParams
 
 Stop = str | list[str] | None
 # OpenAI allows 4; lm-evaluation-harness's local-completions sends a task's stop strings and the EOS text
@@ -58,10 +59,10 @@ class _Common(BaseModel):
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's seeds are int64
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # not applied: accepted at the neutral values clients send by default, any other value refused
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0  # OpenAI's range
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict | None = None
+    presence_penalty: Annotated[float, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)] = 0.0  # OpenAI's range
+    frequency_penalty: Annotated[float, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)] = 0.0
+    # token id (a string: JSON's keys are) -> bias added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-BIAS_LIMIT, le=BIAS_LIMIT)]] | None = None
     user: str | None = None  # accepted and ignored (an end user's id, for OpenAI's abuse monitoring)
 
     @model_validator(mode="before")
@@ -74,18 +75,17 @@ class _Common(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or _accepts_none(cls.model_fields[k].annotation)}
 
-    @model_validator(mode="after")
-    def _neutral_unapplied(self) -> _Common:
-        # the sampler applies no penalties or biases: another value would be ignored and change the answer
-        # without saying so (vLLM and llama.cpp do apply them)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise OpenAIError(400, f"{name} {getattr(self, name)} is not supported by this server (it applies "
-                                  "no penalties): send 0 or leave it out", param=name)
-        if self.logit_bias:
-            raise OpenAIError(400, "logit_bias is not supported by this server (it applies no biases): send {} "
-                              "or leave it out", param="logit_bias")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit()):  # int() would also take " 5", "+5", "5_0" and "٥"
+                raise ValueError(f"keys must be token ids, integers >= 0 written as strings (like \"50256\"), "
+                                 f"got {key!r}")
+        return v
+
+    def token_biases(self) -> dict[int, float]:
+        return {int(k): b for k, b in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -108,16 +108,24 @@ class _Common(BaseModel):
         if wanted and self.stream:
             raise OpenAIError(400, "logprobs are not available in streams; send stream: false", param="logprobs")
 
-    def sampling(self, max_new: int, choice: int, stop_ids: tuple[int, ...] | None = None) -> SamplingParams:
+    def sampling(self, max_new: int, choice: int, vocab_size: int,
+                 stop_ids: tuple[int, ...] | None = None) -> SamplingParams:
         """Settings of one choice; with a seed, choice j draws from seed + j so n > 1 choices differ."""
         seed = None if self.seed is None else (self.seed + choice) % 2**64  # torch's range (it wraps -1 too)
         if self.ignore_eos:
             stop_ids = ()
         try:
-            return SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
-                                  top_k=max(self.top_k, 0), stop=self.stops(), stop_ids=stop_ids, seed=seed)
+            params = SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
+                                    top_k=max(self.top_k, 0), stop=self.stops(), stop_ids=stop_ids, seed=seed,
+                                    presence_penalty=self.presence_penalty,
+                                    frequency_penalty=self.frequency_penalty, logit_bias=self.token_biases())
         except UserError as e:
             raise OpenAIError(400, str(e)) from None
+        try:
+            params.check_vocab(vocab_size)
+        except UserError as e:
+            raise OpenAIError(400, str(e), param="logit_bias") from None
+        return params
 
 
 class CompletionRequest(_Common):
