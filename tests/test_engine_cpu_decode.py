@@ -187,3 +187,23 @@ def test_kernels_load_after_a_killed_build(tmp_path):
     code = "from codellama.engine.kernels import cpu_kernels; assert cpu_kernels() is not None"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, timeout=120, check=True)
+
+
+def test_onednn_matmuls_keep_float32_results_and_restore_torch_setting():
+    # the eager prefill's matmuls (F.linear, SDPA) inside onednn_matmuls: float32's results to rounding where
+    # it routes them (this CPU unless it has AMX), and torch's own setting back afterwards, after an error too
+    from torch.nn.functional import linear, scaled_dot_product_attention as sdpa
+
+    from codellama.engine.kernels import onednn_matmuls
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(300, 96, generator=g), torch.randn(200, 96, generator=g)
+    q, k, v = torch.randn(3, 1, 4, 300, 16, generator=g)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with onednn_matmuls():
+        y, o = linear(x, w), sdpa(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(o, sdpa(q, k, v, is_causal=True))
+    with pytest.raises(RuntimeError), onednn_matmuls():
+        raise RuntimeError("a failed prefill")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

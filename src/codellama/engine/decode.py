@@ -37,6 +37,7 @@ checked before each prefill and admission.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -45,7 +46,7 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.graphs import StepGraphs
 from codellama.engine.host import to_device
-from codellama.engine.kernels import KernelLinears, cpu_kernels
+from codellama.engine.kernels import onednn_matmuls
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
 from codellama.model import KVCache, Transformer, kv_read_len, round_up
@@ -109,10 +110,6 @@ class Decoder:
         self._prefill = None  # the compiled prefill chunk
         # the fused CPU step has its own attention: a Decoder asked for flex runs the model
         self._fused = None if self.compiled or attention != "sdpa" else FusedCPUDecode.for_model(model)
-        # the eager model's float32 linear layers through the kernels' GEMM on the CPU (long prompts)
-        float_cpu = self.device.type == "cpu" and model.dtype == torch.float32 and not self.compiled
-        kernels = cpu_kernels() if float_cpu else None
-        self._kernel_linears = None if kernels is None else KernelLinears(kernels)
         self.reuse_prefixes = reuse_prefixes
         self.ensure(max_batch, max_seq_len)
 
@@ -368,9 +365,7 @@ class Decoder:
     def _eager_chunk(
         self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, last_only: bool
     ) -> torch.Tensor:
-        if self._kernel_linears is None:
-            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
-        with self._kernel_linears:
+        with onednn_matmuls() if self.device.type == "cpu" else contextlib.nullcontext():
             return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
 
     def _unit_chunk(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_units: int,
