@@ -37,7 +37,6 @@ checked before each prefill and admission.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -58,8 +57,12 @@ log = logging.getLogger(__name__)
 MIN_REUSED_TOKENS = 16
 
 # The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt),
-# and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs).
+# and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs). A model of
+# float32 weights prefills faster through the eager model from ~100 tokens on (oneDNN's GEMMs and SDPA);
+# a quantised one would multiply there by the kernels' tiles beside torch's threads, 3x slower below 256
+# rows (BENCHMARKS.md, prefill).
 FUSED_PREFILL_MAX_PROMPT = 256
+FUSED_PREFILL_MAX_PROMPT_FLOAT = 64
 FUSED_PREFILL_ROWS = 1024
 # The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
 # positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count,
@@ -220,7 +223,8 @@ class Decoder:
         if self._fused is not None:
             # Short rests of prompts go through the fused step, several per call; long ones through the model's
             # SDPA (the fused step's attention loops per row, which many rows make quadratic).
-            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= FUSED_PREFILL_MAX_PROMPT]
+            longest = FUSED_PREFILL_MAX_PROMPT if self._fused.quantised else FUSED_PREFILL_MAX_PROMPT_FLOAT
+            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= longest]
             if short:
                 rows = self._fused_prefill(*zip(*((prompts[i], slots[i], plan[i][0]) for i in short)))
                 for i, row in zip(short, rows):
@@ -365,7 +369,9 @@ class Decoder:
     def _eager_chunk(
         self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, last_only: bool
     ) -> torch.Tensor:
-        with onednn_matmuls() if self.device.type == "cpu" else contextlib.nullcontext():
+        if self.device.type != "cpu" or torch.compiler.is_compiling():  # (the compiled chunk traces this)
+            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+        with onednn_matmuls():
             return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
 
     def _unit_chunk(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_units: int,
