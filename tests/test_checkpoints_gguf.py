@@ -202,10 +202,13 @@ def test_keep_codes_makes_the_quantised_matrices_quantised_layers_with_the_files
     plain, _, _ = load_gguf(tmp_path / "mixed.gguf")
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
+        ref = plain(tokens)
+        # logits up to ~1e3 (random weights): float32's rounding in another summation order, ~1e-6 of that
+        tol = dict(atol=2e-6 * ref.abs().max().item(), rtol=1e-4)
+        torch.testing.assert_close(model(tokens), ref, **tol)
         fused = fuse_projections(model)
         assert fused.layers[0].attention.wqkv.mode == "int8g"
-        torch.testing.assert_close(fused(tokens), plain(tokens), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused(tokens), ref, **tol)
 
 
 def test_keep_codes_gives_a_tied_output_projection_the_embeddings_codes(tmp_path):

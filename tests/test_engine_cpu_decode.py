@@ -208,9 +208,3 @@ def test_onednn_matmuls_keep_float32_results_and_restore_torch_setting():
         raise RuntimeError("a failed prefill")
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
-
-@pytest.mark.parametrize("mode", ["float32", "int8", "int4"])
-def test_fused_step_knows_whether_its_weights_are_quantised(mode):
-    # the Decoder prefills prompts past 64 tokens of a float32 model through the eager model, a quantised
-    # model's up to 256 through the fused step (decode.FUSED_PREFILL_MAX_PROMPT*)
-    assert FusedCPUDecode.for_model(prepared(mode)).quantised == (mode != "float32")

@@ -75,14 +75,17 @@ def _int8_scaled(N: int, K: int, group: int = 32, seed: int = 0) -> tuple[torch.
 # M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the
 # widened block (3-row tiles and their remainders), 257 past the limit of our tiles (torch's GEMM, quantised
 # weights widened for it); N % 4 != 0 exercises the tail rows (K % 8 != 0: test_linear_kernel_any_width).
+# tiles_max_m 4: the eager model's limit (EAGER_TILES_MAX_M) or below sends 5+ rows to the GEMM too.
+@pytest.mark.parametrize("tiles_max_m", [None, 4])
 @pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int8g", "int8s16", "int8s32"])
-def test_linear_kernel_equals_matmul(fmt, M, N, K):
+def test_linear_kernel_equals_matmul(fmt, M, N, K, tiles_max_m):
     torch.manual_seed(M * N + K)
     w, x = torch.randn(N, K), torch.randn(M, K)
     weight, scales, dense = _weights(fmt, w)
-    torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
+    got = kernels().linear(x, weight, scales, *([] if tiles_max_m is None else [tiles_max_m]))
+    torch.testing.assert_close(got, x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
 # float16 scales (int8s holds a layer's so where they are exact): the same float32 arithmetic, so bit for bit

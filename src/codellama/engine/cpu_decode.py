@@ -68,9 +68,6 @@ class FusedCPUDecode:
     def __init__(self, model: Transformer, kernels: ModuleType, captured: Captured):
         self.model, self.kernels = model, kernels
         self.output, self.layers = captured
-        # whether any matmul is quantised (has scales; see _capture for the layers' order)
-        scales = [self.output[1], *(layer[i] for layer in self.layers for i in (2, 4, 7, 9))]
-        self.quantised = any(s.numel() for s in scales)
         self._storage = _storage(captured)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -56,13 +56,10 @@ log = logging.getLogger(__name__)
 # scheduler's slot choice too: the rows of a step span slots 0..n-1, so a high slot costs every step)
 MIN_REUSED_TOKENS = 16
 
-# The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt),
-# and the most tokens per fused call (enough rows for the matmuls to run as efficient GEMMs). A model of
-# float32 weights prefills faster through the eager model from ~100 tokens on (oneDNN's GEMMs and SDPA);
-# a quantised one would multiply there by the kernels' tiles beside torch's threads, 3x slower below 256
-# rows (BENCHMARKS.md, prefill).
-FUSED_PREFILL_MAX_PROMPT = 256
-FUSED_PREFILL_MAX_PROMPT_FLOAT = 64
+# The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt;
+# from ~100 tokens on the eager model's GEMMs and SDPA are faster: BENCHMARKS.md, prefill), and the most
+# tokens per fused call (several short prompts: enough rows for the matmuls to run as GEMMs).
+FUSED_PREFILL_MAX_PROMPT = 64
 FUSED_PREFILL_ROWS = 1024
 # The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
 # positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count,
@@ -223,8 +220,7 @@ class Decoder:
         if self._fused is not None:
             # Short rests of prompts go through the fused step, several per call; long ones through the model's
             # SDPA (the fused step's attention loops per row, which many rows make quadratic).
-            longest = FUSED_PREFILL_MAX_PROMPT if self._fused.quantised else FUSED_PREFILL_MAX_PROMPT_FLOAT
-            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= longest]
+            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= FUSED_PREFILL_MAX_PROMPT]
             if short:
                 rows = self._fused_prefill(*zip(*((prompts[i], slots[i], plan[i][0]) for i in short)))
                 for i, row in zip(short, rows):

@@ -47,6 +47,9 @@ GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 INT8_GROUP = 16  # int8g group size: the smallest (sub-)block of any ggml type (Q6_K, Q3_K, Q2_K)
 INT8S_GROUPS = (16, 32)  # int8s group sizes (the kernel's)
 MODES = ("int8", "int4", "int8s", "int8g")
+# Up to this many rows the eager model's quantised layers multiply by the kernels' tiles, beyond by a GEMM
+# (csrc/kernels.h, TILES_MAX_M: beside torch's threads the tiles lost 3x at 100-256 rows)
+EAGER_TILES_MAX_M = 16
 # weights quantised at once by quantize_weight: a 7B's output projection in two (its other matrices whole)
 QUANTIZE_CHUNK = 1 << 26
 
@@ -213,7 +216,7 @@ class QuantLinear(nn.Module):
         if on_cpu and not torch.compiler.is_compiling():  # a compiled graph cannot call the C++ kernels
             kernels = cpu_kernels()
         if kernels is not None:
-            y = kernels.linear(x2.contiguous(), self.qweight, self.scales)
+            y = kernels.linear(x2.contiguous(), self.qweight, self.scales, EAGER_TILES_MAX_M)
         elif self.mode == "int8" and x.dtype != torch.float16:  # gpt-fast's form (compiled, the widening can
             # fuse into the matmul); in float16, x times the codes (up to 127) before the scale would overflow
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -3,22 +3,28 @@
 #pragma once
 #include <ATen/ATen.h>
 
+// Up to this many rows of x, linear() multiplies by our tiles, beyond by a GEMM (the weights widened). Within the
+// fused step (our thread pool throughout) the tiles pay up to a few hundred rows; outside it, beside torch's
+// OpenMP threads, which spin between ops on the cores our pool wants, past a few dozen they lost 3x to the
+// GEMM (on torch's own threads): engine/quant.py passes EAGER_TILES_MAX_M.
+constexpr int64_t TILES_MAX_M = 256;
+
 // x [M, K] float32 @ w.T, the kernel picked by w's dtype and s's shape: float32 [N, K] (s unused), int8
 // [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]
 // (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said
-at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s);
+at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m = TILES_MAX_M);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by torch's fastest float32 GEMM, for large M
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);
 // x [M, K] float32 @ (int8 [N, K] * scale [N]).T -> [M, N]
-at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale);
+at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t tiles_max_m);
 // x [M, K] float32 @ (int8 [N, K] * scale + min, per group of 16 [N, K/16, 2]).T -> [M, N]
-at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz);
+at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz, int64_t tiles_max_m);
 // x [M, K] float32 @ (int8 [N, K] * scale, per group of G = 16 or 32 [N, K/G] float32 or float16).T -> [M, N]
-at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s);
+at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m);
 // x [M, K] float32 @ dequant(uint8 [N, K/2], scale/min [N, K/32, 2]).T -> [M, N]
-at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz);
+at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz, int64_t tiles_max_m);
 
 // One Llama decoder layer for rows of new tokens, each at its own (slot, position) (see decode_layer.cpp).
 at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tensor cos, at::Tensor sin,

@@ -16,9 +16,9 @@
 // too the scale-only one, apply their scales once per group), since one chain of dependent FMAs per output
 // was the bound. For more rows the block is widened once into a float32 buffer that stays in cache and
 // every row of x is multiplied against it, 3 rows at a time, so the widening is paid once per block rather
-// than once per row (continuous batching). Beyond TILES_MAX_M rows (prefill) the weights are widened a few
-// megabytes at a time and multiplied by torch's blocked GEMM instead, which re-reads x far less than 4
-// outputs at a time can. AVX2 + FMA (+ F16C).
+// than once per row (continuous batching). Beyond the caller's tiles_max_m rows (prefill) the weights are
+// widened a few megabytes at a time and multiplied by oneDNN's blocked GEMM instead, which re-reads x far
+// less than 4 outputs at a time can (kernels.h says which limit suits which caller). AVX2 + FMA (+ F16C).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -36,7 +36,6 @@ namespace {
 
 constexpr int64_t NB = 4;         // output rows per block
 constexpr int64_t STREAM_M = 2;   // up to this many rows of x, quantised weights are widened in registers
-constexpr int64_t TILES_MAX_M = 256;  // beyond this many rows of x (prefill): torch's GEMM, weights widened
 
 inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 float32
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -466,14 +465,18 @@ at::Tensor run(const W& w, const at::Tensor& x, int64_t N) {
 }
 
 // y = x @ w.T for a quantised w and many rows of x: chunks of w's rows widened to float32 (about 4 MB each,
-// so a 7B's output projection never needs its 0.5 GB float copy), each multiplied by torch's GEMM.
+// so a 7B's output projection never needs its 0.5 GB float copy), each multiplied by oneDNN's GEMM.
 template <class W>
 at::Tensor run_widened(const W& w, const at::Tensor& x, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = at::empty({M, N}, x.options());
   const int64_t chunk = std::max<int64_t>(NB, (int64_t(1) << 20) / K / NB * NB);
-  auto wide = at::empty({std::min(chunk, N), K}, x.options());
-  float* out = wide.data_ptr<float>();
+  // kept for the thread's next call: a fresh 4 MB buffer per call came from mmap, and faulting its pages in
+  // cost as much as widening into them (prefill of 200 tokens ran at 600-1000 tok/s, by the process)
+  thread_local std::vector<float> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), std::min(chunk, N) * K));
+  auto wide = at::from_blob(buffer.data(), {std::min(chunk, N), K}, x.options());
+  float* out = buffer.data();
+  at::Tensor y = N > chunk ? at::empty({M, N}, x.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < N; c0 += chunk) {
     const int64_t c = std::min(chunk, N - c0), blocks = c / NB;
     // torch's threads, not our pool: its OpenMP workers spin on the cores after each GEMM, where our
@@ -491,6 +494,7 @@ at::Tensor run_widened(const W& w, const at::Tensor& x, int64_t N) {
     });
     for (int64_t n = blocks * NB; n < c; ++n)  // the last N % 4 rows
       for (int64_t k = 0; k < K; ++k) out[n * K + k] = w.at(c0 + n, k);
+    if (N <= chunk) return gemm(x, wide.narrow(0, 0, c));  // the whole matrix at once: no copy
     y.narrow(1, c0, c).copy_(gemm(x, wide.narrow(0, 0, c)));
   }
   return y;
@@ -505,21 +509,19 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, bool h
 }
 
 template <class W>
-at::Tensor run_any(const W& w, const at::Tensor& x, int64_t N) {  // our tiles, or torch's GEMM for prefill
-  return x.size(0) > TILES_MAX_M ? run_widened(w, x, N) : run(w, x, N);
+at::Tensor run_any(const W& w, const at::Tensor& x, int64_t N, int64_t tiles_max_m) {  // our tiles, or a GEMM
+  return x.size(0) > tiles_max_m ? run_widened(w, x, N) : run(w, x, N);
 }
 
 }  // namespace
 
-at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s) {
+at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) {
   if (w.scalar_type() == at::kChar) {
-    if (s.dim() == 1) return int8_linear(x, w, s);
-    return s.dim() == 3 ? int8_group_linear(x, w, s) : int8_scaled_linear(x, w, s);
+    if (s.dim() == 1) return int8_linear(x, w, s, tiles_max_m);
+    return s.dim() == 3 ? int8_group_linear(x, w, s, tiles_max_m) : int8_scaled_linear(x, w, s, tiles_max_m);
   }
-  if (w.scalar_type() == at::kByte) return int4_linear(x, w, s);
-  // float32: ours up to a few hundred rows (2-4x torch's GEMM at M <= 32, ~10% faster at 208), torch's
-  // blocked GEMM beyond (at 1024 rows it is 20% faster: ours re-reads x for every block of 4 outputs)
-  return x.size(0) <= TILES_MAX_M ? float_linear(x, w) : gemm(x, w);
+  if (w.scalar_type() == at::kByte) return int4_linear(x, w, s, tiles_max_m);
+  return x.size(0) <= tiles_max_m ? float_linear(x, w) : gemm(x, w);
 }
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w) {
@@ -540,19 +542,19 @@ at::Tensor float_linear(at::Tensor x, at::Tensor w) {
   return run(Float32W{w.data_ptr<float>(), w.size(1)}, x, w.size(0));
 }
 
-at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale) {
+at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, int64_t tiles_max_m) {
   check(x, w, scale);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == x.size(1), "int8 weight [N, K]");
   TORCH_CHECK(scale.numel() == w.size(0), "scale [N]");
-  return run_any(Int8W{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)}, x, w.size(0));
+  return run_any(Int8W{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1)}, x, w.size(0), tiles_max_m);
 }
 
-at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
+at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz, int64_t tiles_max_m) {
   check(x, w, sz);
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kByte && K % 32 == 0 && w.size(1) == K / 2, "uint8 weight [N, K/2], K % 32 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 32) * 2, "scales [N, K/32, 2]");
-  return run_any(Int4W{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N);
+  return run_any(Int4W{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N, tiles_max_m);
 }
 
 // the shift of a group size G = 16 << shift that divides K into groups_per_row
@@ -563,15 +565,15 @@ static int group_shift(int64_t K, int64_t groups_per_row) {
   return G == 32 ? 1 : 0;
 }
 
-at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz) {
+at::Tensor int8_group_linear(at::Tensor x, at::Tensor w, at::Tensor sz, int64_t tiles_max_m) {
   check(x, w, sz);
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kChar && K % 16 == 0 && w.size(1) == K, "int8 weight [N, K], K % 16 == 0");
   TORCH_CHECK(sz.numel() == N * (K / 16) * 2, "scales [N, K/16, 2]");
-  return run_any(Int8GroupW<true>{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K, 0}, x, N);
+  return run_any(Int8GroupW<true>{w.data_ptr<int8_t>(), sz.data_ptr<float>(), K, 0}, x, N, tiles_max_m);
 }
 
-at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s) {
+at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) {
   check(x, w, s, true);
   const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && s.dim() == 2 && s.size(0) == N,
@@ -580,6 +582,6 @@ at::Tensor int8_scaled_linear(at::Tensor x, at::Tensor w, at::Tensor s) {
   const int8_t* q = w.data_ptr<int8_t>();
   if (s.scalar_type() == at::kHalf)  // float16's bits, widened by F16C
     return run_any(Int8GroupW<false, uint16_t>{q, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), K, shift},
-                   x, N);
-  return run_any(Int8GroupW<false>{q, s.data_ptr<float>(), K, shift}, x, N);
+                   x, N, tiles_max_m);
+  return run_any(Int8GroupW<false>{q, s.data_ptr<float>(), K, shift}, x, N, tiles_max_m);
 }
