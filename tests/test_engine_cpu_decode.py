@@ -14,7 +14,7 @@ import torch
 
 from codellama.config import ModelConfig
 from codellama.engine.cpu_decode import FusedCPUDecode
-from codellama.engine.decode import Decoder
+from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, Decoder
 from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import fuse_projections, quantize
 from codellama.generate import Generator
@@ -55,14 +55,15 @@ def fused_and_eager(model, max_batch: int = 5) -> tuple[Decoder, Decoder]:
 def test_fused_prefill_and_decode_equal_eager(mode, cfg):
     model = prepared(mode, cfg)
     fused, eager = fused_and_eager(model)
-    # short prompts share fused calls (the second and third calls start inside a prompt); the long one
-    # goes through the eager model. The eager decoder runs each alone.
+    # short prompts (up to FUSED_PREFILL_MAX_PROMPT) share fused calls of 128 rows (the second starts inside
+    # the last prompt); the long one goes through the eager model. The eager decoder runs each alone.
     long = [(5 * i) % 101 for i in range(300)]
-    prompts = [[1, 2, 3], [(3 * i) % 101 for i in range(200)], long, [4] * 40, [(7 * i) % 101 for i in range(250)]]
+    prompts = [[1, 2, 3], [(3 * i) % 101 for i in range(60)], long, [4] * 40, [(7 * i) % 101 for i in range(64)]]
+    assert sum(len(p) for p in prompts if len(p) <= FUSED_PREFILL_MAX_PROMPT) > 128
     slots = [2, 0, 3, 1, 4]
     torch.testing.assert_close(fused.prefill(prompts, slots), eager.prefill(prompts, slots), atol=1e-4, rtol=1e-4)
     # one decode step for slots 0, 2 and 3 only (1 and 4 idle): rows at different positions
-    args = ([0, 2, 3], [7, 50, 9], [200, 3, 300])
+    args = ([0, 2, 3], [7, 50, 9], [60, 3, 300])
     out = fused.decode(*args)
     assert out.shape == (3, cfg.vocab_size)
     torch.testing.assert_close(out, eager.decode(*args), atol=1e-4, rtol=1e-4)
