@@ -13,7 +13,7 @@ constexpr int64_t TILES_MAX_M = 256;
 // [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]
 // (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m = TILES_MAX_M);
-// x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by torch's fastest float32 GEMM, for large M
+// x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by oneDNN's float32 GEMM (MKL's without it), for large M
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);

@@ -525,7 +525,7 @@ at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m)
 }
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w) {
-  // torch's float32 GEMM is MKL's, which on AMD CPUs runs a path 2-3x slower than oneDNN's (the same
+  // torch's float32 GEMM is MKL's, which on AMD CPUs takes a path about half as fast as oneDNN's (the same
   // float32 arithmetic, no lower-precision math mode): oneDNN's linear, registered by torch as the op
   // inductor uses for CPU linears, where this build of torch has it
   static const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
