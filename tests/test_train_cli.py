@@ -233,3 +233,12 @@ def test_cli_validation_tokens_from_another_vocabulary(recipe_file, tmp_path, ca
     err = capsys.readouterr().err
     assert "source 'synthetic (validation)' has token ids up to 40000, beyond the model's vocabulary" in err
     assert "Traceback" not in err and not (tmp_path / "run" / "latest").exists()
+
+
+def test_a_missing_corpus_is_reported_before_the_model_loads(recipe_file, tmp_path, capsys):
+    # model.init names no checkpoint at all: had it been loaded first, that would be the error
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "model.init=no-such-checkpoint", "--data-root", str(tmp_path / "typo")]) != 0
+    err = capsys.readouterr().err
+    assert f"data source 'synthetic': {tmp_path / 'typo' / 'train.npy'} does not exist" in err
+    assert "no-such-checkpoint" not in err

@@ -85,6 +85,16 @@ def build_sources(recipe: Recipe, tokenizer: Tokenizer | None, split: str) -> tu
     return make_source(sources, weights, _source_seed(t.seed, f"mixture-{split}")), list(sources.items())
 
 
+def check_sources_exist(recipe: Recipe) -> None:
+    """UserError for a training source whose path does not exist, said before the model loads (a typo in
+    data.root was reported only after model.init, minutes for a 7B)."""
+    root = Path(recipe.data.root or ".")
+    for s in recipe.data.sources:
+        if not (root / s.path).exists():
+            raise UserError(f"data source {s.name!r}: {root / s.path} does not exist; build it with "
+                            "`codellama data`, or fix data.root (--data-root) or the source's path")
+
+
 def _check_same_sources(state: dict, recipe: Recipe, ckpt: Path) -> None:
     """UserError when the checkpoint was written by a run reading other data sources than the recipe's."""
     saved = [s["name"] for s in state.get("recipe", {}).get("data", {}).get("sources", [])]
@@ -128,6 +138,8 @@ class Trainer:
         self.bf16 = t.dtype == "bf16" and self.env.device.type == "cuda"
         parallel = dict(activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=self.bf16)
 
+        if train_source is None:
+            check_sources_exist(recipe)
         self.model, self.tokenizer = self._build_model(model_config, tokenizer, parallel)
         self.cfg: ModelConfig = self.model.config
 
