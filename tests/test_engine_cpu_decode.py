@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -208,4 +209,41 @@ def test_onednn_matmuls_keep_float32_results_and_restore_torch_setting():
     with pytest.raises(RuntimeError), onednn_matmuls():
         raise RuntimeError("a failed prefill")
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_onednn_matmuls_in_two_threads_restore_torch_setting():
+    # the server's engine thread and another thread's Generator (two models) prefill at once: A enters, B
+    # enters, A leaves, B leaves. B's matmuls stay routed until it leaves, and torch's setting ends as it
+    # began (restored by the last block to leave, not by each one's own "before": B would leave "bf16" set for
+    # the whole process, where torch.get_float32_matmul_precision() then raises)
+    from codellama.engine.kernels import onednn_float32_exact, onednn_matmuls
+
+    if not onednn_float32_exact():
+        pytest.skip("oneDNN is not float32-exact here (AMX): onednn_matmuls changes nothing")
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a() -> None:
+        with onednn_matmuls():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(10)
+        with onednn_matmuls():
+            b_in.set()
+            a_out.wait(10)
+            seen["inside"] = matmul.fp32_precision
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["inside"] == "bf16"  # B's block still routes its matmuls after A's ended
+    assert matmul.fp32_precision == before
+    torch.get_float32_matmul_precision()  # raises where the mkldnn setting was left changed
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -108,6 +109,14 @@ def torch_on_one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+# onednn_matmuls' blocks open in any thread: torch's setting is one for the whole process, so the first block
+# switches it and the last to end restores it (each block restoring what it found would leave it switched when
+# two threads' blocks overlap: A in, B in (finds "bf16"), A out, B out)
+_onednn_lock = threading.Lock()
+_onednn_blocks = 0
+_onednn_before = "none"
+
+
 @functools.cache
 def onednn_float32_exact() -> bool:
     """Whether torch's float32 matmuls can run through oneDNN on this CPU with float32's own results.
@@ -120,23 +129,34 @@ def onednn_float32_exact() -> bool:
     if not torch.backends.mkldnn.is_available() or amx():
         return False
     x, w = torch.randn(768, 512, generator=torch.Generator().manual_seed(0)).split([256, 512])  # [256|512, 512]
-    exact = x @ w.T
-    with onednn_matmuls(probe=True):
-        routed = x @ w.T
+    matmul = torch.backends.mkldnn.matmul
+    with _onednn_lock:  # no other thread's probe switches the setting while this one computes the exact product
+        exact = x @ w.T
+        before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+        try:
+            routed = x @ w.T
+        finally:
+            matmul.fp32_precision = before
     return bool(((routed - exact).abs().max() <= 1e-5 * exact.abs().max()).item())
 
 
 @contextlib.contextmanager
-def onednn_matmuls(probe: bool = False) -> Iterator[None]:
+def onednn_matmuls() -> Iterator[None]:
     """torch's float32 matmuls (F.linear, SDPA) through oneDNN in this block where onednn_float32_exact():
-    2x faster prefill on AMD CPUs, the same float32 arithmetic."""
-    if not (probe or onednn_float32_exact()):
+    2x faster prefill on AMD CPUs, the same float32 arithmetic. Safe to nest and to open in several threads."""
+    global _onednn_blocks, _onednn_before
+    if not onednn_float32_exact():
         yield
         return
     matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
+    with _onednn_lock:
+        if _onednn_blocks == 0:
+            _onednn_before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+        _onednn_blocks += 1
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        with _onednn_lock:
+            _onednn_blocks -= 1
+            if _onednn_blocks == 0:
+                matmul.fp32_precision = _onednn_before
