@@ -104,7 +104,7 @@ class Program:
 @dataclass
 class RunResult:
     status: str  # "passed" | "failed" | "timed out"
-    detail: str = ""  # why it failed: last error line, "timed out after ...", ...
+    detail: str = ""  # why it failed: last error line, "killed by SIGKILL", ...
     duration: float = 0.0
     returncode: int | None = None
     stdout: str = ""
