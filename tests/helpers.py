@@ -55,16 +55,20 @@ def naive_greedy(model: Transformer, prompt, n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def naive_penalized_greedy(model: Transformer, prompt, n: int, presence: float = 0.0, frequency: float = 0.0,
-                           bias: dict[int, float] | None = None) -> list[int]:
-    """naive_greedy with OpenAI's penalties over the tokens generated so far and logit_bias, token by token."""
+def naive_penalized_greedy(model: Transformer, prompt, n: int, presence_penalty: float = 0.0,
+                           frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                           repetition_penalty: float = 1.0) -> list[int]:
+    """naive_greedy with transformers' repetition penalty over the prompt and the tokens generated so far, then
+    OpenAI's penalties over the generated ones and logit_bias, token by token."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([ids]))[0, -1]
             new = ids[len(prompt):]
             for j, mu in enumerate(logits.tolist()):
+                if j in ids:
+                    mu = mu / repetition_penalty if mu > 0 else mu * repetition_penalty
                 c = new.count(j)
-                logits[j] = mu - c * frequency - (c > 0) * presence + (bias or {}).get(j, 0.0)
+                logits[j] = mu - c * frequency_penalty - (c > 0) * presence_penalty + (logit_bias or {}).get(j, 0.0)
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]

@@ -150,15 +150,19 @@ def test_penalty_flags_reach_the_sampler_and_bad_ones_are_refused_before_loading
 
     monkeypatch.setattr(gen, "_run", spy)
     monkeypatch.setattr("codellama.generate.load", lambda *a, **kw: gen)
-    flags = ["--presence-penalty", "1.5", "--frequency-penalty", "-0.5", "-n", "3"]
+    flags = ["--presence-penalty", "1.5", "--frequency-penalty", "-0.5", "--repetition-penalty", "1.2", "--min-p",
+             "0.05", "-n", "3"]
     assert main(["complete", "x", *flags]) == 0
     assert main(["chat", "hi", *flags]) == 0
     assert main(["infill", "--prefix", "a", "--suffix", "b", *flags]) == 0
-    assert [(p.presence_penalty, p.frequency_penalty) for p in seen] == [(1.5, -0.5)] * 3
+    assert [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) for p in seen] == [
+        (1.5, -0.5, 1.2, 0.05)] * 3
     capsys.readouterr()
     monkeypatch.setattr("codellama.generate.load", lambda *a, **kw: pytest.fail("loaded a model"))
     assert main(["complete", "x", "--frequency-penalty", "2.5"]) == 2
     assert "frequency_penalty must be a number from -2 to 2" in capsys.readouterr().err
+    assert main(["complete", "x", "--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty must be a number above 0" in capsys.readouterr().err
 
 
 def test_serve_refuses_an_address_or_log_file_it_cannot_use_before_loading(capsys, tmp_path):

@@ -17,7 +17,7 @@ from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.decode import Decoder
 from codellama.generate import Generator
-from codellama.sampling import RowSampler, SamplingParams
+from codellama.sampling import RowSampler, SamplingParams, TokenHistory
 from helpers import naive_greedy, naive_penalized_greedy, random_model
 from test_engine_batching import CFG, PROMPTS, run
 
@@ -65,12 +65,14 @@ def test_compiled_step_same_greedy_tokens_across_buckets(monkeypatch, attention,
 def test_penalised_sampling_is_queued_without_waiting_for_the_gpu():
     # the sampler of a batch with penalties and biases, built and run while the GPU is busy (overlap builds
     # one whenever the batch changes, between queueing steps)
-    params = [SamplingParams(frequency_penalty=1.0, logit_bias={3: 5.0}), SamplingParams(),
+    params = [SamplingParams(frequency_penalty=1.0, logit_bias={3: 5.0}, repetition_penalty=1.3), SamplingParams(),
               SamplingParams(temperature=0.8, presence_penalty=-1.0, seed=1)]
-    counts = torch.zeros(4, CFG.vocab_size, device="cuda")
+    history = TokenHistory.empty(4, CFG.vocab_size, torch.device("cuda"))
+    counts = history.generated
     logits = torch.randn(3, CFG.vocab_size, device="cuda")
     done = gpu_busy()
-    sampler = RowSampler.build(params, torch.device("cuda"), counts=counts, slots=[2, 0, 3])
+    history.start(2, [5, 6, 5])
+    sampler = RowSampler.build(params, torch.device("cuda"), history=history, slots=[2, 0, 3])
     tokens = sampler.sample(logits)
     assert not done.query(), "the host waited for the GPU while building or running a penalised sampler"
     assert counts.sum().item() == 2 and counts[2, tokens[0]].item() == 1 and counts[3, tokens[2]].item() == 1
@@ -81,13 +83,12 @@ def test_compiled_overlapped_steps_apply_penalties_and_biases():
     # has not read yet
     model = random_model(CFG, seed=1)
     decoder = Decoder(random_model(CFG, seed=1).cuda(), max_batch=2, max_seq_len=96, compile=True)
-    settings = [dict(frequency_penalty=2.0), {}, dict(presence_penalty=1.5, logit_bias={4: 3.0, 86: -100})]
+    settings = [dict(frequency_penalty=2.0), {}, dict(presence_penalty=1.5, logit_bias={4: 3.0, 86: -100}),
+                dict(repetition_penalty=1.8)]
     arrivals = {0: [(p, SamplingParams(max_new_tokens=10, **kw)) for p, kw in zip(PROMPTS[1:], settings)]}
     out = run(Scheduler(decoder, stop_ids=(), overlap=True), arrivals)
     for i, (p, kw) in enumerate(zip(PROMPTS[1:], settings)):
-        want = naive_penalized_greedy(model, p, 10, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0),
-                                      kw.get("logit_bias"))
-        assert out[i].tokens == want, i
+        assert out[i].tokens == naive_penalized_greedy(model, p, 10, **kw), i
 
 
 def test_our_cuda_graphs_are_recorded_again_over_a_reallocated_cache():

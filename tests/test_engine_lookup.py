@@ -86,7 +86,7 @@ def test_penalised_greedy_rows_take_one_token_per_step_beside_guessing_ones(fuse
     plain_tokens = run(fused, prompts[:2], [plain, plain], lookup=0)[0]
     for c, p, sp, unpenalised in zip(alone, prompts, params, plain_tokens):
         assert c.tokens == naive_penalized_greedy(fused, p, 30, sp.presence_penalty, sp.frequency_penalty,
-                                                  sp.logit_bias)
+                                                  sp.logit_bias, sp.repetition_penalty)
         assert c.tokens != unpenalised.tokens
 
 

@@ -220,7 +220,7 @@ def test_a_large_frequency_penalty_stops_the_repeats_of_plain_greedy(gen):
     assert len(set(plain)) < n  # this tiny model loops
     penalised = gen.generate([prompt], SamplingParams(max_new_tokens=n, stop_ids=(), frequency_penalty=2.0))[0].tokens
     assert len(set(penalised)) == n
-    assert penalised == naive_penalized_greedy(gen.model, prompt, n, frequency=2.0)
+    assert penalised == naive_penalized_greedy(gen.model, prompt, n, frequency_penalty=2.0)
 
 
 def test_logit_bias_bans_and_forces_tokens_in_greedy_decoding(gen):

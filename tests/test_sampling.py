@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codellama.errors import UserError
-from codellama.sampling import RowSampler, SamplingParams
+from codellama.sampling import RowSampler, SamplingParams, TokenHistory, filtered_probs
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -66,11 +66,12 @@ def test_penalties_and_biases_follow_openais_formula_and_leave_other_rows_alone(
         (SamplingParams(), [1, 1, 1]),  # no penalties: its logits stay the model's
         (SamplingParams(frequency_penalty=2.0), [0, 7, 7]),
     ]
-    counts = torch.zeros(5, V)  # one line per slot; the rows sit in slots 4, 0, 2
+    seen = TokenHistory.empty(5, V, torch.device("cpu"))  # one line per slot; the rows sit in slots 4, 0, 2
+    counts = seen.generated
     slots = [4, 0, 2]
     for slot, (_, history) in zip(slots, rows):
         counts[slot] = torch.bincount(torch.tensor(history), minlength=V).float()
-    sampler = RowSampler.build([p for p, _ in rows], torch.device("cpu"), counts=counts, slots=slots)
+    sampler = RowSampler.build([p for p, _ in rows], torch.device("cpu"), history=seen, slots=slots)
     adjusted = sampler.penalties.apply(logits)
     for i, (p, history) in enumerate(rows):
         want = reference(logits[i].tolist(), history, p.presence_penalty, p.frequency_penalty, p.logit_bias)
@@ -86,7 +87,58 @@ def test_penalties_and_biases_follow_openais_formula_and_leave_other_rows_alone(
     assert torch.equal(counts - before, added)  # slot 0's row has no penalties: not counted
 
 
-def test_rows_with_penalties_need_counts():
-    with pytest.raises(ValueError, match="need `counts`"):
+def test_rows_with_penalties_need_a_history():
+    with pytest.raises(ValueError, match="need the `history`"):
         RowSampler.build([SamplingParams(presence_penalty=1.0)], torch.device("cpu"))
     assert RowSampler.build([SamplingParams()], torch.device("cpu")).penalties is None  # the fast path
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(min_p=1.5), "min_p must be a number from 0 to 1"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty must be a number above 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+])
+def test_min_p_and_repetition_penalty_out_of_range_are_refused(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature,top_k,min_p", [(1.0, 0, 0.1), (0.7, 0, 0.3), (1.3, 20, 0.05)])
+def test_min_p_keeps_the_tokens_transformers_keeps(temperature, top_k, min_p):
+    from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 64) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    want = torch.softmax(MinPLogitsWarper(min_p)(None, scores), -1)  # [4, 64]
+    rows = [SamplingParams(temperature=temperature, top_k=top_k, min_p=min_p)] * 4
+    sampler = RowSampler.build(rows, torch.device("cpu"))
+    got = filtered_probs(logits, sampler.temperature, sampler.top_p, sampler.top_k, sampler.unfiltered,
+                         min_p=sampler.min_p)
+    assert not sampler.unfiltered and 0 < int((want == 0).sum()) < want.numel()  # the test drops some tokens
+    assert torch.equal(got == 0, want == 0)
+    torch.testing.assert_close(got, want)
+
+
+def test_repetition_penalty_is_transformers_over_the_prompt_and_the_generated_tokens():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(1)
+    V, prompts, generated = 32, [[3, 4, 4, 9], [0, 31], [5]], [[7, 3], [], [5, 5, 6]]
+    logits = torch.randn(3, V) * 2
+    history = TokenHistory.empty(4, V, torch.device("cpu"))
+    slots = [3, 0, 1]
+    params = [SamplingParams(repetition_penalty=p) for p in (1.3, 0.8, 2.0)]
+    for slot, prompt, new in zip(slots, prompts, generated):
+        history.start(slot, prompt)
+        history.generated[slot] += torch.bincount(torch.tensor(new, dtype=torch.long), minlength=V)
+    adjusted = RowSampler.build(params, torch.device("cpu"), history=history, slots=slots).penalties.apply(logits)
+    for i, p in enumerate(params):
+        seen = torch.tensor([prompts[i] + generated[i]])
+        want = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(seen, logits[i:i + 1].clone())[0]
+        torch.testing.assert_close(adjusted[i], want)
+    history.start(3, [1])  # a new row in the slot forgets the old one's tokens
+    assert history.in_prompt[3].nonzero().flatten().tolist() == [1] and not history.generated[3].any()

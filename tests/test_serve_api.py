@@ -284,6 +284,9 @@ def test_penalties_and_logit_bias_are_applied(client, tok, reference):
                                     presence_penalty=0.5, logit_bias={"822": -100, "29871": 3})
     ref = reference(ids, 12, frequency_penalty=2.0, presence_penalty=0.5, logit_bias={822: -100, 29871: 3})
     assert out.choices[0].text == ref.text != plain
+    repeats = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                        extra_body={"repetition_penalty": 1.5})  # an extension: vLLM's name
+    assert repeats.choices[0].text == reference(ids, 12, repetition_penalty=1.5).text != plain
     x = tok.encode("x", bos=False)[-1]
     forced = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0.7, seed=1,
                                        logit_bias={str(x): 100})
@@ -458,6 +461,16 @@ HOSTILE = [
      "logit_bias has token id 32016, outside the model's vocabulary of 32016"),
     ("POST", COMPLETIONS, {"prompt": "x", "logit_bias": [5]}, JSON, 400, "'logit_bias'"),
     ("POST", COMPLETIONS, {"prompt": "x", "top_k": 2**70}, JSON, 400, "'top_k'"),
+    # extensions: min_p and repetition_penalty are applied; others that shape the output are refused by name
+    ("POST", COMPLETIONS, {"prompt": "x", "min_p": 0.1, "repetition_penalty": 1.2, "temperature": 0.8}, JSON, 200,
+     None),
+    ("POST", CHAT, {"messages": HI, "repetition_penalty": 0}, JSON, 400,
+     "'repetition_penalty': Input should be greater than 0"),
+    ("POST", COMPLETIONS, {"prompt": "x", "min_p": 1.5}, JSON, 400, "'min_p': Input should be less than or equal to 1"),
+    ("POST", CHAT, {"messages": HI, "guided_json": {"type": "object"}}, JSON, 400,
+     "guided_json (constrained decoding, an extension of other servers) is not supported"),
+    ("POST", COMPLETIONS, {"prompt": "x", "mirostat": 2}, JSON, 400, "mirostat (a sampling setting"),
+    ("POST", COMPLETIONS, {"prompt": "x", "grammar": None}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": "x", "seed": 1.5}, JSON, 400, "'seed'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": -1}, JSON, 400, "'n'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": 10**9}, JSON, 400, "'n'"),
@@ -471,6 +484,8 @@ HOSTILE = [
     # text that is not text, fields of the wrong type, fields we do not know
     ("POST", COMPLETIONS, b'{"prompt": "x\\ud800"}', JSON, 400, "lone UTF-16 surrogate"),
     ("POST", COMPLETIONS, {"prompt": "x", "stream_options": "x"}, JSON, 400, "'stream_options'"),
+    ("POST", CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, JSON, 400,
+     "stream_options is only allowed when stream is true"),
     # was read as truthy: "false" asked for the usage chunk
     ("POST", COMPLETIONS, {"prompt": "x", "stream": True, "stream_options": {"include_usage": "false"}}, JSON, 400,
      "'stream_options.include_usage': Input should be a valid boolean"),
@@ -612,6 +627,28 @@ def test_auth_accepted_and_refused():
     # an empty key (CODELLAMA_API_KEY= in a script) is no key, as the startup line's "auth off" says
     with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="") as (url, _):
         assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_cors_lets_the_named_origins_pages_call_the_api(server):
+    page = "http://editor.test:3000"
+    preflight = {"origin": page, "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type,x-stainless-os"}
+    with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="s3cret", cors_origins=(page,)) as (url, _):
+        ok = httpx.options(url + "/v1/chat/completions", headers=preflight)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == page
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        refused = httpx.options(url + "/v1/chat/completions", headers={**preflight, "origin": "http://evil.test"})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        body = {"prompt": "a", "max_tokens": 2}
+        answer = httpx.post(url + "/v1/completions", json=body,
+                            headers={"origin": page, "authorization": "Bearer s3cret"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
+        # an error the page can read: without the header the browser would hide the 401 behind a CORS failure
+        wrong = httpx.post(url + "/v1/completions", json=body, headers={"origin": page})
+        assert wrong.status_code == 401 and wrong.headers["access-control-allow-origin"] == page
+    # by default no origin is allowed: browsers refuse pages' calls (an open port is not open to every web page)
+    plain = httpx.post(server[0] + "/v1/completions", json=body, headers={"origin": page})
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
 def test_a_default_max_tokens_stays_within_the_servers_limit(tok):

@@ -54,10 +54,15 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this times the likeliest, 0 to 1 (default: 0, off)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtracted from the logit of every token generated so far, -2 to 2 (OpenAI's; default: 0)")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="times how often each token was generated so far, -2 to 2 (OpenAI's; default: 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides the positive logits of the prompt's and the generated tokens and multiplies the "
+                        "negative ones (transformers'; 1.2 is common; default: 1, off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     add_lookup_arg(p)
@@ -92,8 +97,9 @@ def register(sub) -> None:
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, stop=tuple(args.stop), seed=args.seed, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty)
+                top_k=args.top_k, min_p=args.min_p, stop=tuple(args.stop), seed=args.seed,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty)
 
 
 def _load(args):

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("CODELLAMA_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $CODELLAMA_API_KEY; unset = no auth)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin (e.g. http://localhost:3000; '*': any) call the API from a "
+                   "browser; repeatable (default: none, as browsers then refuse cross-origin calls)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_precision_args(p)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
                     compile=args.compile, reuse_prefixes=args.reuse_prefixes, lookup=args.lookup)
     config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens,
-                          suffix_first=args.spm)
+                          suffix_first=args.spm, cors_origins=tuple(args.cors_origin))
     app = create_app(engine, config)
 
     import uvicorn

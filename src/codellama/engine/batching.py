@@ -26,10 +26,11 @@ token (up to the float rounding of a near-tie: the guessed rows go through the m
 that sample, want logprobs, or have penalties or logit biases (whose logits change with every token they
 take) take one token per step as before.
 
-Penalties and logit biases (OpenAI's presence_penalty, frequency_penalty, logit_bias): the scheduler counts
-each such request's generated tokens in a [slots, V] tensor on the device, zeroed when the request takes its
-slot and updated as its tokens are sampled, so a chained step (overlap) is penalised by the token the host has
-not read yet. It is made for the first such request; batches without them do no [B, V] work for it.
+Penalties and logit biases (OpenAI's presence_penalty, frequency_penalty, logit_bias; repetition_penalty): the
+scheduler keeps each such request's history in [slots, V] tensors on the device (sampling.TokenHistory): its
+prompt's tokens, set when the request takes its slot, and counts of its generated tokens, updated as they are
+sampled, so a chained step (overlap) is penalised by the token the host has not read yet. They are made for the
+first such request; batches without them do no [B, V] work for it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from codellama.engine.kernels import torch_on_one_thread
 from codellama.engine.lookup import draft
 from codellama.engine.rows import Completion, RowState, StreamEvent, TokenLogprob, check_prompt, token_logprobs
 from codellama.model import Transformer
-from codellama.sampling import RowSampler, SamplingParams
+from codellama.sampling import RowSampler, SamplingParams, TokenHistory
 
 if TYPE_CHECKING:
     from codellama.tokenizer import Tokenizer
@@ -129,7 +130,7 @@ class Scheduler:
         self.free_slots = list(range(decoder.max_batch))  # a heap: the lowest slot first keeps rows packed
         self._ids = itertools.count()
         self._sampler: tuple[tuple[int, ...], RowSampler] | None = None
-        self._counts: torch.Tensor | None = None  # [max_batch, V] generated tokens per slot (penalties)
+        self._history: TokenHistory | None = None  # what each slot's row saw, for penalties
         self.finished = Counter()  # finish reason -> requests, over the scheduler's life
 
     # ---- requests ----
@@ -213,8 +214,8 @@ class Scheduler:
                 self._finish(req, "cancelled", events)
                 continue
             req.slot = self._slot_for(req.prompt)
-            if req.params.adjusts_logits:  # a new row: nothing generated yet
-                self._token_counts()[req.slot].zero_()
+            if req.params.adjusts_logits:  # a new row: its prompt seen, nothing generated yet
+                self._token_history().start(req.slot, req.prompt)
             admitted.append(req)
         return admitted
 
@@ -372,17 +373,18 @@ class Scheduler:
         key = tuple(r.id for r in rows)
         if self._sampler is None or self._sampler[0] != key:  # rebuilt only when the batch changes
             params = [r.params for r in rows]
-            counts = self._token_counts() if any(p.adjusts_logits for p in params) else None
-            sampler = RowSampler.build(params, self.device, [r.generator for r in rows], counts, [r.slot for r in rows])
+            history = self._token_history() if any(p.adjusts_logits for p in params) else None
+            sampler = RowSampler.build(params, self.device, [r.generator for r in rows], history,
+                                       [r.slot for r in rows])
             self._sampler = (key, sampler)
         return self._sampler[1]
 
-    def _token_counts(self) -> torch.Tensor:
-        """The generated tokens per slot of the requests with penalties or biases [max_batch, V], made at first use."""
-        if self._counts is None:
+    def _token_history(self) -> TokenHistory:
+        """The history per slot of the requests with penalties or biases, made at first use."""
+        if self._history is None:
             vocab = self.decoder.model.config.vocab_size
-            self._counts = torch.zeros(self.decoder.max_batch, vocab, device=self.device)
-        return self._counts
+            self._history = TokenHistory.empty(self.decoder.max_batch, vocab, self.device)
+        return self._history
 
     @staticmethod
     def _logprobs(rows: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:

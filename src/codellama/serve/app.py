@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from codellama.engine.batching import Engine
@@ -49,6 +50,8 @@ class ServerConfig:
     # `suffix` requests in SPM order (<PRE> <SUF> suffix <MID> prefix): typing at the cursor then changes
     # only the prompt's end, so prefix reuse covers the file around it (PSM changes the middle of the prompt)
     suffix_first: bool = False
+    # origins whose web pages may call the API from a browser (CORS; "*": any); none: browsers refuse them
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass
@@ -554,6 +557,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
     app.add_middleware(_InternalErrors)
+    if config.cors_origins:  # outermost: a 500 and a 401 carry the headers too, so a page can read them
+        # any request header: the openai package sends its own (x-stainless-os & co.); Starlette names the
+        # ones asked for, which covers Authorization (a bare "*" would not)
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"], max_age=3600)
     return app
 
 

@@ -13,12 +13,19 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from codellama.errors import UserError
-from codellama.sampling import BIAS_LIMIT, PENALTY_LIMIT, SamplingParams
+from codellama.sampling import BIAS_LIMIT, PENALTY_LIMIT, REPETITION_LIMIT, SamplingParams
 
 Stop = str | list[str] | None
 # OpenAI allows 4; lm-evaluation-harness's local-completions sends a task's stop strings and the EOS text
 # uncut (humaneval: 6), as vLLM, which has no limit, takes them
 MAX_STOPS = 32
+# other servers' extensions that shape the output: ignored, they would leave a client relying on them with
+# output that does not follow them, so they are refused by name
+UNSUPPORTED_EXTENSIONS = {
+    **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                     "grammar", "json_schema"), "constrained decoding"),
+    **dict.fromkeys(("typical_p", "mirostat", "min_tokens", "bad_words", "use_beam_search"), "a sampling setting"),
+}
 
 
 class OpenAIError(Exception):
@@ -53,6 +60,9 @@ class _Common(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     # an extension (vLLM, llama.cpp server): 0 = off, and vLLM's -1; the sampler holds it in an int64
     top_k: Annotated[int, Field(ge=-1, lt=2**63)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # an extension (vLLM, llama.cpp server)
+    # an extension (vLLM): transformers' penalty over the prompt's and the generated tokens; 1: off
+    repetition_penalty: Annotated[float, Field(gt=0, le=REPETITION_LIMIT)] = 1.0
     ignore_eos: bool = False  # an extension (vLLM): run to max_tokens, for benchmarks
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
@@ -74,6 +84,21 @@ class _Common(BaseModel):
             return data
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
                 or _accepts_none(cls.model_fields[k].annotation)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_extensions(cls, data: Any) -> Any:
+        for name in data if isinstance(data, dict) else ():
+            if name in UNSUPPORTED_EXTENSIONS and data[name] is not None:
+                raise OpenAIError(400, f"{name} ({UNSUPPORTED_EXTENSIONS[name]}, an extension of other servers) is not "
+                                  "supported by this server; the output would not follow it", param=name)
+        return data
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _Common:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+            raise OpenAIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -116,9 +141,10 @@ class _Common(BaseModel):
             stop_ids = ()
         try:
             params = SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p,
-                                    top_k=max(self.top_k, 0), stop=self.stops(), stop_ids=stop_ids, seed=seed,
-                                    presence_penalty=self.presence_penalty,
-                                    frequency_penalty=self.frequency_penalty, logit_bias=self.token_biases())
+                                    top_k=max(self.top_k, 0), min_p=self.min_p, stop=self.stops(), stop_ids=stop_ids,
+                                    seed=seed, presence_penalty=self.presence_penalty,
+                                    frequency_penalty=self.frequency_penalty, logit_bias=self.token_biases(),
+                                    repetition_penalty=self.repetition_penalty)
         except UserError as e:
             raise OpenAIError(400, str(e)) from None
         try:
