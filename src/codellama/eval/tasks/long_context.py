@@ -262,8 +262,11 @@ def _check_options(extra: dict) -> None:
 def allow_context(generator, context: int) -> None:
     """Let the generator take prompts of `context` tokens. `codellama eval` loads one model for all its tasks,
     with the model's own context, which refused the lengths past it that these tasks are about (Tab. 17's
-    24k tokens on Code Llama, trained at 16k)."""
+    24k tokens on Code Llama, trained at 16k). Past the context the model was trained for, it says so."""
+    from codellama.generate import warn_past_trained_context
+
     if getattr(generator, "context_len", context) < context:
+        warn_past_trained_context(context, generator.model.config, "a context of")
         generator.context_len = context
 
 
