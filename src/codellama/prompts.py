@@ -83,11 +83,16 @@ def infill_tokens(tok: Tokenizer, prefix: str, suffix: str, suffix_first: bool =
     SPM (suffix_first): <s> ▁<PRE> ▁<SUF> suffix ▁<MID> prefix. The model then writes the middle and ▁<EOT>."""
     if not tok.can_infill:
         raise UserError(CANNOT_INFILL)
+    return infill_layout(tok, tok.encode(prefix), tok.encode_infilling(suffix), suffix_first)
+
+
+def infill_layout(tok: Tokenizer, prefix: list[int], suffix: list[int], suffix_first: bool = False) -> list[int]:
+    """infill_tokens' layout of an encoded prefix and suffix (for a caller that cuts them first)."""
     bos = [tok.bos_id] if tok.bos_id is not None else []
     pre, suf, mid = tok.prefix_id, tok.suffix_id, tok.middle_id
     if suffix_first:
-        return bos + [pre, suf] + tok.encode_infilling(suffix) + [mid] + tok.encode(prefix)
-    return bos + [pre] + tok.encode(prefix) + [suf] + tok.encode_infilling(suffix) + [mid]
+        return bos + [pre, suf] + suffix + [mid] + prefix
+    return bos + [pre] + prefix + [suf] + suffix + [mid]
 
 
 def split_fill_me(text: str) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API: /v1/completions (with `suffix` infilling), /v1/chat/completions,
-/v1/models, /v1/models/{model}, /health. Streaming as server-sent events ending with `data: [DONE]`.
+/v1/models, /v1/models/{model}, /health; and llama.cpp's /infill (serve/llamacpp.py) for the editor plugins
+made for it. Streaming as server-sent events ending with `data: [DONE]`.
 
 Every request runs as one or more engine requests (one per prompt and choice); a client that disconnects
 cancels them, which frees their cache slots at the engine's next step. Errors are answered in OpenAI's
@@ -184,11 +185,13 @@ class Server:
             raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
                               "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
 
-    async def _run(self, jobs: list[_Job], request: Request) -> AsyncIterator[tuple[int, StreamEvent]]:
-        """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs."""
+    async def _run(self, jobs: list[_Job], request: Request,
+                   handles: list | None = None) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs.
+        `handles` receives the engine's requests (to cancel one and still hear its completion)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
-        reqs = []
+        reqs = [] if handles is None else handles
         try:
             for i, job in enumerate(jobs):
                 def on_event(ev: StreamEvent, i: int = i) -> None:
@@ -482,6 +485,12 @@ class Server:
         self._check_model(model)
         return self._model_card()
 
+    async def infill(self, request: Request):
+        """llama.cpp's /infill (serve/llamacpp.py), for llama.vscode and llama.vim."""
+        from codellama.serve.llamacpp import infill
+
+        return await infill(self, request)
+
     async def health(self, request: Request):
         return {"status": "ok", "model": self.config.model_name, **self.engine.stats()}
 
@@ -540,6 +549,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     route("/v1/models", server.models, ["GET", "HEAD"])  # before the next route, which would read "/" as model ""
     app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET", "HEAD"])  # names may hold a '/'
     route("/health", server.health, ["GET", "HEAD"])
+    route("/infill", server.infill, ["POST"])  # llama.cpp's
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):

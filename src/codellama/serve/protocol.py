@@ -50,10 +50,34 @@ def _accepts_none(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
 
-class _Common(BaseModel):
+class RequestBody(BaseModel):
+    """What every request body shares: strict types, nulls read as defaults, other servers' output-shaping
+    extensions refused by name."""
+
     # NaN and Infinity (which Python's json reads) are no settings: "Input should be a finite number"
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # OpenAI reads `"temperature": null` (what the openai client sends for temperature=None) as "the
+        # default"; drop such nulls for fields that cannot hold None, rather than failing them as wrong types
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                or _accepts_none(cls.model_fields[k].annotation)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_extensions(cls, data: Any) -> Any:
+        for name in data if isinstance(data, dict) else ():
+            if name in UNSUPPORTED_EXTENSIONS and data[name] is not None:
+                raise OpenAIError(400, f"{name} ({UNSUPPORTED_EXTENSIONS[name]}, an extension of other servers) is "
+                                  "not supported by this server; the output would not follow it", param=name)
+        return data
+
+
+class _Common(RequestBody):
     model: str | None = None
     max_tokens: int | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -74,25 +98,6 @@ class _Common(BaseModel):
     # token id (a string: JSON's keys are) -> bias added to its logit
     logit_bias: dict[str, Annotated[float, Field(ge=-BIAS_LIMIT, le=BIAS_LIMIT)]] | None = None
     user: str | None = None  # accepted and ignored (an end user's id, for OpenAI's abuse monitoring)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        # OpenAI reads `"temperature": null` (what the openai client sends for temperature=None) as "the
-        # default"; drop such nulls for fields that cannot hold None, rather than failing them as wrong types
-        if not isinstance(data, dict):
-            return data
-        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
-                or _accepts_none(cls.model_fields[k].annotation)}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported_extensions(cls, data: Any) -> Any:
-        for name in data if isinstance(data, dict) else ():
-            if name in UNSUPPORTED_EXTENSIONS and data[name] is not None:
-                raise OpenAIError(400, f"{name} ({UNSUPPORTED_EXTENSIONS[name]}, an extension of other servers) is not "
-                                  "supported by this server; the output would not follow it", param=name)
-        return data
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _Common:
