@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/completions (with `suffix` infilling), /v1/chat/completions,
-/v1/models, /v1/models/{model}, /health; and llama.cpp's /infill (serve/llamacpp.py) for the editor plugins
-made for it. Streaming as server-sent events ending with `data: [DONE]`.
+/v1/models, /v1/models/{model}, /health, /metrics (Prometheus, serve/metrics.py); and llama.cpp's /infill
+(serve/llamacpp.py) for the editor plugins made for it. Streaming as server-sent events ending with
+`data: [DONE]`.
 
 Every request runs as one or more engine requests (one per prompt and choice); a client that disconnects
 cancels them, which frees their cache slots at the engine's next step. Errors are answered in OpenAI's
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -30,6 +31,7 @@ from codellama.engine.batching import Engine
 from codellama.engine.rows import Completion, StreamEvent
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
+from codellama.serve.metrics import Metrics
 from codellama.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
 from codellama.serve.tokens import text_offsets, token_bytes, token_text
 
@@ -83,6 +85,7 @@ class Server:
         self.tokenizer = engine.tokenizer
         self.config = config
         self.created = int(time.time())
+        self.metrics = Metrics()
 
     # ---- helpers ----
     def _check_auth(self, request: Request) -> None:
@@ -228,13 +231,14 @@ class Server:
         done = [c for c in completions if c is not None]
         latency = time.perf_counter() - start
         n_out = sum(len(c.tokens) for c in done)
+        cached, reasons = _cached_tokens(completions, jobs), [c.finish_reason for c in done]
+        ttft = None if first is None else first - start
+        self.metrics.request(kind, status, prompt_tokens, cached, n_out, latency, ttft, reasons)
         log.info(json.dumps({
             "event": "request", "id": rid, "endpoint": kind, "stream": stream, "status": status,
-            "prompt_tokens": prompt_tokens, "cached_tokens": _cached_tokens(completions, jobs),
-            "completion_tokens": n_out, "latency_s": round(latency, 4),
-            "ttft_s": None if first is None else round(first - start, 4),
-            "tokens_per_s": round(n_out / latency, 2) if latency > 0 else None,
-            "finish_reasons": [c.finish_reason for c in done],
+            "prompt_tokens": prompt_tokens, "cached_tokens": cached, "completion_tokens": n_out,
+            "latency_s": round(latency, 4), "ttft_s": None if ttft is None else round(ttft, 4),
+            "tokens_per_s": round(n_out / latency, 2) if latency > 0 else None, "finish_reasons": reasons,
         }))
 
     # ---- building the jobs ----
@@ -494,6 +498,10 @@ class Server:
     async def health(self, request: Request):
         return {"status": "ok", "model": self.config.model_name, **self.engine.stats()}
 
+    async def prometheus(self, request: Request):
+        """Counters for a Prometheus scraper (serve/metrics.py); no auth, as /health and vLLM's /metrics."""
+        return PlainTextResponse(self.metrics.render(self.engine.stats()), media_type="text/plain; version=0.0.4")
+
 
 def _union_member(part: object) -> bool:
     # pydantic reports a value that fits no member of a union once per member, named like 'str' or 'list[int]'
@@ -550,23 +558,27 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET", "HEAD"])  # names may hold a '/'
     route("/health", server.health, ["GET", "HEAD"])
     route("/infill", server.infill, ["POST"])  # llama.cpp's
+    route("/metrics", server.prometheus, ["GET", "HEAD"])
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
+        server.metrics.error(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError):
+        server.metrics.error(400)
         return JSONResponse(OpenAIError(400, str(exc)).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        server.metrics.error(exc.status_code)
         code = "unknown_url" if exc.status_code == 404 else None  # what OpenAI answers to an unknown URL
         message = f"{request.method} {request.url.path}: {exc.detail}"
         body = OpenAIError(exc.status_code, message, code=code).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
-    app.add_middleware(_InternalErrors)
+    app.add_middleware(_InternalErrors, on_error=server.metrics.error)
     if config.cors_origins:  # outermost: a 500 and a 401 carry the headers too, so a page can read them
         # any request header: the openai package sends its own (x-stainless-os & co.); Starlette names the
         # ones asked for, which covers Authorization (a bare "*" would not)
@@ -579,8 +591,8 @@ class _InternalErrors:
     """A bug answered as a 500 in OpenAI's shape. Not an exception handler for Exception: Starlette runs that
     one outermost and raises the error again after answering, so uvicorn drops the client's connection."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, on_error: Callable[[int], None]):
+        self.app, self.on_error = app, on_error
 
     async def __call__(self, scope, receive, send) -> None:
         started = False
@@ -596,5 +608,6 @@ class _InternalErrors:
             if scope["type"] != "http" or started:  # a stream already under way cannot become a 500
                 raise
             log.exception("unhandled error serving %s", scope.get("path"))
+            self.on_error(500)
             body = OpenAIError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
             await JSONResponse(body, status_code=500)(scope, receive, send)
