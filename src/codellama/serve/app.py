@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/completions (with `suffix` infilling), /v1/chat/completions,
-/v1/models, /v1/models/{model}, /health, /metrics (Prometheus, serve/metrics.py); and llama.cpp's /infill
-(serve/llamacpp.py) for the editor plugins made for it. Streaming as server-sent events ending with
-`data: [DONE]`.
+/v1/models, /v1/models/{model}, /health, /metrics (Prometheus, serve/metrics.py), /tokenize and /detokenize
+(serve/tokenize.py); and llama.cpp's /infill (serve/llamacpp.py) for the editor plugins made for it.
+Streaming as server-sent events ending with `data: [DONE]`.
 
 Every request runs as one or more engine requests (one per prompt and choice); a client that disconnects
 cancels them, which frees their cache slots at the engine's next step. Errors are answered in OpenAI's
@@ -495,6 +495,17 @@ class Server:
 
         return await infill(self, request)
 
+    async def tokenize(self, request: Request):
+        """llama.cpp's and vLLM's /tokenize (serve/tokenize.py)."""
+        from codellama.serve.tokenize import tokenize
+
+        return await tokenize(self, request)
+
+    async def detokenize(self, request: Request):
+        from codellama.serve.tokenize import detokenize
+
+        return await detokenize(self, request)
+
     async def health(self, request: Request):
         return {"status": "ok", "model": self.config.model_name, **self.engine.stats()}
 
@@ -559,6 +570,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     route("/health", server.health, ["GET", "HEAD"])
     route("/infill", server.infill, ["POST"])  # llama.cpp's
     route("/metrics", server.prometheus, ["GET", "HEAD"])
+    route("/tokenize", server.tokenize, ["POST"])
+    route("/detokenize", server.detokenize, ["POST"])
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
