@@ -230,7 +230,12 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
-    keep_codes = quantize == "int4" or (quantize == "auto" and check_device(device).type == "cpu")
+    on_cpu = check_device(device).type == "cpu"
+    if on_cpu:
+        from codellama.engine.memory import keep_freed_memory
+
+        keep_freed_memory()  # a quarter of a long prefill's time went to faulting freed memory in again
+    keep_codes = quantize == "int4" or (quantize == "auto" and on_cpu)
     quantized = quantize if quantize in ("int8", "int4") else None  # as each layer loads: less memory
     _check_fits(spec, device, dtype, quantized, keep_codes)
     loaded = load_model(spec, device=device, dtype=dtype, keep_codes=keep_codes, quantize=quantized)
