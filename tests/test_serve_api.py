@@ -470,7 +470,12 @@ HOSTILE = [
     ("POST", CHAT, {"messages": HI, "guided_json": {"type": "object"}}, JSON, 400,
      "guided_json (constrained decoding, an extension of other servers) is not supported"),
     ("POST", COMPLETIONS, {"prompt": "x", "mirostat": 2}, JSON, 400, "mirostat (a sampling setting"),
-    ("POST", COMPLETIONS, {"prompt": "x", "grammar": None}, JSON, 200, None),
+    ("POST", CHAT, {"messages": HI, "repeat_penalty": 1.1}, JSON, 400, "repetition_penalty is served"),
+    ("POST", COMPLETIONS, {"prompt": "x", "use_beam_search": 1}, JSON, 400, "use_beam_search"),
+    # the values that change nothing, as llama.vscode sends them beside its chat requests
+    ("POST", CHAT, {"messages": HI, "grammar": None, "json_schema": {}, "typical_p": 1, "repeat_penalty": 1.0,
+                    "dry_multiplier": 0, "xtc_probability": 0, "dynatemp_range": 0, "mirostat": 0,
+                    "use_beam_search": False, "samplers": "edkypmxt"}, JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": "x", "seed": 1.5}, JSON, 400, "'seed'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": -1}, JSON, 400, "'n'"),
     ("POST", COMPLETIONS, {"prompt": "x", "n": 10**9}, JSON, 400, "'n'"),

@@ -20,11 +20,21 @@ Stop = str | list[str] | None
 # uncut (humaneval: 6), as vLLM, which has no limit, takes them
 MAX_STOPS = 32
 # other servers' extensions that shape the output: ignored, they would leave a client relying on them with
-# output that does not follow them, so they are refused by name
-UNSUPPORTED_EXTENSIONS = {
+# output that does not follow them, so they are refused by name, unless they hold the value that changes
+# nothing (what llama.vscode sends beside its chat requests: typical_p 1, repeat_penalty 1, ...)
+_CONSTRAINED = ("constrained decoding", (None, "", {}, []))
+UNSUPPORTED_EXTENSIONS: dict[str, tuple[str, tuple]] = {
     **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                     "grammar", "json_schema"), "constrained decoding"),
-    **dict.fromkeys(("typical_p", "mirostat", "min_tokens", "bad_words", "use_beam_search"), "a sampling setting"),
+                     "grammar", "json_schema"), _CONSTRAINED),
+    "typical_p": ("a sampling setting", (None, 1)),
+    "mirostat": ("a sampling setting", (None, 0)),
+    "min_tokens": ("a sampling setting", (None, 0)),
+    "bad_words": ("a sampling setting", (None, [])),
+    "use_beam_search": ("a sampling setting", (None, False)),
+    "repeat_penalty": ("llama.cpp's penalty over the last tokens; repetition_penalty is served", (None, 1)),
+    "dry_multiplier": ("a sampling setting", (None, 0)),
+    "xtc_probability": ("a sampling setting", (None, 0)),
+    "dynatemp_range": ("a sampling setting", (None, 0)),
 }
 
 
@@ -44,6 +54,11 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")  # vLLM's continuous_usage_stats & co.: not applied
 
     include_usage: bool | None = None
+
+
+def _is_one_of(value: Any, values: tuple) -> bool:
+    """value equals one of values, a bool only a bool (1 == True in Python, not in JSON)."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in values)
 
 
 def _accepts_none(annotation: Any) -> bool:
@@ -71,9 +86,10 @@ class RequestBody(BaseModel):
     @classmethod
     def _refuse_unsupported_extensions(cls, data: Any) -> Any:
         for name in data if isinstance(data, dict) else ():
-            if name in UNSUPPORTED_EXTENSIONS and data[name] is not None:
-                raise OpenAIError(400, f"{name} ({UNSUPPORTED_EXTENSIONS[name]}, an extension of other servers) is "
-                                  "not supported by this server; the output would not follow it", param=name)
+            what, neutral = UNSUPPORTED_EXTENSIONS.get(name, ("", ()))
+            if what and not _is_one_of(data[name], neutral):
+                raise OpenAIError(400, f"{name} ({what}, an extension of other servers) is not supported by this "
+                                  f"server; the output would not follow {data[name]!r:.40}", param=name)
         return data
 
 
