@@ -618,6 +618,21 @@ def test_an_editors_infilling_prompt_stops_at_eot(tok):
         assert plain.choices[0].finish_reason == "length"  # outside infilling ▁<EOT> is a token like any
 
 
+def test_llama_vscodes_chat_request_runs(server):
+    """llama.vscode's chat (src/llama-server.ts) sends llama.cpp's sampling fields at values that change nothing,
+    and max_tokens -1, llama.cpp's "no limit": answered up to the server's --max-tokens (200 here)."""
+    body = {"messages": [{"role": "system", "content": "You are an expert coder."},
+                         {"role": "user", "content": "Rename x to y: x = 1"}],
+            "stream": False, "cache_prompt": True, "samplers": "edkypmxt", "temperature": 0.8, "dynatemp_range": 0,
+            "dynatemp_exponent": 1, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "typical_p": 1, "xtc_probability": 0,
+            "xtc_threshold": 0.1, "repeat_last_n": 64, "repeat_penalty": 1, "presence_penalty": 0,
+            "frequency_penalty": 0, "dry_multiplier": 0, "dry_base": 1.75, "dry_allowed_length": 2,
+            "dry_penalty_last_n": -1, "max_tokens": -1, "timings_per_token": False}
+    out = _post(server[0], "/v1/chat/completions", body, timeout=120)
+    assert out.status_code == 200, out.text
+    assert 0 < out.json()["usage"]["completion_tokens"] <= 200
+
+
 def test_auth_accepted_and_refused():
     with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="s3cret") as (url, _):
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)

@@ -165,7 +165,7 @@ class Server:
                               f"{prompt_len} tokens. Shorten the prompt.", param=prompt_param,
                               code="context_length_exceeded")
         limit = self.config.max_tokens or ctx
-        if requested is None:
+        if requested is None or requested == -1:  # -1: llama.cpp's "no limit" (llama.vscode's chats send it)
             return min(limit, ctx - prompt_len)
         if requested < 1:
             raise OpenAIError(400, f"{param} must be at least 1, got {requested}", param=param)
