@@ -3,7 +3,7 @@
 A prefill allocates and frees tens of megabytes per layer (activations, attention outputs, matmul results).
 glibc hands blocks above its mmap threshold back to the kernel when they are freed, and its heap's top
 when it grows past the trim threshold; the next allocation then faults its pages in again, each zeroed by
-the kernel: 480,000 page faults per 2048-token prefill of the default model, a quarter of its time
+the kernel: 380,000-480,000 page faults per 2048-token prefill of the default model, a quarter of its time
 (BENCHMARKS.md). With the mmap threshold at glibc's maximum (32 MB) and a trim threshold of 1 GB, such
 blocks stay in the heap and are reused. The price: memory freed after a peak stays with the process rather
 than returning to the system (a server's peak comes back with its next long prompt anyway).
