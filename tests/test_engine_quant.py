@@ -72,19 +72,31 @@ def _int8_scaled(N: int, K: int, group: int = 32, seed: int = 0) -> tuple[torch.
     return torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), torch.randn(N, K // group, generator=g) * 0.01
 
 
-# M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the
-# widened block (3-row tiles and their remainders), 257 past the limit of our tiles (torch's GEMM, quantised
-# weights widened for it); N % 4 != 0 exercises the tail rows (K % 8 != 0: test_linear_kernel_any_width).
-# tiles_max_m 4: the eager model's limit (EAGER_TILES_MAX_M) or below sends 5+ rows to the GEMM too.
+@pytest.fixture(params=["wide", "avx2"])
+def tiles(request):
+    """The kernels with each width of tiles for blocks of rows: 512-bit where the CPU has AVX-512F (skipped
+    elsewhere), and the AVX2 ones every AVX2 CPU runs."""
+    k = kernels()
+    if not k.use_wide_tiles(request.param == "wide") and request.param == "wide":
+        pytest.skip("no AVX-512F on this CPU")
+    yield k
+    k.use_wide_tiles(True)
+
+
+# M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the widened
+# block (tiles of 6 rows with AVX-512 from 4 rows on, 3 with AVX2, and their remainders), 257 past the limit
+# of our tiles (torch's GEMM, quantised weights widened for it); N % 4 != 0 exercises the tail rows (K % 8 !=
+# 0: test_linear_kernel_any_width). tiles_max_m 4: the eager model's limit (EAGER_TILES_MAX_M) or below sends
+# 5+ rows to the GEMM too.
 @pytest.mark.parametrize("tiles_max_m", [None, 4])
-@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 8, 33, 257])
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 7, 8, 16, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32)])
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4", "int8g", "int8s16", "int8s32"])
-def test_linear_kernel_equals_matmul(fmt, M, N, K, tiles_max_m):
+def test_linear_kernel_equals_matmul(tiles, fmt, M, N, K, tiles_max_m):
     torch.manual_seed(M * N + K)
     w, x = torch.randn(N, K), torch.randn(M, K)
     weight, scales, dense = _weights(fmt, w)
-    got = kernels().linear(x, weight, scales, *([] if tiles_max_m is None else [tiles_max_m]))
+    got = tiles.linear(x, weight, scales, *([] if tiles_max_m is None else [tiles_max_m]))
     torch.testing.assert_close(got, x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
@@ -113,11 +125,11 @@ def test_int8s_scales_are_float16_only_where_every_one_is_exactly():
 # streamed in registers (1, 2 rows), through the widened block (4) and widened for torch's GEMM (257)
 @pytest.mark.parametrize("M", [1, 2, 4, 257])
 @pytest.mark.parametrize("fmt", ["float32", "int8"])  # int4 and int8g need K in whole groups (32, 16)
-def test_linear_kernel_any_width(fmt, M):  # K not a multiple of 8 (nor 16): the scalar tail of each row
+def test_linear_kernel_any_width(tiles, fmt, M):  # K not a multiple of 8 (nor 16): the scalar tail of each row
     torch.manual_seed(1)
     w, x = torch.randn(13, 203), torch.randn(M, 203)
     weight, scales, dense = _weights(fmt, w)
-    torch.testing.assert_close(kernels().linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tiles.linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["int8s", "int8g"])

@@ -15,6 +15,8 @@ constexpr int64_t TILES_MAX_M = 256;
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m = TILES_MAX_M);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by oneDNN's float32 GEMM (MKL's without it), for large M
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w);
+// whether blocks of rows use 512-bit tiles (on by default where the CPU has AVX-512F); returns the setting
+bool use_wide_tiles(bool on);
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);
 // x [M, K] float32 @ (int8 [N, K] * scale [N]).T -> [M, N]

@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] float32 @ w.T: w float32 [N, K], int8 [N, K] + scale [N], scale/min [N, K/16, 2] or scale [N, K/G], or int4 (uint8 [N, K/2] + scale/min [N, K/32, 2])");
   m.def("decode_layer", &decode_layer, release(),
         "one decoder layer for rows of new tokens at (slot, position); returns the new hidden state");
+  m.def("use_wide_tiles", &use_wide_tiles, pybind11::arg("on"),
+        "512-bit tiles for blocks of rows where the CPU has AVX-512F (the default there); False: the AVX2 ones");
   // torch's AVX2 capability does not promise F16C (float16 scales), nor FMA on every build: ask the CPU
   m.def("cpu_supported", [] {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
