@@ -1,4 +1,5 @@
-"""The engine's C++ CPU kernels (csrc/): quantised matmuls and a fused decoder layer, AVX2 + FMA (+ F16C).
+"""The engine's C++ CPU kernels (csrc/): quantised matmuls and a fused decoder layer, AVX2 + FMA (+ F16C);
+blocks of rows take 512-bit tiles where the CPU has AVX-512F (checked at run time).
 
 Built on first use with torch's extension builder (a C++ compiler and ninja) and cached in
 TORCH_EXTENSIONS_DIR; every caller has a pure-PyTorch fallback when they cannot be built, so a machine
