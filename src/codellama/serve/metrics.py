@@ -27,13 +27,14 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def lines(self, name: str) -> list[str]:
+    def samples(self) -> list[tuple[str, float]]:
+        """(what follows the family's name, value) of each sample: the cumulative buckets, sum, count."""
         out, total = [], 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts):
             total += n
             le = "+Inf" if bound == float("inf") else repr(float(bound))
-            out.append(f'{name}_bucket{{le="{le}"}} {total}')
-        return out + [f"{name}_sum {self.sum!r}", f"{name}_count {self.count}"]
+            out.append((f'_bucket{{le="{le}"}}', total))
+        return out + [("_sum", self.sum), ("_count", self.count)]
 
 
 class Metrics:
@@ -63,30 +64,29 @@ class Metrics:
         """The text a scrape gets; `engine`: Engine.stats() (active, waiting, slots)."""
         lines: list[str] = []
 
-        def family(name: str, kind: str, help: str, samples: list[str]) -> None:
+        def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+            """samples: (labels or suffix, value), "" for a family of one value."""
             lines.extend([f"# HELP codellama:{name} {help}", f"# TYPE codellama:{name} {kind}"])
-            lines.extend(f"codellama:{s}" for s in samples)
+            lines.extend(f"codellama:{name}{tail} {value!r}" for tail, value in samples)
 
-        family("num_requests_running", "gauge", "Generations being decoded.",
-               [f"num_requests_running {engine['active']}"])
-        family("num_requests_waiting", "gauge", "Generations waiting for a cache slot.",
-               [f"num_requests_waiting {engine['waiting']}"])
-        family("cache_slots", "gauge", "Sequences the KV cache holds at once (--max-batch).",
-               [f"cache_slots {engine['slots']}"])
+        def labelled(label: str, counts: Counter) -> list[tuple[str, float]]:
+            return [(f'{{{label}="{k}"}}', n) for k, n in sorted(counts.items())]
+
+        family("num_requests_running", "gauge", "Generations being decoded.", [("", engine["active"])])
+        family("num_requests_waiting", "gauge", "Generations waiting for a cache slot.", [("", engine["waiting"])])
+        family("cache_slots", "gauge", "Sequences the KV cache holds at once (--max-batch).", [("", engine["slots"])])
         family("requests_total", "counter", "Requests that reached the engine, by endpoint and how they ended.",
-               [f'requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())])
+               [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
         family("request_errors_total", "counter", "Requests answered with an error, by HTTP status.",
-               [f'request_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.errors.items())])
+               labelled("status", self.errors))
         family("request_success_total", "counter", "Finished generations (choices), by finish reason.",
-               [f'request_success_total{{finished_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())])
-        family("prompt_tokens_total", "counter", "Prompt tokens of the requests.",
-               [f"prompt_tokens_total {self.prompt_tokens}"])
+               labelled("finished_reason", self.finished))
+        family("prompt_tokens_total", "counter", "Prompt tokens of the requests.", [("", self.prompt_tokens)])
         family("prefix_cache_hit_tokens_total", "counter", "Prompt tokens a cache slot held (not prefilled again).",
-               [f"prefix_cache_hit_tokens_total {self.cached_tokens}"])
-        family("generation_tokens_total", "counter", "Generated tokens.",
-               [f"generation_tokens_total {self.generation_tokens}"])
+               [("", self.cached_tokens)])
+        family("generation_tokens_total", "counter", "Generated tokens.", [("", self.generation_tokens)])
         family("time_to_first_token_seconds", "histogram", "Time from a request's arrival to its first token.",
-               self.ttft.lines("time_to_first_token_seconds"))
+               self.ttft.samples())
         family("e2e_request_latency_seconds", "histogram", "Time from a request's arrival to its answer's end.",
-               self.latency.lines("e2e_request_latency_seconds"))
+               self.latency.samples())
         return "\n".join(lines) + "\n"

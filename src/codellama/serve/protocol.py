@@ -269,4 +269,9 @@ class ChatRequest(_Common):
         return self
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return message_dicts(self.messages)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the prompt formats take them ("developer", OpenAI's newer name, read as "system")."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]

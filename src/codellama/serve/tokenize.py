@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from codellama.errors import UserError
-from codellama.serve.protocol import ChatMessage, OpenAIError, RequestBody
+from codellama.serve.protocol import ChatMessage, OpenAIError, RequestBody, message_dicts
 from codellama.serve.tokens import token_bytes
 
 if TYPE_CHECKING:
@@ -54,8 +54,7 @@ async def tokenize(server: Server, request: Request) -> dict:
         return {"tokens": [{"id": t, "piece": _piece(tok, t)} for t in ids]}
     if body.messages is not None:
         try:
-            ids = chat_tokens(tok, [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                    for m in body.messages])
+            ids = chat_tokens(tok, message_dicts(body.messages))
         except UserError as e:
             raise OpenAIError(400, str(e), param="messages") from None
     else:
