@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -72,3 +75,20 @@ def naive_penalized_greedy(model: Transformer, prompt, n: int, presence_penalty:
                 logits[j] = mu - c * frequency_penalty - (c > 0) * presence_penalty + (logit_bias or {}).get(j, 0.0)
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
+
+
+@contextlib.contextmanager
+def float_activations() -> Iterator[None]:
+    """The CPU kernels with float32 activations throughout (the weight-only path, csrc/qlinear.cpp), for tests
+    that compare quantised layers with the floats their codes stand for, or two orders of float arithmetic,
+    at float32's precision: int8 activations (csrc/qlinear_q8.cpp, the default with AVX-512 VNNI) round x in
+    steps of max|x| / 127, and a 1e-7 difference then turns into a different code now and then."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        yield
+        return
+    kernels.use_int8_activations(False)
+    try:
+        yield
+    finally:
+        kernels.use_int8_activations(True)

@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "codellama_cpu_kernels"
-SOURCES = ("parallel.cpp", "qlinear.cpp", "decode_layer.cpp", "module.cpp")
+SOURCES = ("parallel.cpp", "qlinear.cpp", "qlinear_q8.cpp", "decode_layer.cpp", "module.cpp")
 
 _kernels: ModuleType | bool | None = None  # the built extension; False when unavailable; None: not tried yet
 

@@ -581,6 +581,10 @@ bool use_wide_tiles(bool on) {
 }
 
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) {
+  if (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte) {
+    check(x, w, s, true);
+    if (auto y = q8_linear(x, w, s, tiles_max_m)) return *y;  // where the CPU and the layout allow
+  }
   if (w.scalar_type() == at::kChar) {
     if (s.dim() == 1) return int8_linear(x, w, s, tiles_max_m);
     return s.dim() == 3 ? int8_group_linear(x, w, s, tiles_max_m) : int8_scaled_linear(x, w, s, tiles_max_m);
