@@ -103,10 +103,6 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * inverse) * (amax / 127)).reshape(x.shape)
 
 
-def int8_activation_kernels_take(fmt: str, K: int) -> bool:
-    """Whether the int8 kernels multiply this layout (the others keep float32 activations)."""
-    return fmt in ("int8", "int4", "int8s32") and K % 32 == 0
-
 
 # M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the widened
 # block (tiles of 6 rows with AVX-512 from 4 rows on, 3 with AVX2, and their remainders), 257 past the limit
@@ -125,13 +121,14 @@ def test_linear_kernel_equals_matmul(tiles, fmt, M, N, K, tiles_max_m):
     torch.testing.assert_close(got, x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
-# With int8 activations: int8, int4 and int8s in groups of 32 multiply x rounded to int8 (blocks of 16 output
-# rows: N % 16 != 0 leaves a partial block; tiles of 4 rows of x and their remainders), the other layouts
-# and widths x itself. 257 rows past tiles_max_m run on torch's threads, the same arithmetic.
+# With int8 activations every quantised layout multiplies x rounded to int8 (blocks of 16 output rows: N % 16
+# != 0 leaves a partial block; tiles of 4 rows of x and their remainders; K = 576 repacks 64 bytes of each
+# row at a time, then the last groups one by one). 257 rows past tiles_max_m run on torch's threads, the
+# same arithmetic.
 @pytest.mark.parametrize("tiles_max_m", [None, 4])
 @pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 5, 7, 16, 33, 257])
 @pytest.mark.parametrize("N,K", [(64, 96), (37, 224), (8, 32), (100, 576)])
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int8g", "int8s16", "int8s32", "int8s32-f16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int8g", "int8s16", "int8s32", "int8s32-f16", "int8s16-f16"])
 def test_int8_activation_kernels_equal_the_matmul_of_rounded_x(fmt, M, N, K, tiles_max_m):
     k = int8_kernels()
     torch.manual_seed(M * N + K)
@@ -141,8 +138,7 @@ def test_int8_activation_kernels_equal_the_matmul_of_rounded_x(fmt, M, N, K, til
         scales = scales.half()
         dense = dequantize_int8_scaled(weight, scales)
     got = k.linear(x, weight, scales, *([] if tiles_max_m is None else [tiles_max_m]))
-    seen = int8_rounded(x) if int8_activation_kernels_take(fmt.removesuffix("-f16"), K) else x
-    torch.testing.assert_close(got, seen @ dense.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, int8_rounded(x) @ dense.T, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("M", [1, 5, 257])
@@ -153,7 +149,7 @@ def test_int8_activations_need_whole_groups_of_32(M):  # else x stays float32 (i
     torch.testing.assert_close(k.linear(x, weight, scales), x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int8s32"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int8g", "int8s16", "int8s32"])
 def test_int8_activation_rows_get_the_same_bits_alone_or_batched(fmt):
     """A row's result does not depend on the rows computed with it (a request's tokens on what it is
     batched with): bit for bit, any M, tiles or torch's threads."""
@@ -189,7 +185,7 @@ def test_int8s_float16_scales_compute_what_their_float32_values_do(M, N, K, grou
     half, x = s.half(), torch.randn(M, K)
     got = kernels().linear(x, q, half)
     assert torch.equal(got, kernels().linear(x, q, half.float()))
-    seen = int8_rounded(x) if kernels().use_int8_activations(True) and group == 32 else x
+    seen = int8_rounded(x) if kernels().use_int8_activations(True) and K % 32 == 0 else x
     torch.testing.assert_close(got, seen @ dequantize_int8_scaled(q, half).T, atol=1e-4, rtol=1e-4)
 
 
@@ -276,8 +272,8 @@ def test_layers_of_different_layouts_stack_exactly_as_int8g():
     assert isinstance(stacked, QuantLinear) and stacked.mode == "int8g"
     assert torch.equal(stacked.dequantized(), torch.cat([m.dequantized() for m in layers]))
     x = torch.randn(2, 96)
-    with float_activations():  # int8g keeps float32 activations, the int8 layouts alone would round them
-        torch.testing.assert_close(stacked(x), torch.cat([m(x) for m in layers], dim=-1), atol=1e-4, rtol=1e-4)
+    # the same weights, and with int8 activations the same rounding of x
+    torch.testing.assert_close(stacked(x), torch.cat([m(x) for m in layers], dim=-1), atol=1e-4, rtol=1e-4)
     assert type(_stack([*layers, nn.Linear(96, 4, bias=False)])) is nn.Linear  # floats among them: widened
 
 
@@ -307,8 +303,7 @@ def test_kernel_and_portable_paths_agree(mode, dtype, monkeypatch):
     big = torch.randn(300, 96)  # prefill-sized: the kernel widens the weights for torch's GEMM
     want = [v @ layer.dequantized().T for v in (x, big)]
     if dtype == torch.float32:  # the kernels take float32 only
-        layout = "int8s32" if mode.startswith("int8s") else mode  # int8s here: groups of 32
-        rounded = kernels().use_int8_activations(True) and int8_activation_kernels_take(layout, 96)
+        rounded = kernels().use_int8_activations(True)  # every layout here, K = 96 in whole groups of 32
         for v, w in zip((x, big), want):
             seen = int8_rounded(v) @ layer.dequantized().T if rounded else w
             torch.testing.assert_close(layer(v), seen, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,6 @@
 """The engine's C++ CPU kernels (csrc/): quantised matmuls and a fused decoder layer, AVX2 + FMA (+ F16C);
-blocks of rows take 512-bit tiles where the CPU has AVX-512F, and the layouts with a scale per 32 weights
-int8 activations where it has AVX-512 VNNI (both checked at run time).
+blocks of rows take 512-bit tiles where the CPU has AVX-512F, and quantised weights int8 activations where
+it has AVX-512 VNNI (both checked at run time).
 
 Built on first use with torch's extension builder (a C++ compiler and ninja) and cached in
 TORCH_EXTENSIONS_DIR; every caller has a pure-PyTorch fallback when they cannot be built, so a machine

@@ -15,8 +15,8 @@ constexpr int64_t TILES_MAX_M = 256;
 // [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]
 // (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m = TILES_MAX_M);
-// x [M, K] float32 @ w.T with x quantised to int8 in groups of 32 (qlinear_q8.cpp), for int4, int8 and int8s in
-// groups of 32, where the CPU has AVX-512 VNNI and use_int8_activations is on (the default there); none otherwise
+// x [M, K] float32 @ w.T with x quantised to int8 in groups of 32 (qlinear_q8.cpp), for every quantised layout
+// (K % 32 == 0), where the CPU has AVX-512 VNNI and use_int8_activations is on (the default there); none otherwise
 std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                                     int64_t tiles_max_m);
 // whether q8_linear runs (it may only where the CPU has AVX-512 VNNI); returns the setting

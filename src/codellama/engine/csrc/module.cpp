@@ -14,8 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_wide_tiles", &use_wide_tiles, pybind11::arg("on"),
         "512-bit tiles for blocks of rows where the CPU has AVX-512F (the default there); False: the AVX2 ones");
   m.def("use_int8_activations", &use_int8_activations, pybind11::arg("on"),
-        "int8 activations (VNNI) for int4, int8 and int8s-in-32 weights where the CPU has AVX-512 VNNI (the "
-        "default there); False: float32 activations, the weights widened");
+        "int8 activations for quantised weights where the CPU has AVX-512 VNNI (the default there); False: "
+        "float32 activations, the weights widened");
   // torch's AVX2 capability does not promise F16C (float16 scales), nor FMA on every build: ask the CPU
   m.def("cpu_supported", [] {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");

@@ -8,10 +8,11 @@
 //
 //   y[m, n] = sum_g  s[n, g] d[m, g] sum_{k in g} u[n, k] q[m, k]  +  z[n, g] d[m, g] sum_{k in g} q[m, k]
 //
-// with the weights as unsigned codes u and a scale s and min z per group of 32 (VPDPBUSD multiplies unsigned
-// by signed bytes): int4 (Q4_1) as it is; int8s in groups of 32 (Q8_0 ...) and int8 (one scale per row) with
-// u = q + 128 and z = -128 s. The only error beyond float rounding is x's rounding to int8, at most d / 2
-// per value, the error llama.cpp's CPU kernels make with these weights.
+// with the weights as unsigned codes u and a scale s and min z per group of 32 or 16 (VPDPBUSD multiplies
+// unsigned by signed bytes): int4 (Q4_1) as it is; the int8 layouts (int8: a scale per row; int8s: per 32 or
+// 16, Q8_0, Q6_K ...; int8g: a scale and a min per 16) with u = q + 128 and their min less 128 s. The only
+// error beyond float rounding is x's rounding to int8, at most d / 2 per value, the error llama.cpp's CPU
+// kernels make with these weights.
 //
 // Weights go in blocks of 16 rows, repacked per call into lanes (4 codes of each row per 32-bit lane, one
 // register per 4 k): one VPDPBUSD then advances 16 outputs of a row of x with no horizontal sums, every row
@@ -39,15 +40,17 @@ constexpr int64_t NL = 16;  // weight rows per block: the int32 lanes of a 512-b
 constexpr int64_t QK = 32;  // activations per scale, weights per group
 constexpr int64_t TM = 4;   // rows of x per tile
 
-// x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, and d * sum(q) (for the mins)
+// x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, and d * sum(q) over the group and over
+// each half of it (for the mins of weights in groups of 32 and of 16)
 struct Q8Rows {
   std::vector<int8_t> q;       // [M, K]
   std::vector<float> d, dsum;  // [M, K/32]
+  std::vector<float> dsum16;   // [M, K/16]
 };
 
 Q8_TARGET void quantize_rows(const float* x, int64_t M, int64_t K, Q8Rows& out) {
   const int64_t groups = M * (K / QK);  // K % 32 == 0: the groups of all rows follow one another
-  out.q.resize(M * K), out.d.resize(groups), out.dsum.resize(groups);
+  out.q.resize(M * K), out.d.resize(groups), out.dsum.resize(groups), out.dsum16.resize(2 * groups);
   for (int64_t i = 0; i < groups; ++i) {
     const __m512 a = _mm512_loadu_ps(x + i * QK), b = _mm512_loadu_ps(x + i * QK + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -58,7 +61,18 @@ Q8_TARGET void quantize_rows(const float* x, int64_t M, int64_t K, Q8Rows& out) 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + i * QK + 16), _mm512_cvtepi32_epi8(qb));
     out.d[i] = amax / 127.0f;
     out.dsum[i] = out.d[i] * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+    out.dsum16[2 * i] = out.d[i] * float(_mm512_reduce_add_epi32(qa));
+    out.dsum16[2 * i + 1] = out.d[i] * float(_mm512_reduce_add_epi32(qb));
   }
+}
+
+// t[L] = 128-bit lane L of z0, z1, z2, z3, in that order: a 4 x 4 transpose of 128-bit lanes
+Q8_TARGET inline void lanes4x4(__m512i z0, __m512i z1, __m512i z2, __m512i z3, __m512i& t0, __m512i& t1, __m512i& t2,
+                               __m512i& t3) {
+  const __m512i a = _mm512_shuffle_i32x4(z0, z1, 0x44), b = _mm512_shuffle_i32x4(z0, z1, 0xEE);  // lanes 0 1 | 2 3
+  const __m512i c = _mm512_shuffle_i32x4(z2, z3, 0x44), e = _mm512_shuffle_i32x4(z2, z3, 0xEE);
+  t0 = _mm512_shuffle_i32x4(a, c, 0x88), t1 = _mm512_shuffle_i32x4(a, c, 0xDD);
+  t2 = _mm512_shuffle_i32x4(b, e, 0x88), t3 = _mm512_shuffle_i32x4(b, e, 0xDD);
 }
 
 // The 16 bytes at each of 16 rows as 4 registers: dword d of row j in lane j of t[d] (only the dwords in
@@ -72,15 +86,48 @@ Q8_TARGET inline void transpose16x4(const void* const rows[NL], __m512i t[4], __
     for (int c = 1; c < 4; ++c) v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi32(dwords, rows[4 * i + c]), c);
     z[i] = _mm512_permutexvar_epi32(idx, v);
   }
-  // t[d] = lane d of z[0..3]
-  const __m512i a = _mm512_shuffle_i32x4(z[0], z[1], 0x44), b = _mm512_shuffle_i32x4(z[0], z[1], 0xEE);
-  const __m512i c = _mm512_shuffle_i32x4(z[2], z[3], 0x44), e = _mm512_shuffle_i32x4(z[2], z[3], 0xEE);
-  t[0] = _mm512_shuffle_i32x4(a, c, 0x88), t[1] = _mm512_shuffle_i32x4(a, c, 0xDD);
-  t[2] = _mm512_shuffle_i32x4(b, e, 0x88), t[3] = _mm512_shuffle_i32x4(b, e, 0xDD);
+  lanes4x4(z[0], z[1], z[2], z[3], t[0], t[1], t[2], t[3]);
+}
+
+// The 64 bytes at each of 16 rows as 16 registers: dword d of row j in lane j of t[d]. A third fewer
+// shuffles per dword than transpose16x4, and a quarter of the loads.
+Q8_TARGET inline void transpose16x16(const void* const rows[NL], __m512i t[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {  // a[2 i], a[2 i + 1], per 128-bit lane: dwords 0 1 and 2 3 of rows 2 i, 2 i + 1
+    const __m512i x = _mm512_loadu_si512(rows[2 * i]), y = _mm512_loadu_si512(rows[2 * i + 1]);
+    a[2 * i] = _mm512_unpacklo_epi32(x, y), a[2 * i + 1] = _mm512_unpackhi_epi32(x, y);
+  }
+  for (int i = 0; i < 16; i += 4) {  // b[i + c], 128-bit lane L: dword 4 L + c of rows i .. i + 3
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]), b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]), b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) lanes4x4(b[c], b[4 + c], b[8 + c], b[12 + c], t[c], t[4 + c], t[8 + c], t[12 + c]);
+}
+
+// Columns 0 .. cols - 1 of 16 rows of float32 values (row j at p + j * stride, rows past `valid` read as
+// zeros) into dest(c)[0 .. 15], one register per column: a block's scales, 16 columns per transpose.
+template <class Dest>
+Q8_TARGET inline void columns(const float* p, int64_t stride, int64_t valid, int64_t cols, Dest dest) {
+  static const float zeros[16] = {};
+  const void* rows[NL];
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    for (int64_t j = 0; j < NL; ++j) rows[j] = j < valid ? p + j * stride + c : zeros;
+    __m512i t[16];
+    transpose16x16(rows, t);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dest(c + i), _mm512_castsi512_ps(t[i]));
+  }
+  for (; c < cols; c += 4) {
+    for (int64_t j = 0; j < NL; ++j) rows[j] = j < valid ? p + j * stride + c : zeros;
+    const int64_t n = std::min<int64_t>(4, cols - c);
+    __m512i t[4];
+    transpose16x4(rows, t, __mmask8((1u << n) - 1));
+    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(dest(c + i), _mm512_castsi512_ps(t[i]));
+  }
 }
 
 // 16 weight rows repacked: register 8 g + i of codes holds, in lane j, the codes k = 32 g + 4 i .. + 3 of row n0 + j
-// (zeros past the last row); s, z [G, 16] their groups' scales and mins
+// (zeros past the last row); s, z [K/GW, 16] the scales and mins of their groups of GW weights
 struct Block {
   std::vector<uint32_t> codes;  // [G * 8, 16]
   std::vector<float> s, z;
@@ -88,21 +135,9 @@ struct Block {
 };
 
 
-// Columns c .. c + 3 (fewer at the end of a row) of 16 rows of float32 values, row j at p + j * stride (rows
-// past `valid` read as zeros), into out[i][16] for column c + i: a block's scales, one register per group.
-Q8_TARGET inline void columns4(const float* p, int64_t stride, int64_t valid, int64_t c, int64_t cols,
-                               float* const out[4]) {
-  static const float zeros[4] = {};
-  const void* rows[NL];
-  for (int64_t j = 0; j < NL; ++j) rows[j] = j < valid ? p + j * stride + c : zeros;
-  const int64_t n = std::min<int64_t>(4, cols - c);
-  __m512i t[4];
-  transpose16x4(rows, t, __mmask8((1u << n) - 1));
-  for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out[i], _mm512_castsi512_ps(t[i]));
-}
-
-// The layouts, each: rows(n0, g, ptrs) points at 16 rows' bytes of group g; repack_group turns them into
-// codes; block_scales(n0, valid, b) puts the block's scales and mins into b.s and b.z.
+// The layouts, each: row(n, g) points at row n's bytes of group g; repack_wide turns the transposed 64 bytes
+// of each of 16 rows (WIDE groups) into codes, repack_group one group's 16-byte pieces (the last groups);
+// block_scales(n0, valid, b) puts the block's scales and mins into b.s and b.z.
 struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) and k = i + 16 (high)
   const uint8_t* w;  // [N, K/2]
   const float* sz;   // [N, K/32, 2]
@@ -116,26 +151,36 @@ struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) an
       _mm512_storeu_si512(out + (4 + d) * NL, _mm512_and_si512(_mm512_srli_epi16(t[d], 4), low));
     }
   }
+  static constexpr int64_t GW = 32;   // weights per scale
+  static constexpr int64_t WIDE = 4;  // groups per 64 bytes of a row
+  // t: dwords of 4 groups (transpose16x16)
+  Q8_TARGET void repack_wide(const __m512i t[16], uint32_t* out) const {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int q = 0; q < 4; ++q)
+      for (int d = 0; d < 4; ++d) {
+        _mm512_storeu_si512(out + (8 * q + d) * NL, _mm512_and_si512(t[4 * q + d], low));
+        _mm512_storeu_si512(out + (8 * q + 4 + d) * NL, _mm512_and_si512(_mm512_srli_epi16(t[4 * q + d], 4), low));
+      }
+  }
   const uint8_t* row(int64_t n, int64_t g) const { return w + n * (K / 2) + g * 16; }
   static constexpr int halves = 1;  // 16-byte pieces per group
   Q8_TARGET void block_scales(int64_t n0, int64_t valid, Block& b) const {
-    const int64_t G = K / QK;
-    for (int64_t g = 0; g < G; g += 2) {  // (scale, min) of 2 groups per 4 columns
-      float* const out[4] = {&b.s[g * NL], &b.z[g * NL], &b.s[(g + 1) * NL], &b.z[(g + 1) * NL]};
-      columns4(sz + n0 * G * 2, G * 2, valid, g * 2, G * 2, out);
-    }
+    const int64_t G = K / QK;  // columns: scale and min of each group in turn
+    columns(sz + n0 * G * 2, G * 2, valid, G * 2, [&](int64_t c) { return &(c & 1 ? b.z : b.s)[(c >> 1) * NL]; });
   }
   int64_t row_bytes() const { return K / 2; }
   const void* scales_at(int64_t n) const { return sz + n * (K / QK) * 2; }
   int64_t scale_bytes() const { return K / QK * 8; }  // per row
 };
 
-// int8 codes, signed: u = q + 128 (the sign bit flipped), z = -128 s. PerRow: one scale per row (int8),
-// else one per group of 32 (int8s), S float32 or float16.
-template <class S, bool PerRow>
+// int8 codes, signed: u = q + 128 (the sign bit flipped), z = -128 s (+ the group's min). Their scales: one
+// per row (int8), one per group of GW = 16 or 32 (int8s, S float32 or float16), or a scale and a min per
+// group of 16 (int8g).
+enum class Scales { PerRow, PerGroup, PerGroupWithMin };
+template <class S, Scales KIND, int64_t GROUP>
 struct Int8Q8 {
   const int8_t* w;  // [N, K]
-  const S* sc;      // [N] or [N, K/32]
+  const S* sc;      // [N], [N, K/GW] or [N, K/GW, 2]
   int64_t K;
   Q8_TARGET void repack_group(const void* const rows[NL], int64_t half, uint32_t* out) const {
     __m512i t[4];
@@ -143,87 +188,117 @@ struct Int8Q8 {
     for (int d = 0; d < 4; ++d)
       _mm512_storeu_si512(out + (4 * half + d) * NL, _mm512_xor_si512(t[d], _mm512_set1_epi8(char(0x80))));
   }
+  static constexpr int64_t WIDE = 2;
+  Q8_TARGET void repack_wide(const __m512i t[16], uint32_t* out) const {
+    for (int i = 0; i < 16; ++i)
+      _mm512_storeu_si512(out + i * NL, _mm512_xor_si512(t[i], _mm512_set1_epi8(char(0x80))));
+  }
   const uint8_t* row(int64_t n, int64_t g) const { return reinterpret_cast<const uint8_t*>(w + n * K + g * QK); }
   static constexpr int halves = 2;
+  static constexpr int64_t GW = GROUP;
+  static constexpr bool MIN = KIND == Scales::PerGroupWithMin;
+  // values per row: scales (and mins)
+  int64_t values() const { return KIND == Scales::PerRow ? 1 : K / GW * (MIN ? 2 : 1); }
   Q8_TARGET void block_scales(int64_t n0, int64_t valid, Block& b) const {
-    const int64_t G = K / QK;
-    if constexpr (PerRow) {
+    const int64_t G = K / GW, V = values();
+    if constexpr (KIND == Scales::PerRow) {
       const __m512 s = _mm512_maskz_loadu_ps(__mmask16((1u << valid) - 1), sc + n0);
+      std::fill(b.z.begin(), b.z.end(), 0.0f);
       for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(&b.s[g * NL], s);
     } else {
-      const float* rows = reinterpret_cast<const float*>(sc + n0 * G);
+      const float* rows = reinterpret_cast<const float*>(sc + n0 * V);
       if constexpr (std::is_same_v<S, uint16_t>) {  // float16: the block's rows widened first, 16 at a time
-        b.wide.resize(NL * G);
-        for (int64_t i = 0; i < valid * G; i += 16) {
-          const __mmask16 keep = valid * G - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (valid * G - i)) - 1);
-          _mm512_mask_storeu_ps(b.wide.data() + i, keep, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, sc + n0 * G + i)));
+        b.wide.resize(NL * V);
+        for (int64_t i = 0; i < valid * V; i += 16) {
+          const __mmask16 keep = valid * V - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (valid * V - i)) - 1);
+          const __m256i half = _mm256_maskz_loadu_epi16(keep, sc + n0 * V + i);
+          _mm512_mask_storeu_ps(b.wide.data() + i, keep, _mm512_cvtph_ps(half));
         }
         rows = b.wide.data();
       }
-      for (int64_t g = 0; g < G; g += 4) {
-        float* const out[4] = {&b.s[g * NL], &b.s[(g + 1) * NL], &b.s[(g + 2) * NL], &b.s[(g + 3) * NL]};
-        columns4(rows, G, valid, g, G, out);
+      if constexpr (MIN)  // columns: scale and min of each group in turn
+        columns(rows, V, valid, V, [&](int64_t c) { return &(c & 1 ? b.z : b.s)[(c >> 1) * NL]; });
+      else {
+        columns(rows, V, valid, V, [&](int64_t g) { return &b.s[g * NL]; });
+        std::fill(b.z.begin(), b.z.end(), 0.0f);
       }
     }
-    for (int64_t i = 0; i < G * NL; i += 16)  // z = -128 s
-      _mm512_storeu_ps(&b.z[i], _mm512_mul_ps(_mm512_loadu_ps(&b.s[i]), _mm512_set1_ps(-128.0f)));
+    for (int64_t i = 0; i < G * NL; i += 16)  // z - 128 s: for the codes' offset
+      _mm512_storeu_ps(&b.z[i], _mm512_fmadd_ps(_mm512_loadu_ps(&b.s[i]), _mm512_set1_ps(-128.0f),
+                                                _mm512_loadu_ps(&b.z[i])));
   }
   int64_t row_bytes() const { return K; }
-  const void* scales_at(int64_t n) const { return sc + (PerRow ? n : n * (K / QK)); }
-  int64_t scale_bytes() const { return PerRow ? sizeof(S) : K / QK * sizeof(S); }
+  const void* scales_at(int64_t n) const { return sc + n * values(); }
+  int64_t scale_bytes() const { return values() * sizeof(S); }
 };
 
 // rows n0 .. n0 + 15 of w (those below N) into b, pulling the next block's codes and scales into cache as it
 // goes (without, streaming a row's weights for one row of x ran at half the speed)
 template <class W>
 Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, Block& b, bool next) {
-  static const uint8_t zeros[QK] = {};
+  static const uint8_t zeros[64] = {};
   const int64_t G = w.K / QK, valid = std::min(NL, N - n0), block_bytes = NL * w.row_bytes();
   const char* next_codes = next ? reinterpret_cast<const char*>(w.row(n0 + NL, 0)) : nullptr;
   const char* next_scales = next ? static_cast<const char*>(w.scales_at(n0 + NL)) : nullptr;
   // lines of each to pull per group: no divisions in the loop (at 4 per group they cost as much as the rest)
   const int64_t code_lines = (block_bytes / 64 + G - 1) / G, scale_lines = (NL * w.scale_bytes() / 64 + G - 1) / G;
-  b.codes.resize(G * 8 * NL), b.s.resize((G + 3) * NL), b.z.resize((G + 3) * NL);  // + 3: columns4's last 4
+  b.codes.resize(G * 8 * NL), b.s.resize(w.K / W::GW * NL), b.z.resize(w.K / W::GW * NL);
   w.block_scales(n0, valid, b);
-  for (int64_t g = 0; g < G; ++g) {
-    if (next) {  // this group's share of the next block
-      for (int64_t l = g * code_lines; l < (g + 1) * code_lines; ++l) _mm_prefetch(next_codes + l * 64, _MM_HINT_T0);
-      for (int64_t l = g * scale_lines; l < (g + 1) * scale_lines; ++l) _mm_prefetch(next_scales + l * 64, _MM_HINT_T0);
+  const void* rows[NL];
+  for (int64_t g = 0; g < G;) {
+    const int64_t step = g + W::WIDE <= G ? W::WIDE : 1;  // 64 bytes of each row at once, then group by group
+    if (next) {  // these groups' share of the next block
+      for (int64_t l = g * code_lines; l < (g + step) * code_lines; ++l) _mm_prefetch(next_codes + l * 64, _MM_HINT_T0);
+      for (int64_t l = g * scale_lines; l < (g + step) * scale_lines; ++l)
+        _mm_prefetch(next_scales + l * 64, _MM_HINT_T0);
     }
-    for (int half = 0; half < W::halves; ++half) {
-      const void* rows[NL];
-      for (int64_t j = 0; j < NL; ++j) rows[j] = j < valid ? w.row(n0 + j, g) + 16 * half : zeros;
-      w.repack_group(rows, half, b.codes.data() + g * 8 * NL);
+    if (step > 1) {
+      for (int64_t j = 0; j < NL; ++j) rows[j] = j < valid ? w.row(n0 + j, g) : zeros;
+      __m512i t[16];
+      transpose16x16(rows, t);
+      w.repack_wide(t, b.codes.data() + g * 8 * NL);
+    } else {
+      for (int half = 0; half < W::halves; ++half) {
+        for (int64_t j = 0; j < NL; ++j) rows[j] = j < valid ? w.row(n0 + j, g) + 16 * half : zeros;
+        w.repack_group(rows, half, b.codes.data() + g * 8 * NL);
+      }
     }
+    g += step;
   }
 }
 
-// y[m + r, n0 + j] for r < R, j < valid: the block against R rows of x. Every tile does the same float
-// operations per output whatever R is, so a row's result does not depend on the rows beside it.
-template <int R>
+// y[m + r, n0 + j] for r < R, j < valid: the block against R rows of x, its weights in groups of GW = 32 or
+// 16. Every tile does the same float operations per output whatever R is, so a row's result does not
+// depend on the rows beside it.
+template <int R, int64_t GW>
 Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block& b, float* y, int64_t N, int64_t n0,
                     int64_t valid) {
+  constexpr int64_t P = QK / GW, STEPS = 8 / P;  // weight groups per group of x; steps of 4 k per weight group
   const int64_t G = K / QK;
   __m512 scaled[R], mins[R];  // the two terms of y, in separate chains of FMAs (their latency bound one row)
   for (int r = 0; r < R; ++r) scaled[r] = mins[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i dot[R][2];  // sum_{k in g} u[n, k] q[m + r, k], exactly, over even and odd steps of 4 k
-    for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
     const int8_t* xg = x.q.data() + m * K + g * QK;
-    for (int i = 0; i < 8; ++i) {
-      const __m512i wv = _mm512_loadu_si512(b.codes.data() + (g * 8 + i) * NL);
-      for (int r = 0; r < R; ++r) {
-        int32_t four;  // x's codes k = 32 g + 4 i .. + 3 of row m + r, in every lane
-        std::memcpy(&four, xg + r * K + 4 * i, 4);
-        dot[r][i & 1] = _mm512_dpbusd_epi32(dot[r][i & 1], wv, _mm512_set1_epi32(four));
+    for (int64_t p = 0; p < P; ++p) {
+      __m512i dot[R][2];  // sum_{k in the weight group} u[n, k] q[m + r, k], exactly, over even and odd steps
+      for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+      for (int64_t i = p * STEPS; i < (p + 1) * STEPS; ++i) {
+        const __m512i wv = _mm512_loadu_si512(b.codes.data() + (g * 8 + i) * NL);
+        for (int r = 0; r < R; ++r) {
+          int32_t four;  // x's codes k = 32 g + 4 i .. + 3 of row m + r, in every lane
+          std::memcpy(&four, xg + r * K + 4 * i, 4);
+          dot[r][i & 1] = _mm512_dpbusd_epi32(dot[r][i & 1], wv, _mm512_set1_epi32(four));
+        }
       }
-    }
-    const __m512 s = _mm512_loadu_ps(b.s.data() + g * NL), z = _mm512_loadu_ps(b.z.data() + g * NL);
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = (m + r) * G + g;
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
-      scaled[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(x.d[i])), scaled[r]);
-      mins[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(x.dsum[i]), mins[r]);
+      const int64_t gw = g * P + p;
+      const __m512 s = _mm512_loadu_ps(b.s.data() + gw * NL), z = _mm512_loadu_ps(b.z.data() + gw * NL);
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (m + r) * G + g;
+        const float dsum = P == 1 ? x.dsum[i] : x.dsum16[i * 2 + p];
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
+        scaled[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(x.d[i])), scaled[r]);
+        mins[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum), mins[r]);
+      }
     }
   }
   const __mmask16 keep = valid == NL ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
@@ -245,11 +320,11 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
       repack(w, n0, N, b, blk + 1 < b1);
       const int64_t valid = std::min(NL, N - n0);
       int64_t m = 0;
-      for (; m + TM <= M; m += TM) tile<TM>(xq, K, m, b, yp, N, n0, valid);
+      for (; m + TM <= M; m += TM) tile<TM, W::GW>(xq, K, m, b, yp, N, n0, valid);
       switch (M - m) {
-        case 3: tile<3>(xq, K, m, b, yp, N, n0, valid); break;
-        case 2: tile<2>(xq, K, m, b, yp, N, n0, valid); break;
-        case 1: tile<1>(xq, K, m, b, yp, N, n0, valid); break;
+        case 3: tile<3, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
+        case 2: tile<2, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
+        case 1: tile<1, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
       }
     }
   };
@@ -274,17 +349,26 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
                                     int64_t tiles_max_m) {
   const int64_t K = x.size(1), N = w.size(0);
   if (!int8_activations.load(std::memory_order_relaxed) || K % QK != 0) return std::nullopt;
-  if (w.scalar_type() == at::kByte && s.dim() == 3 && s.scalar_type() == at::kFloat)  // int4
+  // shapes the weight-only kernels refuse (with their message) are left to them
+  if (s.dim() < 1 || s.size(0) != N || (s.dim() == 3 && s.size(2) != 2)) return std::nullopt;
+  if (w.scalar_type() == at::kByte) {  // int4
+    if (w.size(1) * 2 != K || s.dim() != 3 || s.size(1) != K / 32 || s.scalar_type() != at::kFloat) return std::nullopt;
     return run_q8(Int4Q8{w.data_ptr<uint8_t>(), s.data_ptr<float>(), K}, x, N, tiles_max_m);
-  if (w.scalar_type() != at::kChar) return std::nullopt;
+  }
+  if (w.scalar_type() != at::kChar || w.size(1) != K) return std::nullopt;
   const int8_t* q = w.data_ptr<int8_t>();
   if (s.dim() == 1 && s.scalar_type() == at::kFloat)  // int8: a scale per row
-    return run_q8(Int8Q8<float, true>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
-  if (s.dim() == 2 && s.size(1) == K / QK) {  // int8s in groups of 32
-    if (s.scalar_type() == at::kHalf)
-      return run_q8(Int8Q8<uint16_t, false>{q, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), K}, x, N,
-                    tiles_max_m);
-    if (s.scalar_type() == at::kFloat) return run_q8(Int8Q8<float, false>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
+    return run_q8(Int8Q8<float, Scales::PerRow, QK>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
+  if (s.dim() == 3 && s.size(1) == K / 16 && s.scalar_type() == at::kFloat)  // int8g
+    return run_q8(Int8Q8<float, Scales::PerGroupWithMin, 16>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
+  if (s.dim() != 2 || (s.size(1) != K / 32 && s.size(1) != K / 16)) return std::nullopt;
+  const bool by32 = s.size(1) == K / 32;  // int8s, in groups of 32 or 16
+  if (s.scalar_type() == at::kHalf) {
+    const auto* h = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
+    return by32 ? run_q8(Int8Q8<uint16_t, Scales::PerGroup, 32>{q, h, K}, x, N, tiles_max_m)
+                : run_q8(Int8Q8<uint16_t, Scales::PerGroup, 16>{q, h, K}, x, N, tiles_max_m);
   }
-  return std::nullopt;  // int8g, int8s in groups of 16: the weight-only kernels
+  if (s.scalar_type() != at::kFloat) return std::nullopt;
+  return by32 ? run_q8(Int8Q8<float, Scales::PerGroup, 32>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m)
+              : run_q8(Int8Q8<float, Scales::PerGroup, 16>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
 }
