@@ -5,6 +5,9 @@ agreement)."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,6 +165,21 @@ def test_int8_activation_rows_get_the_same_bits_alone_or_batched(fmt):
     for i in (0, 5, 36):
         assert torch.equal(batched[i : i + 1], k.linear(x[i : i + 1], weight, scales))
         assert torch.equal(batched[i : i + 2], k.linear(x[i : i + 2], weight, scales))
+
+
+def test_int8_activations_can_be_switched_off_by_the_environment(tmp_path):
+    """CODELLAMA_INT8_ACTIVATIONS=0: float32 activations on a VNNI CPU too (the same numbers on any CPU)."""
+    int8_kernels()
+    weight, scales, dense = _weights("int4", torch.randn(40, 96))
+    x = torch.randn(3, 96)
+    torch.save((x, weight, scales), tmp_path / "case.pt")
+    script = ("import sys, torch; from codellama.engine.kernels import cpu_kernels; "
+              "x, w, s = torch.load(sys.argv[1]); torch.save(cpu_kernels().linear(x, w, s), sys.argv[2])")
+    for setting, seen in (("0", x), ("1", int8_rounded(x))):
+        env = {**os.environ, "CODELLAMA_INT8_ACTIVATIONS": setting}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "case.pt"), str(tmp_path / "y.pt")], env=env,
+                       check=True)
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), seen @ dense.T, atol=1e-4, rtol=1e-4)
 
 
 def test_int8_activations_of_zeros_and_a_zero_group_are_zero():

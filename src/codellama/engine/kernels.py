@@ -4,7 +4,9 @@ it has AVX-512 VNNI (both checked at run time).
 
 Built on first use with torch's extension builder (a C++ compiler and ninja) and cached in
 TORCH_EXTENSIONS_DIR; every caller has a pure-PyTorch fallback when they cannot be built, so a machine
-without a compiler is correct, only slower. CODELLAMA_NO_KERNELS=1 forces the fallbacks.
+without a compiler is correct, only slower. CODELLAMA_NO_KERNELS=1 forces the fallbacks;
+CODELLAMA_INT8_ACTIVATIONS=0 keeps quantised weights' activations float32 on VNNI CPUs too (results then
+equal those of CPUs without VNNI, to float rounding).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def _build() -> ModuleType | None:
     if not built.cpu_supported():  # AVX2 without F16C (int8s's float16 scales): none is known, but ask
         log.info("CPU without AVX2, FMA or F16C: the engine uses its portable PyTorch path")
         return None
+    if os.environ.get("CODELLAMA_INT8_ACTIVATIONS") == "0":  # float32 activations: the same numbers on any CPU
+        built.use_int8_activations(False)
     return built
 
 

@@ -32,6 +32,8 @@
 #include "kernels.h"
 #include "parallel.h"
 
+// The kernels are built for AVX2 (kernels.py): these functions for AVX-512 with VNNI, called only where the
+// CPU has it (vnni_cpu)
 #define Q8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 
 namespace {
@@ -131,9 +133,15 @@ Q8_TARGET inline void columns(const float* p, int64_t stride, int64_t valid, int
 struct Block {
   std::vector<uint32_t> codes;  // [G * 8, 16]
   std::vector<float> s, z;
-  std::vector<float> wide;  // float16 scales of the block's rows as float32 [16, G] (int8s)
+  std::vector<float> wide;  // float16 scales of the block's rows as float32 [16, values per row] (int8s)
 };
 
+// the low and high 4 bits of each byte of t, as bytes
+Q8_TARGET inline void store_nibbles(__m512i t, uint32_t* low, uint32_t* high) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  _mm512_storeu_si512(low, _mm512_and_si512(t, mask));
+  _mm512_storeu_si512(high, _mm512_and_si512(_mm512_srli_epi16(t, 4), mask));
+}
 
 // The layouts, each: row(n, g) points at row n's bytes of group g; repack_wide turns the transposed 64 bytes
 // of each of 16 rows (WIDE groups) into codes, repack_group one group's 16-byte pieces (the last groups);
@@ -145,22 +153,14 @@ struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) an
   Q8_TARGET void repack_group(const void* const rows[NL], int64_t, uint32_t* out) const {
     __m512i t[4];
     transpose16x4(rows, t);
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int d = 0; d < 4; ++d) {
-      _mm512_storeu_si512(out + d * NL, _mm512_and_si512(t[d], low));
-      _mm512_storeu_si512(out + (4 + d) * NL, _mm512_and_si512(_mm512_srli_epi16(t[d], 4), low));
-    }
+    for (int d = 0; d < 4; ++d) store_nibbles(t[d], out + d * NL, out + (4 + d) * NL);
   }
   static constexpr int64_t GW = 32;   // weights per scale
   static constexpr int64_t WIDE = 4;  // groups per 64 bytes of a row
   // t: dwords of 4 groups (transpose16x16)
   Q8_TARGET void repack_wide(const __m512i t[16], uint32_t* out) const {
-    const __m512i low = _mm512_set1_epi8(0x0F);
     for (int q = 0; q < 4; ++q)
-      for (int d = 0; d < 4; ++d) {
-        _mm512_storeu_si512(out + (8 * q + d) * NL, _mm512_and_si512(t[4 * q + d], low));
-        _mm512_storeu_si512(out + (8 * q + 4 + d) * NL, _mm512_and_si512(_mm512_srli_epi16(t[4 * q + d], 4), low));
-      }
+      for (int d = 0; d < 4; ++d) store_nibbles(t[4 * q + d], out + (8 * q + d) * NL, out + (8 * q + 4 + d) * NL);
   }
   const uint8_t* row(int64_t n, int64_t g) const { return w + n * (K / 2) + g * 16; }
   static constexpr int halves = 1;  // 16-byte pieces per group
@@ -334,14 +334,18 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
   return y;
 }
 
-std::atomic<bool> int8_activations{__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-                                   __builtin_cpu_supports("avx512vl")};
+bool vnni_cpu() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// on by default where the CPU can; use_int8_activations switches it (tests, from Python), hence atomic
+std::atomic<bool> int8_activations{vnni_cpu()};
 
 }  // namespace
 
 bool use_int8_activations(bool on) {
-  int8_activations = on && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512vl");
+  int8_activations = on && vnni_cpu();
   return int8_activations.load();
 }
 
