@@ -40,4 +40,5 @@ def second_prefill_faults(mode: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds")
 def test_a_prefill_reuses_the_memory_the_last_one_freed():
     kept, plain = second_prefill_faults("keep"), second_prefill_faults("plain")
-    assert kept < 1000 and plain > 100_000, (kept, plain)  # measured: 0-10 against 380,000-400,000
+    # measured: 0-10 against 370,000-400,000; since int8 activations, some runs ~3,070 (12 MB faulted in again)
+    assert kept < 10_000 and plain > 100_000, (kept, plain)
