@@ -383,9 +383,9 @@ def test_llama_cpp_loads_our_gguf_with_the_same_logits(tmp_path):
 def test_files_llama_cpp_quantised_run_as_codes_as_llama_cpp_runs_them(tmp_path, ftype, types):
     """Our float32 file quantised by llama.cpp itself (the mixtures people download): with the file's codes
     and float32 activations we compute what we compute from its dequantised floats, and what llama.cpp
-    computes from the file, far closer than either is to the unquantised model. Where our kernels round the
-    activations to int8 as llama.cpp does (Q4_1, Q8_0: the default model's types; with AVX-512 VNNI), closer
-    to llama.cpp still."""
+    computes from the file, far closer than either is to the unquantised model. With int8 activations (AVX-512
+    VNNI) as close; where llama.cpp rounds them in the same blocks of 32 (Q4_1, Q8_0: the default model's
+    types; the K types' go in blocks of 256), closer to llama.cpp still."""
     import ctypes
 
     llama_cpp = pytest.importorskip("llama_cpp")

@@ -106,7 +106,6 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * inverse) * (amax / 127)).reshape(x.shape)
 
 
-
 # M: 0 rows (a prefill chunk where no prompt ends), 1-2 rows widen in registers, 3+ rows through the widened
 # block (tiles of 6 rows with AVX-512 from 4 rows on, 3 with AVX2, and their remainders), 257 past the limit
 # of our tiles (torch's GEMM, quantised weights widened for it); N % 4 != 0 exercises the tail rows (K % 8 !=
