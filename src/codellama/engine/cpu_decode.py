@@ -76,6 +76,10 @@ class FusedCPUDecode:
         captured = _capture(self.model)
         return captured is not None and _storage(captured) == self._storage
 
+    def int8_activations(self) -> bool:
+        """Whether this step's matmuls take int8 activations (quantised weights, a CPU with AVX-512 VNNI)."""
+        return self.layers[0][1].dtype != torch.float32 and self.kernels.int8_activations()
+
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position of the cache [S, hd/2], computed once (torch's sin/cos of a few
         hundred values cost more than a whole layer here)."""

@@ -56,10 +56,12 @@ log = logging.getLogger(__name__)
 # scheduler's slot choice too: the rows of a step span slots 0..n-1, so a high slot costs every step)
 MIN_REUSED_TOKENS = 16
 
-# The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt;
-# from ~100 tokens on the eager model's GEMMs and SDPA are faster: BENCHMARKS.md, prefill), and the most
-# tokens per fused call (several short prompts: enough rows for the matmuls to run as GEMMs).
-FUSED_PREFILL_MAX_PROMPT = 64
+# The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt:
+# past this the eager model's GEMMs and SDPA are faster, BENCHMARKS.md, prefill), with float32 activations
+# and, longer, with int8 ones (their matmuls are the fused step's faster ones up to a few hundred rows); and
+# the most tokens per fused call (several short prompts: enough rows for the matmuls to run as GEMMs).
+FUSED_PREFILL_MAX_PROMPT = 128
+FUSED_PREFILL_MAX_PROMPT_INT8 = 256
 FUSED_PREFILL_ROWS = 1024
 # The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
 # positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count,
@@ -220,7 +222,8 @@ class Decoder:
         if self._fused is not None:
             # Short rests of prompts go through the fused step, several per call; long ones through the model's
             # SDPA (the fused step's attention loops per row, which many rows make quadratic).
-            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= FUSED_PREFILL_MAX_PROMPT]
+            limit = FUSED_PREFILL_MAX_PROMPT_INT8 if self._fused.int8_activations() else FUSED_PREFILL_MAX_PROMPT
+            short = [i for i in todo if len(prompts[i]) - plan[i][0] <= limit]
             if short:
                 rows = self._fused_prefill(*zip(*((prompts[i], slots[i], plan[i][0]) for i in short)))
                 for i, row in zip(short, rows):

@@ -21,6 +21,8 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
                                     int64_t tiles_max_m);
 // whether q8_linear runs (it may only where the CPU has AVX-512 VNNI); returns the setting
 bool use_int8_activations(bool on);
+// the setting use_int8_activations last made (or the default)
+bool int8_activations_on();
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by oneDNN's float32 GEMM (MKL's without it), for large M
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w);
 // whether blocks of rows use 512-bit tiles (on by default where the CPU has AVX-512F); returns the setting

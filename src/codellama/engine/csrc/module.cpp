@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_int8_activations", &use_int8_activations, pybind11::arg("on"),
         "int8 activations for quantised weights where the CPU has AVX-512 VNNI (the default there); False: "
         "float32 activations, the weights widened");
+  m.def("int8_activations", &int8_activations_on, "whether quantised weights take int8 activations now");
   // torch's AVX2 capability does not promise F16C (float16 scales), nor FMA on every build: ask the CPU
   m.def("cpu_supported", [] {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");

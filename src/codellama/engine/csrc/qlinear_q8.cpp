@@ -349,6 +349,8 @@ bool use_int8_activations(bool on) {
   return int8_activations.load();
 }
 
+bool int8_activations_on() { return int8_activations.load(); }
+
 std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                                     int64_t tiles_max_m) {
   const int64_t K = x.size(1), N = w.size(0);
