@@ -141,7 +141,25 @@ def test_decode_layer_refuses_malformed_rope_tables(table, bad):
     cache = m.layers[0].attention.cache
     with pytest.raises(RuntimeError, match=r"rope tables cos, sin: contiguous float32 \[B, hd/2\]"):
         fused.kernels.decode_layer(m.tok_embeddings(torch.tensor([1, 2])), torch.tensor([0, 1]), pos,
-                                   tables["cos"], tables["sin"], *fused.layers[0], cache.k, cache.v,
+                                   tables["cos"], tables["sin"], *fused.layers[0], cache.kv, c.n_kv_heads,
+                                   cache.shape[2], c.n_heads, c.norm_eps)
+
+
+@pytest.mark.parametrize("bad", ["max_seq_len", "float64", "not contiguous"])
+def test_decode_layer_refuses_a_malformed_cache(bad):
+    fused = Decoder(prepared("float32"), max_batch=2, max_seq_len=16)._fused
+    m, c = fused.model, fused.model.config
+    cos_table, sin_table = fused._rope_tables()
+    pos = torch.tensor([0, 1])
+    cache = m.layers[0].attention.cache
+    kv, S = cache.kv, cache.shape[2]
+    if bad == "max_seq_len":  # slots * Hkv * S rows, read with another S
+        S = S - 1
+    else:
+        kv = kv.double() if bad == "float64" else torch.cat([kv, kv], 2)[:, :, ::2]
+    with pytest.raises(RuntimeError, match=r"cache: contiguous float32 \[2, slots \* n_kv_heads"):
+        fused.kernels.decode_layer(m.tok_embeddings(torch.tensor([1, 2])), torch.tensor([0, 1]), pos,
+                                   cos_table[pos], sin_table[pos], *fused.layers[0], kv, c.n_kv_heads, S,
                                    c.n_heads, c.norm_eps)
 
 

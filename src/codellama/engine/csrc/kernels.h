@@ -42,5 +42,5 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz, int64_t tiles_
 at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tensor cos, at::Tensor sin,
                            at::Tensor attn_norm, at::Tensor wqkv, at::Tensor wqkv_s, at::Tensor wo,
                            at::Tensor wo_s, at::Tensor ffn_norm, at::Tensor w13, at::Tensor w13_s,
-                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_k, at::Tensor cache_v,
-                           int64_t n_heads, double eps);
+                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, int64_t n_kv_heads,
+                           int64_t max_seq_len, int64_t n_heads, double eps);
