@@ -46,6 +46,13 @@ def step_matmuls(model: torch.nn.Module, kernels, rows: int, repeats: int = 20) 
     return total
 
 
+def timed_generate(gen: Generator, prompts, params: SamplingParams) -> float:
+    """Seconds of one generate call (common.timed would warm up with the same prompts: their prefix reused)."""
+    t = time.perf_counter()
+    gen.generate(prompts, params)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
@@ -84,12 +91,6 @@ def main() -> None:
         rows.append({"measure": name, "float32 activations": f"{f32:.2f}", "int8 activations": f"{i8:.2f}",
                      "int8 speed-up": f"{gain:.2f}"})
     print_table(rows)
-
-
-def timed_generate(gen: Generator, prompts, params: SamplingParams) -> float:
-    t = time.perf_counter()
-    gen.generate(prompts, params)
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

@@ -87,8 +87,9 @@ def float_activations() -> Iterator[None]:
     if kernels is None:
         yield
         return
+    before = kernels.int8_activations()
     kernels.use_int8_activations(False)
     try:
         yield
     finally:
-        kernels.use_int8_activations(True)
+        kernels.use_int8_activations(before)

@@ -83,10 +83,11 @@ def tiles(request):
     k = kernels()
     if not k.use_wide_tiles(request.param == "wide") and request.param == "wide":
         pytest.skip("no AVX-512F on this CPU")
+    int8 = k.int8_activations()
     k.use_int8_activations(False)
     yield k
     k.use_wide_tiles(True)
-    k.use_int8_activations(True)
+    k.use_int8_activations(int8)
 
 
 def int8_kernels():

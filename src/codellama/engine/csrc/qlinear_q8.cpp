@@ -358,7 +358,7 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
   // shapes the weight-only kernels refuse (with their message) are left to them
   if (s.dim() < 1 || s.size(0) != N || (s.dim() == 3 && s.size(2) != 2)) return std::nullopt;
   if (w.scalar_type() == at::kByte) {  // int4
-    if (w.size(1) * 2 != K || s.dim() != 3 || s.size(1) != K / 32 || s.scalar_type() != at::kFloat) return std::nullopt;
+    if (w.size(1) * 2 != K || s.dim() != 3 || s.size(1) != K / QK || s.scalar_type() != at::kFloat) return std::nullopt;
     return run_q8(Int4Q8{w.data_ptr<uint8_t>(), s.data_ptr<float>(), K}, x, N, tiles_max_m);
   }
   if (w.scalar_type() != at::kChar || w.size(1) != K) return std::nullopt;
@@ -367,8 +367,8 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
     return run_q8(Int8Q8<float, Scales::PerRow, QK>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
   if (s.dim() == 3 && s.size(1) == K / 16 && s.scalar_type() == at::kFloat)  // int8g
     return run_q8(Int8Q8<float, Scales::PerGroupWithMin, 16>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
-  if (s.dim() != 2 || (s.size(1) != K / 32 && s.size(1) != K / 16)) return std::nullopt;
-  const bool by32 = s.size(1) == K / 32;  // int8s, in groups of 32 or 16
+  if (s.dim() != 2 || (s.size(1) != K / QK && s.size(1) != K / 16)) return std::nullopt;
+  const bool by32 = s.size(1) == K / QK;  // int8s, in groups of 32 or 16
   if (s.scalar_type() == at::kHalf) {
     const auto* h = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
     return by32 ? run_q8(Int8Q8<uint16_t, Scales::PerGroup, 32>{q, h, K}, x, N, tiles_max_m)
