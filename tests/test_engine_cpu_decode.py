@@ -71,6 +71,22 @@ def test_fused_prefill_and_decode_equal_eager(mode, cfg):
         torch.testing.assert_close(out, eager.decode(*args), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_fused_decode_rows_get_the_same_bits_alone_or_batched(mode):
+    """A step's row loops (norms, RoPE, SwiGLU, x's int8 rounding) split over the threads once it has a few
+    rows: each row's logits stay bit for bit those it gets alone (with int8 activations, whose matmuls do the
+    same for any number of rows; float32 tiles differ by their rows)."""
+    if not cpu_kernels().int8_activations():
+        pytest.skip("int8 activations need AVX-512 VNNI")
+    fused, _ = fused_and_eager(prepared(mode), max_batch=16)
+    slots = list(range(16))
+    fused.prefill([[(3 * i + s) % 101 for i in range(5 + s)] for s in slots], slots)
+    tokens, positions = [7 + s for s in slots], [5 + s for s in slots]
+    batched = fused.decode(slots, tokens, positions)
+    for s in (0, 9, 15):  # decoding a row again rewrites its key and value at the same position
+        assert torch.equal(batched[s : s + 1], fused.decode([s], [tokens[s]], [positions[s]]))
+
+
 @pytest.mark.parametrize("pos", [8200, 16400, 100_000])
 def test_fused_decode_equals_eager_at_long_positions(pos):
     """Past 8k, 16k and at 100k, where float32 angles of ~1e5 radians show any difference in the RoPE tables

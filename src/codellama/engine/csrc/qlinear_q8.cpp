@@ -50,10 +50,9 @@ struct Q8Rows {
   std::vector<float> dsum16;   // [M, K/16]
 };
 
-Q8_TARGET void quantize_rows(const float* x, int64_t M, int64_t K, Q8Rows& out) {
-  const int64_t groups = M * (K / QK);  // K % 32 == 0: the groups of all rows follow one another
-  out.q.resize(M * K), out.d.resize(groups), out.dsum.resize(groups), out.dsum16.resize(2 * groups);
-  for (int64_t i = 0; i < groups; ++i) {
+// groups i0 .. i1 - 1 of x (the groups of all rows follow one another: K % 32 == 0) into out, sized for them
+Q8_TARGET void quantize_groups(const float* x, int64_t i0, int64_t i1, Q8Rows& out) {
+  for (int64_t i = i0; i < i1; ++i) {
     const __m512 a = _mm512_loadu_ps(x + i * QK), b = _mm512_loadu_ps(x + i * QK + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
@@ -310,10 +309,20 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
   const int64_t M = x.size(0), K = x.size(1), blocks = (N + NL - 1) / NL;
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
+  // many rows (prefill) outside the fused step: torch's threads, as for its GEMM (kernels.h)
+  const bool torch_threads = M > tiles_max_m;
+  auto split = [torch_threads](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    if (torch_threads) at::parallel_for(0, n, grain, fn);
+    else parallel_for(n, grain, fn);
+  };
   Q8Rows xq;
-  quantize_rows(x.data_ptr<float>(), M, K, xq);
+  const int64_t groups = M * (K / QK);
+  xq.q.resize(M * K), xq.d.resize(groups), xq.dsum.resize(groups), xq.dsum16.resize(2 * groups);
+  const float* xp = x.data_ptr<float>();
+  // x's rows on both threads too once there are a few (rows of a batch cost the serial part of a step per row)
+  split(groups, 64, [&](int64_t i0, int64_t i1) { quantize_groups(xp, i0, i1, xq); });
   float* yp = y.data_ptr<float>();
-  auto part = [&](int64_t b0, int64_t b1) {
+  split(blocks, 4, [&](int64_t b0, int64_t b1) {
     Block b;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * NL;
@@ -327,10 +336,7 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
         case 1: tile<1, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
       }
     }
-  };
-  // many rows (prefill) outside the fused step: torch's threads, as for its GEMM (kernels.h)
-  if (M > tiles_max_m) at::parallel_for(0, blocks, 4, part);
-  else parallel_for(blocks, 4, part);
+  });
   return y;
 }
 
