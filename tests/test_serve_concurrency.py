@@ -3,12 +3,14 @@ that disconnect halfway free their slots, and the server keeps answering."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 
 import httpx
 
+from codellama.serve.app import _Mailbox
 from serve_helpers import MODEL, running_server, tiny_model, tokenizer
 
 PROMPTS = [f"def task_{i}(x):\n    return x {'+-*/%'[i % 5]} {i}" for i in range(32)]
@@ -67,3 +69,19 @@ def test_32_concurrent_streams_match_alone_with_disconnects():
         # and the server still answers, with the same text as before
         assert stream_text(url, PROMPTS[5], 24) == alone[5]
         assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_mailbox_hands_every_event_over_in_order():
+    """The engine's thread posts each step's events at once; the event loop gets every one, in order, into
+    its request's queue (one wake-up of the loop may carry many)."""
+    async def receive() -> list[list[int]]:
+        box = _Mailbox(asyncio.get_running_loop())
+        queues: list[asyncio.Queue] = [asyncio.Queue(), asyncio.Queue()]
+        engine = threading.Thread(target=lambda: [box.post(queues[i % 2], i) for i in range(4000)])
+        engine.start()
+        got = [[await asyncio.wait_for(q.get(), 30) for _ in range(2000)] for q in queues]
+        engine.join()
+        assert all(q.empty() for q in queues)
+        return got
+
+    assert asyncio.run(receive()) == [list(range(0, 4000, 2)), list(range(1, 4000, 2))]

@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
@@ -79,6 +80,30 @@ def _cached_tokens(completions: list[Completion | None], jobs: list[_Job]) -> in
     return sum(c.cached_tokens for c in first.values() if c is not None)
 
 
+class _Mailbox:
+    """Events from the engine's thread into the event loop's queues, one wake-up of the loop for the events a
+    step hands over together (a call_soon_threadsafe per event woke it once per token and request: at 16
+    clients 16 times a step, each time on a core the step's threads wanted)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: deque[tuple[asyncio.Queue, object]] = deque()
+        self._signalled = False  # a delivery is scheduled and has not started
+
+    def post(self, queue: asyncio.Queue, item: object) -> None:
+        """From any thread: put item into queue on the loop's thread."""
+        self._items.append((queue, item))
+        if not self._signalled:  # set before the deliverer clears it, or it sees the item: none is left behind
+            self._signalled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self._signalled = False
+        while self._items:
+            queue, item = self._items.popleft()
+            queue.put_nowait(item)
+
+
 class Server:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine = engine
@@ -86,6 +111,7 @@ class Server:
         self.config = config
         self.created = int(time.time())
         self.metrics = Metrics()
+        self._mailbox: _Mailbox | None = None
 
     # ---- helpers ----
     def _check_auth(self, request: Request) -> None:
@@ -188,17 +214,24 @@ class Server:
             raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
                               "generations; retry shortly", type="rate_limit_error", code="rate_limit_exceeded")
 
-    async def _run(self, jobs: list[_Job], request: Request,
-                   handles: list | None = None) -> AsyncIterator[tuple[int, StreamEvent]]:
+    async def _run(self, jobs: list[_Job], request: Request, handles: list | None = None,
+                   pieces: bool = True) -> AsyncIterator[tuple[int, StreamEvent]]:
         """Run the jobs in the engine; yield (job index, event). Leaving early cancels what still runs.
-        `handles` receives the engine's requests (to cancel one and still hear its completion)."""
+        `handles` receives the engine's requests (to cancel one and still hear its completion). pieces=False:
+        only each job's first event (its time to first token) and the one with its Completion."""
         loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        post = self._mailbox.post
         queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
         reqs = [] if handles is None else handles
+        started = [False] * len(jobs)
         try:
             for i, job in enumerate(jobs):
                 def on_event(ev: StreamEvent, i: int = i) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+                    if pieces or ev.completion is not None or not started[i]:
+                        started[i] = True
+                        post(queue, (i, ev))
 
                 reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs,
                                                job.prompt_logprobs))
@@ -424,7 +457,7 @@ class Server:
         if not body.stream:
             status = "disconnected"
             try:
-                async for i, ev in self._run(jobs, request):
+                async for i, ev in self._run(jobs, request, pieces=False):
                     first = first or time.perf_counter()
                     if ev.completion is not None:
                         completions[i] = ev.completion
