@@ -16,8 +16,9 @@
 //
 // Weights go in blocks of 16 rows, repacked per call into lanes (4 codes of each row per 32-bit lane, one
 // register per 4 k): one VPDPBUSD then advances 16 outputs of a row of x with no horizontal sums, every row
-// of x in the call reuses the block, and every row gets the same arithmetic whatever M is (a request's
-// tokens do not depend on what it is batched with).
+// of x in the call reuses the block (from 4 rows on, two blocks at a time share each broadcast of x), and
+// every row gets the same arithmetic whatever M is (a request's tokens do not depend on what it is batched
+// with).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -41,6 +42,7 @@ namespace {
 constexpr int64_t NL = 16;  // weight rows per block: the int32 lanes of a 512-bit register
 constexpr int64_t QK = 32;  // activations per scale, weights per group
 constexpr int64_t TM = 4;   // rows of x per tile
+constexpr int64_t PAIR_MIN_M = 4;  // rows of x from which tiles take two blocks of weights at once
 
 // x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, and d * sum(q) over the group and over
 // each half of it (for the mins of weights in groups of 32 and of 16)
@@ -266,42 +268,72 @@ Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, Block& b, bool next) {
   }
 }
 
-// y[m + r, n0 + j] for r < R, j < valid: the block against R rows of x, its weights in groups of GW = 32 or
-// 16. Every tile does the same float operations per output whatever R is, so a row's result does not
-// depend on the rows beside it.
-template <int R, int64_t GW>
-Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block& b, float* y, int64_t N, int64_t n0,
+// y[m + r, n0 + j] for r < R and the rows j of NB blocks (1 or 2; `valid` rows in the last): the blocks
+// against R rows of x, their weights in groups of GW = 32 or 16. Two blocks share each broadcast of x's
+// codes: a multiply-add in 32 then costs half a broadcast where it cost one (BENCHMARKS.md). Every output
+// gets the same float operations whatever R and NB are, so a row's result does not depend on the rows
+// beside it.
+template <int R, int NB, int64_t GW>
+Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block* b, float* y, int64_t N, int64_t n0,
                     int64_t valid) {
   constexpr int64_t P = QK / GW, STEPS = 8 / P;  // weight groups per group of x; steps of 4 k per weight group
+  // integer sums per output register: enough independent chains to hide VPDPBUSD's latency (they are exact:
+  // the same y however they are split)
+  constexpr int CH = R * NB >= 6 ? 1 : 2;
   const int64_t G = K / QK;
-  __m512 scaled[R], mins[R];  // the two terms of y, in separate chains of FMAs (their latency bound one row)
-  for (int r = 0; r < R; ++r) scaled[r] = mins[r] = _mm512_setzero_ps();
+  __m512 scaled[R][NB], mins[R][NB];  // the two terms of y, in separate chains of FMAs (latency: one row)
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NB; ++k) scaled[r][k] = mins[r][k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* xg = x.q.data() + m * K + g * QK;
     for (int64_t p = 0; p < P; ++p) {
-      __m512i dot[R][2];  // sum_{k in the weight group} u[n, k] q[m + r, k], exactly, over even and odd steps
-      for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+      __m512i dot[R][NB][CH];  // sum_{k in the weight group} u[n, k] q[m + r, k], exactly
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < NB; ++k)
+          for (int c = 0; c < CH; ++c) dot[r][k][c] = _mm512_setzero_si512();
       for (int64_t i = p * STEPS; i < (p + 1) * STEPS; ++i) {
-        const __m512i wv = _mm512_loadu_si512(b.codes.data() + (g * 8 + i) * NL);
+        __m512i wv[NB];
+        for (int k = 0; k < NB; ++k) wv[k] = _mm512_loadu_si512(b[k].codes.data() + (g * 8 + i) * NL);
         for (int r = 0; r < R; ++r) {
           int32_t four;  // x's codes k = 32 g + 4 i .. + 3 of row m + r, in every lane
           std::memcpy(&four, xg + r * K + 4 * i, 4);
-          dot[r][i & 1] = _mm512_dpbusd_epi32(dot[r][i & 1], wv, _mm512_set1_epi32(four));
+          const __m512i xv = _mm512_set1_epi32(four);
+          for (int k = 0; k < NB; ++k) dot[r][k][i % CH] = _mm512_dpbusd_epi32(dot[r][k][i % CH], wv[k], xv);
         }
       }
       const int64_t gw = g * P + p;
-      const __m512 s = _mm512_loadu_ps(b.s.data() + gw * NL), z = _mm512_loadu_ps(b.z.data() + gw * NL);
-      for (int r = 0; r < R; ++r) {
-        const int64_t i = (m + r) * G + g;
-        const float dsum = P == 1 ? x.dsum[i] : x.dsum16[i * 2 + p];
-        const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
-        scaled[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(x.d[i])), scaled[r]);
-        mins[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum), mins[r]);
+      for (int k = 0; k < NB; ++k) {
+        const __m512 s = _mm512_loadu_ps(b[k].s.data() + gw * NL), z = _mm512_loadu_ps(b[k].z.data() + gw * NL);
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = (m + r) * G + g;
+          const float dsum = P == 1 ? x.dsum[i] : x.dsum16[i * 2 + p];
+          __m512i sum = dot[r][k][0];
+          for (int c = 1; c < CH; ++c) sum = _mm512_add_epi32(sum, dot[r][k][c]);
+          scaled[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(x.d[i])),
+                                         scaled[r][k]);
+          mins[r][k] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum), mins[r][k]);
+        }
       }
     }
   }
   const __mmask16 keep = valid == NL ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (m + r) * N + n0, keep, _mm512_add_ps(scaled[r], mins[r]));
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NB; ++k)
+      _mm512_mask_storeu_ps(y + (m + r) * N + n0 + k * NL, k == NB - 1 ? keep : __mmask16(0xFFFF),
+                            _mm512_add_ps(scaled[r][k], mins[r][k]));
+}
+
+// every row of x against NB repacked blocks, TM rows at a time
+template <int NB, int64_t GW>
+Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const Block* b, float* y, int64_t N, int64_t n0,
+                     int64_t valid) {
+  int64_t m = 0;
+  for (; m + TM <= M; m += TM) tile<TM, NB, GW>(x, K, m, b, y, N, n0, valid);
+  switch (M - m) {
+    case 3: tile<3, NB, GW>(x, K, m, b, y, N, n0, valid); break;
+    case 2: tile<2, NB, GW>(x, K, m, b, y, N, n0, valid); break;
+    case 1: tile<1, NB, GW>(x, K, m, b, y, N, n0, valid); break;
+  }
 }
 
 template <class W>
@@ -323,18 +355,16 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
   split(groups, 64, [&](int64_t i0, int64_t i1) { quantize_groups(xp, i0, i1, xq); });
   float* yp = y.data_ptr<float>();
   split(blocks, 4, [&](int64_t b0, int64_t b1) {
-    Block b;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * NL;
-      repack(w, n0, N, b, blk + 1 < b1);
-      const int64_t valid = std::min(NL, N - n0);
-      int64_t m = 0;
-      for (; m + TM <= M; m += TM) tile<TM, W::GW>(xq, K, m, b, yp, N, n0, valid);
-      switch (M - m) {
-        case 3: tile<3, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
-        case 2: tile<2, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
-        case 1: tile<1, W::GW>(xq, K, m, b, yp, N, n0, valid); break;
-      }
+    Block b[2];
+    // blocks in pairs for a few rows of x or more (the last alone where the count is odd); one at a time for
+    // fewer, whose time is in streaming the weights: a block's repacking then pulls the next one into cache
+    const int64_t pair = M >= PAIR_MIN_M ? 2 : 1;
+    for (int64_t blk = b0; blk < b1; blk += pair) {
+      const int64_t nb = std::min<int64_t>(pair, b1 - blk), n0 = blk * NL;
+      for (int64_t k = 0; k < nb; ++k) repack(w, n0 + k * NL, N, b[k], blk + k + 1 < b1);
+      const int64_t valid = std::min(NL, N - (n0 + (nb - 1) * NL));  // rows of the last block
+      if (nb == 2) tiles<2, W::GW>(xq, M, K, b, yp, N, n0, valid);
+      else tiles<1, W::GW>(xq, M, K, b, yp, N, n0, valid);
     }
   });
   return y;
