@@ -30,6 +30,11 @@ WIDE = ModelConfig(dim=144, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=101,
                    name="hd72")
 ODD = ModelConfig(dim=80, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=101, ffn_hidden=96, max_seq_len=512,
                   name="hd20")
+# head_dim 48 and 128: the 512-bit attention (where the CPU has AVX-512F) in 3 registers, and in two chunks of 4
+HD48 = ModelConfig(dim=96, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=101, ffn_hidden=96, max_seq_len=512,
+                   name="hd48")
+HD128 = ModelConfig(dim=256, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=101, ffn_hidden=64, max_seq_len=512,
+                    name="hd128")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +57,7 @@ def fused_and_eager(model, max_batch: int = 5) -> tuple[Decoder, Decoder]:
 
 
 @pytest.mark.parametrize("mode,cfg", [("float32", CFG), ("int8", CFG), ("int4", CFG), ("float32", WIDE),
-                                      ("int8", WIDE), ("float32", ODD)])
+                                      ("int8", WIDE), ("float32", ODD), ("float32", HD48), ("int4", HD128)])
 def test_fused_prefill_and_decode_equal_eager(mode, cfg):
     model = prepared(mode, cfg)
     fused, eager = fused_and_eager(model)

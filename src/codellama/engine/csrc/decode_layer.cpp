@@ -139,6 +139,73 @@ void attend(const float* q, int64_t group, const float* K, const float* V, int64
 // and one row stays on the calling thread. Every row gets the same arithmetic however the rows are split.
 constexpr int64_t SWIGLU_GRAIN = 1, NORM_GRAIN = 4, ROPE_GRAIN = 4;
 
+// The same attention in 512-bit registers (head_dim % 16 == 0), where the CPU has AVX-512F and
+// use_wide_tiles is on: half the multiply-adds of the 256-bit loops (SmolLM2, 16 rows at position 400: a
+// step 19.0 -> 15.7 ms).
+#define WIDE_TARGET __attribute__((target("avx512f,fma")))
+
+WIDE_TARGET inline __m256 fold(__m512 a) {  // the sums of a's lanes i and i + 8
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+// dot4 over 16 floats at a time
+WIDE_TARGET inline __m128 dot4_wide(const float* q, const float* K, int64_t hd) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < hd; i += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + i), a0);
+    a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + hd + i), a1);
+    a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + 2 * hd + i), a2);
+    a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + 3 * hd + i), a3);
+  }
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(fold(a0), fold(a1)), _mm256_hadd_ps(fold(a2), fold(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// weighted_rows over NV registers of 16 floats, positions in pairs (two chains of FMAs per register)
+template <int NV>
+WIDE_TARGET inline void weighted_rows_wide(const float* p, const float* V, int64_t L, int64_t hd, float scale,
+                                           float* out) {
+  __m512 even[NV], odd[NV];
+  for (int j = 0; j < NV; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 2 <= L; t += 2) {
+    const __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
+    for (int j = 0; j < NV; ++j) {
+      even[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(V + t * hd + j * 16), even[j]);
+      odd[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(V + (t + 1) * hd + j * 16), odd[j]);
+    }
+  }
+  if (t < L) {
+    const __m512 w = _mm512_set1_ps(p[t]);
+    for (int j = 0; j < NV; ++j) even[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + t * hd + j * 16), even[j]);
+  }
+  for (int j = 0; j < NV; ++j)
+    _mm512_storeu_ps(out + j * 16, _mm512_mul_ps(_mm512_add_ps(even[j], odd[j]), _mm512_set1_ps(scale)));
+}
+
+// attend() in 512-bit registers: hd % 16 == 0
+WIDE_TARGET void attend_wide(const float* q, int64_t group, const float* K, const float* V, int64_t L, int64_t hd,
+                             float scale, float* p, float* out) {
+  for (int64_t r = 0; r < group; ++r) {
+    const float* qr = q + r * hd;
+    float* pr = p + r * L;
+    int64_t t = 0;
+    for (; t + 4 <= L; t += 4) _mm_storeu_ps(pr + t, _mm_mul_ps(dot4_wide(qr, K + t * hd, hd), _mm_set1_ps(scale)));
+    for (; t < L; ++t) pr[t] = dot(qr, K + t * hd, hd) * scale;
+    const float inv = 1.0f / exp_shifted(pr, L, *std::max_element(pr, pr + L));
+    float* o = out + r * hd;
+    for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (4 registers) at a time
+      switch (std::min<int64_t>(4, (hd - c) / 16)) {
+        case 4: weighted_rows_wide<4>(pr, V + c, L, hd, inv, o + c); break;
+        case 3: weighted_rows_wide<3>(pr, V + c, L, hd, inv, o + c); break;
+        case 2: weighted_rows_wide<2>(pr, V + c, L, hd, inv, o + c); break;
+        default: weighted_rows_wide<1>(pr, V + c, L, hd, inv, o + c);
+      }
+    }
+  }
+}
+
 // [B, 2F] (gate | up) -> [B, F]: silu(gate) * up = gate / (1 + e^-gate) * up
 at::Tensor swiglu(const at::Tensor& gu) {
   const int64_t B = gu.size(0), F = gu.size(1) / 2;
@@ -254,6 +321,7 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
   auto att = at::empty({B, qdim}, x.options());  // [B, H * hd]
   float* ap = att.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(hd));
+  const bool wide = hd % 16 == 0 && wide_tiles_on();
   parallel_for(B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
@@ -261,8 +329,8 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
       const int64_t cache_row = (sp[b] * Hkv + g) * S * hd;  // [S, hd] of this row's kv head
       p.resize(group * L);
       // the query heads g * group .. (g + 1) * group - 1 share kv head g
-      attend(qkvp + b * row + g * group * hd, group, kc + cache_row, vc + cache_row, L, hd, scale, p.data(),
-             ap + b * qdim + g * group * hd);
+      (wide ? attend_wide : attend)(qkvp + b * row + g * group * hd, group, kc + cache_row, vc + cache_row, L, hd,
+                                    scale, p.data(), ap + b * qdim + g * group * hd);
     }
   });
 

@@ -25,8 +25,11 @@ bool use_int8_activations(bool on);
 bool int8_activations_on();
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N] by oneDNN's float32 GEMM (MKL's without it), for large M
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w);
-// whether blocks of rows use 512-bit tiles (on by default where the CPU has AVX-512F); returns the setting
+// whether blocks of rows use 512-bit tiles, and the fused step's attention 512-bit registers (on by default
+// where the CPU has AVX-512F); returns the setting
 bool use_wide_tiles(bool on);
+// the setting use_wide_tiles last made (or the default)
+bool wide_tiles_on();
 // x [M, K] float32 @ w [N, K] float32 .T -> [M, N], for small M
 at::Tensor float_linear(at::Tensor x, at::Tensor w);
 // x [M, K] float32 @ (int8 [N, K] * scale [N]).T -> [M, N]

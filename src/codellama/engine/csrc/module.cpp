@@ -12,7 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, release(),
         "one decoder layer for rows of new tokens at (slot, position); returns the new hidden state");
   m.def("use_wide_tiles", &use_wide_tiles, pybind11::arg("on"),
-        "512-bit tiles for blocks of rows where the CPU has AVX-512F (the default there); False: the AVX2 ones");
+        "512-bit tiles for blocks of rows and 512-bit attention in the fused step where the CPU has AVX-512F (the "
+        "default there); False: the AVX2 ones");
   m.def("use_int8_activations", &use_int8_activations, pybind11::arg("on"),
         "int8 activations for quantised weights where the CPU has AVX-512 VNNI (the default there); False: "
         "float32 activations, the weights widened");

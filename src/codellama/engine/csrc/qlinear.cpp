@@ -580,6 +580,8 @@ bool use_wide_tiles(bool on) {
   return wide_tiles.load();
 }
 
+bool wide_tiles_on() { return wide_tiles.load(std::memory_order_relaxed); }
+
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) {
   if (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte) {
     check(x, w, s, true);
