@@ -287,3 +287,21 @@ def test_onednn_matmuls_in_two_threads_restore_torch_setting():
     assert matmul.fp32_precision == before
     torch.get_float32_matmul_precision()  # raises where the mkldnn setting was left changed
 
+
+
+def test_argmax_rows_is_torchs_argmax():
+    """The greedy step's argmax on the kernels' threads: the first of tied maxima, a NaN before any number, an
+    all -inf row's first index; vocabularies that are not a multiple of 8."""
+    k = cpu_kernels()
+    torch.manual_seed(0)
+    for V in (1, 7, 8, 101, 49152):
+        x = torch.randn(16, V)
+        x[1] = 3.0  # all tied
+        x[2, V // 2 :] = x[2].max() + 1  # tied from the middle on
+        x[3] = float("-inf")
+        x[4, V - 1] = float("nan")
+        x[5, (V - 1) // 3] = float("nan")
+        x[5, V - 1] = float("nan")
+        x[6, 0] = float("inf")
+        assert torch.equal(k.argmax_rows(x), x.argmax(-1)), V
+    assert k.argmax_rows(torch.randn(0, 5)).shape == (0,)

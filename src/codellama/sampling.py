@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codellama.engine.host import to_device
+from codellama.engine.kernels import argmax_rows
 from codellama.errors import UserError
 
 # top_k is held in an int64 tensor, and a seed must fit torch.Generator.manual_seed (int64 or uint64): a
@@ -277,8 +278,13 @@ class RowSampler:
         self.penalties.count(tokens)
         return tokens
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether sampling is each row's argmax and nothing else (no sampled row, no penalty or bias)."""
+        return self.all_greedy and self.penalties is None
+
     def _draw(self, logits: torch.Tensor) -> torch.Tensor:
-        greedy = logits.argmax(-1)
+        greedy = argmax_rows(logits)
         if self.all_greedy:
             return greedy
         probs = filtered_probs(logits, self.temperature, self.top_p, self.top_k, self.unfiltered,

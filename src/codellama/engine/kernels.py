@@ -27,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "codellama_cpu_kernels"
-SOURCES = ("parallel.cpp", "qlinear.cpp", "qlinear_q8.cpp", "decode_layer.cpp", "module.cpp")
+SOURCES = ("parallel.cpp", "qlinear.cpp", "qlinear_q8.cpp", "decode_layer.cpp", "argmax.cpp", "module.cpp")
 
 _kernels: ModuleType | bool | None = None  # the built extension; False when unavailable; None: not tried yet
 
@@ -94,6 +94,15 @@ def _one_builder(build_dir: Path) -> Iterator[None]:
             fcntl.flock(held, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
         yield  # the OS lock goes with the file's closing
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> each row's argmax [B] (logits.argmax(-1)): float32 logits on the CPU by the kernels,
+    their rows on the kernels' threads, once the kernels are built (never building them for this); else torch."""
+    kernels = _kernels if isinstance(_kernels, ModuleType) else None
+    if kernels is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+        return logits.argmax(-1)
+    return kernels.argmax_rows(logits.contiguous())
 
 
 @contextlib.contextmanager

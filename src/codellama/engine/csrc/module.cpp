@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] float32 @ w.T: w float32 [N, K], int8 [N, K] + scale [N], scale/min [N, K/16, 2] or scale [N, K/G], or int4 (uint8 [N, K/2] + scale/min [N, K/32, 2])");
   m.def("decode_layer", &decode_layer, release(),
         "one decoder layer for rows of new tokens at (slot, position); returns the new hidden state");
+  m.def("argmax_rows", &argmax_rows, release(), "[B, V] float32 -> int64 [B]: torch.argmax(-1), rows in parallel");
   m.def("use_wide_tiles", &use_wide_tiles, pybind11::arg("on"),
         "512-bit tiles for blocks of rows and 512-bit attention in the fused step where the CPU has AVX-512F (the "
         "default there); False: the AVX2 ones");
