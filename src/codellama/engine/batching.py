@@ -334,8 +334,8 @@ class Scheduler:
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> Launched:
         sampler = self._sampler_for(rows)
-        # each row's argmax alone runs on the CPU kernels' threads (engine/kernels.argmax_rows), which torch's
-        # held to one would hold to one too: 0.4 ms of a 16-row step on one
+        # a plain greedy batch's argmax runs on the CPU kernels' threads (engine/kernels.argmax_rows); holding
+        # torch to one thread would hold them to one too (0.4 ms of a 16-row step)
         with contextlib.nullcontext() if sampler.plain_greedy else torch_on_one_thread(self.device):
             tokens = sampler.sample(logits)  # [n] on the device
         return Launched(rows, logits, tokens, HostTokens(tokens))
