@@ -118,6 +118,35 @@ def test_plain_batches_make_no_token_counts(model, scheduler):
     assert sched._history is None and sched._sampler[1].penalties is None
 
 
+@pytest.mark.parametrize("stop", [(), ("c",)])
+def test_a_request_read_once_finished_reports_its_first_token_and_its_completion(model, scheduler, stop):
+    """pieces=False (a response sent in one piece): the Completion of a request streamed in pieces, its first
+    token still reported (the server times it), and without stop strings its text decoded once, at the end,
+    and in no event before the Completion."""
+    calls = []
+
+    def decode(ids: list[int]) -> str:
+        calls.append(len(ids))
+        return letters(ids)
+
+    sched = scheduler(Decoder(model, 2, 96), stop_ids=())
+    params = SamplingParams(max_new_tokens=8, stop=stop)
+    events: dict[bool, list] = {True: [], False: []}
+    for pieces in (True, False):
+        sched.submit(PROMPTS[0], params, decode, on_event=events[pieces].append, pieces=pieces)
+    while sched.has_work:
+        for req, ev in sched.step():
+            req.on_event(ev)
+    streamed, once = events[True], events[False]
+    assert once[-1].completion == streamed[-1].completion
+    assert "".join(ev.text for ev in streamed) == streamed[-1].completion.text
+    tokens = len(once[-1].completion.tokens)
+    if stop:  # stop strings are looked for after every token: its text is released as a streamed request's
+        assert [ev.text for ev in once] == [ev.text for ev in streamed] and len(calls) == 2 * tokens
+    else:
+        assert [ev.text for ev in once] == ["", ""] and len(calls) == tokens + 1
+
+
 def test_cancel_frees_slot_for_waiting_request(model, scheduler):
     sched = scheduler(Decoder(model, max_batch=2, max_seq_len=96), stop_ids=())
     long = SamplingParams(max_new_tokens=50)

@@ -144,17 +144,20 @@ class Scheduler:
         on_event: Callable[[StreamEvent], None] | None = None,
         request_id: int | None = None,
         prompt_logprobs: bool = False,
+        pieces: bool = True,
     ) -> Request:
         """Queue a request (UserError for an empty or too long prompt); it joins at the next step.
 
-        prompt_logprobs: its Completion also carries each prompt token's logprob (OpenAI's echo + logprobs)."""
+        prompt_logprobs: its Completion also carries each prompt token's logprob (OpenAI's echo + logprobs).
+        pieces=False: nobody reads its text before it finishes (a response sent in one piece); its events
+        then carry no text but the Completion's, the first token's still reported (its time)."""
         prompt = list(prompt)
         check_prompt(len(self.waiting) if request_id is None else request_id, len(prompt), self.context_len)
         params.check_vocab(self.decoder.model.config.vocab_size)
         rid = next(self._ids) if request_id is None else request_id
         stop_ids = set(params.stop_ids) if params.stop_ids is not None else self.default_stop_ids
         max_new = min(params.max_new_tokens, self.context_len - len(prompt))
-        row = RowState(len(prompt), params, stop_ids, max_new, decode)
+        row = RowState(len(prompt), params, stop_ids, max_new, decode, pieces)
         req = Request(rid, prompt, params, row, logprobs, on_event, RowSampler.generator(params, self.device),
                       prompt_logprobs)
         self.unfinished.add(req)
@@ -353,7 +356,7 @@ class Scheduler:
         delta = req.row.push(token, lp)
         if req.row.finish_reason is not None:
             self._finish(req, req.row.finish_reason, events, delta)
-        elif delta:
+        elif delta or len(req.row.tokens) == 1:  # the first token is reported, text or not: its time
             events.append((req, StreamEvent(req.id, delta, None)))
 
     def _finish(self, req: Request, reason: str, events: Events, delta: str = "") -> None:
@@ -541,9 +544,11 @@ class Engine:
         decode: Callable[[list[int]], str] | None = None,
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
+        pieces: bool = True,
     ) -> Request:
         with self._lock:
-            req = self.scheduler.submit(prompt, params, decode, logprobs, on_event, prompt_logprobs=prompt_logprobs)
+            req = self.scheduler.submit(prompt, params, decode, logprobs, on_event, prompt_logprobs=prompt_logprobs,
+                                        pieces=pieces)
         self._wake.set()
         return req
 

@@ -78,12 +78,17 @@ class RowState:
     """Decoding state of one sequence: its tokens, decoded text and how much of it was released."""
 
     def __init__(self, prompt_len: int, params: SamplingParams, stop_ids: set[int], max_new: int,
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[list[int]], str] | None = None, pieces: bool = True):
         self.prompt_len = prompt_len
         self.params = params
         self.stop_ids = stop_ids
         self.max_new = max_new
         self.decode = decode  # ids -> text; None: no text, so no stop strings either
+        # the text decoded again after every token, to release it in pieces or to find stop strings in it; a
+        # row read only once finished (pieces=False) without stop strings decodes it once, in completion()
+        # (each token re-decodes the whole text: 16 rows of 64-token completions, 0.076 -> 0.007 ms a step,
+        # growing with the completion's length)
+        self._text_each_token = decode is not None and (pieces or bool(params.stop))
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -107,7 +112,7 @@ class RowState:
                 if self.logprobs is None:
                     self.logprobs = []
                 self.logprobs.append(logprob)
-            if self.decode is not None:
+            if self._text_each_token:
                 self.text = self.decode(self.tokens)
                 cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
                 if cut >= 0:
@@ -125,5 +130,7 @@ class RowState:
 
     def completion(self) -> Completion:
         """The row's result, once it has finished (the scheduler sets finish_reason first)."""
+        if self.decode is not None and not self._text_each_token:
+            self.text = self.decode(self.tokens)
         return Completion(list(self.tokens), self.text, self.finish_reason or "length", self.prompt_len, self.logprobs,
                           self.prompt_logprobs, self.cached_tokens)

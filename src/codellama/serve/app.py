@@ -234,7 +234,7 @@ class Server:
                         post(queue, (i, ev))
 
                 reqs.append(self.engine.submit(job.prompt, job.params, on_event, job.decode, job.logprobs,
-                                               job.prompt_logprobs))
+                                               job.prompt_logprobs, pieces))
             remaining, next_check = len(jobs), loop.time() + 1.0
             while remaining:
                 try:
