@@ -135,10 +135,6 @@ void attend(const float* q, int64_t group, const float* K, const float* V, int64
   }
 }
 
-// Rows per part of the row loops below: a part must outweigh the pool's hand-off (about a microsecond),
-// and one row stays on the calling thread. Every row gets the same arithmetic however the rows are split.
-constexpr int64_t SWIGLU_GRAIN = 1, NORM_GRAIN = 4, ROPE_GRAIN = 4;
-
 // The same attention in 512-bit registers (head_dim % 16 == 0), where the CPU has AVX-512F and
 // use_wide_tiles is on: half the multiply-adds of the 256-bit loops (SmolLM2, 16 rows at position 400: a
 // step 19.0 -> 15.7 ms).
@@ -205,6 +201,10 @@ WIDE_TARGET void attend_wide(const float* q, int64_t group, const float* K, cons
     }
   }
 }
+
+// Rows per part of the row loops below: a part must outweigh the pool's hand-off (about a microsecond),
+// and one row stays on the calling thread. Every row gets the same arithmetic however the rows are split.
+constexpr int64_t SWIGLU_GRAIN = 1, NORM_GRAIN = 4, ROPE_GRAIN = 4;
 
 // [B, 2F] (gate | up) -> [B, F]: silu(gate) * up = gate / (1 + e^-gate) * up
 at::Tensor swiglu(const at::Tensor& gu) {
