@@ -288,7 +288,6 @@ def test_onednn_matmuls_in_two_threads_restore_torch_setting():
     torch.get_float32_matmul_precision()  # raises where the mkldnn setting was left changed
 
 
-
 def test_argmax_rows_is_torchs_argmax():
     """The greedy step's argmax on the kernels' threads: the first of tied maxima, a NaN before any number, an
     all -inf row's first index; vocabularies that are not a multiple of 8."""

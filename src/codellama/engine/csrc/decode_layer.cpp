@@ -77,6 +77,12 @@ inline float exp_shifted(float* p, int64_t n, float mx) {
   return sum;
 }
 
+// the sums of each of a0 .. a3's 8 lanes, in that order
+inline __m128 sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 // out[0..3] = q . k[i] for the 4 rows k[i] = K + i * hd (hd % 8 == 0): 4 independent FMA chains
 inline __m128 dot4(const float* q, const float* K, int64_t hd) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -87,8 +93,7 @@ inline __m128 dot4(const float* q, const float* K, int64_t hd) {
     a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * hd + i), a2);
     a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * hd + i), a3);
   }
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  return sums4(a0, a1, a2, a3);
 }
 
 // out[0 : NV*8] = scale * sum_t p[t] * V[t, 0 : NV*8] (row stride hd), the sums held in registers
@@ -154,8 +159,7 @@ WIDE_TARGET inline __m128 dot4_wide(const float* q, const float* K, int64_t hd) 
     a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + 2 * hd + i), a2);
     a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + 3 * hd + i), a3);
   }
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(fold(a0), fold(a1)), _mm256_hadd_ps(fold(a2), fold(a3)));
-  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  return sums4(fold(a0), fold(a1), fold(a2), fold(a3));
 }
 
 // weighted_rows over NV registers of 16 floats, positions in pairs (two chains of FMAs per register)

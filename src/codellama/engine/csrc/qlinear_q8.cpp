@@ -270,7 +270,7 @@ Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, Block& b, bool next) {
 
 // y[m + r, n0 + j] for r < R and the rows j of NB blocks (1 or 2; `valid` rows in the last): the blocks
 // against R rows of x, their weights in groups of GW = 32 or 16. Two blocks share each broadcast of x's
-// codes: a multiply-add in 32 then costs half a broadcast where it cost one (BENCHMARKS.md). Every output
+// codes, which then feeds two VPDPBUSD instead of one (BENCHMARKS.md, Serving). Every output
 // gets the same float operations whatever R and NB are, so a row's result does not depend on the rows
 // beside it.
 template <int R, int NB, int64_t GW>
