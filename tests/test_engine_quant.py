@@ -24,6 +24,7 @@ from codellama.engine.quant import (
     dequantize_int8_scaled,
     fuse_projections,
     int8s_scales,
+    pack_for_int8_activations,
     quantize,
     quantize_int4,
     quantize_int8,
@@ -143,6 +144,52 @@ def test_int8_activation_kernels_equal_the_matmul_of_rounded_x(fmt, M, N, K, til
         dense = dequantize_int8_scaled(weight, scales)
     got = k.linear(x, weight, scales, *([] if tiles_max_m is None else [tiles_max_m]))
     torch.testing.assert_close(got, int8_rounded(x) @ dense.T, atol=1e-4, rtol=1e-4)
+
+
+def _layer(fmt: str, N: int, K: int) -> QuantLinear:
+    """A QuantLinear of N x K in the layout fmt names (as _weights does; -f16: float16 scales)."""
+    weight, scales, _ = _weights(fmt.removesuffix("-f16"), torch.randn(N, K))
+    mode = "int8s" if fmt.startswith("int8s") else fmt
+    return QuantLinear(mode, weight, scales.half() if fmt.endswith("-f16") else scales)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int8g", "int8s16", "int8s32", "int8s32-f16", "int8s16-f16"])
+def test_packed_layers_compute_the_same_bits_and_hold_the_same_codes(fmt):
+    """QuantLinear.pack: the kernels read the packed order directly (csrc/qlinear_q8.cpp, PackedBlock) and
+    give what they give for the stored layout, bit for bit, at every M (one row, tiles, pairs of blocks,
+    torch's threads); the codes, dequantised weights and any rows come back exactly; with float32
+    activations (switched off) the kernels unpack and compute as before; a layer not of whole blocks of 16
+    rows stays as it is."""
+    k = int8_kernels()
+    torch.manual_seed(3)
+    layer = _layer(fmt, 80, 96)  # 5 blocks: pairs and a block alone
+    plain = copy.deepcopy(layer)
+    assert layer.pack() and layer.packed and layer.qweight.dim() == 5
+    xs = [torch.randn(M, 96) * torch.logspace(-2, 2, M)[:, None] for M in (1, 2, 3, 4, 7, 16, 33, 257)]
+    for x in xs:
+        assert torch.equal(layer(x), plain(x)), x.shape
+        assert torch.equal(k.linear(x, layer.qweight, layer.scales, 4), k.linear(x, plain.qweight, plain.scales, 4))
+    codes, rows = layer.codes(), torch.tensor([79, 0, 17, 17, 40])
+    assert torch.equal(codes.qweight, plain.qweight) and torch.equal(codes.scales, plain.scales)
+    assert codes.scales.dtype == plain.scales.dtype
+    assert torch.equal(layer.dequantized(), plain.dequantized())
+    assert torch.equal(layer.codes(rows).qweight, plain.qweight[rows])
+    assert torch.equal(layer.codes(rows).scales, plain.scales[rows])
+    with float_activations():
+        assert torch.equal(layer(xs[3]), plain(xs[3]))
+    layer.unpack()
+    assert not layer.packed and torch.equal(layer.qweight, plain.qweight) and torch.equal(layer.scales, plain.scales)
+    assert not _layer(fmt, 40, 96).pack()  # 40 rows: two blocks and a half
+
+
+def test_packed_weights_of_the_wrong_shape_are_refused_with_the_shape_wanted():
+    k = int8_kernels()
+    layer = _layer("int4", 32, 64)
+    layer.pack()
+    with pytest.raises(RuntimeError, match=r"packed int4 scales: float32 \[N/16, K/32, 2, 16\]"):
+        k.linear(torch.randn(2, 64), layer.qweight, layer.scales[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match=r"packed weights: contiguous uint8 \[N/16, K/32, 4, 16, 4\]"):
+        k.linear(torch.randn(2, 96), layer.qweight, layer.scales)
 
 
 @pytest.mark.parametrize("M", [1, 5, 257])
@@ -484,6 +531,7 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, l
         (save_meta if layout == "meta" else save_hf)(model, None, path)
     loaded = load_for_inference(str(path), "cpu", None, mode).model
     whole = quantize(load_model(str(path), keep_codes=mode == "int4").model, mode)
+    pack_for_int8_activations(whole)  # as load_for_inference leaves a model on the CPU
     got, want = dict(loaded.named_buffers()) | dict(loaded.named_parameters()), \
         dict(whole.named_buffers()) | dict(whole.named_parameters())
     assert got.keys() == want.keys() and any(name.endswith("qweight") for name in got)

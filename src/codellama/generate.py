@@ -224,7 +224,7 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
     quantised to int8.
     """
     from codellama.checkpoints.load import check_device, load_model
-    from codellama.engine.quant import fuse_projections
+    from codellama.engine.quant import fuse_projections, pack_for_int8_activations
     from codellama.engine.quant import quantize as quantize_model
 
     quantize = quantize or "none"
@@ -243,6 +243,8 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
         quantize_model(loaded.model, quantized)  # what loading left: a tied output projection; then stacks them
     else:
         fuse_projections(loaded.model)  # fewer, larger matmuls (and the fused CPU decode step)
+    if on_cpu:
+        pack_for_int8_activations(loaded.model)
     return loaded
 
 

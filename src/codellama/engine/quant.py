@@ -49,6 +49,7 @@ GROUP = 32  # int4 group size (the kernel's layout assumes 32)
 INT8_GROUP = 16  # int8g group size: the smallest (sub-)block of any ggml type (Q6_K, Q3_K, Q2_K)
 INT8S_GROUPS = (16, 32)  # int8s group sizes (the kernel's)
 MODES = ("int8", "int4", "int8s", "int8g")
+PACK_ROWS = 16  # rows per packed block (QuantLinear.pack): the int32 lanes of a 512-bit register
 # Up to this many rows the eager model's quantised layers multiply by the kernels' tiles, beyond by a GEMM
 # (csrc/kernels.h, TILES_MAX_M: beside torch's threads the tiles lost 3x at 100-256 rows)
 EAGER_TILES_MAX_M = 16
@@ -173,11 +174,14 @@ class QuantLinear(nn.Module):
                              f"for K = {self.in_features}")
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.packed = False  # qweight and scales in the kernels' packed order (pack), not the layout's
 
     def _apply(self, fn, recurse: bool = True) -> QuantLinear:
         # A model-wide .to(dtype) / .half() / .bfloat16() sets the activations' dtype; the codes and their
         # scales stay exactly as they are (rounding scales to bfloat16 would change every weight, and the CPU
         # kernels read float32 or float16 scales only): of such a move only the device applies to them.
+        if self.packed and fn(self.scales).device.type != "cpu":  # only the CPU kernels read packed weights
+            self.unpack()
         for name in ("qweight", "scales"):
             t = getattr(self, name)
             moved = fn(t)
@@ -190,9 +194,46 @@ class QuantLinear(nn.Module):
         codes = quantize_weight(linear.weight.detach(), mode)
         return cls(mode, codes.qweight, codes.scales)
 
+    def codes(self, rows: torch.Tensor | None = None) -> QuantCodes:
+        """The codes in the layout of the module docstring (a copy where packed): all rows, or those given."""
+        if not self.packed:
+            return QuantCodes(self.mode, *(t if rows is None else t[rows] for t in (self.qweight, self.scales)))
+        if rows is None:
+            rows = torch.arange(self.out_features, device=self.qweight.device)
+        block, lane = rows // PACK_ROWS, rows % PACK_ROWS  # the lane of row n is n % 16 in block n // 16
+        s = self.scales
+        scales = s[rows] if s.dim() == 1 else s[block, :, lane] if s.dim() == 3 else s[block, :, :, lane]
+        return QuantCodes(self.mode, self.qweight[block, :, :, lane, :].reshape(len(rows), -1), scales)
+
+    def pack(self) -> bool:
+        """Lay the codes and scales out once in the order the CPU kernels' int8-activation tiles read them
+        (csrc/qlinear_q8.cpp, PackedBlock) instead of rearranging 16 rows at each call: for each block of 16
+        rows and group of 32 weights, the 4-byte pieces of the rows' codes side by side, and their scales
+        likewise. The same bytes (memory as before), the same results bit for bit. Returns whether it packed:
+        only layers of whole blocks and groups (out_features % 16, in_features % 32)."""
+        N, K = self.out_features, self.in_features
+        if self.packed or N % PACK_ROWS or K % GROUP:
+            return self.packed
+        B, G = N // PACK_ROWS, K // GROUP
+        self.qweight = self.qweight.view(B, PACK_ROWS, G, -1, 4).permute(0, 2, 3, 1, 4).contiguous()
+        s = self.scales
+        if s.dim() == 3:  # [N, K/GW, 2] -> [B, K/GW, 2, 16]
+            self.scales = s.view(B, PACK_ROWS, *s.shape[1:]).permute(0, 2, 3, 1).contiguous()
+        elif s.dim() == 2:  # [N, K/GW] -> [B, K/GW, 16]
+            self.scales = s.view(B, PACK_ROWS, -1).permute(0, 2, 1).contiguous()
+        self.packed = True
+        return True
+
+    def unpack(self) -> None:
+        """Back to the layout of the module docstring (pack's inverse)."""
+        if self.packed:
+            codes = self.codes()
+            self.qweight, self.scales, self.packed = codes.qweight, codes.scales, False
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights the codes stand for, [out_features, in_features]."""
-        return dequantize_codes(self.mode, self.qweight, self.scales).to(dtype)
+        c = self.codes()
+        return dequantize_codes(c.mode, c.qweight, c.scales).to(dtype)
 
     @property
     def int8s_group(self) -> int:
@@ -202,6 +243,7 @@ class QuantLinear(nn.Module):
     def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The same weights, exactly, as int8g codes and scales (to stack with a layer of another layout)."""
         N, K = self.out_features, self.in_features
+        self.unpack()  # stacking is for loading, before packing
         if self.mode == "int8g":
             return self.qweight, self.scales
         if self.mode in ("int8", "int8s"):  # each group of 16 gets its row's or its group's scale, min 0
@@ -239,9 +281,9 @@ class QuantEmbedding(nn.Module):
         self.table, self.dtype = table, dtype  # table [vocab, dim]; dtype: the activations'
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids, t = tokens.reshape(-1), self.table
-        rows = dequantize_codes(t.mode, t.qweight[ids], t.scales[ids])  # [len(ids), dim]
-        return rows.to(self.dtype).view(*tokens.shape, t.in_features)
+        c = self.table.codes(tokens.reshape(-1))
+        rows = dequantize_codes(c.mode, c.qweight, c.scales)  # [len(ids), dim]
+        return rows.to(self.dtype).view(*tokens.shape, self.table.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.table.out_features}, {self.table.in_features}, {self.table.mode}"
@@ -310,6 +352,15 @@ def quantize(model: nn.Module, mode: str = "int8", fuse: bool = True) -> nn.Modu
     if fuse and hasattr(model, "layers"):
         fuse_projections(model)
     return model
+
+
+def pack_for_int8_activations(model: nn.Module) -> int:
+    """Pack every QuantLinear of the model for the CPU kernels' int8-activation tiles (QuantLinear.pack),
+    where they run (AVX-512 VNNI); returns how many it packed."""
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.int8_activations():
+        return 0
+    return sum(m.pack() for m in model.modules() if isinstance(m, QuantLinear) and m.qweight.device.type == "cpu")
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -582,7 +582,21 @@ bool use_wide_tiles(bool on) {
 
 bool wide_tiles_on() { return wide_tiles.load(std::memory_order_relaxed); }
 
+// packed weights (packed_linear) in their stored layout: [N/16, K/32, D, 16, 4] codes -> [N, K/32 * D * 4], scales
+// [N/16, G, 2, 16] -> [N, G, 2], [N/16, G, 16] -> [N, G] ([N] as they are); copies, for float32 activations
+static std::pair<at::Tensor, at::Tensor> unpacked(const at::Tensor& w, const at::Tensor& s) {
+  const int64_t N = w.size(0) * w.size(3);
+  auto codes = w.permute({0, 3, 1, 2, 4}).reshape({N, -1});
+  if (s.dim() == 4) return {codes, s.permute({0, 3, 1, 2}).reshape({N, s.size(1), 2})};
+  return {codes, s.dim() == 3 ? s.permute({0, 2, 1}).reshape({N, s.size(1)}) : s};
+}
+
 at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) {
+  if (w.dim() == 5) {  // packed for int8 activations; with them switched off (tests), unpacked at each call
+    if (int8_activations_on()) return packed_linear(x, w, s, tiles_max_m);
+    auto [codes, scales] = unpacked(w, s);
+    return linear(x, codes, scales, tiles_max_m);
+  }
   if (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte) {
     check(x, w, s, true);
     if (auto y = q8_linear(x, w, s, tiles_max_m)) return *y;  // where the CPU and the layout allow

@@ -129,12 +129,56 @@ Q8_TARGET inline void columns(const float* p, int64_t stride, int64_t valid, int
   }
 }
 
+// the scales of a layer's int8 codes: one per row, one per group, or a scale and a min per group
+enum class Scales { PerRow, PerGroup, PerGroupWithMin };
+
 // 16 weight rows repacked: register 8 g + i of codes holds, in lane j, the codes k = 32 g + 4 i .. + 3 of row n0 + j
 // (zeros past the last row); s, z [K/GW, 16] the scales and mins of their groups of GW weights
 struct Block {
   std::vector<uint32_t> codes;  // [G * 8, 16]
   std::vector<float> s, z;
   std::vector<float> wide;  // float16 scales of the block's rows as float32 [16, values per row] (int8s)
+  // what tile reads: codes k = 32 g + 4 i .. + 3 of the 16 rows, the scales and mins of weight group gw
+  Q8_TARGET __m512i codes_at(int64_t g, int64_t i) const { return _mm512_loadu_si512(codes.data() + (g * 8 + i) * NL); }
+  Q8_TARGET __m512 scale(int64_t gw) const { return _mm512_loadu_ps(s.data() + gw * NL); }
+  Q8_TARGET __m512 min(int64_t gw) const { return _mm512_loadu_ps(z.data() + gw * NL); }
+};
+
+// A block of a layer packed at load time (engine/quant.py, pack_for_int8_activations) in the order repack
+// puts it in at each call, less the last steps: codes [G, D, 16, 4], the 4-byte pieces d of each group of the
+// 16 rows (piece d of row j in lane j), int4 still two codes a byte (D = 4) and int8 as stored (D = 8, their
+// sign flipped here); scales [K/GW, 16], or [K/GW, 2, 16] with their mins, float16 widened here (int8: one a
+// row, [16]). Unpacking the nibbles, flipping the sign and offsetting the mins cost a few operations per
+// tile, the repacking a transpose per block per call: 16 rows' step ran 10% faster (BENCHMARKS.md, Serving).
+template <bool INT4, class S, Scales KIND>
+struct PackedBlock {
+  const uint8_t* codes;
+  const S* sc;
+  static constexpr int64_t D = INT4 ? 4 : 8;
+  Q8_TARGET __m512i codes_at(int64_t g, int64_t i) const {
+    const __m512i v = _mm512_loadu_si512(codes + (g * D + (INT4 ? i % 4 : i)) * 64);
+    if constexpr (INT4) {  // byte b of a group's piece d: k = 4 d + b in its low nibble, k = 16 + 4 d + b in its high
+      const __m512i low4 = _mm512_set1_epi8(0x0F);
+      return i < 4 ? _mm512_and_si512(v, low4) : _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    } else {
+      return _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80)));  // u = q + 128
+    }
+  }
+  // scale values per group and lane: with mins 2, else 1; per row 0 (one [16] for the block)
+  static constexpr int64_t C = INT4 || KIND == Scales::PerGroupWithMin ? 2 : KIND == Scales::PerRow ? 0 : 1;
+  Q8_TARGET __m512 scale(int64_t gw) const {
+    if constexpr (KIND == Scales::PerRow) return _mm512_loadu_ps(sc);
+    if constexpr (std::is_same_v<S, uint16_t>)
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + gw * NL)));
+    else
+      return _mm512_loadu_ps(sc + gw * C * NL);
+  }
+  Q8_TARGET __m512 min(int64_t gw) const {
+    if constexpr (INT4) return _mm512_loadu_ps(sc + gw * C * NL + NL);
+    // z - 128 s, as Int8Q8::block_scales makes it (the same bits)
+    const __m512 z = C == 2 ? _mm512_loadu_ps(sc + gw * C * NL + NL) : _mm512_setzero_ps();
+    return _mm512_fmadd_ps(scale(gw), _mm512_set1_ps(-128.0f), z);
+  }
 };
 
 // the low and high 4 bits of each byte of t, as bytes
@@ -177,7 +221,6 @@ struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) an
 // int8 codes, signed: u = q + 128 (the sign bit flipped), z = -128 s (+ the group's min). Their scales: one
 // per row (int8), one per group of GW = 16 or 32 (int8s, S float32 or float16), or a scale and a min per
 // group of 16 (int8g).
-enum class Scales { PerRow, PerGroup, PerGroupWithMin };
 template <class S, Scales KIND, int64_t GROUP>
 struct Int8Q8 {
   const int8_t* w;  // [N, K]
@@ -273,8 +316,8 @@ Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, Block& b, bool next) {
 // codes, which then feeds two VPDPBUSD instead of one (BENCHMARKS.md, Serving). Every output
 // gets the same float operations whatever R and NB are, so a row's result does not depend on the rows
 // beside it.
-template <int R, int NB, int64_t GW>
-Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block* b, float* y, int64_t N, int64_t n0,
+template <int R, int NB, int64_t GW, class B>
+Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y, int64_t N, int64_t n0,
                     int64_t valid) {
   constexpr int64_t P = QK / GW, STEPS = 8 / P;  // weight groups per group of x; steps of 4 k per weight group
   // integer sums per output register: enough independent chains to hide VPDPBUSD's latency (they are exact:
@@ -293,7 +336,7 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block* b, float
           for (int c = 0; c < CH; ++c) dot[r][k][c] = _mm512_setzero_si512();
       for (int64_t i = p * STEPS; i < (p + 1) * STEPS; ++i) {
         __m512i wv[NB];
-        for (int k = 0; k < NB; ++k) wv[k] = _mm512_loadu_si512(b[k].codes.data() + (g * 8 + i) * NL);
+        for (int k = 0; k < NB; ++k) wv[k] = b[k].codes_at(g, i);
         for (int r = 0; r < R; ++r) {
           int32_t four;  // x's codes k = 32 g + 4 i .. + 3 of row m + r, in every lane
           std::memcpy(&four, xg + r * K + 4 * i, 4);
@@ -303,7 +346,7 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block* b, float
       }
       const int64_t gw = g * P + p;
       for (int k = 0; k < NB; ++k) {
-        const __m512 s = _mm512_loadu_ps(b[k].s.data() + gw * NL), z = _mm512_loadu_ps(b[k].z.data() + gw * NL);
+        const __m512 s = b[k].scale(gw), z = b[k].min(gw);
         for (int r = 0; r < R; ++r) {
           const int64_t i = (m + r) * G + g;
           const float dsum = P == 1 ? x.dsum[i] : x.dsum16[i * 2 + p];
@@ -324,8 +367,8 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const Block* b, float
 }
 
 // every row of x against NB repacked blocks, TM rows at a time
-template <int NB, int64_t GW>
-Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const Block* b, float* y, int64_t N, int64_t n0,
+template <int NB, int64_t GW, class B>
+Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const B* b, float* y, int64_t N, int64_t n0,
                      int64_t valid) {
   int64_t m = 0;
   for (; m + TM <= M; m += TM) tile<TM, NB, GW>(x, K, m, b, y, N, n0, valid);
@@ -336,8 +379,10 @@ Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const Block* b, floa
   }
 }
 
-template <class W>
-Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t tiles_max_m) {
+// y = x @ w.T for weights in blocks of 16 rows: x rounded to int8, then each thread's run of blocks
+// b0 .. b1 - 1 through over_blocks(x's codes, y, b0, b1)
+template <class F>
+Q8_TARGET at::Tensor run_blocks(const at::Tensor& x, int64_t N, int64_t tiles_max_m, F&& over_blocks) {
   const int64_t M = x.size(0), K = x.size(1), blocks = (N + NL - 1) / NL;
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
@@ -354,20 +399,46 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
   // x's rows on both threads too once there are a few (rows of a batch cost the serial part of a step per row)
   split(groups, 64, [&](int64_t i0, int64_t i1) { quantize_groups(xp, i0, i1, xq); });
   float* yp = y.data_ptr<float>();
-  split(blocks, 4, [&](int64_t b0, int64_t b1) {
+  split(blocks, 4, [&](int64_t b0, int64_t b1) { over_blocks(xq, yp, b0, b1); });
+  return y;
+}
+
+// blocks in pairs for a few rows of x or more (the last alone where the count is odd); one at a time for
+// fewer, whose time is in streaming the weights
+inline int64_t blocks_at_once(int64_t M) { return M >= PAIR_MIN_M ? 2 : 1; }
+
+// weights in their stored layout, repacked block by block at each call
+template <class W>
+Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t tiles_max_m) {
+  const int64_t M = x.size(0), K = x.size(1), pair = blocks_at_once(M);
+  return run_blocks(x, N, tiles_max_m, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
     Block b[2];
-    // blocks in pairs for a few rows of x or more (the last alone where the count is odd); one at a time for
-    // fewer, whose time is in streaming the weights: a block's repacking then pulls the next one into cache
-    const int64_t pair = M >= PAIR_MIN_M ? 2 : 1;
     for (int64_t blk = b0; blk < b1; blk += pair) {
       const int64_t nb = std::min<int64_t>(pair, b1 - blk), n0 = blk * NL;
+      // one row's repacking pulls the next block into cache
       for (int64_t k = 0; k < nb; ++k) repack(w, n0 + k * NL, N, b[k], blk + k + 1 < b1);
       const int64_t valid = std::min(NL, N - (n0 + (nb - 1) * NL));  // rows of the last block
       if (nb == 2) tiles<2, W::GW>(xq, M, K, b, yp, N, n0, valid);
       else tiles<1, W::GW>(xq, M, K, b, yp, N, n0, valid);
     }
   });
-  return y;
+}
+
+// weights packed at load time (PackedBlock): codes and scales of block b at b * their values per block
+template <int64_t GW, class P, class S>
+Q8_TARGET at::Tensor run_packed(const uint8_t* codes, const S* sc, const at::Tensor& x, int64_t N,
+                                int64_t tiles_max_m) {
+  const int64_t M = x.size(0), K = x.size(1), pair = blocks_at_once(M);
+  const int64_t code_bytes = K / QK * P::D * 64, scale_values = NL * (P::C == 0 ? 1 : K / GW * P::C);
+  return run_blocks(x, N, tiles_max_m, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; blk += pair) {
+      const int64_t nb = std::min<int64_t>(pair, b1 - blk);
+      const P b[2] = {P{codes + blk * code_bytes, sc + blk * scale_values},
+                      P{codes + (blk + nb - 1) * code_bytes, sc + (blk + nb - 1) * scale_values}};
+      if (nb == 2) tiles<2, GW>(xq, M, K, b, yp, N, blk * NL, NL);
+      else tiles<1, GW>(xq, M, K, b, yp, N, blk * NL, NL);
+    }
+  });
 }
 
 bool vnni_cpu() {
@@ -413,4 +484,45 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
   if (s.scalar_type() != at::kFloat) return std::nullopt;
   return by32 ? run_q8(Int8Q8<float, Scales::PerGroup, 32>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m)
               : run_q8(Int8Q8<float, Scales::PerGroup, 16>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t tiles_max_m) {
+  const int64_t K = x.size(1), N = w.size(0) * NL, G = K / QK;
+  const bool int4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(int8_activations.load(std::memory_order_relaxed), "packed weights take int8 activations only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 5 && w.is_contiguous() && s.is_contiguous() && K % QK == 0 && w.size(1) == G &&
+                  w.size(2) == (int4 ? 4 : 8) && w.size(3) == NL && w.size(4) == 4 &&
+                  (int4 || w.scalar_type() == at::kChar),
+              "packed weights: contiguous uint8 [N/16, K/32, 4, 16, 4] (int4) or int8 [N/16, K/32, 8, 16, 4]");
+  const auto* codes = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  const bool f32 = s.scalar_type() == at::kFloat;
+  if (int4) {
+    TORCH_CHECK(f32 && s.dim() == 4 && s.size(0) * NL == N && s.size(1) == G && s.size(2) == 2 && s.size(3) == NL,
+                "packed int4 scales: float32 [N/16, K/32, 2, 16]");
+    return run_packed<32, PackedBlock<true, float, Scales::PerGroupWithMin>>(codes, s.data_ptr<float>(), x, N,
+                                                                              tiles_max_m);
+  }
+  if (s.dim() == 1) {
+    TORCH_CHECK(f32 && s.size(0) == N, "packed int8 scales per row: float32 [N]");
+    return run_packed<32, PackedBlock<false, float, Scales::PerRow>>(codes, s.data_ptr<float>(), x, N, tiles_max_m);
+  }
+  if (s.dim() == 4) {
+    TORCH_CHECK(f32 && s.size(0) * NL == N && s.size(1) == K / 16 && s.size(2) == 2 && s.size(3) == NL,
+                "packed int8g scales: float32 [N/16, K/16, 2, 16]");
+    return run_packed<16, PackedBlock<false, float, Scales::PerGroupWithMin>>(codes, s.data_ptr<float>(), x, N,
+                                                                               tiles_max_m);
+  }
+  TORCH_CHECK(s.dim() == 3 && s.size(0) * NL == N && (s.size(1) == G || s.size(1) == 2 * G) && s.size(2) == NL &&
+                  (f32 || s.scalar_type() == at::kHalf),
+              "packed int8s scales: float32 or float16 [N/16, K/G, 16], G = 16 or 32");
+  const bool by32 = s.size(1) == G;
+  if (!f32) {
+    const auto* h = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
+    return by32 ? run_packed<32, PackedBlock<false, uint16_t, Scales::PerGroup>>(codes, h, x, N, tiles_max_m)
+                : run_packed<16, PackedBlock<false, uint16_t, Scales::PerGroup>>(codes, h, x, N, tiles_max_m);
+  }
+  const float* f = s.data_ptr<float>();
+  return by32 ? run_packed<32, PackedBlock<false, float, Scales::PerGroup>>(codes, f, x, N, tiles_max_m)
+              : run_packed<16, PackedBlock<false, float, Scales::PerGroup>>(codes, f, x, N, tiles_max_m);
 }
