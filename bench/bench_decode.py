@@ -30,7 +30,7 @@ from common import GPU_VARIANTS, hf_twin, random_model
 
 from codellama.checkpoints.load import load_model
 from codellama.engine.batching import Engine
-from codellama.engine.quant import fuse_projections, quantize, weight_bytes
+from codellama.engine.quant import fuse_projections, pack_for_int8_activations, quantize, weight_bytes
 from codellama.generate import Generator, load_for_inference
 from codellama.model import Transformer
 from codellama.sampling import SamplingParams
@@ -108,8 +108,10 @@ def main() -> None:
     runners = {}
     ours = {} if args.random else {"ours auto": load_for_inference(args.gguf, "cpu", None, "auto").model}
     if base is not None:
-        ours |= {"ours fp32": fuse_projections(copy.deepcopy(base)), "ours int8": quantize(copy.deepcopy(base), "int8"),
-                 "ours int4": quantize(copy.deepcopy(base), "int4")}
+        ours |= {"ours fp32": fuse_projections(copy.deepcopy(base))}
+        for mode in ("int8", "int4"):  # as load_for_inference leaves them on the CPU: packed for the int8 tiles
+            ours[f"ours {mode}"] = quantize(copy.deepcopy(base), mode)
+            pack_for_int8_activations(ours[f"ours {mode}"])
     params = SamplingParams(max_new_tokens=n, stop_ids=())
     for name, model in ours.items():
         gen = Generator(model, max_seq_len=len(prompt) + n + 1)
