@@ -5,7 +5,8 @@ Decoding reads every weight once per token, so fewer bytes per weight is speed. 
 kernel (csrc/qlinear.cpp, AVX2 + FMA, see engine/kernels.py) multiplies float32 activations by the
 quantised weights directly (for prefill's many rows it widens them a few MB at a time for torch's GEMM);
 where the CPU has AVX-512 VNNI, every layout multiplies activations rounded to int8 per 32 values instead
-(csrc/qlinear_q8.cpp, as llama.cpp does);
+(csrc/qlinear_q8.cpp, as llama.cpp does), its codes packed once for those kernels (QuantLinear.pack,
+done by generate.load_for_inference on the CPU);
 without a compiler, or on a GPU, the weights are widened and multiplied with F.linear (on a GPU that is
 gpt-fast's int8 formulation; compiled without tuning it decoded the 7B shape at 89 tok/s against
 bfloat16's 184 in the same run on an H200: memory, not speed; the compiled step now uses gpt-fast's

@@ -14,11 +14,12 @@
 // error beyond float rounding is x's rounding to int8, at most d / 2 per value, the error llama.cpp's CPU
 // kernels make with these weights.
 //
-// Weights go in blocks of 16 rows, repacked per call into lanes (4 codes of each row per 32-bit lane, one
-// register per 4 k): one VPDPBUSD then advances 16 outputs of a row of x with no horizontal sums, every row
-// of x in the call reuses the block (from 4 rows on, two blocks at a time share each broadcast of x), and
-// every row gets the same arithmetic whatever M is (a request's tokens do not depend on what it is batched
-// with).
+// Weights go in blocks of 16 rows laid out in lanes (4 codes of each row per 32-bit lane, one register per
+// 4 k): one VPDPBUSD then advances 16 outputs of a row of x with no horizontal sums, every row of x in the
+// call reuses the block (from 4 rows on, two blocks at a time share each broadcast of x), and every row gets
+// the same arithmetic whatever M is (a request's tokens do not depend on what it is batched with). A layer
+// packed at load (PackedBlock) is read as it is; one in its stored layout is repacked block by block at
+// each call (Block, repack).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -153,7 +154,8 @@ struct Block {
 // 16 rows (piece d of row j in lane j), int4 still two codes a byte (D = 4) and int8 as stored (D = 8, their
 // sign flipped here); scales [K/GW, 16], or [K/GW, 2, 16] with their mins, float16 widened here (int8: one a
 // row, [16]). Unpacking the nibbles, flipping the sign and offsetting the mins cost a few operations per
-// tile, the repacking a transpose per block per call: 16 rows' step ran 10% faster (BENCHMARKS.md, Serving).
+// tile, the repacking a transpose per block per call: a step of one row ran 2x as fast, of 16 rows 1.15x
+// (BENCHMARKS.md, Decoding on the CPU).
 template <bool INT4, class S, Scales KIND>
 struct PackedBlock {
   const uint8_t* codes;
