@@ -136,6 +136,41 @@ def test_a_stop_string_ending_in_a_character_of_several_tokens_is_never_streamed
     assert row.text == "到" and row.finish_reason == "stop" and streamed == row.text
 
 
+@pytest.mark.parametrize("which", ["codellama", "smollm2", "codellama-infill"])
+def test_text_decoded_token_by_token_is_the_whole_decode(request, which):
+    """RowState decodes only the last few tokens after each one (decoding the whole text again cost O(its
+    length) a token). After every token its text is what decoding them all gives: SentencePiece (a leading
+    space to strip, byte pieces of characters) and byte-level BPE, tricky text and random ids (broken
+    UTF-8); and with stop strings it streams, stops and cuts as a row decoding it all each time does."""
+    import random
+
+    from codellama.engine.rows import RowState
+    from tokenizer_fixtures import TRICKY
+
+    tok = request.getfixturevalue(which.removesuffix("-infill"))
+    decode = tok.decode_infilling if which.endswith("infill") else tok.decode
+    rng = random.Random(7)
+    texts = [" ".join(TRICKY), "".join(TRICKY[::-1]), "中文 日本語 한국어 😀👍🏽 🦙"]
+    seqs = [tok.encode(t)[1:] for t in texts] + [[rng.randrange(tok.vocab_size) for _ in range(300)] for _ in range(3)]
+    for ids in seqs:
+        row = RowState(1, SamplingParams(max_new_tokens=len(ids)), set(), len(ids), decode)
+        for i, t in enumerate(ids):
+            row.push(t)
+            assert row.text == decode(ids[: i + 1]), (which, i)
+        assert row._incremental  # never fell back to decoding it all
+        whole = decode(ids)
+        for _ in range(5):  # stop strings cut from the text: against a row decoding it all after each token
+            a = rng.randrange(len(whole))
+            stop = (whole[a : a + rng.randrange(1, 4)], "never there")
+            rows = [RowState(1, SamplingParams(max_new_tokens=len(ids), stop=stop), set(), len(ids), decode)
+                    for _ in range(2)]
+            rows[1]._incremental = False
+            streamed = [[r.push(t) for t in ids if r.finish_reason is None] for r in rows]
+            assert streamed[0] == streamed[1]
+            assert (rows[0].text, rows[0].finish_reason, rows[0].tokens) == (rows[1].text, rows[1].finish_reason,
+                                                                             rows[1].tokens)
+
+
 def test_context_limits(gen):
     with pytest.raises(UserError, match="more than the context of 128 allows .*: shorten it, or .*--max-seq-len"):
         gen.generate([[1] * 200], SamplingParams(max_new_tokens=4))
