@@ -58,10 +58,11 @@ MIN_REUSED_TOKENS = 16
 
 # The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt:
 # past this the eager model's GEMMs and SDPA are faster, BENCHMARKS.md, prefill), with float32 activations
-# and, longer, with int8 ones (their matmuls are the fused step's faster ones up to a few hundred rows); and
-# the most tokens per fused call (several short prompts: enough rows for the matmuls to run as GEMMs).
+# and, longer, with int8 ones (the eager model's tiles, on one pool of threads: 384 tokens 695 -> 1207 tok/s,
+# 1024 tokens 699 -> 828, 2048 tokens 597 against 610); and the most tokens per fused call (several short
+# prompts: enough rows for the matmuls to run as GEMMs).
 FUSED_PREFILL_MAX_PROMPT = 128
-FUSED_PREFILL_MAX_PROMPT_INT8 = 256
+FUSED_PREFILL_MAX_PROMPT_INT8 = 1024
 FUSED_PREFILL_ROWS = 1024
 # The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
 # positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count,

@@ -8,7 +8,8 @@
 // Up to this many rows of x, linear() multiplies by our tiles, beyond by a GEMM (the weights widened). Within the
 // fused step (our thread pool throughout) the tiles pay up to a few hundred rows; outside it, beside torch's
 // OpenMP threads, which spin between ops on the cores our pool wants, past a few dozen they lost 3x to the
-// GEMM (on torch's own threads): engine/quant.py passes EAGER_TILES_MAX_M.
+// GEMM (on torch's own threads): engine/quant.py passes EAGER_TILES_MAX_M. With int8 activations (q8_linear)
+// there is no GEMM: tiles at any M, on torch's threads past a smaller limit than this one (the eager model's).
 constexpr int64_t TILES_MAX_M = 256;
 
 // x [M, K] float32 @ w.T, the kernel picked by w's dtype and s's shape: float32 [N, K] (s unused), int8
