@@ -84,10 +84,9 @@ class RowState:
         self.stop_ids = stop_ids
         self.max_new = max_new
         self.decode = decode  # ids -> text; None: no text, so no stop strings either
-        # the text decoded again after every token, to release it in pieces or to find stop strings in it; a
-        # row read only once finished (pieces=False) without stop strings decodes it once, in completion()
-        # (each token re-decodes the whole text: 16 rows of 64-token completions, 0.076 -> 0.007 ms a step,
-        # growing with the completion's length)
+        # the text extended after every token, to release it in pieces or to find stop strings in it; a row
+        # read only once finished (pieces=False) without stop strings decodes it once, in completion() (when
+        # each token decoded the whole text again: 16 rows of 64-token completions, 0.076 -> 0.007 ms a step)
         self._text_each_token = decode is not None and (pieces or bool(params.stop))
         # Incremental text (_extend_text): tokens[:_read] are decoded into _committed; the tokens from _window
         # (a token or two back, so that a tokenizer's treatment of a window's first token, SentencePiece's
