@@ -302,7 +302,7 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
     TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_slots, "slot outside the cache");
   }
 
-  auto qkv = linear(rmsnorm(x, attn_norm, eps), wqkv, wqkv_s).contiguous();  // [B, qdim + 2 kvdim]
+  auto qkv = linear(rmsnorm(x, attn_norm, eps), wqkv, wqkv_s, FUSED_TILES_MAX_M).contiguous();  // [B, qdim + 2 kvdim]
   float* qkvp = qkv.data_ptr<float>();
   float* kc = cache_kv.data_ptr<float>();  // [slots, Hkv, S, hd] keys, then as many values
   float* vc = kc + cache_kv.stride(0);
@@ -338,9 +338,9 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
     }
   });
 
-  auto h = linear(att, wo, wo_s);  // [B, D], then the residual
+  auto h = linear(att, wo, wo_s, FUSED_TILES_MAX_M);  // [B, D], then the residual
   add_into(h, x);
-  auto gu = linear(rmsnorm(h, ffn_norm, eps), w13, w13_s).contiguous();  // [B, 2F]: gate | up
-  add_into(h, linear(swiglu(gu), w2, w2_s));
+  auto gu = linear(rmsnorm(h, ffn_norm, eps), w13, w13_s, FUSED_TILES_MAX_M).contiguous();  // [B, 2F]: gate | up
+  add_into(h, linear(swiglu(gu), w2, w2_s, FUSED_TILES_MAX_M));
   return h;
 }

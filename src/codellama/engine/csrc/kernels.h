@@ -3,14 +3,19 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <optional>
 
-// Up to this many rows of x, linear() multiplies by our tiles, beyond by a GEMM (the weights widened). Within the
-// fused step (our thread pool throughout) the tiles pay up to a few hundred rows; outside it, beside torch's
-// OpenMP threads, which spin between ops on the cores our pool wants, past a few dozen they lost 3x to the
-// GEMM (on torch's own threads): engine/quant.py passes EAGER_TILES_MAX_M. With int8 activations (q8_linear)
-// there is no GEMM: tiles at any M, on torch's threads past a smaller limit than this one (the eager model's).
+// Up to this many rows of x, linear() multiplies by our tiles on our pool, beyond by a GEMM (the weights widened)
+// on torch's threads (with int8 activations, q8_linear: by the tiles on torch's threads). Beside torch's OpenMP
+// threads, which spin between ops on the cores our pool wants, past a few dozen rows the tiles lost 3x to the
+// GEMM: engine/quant.py passes EAGER_TILES_MAX_M. The fused step (decode_layer), whose other loops run on our
+// pool, takes the tiles at any M (FUSED_TILES_MAX_M).
 constexpr int64_t TILES_MAX_M = 256;
+// With torch's threads taking its matmuls past TILES_MAX_M rows, between its loops on our pool, both pools spun
+// on the same cores: a 300-row float32 prefill ran at 501 against 716 tok/s, a 384-token int8 one at 695
+// against 1207 (BENCHMARKS.md, time to the first token).
+constexpr int64_t FUSED_TILES_MAX_M = INT64_MAX;
 
 // x [M, K] float32 @ w.T, the kernel picked by w's dtype and s's shape: float32 [N, K] (s unused), int8
 // [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]

@@ -392,10 +392,8 @@ Q8_TARGET at::Tensor run_blocks(const at::Tensor& x, int64_t N, int64_t tiles_ma
   const int64_t M = x.size(0), K = x.size(1), blocks = (N + NL - 1) / NL;
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  // The eager model's many rows (it passes EAGER_TILES_MAX_M): torch's threads, as for its GEMM (kernels.h).
-  // The fused step (TILES_MAX_M) keeps our pool at any M: its other loops run there, and with the two pools'
-  // threads spinning on the same cores a 384-token prompt's fused prefill ran at 695 instead of 1207 tok/s.
-  const bool torch_threads = M > tiles_max_m && tiles_max_m < TILES_MAX_M;
+  // many rows outside the fused step (the eager model's prefill): torch's threads, as for its GEMM (kernels.h)
+  const bool torch_threads = M > tiles_max_m;
   auto split = [torch_threads](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (torch_threads) at::parallel_for(0, n, grain, fn);
     else parallel_for(n, grain, fn);
