@@ -244,15 +244,15 @@ class QuantLinear(nn.Module):
     def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The same weights, exactly, as int8g codes and scales (to stack with a layer of another layout)."""
         N, K = self.out_features, self.in_features
-        self.unpack()  # stacking is for loading, before packing
+        c = self.codes()
         if self.mode == "int8g":
-            return self.qweight, self.scales
+            return c.qweight, c.scales
         if self.mode in ("int8", "int8s"):  # each group of 16 gets its row's or its group's scale, min 0
-            scale = (self.scales[:, None].expand(N, K // INT8_GROUP) if self.mode == "int8"  # int8g's are float32
-                     else self.scales.float().repeat_interleave(self.int8s_group // INT8_GROUP, dim=1))
-            return self.qweight, torch.stack((scale, torch.zeros_like(scale)), dim=-1)
-        codes = unpack_int4(self.qweight).reshape(N, K).to(torch.int8)  # int4: codes 0..15
-        return codes, self.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)  # each group of 32's for its halves
+            scale = (c.scales[:, None].expand(N, K // INT8_GROUP) if self.mode == "int8"  # int8g's are float32
+                     else c.scales.float().repeat_interleave(self.int8s_group // INT8_GROUP, dim=1))
+            return c.qweight, torch.stack((scale, torch.zeros_like(scale)), dim=-1)
+        codes = unpack_int4(c.qweight).reshape(N, K).to(torch.int8)  # int4: codes 0..15
+        return codes, c.scales.repeat_interleave(GROUP // INT8_GROUP, dim=1)  # each group of 32's for its halves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
@@ -298,7 +298,8 @@ def _stack(linears: list[nn.Module]) -> nn.Module:
     with any floating-point layer among them all are widened to floating point, exactly their values."""
     modes = {m.mode if isinstance(m, QuantLinear) else None for m in linears}
     if len(modes) == 1 and None not in modes and len({m.scales.shape[1:] for m in linears}) == 1:
-        return QuantLinear(modes.pop(), torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]))
+        codes = [m.codes() for m in linears]
+        return QuantLinear(modes.pop(), torch.cat([c.qweight for c in codes]), torch.cat([c.scales for c in codes]))
     if None not in modes and all(m.in_features % INT8_GROUP == 0 for m in linears):
         codes, scales = zip(*(m.int8_groups() for m in linears))
         return QuantLinear("int8g", torch.cat(codes), torch.cat(scales))
