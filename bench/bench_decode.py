@@ -1,6 +1,7 @@
 """Batch-1 decode speed on the CPU: ours (auto, float32, int8, int4) vs transformers vs llama.cpp, same run.
 
     python bench/bench_decode.py [--tokens 64] [--reps 5] [--random]
+    python bench/bench_decode.py --context 2000      # decoding after a 2000-token prompt (ours, llama.cpp)
     python bench/bench_decode.py --gguf model-q8_0.gguf       # any GGUF: ours (auto) vs llama.cpp on that file
     python bench/bench_decode.py --device cuda --preset codellama-7b     # GPU: compiled bf16 vs transformers
     python bench/bench_decode.py --device cuda --engine 16x4096          # also the server's engine (slots x context)
@@ -12,6 +13,9 @@ auto" is what the command line runs by default: the file's Q4_1 matrices as int4
 output projection as int8s codes, exactly its values.
 Every engine decodes the same prompt ids for exactly --tokens tokens (no early stop), with the same thread
 count; repetitions are interleaved and medians reported, so machine noise hits all engines alike.
+--context N: a prompt of N tokens (the short one's text repeated), so every step attends over N positions.
+Ours and llama.cpp prefill it once (each reuses the cached prompt in later repetitions), so the time is
+the decoding; transformers would prefill it again each time and is left out.
 GB/s = bytes of weights read per token x tokens/s.
 """
 
@@ -44,9 +48,9 @@ PROMPT = "def quicksort(arr):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 LLAMA_WORKER = r"""
 import sys, time
 from llama_cpp import Llama
-path, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=512, n_threads=threads, verbose=False)
-prompt = llm.tokenize(sys.argv[4].encode())
+path, threads, n, context = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
+llm = Llama(model_path=path, n_ctx=max(512, context + n + 8), n_batch=512, n_threads=threads, verbose=False)
+prompt = llm.tokenize(sys.argv[4].encode())[: context or None]
 print(",".join(map(str, prompt)), flush=True)
 for _ in sys.stdin:
     t = time.perf_counter()
@@ -73,6 +77,7 @@ def load_ours(random: bool) -> tuple[Transformer, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--context", type=int, default=0, help="a prompt of this many tokens (default: a short one)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--random", action="store_true", help="random weights instead of the real model")
@@ -98,11 +103,12 @@ def main() -> None:
     base, what = (None, str(file)) if args.gguf else load_ours(args.random)
     llm = None
     if not args.no_llamacpp:
-        cmd = [sys.executable, "-c", LLAMA_WORKER, str(file), str(args.threads), str(n), PROMPT]
+        text = PROMPT * (1 + args.context // 8)  # (the short prompt is ~16 tokens)
+        cmd = [sys.executable, "-c", LLAMA_WORKER, str(file), str(args.threads), str(n), text, str(args.context)]
         llm = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         prompt = [int(t) for t in llm.stdout.readline().split(",")]
     else:
-        prompt = [1] + list(range(100, 120))
+        prompt = [1] + [100 + i % 5000 for i in range(max(20, args.context - 1))]
     print(f"model: {what}; prompt {len(prompt)} tokens, {n} new tokens, {args.threads} threads, {args.reps} reps")
 
     runners = {}
@@ -121,7 +127,7 @@ def main() -> None:
             assert len(out.tokens) == n
         runners[name] = (run, weight_bytes(model))
 
-    if base is not None:
+    if base is not None and not args.context:
         hf = hf_twin(base)
         ids = torch.tensor([prompt])
 

@@ -48,9 +48,10 @@ def prepared(mode: str, cfg: ModelConfig = CFG):
     return fuse_projections(model) if mode == "float32" else quantize(model, mode)
 
 
-def fused_and_eager(model, max_batch: int = 5) -> tuple[Decoder, Decoder]:
+def fused_and_eager(model, max_batch: int = 5, kv_dtype: torch.dtype | None = None) -> tuple[Decoder, Decoder]:
     # prefill_chunk=128: fused calls of 128 rows, eager chunks of 128 tokens
-    fused, eager = (Decoder(copy.deepcopy(model), max_batch, 320, prefill_chunk=128) for _ in range(2))
+    fused, eager = (Decoder(copy.deepcopy(model), max_batch, 320, prefill_chunk=128, kv_dtype=kv_dtype)
+                    for _ in range(2))
     assert fused._fused is not None
     eager._fused = None  # the eager model, same weights
     return fused, eager
@@ -59,8 +60,10 @@ def fused_and_eager(model, max_batch: int = 5) -> tuple[Decoder, Decoder]:
 @pytest.mark.parametrize("mode,cfg", [("float32", CFG), ("int8", CFG), ("int4", CFG), ("float32", WIDE),
                                       ("int8", WIDE), ("float32", ODD), ("float32", HD48), ("int4", HD128)])
 def test_fused_prefill_and_decode_equal_eager(mode, cfg):
+    """The same arithmetic, to float32 precision: the caches in float32 (quantised models keep float16 ones,
+    whose rounding turns float32's last-bit differences into float16's: below)."""
     model = prepared(mode, cfg)
-    fused, eager = fused_and_eager(model)
+    fused, eager = fused_and_eager(model, kv_dtype=torch.float32)
     # short prompts (up to FUSED_PREFILL_MAX_PROMPT) share fused calls of 128 rows (the second starts inside
     # the last prompt); the long one goes through the eager model. The eager decoder runs each alone.
     long = [(5 * i) % 101 for i in range(300)]
@@ -109,11 +112,36 @@ def test_fused_decode_equals_eager_at_long_positions(pos):
     torch.testing.assert_close(fused.decode(*args), eager.decode(*args), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [CFG, WIDE, ODD, HD48], ids=lambda c: c.name)
+def test_a_float16_cache_is_read_as_the_eager_model_reads_it(cfg):
+    """The cache of a quantised model holds float16 keys and values (halving what attention reads); the
+    fused step reads them as the eager model does (its reads widened to float32), over positions split in
+    several spans (csrc/decode_layer.cpp SPAN). Filled with the same random values in both, so no earlier
+    step's rounding separates them: only this step's arithmetic (float32; each row's new key and value
+    rounded to float16, alike to the last bit of float32 before rounding)."""
+    model = prepared("float32", cfg)
+    assert Decoder(copy.deepcopy(model), 1, 16).model.layers[0].attention.cache.kv.dtype == torch.float32
+    model = prepared("int8", cfg)
+    fused, eager = (Decoder(copy.deepcopy(model), 3, 2100) for _ in range(2))
+    assert fused._fused is not None and fused._fused.kv_dtype == torch.float16
+    eager._fused = None
+    for dec in (fused, eager):
+        assert dec.model.layers[0].attention.cache.kv.dtype == torch.float16
+        torch.manual_seed(0)
+        for layer in dec.model.layers:
+            layer.attention.cache.kv.normal_()
+    args = ([0, 1, 2], [7, 50, 9], [5, 1100, 2090])  # 1, 2 and 3 spans of 1024 positions
+    with float_activations():
+        torch.testing.assert_close(fused.decode(*args), eager.decode(*args), atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused.model.layers, eager.model.layers):  # the new keys and values, in the same places
+        torch.testing.assert_close(a.attention.cache.kv, b.attention.cache.kv, atol=0, rtol=1e-3)
+
+
 @pytest.mark.parametrize("mode", ["float32", "int8", "int4"])  # int8, int4: int8 activations where VNNI
 def test_fused_greedy_equals_full_recompute(mode):
     model = prepared(mode)
     prompts = [[1, 2, 3, 4], list(range(10, 30))]
-    gen = Generator(model, max_seq_len=64)
+    gen = Generator(model, max_seq_len=64, kv_dtype=torch.float32)  # as the recompute: a float16 cache, above
     outs = gen.generate(prompts, SamplingParams(max_new_tokens=12, stop_ids=()))
     assert gen._decoder._fused is not None
     # full recompute with the same (fused, possibly quantised) linear layers, no cache involved
@@ -130,13 +158,24 @@ def test_fused_step_needs_fused_float32_model():
 def test_quantising_after_generating_uses_the_new_weights():
     model = prepared("float32")
     prompts, params = [[1, 2, 3, 4]], SamplingParams(max_new_tokens=12, stop_ids=())
-    gen = Generator(model, max_seq_len=64)
+    gen = Generator(model, max_seq_len=64, kv_dtype=torch.float32)  # as the recompute
     before = gen.generate(prompts, params)[0].tokens
     assert before == naive_greedy(model, prompts[0], 12)
     quantize(model, "int4")  # in place, under the same Generator
     after = gen.generate(prompts, params)[0].tokens
     assert gen._decoder._fused is not None and after == naive_greedy(model, prompts[0], 12)
     assert after != before  # int4 moves this random model's greedy path: the check above has teeth
+
+
+def test_quantising_after_generating_moves_the_cache_to_float16():
+    model = prepared("float32")
+    prompts, params = [[1, 2, 3, 4]], SamplingParams(max_new_tokens=4, stop_ids=())
+    gen = Generator(model, max_seq_len=64)
+    gen.generate(prompts, params)
+    assert model.layers[0].attention.cache.kv.dtype == torch.float32
+    quantize(model, "int4")
+    assert len(gen.generate(prompts, params)[0].tokens) == 4
+    assert all(layer.attention.cache.kv.dtype == torch.float16 for layer in model.layers)
 
 
 def test_fused_step_refuses_rows_outside_the_cache():
@@ -178,7 +217,7 @@ def test_decode_layer_refuses_a_malformed_cache(bad):
         S = S - 1
     else:
         kv = kv.double() if bad == "float64" else torch.cat([kv, kv], 2)[:, :, ::2]
-    with pytest.raises(RuntimeError, match=r"cache: contiguous float32 \[2, slots \* n_kv_heads"):
+    with pytest.raises(RuntimeError, match=r"cache: contiguous float32 or float16 \[2, slots \* n_kv_heads"):
         fused.kernels.decode_layer(m.tok_embeddings(torch.tensor([1, 2])), torch.tensor([0, 1]), pos,
                                    cos_table[pos], sin_table[pos], *fused.layers[0], kv, c.n_kv_heads, S,
                                    c.n_heads, c.norm_eps)

@@ -37,6 +37,8 @@ class Generator:
     for very long prompts). attention ("sdpa" or "flex") and graphs ("trees" or "manual"): candidates for
     the GPU's decode step (engine/decode.py). lookup: greedy rows guess up to this many tokens per step by
     prompt lookup, checked in the same step (engine/batching.py; the CPU's fused step only), 0: off.
+    kv_dtype: how the KV cache stores keys and values (default: float16 for a quantised model on the CPU, as
+    llama.cpp keeps them; else the activations' dtype).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Generator:
         graphs: str = "trees",
         reuse_prefixes: bool = True,
         lookup: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -59,7 +62,8 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         # passed to the Decoder (reuse_prefixes: a call's prompts that start like what a slot holds from an
         # earlier call are prefilled from where they differ, engine/decode.py)
-        self.step_options = {"attention": attention, "graphs": graphs, "reuse_prefixes": reuse_prefixes}
+        self.step_options = {"attention": attention, "graphs": graphs, "reuse_prefixes": reuse_prefixes,
+                             "kv_dtype": kv_dtype}
         self.lookup = lookup
         self._decoder: Decoder | None = None
         # every call decodes in the same cache slots: calls from several threads take turns

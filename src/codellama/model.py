@@ -110,7 +110,7 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
         key_pos = torch.arange(keys, device=device)
         seen = key_pos[None, None, None, :] <= input_pos[:, None, :, None]
         # an additive bias made once for every layer (a boolean mask SDPA would convert in each one)
-        bias = torch.zeros(seen.shape, dtype=cache.kv.dtype, device=device).masked_fill_(~seen, float("-inf"))
+        bias = torch.zeros(seen.shape, dtype=cache.reads_as, device=device).masked_fill_(~seen, float("-inf"))
         if torch.compiler.is_compiling() and input_pos.shape[1] == 1:
             # one buffer: else inductor rebuilds the bias inside every layer's attention (kernels per layer).
             # Decode steps only: torch 2.11 cannot lower this over a prefill chunk's symbolic length, where
@@ -137,12 +137,16 @@ class KVCache(nn.Module):
 
     Keys and values live in one buffer, `kv` [2, max_batch * n_kv_heads * max_seq_len, head_dim], written by
     one index_copy_ on the buffer itself: torch.compile (2.11) turned a write through a view of the cache
-    into two copies of the whole cache per layer and step.
+    into two copies of the whole cache per layer and step. They are stored as `dtype` and read as
+    `reads_as` (the activations' dtype; default: dtype): a quantised model on the CPU keeps them in float16
+    (engine.cpu_decode.FusedCPUDecode.kv_dtype).
     """
 
-    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None,
+                 reads_as: torch.dtype | None = None):
         super().__init__()
         self.shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.reads_as = reads_as or dtype
         rows = max_batch * n_kv_heads * max_seq_len
         self.register_buffer("kv", torch.zeros(2, rows, head_dim, dtype=dtype, device=device), persistent=False)
         # slot -> the tokens whose keys/values it holds at positions 0..n-1, kept by the engine's Decoder for
@@ -167,9 +171,11 @@ class KVCache(nn.Module):
         keys, values = self.k, self.v
         if step.kv_len is not None:
             keys, values = keys[:, :, : step.kv_len], values[:, :, : step.kv_len]
-        if step.slots is None:  # rows 0..B-1: a view, no copy
-            return keys[:B], values[:B]
-        return keys[step.slots], values[step.slots]
+        if step.slots is None:  # rows 0..B-1: a view, no copy (as stored)
+            keys, values = keys[:B], values[:B]
+        else:
+            keys, values = keys[step.slots], values[step.slots]
+        return keys.to(self.reads_as), values.to(self.reads_as)
 
 
 class Attention(nn.Module):
@@ -317,7 +323,8 @@ class Transformer(nn.Module):
     # ---- KV cache ----
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache (reused when the requested one fits in the current one; what its slots
-        held is then forgotten, since the caller may write anywhere in it)."""
+        held is then forgotten, since the caller may write anywhere in it), stored as dtype (default: the
+        activations')."""
         c = self.config
         dtype = dtype or self.dtype
         current = self.layers[0].attention.cache
@@ -326,21 +333,22 @@ class Transformer(nn.Module):
             return
         device = self.device
         for layer in self.layers:
-            layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+            layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device,
+                                            reads_as=self.dtype)
 
-    def resize_cache(self, max_batch: int, max_seq_len: int) -> None:
-        """A cache of exactly this size, holding what the old one held in the slots and positions both have
-        (and its record of them, KVCache.held): one layer at a time, so the old and the new cache are never
-        both whole in memory."""
-        c, old0 = self.config, self.layers[0].attention.cache
-        if old0 is None or old0.kv.dtype != self.dtype or not old0.held:  # nothing worth keeping
+    def resize_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """A cache of exactly this size stored as dtype (default: the activations'), holding what the old one
+        held in the slots and positions both have (and its record of them, KVCache.held): one layer at a time,
+        so the old and the new cache are never both whole in memory."""
+        c, old0, dtype = self.config, self.layers[0].attention.cache, dtype or self.dtype
+        if old0 is None or old0.kv.dtype != dtype or old0.reads_as != self.dtype or not old0.held:  # nothing to keep
             self.clear_cache()
-            self.setup_cache(max_batch, max_seq_len)
+            self.setup_cache(max_batch, max_seq_len, dtype)
             return
         slots, length = min(old0.shape[0], max_batch), min(old0.shape[2], max_seq_len)
         for layer in self.layers:
             old = layer.attention.cache
-            new = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
+            new = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, self.device, reads_as=self.dtype)
             for a, b in ((new.k, old.k), (new.v, old.v)):  # [max_batch, Hkv, S, hd]
                 a[:slots, :, :length] = b[:slots, :, :length]
             layer.attention.cache = new
@@ -351,8 +359,8 @@ class Transformer(nn.Module):
     def cache_fits(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> bool:
         """Whether the allocated cache holds max_batch slots of max_seq_len positions in `dtype`."""
         current = self.layers[0].attention.cache
-        return current is not None and current.kv.dtype == (dtype or self.dtype) and (
-            current.shape[0] >= max_batch and current.shape[2] >= max_seq_len)
+        return (current is not None and current.kv.dtype == (dtype or self.dtype) and current.reads_as == self.dtype
+                and current.shape[0] >= max_batch and current.shape[2] >= max_seq_len)
 
     def clear_cache(self) -> None:
         for layer in self.layers:

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{sock.getsockname()[1]}/v1 "
           f"[{device}, {args.max_batch} slots x {context} tokens, "
-          f"KV cache {_cache_gb(loaded.config, args.max_batch, context, loaded.model):.2f} GB, "
+          f"KV cache {_cache_gb(loaded.model):.2f} GB, "
           f"auth {'on' if args.api_key else 'off'}, "
           # llama.vscode and `suffix` requests need the infill tokens: said before a client finds out by a 400
           f"infilling {'on' if loaded.tokenizer is not None and loaded.tokenizer.can_infill else 'off'}]",
@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_gb(cfg, slots: int, context: int, model) -> float:
-    dtype_bytes = model.dtype.itemsize
-    return 2 * cfg.n_layers * slots * cfg.n_kv_heads * context * cfg.head_dim * dtype_bytes / 1e9
+def _cache_gb(model) -> float:
+    """The KV cache as the engine allocated it (float16 for a quantised model on the CPU)."""
+    return sum(layer.attention.cache.kv.nbytes for layer in model.layers) / 1e9
 
 
 def _bind(host: str, port: int) -> socket.socket:

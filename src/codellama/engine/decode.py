@@ -87,6 +87,7 @@ class Decoder:
         attention: str = "sdpa",
         graphs: str = "trees",
         reuse_prefixes: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ):
         """compile: compile prefill and decode (default: on CUDA); a dict compiles them with these inductor
         options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings).
@@ -94,7 +95,9 @@ class Decoder:
         attention: the decode step's attention over the cache, "sdpa" or "flex" (FlexAttention, see
         Transformer.forward); graphs: its CUDA graphs, "trees" (torch.compile's) or "manual" (engine/graphs.py;
         the model must not be converted once decoding began). reuse_prefixes: prefill a prompt from where it
-        differs from what its slot holds (module docstring); off, every prompt is prefilled whole."""
+        differs from what its slot holds (module docstring); off, every prompt is prefilled whole.
+        kv_dtype: how the KV cache stores keys and values; default: the fused CPU step's choice
+        (FusedCPUDecode.kv_dtype: float16 for quantised weights), else the activations' dtype."""
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         if graphs not in ("trees", "manual"):
@@ -114,6 +117,7 @@ class Decoder:
         # the fused CPU step has its own attention: a Decoder asked for flex runs the model
         self._fused = None if self.compiled or attention != "sdpa" else FusedCPUDecode.for_model(model)
         self.reuse_prefixes = reuse_prefixes
+        self.kv_dtype = kv_dtype
         self.ensure(max_batch, max_seq_len)
 
     def ensure(self, max_batch: int, max_seq_len: int) -> None:
@@ -121,8 +125,9 @@ class Decoder:
         keeping what the old one's slots held: a Generator's next call, a chat's longer turn, needs a longer
         cache)."""
         cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
-        if not self.model.cache_fits(max_batch, cache_len):  # else we use the first rows of the larger one
-            self.model.resize_cache(max_batch, cache_len)
+        kv_dtype = self.kv_dtype or (self._fused.kv_dtype if self._fused is not None else None)  # None: activations'
+        if not self.model.cache_fits(max_batch, cache_len, kv_dtype):  # else we use the first rows of the larger one
+            self.model.resize_cache(max_batch, cache_len, kv_dtype)
             if isinstance(self._step, StepGraphs):
                 self._step.clear()  # recorded over the old cache
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -195,6 +200,7 @@ class Decoder:
         (reusable()); return the logits after each prompt's last token, [len(prompts), V] float32."""
         if self._fused is not None and not self._fused.current():  # the model was quantised or converted
             self._fused = FusedCPUDecode.for_model(self.model)
+            self.ensure(self.max_batch, self.max_seq_len)  # its cache, as the new step keeps it
         self.forget_if_weights_changed()
         plan = self._plan(prompts, slots)
         for s in slots:  # overwritten from here on: held again once the prefill succeeded

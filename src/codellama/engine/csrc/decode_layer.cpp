@@ -13,10 +13,13 @@
 // per active slot, a prefill chunk several consecutive positions of a slot (or of several slots). Every
 // row's key and value are written before any row attends, so row r sees positions 0..pos[r] of its slot,
 // those of this call included: causal attention within a chunk. RoPE uses model.py's half-split layout.
+// The cache holds keys and values in float32, or in float16 for quantised models (cpu_decode.py kv_dtype):
+// written rounded as model.KVCache.update rounds them, read widened to float32.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -25,12 +28,30 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The cache holds float32, or float16 (E = uint16_t, its bits) for quantised models: read as float32
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return _cvtsh_ss(v); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// dst[0:n] = src[0:n] as the cache holds them: float16 rounded to nearest even, as torch's .to(float16)
+inline void store_row(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
+inline void store_row(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+template <class E>
+inline float dot(const float* a, const E* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   float r = hsum(acc);
-  for (; i < n; ++i) r += a[i] * b[i];
+  for (; i < n; ++i) r += a[i] * to_float(b[i]);
   return r;
 }
 
@@ -55,11 +76,12 @@ inline float exp1(float x) {  // exp8 for one value, so tails give the same numb
 }
 
 // o[0:n] += w * v[0:n]
-inline void axpy(float* o, float w, const float* v, int64_t n) {
+template <class E>
+inline void axpy(float* o, float w, const E* v, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
-  for (; i < n; ++i) o[i] += w * v[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, load8(v + i), _mm256_loadu_ps(o + i)));
+  for (; i < n; ++i) o[i] += w * to_float(v[i]);
 }
 
 // p[0:n] = exp(p - mx); returns their sum
@@ -84,87 +106,90 @@ inline __m128 sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 }
 
 // out[0..3] = q . k[i] for the 4 rows k[i] = K + i * hd (hd % 8 == 0): 4 independent FMA chains
-inline __m128 dot4(const float* q, const float* K, int64_t hd) {
+template <class E>
+inline __m128 dot4(const float* q, const E* K, int64_t hd) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < hd; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + i), a0);
-    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + hd + i), a1);
-    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * hd + i), a2);
-    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * hd + i), a3);
+    a0 = _mm256_fmadd_ps(qv, load8(K + i), a0);
+    a1 = _mm256_fmadd_ps(qv, load8(K + hd + i), a1);
+    a2 = _mm256_fmadd_ps(qv, load8(K + 2 * hd + i), a2);
+    a3 = _mm256_fmadd_ps(qv, load8(K + 3 * hd + i), a3);
   }
   return sums4(a0, a1, a2, a3);
 }
 
 // out[0 : NV*8] = scale * sum_t p[t] * V[t, 0 : NV*8] (row stride hd), the sums held in registers
-template <int NV>
-inline void weighted_rows(const float* p, const float* V, int64_t L, int64_t hd, float scale, float* out) {
+template <int NV, class E>
+inline void weighted_rows(const float* p, const E* V, int64_t L, int64_t hd, float scale, float* out) {
   __m256 acc[NV];
   for (int j = 0; j < NV; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
     const __m256 w = _mm256_set1_ps(p[t]);
-    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + t * hd + j * 8), acc[j]);
+    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, load8(V + t * hd + j * 8), acc[j]);
   }
   for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + j * 8, _mm256_mul_ps(acc[j], _mm256_set1_ps(scale)));
 }
 
-// Attention of `group` query heads q [group, hd] (consecutive) to positions 0..L-1 of one kv head
-// K, V [S, hd]: out [group, hd]. p: scratch of group * L floats.
-void attend(const float* q, int64_t group, const float* K, const float* V, int64_t L, int64_t hd, float scale,
-            float* p, float* out) {
-  const bool simd = hd % 8 == 0;
-  for (int64_t r = 0; r < group; ++r) {
-    const float* qr = q + r * hd;
-    float* pr = p + r * L;
-    int64_t t = 0;
-    if (simd)
-      for (; t + 4 <= L; t += 4) _mm_storeu_ps(pr + t, _mm_mul_ps(dot4(qr, K + t * hd, hd), _mm_set1_ps(scale)));
-    for (; t < L; ++t) pr[t] = dot(qr, K + t * hd, hd) * scale;
-    const float inv = 1.0f / exp_shifted(pr, L, *std::max_element(pr, pr + L));
-    float* o = out + r * hd;
-    if (!simd) {
-      std::fill_n(o, hd, 0.0f);
-      for (int64_t u = 0; u < L; ++u) axpy(o, pr[u] * inv, V + u * hd, hd);
-      continue;
-    }
-    for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (8 registers) at a time
-      switch (std::min<int64_t>(8, (hd - c) / 8)) {
-        case 8: weighted_rows<8>(pr, V + c, L, hd, inv, o + c); break;
-        case 4: weighted_rows<4>(pr, V + c, L, hd, inv, o + c); break;
-        case 2: weighted_rows<2>(pr, V + c, L, hd, inv, o + c); break;
-        case 1: weighted_rows<1>(pr, V + c, L, hd, inv, o + c); break;
-        default:
-          for (int64_t j = c; j < hd; j += 8) weighted_rows<1>(pr, V + j, L, hd, inv, o + j);
-      }
+// p[t] = scale * q . K[t] for t < L (K [L, hd])
+template <class E>
+inline void scores(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
+  int64_t t = 0;
+  if (hd % 8 == 0)
+    for (; t + 4 <= L; t += 4) _mm_storeu_ps(p + t, _mm_mul_ps(dot4(q, K + t * hd, hd), _mm_set1_ps(scale)));
+  for (; t < L; ++t) p[t] = dot(q, K + t * hd, hd) * scale;
+}
+
+// out[0 : hd] = scale * sum_t p[t] V[t] for t < L (V [L, hd])
+template <class E>
+inline void weighted(const float* p, const E* V, int64_t L, int64_t hd, float scale, float* out) {
+  if (hd % 8 != 0) {
+    std::fill_n(out, hd, 0.0f);
+    for (int64_t t = 0; t < L; ++t) axpy(out, p[t] * scale, V + t * hd, hd);
+    return;
+  }
+  for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (8 registers) at a time
+    switch (std::min<int64_t>(8, (hd - c) / 8)) {
+      case 8: weighted_rows<8>(p, V + c, L, hd, scale, out + c); break;
+      case 4: weighted_rows<4>(p, V + c, L, hd, scale, out + c); break;
+      case 2: weighted_rows<2>(p, V + c, L, hd, scale, out + c); break;
+      case 1: weighted_rows<1>(p, V + c, L, hd, scale, out + c); break;
+      default:
+        for (int64_t j = c; j < hd; j += 8) weighted_rows<1>(p, V + j, L, hd, scale, out + j);
     }
   }
 }
 
-// The same attention in 512-bit registers (head_dim % 16 == 0), where the CPU has AVX-512F and
-// use_wide_tiles is on: half the multiply-adds of the 256-bit loops (SmolLM2, 16 rows at position 400: a
-// step 19.0 -> 15.7 ms).
+// The same loops in 512-bit registers (head_dim % 16 == 0), where the CPU has AVX-512F and use_wide_tiles
+// is on: half the multiply-adds of the 256-bit loops (SmolLM2, 16 rows at position 400: a step 19.0 -> 15.7 ms).
 #define WIDE_TARGET __attribute__((target("avx512f,fma")))
+
+WIDE_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+WIDE_TARGET inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 WIDE_TARGET inline __m256 fold(__m512 a) {  // the sums of a's lanes i and i + 8
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
 
 // dot4 over 16 floats at a time
-WIDE_TARGET inline __m128 dot4_wide(const float* q, const float* K, int64_t hd) {
+template <class E>
+WIDE_TARGET inline __m128 dot4_wide(const float* q, const E* K, int64_t hd) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < hd; i += 16) {
     const __m512 qv = _mm512_loadu_ps(q + i);
-    a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + i), a0);
-    a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + hd + i), a1);
-    a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + 2 * hd + i), a2);
-    a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(K + 3 * hd + i), a3);
+    a0 = _mm512_fmadd_ps(qv, load16(K + i), a0);
+    a1 = _mm512_fmadd_ps(qv, load16(K + hd + i), a1);
+    a2 = _mm512_fmadd_ps(qv, load16(K + 2 * hd + i), a2);
+    a3 = _mm512_fmadd_ps(qv, load16(K + 3 * hd + i), a3);
   }
   return sums4(fold(a0), fold(a1), fold(a2), fold(a3));
 }
 
 // weighted_rows over NV registers of 16 floats, positions in pairs (two chains of FMAs per register)
-template <int NV>
-WIDE_TARGET inline void weighted_rows_wide(const float* p, const float* V, int64_t L, int64_t hd, float scale,
+template <int NV, class E>
+WIDE_TARGET inline void weighted_rows_wide(const float* p, const E* V, int64_t L, int64_t hd, float scale,
                                            float* out) {
   __m512 even[NV], odd[NV];
   for (int j = 0; j < NV; ++j) even[j] = odd[j] = _mm512_setzero_ps();
@@ -172,37 +197,70 @@ WIDE_TARGET inline void weighted_rows_wide(const float* p, const float* V, int64
   for (; t + 2 <= L; t += 2) {
     const __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
     for (int j = 0; j < NV; ++j) {
-      even[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(V + t * hd + j * 16), even[j]);
-      odd[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(V + (t + 1) * hd + j * 16), odd[j]);
+      even[j] = _mm512_fmadd_ps(w0, load16(V + t * hd + j * 16), even[j]);
+      odd[j] = _mm512_fmadd_ps(w1, load16(V + (t + 1) * hd + j * 16), odd[j]);
     }
   }
   if (t < L) {
     const __m512 w = _mm512_set1_ps(p[t]);
-    for (int j = 0; j < NV; ++j) even[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + t * hd + j * 16), even[j]);
+    for (int j = 0; j < NV; ++j) even[j] = _mm512_fmadd_ps(w, load16(V + t * hd + j * 16), even[j]);
   }
   for (int j = 0; j < NV; ++j)
     _mm512_storeu_ps(out + j * 16, _mm512_mul_ps(_mm512_add_ps(even[j], odd[j]), _mm512_set1_ps(scale)));
 }
 
-// attend() in 512-bit registers: hd % 16 == 0
-WIDE_TARGET void attend_wide(const float* q, int64_t group, const float* K, const float* V, int64_t L, int64_t hd,
-                             float scale, float* p, float* out) {
-  for (int64_t r = 0; r < group; ++r) {
-    const float* qr = q + r * hd;
-    float* pr = p + r * L;
-    int64_t t = 0;
-    for (; t + 4 <= L; t += 4) _mm_storeu_ps(pr + t, _mm_mul_ps(dot4_wide(qr, K + t * hd, hd), _mm_set1_ps(scale)));
-    for (; t < L; ++t) pr[t] = dot(qr, K + t * hd, hd) * scale;
-    const float inv = 1.0f / exp_shifted(pr, L, *std::max_element(pr, pr + L));
-    float* o = out + r * hd;
-    for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (4 registers) at a time
-      switch (std::min<int64_t>(4, (hd - c) / 16)) {
-        case 4: weighted_rows_wide<4>(pr, V + c, L, hd, inv, o + c); break;
-        case 3: weighted_rows_wide<3>(pr, V + c, L, hd, inv, o + c); break;
-        case 2: weighted_rows_wide<2>(pr, V + c, L, hd, inv, o + c); break;
-        default: weighted_rows_wide<1>(pr, V + c, L, hd, inv, o + c);
-      }
+template <class E>
+WIDE_TARGET void scores_wide(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) _mm_storeu_ps(p + t, _mm_mul_ps(dot4_wide(q, K + t * hd, hd), _mm_set1_ps(scale)));
+  for (; t < L; ++t) p[t] = dot(q, K + t * hd, hd) * scale;
+}
+
+template <class E>
+WIDE_TARGET void weighted_wide(const float* p, const E* V, int64_t L, int64_t hd, float scale, float* out) {
+  for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (4 registers) at a time
+    switch (std::min<int64_t>(4, (hd - c) / 16)) {
+      case 4: weighted_rows_wide<4>(p, V + c, L, hd, scale, out + c); break;
+      case 3: weighted_rows_wide<3>(p, V + c, L, hd, scale, out + c); break;
+      case 2: weighted_rows_wide<2>(p, V + c, L, hd, scale, out + c); break;
+      default: weighted_rows_wide<1>(p, V + c, L, hd, scale, out + c);
     }
+  }
+}
+
+// Attention is split in spans of a row's positions, each attended by its own thread: one row of a long
+// context otherwise had its few kv heads as the only parts (SmolLM2's 3 on 2 threads: one thread did two;
+// one row at 2000 positions took 7.0 ms a step, 6.5 in spans of 512 or 1024). Each span costs a little
+// (16 rows at 2000: 50.6 ms unsplit, 51.9 in spans of 1024, 53.3 of 512). The spans depend on the row's
+// position only, so a row's arithmetic does not depend on its batch.
+constexpr int64_t SPAN = 1024;
+
+inline int64_t spans(int64_t L) { return (L + SPAN - 1) / SPAN; }
+
+// The `group` query heads q [group, hd] sharing one kv head, against its positions [t0, t0 + L) (K, V
+// [L, hd] from there). p: scratch of L floats. Alone (m == nullptr): the attention, into out [group, hd].
+// Else one span of several: per head r, the scores' max m[r], the sum of their exp shifted by it l[r], and
+// out[r] = sum_t exp(score_t - m[r]) V[t], which merge_spans combines.
+template <bool WIDE, class E>
+void attend_span(const float* q, int64_t group, const E* K, const E* V, int64_t L, int64_t hd, float scale,
+                 float* p, float* out, float* m, float* l) {
+  for (int64_t r = 0; r < group; ++r) {
+    (WIDE ? scores_wide<E> : scores<E>)(q + r * hd, K, L, hd, scale, p);
+    const float mx = *std::max_element(p, p + L), sum = exp_shifted(p, L, mx);
+    if (m != nullptr) m[r] = mx, l[r] = sum;
+    (WIDE ? weighted_wide<E> : weighted<E>)(p, V, L, hd, m == nullptr ? 1.0f / sum : 1.0f, out + r * hd);
+  }
+}
+
+// out [group, hd] = the attention of `n` spans' partial results (attend_span) o [n, group, hd], m, l [n, group]
+void merge_spans(int64_t n, int64_t group, int64_t hd, const float* o, const float* m, const float* l, float* out) {
+  for (int64_t r = 0; r < group; ++r) {
+    float mx = m[r], sum = 0.0f;
+    for (int64_t c = 1; c < n; ++c) mx = std::max(mx, m[c * group + r]);
+    for (int64_t c = 0; c < n; ++c) sum += exp1(m[c * group + r] - mx) * l[c * group + r];
+    float* dst = out + r * hd;
+    std::fill_n(dst, hd, 0.0f);
+    for (int64_t c = 0; c < n; ++c) axpy(dst, exp1(m[c * group + r] - mx) / sum, o + (c * group + r) * hd, hd);
   }
 }
 
@@ -268,6 +326,72 @@ inline void rope(float* v, int64_t heads, int64_t hd, const float* cos, const fl
     }
 }
 
+// For rows b < B of one call: RoPE on their queries and keys qkv [B, (H + 2 Hkv) * hd] (in place), their
+// keys and values into the cache at [slots[b], kv head, pos[b]], and their attention into att [B, H * hd].
+// kc: the cache's keys [slots, Hkv, S, hd], then as many values (vc), as float32 or float16 (E = uint16_t).
+template <class E>
+void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64_t* pp, const int64_t* sp, int64_t B,
+                     int64_t H, int64_t Hkv, int64_t S, int64_t hd, E* kc, E* vc, float* att) {
+  const int64_t group = H / Hkv, qdim = H * hd, kvdim = Hkv * hd, row = qdim + 2 * kvdim;
+  parallel_for(B, ROPE_GRAIN, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* q = qkv + b * row;
+      const float* c = cos + b * (hd / 2);
+      const float* s = sin + b * (hd / 2);
+      rope(q, H, hd, c, s);
+      rope(q + qdim, Hkv, hd, c, s);
+      for (int64_t g = 0; g < Hkv; ++g) {  // write this token's key and value at [slot, g, pos]
+        const int64_t at = ((sp[b] * Hkv + g) * S + pp[b]) * hd;
+        store_row(q + qdim + g * hd, hd, kc + at);
+        store_row(q + qdim + kvdim + g * hd, hd, vc + at);
+      }
+    }
+  });
+
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const bool wide = hd % 16 == 0 && wide_tiles_on();
+  // the parts: (row, kv head, span), a row's consecutive. A row of several spans keeps its parts' results
+  // in `partial` from first[b] on, per kv head: o [spans, group, hd], then m and l [spans, group] (attend_span)
+  std::vector<int64_t> part_row, row_parts(B), first(B, -1);  // each part's row; each row's first part
+  int64_t floats = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = spans(pp[b] + 1);
+    if (n > 1) first[b] = floats, floats += Hkv * n * group * (hd + 2);
+    row_parts[b] = int64_t(part_row.size());
+    part_row.insert(part_row.end(), Hkv * n, b);
+  }
+  std::vector<float> partial(floats);
+  auto results = [&](int64_t b, int64_t g, int64_t n) { return partial.data() + first[b] + g * n * group * (hd + 2); };
+  parallel_for(int64_t(part_row.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = part_row[i], L = pp[b] + 1, n = spans(L);
+      const int64_t g = (i - row_parts[b]) / n, c = (i - row_parts[b]) % n, t0 = c * SPAN, len = std::min(SPAN, L - t0);
+      const int64_t at = ((sp[b] * Hkv + g) * S + t0) * hd;  // [len, hd] of this row's kv head, from t0
+      const float* q = qkv + b * row + g * group * hd;       // the query heads g * group .. share kv head g
+      float* out = att + b * qdim + g * group * hd;
+      p.resize(len);
+      auto attend = wide ? attend_span<true, E> : attend_span<false, E>;
+      if (n == 1) {
+        attend(q, group, kc + at, vc + at, len, hd, scale, p.data(), out, nullptr, nullptr);
+      } else {
+        float *o = results(b, g, n), *m = o + n * group * hd, *l = m + n * group;
+        attend(q, group, kc + at, vc + at, len, hd, scale, p.data(), o + c * group * hd, m + c * group, l + c * group);
+      }
+    }
+  });
+  parallel_for(B, 1, [&](int64_t b0, int64_t b1) {  // rows of several spans
+    for (int64_t b = b0; b < b1; ++b) {
+      if (first[b] < 0) continue;
+      const int64_t n = spans(pp[b] + 1);
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const float* o = results(b, g, n);
+        merge_spans(n, group, hd, o, o + n * group * hd, o + n * group * (hd + 1), att + b * qdim + g * group * hd);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tensor cos, at::Tensor sin,
@@ -276,19 +400,20 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
                            at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, int64_t n_kv_heads,
                            int64_t max_seq_len, int64_t n_heads, double eps) {
   // x [B, D] float32; slots, pos [B] int64; cos/sin [B, hd/2] float32; cache_kv [2, slots * Hkv * S, hd]
-  // float32: the keys, then the values, each [slots, Hkv, S, hd] (model.KVCache's buffer as it is: building
-  // its k and v views in Python took 0.2 ms of a one-row step's 4.2)
+  // float32 or float16: the keys, then the values, each [slots, Hkv, S, hd] (model.KVCache's buffer as it
+  // is: building its k and v views in Python took 0.2 ms of a one-row step's 4.2)
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [B, D]");
-  TORCH_CHECK(cache_kv.dim() == 3 && cache_kv.size(0) == 2 && cache_kv.scalar_type() == at::kFloat &&
+  const bool half = cache_kv.scalar_type() == at::kHalf;
+  TORCH_CHECK(cache_kv.dim() == 3 && cache_kv.size(0) == 2 && (half || cache_kv.scalar_type() == at::kFloat) &&
                   cache_kv.is_contiguous() && n_kv_heads > 0 && max_seq_len > 0 &&
                   cache_kv.size(1) % (n_kv_heads * max_seq_len) == 0,
-              "cache: contiguous float32 [2, slots * n_kv_heads * max_seq_len, hd]");
+              "cache: contiguous float32 or float16 [2, slots * n_kv_heads * max_seq_len, hd]");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == x.size(0), "pos: int64 [B]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: int64 [B]");
   const int64_t B = x.size(0), Hkv = n_kv_heads, S = max_seq_len, hd = cache_kv.size(2);
   const int64_t cache_slots = cache_kv.size(1) / (Hkv * S);
-  const int64_t H = n_heads, group = H / Hkv, qdim = H * hd, kvdim = Hkv * hd;
+  const int64_t H = n_heads;
   TORCH_CHECK(H % Hkv == 0, "n_heads: a multiple of the cache's key/value heads");
   for (const at::Tensor* t : {&cos, &sin}) {  // read as [B, hd/2] float32 below
     TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == hd / 2 && t->scalar_type() == at::kFloat &&
@@ -303,40 +428,16 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
   }
 
   auto qkv = linear(rmsnorm(x, attn_norm, eps), wqkv, wqkv_s, FUSED_TILES_MAX_M).contiguous();  // [B, qdim + 2 kvdim]
-  float* qkvp = qkv.data_ptr<float>();
-  float* kc = cache_kv.data_ptr<float>();  // [slots, Hkv, S, hd] keys, then as many values
-  float* vc = kc + cache_kv.stride(0);
-  const int64_t row = qdim + 2 * kvdim;
-  parallel_for(B, ROPE_GRAIN, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      float* q = qkvp + b * row;
-      const float* c = cos.data_ptr<float>() + b * (hd / 2);
-      const float* s = sin.data_ptr<float>() + b * (hd / 2);
-      rope(q, H, hd, c, s);
-      rope(q + qdim, Hkv, hd, c, s);
-      for (int64_t g = 0; g < Hkv; ++g) {  // write this token's key and value at [slot, g, pos]
-        const int64_t at = ((sp[b] * Hkv + g) * S + pp[b]) * hd;
-        std::copy_n(q + qdim + g * hd, hd, kc + at);
-        std::copy_n(q + qdim + kvdim + g * hd, hd, vc + at);
-      }
-    }
-  });
-
-  auto att = at::empty({B, qdim}, x.options());  // [B, H * hd]
+  float *qkvp = qkv.data_ptr<float>(), *cosp = cos.data_ptr<float>(), *sinp = sin.data_ptr<float>();
+  auto att = at::empty({B, H * hd}, x.options());  // [B, H * hd]
   float* ap = att.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(float(hd));
-  const bool wide = hd % 16 == 0 && wide_tiles_on();
-  parallel_for(B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, g = i % Hkv, L = pp[b] + 1;
-      const int64_t cache_row = (sp[b] * Hkv + g) * S * hd;  // [S, hd] of this row's kv head
-      p.resize(group * L);
-      // the query heads g * group .. (g + 1) * group - 1 share kv head g
-      (wide ? attend_wide : attend)(qkvp + b * row + g * group * hd, group, kc + cache_row, vc + cache_row, L, hd,
-                                    scale, p.data(), ap + b * qdim + g * group * hd);
-    }
-  });
+  if (half) {
+    auto* kc = reinterpret_cast<uint16_t*>(cache_kv.data_ptr<at::Half>());
+    rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap);
+  } else {
+    float* kc = cache_kv.data_ptr<float>();
+    rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap);
+  }
 
   auto h = linear(att, wo, wo_s, FUSED_TILES_MAX_M);  // [B, D], then the residual
   add_into(h, x);
