@@ -137,6 +137,11 @@ def test_a_float16_cache_is_read_as_the_eager_model_reads_it(cfg):
         torch.testing.assert_close(a.attention.cache.kv, b.attention.cache.kv, atol=0, rtol=1e-3)
 
 
+def test_a_cache_dtype_the_steps_cannot_read_is_refused():
+    with pytest.raises(ValueError, match=r"kv_dtype must be torch.float16, torch.float32 or the model's"):
+        Decoder(prepared("int8"), 1, 16, kv_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", ["float32", "int8", "int4"])  # int8, int4: int8 activations where VNNI
 def test_fused_greedy_equals_full_recompute(mode):
     model = prepared(mode)

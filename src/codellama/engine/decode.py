@@ -104,6 +104,9 @@ class Decoder:
             raise ValueError(f"graphs must be 'trees' or 'manual', got {graphs!r}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:  # 0 and -1 failed every prefill
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        if kv_dtype not in (None, torch.float16, torch.float32, model.dtype):  # the fused step reads these two
+            raise ValueError(f"kv_dtype must be torch.float16, torch.float32 or the model's {model.dtype}, "
+                             f"got {kv_dtype!r}")
         self.model = model.eval()
         self.attention, self.graphs = attention, graphs
         self.device = model.device
