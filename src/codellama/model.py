@@ -171,7 +171,7 @@ class KVCache(nn.Module):
         keys, values = self.k, self.v
         if step.kv_len is not None:
             keys, values = keys[:, :, : step.kv_len], values[:, :, : step.kv_len]
-        if step.slots is None:  # rows 0..B-1: a view, no copy (as stored)
+        if step.slots is None:  # rows 0..B-1: a view, no copy (unless widened below)
             keys, values = keys[:B], values[:B]
         else:
             keys, values = keys[step.slots], values[step.slots]

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -32,7 +31,9 @@ namespace {
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return _cvtsh_ss(v); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
 // dst[0:n] = src[0:n] as the cache holds them: float16 rounded to nearest even, as torch's .to(float16)
 inline void store_row(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
