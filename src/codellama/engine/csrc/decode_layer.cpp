@@ -15,6 +15,7 @@
 // those of this call included: causal attention within a chunk. RoPE uses model.py's half-split layout.
 // The cache holds keys and values in float32, or in float16 for quantised models (cpu_decode.py kv_dtype):
 // written rounded as model.KVCache.update rounds them, read widened to float32.
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -253,6 +254,20 @@ void attend_span(const float* q, int64_t group, const E* K, const E* V, int64_t 
   }
 }
 
+// Parts [0, n) of costs cost[i] in `runs` runs of consecutive parts of about equal cost: run r is
+// [bound[r], bound[r + 1])
+std::vector<int64_t> balanced_runs(const std::vector<int64_t>& cost, int64_t runs) {
+  int64_t total = 0, sum = 0, r = 1;
+  for (int64_t c : cost) total += c;
+  std::vector<int64_t> bound(runs + 1, int64_t(cost.size()));
+  bound[0] = 0;
+  for (size_t i = 0; i < cost.size() && r < runs; ++i) {
+    sum += cost[i];
+    while (r < runs && sum * runs >= total * r) bound[r++] = int64_t(i) + 1;
+  }
+  return bound;
+}
+
 // out [group, hd] = the attention of `n` spans' partial results (attend_span) o [n, group, hd], m, l [n, group]
 void merge_spans(int64_t n, int64_t group, int64_t hd, const float* o, const float* m, const float* l, float* out) {
   for (int64_t r = 0; r < group; ++r) {
@@ -354,18 +369,24 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
   // the parts: (row, kv head, span), a row's consecutive. A row of several spans keeps its parts' results
   // in `partial` from first[b] on, per kv head: o [spans, group, hd], then m and l [spans, group] (attend_span)
   std::vector<int64_t> part_row, row_parts(B), first(B, -1);  // each part's row; each row's first part
+  std::vector<int64_t> cost;  // each part's: its positions, and a few for its fixed work
   int64_t floats = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = spans(pp[b] + 1);
+    const int64_t L = pp[b] + 1, n = spans(L);
     if (n > 1) first[b] = floats, floats += Hkv * n * group * (hd + 2);
     row_parts[b] = int64_t(part_row.size());
     part_row.insert(part_row.end(), Hkv * n, b);
+    for (int64_t i = 0; i < Hkv * n; ++i) cost.push_back(std::min(SPAN, L - i % n * SPAN) + 16);
   }
   std::vector<float> partial(floats);
   auto results = [&](int64_t b, int64_t g, int64_t n) { return partial.data() + first[b] + g * n * group * (hd + 2); };
-  parallel_for(int64_t(part_row.size()), 1, [&](int64_t i0, int64_t i1) {
+  // a run of consecutive parts per thread, of equal work: a prefill call's later rows attend over more
+  // positions, and halves by count left one thread with 3/4 of a 1024-token prompt's attention
+  const int64_t runs = std::min<int64_t>(at::get_num_threads(), int64_t(part_row.size()));
+  const std::vector<int64_t> bound = balanced_runs(cost, runs);
+  parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = bound[r0]; i < bound[r1]; ++i) {
       const int64_t b = part_row[i], L = pp[b] + 1, n = spans(L);
       const int64_t g = (i - row_parts[b]) / n, c = (i - row_parts[b]) % n, t0 = c * SPAN, len = std::min(SPAN, L - t0);
       const int64_t at = ((sp[b] * Hkv + g) * S + t0) * hd;  // [len, hd] of this row's kv head, from t0
