@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
-from common import machine, print_table
+from common import machine, print_table, timed
 
 from codellama.engine.decode import Decoder
 from codellama.generate import load_for_inference
@@ -27,14 +26,7 @@ from codellama.generate import load_for_inference
 
 def step_ms(dec: Decoder, rows: int, position: int, steps: int) -> float:
     args = (list(range(rows)), [7 + r for r in range(rows)], [position - r for r in range(rows)])
-    for _ in range(2):
-        dec.decode(*args)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        dec.decode(*args)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return timed(lambda: dec.decode(*args), steps) * 1e3
 
 
 def main() -> None:
