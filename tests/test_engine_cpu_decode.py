@@ -35,6 +35,12 @@ HD48 = ModelConfig(dim=96, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=101, 
                    name="hd48")
 HD128 = ModelConfig(dim=256, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=101, ffn_hidden=64, max_seq_len=512,
                     name="hd128")
+# 3 and 5 query heads per kv head: attention takes a kv head's query heads in passes of up to 4 (512-bit
+# registers) or 2 (256-bit), so both end in a shorter pass
+GROUP3 = ModelConfig(dim=192, n_layers=1, n_heads=6, n_kv_heads=2, vocab_size=101, ffn_hidden=64, max_seq_len=512,
+                     name="group3")
+GROUP5 = ModelConfig(dim=320, n_layers=1, n_heads=10, n_kv_heads=2, vocab_size=101, ffn_hidden=64,
+                     max_seq_len=512, name="group5")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,11 +122,28 @@ def test_fused_decode_equals_eager_at_long_positions(pos):
 def test_a_float16_cache_is_read_as_the_eager_model_reads_it(cfg):
     """The cache of a quantised model holds float16 keys and values (halving what attention reads); the
     fused step reads them as the eager model does (its reads widened to float32), over positions split in
-    several spans (csrc/decode_layer.cpp SPAN). Filled with the same random values in both, so no earlier
-    step's rounding separates them: only this step's arithmetic (float32; each row's new key and value
-    rounded to float16, alike to the last bit of float32 before rounding)."""
+    several spans (csrc/decode_layer.cpp SPAN)."""
     model = prepared("float32", cfg)
     assert Decoder(copy.deepcopy(model), 1, 16).model.layers[0].attention.cache.kv.dtype == torch.float32
+    assert_float16_cache_read_as_eager(cfg)
+
+
+@pytest.mark.parametrize("width", ["wide", "avx2"])
+@pytest.mark.parametrize("cfg", [GROUP3, GROUP5], ids=lambda c: c.name)
+def test_query_heads_attend_in_passes_as_the_eager_model_attends(cfg, width):
+    kernels = cpu_kernels()
+    if not kernels.use_wide_tiles(width == "wide") and width == "wide":
+        pytest.skip("no AVX-512F on this CPU")
+    try:
+        assert_float16_cache_read_as_eager(cfg)
+    finally:
+        kernels.use_wide_tiles(True)
+
+
+def assert_float16_cache_read_as_eager(cfg: ModelConfig) -> None:
+    """Fused and eager decode steps of a quantised model over the same float16 cache, filled with the same
+    random values, so no earlier step's rounding separates them: only this step's arithmetic (float32; each
+    row's new key and value rounded to float16, alike to the last bit of float32 before rounding)."""
     model = prepared("int8", cfg)
     fused, eager = (Decoder(copy.deepcopy(model), 3, 2100) for _ in range(2))
     assert fused._fused is not None and fused._fused.kv_dtype == torch.float16

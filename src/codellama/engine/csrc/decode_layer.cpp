@@ -86,6 +86,22 @@ inline void axpy(float* o, float w, const E* v, int64_t n) {
   for (; i < n; ++i) o[i] += w * to_float(v[i]);
 }
 
+// the largest of p[0:n] (n > 0), 32 at a time: std::max_element's one chain of compares was half the time
+// of a 1024-token prefill's softmax
+inline float max_of(const float* p, int64_t n) {
+  __m256 m[4];
+  for (__m256& v : m) v = _mm256_set1_ps(p[0]);
+  int64_t t = 0;
+  for (; t + 32 <= n; t += 32)
+    for (int j = 0; j < 4; ++j) m[j] = _mm256_max_ps(m[j], _mm256_loadu_ps(p + t + 8 * j));
+  const __m256 v = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  float mx = std::max(_mm_cvtss_f32(x), _mm_cvtss_f32(_mm_shuffle_ps(x, x, 1)));
+  for (; t < n; ++t) mx = std::max(mx, p[t]);
+  return mx;
+}
+
 // p[0:n] = exp(p - mx); returns their sum
 inline float exp_shifted(float* p, int64_t n, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
@@ -107,59 +123,72 @@ inline __m128 sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// out[0..3] = q . k[i] for the 4 rows k[i] = K + i * hd (hd % 8 == 0): 4 independent FMA chains
-template <class E>
-inline __m128 dot4(const float* q, const E* K, int64_t hd) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i < hd; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_fmadd_ps(qv, load8(K + i), a0);
-    a1 = _mm256_fmadd_ps(qv, load8(K + hd + i), a1);
-    a2 = _mm256_fmadd_ps(qv, load8(K + 2 * hd + i), a2);
-    a3 = _mm256_fmadd_ps(qv, load8(K + 3 * hd + i), a3);
-  }
-  return sums4(a0, a1, a2, a3);
-}
+// The query heads sharing a kv head attend together: each key and value is loaded (and widened from
+// float16) once for all of them, not once per head; at 16 rows of SmolLM2 (3 heads per kv head) the
+// widening was as many instructions as the multiply-adds. Per head and position the arithmetic is the same
+// whatever the number of heads in a pass. A pass takes up to HEADS_256 heads in the 256-bit loops (16
+// registers), HEADS_512 in the 512-bit ones (32).
+constexpr int HEADS_256 = 2, HEADS_512 = 4;
 
-// out[0 : NV*8] = scale * sum_t p[t] * V[t, 0 : NV*8] (row stride hd), the sums held in registers
-template <int NV, class E>
-inline void weighted_rows(const float* p, const E* V, int64_t L, int64_t hd, float scale, float* out) {
-  __m256 acc[NV];
-  for (int j = 0; j < NV; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < L; ++t) {
-    const __m256 w = _mm256_set1_ps(p[t]);
-    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, load8(V + t * hd + j * 8), acc[j]);
-  }
-  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + j * 8, _mm256_mul_ps(acc[j], _mm256_set1_ps(scale)));
-}
-
-// p[t] = scale * q . K[t] for t < L (K [L, hd])
-template <class E>
-inline void scores(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
+// p[h * L + t] = scale * q_h . K[t] for the NH heads q_h = q + h * hd and t < L (K [L, hd]); 4 positions
+// at a time in independent FMA chains where hd % 8 == 0
+template <int NH, class E>
+inline void scores_heads(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
   int64_t t = 0;
-  if (hd % 8 == 0)
-    for (; t + 4 <= L; t += 4) _mm_storeu_ps(p + t, _mm_mul_ps(dot4(q, K + t * hd, hd), _mm_set1_ps(scale)));
-  for (; t < L; ++t) p[t] = dot(q, K + t * hd, hd) * scale;
-}
-
-// out[0 : hd] = scale * sum_t p[t] V[t] for t < L (V [L, hd])
-template <class E>
-inline void weighted(const float* p, const E* V, int64_t L, int64_t hd, float scale, float* out) {
-  if (hd % 8 != 0) {
-    std::fill_n(out, hd, 0.0f);
-    for (int64_t t = 0; t < L; ++t) axpy(out, p[t] * scale, V + t * hd, hd);
-    return;
-  }
-  for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (8 registers) at a time
-    switch (std::min<int64_t>(8, (hd - c) / 8)) {
-      case 8: weighted_rows<8>(p, V + c, L, hd, scale, out + c); break;
-      case 4: weighted_rows<4>(p, V + c, L, hd, scale, out + c); break;
-      case 2: weighted_rows<2>(p, V + c, L, hd, scale, out + c); break;
-      case 1: weighted_rows<1>(p, V + c, L, hd, scale, out + c); break;
-      default:
-        for (int64_t j = c; j < hd; j += 8) weighted_rows<1>(p, V + j, L, hd, scale, out + j);
+  if (hd % 8 == 0) {
+    for (; t + 4 <= L; t += 4) {
+      __m256 a[NH][4];
+      for (int h = 0; h < NH; ++h)
+        for (int j = 0; j < 4; ++j) a[h][j] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 8) {
+        __m256 k[4];
+        for (int j = 0; j < 4; ++j) k[j] = load8(K + (t + j) * hd + i);
+        for (int h = 0; h < NH; ++h) {
+          const __m256 qv = _mm256_loadu_ps(q + h * hd + i);
+          for (int j = 0; j < 4; ++j) a[h][j] = _mm256_fmadd_ps(qv, k[j], a[h][j]);
+        }
+      }
+      for (int h = 0; h < NH; ++h)
+        _mm_storeu_ps(p + h * L + t, _mm_mul_ps(sums4(a[h][0], a[h][1], a[h][2], a[h][3]), _mm_set1_ps(scale)));
     }
   }
+  for (; t < L; ++t)
+    for (int h = 0; h < NH; ++h) p[h * L + t] = dot(q + h * hd, K + t * hd, hd) * scale;
+}
+
+// out[h * hd + 0 : NV*8] = scale[h] * sum_t p[h * L + t] * V[t, 0 : NV*8] (row stride hd) for the NH heads,
+// the sums held in registers
+template <int NH, int NV, class E>
+inline void weighted_heads_rows(const float* p, const E* V, int64_t L, int64_t hd, const float* scale, float* out) {
+  __m256 acc[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j) acc[h][j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    __m256 v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = load8(V + t * hd + j * 8);
+    for (int h = 0; h < NH; ++h) {
+      const __m256 w = _mm256_set1_ps(p[h * L + t]);
+      for (int j = 0; j < NV; ++j) acc[h][j] = _mm256_fmadd_ps(w, v[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j)
+      _mm256_storeu_ps(out + h * hd + j * 8, _mm256_mul_ps(acc[h][j], _mm256_set1_ps(scale[h])));
+}
+
+// out[h * hd + 0 : hd] = scale[h] * sum_t p[h * L + t] V[t] for the NH heads and t < L (V [L, hd])
+template <int NH, class E>
+inline void weighted_heads(const float* p, const E* V, int64_t L, int64_t hd, const float* scale, float* out) {
+  if (hd % 8 != 0) {
+    for (int h = 0; h < NH; ++h) {
+      std::fill_n(out + h * hd, hd, 0.0f);
+      for (int64_t t = 0; t < L; ++t) axpy(out + h * hd, p[h * L + t] * scale[h], V + t * hd, hd);
+    }
+    return;
+  }
+  int64_t c = 0;
+  for (; c + 32 <= hd; c += 32) weighted_heads_rows<NH, 4>(p, V + c, L, hd, scale, out + c);
+  for (; c < hd; c += 8) weighted_heads_rows<NH, 1>(p, V + c, L, hd, scale, out + c);
 }
 
 // The same loops in 512-bit registers (head_dim % 16 == 0), where the CPU has AVX-512F and use_wide_tiles
@@ -175,59 +204,68 @@ WIDE_TARGET inline __m256 fold(__m512 a) {  // the sums of a's lanes i and i + 8
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
 
-// dot4 over 16 floats at a time
-template <class E>
-WIDE_TARGET inline __m128 dot4_wide(const float* q, const E* K, int64_t hd) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i < hd; i += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + i);
-    a0 = _mm512_fmadd_ps(qv, load16(K + i), a0);
-    a1 = _mm512_fmadd_ps(qv, load16(K + hd + i), a1);
-    a2 = _mm512_fmadd_ps(qv, load16(K + 2 * hd + i), a2);
-    a3 = _mm512_fmadd_ps(qv, load16(K + 3 * hd + i), a3);
+// scores_heads over 16 floats at a time
+template <int NH, class E>
+WIDE_TARGET void scores_heads_wide(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    __m512 a[NH][4];
+    for (int h = 0; h < NH; ++h)
+      for (int j = 0; j < 4; ++j) a[h][j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 16) {
+      __m512 k[4];
+      for (int j = 0; j < 4; ++j) k[j] = load16(K + (t + j) * hd + i);
+      for (int h = 0; h < NH; ++h) {
+        const __m512 qv = _mm512_loadu_ps(q + h * hd + i);
+        for (int j = 0; j < 4; ++j) a[h][j] = _mm512_fmadd_ps(qv, k[j], a[h][j]);
+      }
+    }
+    for (int h = 0; h < NH; ++h) {
+      const __m128 s = sums4(fold(a[h][0]), fold(a[h][1]), fold(a[h][2]), fold(a[h][3]));
+      _mm_storeu_ps(p + h * L + t, _mm_mul_ps(s, _mm_set1_ps(scale)));
+    }
   }
-  return sums4(fold(a0), fold(a1), fold(a2), fold(a3));
+  for (; t < L; ++t)
+    for (int h = 0; h < NH; ++h) p[h * L + t] = dot(q + h * hd, K + t * hd, hd) * scale;
 }
 
-// weighted_rows over NV registers of 16 floats, positions in pairs (two chains of FMAs per register)
-template <int NV, class E>
-WIDE_TARGET inline void weighted_rows_wide(const float* p, const E* V, int64_t L, int64_t hd, float scale,
-                                           float* out) {
-  __m512 even[NV], odd[NV];
-  for (int j = 0; j < NV; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+// weighted_heads_rows over NV registers of 16 floats, positions in pairs (two chains of FMAs per register)
+template <int NH, int NV, class E>
+WIDE_TARGET inline void weighted_heads_rows_wide(const float* p, const E* V, int64_t L, int64_t hd,
+                                                 const float* scale, float* out) {
+  __m512 even[NH][NV], odd[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j) even[h][j] = odd[h][j] = _mm512_setzero_ps();
   int64_t t = 0;
   for (; t + 2 <= L; t += 2) {
-    const __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
-    for (int j = 0; j < NV; ++j) {
-      even[j] = _mm512_fmadd_ps(w0, load16(V + t * hd + j * 16), even[j]);
-      odd[j] = _mm512_fmadd_ps(w1, load16(V + (t + 1) * hd + j * 16), odd[j]);
+    __m512 v0[NV], v1[NV];
+    for (int j = 0; j < NV; ++j) v0[j] = load16(V + t * hd + j * 16), v1[j] = load16(V + (t + 1) * hd + j * 16);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 w0 = _mm512_set1_ps(p[h * L + t]), w1 = _mm512_set1_ps(p[h * L + t + 1]);
+      for (int j = 0; j < NV; ++j) {
+        even[h][j] = _mm512_fmadd_ps(w0, v0[j], even[h][j]);
+        odd[h][j] = _mm512_fmadd_ps(w1, v1[j], odd[h][j]);
+      }
     }
   }
   if (t < L) {
-    const __m512 w = _mm512_set1_ps(p[t]);
-    for (int j = 0; j < NV; ++j) even[j] = _mm512_fmadd_ps(w, load16(V + t * hd + j * 16), even[j]);
+    __m512 v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = load16(V + t * hd + j * 16);
+    for (int h = 0; h < NH; ++h)
+      for (int j = 0; j < NV; ++j) even[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * L + t]), v[j], even[h][j]);
   }
-  for (int j = 0; j < NV; ++j)
-    _mm512_storeu_ps(out + j * 16, _mm512_mul_ps(_mm512_add_ps(even[j], odd[j]), _mm512_set1_ps(scale)));
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j)
+      _mm512_storeu_ps(out + h * hd + j * 16,
+                       _mm512_mul_ps(_mm512_add_ps(even[h][j], odd[h][j]), _mm512_set1_ps(scale[h])));
 }
 
-template <class E>
-WIDE_TARGET void scores_wide(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
-  int64_t t = 0;
-  for (; t + 4 <= L; t += 4) _mm_storeu_ps(p + t, _mm_mul_ps(dot4_wide(q, K + t * hd, hd), _mm_set1_ps(scale)));
-  for (; t < L; ++t) p[t] = dot(q, K + t * hd, hd) * scale;
-}
-
-template <class E>
-WIDE_TARGET void weighted_wide(const float* p, const E* V, int64_t L, int64_t hd, float scale, float* out) {
-  for (int64_t c = 0; c < hd; c += 64) {  // 64 dims (4 registers) at a time
-    switch (std::min<int64_t>(4, (hd - c) / 16)) {
-      case 4: weighted_rows_wide<4>(p, V + c, L, hd, scale, out + c); break;
-      case 3: weighted_rows_wide<3>(p, V + c, L, hd, scale, out + c); break;
-      case 2: weighted_rows_wide<2>(p, V + c, L, hd, scale, out + c); break;
-      default: weighted_rows_wide<1>(p, V + c, L, hd, scale, out + c);
-    }
-  }
+template <int NH, class E>
+WIDE_TARGET void weighted_heads_wide(const float* p, const E* V, int64_t L, int64_t hd, const float* scale,
+                                     float* out) {
+  int64_t c = 0;
+  for (; c + 32 <= hd; c += 32) weighted_heads_rows_wide<NH, 2>(p, V + c, L, hd, scale, out + c);
+  if (c < hd) weighted_heads_rows_wide<NH, 1>(p, V + c, L, hd, scale, out + c);
 }
 
 // Attention is split in spans of a row's positions, each attended by its own thread: one row of a long
@@ -239,18 +277,41 @@ constexpr int64_t SPAN = 1024;
 
 inline int64_t spans(int64_t L) { return (L + SPAN - 1) / SPAN; }
 
+// attend_span for NH heads in one pass (p: scratch of NH * L floats)
+template <int NH, bool WIDE, class E>
+void attend_heads(const float* q, const E* K, const E* V, int64_t L, int64_t hd, float scale, float* p, float* out,
+                  float* m, float* l) {
+  if constexpr (WIDE) scores_heads_wide<NH, E>(q, K, L, hd, scale, p);
+  else scores_heads<NH, E>(q, K, L, hd, scale, p);
+  float weight[NH];  // of each head's sum
+  for (int h = 0; h < NH; ++h) {
+    float* ph = p + h * L;
+    const float mx = max_of(ph, L), sum = exp_shifted(ph, L, mx);
+    if (m != nullptr) m[h] = mx, l[h] = sum;
+    weight[h] = m == nullptr ? 1.0f / sum : 1.0f;
+  }
+  if constexpr (WIDE) weighted_heads_wide<NH, E>(p, V, L, hd, weight, out);
+  else weighted_heads<NH, E>(p, V, L, hd, weight, out);
+}
+
 // The `group` query heads q [group, hd] sharing one kv head, against its positions [t0, t0 + L) (K, V
-// [L, hd] from there). p: scratch of L floats. Alone (m == nullptr): the attention, into out [group, hd].
-// Else one span of several: per head r, the scores' max m[r], the sum of their exp shifted by it l[r], and
-// out[r] = sum_t exp(score_t - m[r]) V[t], which merge_spans combines.
+// [L, hd] from there), in passes of up to HEADS heads. p: scratch of min(group, HEADS) * L floats. Alone
+// (m == nullptr): the attention, into out [group, hd]. Else one span of several: per head r, the scores'
+// max m[r], the sum of their exp shifted by it l[r], and out[r] = sum_t exp(score_t - m[r]) V[t], which
+// merge_spans combines.
 template <bool WIDE, class E>
 void attend_span(const float* q, int64_t group, const E* K, const E* V, int64_t L, int64_t hd, float scale,
                  float* p, float* out, float* m, float* l) {
-  for (int64_t r = 0; r < group; ++r) {
-    (WIDE ? scores_wide<E> : scores<E>)(q + r * hd, K, L, hd, scale, p);
-    const float mx = *std::max_element(p, p + L), sum = exp_shifted(p, L, mx);
-    if (m != nullptr) m[r] = mx, l[r] = sum;
-    (WIDE ? weighted_wide<E> : weighted<E>)(p, V, L, hd, m == nullptr ? 1.0f / sum : 1.0f, out + r * hd);
+  constexpr int HEADS = WIDE ? HEADS_512 : HEADS_256;
+  for (int64_t h = 0; h < group; h += HEADS) {
+    auto pass = attend_heads<1, WIDE, E>;
+    switch (std::min<int64_t>(HEADS, group - h)) {
+      case 4: if constexpr (HEADS >= 4) pass = attend_heads<4, WIDE, E>; break;
+      case 3: if constexpr (HEADS >= 3) pass = attend_heads<3, WIDE, E>; break;
+      case 2: pass = attend_heads<2, WIDE, E>; break;
+    }
+    const bool alone = m == nullptr;
+    pass(q + h * hd, K, V, L, hd, scale, p, out + h * hd, alone ? nullptr : m + h, alone ? nullptr : l + h);
   }
 }
 
@@ -392,7 +453,7 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
       const int64_t at = ((sp[b] * Hkv + g) * S + t0) * hd;  // [len, hd] of this row's kv head, from t0
       const float* q = qkv + b * row + g * group * hd;       // the query heads g * group .. share kv head g
       float* out = att + b * qdim + g * group * hd;
-      p.resize(len);
+      p.resize(std::min<int64_t>(group, wide ? HEADS_512 : HEADS_256) * len);
       auto attend = wide ? attend_span<true, E> : attend_span<false, E>;
       if (n == 1) {
         attend(q, group, kc + at, vc + at, len, hd, scale, p.data(), out, nullptr, nullptr);
@@ -402,6 +463,7 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
       }
     }
   });
+  if (floats == 0) return;  // no row of several spans: nothing to merge (a region fewer per layer)
   parallel_for(B, 1, [&](int64_t b0, int64_t b1) {  // rows of several spans
     for (int64_t b = b0; b < b1; ++b) {
       if (first[b] < 0) continue;

@@ -67,10 +67,11 @@ Q8_TARGET void quantize_groups(const float* x, int64_t i0, int64_t i1, Q8Rows& o
     const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.get() + i * QK), _mm512_cvtepi32_epi8(qa));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.get() + i * QK + 16), _mm512_cvtepi32_epi8(qb));
+    const int32_t sa = _mm512_reduce_add_epi32(qa), sb = _mm512_reduce_add_epi32(qb);  // exact
     out.d[i] = amax / 127.0f;
-    out.dsum[i] = out.d[i] * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
-    out.dsum16[2 * i] = out.d[i] * float(_mm512_reduce_add_epi32(qa));
-    out.dsum16[2 * i + 1] = out.d[i] * float(_mm512_reduce_add_epi32(qb));
+    out.dsum[i] = out.d[i] * float(sa + sb);
+    out.dsum16[2 * i] = out.d[i] * float(sa);
+    out.dsum16[2 * i + 1] = out.d[i] * float(sb);
   }
 }
 
