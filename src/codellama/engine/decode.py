@@ -58,11 +58,12 @@ MIN_REUSED_TOKENS = 16
 
 # The longest prompt prefilled by the fused step (its per-row attention loop is quadratic in the prompt:
 # past this the eager model's GEMMs and SDPA are faster, BENCHMARKS.md, prefill), with float32 activations
-# and, longer, with int8 ones (the eager model's tiles, on one pool of threads: 384 tokens 695 -> 1207 tok/s,
-# 1024 tokens 699 -> 828, 2048 tokens 597 against 610); and the most tokens per fused call (several short
-# prompts: enough rows for the matmuls to run as GEMMs).
+# and, longer, with int8 ones (against the eager model's tiles and SDPA, tok/s to the first token: SmolLM2
+# 2048 tokens 940 against 635, 4096 630 against 510, 8000 390 against 370; two layers of the 7B shape, int4,
+# 2048 tokens 466 against 306, 4096 283 against 284, and with 8 kv heads 4096 583 against 327); and the most
+# tokens per fused call (several short prompts: enough rows for the matmuls to run as GEMMs).
 FUSED_PREFILL_MAX_PROMPT = 128
-FUSED_PREFILL_MAX_PROMPT_INT8 = 1024
+FUSED_PREFILL_MAX_PROMPT_INT8 = 4096
 FUSED_PREFILL_ROWS = 1024
 # The fewest cache positions a compiled step attends over: fewer CUDA graphs, while a bucket's unused
 # positions cost little next to the weights. The compiled code sees a bucket as KV_UNIT x a symbolic count,
