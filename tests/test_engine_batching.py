@@ -12,7 +12,7 @@ import torch
 
 import codellama.model as model_module
 from codellama.config import ModelConfig
-from codellama.engine import decode
+from codellama.engine import batching, decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.decode import Decoder
 from codellama.engine.quant import quantize
@@ -181,6 +181,65 @@ def test_cancelled_waiting_request_finishes_while_slots_are_busy(model, schedule
     assert done[queued.id].finish_reason == "cancelled" and not done[queued.id].tokens
     assert busy in sched.active and busy not in done and sched.unfinished == {busy} and not sched.waiting
     assert run(sched)[busy.id].tokens == naive_greedy(model, PROMPTS[0], 30)
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """A fused model's Scheduler of 2 slots prefilling 8 prompt tokens a step while another request decodes."""
+    monkeypatch.setattr(batching, "PREFILL_TOKENS_PER_STEP", 8)
+    model = eager_or_fused(CFG, "fused")
+    sched = Scheduler(Decoder(model, max_batch=2, max_seq_len=96), stop_ids=())
+    assert sched.chunk_prefills
+    return model, sched
+
+
+LONG = [(7 * i) % 97 for i in range(40)]
+
+
+def test_a_prompt_arriving_while_another_decodes_is_prefilled_a_chunk_a_step(chunked):
+    model, sched = chunked
+    short = sched.submit(PROMPTS[0], SamplingParams(max_new_tokens=20))
+    sched.step()  # alone: its prompt whole, then its first step
+    long = sched.submit(LONG, SamplingParams(max_new_tokens=6))
+    steps = []  # per step: (the short request's tokens so far, whether the long one got its first)
+    while sched.has_work:
+        events = sched.step()
+        steps.append((len(short.row.tokens), any(r is long for r, _ in events)))
+        if not any(got_first for _, got_first in steps):  # its chunks so far, in its slot
+            assert sched.decoder.held[long.slot] == LONG[: 8 * len(steps)]
+    # 4 chunks of 8, then the last 8 tokens and its first token; the short request decoded on meanwhile
+    assert [got_first for _, got_first in steps[:5]] == [False] * 4 + [True]
+    assert [n for n, _ in steps[:5]] == [3, 4, 5, 6, 7]  # 2 after the first step: its prefill's and one
+    out = {r.id: r.row.completion() for r in (short, long)}
+    assert out[short.id].tokens == naive_greedy(model, PROMPTS[0], 20)
+    assert out[long.id].tokens == naive_greedy(model, LONG, 6)
+    assert out[long.id].cached_tokens == 0  # its own chunks are not a cache hit
+
+
+def test_a_request_cancelled_between_its_prefill_chunks_frees_its_slot(chunked):
+    model, sched = chunked
+    short = sched.submit(PROMPTS[1], SamplingParams(max_new_tokens=30))
+    sched.step()
+    long = sched.submit(LONG, SamplingParams(max_new_tokens=4))
+    sched.step(), sched.step()  # two chunks
+    slot = long.slot
+    long.cancel()
+    events = sched.step()
+    assert [ev.completion.finish_reason for r, ev in events if r is long] == ["cancelled"]
+    assert slot in sched.free_slots and not sched.prefilling and sched.active == [short]
+    assert sched.decoder.held[slot] == LONG[:16]  # what its chunks computed, for a later prompt to reuse
+    again = sched.submit(LONG, SamplingParams(max_new_tokens=4))
+    while not again.finished:
+        sched.step()
+    assert again.row.completion().tokens == naive_greedy(model, LONG, 4)
+    assert again.row.completion().cached_tokens == 16
+
+
+def test_prompts_admitted_with_nobody_decoding_are_prefilled_whole(chunked):
+    model, sched = chunked
+    reqs = [sched.submit(p, SamplingParams(max_new_tokens=3)) for p in (LONG, PROMPTS[4])]
+    sched.step()
+    assert not sched.prefilling and all(len(r.row.tokens) == 2 for r in reqs)  # its prefill's and a step's
 
 
 def test_stop_ids_and_lengths_per_request(model, scheduler):

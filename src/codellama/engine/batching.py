@@ -18,6 +18,13 @@ step, fed with those tokens on the device, so the GPU does not wait for the host
 token or string has one step computed past its end, which is discarded; rows ending by length are known
 ahead and skipped. The chain pauses for one step whenever waiting requests can be admitted.
 
+Prefill in chunks (the CPU's fused step): a prompt admitted while other requests decode is prefilled
+PREFILL_TOKENS_PER_STEP tokens a step, between their steps, so they keep streaming: a 4096-token prompt's
+prefill takes seconds on a CPU, all of which they waited before. Each chunk extends what its slot holds
+and the next one starts there (prefix reuse, engine/decode.py), so the result is a whole prefill's up to
+float rounding (the rows went through the matmuls in other groups). With no other request decoding, every
+admitted prompt is prefilled whole, at once: nobody waits on it.
+
 Prompt lookup (`lookup` > 0, where a step runs exactly the active rows: the CPU's fused step): a greedy
 request whose last tokens occurred earlier in its prompt or output gets up to `lookup` guessed tokens
 (engine/lookup.py) fed after its own in the same step, one row each; the step's logits then check the
@@ -62,6 +69,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens prefilled per step while other requests decode (module docstring). SmolLM2 on 2 cores, 4
+# requests decoding while a 2000-token prompt arrives (bench/bench_prefill_stall.py): their longest wait 2.04 s
+# whole, 660 ms in chunks of 512, 384 of 256, 226 of 128; the prompt's first token 2.04 s whole, +0.5%, +3%, +22%.
+PREFILL_TOKENS_PER_STEP = 256
+
 
 @dataclass(eq=False)
 class Request:
@@ -76,6 +88,7 @@ class Request:
     generator: torch.Generator | None = None
     prompt_logprobs: bool = False  # also score the prompt's tokens (with `logprobs` alternatives)
     guesses: int = 1  # prompt lookup: how many tokens its next step may guess (grows while guesses hold)
+    reused: int | None = None  # prompt tokens its first prefill chunk found in the cache (usage's cached_tokens)
     slot: int | None = None
     finished: bool = False
     cancelled: bool = field(default=False, repr=False)
@@ -120,6 +133,8 @@ class Scheduler:
             _warn_once("prompt lookup needs the CPU's fused decode step (a float32 model on the CPU); decoding "
                        "one token per step")
         self._pending: Launched | None = None  # the step queued but not yet read (overlap only)
+        # prompts prefilled a chunk a step where the next chunk can start from what the last one left
+        self.chunk_prefills = decoder.steps_exact_slots and decoder.reuse_prefixes and not self.overlap
         ctx = context_len or decoder.model.config.max_seq_len
         self.context_len = min(ctx, decoder.max_seq_len)  # longest prompt + completion one slot holds
         self.default_stop_ids = set(stop_ids)
@@ -128,6 +143,7 @@ class Scheduler:
         # step() moves requests from waiting to active
         self.unfinished: set[Request] = set()
         self.active: list[Request] = []  # sorted by slot
+        self.prefilling: list[Request] = []  # holding a slot, their prompts partly prefilled; oldest first
         self.free_slots = list(range(decoder.max_batch))  # a heap: the lowest slot first keeps rows packed
         self._ids = itertools.count()
         self._sampler: tuple[tuple[int, ...], RowSampler] | None = None
@@ -166,17 +182,18 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active or self._pending)
+        return bool(self.waiting or self.prefilling or self.active or self._pending)
 
     # ---- the loop body ----
     @torch.inference_mode()
     def step(self) -> Events:
-        """Admit waiting requests into free slots, then decode one token for every active request.
+        """Admit waiting requests into free slots and prefill their prompts (or a chunk of them, module
+        docstring), then decode one token for every active request.
 
         With overlap, the tokens decoded by one call are accepted (and their events returned) by the next.
         """
         events: Events = []
-        for req in [r for r in self.active if r.cancelled]:
+        for req in [r for r in self.active + self.prefilling if r.cancelled]:
             self._finish(req, "cancelled", events)
         # a queued request cancelled while every slot is busy finishes now: it must not count against the
         # server's limit (stats()["unfinished"]) until a slot frees. list(): other threads append meanwhile.
@@ -185,15 +202,14 @@ class Scheduler:
             self._finish(req, "cancelled", events)
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            if not (self.waiting and self.free_slots):  # nothing to admit: queue the next step first
+            if not (self.waiting and self.free_slots):  # nothing to admit: queue the next step first (no chunks)
                 self._pending = self._chain(pending)
             self._accept(pending, events)
             if self._pending is not None:
                 return events
-        admitted = self._admit(events)
-        if admitted:
-            self.active = sorted(self.active + admitted, key=lambda r: r.slot)
-            self._prefill(admitted, events)
+        self.prefilling += self._admit(events)
+        if self.prefilling:
+            self._advance_prefills(events)
         if self.active:
             rows = list(self.active)
             guesses = {r.id: guess for r in rows if (guess := self._guess(r))}
@@ -222,6 +238,42 @@ class Scheduler:
                 self._token_history().start(req.slot, req.prompt)
             admitted.append(req)
         return admitted
+
+    def _advance_prefills(self, events: Events) -> None:
+        """Prefill the admitted prompts: all of them whole when no request is decoding (or chunks do not
+        apply), else PREFILL_TOKENS_PER_STEP tokens of them, the oldest first. A prompt whose prefill ends
+        here takes its first token and joins the decoding rows."""
+        done = []
+        if not self.active or not self.chunk_prefills:
+            done, self.prefilling = self.prefilling, []
+        else:
+            self.decoder.forget_if_weights_changed()  # what the slots hold must be true before counting on it
+            budget = PREFILL_TOKENS_PER_STEP
+            for req in list(self.prefilling):
+                reused = self.decoder.reused([req.prompt], [req.slot])[0]
+                if req.reused is None:
+                    req.reused = reused
+                rest = len(req.prompt) - reused
+                if rest > budget and not req.prompt_logprobs:  # (a scored prompt's prefill is one pass)
+                    self._prefill_chunk(req, reused + budget, events)
+                    break
+                self.prefilling.remove(req)
+                done.append(req)
+                budget -= rest
+                if budget <= 0:
+                    break
+        if done:
+            self.active = sorted(self.active + done, key=lambda r: r.slot)
+            self._prefill(done, events)
+
+    def _prefill_chunk(self, req: Request, end: int, events: Events) -> None:
+        """Prefill the request's prompt up to `end` (its slot then holds prompt[:end]); a prompt that breaks
+        the model fails alone."""
+        try:
+            self.decoder.prefill([req.prompt[:end]], [req.slot])
+        except Exception:
+            log.exception("request %s: prefill failed", req.id)
+            self._finish(req, "error", events)
 
     def _slot_for(self, prompt: list[int]) -> int:
         """Take the free slot holding the longest start of the prompt if that is worth it; else the lowest
@@ -318,7 +370,7 @@ class Scheduler:
         plain = [r for r in reqs if not r.prompt_logprobs]
         if plain:
             for r, n in zip(plain, self.decoder.reused([r.prompt for r in plain], [r.slot for r in plain])):
-                r.row.cached_tokens = n
+                r.row.cached_tokens = n if r.reused is None else r.reused  # not its own earlier chunks
             last.update(zip((r.id for r in plain), self.decoder.prefill([r.prompt for r in plain],
                                                                         [r.slot for r in plain])))
         for r in reqs:
@@ -330,7 +382,7 @@ class Scheduler:
         """Finish every request (after a failed step), freeing all slots."""
         self._pending = None
         events: Events = []
-        for req in list(self.active) + list(self.waiting):
+        for req in list(self.active) + list(self.prefilling) + list(self.waiting):
             self._finish(req, reason, events)
         self.waiting.clear()
         return events
@@ -367,11 +419,14 @@ class Scheduler:
         req.row.finish_reason = req.row.finish_reason or reason
         self.finished[req.row.finish_reason] += 1
         if req.slot is not None:
-            # what was fed back: every token but the last (no step took it as input); unless its record is
-            # gone (an error, or the weights changed)
-            if reason != "error" and req.slot in self.decoder.held:
-                self.decoder.hold(req.slot, req.prompt + req.row.tokens[:-1])
-            self.active.remove(req)
+            if req in self.prefilling:  # its slot's record is what its chunks prefilled
+                self.prefilling.remove(req)
+            else:
+                # what was fed back: every token but the last (no step took it as input); unless its record is
+                # gone (an error, or the weights changed)
+                if reason != "error" and req.slot in self.decoder.held:
+                    self.decoder.hold(req.slot, req.prompt + req.row.tokens[:-1])
+                self.active.remove(req)
             heapq.heappush(self.free_slots, req.slot)
             req.slot = None
         events.append((req, StreamEvent(req.id, delta, req.row.completion())))
@@ -468,7 +523,7 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"active": len(s.active), "waiting": len(s.waiting), "unfinished": len(s.unfinished),
+        return {"active": len(s.active) + len(s.prefilling), "waiting": len(s.waiting), "unfinished": len(s.unfinished),
                 "slots": self.max_batch, "finished": dict(s.finished)}
 
     # ---- lifecycle ----
