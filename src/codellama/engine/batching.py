@@ -202,7 +202,7 @@ class Scheduler:
             self._finish(req, "cancelled", events)
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            if not (self.waiting and self.free_slots):  # nothing to admit: queue the next step first (no chunks)
+            if not (self.waiting and self.free_slots):  # nothing to admit: queue the next step first
                 self._pending = self._chain(pending)
             self._accept(pending, events)
             if self._pending is not None:
