@@ -303,6 +303,7 @@ template <bool WIDE, class E>
 void attend_span(const float* q, int64_t group, const E* K, const E* V, int64_t L, int64_t hd, float scale,
                  float* p, float* out, float* m, float* l) {
   constexpr int HEADS = WIDE ? HEADS_512 : HEADS_256;
+  const bool alone = m == nullptr;
   for (int64_t h = 0; h < group; h += HEADS) {
     auto pass = attend_heads<1, WIDE, E>;
     switch (std::min<int64_t>(HEADS, group - h)) {
@@ -310,7 +311,6 @@ void attend_span(const float* q, int64_t group, const E* K, const E* V, int64_t 
       case 3: if constexpr (HEADS >= 3) pass = attend_heads<3, WIDE, E>; break;
       case 2: pass = attend_heads<2, WIDE, E>; break;
     }
-    const bool alone = m == nullptr;
     pass(q + h * hd, K, V, L, hd, scale, p, out + h * hd, alone ? nullptr : m + h, alone ? nullptr : l + h);
   }
 }
