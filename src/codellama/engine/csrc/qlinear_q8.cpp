@@ -10,9 +10,10 @@
 //
 // with the weights as unsigned codes u and a scale s and min z per group of 32 or 16 (VPDPBUSD multiplies
 // unsigned by signed bytes): int4 (Q4_1) as it is; the int8 layouts (int8: a scale per row; int8s: per 32 or
-// 16, Q8_0, Q6_K ...; int8g: a scale and a min per 16) with u = q + 128 and their min less 128 s. The only
-// error beyond float rounding is x's rounding to int8, at most d / 2 per value, the error llama.cpp's CPU
-// kernels make with these weights.
+// 16, Q8_0, Q6_K ...; int8g: a scale and a min per 16) with u = q + 128, the offset taken back in int32
+// (sum u q - 128 sum q is exactly sum q_w q), so that only int8g has a min term. The only error beyond float
+// rounding is x's rounding to int8, at most d / 2 per value, the error llama.cpp's CPU kernels make with
+// these weights.
 //
 // Weights go in blocks of 16 rows laid out in lanes (4 codes of each row per 32-bit lane, one register per
 // 4 k): one VPDPBUSD then advances 16 outputs of a row of x with no horizontal sums, every row of x in the
@@ -46,15 +47,18 @@ constexpr int64_t QK = 32;  // activations per scale, weights per group
 constexpr int64_t TM = 4;   // rows of x per tile
 constexpr int64_t PAIR_MIN_M = 4;  // rows of x from which tiles take two blocks of weights at once
 
-// x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, and d * sum(q) over the group and over
-// each half of it (for the mins of weights in groups of 32 and of 16)
+// x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, d * sum(q) over the group and over
+// each half of it (for the mins of weights in groups of 32 and of 16), and -128 sum(q) likewise (for the
+// offset of int8 codes)
 struct Q8Rows {
   // left uninitialised (quantize_groups writes every value): zeroing them was 2% of a 16-row step, on one thread
   Q8Rows(int64_t M, int64_t K)
-      : q(new int8_t[M * K]), d(new float[M * K / QK]), dsum(new float[M * K / QK]), dsum16(new float[M * K / 16]) {}
+      : q(new int8_t[M * K]), d(new float[M * K / QK]), dsum(new float[M * K / QK]), dsum16(new float[M * K / 16]),
+        offset(new int32_t[M * K / QK]), offset16(new int32_t[M * K / 16]) {}
   std::unique_ptr<int8_t[]> q;       // [M, K]
   std::unique_ptr<float[]> d, dsum;  // [M, K/32]
   std::unique_ptr<float[]> dsum16;   // [M, K/16]
+  std::unique_ptr<int32_t[]> offset, offset16;  // [M, K/32], [M, K/16]
 };
 
 // groups i0 .. i1 - 1 of x (the groups of all rows follow one another: K % 32 == 0) into out, sized for them
@@ -72,6 +76,8 @@ Q8_TARGET void quantize_groups(const float* x, int64_t i0, int64_t i1, Q8Rows& o
     out.dsum[i] = out.d[i] * float(sa + sb);
     out.dsum16[2 * i] = out.d[i] * float(sa);
     out.dsum16[2 * i + 1] = out.d[i] * float(sb);
+    out.offset[i] = -128 * (sa + sb);
+    out.offset16[2 * i] = -128 * sa, out.offset16[2 * i + 1] = -128 * sb;
   }
 }
 
@@ -139,8 +145,11 @@ Q8_TARGET inline void columns(const float* p, int64_t stride, int64_t valid, int
 enum class Scales { PerRow, PerGroup, PerGroupWithMin };
 
 // 16 weight rows repacked: register 8 g + i of codes holds, in lane j, the codes k = 32 g + 4 i .. + 3 of row n0 + j
-// (zeros past the last row); s, z [K/GW, 16] the scales and mins of their groups of GW weights
+// (zeros past the last row); s, z [K/GW, 16] the scales and mins of their groups of GW weights. OFFSET: the codes
+// are int8 ones plus 128; MIN: the weights have mins.
+template <bool OFFSET_, bool MIN_>
 struct Block {
+  static constexpr bool OFFSET = OFFSET_, MIN = MIN_;
   std::vector<uint32_t> codes;  // [G * 8, 16]
   std::vector<float> s, z;
   std::vector<float> wide;  // float16 scales of the block's rows as float32 [16, values per row] (int8s)
@@ -154,11 +163,12 @@ struct Block {
 // puts it in at each call, less the last steps: codes [G, D, 16, 4], the 4-byte pieces d of each group of the
 // 16 rows (piece d of row j in lane j), int4 still two codes a byte (D = 4) and int8 as stored (D = 8, their
 // sign flipped here); scales [K/GW, 16], or [K/GW, 2, 16] with their mins, float16 widened here (int8: one a
-// row, [16]). Unpacking the nibbles, flipping the sign and offsetting the mins cost a few operations per
+// row, [16]). Unpacking the nibbles or flipping the sign costs a few operations per
 // tile, the repacking a transpose per block per call: a step of one row ran 2x as fast, of 16 rows 1.15x
 // (BENCHMARKS.md, Decoding on the CPU).
 template <bool INT4, class S, Scales KIND>
 struct PackedBlock {
+  static constexpr bool OFFSET = !INT4, MIN = INT4 || KIND == Scales::PerGroupWithMin;
   const uint8_t* codes;
   const S* sc;
   static constexpr int64_t D = INT4 ? 4 : 8;
@@ -180,12 +190,7 @@ struct PackedBlock {
     else
       return _mm512_loadu_ps(sc + gw * C * NL);
   }
-  Q8_TARGET __m512 min(int64_t gw) const {
-    if constexpr (INT4) return _mm512_loadu_ps(sc + gw * C * NL + NL);
-    // z - 128 s, as Int8Q8::block_scales makes it (the same bits)
-    const __m512 z = C == 2 ? _mm512_loadu_ps(sc + gw * C * NL + NL) : _mm512_setzero_ps();
-    return _mm512_fmadd_ps(scale(gw), _mm512_set1_ps(-128.0f), z);
-  }
+  Q8_TARGET __m512 min(int64_t gw) const { return _mm512_loadu_ps(sc + gw * C * NL + NL); }  // MIN only
 };
 
 // the low and high 4 bits of each byte of t, as bytes
@@ -199,6 +204,7 @@ Q8_TARGET inline void store_nibbles(__m512i t, uint32_t* low, uint32_t* high) {
 // of each of 16 rows (WIDE groups) into codes, repack_group one group's 16-byte pieces (the last groups);
 // block_scales(n0, valid, b) puts the block's scales and mins into b.s and b.z.
 struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) and k = i + 16 (high)
+  using Blk = Block<false, true>;
   const uint8_t* w;  // [N, K/2]
   const float* sz;   // [N, K/32, 2]
   int64_t K;
@@ -216,7 +222,7 @@ struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) an
   }
   const uint8_t* row(int64_t n, int64_t g) const { return w + n * (K / 2) + g * 16; }
   static constexpr int halves = 1;  // 16-byte pieces per group
-  Q8_TARGET void block_scales(int64_t n0, int64_t valid, Block& b) const {
+  Q8_TARGET void block_scales(int64_t n0, int64_t valid, Blk& b) const {
     const int64_t G = K / QK;  // columns: scale and min of each group in turn
     columns(sz + n0 * G * 2, G * 2, valid, G * 2, [&](int64_t c) { return &(c & 1 ? b.z : b.s)[(c >> 1) * NL]; });
   }
@@ -225,7 +231,7 @@ struct Int4Q8 {  // 16 bytes per group of 32: byte i holds k = i (low nibble) an
   int64_t scale_bytes() const { return K / QK * 8; }  // per row
 };
 
-// int8 codes, signed: u = q + 128 (the sign bit flipped), z = -128 s (+ the group's min). Their scales: one
+// int8 codes, signed: u = q + 128 (the sign bit flipped; the tile takes the offset back). Their scales: one
 // per row (int8), one per group of GW = 16 or 32 (int8s, S float32 or float16), or a scale and a min per
 // group of 16 (int8g).
 template <class S, Scales KIND, int64_t GROUP>
@@ -248,13 +254,13 @@ struct Int8Q8 {
   static constexpr int halves = 2;
   static constexpr int64_t GW = GROUP;
   static constexpr bool MIN = KIND == Scales::PerGroupWithMin;
+  using Blk = Block<true, MIN>;
   // values per row: scales (and mins)
   int64_t values() const { return KIND == Scales::PerRow ? 1 : K / GW * (MIN ? 2 : 1); }
-  Q8_TARGET void block_scales(int64_t n0, int64_t valid, Block& b) const {
+  Q8_TARGET void block_scales(int64_t n0, int64_t valid, Blk& b) const {
     const int64_t G = K / GW, V = values();
     if constexpr (KIND == Scales::PerRow) {
       const __m512 s = _mm512_maskz_loadu_ps(__mmask16((1u << valid) - 1), sc + n0);
-      std::fill(b.z.begin(), b.z.end(), 0.0f);
       for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(&b.s[g * NL], s);
     } else {
       const float* rows = reinterpret_cast<const float*>(sc + n0 * V);
@@ -269,14 +275,9 @@ struct Int8Q8 {
       }
       if constexpr (MIN)  // columns: scale and min of each group in turn
         columns(rows, V, valid, V, [&](int64_t c) { return &(c & 1 ? b.z : b.s)[(c >> 1) * NL]; });
-      else {
+      else
         columns(rows, V, valid, V, [&](int64_t g) { return &b.s[g * NL]; });
-        std::fill(b.z.begin(), b.z.end(), 0.0f);
-      }
     }
-    for (int64_t i = 0; i < G * NL; i += 16)  // z - 128 s: for the codes' offset
-      _mm512_storeu_ps(&b.z[i], _mm512_fmadd_ps(_mm512_loadu_ps(&b.s[i]), _mm512_set1_ps(-128.0f),
-                                                _mm512_loadu_ps(&b.z[i])));
   }
   int64_t row_bytes() const { return K; }
   const void* scales_at(int64_t n) const { return sc + n * values(); }
@@ -286,14 +287,15 @@ struct Int8Q8 {
 // rows n0 .. n0 + 15 of w (those below N) into b, pulling the next block's codes and scales into cache as it
 // goes (without, streaming a row's weights for one row of x ran at half the speed)
 template <class W>
-Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, Block& b, bool next) {
+Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, typename W::Blk& b, bool next) {
   static const uint8_t zeros[64] = {};
   const int64_t G = w.K / QK, valid = std::min(NL, N - n0), block_bytes = NL * w.row_bytes();
   const char* next_codes = next ? reinterpret_cast<const char*>(w.row(n0 + NL, 0)) : nullptr;
   const char* next_scales = next ? static_cast<const char*>(w.scales_at(n0 + NL)) : nullptr;
   // lines of each to pull per group: no divisions in the loop (at 4 per group they cost as much as the rest)
   const int64_t code_lines = (block_bytes / 64 + G - 1) / G, scale_lines = (NL * w.scale_bytes() / 64 + G - 1) / G;
-  b.codes.resize(G * 8 * NL), b.s.resize(w.K / W::GW * NL), b.z.resize(w.K / W::GW * NL);
+  b.codes.resize(G * 8 * NL), b.s.resize(w.K / W::GW * NL);
+  if constexpr (W::Blk::MIN) b.z.resize(w.K / W::GW * NL);
   w.block_scales(n0, valid, b);
   const void* rows[NL];
   for (int64_t g = 0; g < G;) {
@@ -331,16 +333,21 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
   // the same y however they are split)
   constexpr int CH = R * NB >= 6 ? 1 : 2;
   const int64_t G = K / QK;
+  // -128 sum(q) over each weight group of x's rows: the int32 sums start from it where the codes are offset
+  const int32_t* offset = P == 1 ? x.offset.get() : x.offset16.get();
   __m512 scaled[R][NB], mins[R][NB];  // the two terms of y, in separate chains of FMAs (latency: one row)
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < NB; ++k) scaled[r][k] = mins[r][k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* xg = x.q.get() + m * K + g * QK;
     for (int64_t p = 0; p < P; ++p) {
-      __m512i dot[R][NB][CH];  // sum_{k in the weight group} u[n, k] q[m + r, k], exactly
-      for (int r = 0; r < R; ++r)
+      __m512i dot[R][NB][CH];  // sum_{k in the weight group} u[n, k] q[m + r, k] (less the offset), exactly
+      for (int r = 0; r < R; ++r) {
+        const __m512i start =
+            B::OFFSET ? _mm512_set1_epi32(offset[((m + r) * G + g) * P + p]) : _mm512_setzero_si512();
         for (int k = 0; k < NB; ++k)
-          for (int c = 0; c < CH; ++c) dot[r][k][c] = _mm512_setzero_si512();
+          for (int c = 0; c < CH; ++c) dot[r][k][c] = c == 0 ? start : _mm512_setzero_si512();
+      }
       for (int64_t i = p * STEPS; i < (p + 1) * STEPS; ++i) {
         __m512i wv[NB];
         for (int k = 0; k < NB; ++k) wv[k] = b[k].codes_at(g, i);
@@ -353,7 +360,7 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
       }
       const int64_t gw = g * P + p;
       for (int k = 0; k < NB; ++k) {
-        const __m512 s = b[k].scale(gw), z = b[k].min(gw);
+        const __m512 s = b[k].scale(gw), z = B::MIN ? b[k].min(gw) : _mm512_setzero_ps();
         for (int r = 0; r < R; ++r) {
           const int64_t i = (m + r) * G + g;
           const float dsum = P == 1 ? x.dsum[i] : x.dsum16[i * 2 + p];
@@ -361,7 +368,7 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
           for (int c = 1; c < CH; ++c) sum = _mm512_add_epi32(sum, dot[r][k][c]);
           scaled[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(x.d[i])),
                                          scaled[r][k]);
-          mins[r][k] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum), mins[r][k]);
+          if constexpr (B::MIN) mins[r][k] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum), mins[r][k]);
         }
       }
     }
@@ -370,7 +377,7 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < NB; ++k)
       _mm512_mask_storeu_ps(y + (m + r) * N + n0 + k * NL, k == NB - 1 ? keep : __mmask16(0xFFFF),
-                            _mm512_add_ps(scaled[r][k], mins[r][k]));
+                            B::MIN ? _mm512_add_ps(scaled[r][k], mins[r][k]) : scaled[r][k]);
 }
 
 // every row of x against NB repacked blocks, TM rows at a time
@@ -418,7 +425,7 @@ template <class W>
 Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t tiles_max_m) {
   const int64_t M = x.size(0), K = x.size(1), pair = blocks_at_once(M);
   return run_blocks(x, N, tiles_max_m, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
-    Block b[2];
+    typename W::Blk b[2];
     for (int64_t blk = b0; blk < b1; blk += pair) {
       const int64_t nb = std::min<int64_t>(pair, b1 - blk), n0 = blk * NL;
       // one row's repacking pulls the next block into cache
