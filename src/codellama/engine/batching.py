@@ -376,7 +376,8 @@ class Scheduler:
         for r in reqs:
             if r.prompt_logprobs:
                 last[r.id], r.row.prompt_logprobs = self.decoder.score_prompt(r.prompt, r.slot, r.logprobs or 0)
-        return torch.stack([last[r.id] for r in reqs])
+        with torch_on_one_thread(self.device):
+            return torch.stack([last[r.id] for r in reqs])
 
     def abort_all(self, reason: str = "error") -> Events:
         """Finish every request (after a failed step), freeing all slots."""

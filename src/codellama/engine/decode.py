@@ -45,7 +45,7 @@ import torch
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.graphs import StepGraphs
 from codellama.engine.host import to_device
-from codellama.engine.kernels import onednn_matmuls
+from codellama.engine.kernels import onednn_matmuls, torch_on_one_thread
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
 from codellama.model import KVCache, Transformer, kv_read_len, round_up
@@ -225,7 +225,8 @@ class Decoder:
         self._prefill_rests(prompts, slots, plan, [i for i in then if out[i] is None], out)
         for p, s in zip(prompts, slots):
             self.hold(s, p)
-        return torch.stack(out)
+        with torch_on_one_thread(self.device):  # a parallel copy of the logits would slow the next step
+            return torch.stack(out)
 
     def _prefill_rests(self, prompts: Sequence[Sequence[int]], slots: Sequence[int],
                        plan: list[tuple[int, int | None, int | None]], todo: list[int], out: list) -> None:
@@ -245,10 +246,11 @@ class Decoder:
 
     def _copy_positions(self, source: int, slot: int, n: int) -> None:
         """Copy the keys and values of positions 0..n-1 of slot `source` into `slot`, in every layer."""
-        for layer in self.model.layers:
-            cache = layer.attention.cache
-            for t in (cache.k, cache.v):  # [max_batch, Hkv, S, hd] views of the cache's buffer
-                t[slot, :, :n] = t[source, :, :n]
+        with torch_on_one_thread(self.device):
+            for layer in self.model.layers:
+                cache = layer.attention.cache
+                for t in (cache.k, cache.v):  # [max_batch, Hkv, S, hd] views of the cache's buffer
+                    t[slot, :, :n] = t[source, :, :n]
 
     def _prefill_one(self, prompt: Sequence[int], slot: int, start: int = 0) -> torch.Tensor:
         for _, logits in self._prefill_chunks(prompt, slot, last_only=True, start=start):
@@ -302,7 +304,8 @@ class Decoder:
             end = start + chunk
             want = last_t[(last_t >= start) & (last_t < end)] - start
             out.append(self._fused(tokens_t[start:end], slots_t[start:end], pos_t[start:end], want))
-        return torch.cat(out)
+        with torch_on_one_thread(self.device):
+            return torch.cat(out)
 
     @torch.inference_mode()
     def decode(
