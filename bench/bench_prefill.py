@@ -1,13 +1,14 @@
 """Prompt processing (prefill) speed on the CPU: ours vs transformers vs llama.cpp, same run.
 
-    python bench/bench_prefill.py [--lengths 128,512,2048] [--reps 3]
+    python bench/bench_prefill.py [--lengths 16,128,512,2048] [--reps 3]
 
 The time to the first token of a prompt of each length: the whole prompt in, one token out. Weights:
 SmolLM2-135M-Instruct; "ours auto" is what the command line runs (the GGUF's matrices as their codes),
 "ours fp32" the same weights in float32 (as an HF checkpoint runs), transformers a LlamaForCausalLM
 holding those float32 weights, llama.cpp (llama-cpp-python, in its own process as in bench_decode.py) the
 same GGUF with its default batch of 512 tokens. Each repetition feeds every engine the same new random
-prompt (no engine can reuse a cached prefix); repetitions are interleaved, medians reported.
+prompt (no engine can reuse a cached prefix); repetitions are interleaved, each run after the cores
+rested (IDLE_BEFORE_RUN), medians reported.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from common import hf_twin, machine, print_table
 from codellama.checkpoints.load import load_model
 from codellama.generate import Generator, load_for_inference
 from codellama.sampling import SamplingParams
+
+# seconds the cores rest before each timed run: the threads of the engine that ran before (torch's OpenMP
+# workers, llama.cpp's) spin for milliseconds after their work, on the cores the next one needs
+IDLE_BEFORE_RUN = 0.1
 
 # reads a line of comma-separated ids, prefills them from an empty cache, prints the seconds it took
 LLAMA_WORKER = r"""
@@ -44,7 +49,7 @@ for line in sys.stdin:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", default="128,512,2048")
+    ap.add_argument("--lengths", default="16,128,512,2048")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-llamacpp", action="store_true")
@@ -89,6 +94,7 @@ def main() -> None:
         for _ in range(args.reps):
             ids = torch.randint(100, vocab, (n,), generator=rng).tolist()
             for name, run in runners.items():
+                time.sleep(IDLE_BEFORE_RUN)
                 t = time.perf_counter()
                 inner = run(ids)
                 times[name].append(inner if isinstance(inner, float) else time.perf_counter() - t)
