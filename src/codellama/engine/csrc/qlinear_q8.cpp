@@ -48,17 +48,17 @@ constexpr int64_t TM = 4;   // rows of x per tile
 constexpr int64_t PAIR_MIN_M = 4;  // rows of x from which tiles take two blocks of weights at once
 
 // x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, d * sum(q) over the group and over
-// each half of it (for the mins of weights in groups of 32 and of 16), and -128 sum(q) likewise (for the
-// offset of int8 codes)
+// each half of it (for the mins of weights in groups of 32 and of 16), and for int8 codes (`offsets`)
+// -128 sum(q) likewise
 struct Q8Rows {
   // left uninitialised (quantize_groups writes every value): zeroing them was 2% of a 16-row step, on one thread
-  Q8Rows(int64_t M, int64_t K)
+  Q8Rows(int64_t M, int64_t K, bool offsets)
       : q(new int8_t[M * K]), d(new float[M * K / QK]), dsum(new float[M * K / QK]), dsum16(new float[M * K / 16]),
-        offset(new int32_t[M * K / QK]), offset16(new int32_t[M * K / 16]) {}
+        offset(offsets ? new int32_t[M * K / QK] : nullptr), offset16(offsets ? new int32_t[M * K / 16] : nullptr) {}
   std::unique_ptr<int8_t[]> q;       // [M, K]
   std::unique_ptr<float[]> d, dsum;  // [M, K/32]
   std::unique_ptr<float[]> dsum16;   // [M, K/16]
-  std::unique_ptr<int32_t[]> offset, offset16;  // [M, K/32], [M, K/16]
+  std::unique_ptr<int32_t[]> offset, offset16;  // [M, K/32], [M, K/16], or none
 };
 
 // groups i0 .. i1 - 1 of x (the groups of all rows follow one another: K % 32 == 0) into out, sized for them
@@ -76,8 +76,10 @@ Q8_TARGET void quantize_groups(const float* x, int64_t i0, int64_t i1, Q8Rows& o
     out.dsum[i] = out.d[i] * float(sa + sb);
     out.dsum16[2 * i] = out.d[i] * float(sa);
     out.dsum16[2 * i + 1] = out.d[i] * float(sb);
-    out.offset[i] = -128 * (sa + sb);
-    out.offset16[2 * i] = -128 * sa, out.offset16[2 * i + 1] = -128 * sb;
+    if (out.offset) {
+      out.offset[i] = -128 * (sa + sb);
+      out.offset16[2 * i] = -128 * sa, out.offset16[2 * i + 1] = -128 * sb;
+    }
   }
 }
 
@@ -393,10 +395,10 @@ Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const B* b, float* y
   }
 }
 
-// y = x @ w.T for weights in blocks of 16 rows: x rounded to int8, then each thread's run of blocks
-// b0 .. b1 - 1 through over_blocks(x's codes, y, b0, b1)
+// y = x @ w.T for weights in blocks of 16 rows: x rounded to int8 (with the sums int8 codes need where
+// `offsets`), then each thread's run of blocks b0 .. b1 - 1 through over_blocks(x's codes, y, b0, b1)
 template <class F>
-Q8_TARGET at::Tensor run_blocks(const at::Tensor& x, int64_t N, int64_t tiles_max_m, F&& over_blocks) {
+Q8_TARGET at::Tensor run_blocks(const at::Tensor& x, int64_t N, int64_t tiles_max_m, bool offsets, F&& over_blocks) {
   const int64_t M = x.size(0), K = x.size(1), blocks = (N + NL - 1) / NL;
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
@@ -406,7 +408,7 @@ Q8_TARGET at::Tensor run_blocks(const at::Tensor& x, int64_t N, int64_t tiles_ma
     if (torch_threads) at::parallel_for(0, n, grain, fn);
     else parallel_for(n, grain, fn);
   };
-  Q8Rows xq(M, K);
+  Q8Rows xq(M, K, offsets);
   const int64_t groups = M * (K / QK);
   const float* xp = x.data_ptr<float>();
   // x's rows on both threads too once there are a few (rows of a batch cost the serial part of a step per row)
@@ -424,7 +426,7 @@ inline int64_t blocks_at_once(int64_t M) { return M >= PAIR_MIN_M ? 2 : 1; }
 template <class W>
 Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t tiles_max_m) {
   const int64_t M = x.size(0), K = x.size(1), pair = blocks_at_once(M);
-  return run_blocks(x, N, tiles_max_m, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
+  return run_blocks(x, N, tiles_max_m, W::Blk::OFFSET, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
     typename W::Blk b[2];
     for (int64_t blk = b0; blk < b1; blk += pair) {
       const int64_t nb = std::min<int64_t>(pair, b1 - blk), n0 = blk * NL;
@@ -443,7 +445,7 @@ Q8_TARGET at::Tensor run_packed(const uint8_t* codes, const S* sc, const at::Ten
                                 int64_t tiles_max_m) {
   const int64_t M = x.size(0), K = x.size(1), pair = blocks_at_once(M);
   const int64_t code_bytes = K / QK * P::D * 64, scale_values = NL * (P::C == 0 ? 1 : K / GW * P::C);
-  return run_blocks(x, N, tiles_max_m, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
+  return run_blocks(x, N, tiles_max_m, P::OFFSET, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; blk += pair) {
       const int64_t nb = std::min<int64_t>(pair, b1 - blk);
       const P b[2] = {P{codes + blk * code_bytes, sc + blk * scale_values},
