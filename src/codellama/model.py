@@ -129,6 +129,23 @@ def kv_read_len(filled: int, cache_len: int) -> int:
     return min(round_up(filled, 8), cache_len)
 
 
+KV_GROUP = 32  # keys' and values' entries per scale in an int8 cache (csrc/decode_layer.cpp reads it too)
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., hd] -> int8 codes [..., hd] and float32 scales [..., hd / KV_GROUP]: per group of KV_GROUP
+    values d = max|x| / 127 and q = round(x / d) (llama.cpp's q8_0 cache, its scales in float32)."""
+    groups = x.float().unflatten(-1, (-1, KV_GROUP))  # [..., hd / G, G]
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    codes = torch.where(d > 0, torch.round(groups / d), 0.0)
+    return codes.to(torch.int8).flatten(-2), d.squeeze(-1)
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_kv's inverse, up to its rounding: float32 [..., hd]."""
+    return (codes.float().unflatten(-1, (-1, KV_GROUP)) * scales[..., None]).flatten(-2)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for `max_batch` sequence slots of `max_seq_len` positions each.
 
@@ -139,7 +156,9 @@ class KVCache(nn.Module):
     one index_copy_ on the buffer itself: torch.compile (2.11) turned a write through a view of the cache
     into two copies of the whole cache per layer and step. They are stored as `dtype` and read as
     `reads_as` (the activations' dtype; default: dtype): a quantised model on the CPU keeps them in float16
-    (engine.cpu_decode.FusedCPUDecode.kv_dtype).
+    (engine.cpu_decode.FusedCPUDecode.kv_dtype). As int8 (torch.int8: head_dim a multiple of KV_GROUP) each
+    key and value is stored as quantize_kv's codes in `kv` and their scales in `scales` [2, rows, hd / KV_GROUP]
+    float32: half the memory of float16.
     """
 
     def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None,
@@ -149,6 +168,12 @@ class KVCache(nn.Module):
         self.reads_as = reads_as or dtype
         rows = max_batch * n_kv_heads * max_seq_len
         self.register_buffer("kv", torch.zeros(2, rows, head_dim, dtype=dtype, device=device), persistent=False)
+        if dtype == torch.int8 and head_dim % KV_GROUP:
+            raise ValueError(f"an int8 KV cache needs head_dim a multiple of {KV_GROUP}, got {head_dim}: "
+                             "keep it in float16")
+        scales = (torch.zeros(2, rows, head_dim // KV_GROUP, device=device) if dtype == torch.int8
+                  else torch.empty(0, device=device))
+        self.register_buffer("scales", scales, persistent=False)
         # slot -> the tokens whose keys/values it holds at positions 0..n-1, kept by the engine's Decoder for
         # prefix reuse (engine/decode.py); on the first layer's cache, for all of them, with the weights they
         # were computed with (decode.weights_stamp)
@@ -163,19 +188,34 @@ class KVCache(nn.Module):
     def v(self) -> torch.Tensor:
         return self.kv[1].view(self.shape)
 
+    def views(self) -> list[torch.Tensor]:
+        """Everything the cache holds per position, as [max_batch, Hkv, max_seq_len, ...] views (to copy
+        positions between slots): keys and values, and an int8 cache's scales."""
+        if not self.scales.numel():
+            return [self.k, self.v]
+        return [self.k, self.v, *(s.view(*self.shape[:3], -1) for s in self.scales)]
+
     def update(self, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] at the step's positions; return the rows' caches [B, Hkv, kv_len or S, hd]."""
         B, hd = k.shape[0], k.shape[-1]
+        new = torch.stack((k, v)).reshape(2, -1, hd)
         # index_copy_ (advanced-index assignment costs ~10x more on the CPU)
-        self.kv.index_copy_(1, step.write_idx, torch.stack((k, v)).reshape(2, -1, hd).to(self.kv.dtype))
-        keys, values = self.k, self.v
-        if step.kv_len is not None:
-            keys, values = keys[:, :, : step.kv_len], values[:, :, : step.kv_len]
-        if step.slots is None:  # rows 0..B-1: a view, no copy (unless widened below)
-            keys, values = keys[:B], values[:B]
+        if self.scales.numel():
+            codes, scales = quantize_kv(new)
+            self.kv.index_copy_(1, step.write_idx, codes)
+            self.scales.index_copy_(1, step.write_idx, scales)
         else:
-            keys, values = keys[step.slots], values[step.slots]
-        return keys.to(self.reads_as), values.to(self.reads_as)
+            self.kv.index_copy_(1, step.write_idx, new.to(self.kv.dtype))
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # [max_batch, Hkv, S, X] -> the step's [B, Hkv, kv_len or S, X]
+            if step.kv_len is not None:
+                t = t[:, :, : step.kv_len]
+            return t[:B] if step.slots is None else t[step.slots]  # rows 0..B-1: a view, no copy
+
+        views = [rows(t) for t in self.views()]
+        if self.scales.numel():
+            views = [dequantize_kv(views[0], views[2]), dequantize_kv(views[1], views[3])]
+        return views[0].to(self.reads_as), views[1].to(self.reads_as)
 
 
 class Attention(nn.Module):
@@ -349,7 +389,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             old = layer.attention.cache
             new = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, self.device, reads_as=self.dtype)
-            for a, b in ((new.k, old.k), (new.v, old.v)):  # [max_batch, Hkv, S, hd]
+            for a, b in zip(new.views(), old.views()):  # [max_batch, Hkv, S, ...]
                 a[:slots, :, :length] = b[:slots, :, :length]
             layer.attention.cache = new
         new0 = self.layers[0].attention.cache

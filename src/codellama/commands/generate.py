@@ -44,6 +44,24 @@ def add_lookup_arg(p: argparse.ArgumentParser) -> None:
                    "(default: 0, off)")
 
 
+KV_CACHE_DTYPES = ("float16", "float32", "int8")
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    """--kv-cache, the same on every command that decodes."""
+    p.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default=None,
+                   help="how the KV cache stores keys and values: int8 (CPU) takes half the memory of float16 and "
+                   "reads faster over long contexts, within llama.cpp's q8_0 rounding (default: float16 for a "
+                   "quantised model on the CPU, else the weights' dtype)")
+
+
+def kv_dtype(name: str | None):
+    """--kv-cache's torch dtype (None: the engine's choice)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 def check_lookup(n: int) -> None:
     if not 0 <= n <= LOOKUP_MAX:
         raise UserError(f"--lookup must be 0 (off) to {LOOKUP_MAX} guessed tokens per step, got {n}")
@@ -66,6 +84,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     add_lookup_arg(p)
+    add_kv_cache_arg(p)
 
 
 def register(sub) -> None:
@@ -112,7 +131,7 @@ def _load(args):
     check_lookup(args.lookup)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load(args.model, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len, quantize=args.quantize,
-                lookup=args.lookup)
+                lookup=args.lookup, kv_dtype=kv_dtype(args.kv_cache))
 
 
 def _emit(text: str) -> None:

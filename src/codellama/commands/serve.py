@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from codellama.commands.generate import add_lookup_arg, add_precision_args, check_lookup
+from codellama.commands.generate import add_kv_cache_arg, add_lookup_arg, add_precision_args, check_lookup, kv_dtype
 from codellama.errors import UserError
 
 
@@ -50,6 +50,7 @@ def register(subparsers) -> None:
                    "--no-reuse-prefixes prefills every prompt whole (logits then never depend on earlier "
                    "requests, not even by float rounding)")
     add_lookup_arg(p)
+    add_kv_cache_arg(p)
     p.add_argument("--spm", action="store_true",
                    help="lay out `suffix` requests suffix-first (<PRE> <SUF> suffix <MID> prefix; default: "
                    "prefix-suffix-middle): an editor typing at the cursor then changes only the prompt's end, so "
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from codellama.engine.batching import Engine
-    from codellama.generate import load_for_inference, warn_past_trained_context
+    from codellama.generate import check_kv_dtype, load_for_inference, warn_past_trained_context
     from codellama.serve.app import ServerConfig, create_app
 
     for name, value in (("--max-batch", args.max_batch), ("--max-concurrent", args.max_concurrent),
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     loaded = load_for_inference(args.model, device, dtype, args.quantize)
+    check_kv_dtype(loaded.model, kv_dtype(args.kv_cache))
     # a --context past the trained one runs, as complete's --max-seq-len does (RoPE has no hard limit: Code
     # Llama keeps its perplexity to ~100k, spec 5.6 / 6.2), with the same warning; it was cut to the model's
     # context without a word
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     warn_past_trained_context(args.context, loaded.config, "--context")
     _setup_logging(log_handler)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, context_len=context,
-                    compile=args.compile, reuse_prefixes=args.reuse_prefixes, lookup=args.lookup)
+                    compile=args.compile, reuse_prefixes=args.reuse_prefixes, lookup=args.lookup,
+                    kv_dtype=kv_dtype(args.kv_cache))
     config = ServerConfig(args.model_name or model_name(args.model), args.api_key, args.max_concurrent, args.max_tokens,
                           suffix_first=args.spm, cors_origins=tuple(args.cors_origin))
     app = create_app(engine, config)
@@ -120,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cache_gb(model) -> float:
-    """The KV cache as the engine allocated it (float16 for a quantised model on the CPU)."""
-    return sum(layer.attention.cache.kv.nbytes for layer in model.layers) / 1e9
+    """The KV cache as the engine allocated it (float16 for a quantised model on the CPU), int8's scales too."""
+    caches = [layer.attention.cache for layer in model.layers]
+    return sum(c.kv.nbytes + c.scales.nbytes for c in caches) / 1e9
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -500,10 +500,12 @@ class Engine:
         overlap: bool | None = None,
         reuse_prefixes: bool = True,
         lookup: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ):
         context_len = context_len or model.config.max_seq_len
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, max_batch, context_len, prefill_chunk, compile, reuse_prefixes=reuse_prefixes)
+        self.decoder = Decoder(model, max_batch, context_len, prefill_chunk, compile, reuse_prefixes=reuse_prefixes,
+                               kv_dtype=kv_dtype)
         if tokenizer is not None:
             stop_ids = tokenizer.stop_ids
         else:

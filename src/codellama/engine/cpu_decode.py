@@ -127,8 +127,8 @@ class FusedCPUDecode:
         decode_layer = self.kernels.decode_layer
         for layer, weights in zip(m.layers, self.layers):
             cache = layer.attention.cache  # its buffer as it is: the k and v views cost 0.2 ms a step
-            h = decode_layer(h, slots, pos, cos, sin, *weights, cache.kv, c.n_kv_heads, cache.shape[2], c.n_heads,
-                             c.norm_eps)
+            h = decode_layer(h, slots, pos, cos, sin, *weights, cache.kv, cache.scales, c.n_kv_heads, cache.shape[2],
+                             c.n_heads, c.norm_eps)
         with torch_on_one_thread(tokens.device):
             h = m.norm(h if out_rows is None else h[out_rows]).contiguous()
         return self.kernels.linear(h, *self.output)  # [R, V] float32

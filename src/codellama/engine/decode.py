@@ -98,16 +98,19 @@ class Decoder:
         the model must not be converted once decoding began). reuse_prefixes: prefill a prompt from where it
         differs from what its slot holds (module docstring); off, every prompt is prefilled whole.
         kv_dtype: how the KV cache stores keys and values; default: the fused CPU step's choice
-        (FusedCPUDecode.kv_dtype: float16 for quantised weights), else the activations' dtype."""
+        (FusedCPUDecode.kv_dtype: float16 for quantised weights), else the activations' dtype; torch.int8 (CPU):
+        model.KVCache, half the memory of float16."""
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         if graphs not in ("trees", "manual"):
             raise ValueError(f"graphs must be 'trees' or 'manual', got {graphs!r}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:  # 0 and -1 failed every prefill
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
-        if kv_dtype not in (None, torch.float16, torch.float32, model.dtype):  # the fused step reads these two
-            raise ValueError(f"kv_dtype must be torch.float16, torch.float32 or the model's {model.dtype}, "
+        if kv_dtype not in (None, torch.float16, torch.float32, torch.int8, model.dtype):  # the fused step reads these
+            raise ValueError(f"kv_dtype must be torch.float16, torch.float32, torch.int8 or the model's {model.dtype}, "
                              f"got {kv_dtype!r}")
+        if kv_dtype == torch.int8 and model.device.type != "cpu":
+            raise ValueError("an int8 KV cache is for the CPU (its fused step reads it); on a GPU keep the default")
         self.model = model.eval()
         self.attention, self.graphs = attention, graphs
         self.device = model.device
@@ -249,7 +252,7 @@ class Decoder:
         with torch_on_one_thread(self.device):
             for layer in self.model.layers:
                 cache = layer.attention.cache
-                for t in (cache.k, cache.v):  # [max_batch, Hkv, S, hd] views of the cache's buffer
+                for t in cache.views():  # [max_batch, Hkv, S, ...] views of the cache's buffers
                     t[slot, :, :n] = t[source, :, :n]
 
     def _prefill_one(self, prompt: Sequence[int], slot: int, start: int = 0) -> torch.Tensor:

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -29,11 +30,32 @@
 namespace {
 
 // The cache holds float32, or float16 (E = uint16_t, its bits) for quantised models: read as float32
-inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return _cvtsh_ss(v); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// An int8 cache (E = int8_t) holds each key and value in groups of KV_GROUP values: codes q = round(x / d)
+// and a float32 scale d = max|x| / 127 per group, as model.quantize_kv computes them (the same bits): half
+// the memory of float16 to stream, which is what attention over long contexts waits on. The loops read it
+// through a Q8View, widening q * d into float32 registers as the eager model dequantises it.
+constexpr int64_t KV_GROUP = 32;
+
+// int8 codes from `c` on and the scales of their groups (s[0]: the group of c[-off]); + moves along, as a
+// pointer would. Loads of 8 or 16 values start at multiples of 8 or 16 from a group's start: one scale each.
+struct Q8View {
+  const int8_t* c;
+  const float* s;
+  int64_t off = 0;
+  Q8View operator+(int64_t n) const { return {c + n, s, off + n}; }
+  float operator[](int64_t i) const { return float(c[i]) * s[(off + i) / KV_GROUP]; }
+  float scale() const { return s[off / KV_GROUP]; }
+};
+inline float to_float(float v) { return v; }  // of Q8View's []
+inline __m256 load8(Q8View v) {
+  const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v.c)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(v.scale()));
 }
 
 // dst[0:n] = src[0:n] as the cache holds them: float16 rounded to nearest even, as torch's .to(float16)
@@ -47,8 +69,28 @@ inline void store_row(const float* src, int64_t n, uint16_t* dst) {
   for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
+// int8 (n % KV_GROUP == 0): codes into dst, a scale per group into scale
+inline void store_row(const float* src, int64_t n, int8_t* dst, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t g = 0; g < n / KV_GROUP; ++g) {
+    const float* x = src + g * KV_GROUP;
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < KV_GROUP; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float d = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1))) / 127.0f;
+    scale[g] = d;
+    const __m256 dv = _mm256_set1_ps(d);
+    for (int i = 0; i < KV_GROUP; i += 8) {  // x / d rounded to nearest even (the default mode), as torch.round
+      const __m256i q = d > 0 ? _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + i), dv)) : _mm256_setzero_si256();
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));  // |q| <= 127
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + g * KV_GROUP + i), _mm_packs_epi16(w, w));
+    }
+  }
+}
+
 template <class E>
-inline float dot(const float* a, const E* b, int64_t n) {
+inline float dot(const float* a, E b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
@@ -79,7 +121,7 @@ inline float exp1(float x) {  // exp8 for one value, so tails give the same numb
 
 // o[0:n] += w * v[0:n]
 template <class E>
-inline void axpy(float* o, float w, const E* v, int64_t n) {
+inline void axpy(float* o, float w, E v, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, load8(v + i), _mm256_loadu_ps(o + i)));
@@ -133,7 +175,7 @@ constexpr int HEADS_256 = 2, HEADS_512 = 4;
 // p[h * L + t] = scale * q_h . K[t] for the NH heads q_h = q + h * hd and t < L (K [L, hd]); 4 positions
 // at a time in independent FMA chains where hd % 8 == 0
 template <int NH, class E>
-inline void scores_heads(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
+inline void scores_heads(const float* q, E K, int64_t L, int64_t hd, float scale, float* p) {
   int64_t t = 0;
   if (hd % 8 == 0) {
     for (; t + 4 <= L; t += 4) {
@@ -159,7 +201,7 @@ inline void scores_heads(const float* q, const E* K, int64_t L, int64_t hd, floa
 // out[h * hd + 0 : NV*8] = scale[h] * sum_t p[h * L + t] * V[t, 0 : NV*8] (row stride hd) for the NH heads,
 // the sums held in registers
 template <int NH, int NV, class E>
-inline void weighted_heads_rows(const float* p, const E* V, int64_t L, int64_t hd, const float* scale, float* out) {
+inline void weighted_heads_rows(const float* p, E V, int64_t L, int64_t hd, const float* scale, float* out) {
   __m256 acc[NH][NV];
   for (int h = 0; h < NH; ++h)
     for (int j = 0; j < NV; ++j) acc[h][j] = _mm256_setzero_ps();
@@ -178,7 +220,7 @@ inline void weighted_heads_rows(const float* p, const E* V, int64_t L, int64_t h
 
 // out[h * hd + 0 : hd] = scale[h] * sum_t p[h * L + t] V[t] for the NH heads and t < L (V [L, hd])
 template <int NH, class E>
-inline void weighted_heads(const float* p, const E* V, int64_t L, int64_t hd, const float* scale, float* out) {
+inline void weighted_heads(const float* p, E V, int64_t L, int64_t hd, const float* scale, float* out) {
   if (hd % 8 != 0) {
     for (int h = 0; h < NH; ++h) {
       std::fill_n(out + h * hd, hd, 0.0f);
@@ -196,6 +238,10 @@ inline void weighted_heads(const float* p, const E* V, int64_t L, int64_t hd, co
 #define WIDE_TARGET __attribute__((target("avx512f,fma")))
 
 WIDE_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+WIDE_TARGET inline __m512 load16(Q8View v) {
+  const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.c)));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(v.scale()));
+}
 WIDE_TARGET inline __m512 load16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -206,7 +252,7 @@ WIDE_TARGET inline __m256 fold(__m512 a) {  // the sums of a's lanes i and i + 8
 
 // scores_heads over 16 floats at a time
 template <int NH, class E>
-WIDE_TARGET void scores_heads_wide(const float* q, const E* K, int64_t L, int64_t hd, float scale, float* p) {
+WIDE_TARGET void scores_heads_wide(const float* q, E K, int64_t L, int64_t hd, float scale, float* p) {
   int64_t t = 0;
   for (; t + 4 <= L; t += 4) {
     __m512 a[NH][4];
@@ -231,7 +277,7 @@ WIDE_TARGET void scores_heads_wide(const float* q, const E* K, int64_t L, int64_
 
 // weighted_heads_rows over NV registers of 16 floats, positions in pairs (two chains of FMAs per register)
 template <int NH, int NV, class E>
-WIDE_TARGET inline void weighted_heads_rows_wide(const float* p, const E* V, int64_t L, int64_t hd,
+WIDE_TARGET inline void weighted_heads_rows_wide(const float* p, E V, int64_t L, int64_t hd,
                                                  const float* scale, float* out) {
   __m512 even[NH][NV], odd[NH][NV];
   for (int h = 0; h < NH; ++h)
@@ -261,7 +307,7 @@ WIDE_TARGET inline void weighted_heads_rows_wide(const float* p, const E* V, int
 }
 
 template <int NH, class E>
-WIDE_TARGET void weighted_heads_wide(const float* p, const E* V, int64_t L, int64_t hd, const float* scale,
+WIDE_TARGET void weighted_heads_wide(const float* p, E V, int64_t L, int64_t hd, const float* scale,
                                      float* out) {
   int64_t c = 0;
   for (; c + 32 <= hd; c += 32) weighted_heads_rows_wide<NH, 2>(p, V + c, L, hd, scale, out + c);
@@ -279,7 +325,7 @@ inline int64_t spans(int64_t L) { return (L + SPAN - 1) / SPAN; }
 
 // attend_span for NH heads in one pass (p: scratch of NH * L floats)
 template <int NH, bool WIDE, class E>
-void attend_heads(const float* q, const E* K, const E* V, int64_t L, int64_t hd, float scale, float* p, float* out,
+void attend_heads(const float* q, E K, E V, int64_t L, int64_t hd, float scale, float* p, float* out,
                   float* m, float* l) {
   if constexpr (WIDE) scores_heads_wide<NH, E>(q, K, L, hd, scale, p);
   else scores_heads<NH, E>(q, K, L, hd, scale, p);
@@ -300,7 +346,7 @@ void attend_heads(const float* q, const E* K, const E* V, int64_t L, int64_t hd,
 // max m[r], the sum of their exp shifted by it l[r], and out[r] = sum_t exp(score_t - m[r]) V[t], which
 // merge_spans combines.
 template <bool WIDE, class E>
-void attend_span(const float* q, int64_t group, const E* K, const E* V, int64_t L, int64_t hd, float scale,
+void attend_span(const float* q, int64_t group, E K, E V, int64_t L, int64_t hd, float scale,
                  float* p, float* out, float* m, float* l) {
   constexpr int HEADS = WIDE ? HEADS_512 : HEADS_256;
   const bool alone = m == nullptr;
@@ -408,7 +454,9 @@ inline void rope(float* v, int64_t heads, int64_t hd, const float* cos, const fl
 // kc: the cache's keys [slots, Hkv, S, hd], then as many values (vc), as float32 or float16 (E = uint16_t).
 template <class E>
 void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64_t* pp, const int64_t* sp, int64_t B,
-                     int64_t H, int64_t Hkv, int64_t S, int64_t hd, E* kc, E* vc, float* att) {
+                     int64_t H, int64_t Hkv, int64_t S, int64_t hd, E* kc, E* vc, float* att, float* ksc = nullptr,
+                     float* vsc = nullptr) {
+  constexpr bool INT8 = std::is_same_v<E, int8_t>;  // ksc, vsc: the scales of its keys and values
   const int64_t group = H / Hkv, qdim = H * hd, kvdim = Hkv * hd, row = qdim + 2 * kvdim;
   parallel_for(B, ROPE_GRAIN, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -419,8 +467,13 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
       rope(q + qdim, Hkv, hd, c, s);
       for (int64_t g = 0; g < Hkv; ++g) {  // write this token's key and value at [slot, g, pos]
         const int64_t at = ((sp[b] * Hkv + g) * S + pp[b]) * hd;
-        store_row(q + qdim + g * hd, hd, kc + at);
-        store_row(q + qdim + kvdim + g * hd, hd, vc + at);
+        if constexpr (INT8) {
+          store_row(q + qdim + g * hd, hd, kc + at, ksc + at / KV_GROUP);
+          store_row(q + qdim + kvdim + g * hd, hd, vc + at, vsc + at / KV_GROUP);
+        } else {
+          store_row(q + qdim + g * hd, hd, kc + at);
+          store_row(q + qdim + kvdim + g * hd, hd, vc + at);
+        }
       }
     }
   });
@@ -454,12 +507,18 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
       const float* q = qkv + b * row + g * group * hd;       // the query heads g * group .. share kv head g
       float* out = att + b * qdim + g * group * hd;
       p.resize(std::min<int64_t>(group, wide ? HEADS_512 : HEADS_256) * len);
-      auto attend = wide ? attend_span<true, E> : attend_span<false, E>;
+      using R = std::conditional_t<INT8, Q8View, const E*>;  // what the loops read the keys and values through
+      R K, V;
+      if constexpr (INT8)
+        K = {kc + at, ksc + at / KV_GROUP}, V = {vc + at, vsc + at / KV_GROUP};
+      else
+        K = kc + at, V = vc + at;
+      auto attend = wide ? attend_span<true, R> : attend_span<false, R>;
       if (n == 1) {
-        attend(q, group, kc + at, vc + at, len, hd, scale, p.data(), out, nullptr, nullptr);
+        attend(q, group, K, V, len, hd, scale, p.data(), out, nullptr, nullptr);
       } else {
         float *o = results(b, g, n), *m = o + n * group * hd, *l = m + n * group;
-        attend(q, group, kc + at, vc + at, len, hd, scale, p.data(), o + c * group * hd, m + c * group, l + c * group);
+        attend(q, group, K, V, len, hd, scale, p.data(), o + c * group * hd, m + c * group, l + c * group);
       }
     }
   });
@@ -481,17 +540,24 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
 at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tensor cos, at::Tensor sin,
                            at::Tensor attn_norm, at::Tensor wqkv, at::Tensor wqkv_s, at::Tensor wo,
                            at::Tensor wo_s, at::Tensor ffn_norm, at::Tensor w13, at::Tensor w13_s,
-                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, int64_t n_kv_heads,
-                           int64_t max_seq_len, int64_t n_heads, double eps) {
+                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, at::Tensor cache_scales,
+                           int64_t n_kv_heads, int64_t max_seq_len, int64_t n_heads, double eps) {
   // x [B, D] float32; slots, pos [B] int64; cos/sin [B, hd/2] float32; cache_kv [2, slots * Hkv * S, hd]
-  // float32 or float16: the keys, then the values, each [slots, Hkv, S, hd] (model.KVCache's buffer as it
-  // is: building its k and v views in Python took 0.2 ms of a one-row step's 4.2)
+  // float32, float16 or int8: the keys, then the values, each [slots, Hkv, S, hd] (model.KVCache's buffer as
+  // it is: building its k and v views in Python took 0.2 ms of a one-row step's 4.2); int8's scales
+  // cache_scales [2, slots * Hkv * S, hd / 32] float32 (else empty)
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [B, D]");
-  const bool half = cache_kv.scalar_type() == at::kHalf;
-  TORCH_CHECK(cache_kv.dim() == 3 && cache_kv.size(0) == 2 && (half || cache_kv.scalar_type() == at::kFloat) &&
-                  cache_kv.is_contiguous() && n_kv_heads > 0 && max_seq_len > 0 &&
-                  cache_kv.size(1) % (n_kv_heads * max_seq_len) == 0,
-              "cache: contiguous float32 or float16 [2, slots * n_kv_heads * max_seq_len, hd]");
+  const bool half = cache_kv.scalar_type() == at::kHalf, int8 = cache_kv.scalar_type() == at::kChar;
+  TORCH_CHECK(cache_kv.dim() == 3 && cache_kv.size(0) == 2 &&
+                  (half || int8 || cache_kv.scalar_type() == at::kFloat) && cache_kv.is_contiguous() &&
+                  n_kv_heads > 0 && max_seq_len > 0 && cache_kv.size(1) % (n_kv_heads * max_seq_len) == 0,
+              "cache: contiguous float32, float16 or int8 [2, slots * n_kv_heads * max_seq_len, hd]");
+  TORCH_CHECK(!int8 || (cache_kv.size(2) % KV_GROUP == 0 && cache_scales.scalar_type() == at::kFloat &&
+                        cache_scales.is_contiguous() && cache_scales.dim() == 3 && cache_scales.size(0) == 2 &&
+                        cache_scales.size(1) == cache_kv.size(1) &&
+                        cache_scales.size(2) == cache_kv.size(2) / KV_GROUP),
+              "int8 cache: head_dim a multiple of 32, scales contiguous float32 [2, slots * n_kv_heads * max_seq_len, "
+              "head_dim / 32]");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == x.size(0), "pos: int64 [B]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: int64 [B]");
@@ -518,6 +584,11 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
   if (half) {
     auto* kc = reinterpret_cast<uint16_t*>(cache_kv.data_ptr<at::Half>());
     rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap);
+  } else if (int8) {
+    int8_t* kc = cache_kv.data_ptr<int8_t>();
+    float* ks = cache_scales.data_ptr<float>();
+    rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap, ks,
+                    ks + cache_scales.stride(0));
   } else {
     float* kc = cache_kv.data_ptr<float>();
     rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap);

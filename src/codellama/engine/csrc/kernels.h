@@ -55,8 +55,8 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor sz, int64_t tiles_
 at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tensor cos, at::Tensor sin,
                            at::Tensor attn_norm, at::Tensor wqkv, at::Tensor wqkv_s, at::Tensor wo,
                            at::Tensor wo_s, at::Tensor ffn_norm, at::Tensor w13, at::Tensor w13_s,
-                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, int64_t n_kv_heads,
-                           int64_t max_seq_len, int64_t n_heads, double eps);
+                           at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, at::Tensor cache_scales,
+                           int64_t n_kv_heads, int64_t max_seq_len, int64_t n_heads, double eps);
 // [B, V] float32 -> int64 [B]: the first index of each row's largest value (a NaN counts as the largest), as
 // torch.argmax(-1), the rows on the kernels' threads
 at::Tensor argmax_rows(const at::Tensor& x);
