@@ -2,6 +2,7 @@
 
     python bench/bench_serve.py [--quantize none|int8|int4] [--tokens 64] [--requests 2] [--reps 3] [--random]
     python bench/bench_serve.py --prompt-tokens 600    # longer prompts: attention over them every step
+    python bench/bench_serve.py --prompt-tokens 600 --kv-cache int8
 
 The server is `codellama serve` in its own process (what users run), over SmolLM2-135M-Instruct (random
 weights of the smollm2-135m preset with --random), 16 batch slots, its linear layers as --quantize says
@@ -23,6 +24,7 @@ import time
 
 import httpx
 
+from codellama.commands.generate import KV_CACHE_DTYPES
 from codellama.config import QUANTIZE_CHOICES
 from codellama.serve.runner import free_port
 
@@ -60,12 +62,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--random", action="store_true")
+    ap.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default=None, help="the server's --kv-cache")
     args = ap.parse_args()
     port = free_port()
     context = max(1024, args.prompt_tokens + args.tokens)
     cmd = [sys.executable, "-m", "codellama", "serve", "--port", str(port), "--max-batch", "16",
            "--context", str(context),
            "--quantize", args.quantize, "--threads", str(args.threads)]
+    cmd += ["--kv-cache", args.kv_cache] if args.kv_cache else []
     proc = subprocess.Popen(cmd + (["--model", "smollm2-135m"] if args.random else []))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -85,9 +89,8 @@ def main() -> None:
                                                    rep * len(clients) + c)))
         results = {c: statistics.median(v) for c, v in runs.items()}
         one = results.get(1)
-        print(f"quantize={args.quantize}, {args.prompt_tokens}-token prompts, {args.tokens} tokens/request, "
-              f"{args.requests} requests/client, "
-              f"median of {args.reps}")
+        print(f"quantize={args.quantize}, kv cache {args.kv_cache or 'default'}, {args.prompt_tokens}-token prompts, "
+              f"{args.tokens} tokens/request, {args.requests} requests/client, median of {args.reps}")
         print(f"{'clients':>8} {'tok/s':>9} {'x 1 client':>11}")
         for c, tps in results.items():
             print(f"{c:>8} {tps:9.1f} {tps / one if one else float('nan'):11.2f}")
