@@ -18,6 +18,7 @@ from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.decode import FUSED_PREFILL_MAX_PROMPT, Decoder
 from codellama.engine.kernels import cpu_kernels
 from codellama.engine.quant import fuse_projections, quantize
+from codellama.errors import UserError
 from codellama.generate import Generator
 from codellama.sampling import SamplingParams
 from helpers import float_activations, hf_twin, naive_greedy, random_model
@@ -167,7 +168,7 @@ def test_an_int8_cache_is_written_and_read_as_the_eager_model_does(cfg, width):
         kernels.use_wide_tiles(True)
 
 
-def test_an_int8_cache_the_model_cannot_keep_is_refused_before_loading_finishes(capsys):
+def test_an_int8_cache_the_model_cannot_keep_is_refused(capsys):
     from codellama.cli import main
 
     assert main(["complete", "x", "--model", "tiny", "--kv-cache", "int8"]) == 2  # head_dim 16
@@ -221,7 +222,8 @@ def assert_cache_read_as_eager(cfg: ModelConfig, kv_dtype: torch.dtype = torch.f
 def test_a_cache_dtype_the_steps_cannot_read_is_refused():
     with pytest.raises(ValueError, match=r"kv_dtype must be torch.float16, torch.float32, torch.int8 or the model"):
         Decoder(prepared("int8"), 1, 16, kv_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"an int8 KV cache needs head_dim a multiple of 32, got 16"):
+    with pytest.raises(UserError, match=r"int8 KV cache stores keys in groups of 32 values; this model's heads "
+                                        r"have 16"):
         Decoder(prepared("int8"), 1, 16, kv_dtype=torch.int8)
 
 

@@ -25,7 +25,7 @@ from codellama.errors import UserError
 from codellama.engine.batching import Scheduler
 from codellama.engine.decode import Decoder
 from codellama.engine.rows import Completion, StreamEvent, check_prompt, longest_stop_prefix  # noqa: F401
-from codellama.model import KV_GROUP, Transformer
+from codellama.model import Transformer
 from codellama.sampling import SamplingParams
 
 
@@ -268,17 +268,6 @@ def _check_fits(spec: str | None, device: str, dtype: torch.dtype | None, quanti
     check_fits_memory(info.config, resolve_dtype(device, dtype, None), device, info.source, quantize)
 
 
-def check_kv_dtype(model: Transformer, kv_dtype: torch.dtype | None) -> None:
-    """An int8 KV cache where the model can keep one, else a UserError saying why."""
-    if kv_dtype != torch.int8:
-        return
-    if model.device.type != "cpu":
-        raise UserError(f"an int8 KV cache is for the CPU; on {model.device.type} keep the default")
-    if model.config.head_dim % KV_GROUP:
-        raise UserError(f"an int8 KV cache stores keys in groups of {KV_GROUP} values; this model's heads have "
-                        f"{model.config.head_dim}: keep the default (float16)")
-
-
 def load(
     spec: str | None = None,
     device: str | None = None,
@@ -299,7 +288,6 @@ def load(
         raise UserError(f"max_seq_len must be a positive number of tokens, got {max_seq_len!r}")
     loaded = load_for_inference(spec, device or default_device(), dtype, quantize)
     warn_past_trained_context(max_seq_len, loaded.config)
-    check_kv_dtype(loaded.model, kv_dtype)
     if loaded.tokenizer is None:
         if loaded.format == "gguf":  # its tokenizer can only be inside it
             raise UserError(f"{loaded.source} carries no tokenizer (no tokenizer.ggml.* metadata); convert the "

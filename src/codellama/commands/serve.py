@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from codellama.engine.batching import Engine
-    from codellama.generate import check_kv_dtype, load_for_inference, warn_past_trained_context
+    from codellama.generate import load_for_inference, warn_past_trained_context
     from codellama.serve.app import ServerConfig, create_app
 
     for name, value in (("--max-batch", args.max_batch), ("--max-concurrent", args.max_concurrent),
@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     loaded = load_for_inference(args.model, device, dtype, args.quantize)
-    check_kv_dtype(loaded.model, kv_dtype(args.kv_cache))
     # a --context past the trained one runs, as complete's --max-seq-len does (RoPE has no hard limit: Code
     # Llama keeps its perplexity to ~100k, spec 5.6 / 6.2), with the same warning; it was cut to the model's
     # context without a word

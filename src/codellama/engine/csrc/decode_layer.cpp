@@ -30,6 +30,7 @@
 namespace {
 
 // The cache holds float32, or float16 (E = uint16_t, its bits) for quantised models: read as float32
+inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return _cvtsh_ss(v); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
@@ -37,9 +38,10 @@ inline __m256 load8(const uint16_t* p) {
 }
 
 // An int8 cache (E = int8_t) holds each key and value in groups of KV_GROUP values: codes q = round(x / d)
-// and a float32 scale d = max|x| / 127 per group, as model.quantize_kv computes them (the same bits): half
-// the memory of float16 to stream, which is what attention over long contexts waits on. The loops read it
-// through a Q8View, widening q * d into float32 registers as the eager model dequantises it.
+// and a float32 scale d = max|x| / 127 per group, as model.quantize_kv computes them (the same bits): about
+// half the memory of float16 to stream, which is what attention over long contexts waits on. The loops
+// below read keys and values through E: const float*, const uint16_t*, or for int8 a Q8View, which widens
+// q * d into float32 registers as the eager model dequantises it.
 constexpr int64_t KV_GROUP = 32;
 
 // int8 codes from `c` on and the scales of their groups (s[0]: the group of c[-off]); + moves along, as a
@@ -52,7 +54,6 @@ struct Q8View {
   float operator[](int64_t i) const { return float(c[i]) * s[(off + i) / KV_GROUP]; }
   float scale() const { return s[off / KV_GROUP]; }
 };
-inline float to_float(float v) { return v; }  // of Q8View's []
 inline __m256 load8(Q8View v) {
   const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v.c)));
   return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(v.scale()));
@@ -451,7 +452,8 @@ inline void rope(float* v, int64_t heads, int64_t hd, const float* cos, const fl
 
 // For rows b < B of one call: RoPE on their queries and keys qkv [B, (H + 2 Hkv) * hd] (in place), their
 // keys and values into the cache at [slots[b], kv head, pos[b]], and their attention into att [B, H * hd].
-// kc: the cache's keys [slots, Hkv, S, hd], then as many values (vc), as float32 or float16 (E = uint16_t).
+// kc: the cache's keys [slots, Hkv, S, hd], then as many values (vc), as float32, float16 (E = uint16_t) or
+// int8 (E = int8_t; their scales ksc, vsc [slots, Hkv, S, hd / KV_GROUP]).
 template <class E>
 void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64_t* pp, const int64_t* sp, int64_t B,
                      int64_t H, int64_t Hkv, int64_t S, int64_t hd, E* kc, E* vc, float* att, float* ksc = nullptr,
