@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{sock.getsockname()[1]}/v1 "
           f"[{device}, {args.max_batch} slots x {context} tokens, "
-          f"KV cache {_cache_gb(loaded.model):.2f} GB, "
+          f"KV cache {_cache_summary(loaded.model)}, "
           f"auth {'on' if args.api_key else 'off'}, "
           # llama.vscode and `suffix` requests need the infill tokens: said before a client finds out by a 400
           f"infilling {'on' if loaded.tokenizer is not None and loaded.tokenizer.can_infill else 'off'}]",
@@ -121,10 +121,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_gb(model) -> float:
-    """The KV cache as the engine allocated it (float16 for a quantised model on the CPU), int8's scales too."""
+def _cache_summary(model) -> str:
+    """The KV cache as the engine allocated it (float16 for a quantised model on the CPU): its size, an int8
+    cache's scales included, and dtype."""
     caches = [layer.attention.cache for layer in model.layers]
-    return sum(c.kv.nbytes + c.scales.nbytes for c in caches) / 1e9
+    gb = sum(c.kv.nbytes + c.scales.nbytes for c in caches) / 1e9
+    return f"{gb:.2f} GB of {str(caches[0].kv.dtype).removeprefix('torch.')}"
 
 
 def _bind(host: str, port: int) -> socket.socket:
