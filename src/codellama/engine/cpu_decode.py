@@ -70,17 +70,11 @@ class FusedCPUDecode:
         self.output, self.layers = captured
         self._storage = _storage(captured)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._current_at: tuple | None = None  # the weights' stamp current() last found them current at
 
-    def current(self, stamp: tuple | None = None) -> bool:
-        """Whether the model still holds the weights captured here (not quantised, replaced or converted since).
-        stamp: engine.decode.weights_stamp's, which spares walking the model again while it is unchanged."""
-        if stamp is not None and stamp == self._current_at:
-            return True
+    def current(self) -> bool:
+        """Whether the model still holds the weights captured here (not quantised, replaced or converted since)."""
         captured = _capture(self.model)
-        current = captured is not None and _storage(captured) == self._storage
-        self._current_at = stamp if current else None
-        return current
+        return captured is not None and _storage(captured) == self._storage
 
     @property
     def kv_dtype(self) -> torch.dtype:

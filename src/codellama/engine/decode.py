@@ -150,12 +150,11 @@ class Decoder:
         as they are; the other steps run slots 0..n-1, a dummy token in each free one."""
         return self._fused is not None
 
-    def forget_if_weights_changed(self, stamp: tuple | None = None) -> None:
-        """Forget what the slots hold if the weights changed since it was computed (stamp: weights_stamp's,
-        if the caller has it)."""
+    def forget_if_weights_changed(self) -> None:
+        """Forget what the slots hold if the weights changed since it was computed."""
         if not self.reuse_prefixes:  # nothing is reused here (another Decoder of the model checks for itself)
             return
-        cache, stamp = self.model.layers[0].attention.cache, stamp or weights_stamp(self.model)
+        cache, stamp = self.model.layers[0].attention.cache, weights_stamp(self.model)
         if cache.held_with != stamp:
             cache.held.clear()
             cache.held_with = stamp
@@ -206,11 +205,10 @@ class Decoder:
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
         """Write each prompt's keys/values into its slot, from where it differs from what the slot holds
         (reusable()); return the logits after each prompt's last token, [len(prompts), V] float32."""
-        stamp = weights_stamp(self.model)
-        if self._fused is not None and not self._fused.current(stamp):  # the model was quantised or converted
+        if self._fused is not None and not self._fused.current():  # the model was quantised or converted
             self._fused = FusedCPUDecode.for_model(self.model)
             self.ensure(self.max_batch, self.max_seq_len)  # its cache, as the new step keeps it
-        self.forget_if_weights_changed(stamp)
+        self.forget_if_weights_changed()
         plan = self._plan(prompts, slots)
         for s in slots:  # overwritten from here on: held again once the prefill succeeded
             self.held.pop(s, None)
