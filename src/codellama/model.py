@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from codellama.config import ModelConfig
+from codellama.errors import UserError
 
 
 class RMSNorm(nn.Module):
@@ -169,8 +170,8 @@ class KVCache(nn.Module):
         rows = max_batch * n_kv_heads * max_seq_len
         self.register_buffer("kv", torch.zeros(2, rows, head_dim, dtype=dtype, device=device), persistent=False)
         if dtype == torch.int8 and head_dim % KV_GROUP:
-            raise ValueError(f"an int8 KV cache needs head_dim a multiple of {KV_GROUP}, got {head_dim}: "
-                             "keep it in float16")
+            raise UserError(f"an int8 KV cache stores keys in groups of {KV_GROUP} values; this model's heads have "
+                            f"{head_dim}: keep the default (float16)")
         scales = (torch.zeros(2, rows, head_dim // KV_GROUP, device=device) if dtype == torch.int8
                   else torch.empty(0, device=device))
         self.register_buffer("scales", scales, persistent=False)
@@ -212,10 +213,10 @@ class KVCache(nn.Module):
                 t = t[:, :, : step.kv_len]
             return t[:B] if step.slots is None else t[step.slots]  # rows 0..B-1: a view, no copy
 
-        views = [rows(t) for t in self.views()]
-        if self.scales.numel():
-            views = [dequantize_kv(views[0], views[2]), dequantize_kv(views[1], views[3])]
-        return views[0].to(self.reads_as), views[1].to(self.reads_as)
+        keys, values, *scales = [rows(t) for t in self.views()]
+        if scales:
+            keys, values = dequantize_kv(keys, scales[0]), dequantize_kv(values, scales[1])
+        return keys.to(self.reads_as), values.to(self.reads_as)
 
 
 class Attention(nn.Module):

@@ -49,7 +49,7 @@ from codellama.engine.kernels import onednn_matmuls, torch_on_one_thread
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
 from codellama.errors import UserError
-from codellama.model import KV_GROUP, KVCache, Transformer, kv_read_len, round_up
+from codellama.model import KVCache, Transformer, kv_read_len, round_up
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class Decoder:
         if kv_dtype not in (None, torch.float16, torch.float32, torch.int8, model.dtype):  # the fused step reads these
             raise ValueError(f"kv_dtype must be torch.float16, torch.float32, torch.int8 or the model's {model.dtype}, "
                              f"got {kv_dtype!r}")
-        check_kv_dtype(model, kv_dtype)
+        if kv_dtype == torch.int8 and model.device.type != "cpu":  # (head_dim: model.KVCache checks it)
+            raise UserError(f"an int8 KV cache is for the CPU (its fused step reads it); on {model.device.type} "
+                            "keep the default")
         self.model = model.eval()
         self.attention, self.graphs = attention, graphs
         self.device = model.device
@@ -398,19 +400,6 @@ class Decoder:
         """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on."""
         log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
         self.compiled, self._step, self._prefill = False, None, None
-
-
-def check_kv_dtype(model: Transformer, kv_dtype: torch.dtype | None) -> None:
-    """An int8 KV cache where the model can keep one (the command line's --kv-cache int8), else a UserError
-    saying why."""
-    if kv_dtype != torch.int8:
-        return
-    if model.device.type != "cpu":
-        raise UserError(f"an int8 KV cache is for the CPU (its fused step reads it); on {model.device.type} keep "
-                        "the default")
-    if model.config.head_dim % KV_GROUP:
-        raise UserError(f"an int8 KV cache stores keys in groups of {KV_GROUP} values; this model's heads have "
-                        f"{model.config.head_dim}: keep the default (float16)")
 
 
 def weights_stamp(model: Transformer) -> tuple[tuple[int, int, int], ...]:

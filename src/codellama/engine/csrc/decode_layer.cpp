@@ -77,9 +77,7 @@ inline void store_row(const float* src, int64_t n, int8_t* dst, float* scale) {
     const float* x = src + g * KV_GROUP;
     __m256 m = _mm256_setzero_ps();
     for (int i = 0; i < KV_GROUP; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    const float d = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1))) / 127.0f;
+    const float d = hmax(m) / 127.0f;
     scale[g] = d;
     const __m256 dv = _mm256_set1_ps(d);
     for (int i = 0; i < KV_GROUP; i += 8) {  // x / d rounded to nearest even (the default mode), as torch.round
@@ -137,10 +135,7 @@ inline float max_of(const float* p, int64_t n) {
   int64_t t = 0;
   for (; t + 32 <= n; t += 32)
     for (int j = 0; j < 4; ++j) m[j] = _mm256_max_ps(m[j], _mm256_loadu_ps(p + t + 8 * j));
-  const __m256 v = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  float mx = std::max(_mm_cvtss_f32(x), _mm_cvtss_f32(_mm_shuffle_ps(x, x, 1)));
+  float mx = hmax(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
   for (; t < n; ++t) mx = std::max(mx, p[t]);
   return mx;
 }
