@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,23 @@ def test_fused_greedy_equals_full_recompute(mode):
     assert [o.tokens for o in outs] == [naive_greedy(model, p, 12) for p in prompts]
 
 
+def test_a_grown_cache_is_decoded_over_and_the_old_one_let_go():
+    """The fused step holds the model's caches (csrc LayerStack): growing them hands it the new ones, and it
+    lets go of the old ones first (resizing one layer at a time keeps the two from being whole in memory)."""
+    fused, eager = fused_and_eager(prepared("float32"), max_batch=2, kv_dtype=torch.float32)
+    prompt = [(3 * i) % 101 for i in range(40)]
+    with float_activations():
+        for dec in (fused, eager):
+            dec.prefill([prompt], [1])
+            dec.decode([1], [7], [40])  # the fused step is handed the caches
+        old = weakref.ref(fused.model.layers[0].attention.cache.kv)
+        for dec in (fused, eager):
+            dec.ensure(3, 400)  # more slots and positions, slot 1's keeping
+        assert old() is None
+        args = ([1, 2], [9, 4], [41, 0])  # slot 2 exists in the new cache only
+        torch.testing.assert_close(fused.decode(*args), eager.decode(*args), atol=1e-4, rtol=1e-4)
+
+
 def test_fused_step_needs_fused_float32_model():
     plain = random_model(CFG)
     assert FusedCPUDecode.for_model(plain) is None  # q/k/v not stacked: the eager path
@@ -282,7 +300,7 @@ def test_fused_step_refuses_rows_outside_the_cache():
 def test_decode_layer_refuses_malformed_rope_tables(table, bad):
     fused = Decoder(prepared("float32"), max_batch=2, max_seq_len=16)._fused
     m, c = fused.model, fused.model.config
-    cos_table, sin_table = fused._rope_tables()
+    cos_table, sin_table = fused._bind_caches()
     pos = torch.tensor([0, 1])
     tables = {"cos": cos_table[pos], "sin": sin_table[pos]}  # [2, hd/2]
     t = tables[table]
@@ -299,7 +317,7 @@ def test_decode_layer_refuses_malformed_rope_tables(table, bad):
 def test_decode_layer_refuses_a_malformed_cache(bad):
     fused = Decoder(prepared("float32"), max_batch=2, max_seq_len=16)._fused
     m, c = fused.model, fused.model.config
-    cos_table, sin_table = fused._rope_tables()
+    cos_table, sin_table = fused._bind_caches()
     pos = torch.tensor([0, 1])
     cache = m.layers[0].attention.cache
     kv, S = cache.kv, cache.shape[2]

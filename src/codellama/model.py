@@ -351,6 +351,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # bumped whenever the layers get new KVCache objects (or none): engine/cpu_decode.py hands them to its
+        # kernels once per version
+        self.cache_version = 0
 
     @property
     def device(self) -> torch.device:
@@ -376,6 +379,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device,
                                             reads_as=self.dtype)
+        self.cache_version += 1
 
     def resize_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """A cache of exactly this size stored as dtype (default: the activations'), holding what the old one
@@ -393,6 +397,7 @@ class Transformer(nn.Module):
             for a, b in zip(new.views(), old.views()):  # [max_batch, Hkv, S, ...]
                 a[:slots, :, :length] = b[:slots, :, :length]
             layer.attention.cache = new
+        self.cache_version += 1
         new0 = self.layers[0].attention.cache
         new0.held = {slot: tokens[: length - 1] for slot, tokens in old0.held.items() if slot < slots}  # Decoder.hold
         new0.held_with = old0.held_with
@@ -406,6 +411,7 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
+        self.cache_version += 1
 
     @property
     def cache_shape(self) -> tuple[int, int] | None:

@@ -136,6 +136,8 @@ class Decoder:
         cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
         kv_dtype = self.kv_dtype or (self._fused.kv_dtype if self._fused is not None else None)  # None: activations'
         if not self.model.cache_fits(max_batch, cache_len, kv_dtype):  # else we use the first rows of the larger one
+            if self._fused is not None:
+                self._fused.release_caches()
             self.model.resize_cache(max_batch, cache_len, kv_dtype)
             if isinstance(self._step, StepGraphs):
                 self._step.clear()  # recorded over the old cache

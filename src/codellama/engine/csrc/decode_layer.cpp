@@ -597,3 +597,25 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
   add_into(h, linear(swiglu(gu), w2, w2_s, FUSED_TILES_MAX_M));
   return h;
 }
+
+LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, int64_t n_kv_heads, int64_t n_heads, double eps)
+    : layers_(std::move(layers)), n_kv_heads_(n_kv_heads), n_heads_(n_heads), eps_(eps) {
+  for (const auto& w : layers_) TORCH_CHECK(w.size() == 10, "a layer: 10 tensors, as decode_layer takes them");
+}
+
+void LayerStack::bind_caches(std::vector<at::Tensor> kv, std::vector<at::Tensor> scales, int64_t max_seq_len) {
+  TORCH_CHECK(kv.empty() || (kv.size() == layers_.size() && scales.size() == layers_.size()),
+              "caches: one cache_kv and one cache_scales per layer, or none");
+  kv_ = std::move(kv), scales_ = std::move(scales), max_seq_len_ = max_seq_len;
+}
+
+at::Tensor LayerStack::forward(at::Tensor x, const at::Tensor& slots, const at::Tensor& pos, const at::Tensor& cos,
+                               const at::Tensor& sin) const {
+  TORCH_CHECK(kv_.size() == layers_.size(), "LayerStack: bind the KV caches first");
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const auto& w = layers_[i];
+    x = decode_layer(x, slots, pos, cos, sin, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], kv_[i],
+                     scales_[i], n_kv_heads_, max_seq_len_, n_heads_, eps_);
+  }
+  return x;
+}

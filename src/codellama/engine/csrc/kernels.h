@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 // Up to this many rows of x, linear() multiplies by our tiles on our pool, beyond by a GEMM (the weights widened)
 // on torch's threads (with int8 activations, q8_linear: by the tiles on torch's threads). Beside torch's OpenMP
@@ -57,6 +58,26 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
                            at::Tensor wo_s, at::Tensor ffn_norm, at::Tensor w13, at::Tensor w13_s,
                            at::Tensor w2, at::Tensor w2_s, at::Tensor cache_kv, at::Tensor cache_scales,
                            int64_t n_kv_heads, int64_t max_seq_len, int64_t n_heads, double eps);
+// The decoder layers of one model for decode_layer, captured once (engine/cpu_decode.py): a step passes only
+// its rows, and the loop over the layers runs here
+class LayerStack {
+ public:
+  // per layer: attn_norm, wqkv, wqkv_s, wo, wo_s, ffn_norm, w13, w13_s, w2, w2_s, as decode_layer takes them
+  LayerStack(std::vector<std::vector<at::Tensor>> layers, int64_t n_kv_heads, int64_t n_heads, double eps);
+  // each layer's cache (cache_kv, cache_scales as decode_layer takes them) of max_seq_len positions; none: let
+  // go of the last ones (before the model allocates new ones)
+  void bind_caches(std::vector<at::Tensor> kv, std::vector<at::Tensor> scales, int64_t max_seq_len);
+  // x [B, D] through every layer (decode_layer's arguments)
+  at::Tensor forward(at::Tensor x, const at::Tensor& slots, const at::Tensor& pos, const at::Tensor& cos,
+                     const at::Tensor& sin) const;
+
+ private:
+  std::vector<std::vector<at::Tensor>> layers_;
+  std::vector<at::Tensor> kv_, scales_;
+  int64_t n_kv_heads_, n_heads_, max_seq_len_ = 0;
+  double eps_;
+};
+
 // [B, V] float32 -> int64 [B]: the first index of each row's largest value (a NaN counts as the largest), as
 // torch.argmax(-1), the rows on the kernels' threads
 at::Tensor argmax_rows(const at::Tensor& x);

@@ -11,6 +11,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] float32 @ w.T: w float32 [N, K], int8 [N, K] + scale [N], scale/min [N, K/16, 2] or scale [N, K/G], or int4 (uint8 [N, K/2] + scale/min [N, K/32, 2])");
   m.def("decode_layer", &decode_layer, release(),
         "one decoder layer for rows of new tokens at (slot, position); returns the new hidden state");
+  pybind11::class_<LayerStack>(m, "LayerStack", "a model's decoder layers for decode_layer, captured once")
+      .def(pybind11::init<std::vector<std::vector<at::Tensor>>, int64_t, int64_t, double>(), pybind11::arg("layers"),
+           pybind11::arg("n_kv_heads"), pybind11::arg("n_heads"), pybind11::arg("eps"))
+      .def("bind_caches", &LayerStack::bind_caches, pybind11::arg("kv"), pybind11::arg("scales"),
+           pybind11::arg("max_seq_len"), "each layer's KV cache and scales (none: let go of them)")
+      .def("forward", &LayerStack::forward, release(), "x [B, D] through every layer (decode_layer's arguments)");
   m.def("argmax_rows", &argmax_rows, release(), "[B, V] float32 -> int64 [B]: torch.argmax(-1), rows in parallel");
   m.def("use_wide_tiles", &use_wide_tiles, pybind11::arg("on"),
         "512-bit tiles for blocks of rows and 512-bit attention in the fused step where the CPU has AVX-512F (the "
