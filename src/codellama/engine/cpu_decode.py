@@ -1,9 +1,10 @@
-"""The CPU decode and prefill steps with each decoder layer as one C++ call (csrc/decode_layer.cpp).
+"""The CPU decode and prefill steps with the decoder layers in one C++ call (csrc/decode_layer.cpp).
 
 Eager PyTorch pays ~10 us per operator and a layer is ~45 operators for one token, which is most of the
 time of a small model's decode step on a CPU. FusedCPUDecode runs the embedding, the RoPE tables, the final
-norm and the output projection in PyTorch and each layer in one call, with the same arithmetic as
-model.py (tests/test_engine_cpu_decode.py checks the logits and the greedy tokens against the eager path).
+norm and the output projection in PyTorch and all layers in one call (a fused kernel each), with the same
+arithmetic as model.py (tests/test_engine_cpu_decode.py checks the logits and the greedy tokens against the
+eager path).
 Rows are (slot, position) pairs, so one call can also prefill several prompts at once.
 
 It serves float32 models on the CPU whose projections are fused (engine.quant.fuse_projections, which
