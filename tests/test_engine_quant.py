@@ -147,24 +147,30 @@ def test_int8_activation_kernels_equal_the_matmul_of_rounded_x(fmt, M, N, K, til
 
 
 def _layer(fmt: str, N: int, K: int) -> QuantLinear:
-    """A QuantLinear of N x K in the layout fmt names (as _weights does; -f16: float16 scales)."""
+    """A QuantLinear of N x K in the layout fmt names (as _weights does; -f16: float16 scales, int4's float32
+    ones holding float16 values, as a GGUF's Q4_1 loads)."""
     weight, scales, _ = _weights(fmt.removesuffix("-f16"), torch.randn(N, K))
-    mode = "int8s" if fmt.startswith("int8s") else fmt
-    return QuantLinear(mode, weight, scales.half() if fmt.endswith("-f16") else scales)
+    mode = "int8s" if fmt.startswith("int8s") else fmt.removesuffix("-f16")
+    if fmt.endswith("-f16"):
+        scales = scales.half().float() if mode == "int4" else scales.half()
+    return QuantLinear(mode, weight, scales)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int8g", "int8s16", "int8s32", "int8s32-f16", "int8s16-f16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-f16", "int8g", "int8s16", "int8s32", "int8s32-f16",
+                                 "int8s16-f16"])
 def test_packed_layers_compute_the_same_bits_and_hold_the_same_codes(fmt):
     """QuantLinear.pack: the kernels read the packed order directly (csrc/qlinear_q8.cpp, PackedBlock) and
     give what they give for the stored layout, bit for bit, at every M (one row, tiles, pairs of blocks,
     torch's threads); the codes, dequantised weights and any rows come back exactly; with float32
     activations (switched off) the kernels unpack and compute as before; a layer not of whole blocks of 16
-    rows stays as it is."""
+    rows stays as it is. int4 scales that float16 holds exactly are packed as float16."""
     k = int8_kernels()
     torch.manual_seed(3)
     layer = _layer(fmt, 80, 96)  # 5 blocks: pairs and a block alone
     plain = copy.deepcopy(layer)
     assert layer.pack() and layer.packed and layer.qweight.dim() == 5
+    if fmt.startswith("int4"):  # our quantiser's scales are float32 values; a GGUF's, float16 ones
+        assert layer.scales.dtype == (torch.float16 if fmt == "int4-f16" else torch.float32)
     xs = [torch.randn(M, 96) * torch.logspace(-2, 2, M)[:, None] for M in (1, 2, 3, 4, 7, 16, 33, 257)]
     for x in xs:
         assert torch.equal(layer(x), plain(x)), x.shape
@@ -186,7 +192,7 @@ def test_packed_weights_of_the_wrong_shape_are_refused_with_the_shape_wanted():
     k = int8_kernels()
     layer = _layer("int4", 32, 64)
     layer.pack()
-    with pytest.raises(RuntimeError, match=r"packed int4 scales: float32 \[N/16, K/32, 2, 16\]"):
+    with pytest.raises(RuntimeError, match=r"packed int4 scales: float32 or float16 \[N/16, K/32, 2, 16\]"):
         k.linear(torch.randn(2, 64), layer.qweight, layer.scales[:, :1].contiguous())
     with pytest.raises(RuntimeError, match=r"packed weights: contiguous uint8 \[N/16, K/32, 4, 16, 4\]"):
         k.linear(torch.randn(2, 96), layer.qweight, layer.scales)

@@ -204,14 +204,16 @@ class QuantLinear(nn.Module):
         block, lane = rows // PACK_ROWS, rows % PACK_ROWS  # the lane of row n is n % 16 in block n // 16
         s = self.scales
         scales = s[rows] if s.dim() == 1 else s[block, :, lane] if s.dim() == 3 else s[block, :, :, lane]
+        if self.mode == "int4":  # packed as float16 where exact (pack)
+            scales = scales.float()
         return QuantCodes(self.mode, self.qweight[block, :, :, lane, :].reshape(len(rows), -1), scales)
 
     def pack(self) -> bool:
         """Lay the codes and scales out once in the order the CPU kernels' int8-activation tiles read them
         (csrc/qlinear_q8.cpp, PackedBlock) instead of rearranging 16 rows at each call: for each block of 16
         rows and group of 32 weights, the 4-byte pieces of the rows' codes side by side, and their scales
-        likewise. The same bytes (memory as before), the same results bit for bit. Returns whether it packed:
-        only layers of whole blocks and groups (out_features % 16, in_features % 32)."""
+        likewise. The same bytes (int4's scales fewer where float16 holds them), the same results bit for bit.
+        Returns whether it packed: only layers of whole blocks and groups (out_features % 16, in_features % 32)."""
         N, K = self.out_features, self.in_features
         if self.packed or N % PACK_ROWS or K % GROUP:
             return self.packed
@@ -219,7 +221,10 @@ class QuantLinear(nn.Module):
         self.qweight = self.qweight.view(B, PACK_ROWS, G, -1, 4).permute(0, 2, 3, 1, 4).contiguous()
         s = self.scales
         if s.dim() == 3:  # [N, K/GW, 2] -> [B, K/GW, 2, 16]
-            self.scales = s.view(B, PACK_ROWS, *s.shape[1:]).permute(0, 2, 3, 1).contiguous()
+            s = s.view(B, PACK_ROWS, *s.shape[1:]).permute(0, 2, 3, 1).contiguous()
+            # int4 scales and mins that float16 holds exactly (a GGUF's Q4_1 stores them so) as float16: a one-row
+            # step reads a sixth fewer bytes per weight (0.625 instead of 0.75)
+            self.scales = s.half() if self.mode == "int4" and torch.equal(s.half().float(), s) else s
         elif s.dim() == 2:  # [N, K/GW] -> [B, K/GW, 16]
             self.scales = s.view(B, PACK_ROWS, -1).permute(0, 2, 1).contiguous()
         self.packed = True

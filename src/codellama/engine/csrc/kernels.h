@@ -27,8 +27,9 @@ at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m 
 std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                                     int64_t tiles_max_m);
 // x [M, K] float32 @ w.T for weights packed for q8_linear at load time (engine/quant.py, pack_for_int8_activations):
-// codes uint8 [N/16, K/32, 4, 16, 4] (int4) or int8 [N/16, K/32, 8, 16, 4], their scales float32 [N/16, K/32, 2, 16]
-// (int4), [N] (int8), [N/16, K/16, 2, 16] (int8g) or float32 or float16 [N/16, K/G, 16] (int8s); int8 activations only
+// codes uint8 [N/16, K/32, 4, 16, 4] (int4) or int8 [N/16, K/32, 8, 16, 4], their scales float32 or float16
+// [N/16, K/32, 2, 16] (int4), float32 [N] (int8), float32 [N/16, K/16, 2, 16] (int8g) or float32 or float16
+// [N/16, K/G, 16] (int8s); int8 activations only
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t tiles_max_m);
 // whether q8_linear runs (it may only where the CPU has AVX-512 VNNI); returns the setting
 bool use_int8_activations(bool on);

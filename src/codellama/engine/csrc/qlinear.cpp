@@ -583,11 +583,12 @@ bool use_wide_tiles(bool on) {
 bool wide_tiles_on() { return wide_tiles.load(std::memory_order_relaxed); }
 
 // packed weights (packed_linear) in their stored layout: [N/16, K/32, D, 16, 4] codes -> [N, K/32 * D * 4], scales
-// [N/16, G, 2, 16] -> [N, G, 2], [N/16, G, 16] -> [N, G] ([N] as they are); copies, for float32 activations
+// [N/16, G, 2, 16] -> [N, G, 2] (float32), [N/16, G, 16] -> [N, G] ([N] as they are); copies, for float32
+// activations
 static std::pair<at::Tensor, at::Tensor> unpacked(const at::Tensor& w, const at::Tensor& s) {
   const int64_t N = w.size(0) * w.size(3);
   auto codes = w.permute({0, 3, 1, 2, 4}).reshape({N, -1});
-  if (s.dim() == 4) return {codes, s.permute({0, 3, 1, 2}).reshape({N, s.size(1), 2})};
+  if (s.dim() == 4) return {codes, s.permute({0, 3, 1, 2}).reshape({N, s.size(1), 2}).to(at::kFloat)};
   return {codes, s.dim() == 3 ? s.permute({0, 2, 1}).reshape({N, s.size(1)}) : s};
 }
 

@@ -185,14 +185,14 @@ struct PackedBlock {
   }
   // scale values per group and lane: with mins 2, else 1; per row 0 (one [16] for the block)
   static constexpr int64_t C = INT4 || KIND == Scales::PerGroupWithMin ? 2 : KIND == Scales::PerRow ? 0 : 1;
-  Q8_TARGET __m512 scale(int64_t gw) const {
-    if constexpr (KIND == Scales::PerRow) return _mm512_loadu_ps(sc);
+  Q8_TARGET __m512 scale(int64_t gw) const { return KIND == Scales::PerRow ? load16(sc) : load16(sc + gw * C * NL); }
+  Q8_TARGET __m512 min(int64_t gw) const { return load16(sc + gw * C * NL + NL); }  // MIN only
+  Q8_TARGET static __m512 load16(const S* p) {  // 16 values as float32 (S: float32, or float16's bits)
     if constexpr (std::is_same_v<S, uint16_t>)
-      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + gw * NL)));
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     else
-      return _mm512_loadu_ps(sc + gw * C * NL);
+      return _mm512_loadu_ps(p);
   }
-  Q8_TARGET __m512 min(int64_t gw) const { return _mm512_loadu_ps(sc + gw * C * NL + NL); }  // MIN only
 };
 
 // the low and high 4 bits of each byte of t, as bytes
@@ -549,8 +549,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const auto* codes = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const bool f32 = s.scalar_type() == at::kFloat;
   if (int4) {
-    TORCH_CHECK(f32 && s.dim() == 4 && s.size(0) * NL == N && s.size(1) == G && s.size(2) == 2 && s.size(3) == NL,
-                "packed int4 scales: float32 [N/16, K/32, 2, 16]");
+    TORCH_CHECK((f32 || s.scalar_type() == at::kHalf) && s.dim() == 4 && s.size(0) * NL == N && s.size(1) == G &&
+                    s.size(2) == 2 && s.size(3) == NL,
+                "packed int4 scales: float32 or float16 [N/16, K/32, 2, 16]");
+    if (!f32)  // a GGUF's Q4_1: its float16 scales and mins as they are, a sixth less to read per weight
+      return run_packed<32, PackedBlock<true, uint16_t, Scales::PerGroupWithMin>>(
+          codes, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), x, N, tiles_max_m);
     return run_packed<32, PackedBlock<true, float, Scales::PerGroupWithMin>>(codes, s.data_ptr<float>(), x, N,
                                                                               tiles_max_m);
   }
