@@ -326,8 +326,8 @@ Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, typename W::Blk& b, boo
 // (two runs of lines), shared out among the pair's tiles and spread over each tile's groups. The hardware's
 // prefetchers left the tiles waiting on memory at the start of each pair: with this a 16-row step of
 // SmolLM2 took 13.8 ms instead of 15.4, 4 rows 5.2 instead of 6.7, a 16-token prefill 12.6 instead of 14.7
-// (into L1 instead of L2: 4 rows 6.2). Steps of one or two rows, whose tiles stream the weights, were
-// slower with it (1 row 4.0 -> 4.2 ms): run_packed leaves it out for them.
+// (into L1 instead of L2, 4 rows were slower). Steps of one or two rows, whose tiles stream the weights,
+// were slower with it (1 row 4.0 -> 4.2 ms): run_packed leaves it out for them.
 struct Ahead {
   const char* at[2] = {nullptr, nullptr};  // codes, scales
   int64_t lines[2] = {0, 0}, per_group[2] = {0, 0};
