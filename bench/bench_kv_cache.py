@@ -8,7 +8,7 @@ slots. Instead of prefilling prompts, each cache is filled with random keys and 
 and scales); a step decodes `rows` rows at positions P, P-1, ... (each row attends over about P
 positions). Per setting: the median of --steps calls of Decoder.decode, in --rounds rounds that alternate
 the caches; the median over rounds is printed. Attention reads every cached key and value of its rows at
-each step: at 16 rows of 600 positions, 440 MB a step in float32 (more than the weights' 110 MB), half
+each step: at 16 rows of 600 positions, 440 MB a step in float32 (more than the weights' 97 MB), half
 that in float16, 0.28x in int8 (a float32 scale per 32 codes).
 """
 
