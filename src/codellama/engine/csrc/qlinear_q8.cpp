@@ -159,6 +159,8 @@ struct Block {
   Q8_TARGET __m512i codes_at(int64_t g, int64_t i) const { return _mm512_loadu_si512(codes.data() + (g * 8 + i) * NL); }
   Q8_TARGET __m512 scale(int64_t gw) const { return _mm512_loadu_ps(s.data() + gw * NL); }
   Q8_TARGET __m512 min(int64_t gw) const { return _mm512_loadu_ps(z.data() + gw * NL); }
+  template <int64_t GW>
+  void pull(int64_t) const {}  // repacked at each call: nothing of the next block to pull ahead
 };
 
 // A block of a layer packed at load time (engine/quant.py, pack_for_int8_activations) in the order repack
@@ -187,6 +189,20 @@ struct PackedBlock {
   static constexpr int64_t C = INT4 || KIND == Scales::PerGroupWithMin ? 2 : KIND == Scales::PerRow ? 0 : 1;
   Q8_TARGET __m512 scale(int64_t gw) const { return KIND == Scales::PerRow ? load16(sc) : load16(sc + gw * C * NL); }
   Q8_TARGET __m512 min(int64_t gw) const { return load16(sc + gw * C * NL + NL); }  // MIN only
+  // group g's codes and scales (GW weights per scale) into L2: prefetcht1 written out, as GCC 12 deleted loops
+  // of _mm_prefetch as doing nothing
+  template <int64_t GW>
+  void pull(int64_t g) const {
+    for (int64_t l = 0; l < D; ++l) asm volatile("prefetcht1 %0" : : "m"(codes[(g * D + l) * 64]));
+    constexpr int64_t bytes = C * NL * (QK / GW) * int64_t(sizeof(S));  // per group
+    if constexpr (bytes > 0) {
+      const char* p = reinterpret_cast<const char*>(sc) + g * bytes;
+      for (int64_t o = 0; o < bytes; o += 64) asm volatile("prefetcht1 %0" : : "m"(p[o]));
+      asm volatile("prefetcht1 %0" : : "m"(p[bytes - 1]));  // the line of the last byte, where p is not aligned
+    } else if (g == 0) {
+      asm volatile("prefetcht1 %0" : : "m"(*sc));  // one scale a row
+    }
+  }
   Q8_TARGET static __m512 load16(const S* p) {  // 16 values as float32 (S: float32, or float16's bits)
     if constexpr (std::is_same_v<S, uint16_t>)
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -322,41 +338,15 @@ Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, typename W::Blk& b, boo
   }
 }
 
-// Cache lines to pull into L2 while a pair of packed blocks is multiplied: the next pair's codes and scales
-// (two runs of lines), shared out among the pair's tiles and spread over each tile's groups. The hardware's
-// prefetchers left the tiles waiting on memory at the start of each pair: with this a 16-row step of
-// SmolLM2 took 13.8 ms instead of 15.4, 4 rows 5.2 instead of 6.7, a 16-token prefill 12.6 instead of 14.7
-// (into L1 instead of L2, 4 rows were slower). Steps of one or two rows, whose tiles stream the weights,
-// were slower with it (1 row 4.0 -> 4.2 ms): run_packed leaves it out for them.
-struct Ahead {
-  const char* at[2] = {nullptr, nullptr};  // codes, scales
-  int64_t lines[2] = {0, 0}, per_group[2] = {0, 0};
-  // the share of tile t of T, each of its G groups pulling per_group lines of each run
-  Ahead share(int64_t t, int64_t T, int64_t G) const {
-    Ahead a;
-    for (int i = 0; i < 2; ++i) {
-      const int64_t l0 = lines[i] * t / T, l1 = lines[i] * (t + 1) / T;
-      a.at[i] = at[i] + l0 * 64, a.lines[i] = l1 - l0, a.per_group[i] = (l1 - l0 + G - 1) / G;
-    }
-    return a;
-  }
-  // group g's lines: prefetcht1 written out, as GCC 12 deleted these loops of _mm_prefetch as doing nothing
-  void pull(int64_t g) const {
-    for (int i = 0; i < 2; ++i) {
-      const int64_t begin = g * per_group[i], end = std::min(lines[i], begin + per_group[i]);
-      for (int64_t l = begin; l < end; ++l) asm volatile("prefetcht1 %0" : : "m"(at[i][l * 64]));
-    }
-  }
-};
-
 // y[m + r, n0 + j] for r < R and the rows j of NB blocks (1 or 2; `valid` rows in the last): the blocks
 // against R rows of x, their weights in groups of GW = 32 or 16. Two blocks share each broadcast of x's
 // codes, which then feeds two VPDPBUSD instead of one (BENCHMARKS.md, Serving). Every output
 // gets the same float operations whatever R and NB are, so a row's result does not depend on the rows
 // beside it.
-template <int R, int NB, int64_t GW, class B>
+// PULL: each group also pulls its counterpart in the NB blocks at `next` into L2 (tiles).
+template <int R, int NB, int64_t GW, class B, bool PULL>
 Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y, int64_t N, int64_t n0,
-                    int64_t valid, const Ahead& ahead) {
+                    int64_t valid, const B* next) {
   constexpr int64_t P = QK / GW, STEPS = 8 / P;  // weight groups per group of x; steps of 4 k per weight group
   // integer sums per output register: enough independent chains to hide VPDPBUSD's latency (they are exact:
   // the same y however they are split)
@@ -368,7 +358,8 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < NB; ++k) scaled[r][k] = mins[r][k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    ahead.pull(g);
+    if constexpr (PULL)
+      for (int k = 0; k < NB; ++k) next[k].template pull<GW>(g);
     const int8_t* xg = x.q.get() + m * K + g * QK;
     for (int64_t p = 0; p < P; ++p) {
       __m512i dot[R][NB][CH];  // sum_{k in the weight group} u[n, k] q[m + r, k] (less the offset), exactly
@@ -410,19 +401,35 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
                             B::MIN ? _mm512_add_ps(scaled[r][k], mins[r][k]) : scaled[r][k]);
 }
 
-// every row of x against NB repacked blocks, TM rows at a time, pulling `ahead` into L2 on the way
+// a tile of R <= TM rows of x (tile)
+template <int NB, int64_t GW, bool PULL, class B>
+Q8_TARGET void tile_of(int64_t R, const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y, int64_t N,
+                       int64_t n0, int64_t valid, const B* next) {
+  static_assert(TM == 4);
+  switch (R) {
+    case 4: tile<4, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
+    case 3: tile<3, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
+    case 2: tile<2, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
+    case 1: tile<1, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
+  }
+}
+
+// Every row of x against NB blocks, TM rows at a time. From 4 rows on (pairs of packed blocks), the first
+// tile pulls the next pair `next` into L2 on the way, group by group: the hardware's prefetchers left the
+// tiles waiting on memory at the start of each pair (a 16-row step of SmolLM2 took 15.4 ms without, 13.8
+// with the pulling shared out among all the tiles; into L1 instead of L2, 4 rows were slower). In the first
+// tile only, and compiled into it alone (PULL): compiled into every tile, the pulling made even a tile
+// that pulled nothing ~11% slower (a standalone harness, one thread, 16 x 3072 x 576 with the weights in
+// cache: 201 against 181 us); a 16-row step went from 13.7 to 12.8 ms (BENCHMARKS.md).
 template <int NB, int64_t GW, class B>
 Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const B* b, float* y, int64_t N, int64_t n0,
-                     int64_t valid, const Ahead& ahead = {}) {
-  const int64_t T = (M + TM - 1) / TM, G = K / QK;
-  int64_t m = 0, t = 0;
-  for (; m + TM <= M; m += TM, ++t) tile<TM, NB, GW>(x, K, m, b, y, N, n0, valid, ahead.share(t, T, G));
-  const Ahead last = ahead.share(t, T, G);
-  switch (M - m) {
-    case 3: tile<3, NB, GW>(x, K, m, b, y, N, n0, valid, last); break;
-    case 2: tile<2, NB, GW>(x, K, m, b, y, N, n0, valid, last); break;
-    case 1: tile<1, NB, GW>(x, K, m, b, y, N, n0, valid, last); break;
+                     int64_t valid, const B* next = nullptr) {
+  int64_t m = 0;
+  if (next != nullptr && M > 0) {
+    m = std::min(M, TM);
+    tile_of<NB, GW, true>(m, x, K, 0, b, y, N, n0, valid, next);
   }
+  for (; m < M; m += TM) tile_of<NB, GW, false>(std::min(TM, M - m), x, K, m, b, y, N, n0, valid, next);
 }
 
 // y = x @ w.T for weights in blocks of 16 rows: x rounded to int8 (with the sums int8 codes need where
@@ -480,14 +487,13 @@ Q8_TARGET at::Tensor run_packed(const uint8_t* codes, const S* sc, const at::Ten
       const int64_t nb = std::min<int64_t>(pair, b1 - blk);
       const P b[2] = {P{codes + blk * code_bytes, sc + blk * scale_values},
                       P{codes + (blk + nb - 1) * code_bytes, sc + (blk + nb - 1) * scale_values}};
-      Ahead ahead;  // the next pair of this thread's blocks, where pairs are taken
-      if (const int64_t next = blk + nb, n = std::min(pair, b1 - next); pair == 2 && n > 0) {
-        ahead.at[0] = reinterpret_cast<const char*>(codes + next * code_bytes), ahead.lines[0] = n * code_bytes / 64;
-        ahead.at[1] = reinterpret_cast<const char*>(sc + next * scale_values);
-        ahead.lines[1] = (n * scale_values * int64_t(sizeof(S)) + 63) / 64;
-      }
-      if (nb == 2) tiles<2, GW>(xq, M, K, b, yp, N, blk * NL, NL, ahead);
-      else tiles<1, GW>(xq, M, K, b, yp, N, blk * NL, NL, ahead);
+      // the next pair of this thread's blocks (its first block twice where it is the last), where pairs are taken
+      const int64_t after0 = blk + nb, after1 = std::min(after0 + 1, b1 - 1);
+      const P after[2] = {P{codes + after0 * code_bytes, sc + after0 * scale_values},
+                          P{codes + after1 * code_bytes, sc + after1 * scale_values}};
+      const P* next = pair == 2 && after0 < b1 ? after : nullptr;
+      if (nb == 2) tiles<2, GW>(xq, M, K, b, yp, N, blk * NL, NL, next);
+      else tiles<1, GW>(xq, M, K, b, yp, N, blk * NL, NL, next);
     }
   });
 }
