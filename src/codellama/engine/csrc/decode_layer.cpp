@@ -90,13 +90,13 @@ inline void store_row(const float* src, int64_t n, int8_t* dst, float* scale) {
 
 // A float16 cache's keys and values stream from memory, a few hundred KB of them per part of the attention
 // at long contexts, and the hardware's prefetchers alone left the loops below waiting on them: each loop
-// pulls the row AHEAD positions on into L1 as it goes. The 512-bit loops, separate processes alternating (6
-// rounds; the default model, 16 slots): 16 rows at
-// position 2000 45.7-49.6 -> 42.3-44.4 ms a step, at 600 22.7-26.5 -> 21.0-24.1; one row at 2000 unchanged
-// within the noise (7.4-7.8 -> 7.2-8.3); 8 to 32 positions ahead did about as well. Not for the other
-// caches, whose loops were no faster with it: int8's, bound by widening its codes (16 rows at 2000: 37.4-39.2
-// -> 39.1-40.5 ms), and float32's, beside a float32 model's matmuls (95.9-97.5 -> 98.1-99.3). prefetcht0
-// written out, as GCC 12 deleted loops of _mm_prefetch as doing nothing.
+// pulls the row AHEAD positions on into L1 as it goes. The 512-bit loops, the default model with 16 slots,
+// separate processes alternating (6 rounds): 16 rows at position 2000 45.7-49.6 -> 42.3-44.4 ms a step, at
+// 600 22.7-26.5 -> 21.0-24.1; one row at 2000 unchanged within the noise (7.4-7.8 -> 7.2-8.3); 8 to 32
+// positions ahead did about as well. Not for the other caches, whose loops were no faster with it: int8's,
+// bound by widening its codes (16 rows at 2000: 37.4-39.2 -> 39.1-40.5 ms), and float32's, beside a float32
+// model's matmuls (95.9-97.5 -> 98.1-99.3). prefetcht0 written out, as GCC 12 deleted loops of _mm_prefetch
+// as doing nothing.
 constexpr int64_t AHEAD = 32;
 // row t of a float16 cache's `rows` [L, hd] into L1, where t < L
 inline void pull_row(const uint16_t* rows, int64_t t, int64_t L, int64_t hd) {

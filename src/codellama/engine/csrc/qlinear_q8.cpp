@@ -401,19 +401,6 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
                             B::MIN ? _mm512_add_ps(scaled[r][k], mins[r][k]) : scaled[r][k]);
 }
 
-// a tile of R <= TM rows of x (tile)
-template <int NB, int64_t GW, bool PULL, class B>
-Q8_TARGET void tile_of(int64_t R, const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y, int64_t N,
-                       int64_t n0, int64_t valid, const B* next) {
-  static_assert(TM == 4);
-  switch (R) {
-    case 4: tile<4, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
-    case 3: tile<3, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
-    case 2: tile<2, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
-    case 1: tile<1, NB, GW, B, PULL>(x, K, m, b, y, N, n0, valid, next); break;
-  }
-}
-
 // Every row of x against NB blocks, TM rows at a time. From 4 rows on (pairs of packed blocks), the first
 // tile pulls the next pair `next` into L2 on the way, group by group: the hardware's prefetchers left the
 // tiles waiting on memory at the start of each pair (a 16-row step of SmolLM2 took 15.4 ms without, 13.8
@@ -424,12 +411,18 @@ Q8_TARGET void tile_of(int64_t R, const Q8Rows& x, int64_t K, int64_t m, const B
 template <int NB, int64_t GW, class B>
 Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const B* b, float* y, int64_t N, int64_t n0,
                      int64_t valid, const B* next = nullptr) {
+  static_assert(TM == 4 && PAIR_MIN_M >= TM, "a pair's first tile has TM rows");
   int64_t m = 0;
-  if (next != nullptr && M > 0) {
-    m = std::min(M, TM);
-    tile_of<NB, GW, true>(m, x, K, 0, b, y, N, n0, valid, next);
+  if (next != nullptr) {
+    tile<TM, NB, GW, B, true>(x, K, 0, b, y, N, n0, valid, next);
+    m = TM;
   }
-  for (; m < M; m += TM) tile_of<NB, GW, false>(std::min(TM, M - m), x, K, m, b, y, N, n0, valid, next);
+  for (; m + TM <= M; m += TM) tile<TM, NB, GW, B, false>(x, K, m, b, y, N, n0, valid, next);
+  switch (M - m) {
+    case 3: tile<3, NB, GW, B, false>(x, K, m, b, y, N, n0, valid, next); break;
+    case 2: tile<2, NB, GW, B, false>(x, K, m, b, y, N, n0, valid, next); break;
+    case 1: tile<1, NB, GW, B, false>(x, K, m, b, y, N, n0, valid, next); break;
+  }
 }
 
 // y = x @ w.T for weights in blocks of 16 rows: x rounded to int8 (with the sums int8 codes need where
