@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import threading
 import time
 
@@ -573,6 +574,48 @@ def test_hostile_requests_get_4xx_in_openai_shape_and_the_server_goes_on(server)
         assert not wrong, "\n".join(map(str, wrong))
         r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# values of every JSON type, and per field values it accepts, edges included
+ODD_VALUES = [None, True, False, 0, -1, 1, 3, 0.5, -0.5, 2**63, -2**63, 1e308, "", "x", "\u0000", "[INST]", [], [1],
+              [1, -5], [2**40], ["a", 1], [[]], [""], ["a"] * 50, {}, {"a": 1}, {"1": 100}, "hi", [[1]], [{}],
+              [{"role": "user"}], [{"role": "x", "content": 1}], [{"role": "user", "content": [{"type": "image_url"}]}]]
+ACCEPTED = {
+    "prompt": ["", "x", [1, 2], ["a", "b"], [[1, 2], [3]], "[INST]"], "suffix": ["", "x y"], "max_tokens": [0, 1, 3],
+    "max_completion_tokens": [1, 3], "temperature": [0, 0.7, 2], "top_p": [0.1, 1], "n": [1, 3],
+    "stop": ["\n", ["a", "b"], []], "seed": [0, 2**63 - 1], "stream": [True, False], "echo": [True, False],
+    "best_of": [1, 3], "presence_penalty": [-2, 2], "frequency_penalty": [-2, 2], "logit_bias": [{"1": 100}, {}],
+    "user": ["u"], "stream_options": [{"include_usage": True}], "top_logprobs": [0, 3],
+    "response_format": [{"type": "text"}], "tools": [[]],
+    "messages": [[{"role": "system", "content": "be brief"}, *HI], [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}]}]],
+}
+COMPLETION_LOGPROBS, CHAT_LOGPROBS = [0, 3], [True, False]
+COMPLETION_ONLY = {"prompt", "suffix", "echo", "best_of"}
+CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools"}
+
+
+def test_random_mixes_of_fields_get_answers_or_openai_errors(server):
+    # what the table above does not list: three fields of a valid request at a time set to values they accept
+    # or to values of any type (seeded); every answer is a 200 or a 4xx in OpenAI's error shape, never a 500
+    url, _ = server
+    rng, wrong, answered = random.Random(5), [], 0
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for i in range(240):
+            chat = i % 2 == 1
+            body = {"model": MODEL, "max_tokens": 2, **({"messages": HI} if chat else {"prompt": "def f("})}
+            fields = [f for f in ACCEPTED if f not in (COMPLETION_ONLY if chat else CHAT_ONLY)] + ["logprobs"]
+            for field in rng.sample(fields, 3):
+                accepted = ACCEPTED.get(field) or (CHAT_LOGPROBS if chat else COMPLETION_LOGPROBS)
+                body[field] = rng.choice(accepted if rng.random() < 0.75 else ODD_VALUES)
+            r = http.post(CHAT if chat else COMPLETIONS, json=body)
+            answered += r.status_code == 200
+            if r.status_code != 200 and not (
+                    400 <= r.status_code < 500 and set(r.json().get("error", {})) == {"message", "type", "param", "code"}):
+                wrong.append((body, r.status_code, r.text[:200]))
+        assert not wrong, "\n".join(map(str, wrong[:5]))
+        assert answered > 60  # the valid mixes ran too (84 with this seed)
+        assert http.get("/health").status_code == 200
 
 
 def test_a_bug_is_a_500_in_openai_shape_and_the_connection_stays_open(server, monkeypatch):
