@@ -106,8 +106,10 @@ def build_probes(workdir: Path) -> ctypes.CDLL:
         raise SystemExit("bench_cpu_limits needs a C compiler (cc or gcc) on PATH")
     src, lib = workdir / "probes.c", workdir / "probes.so"
     src.write_text(PROBES)
-    subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", str(src), "-o", str(lib)],
-                   check=True)
+    built = subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", str(src), "-o", str(lib)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"could not build the probes with {compiler}:\n{built.stderr}")
     probes = ctypes.CDLL(str(lib))
     probes.dot_seconds.restype = probes.read_seconds.restype = ctypes.c_double
     probes.dot_seconds.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int]
