@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #include "kernels.h"
 #include "parallel.h"
 #include "simd.h"
@@ -490,16 +492,83 @@ inline void rope(float* v, int64_t heads, int64_t hd, const float* cos, const fl
     }
 }
 
+// The attention's parts: (row, kv head, span), a row's consecutive, each thread taking a run of consecutive parts
+// of about equal work (a prefill call's later rows attend over more positions: halves by count left one thread
+// with 3/4 of a 1024-token prompt's attention). A row of several spans keeps its parts' results in `partial`
+// from first[b] on, per kv head: o [spans, group, hd], then m and l [spans, group] (attend_span). Planned
+// before the q/k/v matmul, whose tiles pull each thread's keys and values (side_pull).
+struct AttentionPlan {
+  // part i: its row b, kv head g, span c of n; its keys and values [len, hd] at `at` in the cache
+  struct Part {
+    int64_t b, g, c, n, len, at;
+  };
+  const int64_t *pp, *sp;
+  int64_t Hkv, S, hd, group;
+  std::vector<int64_t> part_row, row_parts, first;  // each part's row; each row's first part; its results
+  std::vector<int64_t> bound;  // thread r takes parts [bound[r], bound[r + 1])
+  int64_t floats = 0;  // of the rows of several spans' results
+
+  AttentionPlan(const int64_t* pos, const int64_t* slots, int64_t B, int64_t Hkv, int64_t S, int64_t hd,
+                int64_t group)
+      : pp(pos), sp(slots), Hkv(Hkv), S(S), hd(hd), group(group), row_parts(B), first(B, -1) {
+    std::vector<int64_t> cost;  // each part's: its positions, and a few for its fixed work
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = pp[b] + 1, n = spans(L);
+      if (n > 1) first[b] = floats, floats += Hkv * n * group * (hd + 2);
+      row_parts[b] = int64_t(part_row.size());
+      part_row.insert(part_row.end(), Hkv * n, b);
+      for (int64_t i = 0; i < Hkv * n; ++i) cost.push_back(std::min(SPAN, L - i % n * SPAN) + 16);
+    }
+    bound = balanced_runs(cost, std::min<int64_t>(at::get_num_threads(), int64_t(part_row.size())));
+  }
+  int64_t runs() const { return int64_t(bound.size()) - 1; }
+  Part part(int64_t i) const {
+    Part x;
+    x.b = part_row[i], x.n = spans(pp[x.b] + 1);
+    x.g = (i - row_parts[x.b]) / x.n, x.c = (i - row_parts[x.b]) % x.n;
+    const int64_t t0 = x.c * SPAN;  // its first position
+    x.len = std::min(SPAN, pp[x.b] + 1 - t0), x.at = ((sp[x.b] * Hkv + x.g) * S + t0) * hd;
+    return x;
+  }
+};
+
+// At a few rows and short contexts, the attention waited on its keys and values while the q/k/v matmul before
+// it, bound by its arithmetic, left the memory idle: that matmul's tiles pull each thread's keys and values
+// into its L2 on the way, where they fit beside its weights (at most 3/4 of L2 per thread; else none, and the
+// loops pull them as they go). The default model, the pull switched at run time in one process (10-12 rounds,
+// medians of the layers' time): 16 rows at position 16 -1.0%, 45 -3.7%, 77 -4.0%, 120 -2.0%, 200 and 1000
+// unchanged; 4 rows at 45 -5.1%, 8 at 100 -2.7%. Pulling up to all of L2 was 5-6% slower at 400. Float16
+// caches, as pull_part.
+SidePull side_pull(const AttentionPlan& plan, const uint16_t* kc, const uint16_t* vc) {
+  static const int64_t budget = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return (l2 > 0 ? l2 : 1 << 20) / 4 * 3;
+  }();
+  SidePull side(plan.runs());
+  for (int64_t r = 0; r < plan.runs(); ++r) {
+    PullLines& lines = side[r];
+    for (int64_t i = plan.bound[r]; i < plan.bound[r + 1]; ++i) {
+      const auto x = plan.part(i);
+      const int64_t bytes = x.len * plan.hd * int64_t(sizeof(uint16_t));
+      lines.ranges.emplace_back(reinterpret_cast<const char*>(kc + x.at), bytes);
+      lines.ranges.emplace_back(reinterpret_cast<const char*>(vc + x.at), bytes);
+    }
+    if (lines.lines() * 64 > budget) lines.ranges.clear();
+  }
+  return side;
+}
+
 // For rows b < B of one call: RoPE on their queries and keys qkv [B, (H + 2 Hkv) * hd] (in place), their
 // keys and values into the cache at [slots[b], kv head, pos[b]], and their attention into att [B, H * hd].
 // kc: the cache's keys [slots, Hkv, S, hd], then as many values (vc), as float32, float16 (E = uint16_t) or
 // int8 (E = int8_t; their scales ksc, vsc [slots, Hkv, S, hd / KV_GROUP]).
 template <class E>
-void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64_t* pp, const int64_t* sp, int64_t B,
-                     int64_t H, int64_t Hkv, int64_t S, int64_t hd, E* kc, E* vc, float* att, float* ksc = nullptr,
-                     float* vsc = nullptr) {
+void rope_and_attend(const AttentionPlan& plan, float* qkv, const float* cos, const float* sin, int64_t B, int64_t H,
+                     E* kc, E* vc, float* att, float* ksc = nullptr, float* vsc = nullptr) {
   constexpr bool INT8 = std::is_same_v<E, int8_t>;  // ksc, vsc: the scales of its keys and values
-  const int64_t group = H / Hkv, qdim = H * hd, kvdim = Hkv * hd, row = qdim + 2 * kvdim;
+  const int64_t Hkv = plan.Hkv, S = plan.S, hd = plan.hd, group = plan.group;
+  const int64_t *pp = plan.pp, *sp = plan.sp;
+  const int64_t qdim = H * hd, kvdim = Hkv * hd, row = qdim + 2 * kvdim;
   parallel_for(B, ROPE_GRAIN, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float* q = qkv + b * row;
@@ -522,42 +591,16 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
 
   const float scale = 1.0f / std::sqrt(float(hd));
   const bool wide = hd % 16 == 0 && wide_tiles_on();
-  // the parts: (row, kv head, span), a row's consecutive. A row of several spans keeps its parts' results
-  // in `partial` from first[b] on, per kv head: o [spans, group, hd], then m and l [spans, group] (attend_span)
-  std::vector<int64_t> part_row, row_parts(B), first(B, -1);  // each part's row; each row's first part
-  std::vector<int64_t> cost;  // each part's: its positions, and a few for its fixed work
-  int64_t floats = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = pp[b] + 1, n = spans(L);
-    if (n > 1) first[b] = floats, floats += Hkv * n * group * (hd + 2);
-    row_parts[b] = int64_t(part_row.size());
-    part_row.insert(part_row.end(), Hkv * n, b);
-    for (int64_t i = 0; i < Hkv * n; ++i) cost.push_back(std::min(SPAN, L - i % n * SPAN) + 16);
-  }
-  std::vector<float> partial(floats);
-  auto results = [&](int64_t b, int64_t g, int64_t n) { return partial.data() + first[b] + g * n * group * (hd + 2); };
-  // a run of consecutive parts per thread, of equal work: a prefill call's later rows attend over more
-  // positions, and halves by count left one thread with 3/4 of a 1024-token prompt's attention
-  const int64_t runs = std::min<int64_t>(at::get_num_threads(), int64_t(part_row.size()));
-  const std::vector<int64_t> bound = balanced_runs(cost, runs);
-  // part i: its row b, kv head g, span c of n; its keys and values [len, hd] at `at` in the cache
-  struct Part {
-    int64_t b, g, c, n, len, at;
+  std::vector<float> partial(plan.floats);
+  auto results = [&](int64_t b, int64_t g, int64_t n) {
+    return partial.data() + plan.first[b] + g * n * group * (hd + 2);
   };
-  auto part = [&](int64_t i) {
-    Part x;
-    x.b = part_row[i], x.n = spans(pp[x.b] + 1);
-    x.g = (i - row_parts[x.b]) / x.n, x.c = (i - row_parts[x.b]) % x.n;
-    const int64_t t0 = x.c * SPAN;  // its first position
-    x.len = std::min(SPAN, pp[x.b] + 1 - t0), x.at = ((sp[x.b] * Hkv + x.g) * S + t0) * hd;
-    return x;
-  };
-  parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
+  parallel_for(plan.runs(), 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> p;
-    for (int64_t i = bound[r0]; i < bound[r1]; ++i) {
-      const auto [b, g, c, n, len, at] = part(i);
-      if (i + 1 < bound[r1]) {
-        const Part next = part(i + 1);
+    for (int64_t i = plan.bound[r0]; i < plan.bound[r1]; ++i) {
+      const auto [b, g, c, n, len, at] = plan.part(i);
+      if (i + 1 < plan.bound[r1]) {
+        const auto next = plan.part(i + 1);
         pull_part(kc + next.at, vc + next.at, next.len, hd);
       }
       const float* q = qkv + b * row + g * group * hd;       // the query heads g * group .. share kv head g
@@ -578,10 +621,10 @@ void rope_and_attend(float* qkv, const float* cos, const float* sin, const int64
       }
     }
   });
-  if (floats == 0) return;  // no row of several spans: nothing to merge (a region fewer per layer)
+  if (plan.floats == 0) return;  // no row of several spans: nothing to merge (a region fewer per layer)
   parallel_for(B, 1, [&](int64_t b0, int64_t b1) {  // rows of several spans
     for (int64_t b = b0; b < b1; ++b) {
-      if (first[b] < 0) continue;
+      if (plan.first[b] < 0) continue;
       const int64_t n = spans(pp[b] + 1);
       for (int64_t g = 0; g < Hkv; ++g) {
         const float* o = results(b, g, n);
@@ -633,21 +676,23 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
     TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_slots, "slot outside the cache");
   }
 
-  auto qkv = linear(rmsnorm(x, attn_norm, eps), wqkv, wqkv_s, FUSED_TILES_MAX_M).contiguous();  // [B, qdim + 2 kvdim]
+  const AttentionPlan plan(pp, sp, B, Hkv, S, hd, H / Hkv);
+  uint16_t* half_kc = half ? reinterpret_cast<uint16_t*>(cache_kv.data_ptr<at::Half>()) : nullptr;
+  SidePull side = half && B >= PAIR_MIN_M ? side_pull(plan, half_kc, half_kc + cache_kv.stride(0)) : SidePull();
+  // [B, qdim + 2 kvdim]
+  auto qkv = linear(rmsnorm(x, attn_norm, eps), wqkv, wqkv_s, FUSED_TILES_MAX_M, &side).contiguous();
   float *qkvp = qkv.data_ptr<float>(), *cosp = cos.data_ptr<float>(), *sinp = sin.data_ptr<float>();
   auto att = at::empty({B, H * hd}, x.options());  // [B, H * hd]
   float* ap = att.data_ptr<float>();
   if (half) {
-    auto* kc = reinterpret_cast<uint16_t*>(cache_kv.data_ptr<at::Half>());
-    rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap);
+    rope_and_attend(plan, qkvp, cosp, sinp, B, H, half_kc, half_kc + cache_kv.stride(0), ap);
   } else if (int8) {
     int8_t* kc = cache_kv.data_ptr<int8_t>();
     float* ks = cache_scales.data_ptr<float>();
-    rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap, ks,
-                    ks + cache_scales.stride(0));
+    rope_and_attend(plan, qkvp, cosp, sinp, B, H, kc, kc + cache_kv.stride(0), ap, ks, ks + cache_scales.stride(0));
   } else {
     float* kc = cache_kv.data_ptr<float>();
-    rope_and_attend(qkvp, cosp, sinp, pp, sp, B, H, Hkv, S, hd, kc, kc + cache_kv.stride(0), ap);
+    rope_and_attend(plan, qkvp, cosp, sinp, B, H, kc, kc + cache_kv.stride(0), ap);
   }
 
   auto h = linear(att, wo, wo_s, FUSED_TILES_MAX_M);  // [B, D], then the residual

@@ -7,6 +7,8 @@
 #include <optional>
 #include <vector>
 
+#include "parallel.h"
+
 // Up to this many rows of x, linear() multiplies by our tiles on our pool, beyond by a GEMM (the weights widened)
 // on torch's threads (with int8 activations, q8_linear: by the tiles on torch's threads). Beside torch's OpenMP
 // threads, which spin between ops on the cores our pool wants, past a few dozen rows the tiles lost 3x to the
@@ -17,11 +19,15 @@ constexpr int64_t TILES_MAX_M = 256;
 // on the same cores: a 300-row float32 prefill ran at 501 against 716 tok/s, a 384-token int8 one at 695
 // against 1207 (BENCHMARKS.md, time to the first token).
 constexpr int64_t FUSED_TILES_MAX_M = INT64_MAX;
+// Rows of x from which the int8-activation tiles take two blocks of weights at once (qlinear_q8.cpp)
+constexpr int64_t PAIR_MIN_M = 4;
 
 // x [M, K] float32 @ w.T, the kernel picked by w's dtype and s's shape: float32 [N, K] (s unused), int8
 // [N, K] with scale s [N], with scale/min s [N, K/16, 2] or with a scale per group of 16 or 32 s [N, K/G]
-// (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said
-at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m = TILES_MAX_M);
+// (float32 or float16), or packed int4 uint8 [N, K/2] with scale/min s [N, K/32, 2]; scales float32 but where said.
+// `side`: memory each thread pulls into L2 on the way, where the weights are packed (packed_linear)
+at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m = TILES_MAX_M,
+                  SidePull* side = nullptr);
 // x [M, K] float32 @ w.T with x quantised to int8 in groups of 32 (qlinear_q8.cpp), for every quantised layout
 // (K % 32 == 0), where the CPU has AVX-512 VNNI and use_int8_activations is on (the default there); none otherwise
 std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
@@ -29,8 +35,10 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
 // x [M, K] float32 @ w.T for weights packed for q8_linear at load time (engine/quant.py, pack_for_int8_activations):
 // codes uint8 [N/16, K/32, 4, 16, 4] (int4) or int8 [N/16, K/32, 8, 16, 4], their scales float32 or float16
 // [N/16, K/32, 2, 16] (int4), float32 [N] (int8), float32 [N/16, K/16, 2, 16] (int8g) or float32 or float16
-// [N/16, K/G, 16] (int8s); int8 activations only
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t tiles_max_m);
+// [N/16, K/G, 16] (int8s); int8 activations only. From 4 rows of x on (pairs of blocks), thread i pulls (*side)[i]
+// into L2 on the way (pool_part; none where side is null or has no [i])
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t tiles_max_m,
+                         SidePull* side = nullptr);
 // whether q8_linear runs (it may only where the CPU has AVX-512 VNNI); returns the setting
 bool use_int8_activations(bool on);
 // the setting use_int8_activations last made (or the default)

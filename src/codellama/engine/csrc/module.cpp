@@ -6,7 +6,9 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("linear", &linear, release(), pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("s"),
+  m.def("linear",
+        [](at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) { return linear(x, w, s, tiles_max_m); },
+        release(), pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("s"),
         pybind11::arg("tiles_max_m") = TILES_MAX_M,
         "x [M, K] float32 @ w.T: w float32 [N, K], int8 [N, K] + scale [N], scale/min [N, K/16, 2] or scale [N, K/G], or int4 (uint8 [N, K/2] + scale/min [N, K/32, 2])");
   m.def("decode_layer", &decode_layer, release(),

@@ -13,6 +13,8 @@
 
 namespace {
 
+thread_local int running_part = 0;  // pool_part()
+
 constexpr int kSpin = 1 << 15;  // pause instructions before a worker sleeps (~1 ms)
 
 class Pool {
@@ -46,6 +48,7 @@ class Pool {
 
  private:
   void part(int i) {
+    running_part = i;
     const int64_t parts = size(), chunk = (n_ + parts - 1) / parts, begin = i * chunk;
     const int64_t end = std::min(n_, begin + chunk);
     if (begin < end) (*fn_)(begin, end);
@@ -105,3 +108,5 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   pool->run(n, fn);
   inside = false;
 }
+
+int pool_part() { return running_part; }

@@ -8,7 +8,37 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <utility>
+#include <vector>
 
 // Run fn(begin, end) over [0, n) split in at::get_num_threads() contiguous parts; the calling thread runs
 // the first. Serial when n < 2 * grain, when called from inside a loop, or while another thread's loop runs.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+// The part of the running parallel_for loop the calling thread runs: part i of every loop runs on the same
+// thread (0: the caller's), so what one loop's part i pulls into cache, the next loop's part i finds there
+int pool_part();
+
+// Ranges of memory one thread pulls into L2 a few lines at a time, beside work of its own (SidePull)
+struct PullLines {
+  std::vector<std::pair<const char*, int64_t>> ranges;  // start, bytes
+  int64_t per_step = 0;  // lines each step() pulls: spread(steps) sets it
+  size_t range = 0;
+  int64_t offset = 0;
+
+  int64_t lines() const {
+    int64_t n = 0;
+    for (const auto& r : ranges) n += (r.second + 63) / 64;
+    return n;
+  }
+  // pull all of it in about `steps` calls of step()
+  void spread(int64_t steps) { per_step = steps > 0 ? (lines() + steps - 1) / steps : lines(); }
+  // the next per_step lines (prefetcht1 written out: GCC 12 deleted loops of _mm_prefetch as doing nothing)
+  void step() {
+    for (int64_t i = 0; i < per_step && range < ranges.size(); ++i) {
+      asm volatile("prefetcht1 %0" : : "m"(ranges[range].first[offset]));
+      if ((offset += 64) >= ranges[range].second) ++range, offset = 0;
+    }
+  }
+};
+// What each part of a loop pulls: [i] for part i (pool_part)
+using SidePull = std::vector<PullLines>;

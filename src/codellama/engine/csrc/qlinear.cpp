@@ -592,9 +592,9 @@ static std::pair<at::Tensor, at::Tensor> unpacked(const at::Tensor& w, const at:
   return {codes, s.dim() == 3 ? s.permute({0, 2, 1}).reshape({N, s.size(1)}) : s};
 }
 
-at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m) {
+at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor s, int64_t tiles_max_m, SidePull* side) {
   if (w.dim() == 5) {  // packed for int8 activations; with them switched off (tests), unpacked at each call
-    if (int8_activations_on()) return packed_linear(x, w, s, tiles_max_m);
+    if (int8_activations_on()) return packed_linear(x, w, s, tiles_max_m, side);
     auto [codes, scales] = unpacked(w, s);
     return linear(x, codes, scales, tiles_max_m);
   }

@@ -45,7 +45,6 @@ namespace {
 constexpr int64_t NL = 16;  // weight rows per block: the int32 lanes of a 512-bit register
 constexpr int64_t QK = 32;  // activations per scale, weights per group
 constexpr int64_t TM = 4;   // rows of x per tile
-constexpr int64_t PAIR_MIN_M = 4;  // rows of x from which tiles take two blocks of weights at once
 
 // x [M, K] quantised in groups of 32: codes q, scale d = max|x| / 127, d * sum(q) over the group and over
 // each half of it (for the mins of weights in groups of 32 and of 16), and for int8 codes (`offsets`)
@@ -343,10 +342,11 @@ Q8_TARGET void repack(const W& w, int64_t n0, int64_t N, typename W::Blk& b, boo
 // codes, which then feeds two VPDPBUSD instead of one (BENCHMARKS.md, Serving). Every output
 // gets the same float operations whatever R and NB are, so a row's result does not depend on the rows
 // beside it.
-// PULL: each group also pulls its counterpart in the NB blocks at `next` into L2 (tiles).
+// PULL: each group also pulls its counterpart in the NB blocks at `next` into L2 (tiles), and a step of
+// `side` where there is one.
 template <int R, int NB, int64_t GW, class B, bool PULL>
 Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y, int64_t N, int64_t n0,
-                    int64_t valid, const B* next) {
+                    int64_t valid, const B* next, PullLines* side = nullptr) {
   constexpr int64_t P = QK / GW, STEPS = 8 / P;  // weight groups per group of x; steps of 4 k per weight group
   // integer sums per output register: enough independent chains to hide VPDPBUSD's latency (they are exact:
   // the same y however they are split)
@@ -358,8 +358,10 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < NB; ++k) scaled[r][k] = mins[r][k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    if constexpr (PULL)
+    if constexpr (PULL) {
       for (int k = 0; k < NB; ++k) next[k].template pull<GW>(g);
+      if (side != nullptr) side->step();
+    }
     const int8_t* xg = x.q.get() + m * K + g * QK;
     for (int64_t p = 0; p < P; ++p) {
       __m512i dot[R][NB][CH];  // sum_{k in the weight group} u[n, k] q[m + r, k] (less the offset), exactly
@@ -407,14 +409,15 @@ Q8_TARGET void tile(const Q8Rows& x, int64_t K, int64_t m, const B* b, float* y,
 // with the pulling shared out among all the tiles; into L1 instead of L2, 4 rows were slower). In the first
 // tile only, and compiled into it alone (PULL): compiled into every tile, the pulling made even a tile
 // that pulled nothing ~11% slower (a standalone harness, one thread, 16 x 3072 x 576 with the weights in
-// cache: 201 against 181 us); a 16-row step went from 13.7 to 12.8 ms (BENCHMARKS.md).
+// cache: 201 against 181 us); a 16-row step went from 13.7 to 12.8 ms (BENCHMARKS.md). That tile also pulls
+// its thread's share of `side`.
 template <int NB, int64_t GW, class B>
 Q8_TARGET void tiles(const Q8Rows& x, int64_t M, int64_t K, const B* b, float* y, int64_t N, int64_t n0,
-                     int64_t valid, const B* next = nullptr) {
+                     int64_t valid, const B* next = nullptr, PullLines* side = nullptr) {
   static_assert(TM == 4 && PAIR_MIN_M >= TM, "a pair's first tile has TM rows");
   int64_t m = 0;
   if (next != nullptr) {
-    tile<TM, NB, GW, B, true>(x, K, 0, b, y, N, n0, valid, next);
+    tile<TM, NB, GW, B, true>(x, K, 0, b, y, N, n0, valid, next, side);
     m = TM;
   }
   for (; m + TM <= M; m += TM) tile<TM, NB, GW, B, false>(x, K, m, b, y, N, n0, valid, next);
@@ -469,13 +472,17 @@ Q8_TARGET at::Tensor run_q8(const W& w, const at::Tensor& x, int64_t N, int64_t 
   });
 }
 
-// weights packed at load time (PackedBlock): codes and scales of block b at b * their values per block
+// weights packed at load time (PackedBlock): codes and scales of block b at b * their values per block;
+// each thread's pair tiles pull its part of `side` (pool_part), spread over the groups they go through
 template <int64_t GW, class P, class S>
 Q8_TARGET at::Tensor run_packed(const uint8_t* codes, const S* sc, const at::Tensor& x, int64_t N,
-                                int64_t tiles_max_m) {
+                                int64_t tiles_max_m, SidePull* side) {
   const int64_t M = x.size(0), K = x.size(1), pair = blocks_at_once(M);
   const int64_t code_bytes = K / QK * P::D * 64, scale_values = NL * (P::C == 0 ? 1 : K / GW * P::C);
   return run_blocks(x, N, tiles_max_m, P::OFFSET, [&](const Q8Rows& xq, float* yp, int64_t b0, int64_t b1) {
+    const size_t part = size_t(pool_part());
+    PullLines* mine = side != nullptr && part < side->size() && pair == 2 ? &(*side)[part] : nullptr;
+    if (mine != nullptr) mine->spread(((b1 - b0 + 1) / 2 - 1) * (K / QK));  // pairs with a next, their groups
     for (int64_t blk = b0; blk < b1; blk += pair) {
       const int64_t nb = std::min<int64_t>(pair, b1 - blk);
       const P b[2] = {P{codes + blk * code_bytes, sc + blk * scale_values},
@@ -485,8 +492,8 @@ Q8_TARGET at::Tensor run_packed(const uint8_t* codes, const S* sc, const at::Ten
       const P after[2] = {P{codes + after0 * code_bytes, sc + after0 * scale_values},
                           P{codes + after1 * code_bytes, sc + after1 * scale_values}};
       const P* next = pair == 2 && after0 < b1 ? after : nullptr;
-      if (nb == 2) tiles<2, GW>(xq, M, K, b, yp, N, blk * NL, NL, next);
-      else tiles<1, GW>(xq, M, K, b, yp, N, blk * NL, NL, next);
+      if (nb == 2) tiles<2, GW>(xq, M, K, b, yp, N, blk * NL, NL, next, mine);
+      else tiles<1, GW>(xq, M, K, b, yp, N, blk * NL, NL, next, mine);
     }
   });
 }
@@ -536,7 +543,8 @@ std::optional<at::Tensor> q8_linear(const at::Tensor& x, const at::Tensor& w, co
               : run_q8(Int8Q8<float, Scales::PerGroup, 16>{q, s.data_ptr<float>(), K}, x, N, tiles_max_m);
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t tiles_max_m) {
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t tiles_max_m,
+                         SidePull* side) {
   const int64_t K = x.size(1), N = w.size(0) * NL, G = K / QK;
   const bool int4 = w.scalar_type() == at::kByte;
   TORCH_CHECK(int8_activations.load(std::memory_order_relaxed), "packed weights take int8 activations only");
@@ -553,19 +561,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
                 "packed int4 scales: float32 or float16 [N/16, K/32, 2, 16]");
     if (!f32)  // a GGUF's Q4_1: its float16 scales and mins as they are, a sixth less to read per weight
       return run_packed<32, PackedBlock<true, uint16_t, Scales::PerGroupWithMin>>(
-          codes, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), x, N, tiles_max_m);
+          codes, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), x, N, tiles_max_m, side);
     return run_packed<32, PackedBlock<true, float, Scales::PerGroupWithMin>>(codes, s.data_ptr<float>(), x, N,
-                                                                              tiles_max_m);
+                                                                              tiles_max_m, side);
   }
   if (s.dim() == 1) {
     TORCH_CHECK(f32 && s.size(0) == N, "packed int8 scales per row: float32 [N]");
-    return run_packed<32, PackedBlock<false, float, Scales::PerRow>>(codes, s.data_ptr<float>(), x, N, tiles_max_m);
+    return run_packed<32, PackedBlock<false, float, Scales::PerRow>>(codes, s.data_ptr<float>(), x, N, tiles_max_m,
+                                                                      side);
   }
   if (s.dim() == 4) {
     TORCH_CHECK(f32 && s.size(0) * NL == N && s.size(1) == K / 16 && s.size(2) == 2 && s.size(3) == NL,
                 "packed int8g scales: float32 [N/16, K/16, 2, 16]");
     return run_packed<16, PackedBlock<false, float, Scales::PerGroupWithMin>>(codes, s.data_ptr<float>(), x, N,
-                                                                               tiles_max_m);
+                                                                               tiles_max_m, side);
   }
   TORCH_CHECK(s.dim() == 3 && s.size(0) * NL == N && (s.size(1) == G || s.size(1) == 2 * G) && s.size(2) == NL &&
                   (f32 || s.scalar_type() == at::kHalf),
@@ -573,10 +582,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const bool by32 = s.size(1) == G;
   if (!f32) {
     const auto* h = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
-    return by32 ? run_packed<32, PackedBlock<false, uint16_t, Scales::PerGroup>>(codes, h, x, N, tiles_max_m)
-                : run_packed<16, PackedBlock<false, uint16_t, Scales::PerGroup>>(codes, h, x, N, tiles_max_m);
+    return by32 ? run_packed<32, PackedBlock<false, uint16_t, Scales::PerGroup>>(codes, h, x, N, tiles_max_m, side)
+                : run_packed<16, PackedBlock<false, uint16_t, Scales::PerGroup>>(codes, h, x, N, tiles_max_m, side);
   }
   const float* f = s.data_ptr<float>();
-  return by32 ? run_packed<32, PackedBlock<false, float, Scales::PerGroup>>(codes, f, x, N, tiles_max_m)
-              : run_packed<16, PackedBlock<false, float, Scales::PerGroup>>(codes, f, x, N, tiles_max_m);
+  return by32 ? run_packed<32, PackedBlock<false, float, Scales::PerGroup>>(codes, f, x, N, tiles_max_m, side)
+              : run_packed<16, PackedBlock<false, float, Scales::PerGroup>>(codes, f, x, N, tiles_max_m, side);
 }
