@@ -535,10 +535,11 @@ struct AttentionPlan {
 // At a few rows and short contexts, the attention waited on its keys and values while the q/k/v matmul before
 // it, bound by its arithmetic, left the memory idle: that matmul's tiles pull each thread's keys and values
 // into its L2 on the way, where they fit beside its weights (at most 3/4 of L2 per thread; else none, and the
-// loops pull them as they go). The default model, the pull switched at run time in one process (10-12 rounds,
-// medians of the layers' time): 16 rows at position 16 -1.0%, 45 -3.7%, 77 -4.0%, 120 -2.0%, 200 and 1000
-// unchanged; 4 rows at 45 -5.1%, 8 at 100 -2.7%. Pulling up to all of L2 was 5-6% slower at 400. Float16
-// caches, as pull_part.
+// loops pull them as they go), a line of each page first (PullLines::pages_first: each part's keys and values
+// are in pages of their own). The default model, the pull switched at run time in one process (10 rounds,
+// medians of the layers' time): 16 rows at position 16 -4.6%, 45 -5.4%, 77 -6.3%, 120 -3.6%, 200 and 1000
+// unchanged; 4 rows at 45 -5.8%, 8 at 100 -4.5%; without the pages first -1.3, -2.1, -4.7, -3.6, -5.7 and
+// -4.5%. Budgets of 1.5 and 4 MB: no faster at 200, and at 400 4 MB was 5% slower. Float16 caches, as pull_part.
 SidePull side_pull(const AttentionPlan& plan, const uint16_t* kc, const uint16_t* vc) {
   static const int64_t budget = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
@@ -554,6 +555,7 @@ SidePull side_pull(const AttentionPlan& plan, const uint16_t* kc, const uint16_t
       lines.ranges.emplace_back(reinterpret_cast<const char*>(vc + x.at), bytes);
     }
     if (lines.lines() * 64 > budget) lines.ranges.clear();
+    lines.pages_first();
   }
   return side;
 }
