@@ -560,15 +560,16 @@ SidePull side_pull(const AttentionPlan& plan, const uint16_t* kc, const uint16_t
   return side;
 }
 
-// For rows b < B of one call: RoPE on their queries and keys qkv [B, (H + 2 Hkv) * hd] (in place), their
+// For the plan's rows b < B: RoPE on their queries and keys qkv [B, (H + 2 Hkv) * hd] (in place), their
 // keys and values into the cache at [slots[b], kv head, pos[b]], and their attention into att [B, H * hd].
 // kc: the cache's keys [slots, Hkv, S, hd], then as many values (vc), as float32, float16 (E = uint16_t) or
 // int8 (E = int8_t; their scales ksc, vsc [slots, Hkv, S, hd / KV_GROUP]).
 template <class E>
-void rope_and_attend(const AttentionPlan& plan, float* qkv, const float* cos, const float* sin, int64_t B, int64_t H,
-                     E* kc, E* vc, float* att, float* ksc = nullptr, float* vsc = nullptr) {
+void rope_and_attend(const AttentionPlan& plan, float* qkv, const float* cos, const float* sin, E* kc, E* vc,
+                     float* att, float* ksc = nullptr, float* vsc = nullptr) {
   constexpr bool INT8 = std::is_same_v<E, int8_t>;  // ksc, vsc: the scales of its keys and values
   const int64_t Hkv = plan.Hkv, S = plan.S, hd = plan.hd, group = plan.group;
+  const int64_t B = int64_t(plan.row_parts.size()), H = group * Hkv;
   const int64_t *pp = plan.pp, *sp = plan.sp;
   const int64_t qdim = H * hd, kvdim = Hkv * hd, row = qdim + 2 * kvdim;
   parallel_for(B, ROPE_GRAIN, [&](int64_t b0, int64_t b1) {
@@ -687,14 +688,14 @@ at::Tensor decode_layer(at::Tensor x, at::Tensor slots, at::Tensor pos, at::Tens
   auto att = at::empty({B, H * hd}, x.options());  // [B, H * hd]
   float* ap = att.data_ptr<float>();
   if (half) {
-    rope_and_attend(plan, qkvp, cosp, sinp, B, H, half_kc, half_kc + cache_kv.stride(0), ap);
+    rope_and_attend(plan, qkvp, cosp, sinp, half_kc, half_kc + cache_kv.stride(0), ap);
   } else if (int8) {
     int8_t* kc = cache_kv.data_ptr<int8_t>();
     float* ks = cache_scales.data_ptr<float>();
-    rope_and_attend(plan, qkvp, cosp, sinp, B, H, kc, kc + cache_kv.stride(0), ap, ks, ks + cache_scales.stride(0));
+    rope_and_attend(plan, qkvp, cosp, sinp, kc, kc + cache_kv.stride(0), ap, ks, ks + cache_scales.stride(0));
   } else {
     float* kc = cache_kv.data_ptr<float>();
-    rope_and_attend(plan, qkvp, cosp, sinp, B, H, kc, kc + cache_kv.stride(0), ap);
+    rope_and_attend(plan, qkvp, cosp, sinp, kc, kc + cache_kv.stride(0), ap);
   }
 
   auto h = linear(att, wo, wo_s, FUSED_TILES_MAX_M);  // [B, D], then the residual
