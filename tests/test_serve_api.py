@@ -823,6 +823,14 @@ def test_full_server_answers_429_and_a_too_big_request_400(server, client, monke
     _wait_idle(engine)
 
 
+def test_too_many_generations_are_refused_before_the_prompts_are_read(client):
+    # the count was checked after every prompt was tokenized: 8 MB of short prompts (1.6M) held the event loop,
+    # and every other client, for 24 s before the 400; a bad last prompt shows that none was read first
+    with pytest.raises(openai.BadRequestError, match="65 generations") as e:
+        client.completions.create(model=MODEL, prompt=[[1]] * 64 + [[2**40]], max_tokens=1)
+    assert e.value.param == "n"
+
+
 def test_a_client_leaving_a_request_without_stream_frees_its_slot(server, monkeypatch):
     url, engine = server
     _wait_idle(engine)

@@ -204,11 +204,15 @@ class Server:
                               code="context_length_exceeded")
         return requested
 
-    def _check_capacity(self, n: int) -> None:
+    def _check_generations(self, n: int) -> None:
         limit = self.config.max_concurrent
         if n > limit:  # a 429 would be retried (the openai client does) and never succeed
             raise OpenAIError(400, f"This request asks for {n} generations (prompts x n), more than the {limit} "
                               "this server runs at once; send fewer prompts or a smaller n", param="n")
+
+    def _check_capacity(self, n: int) -> None:
+        self._check_generations(n)
+        limit = self.config.max_concurrent
         # counts the engine's own requests (running + queued), so nothing can leak when a client vanishes
         if self.engine.stats()["unfinished"] + n > limit:
             raise OpenAIError(429, f"The server is at its limit of {limit} concurrent "
@@ -277,7 +281,10 @@ class Server:
     # ---- building the jobs ----
     def _completion_jobs(self, body: CompletionRequest) -> tuple[list[_Job], list[str], int]:
         jobs, prompt_texts, prompt_tokens = [], [], 0
-        for pi, prompt in enumerate(body.prompts()):
+        prompts = body.prompts()
+        # before any prompt is tokenized: 8 MB of short prompts (1.6M) held the event loop for 24 s to be refused
+        self._check_generations(len(prompts) * body.n)
+        for pi, prompt in enumerate(prompts):
             # a continuation keeps the leading space of its first piece ("x =" -> " 1"), as editors expect
             decode = None if self.tokenizer is None else self.tokenizer.decode_infilling
             if isinstance(prompt, str):
