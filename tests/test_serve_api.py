@@ -489,6 +489,13 @@ HOSTILE = [
     ("POST", COMPLETIONS, {"prompt": "x", "stop": "a" * 100_000}, JSON, 200, None),
     # text that is not text, fields of the wrong type, fields we do not know
     ("POST", COMPLETIONS, b'{"prompt": "x\\ud800"}', JSON, 400, "lone UTF-16 surrogate"),
+    # surrogates json.loads lets through unless the body is decoded strictly (were a 500: the tokenizer's
+    # TypeError): UTF-8 bytes of one, and an escape in a UTF-16 or UTF-32 body, which JSON allows
+    ("POST", COMPLETIONS, b'{"prompt": "x\xed\xa0\x80"}', JSON, 400, "not valid JSON: 'utf-8' codec can't decode"),
+    ("POST", COMPLETIONS, '{"prompt": "x\\ud800"}'.encode("utf-16"), JSON, 400, "lone UTF-16 surrogate"),
+    ("POST", CHAT, '{"messages": [{"role": "user", "content": "\\udfff"}]}'.encode("utf-32"), JSON, 400,
+     "lone UTF-16 surrogate"),
+    ("POST", COMPLETIONS, '{"prompt": "x", "max_tokens": 1}'.encode("utf-16"), JSON, 200, None),
     ("POST", COMPLETIONS, {"prompt": "x", "stream_options": "x"}, JSON, 400, "'stream_options'"),
     ("POST", CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, JSON, 400,
      "stream_options is only allowed when stream is true"),

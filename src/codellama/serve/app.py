@@ -39,7 +39,7 @@ from codellama.serve.tokens import text_offsets, token_bytes, token_text
 log = logging.getLogger("codellama.serve")
 
 # a JSON escape of a UTF-16 surrogate: only a body holding one pays for the check that each is paired
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # JSON bytes a request may spend per token of its prompts: token ids take up to 7, text a few (more where
 # every character is escaped, like "\u4e2d")
 _BODY_BYTES_PER_TOKEN = 32
@@ -160,8 +160,11 @@ class Server:
                               code="unsupported_content_encoding")
         raw = await self._body(request)
         try:
-            data = json.loads(raw)
-            if _SURROGATE_ESCAPE.search(raw):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
+            # decoded strictly: json.loads(bytes) lets surrogates through ("surrogatepass"), as UTF-8 bytes (ED A0
+            # 80) or as escapes in a UTF-16 or UTF-32 body, where a search of the bytes for "\\ud800" missed them
+            text = raw.decode(json.detect_encoding(raw))
+            data = json.loads(text)
+            if _SURROGATE_ESCAPE.search(text):  # a lone one ("\ud800") would break the tokenizer; pairs are fine
                 json.dumps(data, ensure_ascii=False).encode()
         except UnicodeEncodeError:
             raise OpenAIError(400, "The request body holds a lone UTF-16 surrogate escape (like \\ud800), which "
