@@ -132,6 +132,8 @@ def test_t_max_predict_ms_ends_the_generation_after_a_newline(server, tok):
     ({"input_extra": [{"text": 5}]}, "'input_extra.0.text'"),
     ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
     ({"logit_bias": [[40000, 1]]}, "logit_bias has token id 40000, outside the model's vocabulary"),
+    # a pair without its bias: was "'logit_bias' is required", of a field the body has
+    ({"logit_bias": [[13]]}, "Invalid value for 'logit_bias': expected list[tuple[int,"),
     ({"stop": [""]}, "stop sequences must be non-empty"),
     ({"grammar": "root ::= x"}, "grammar (constrained decoding"),
     ({"model": "other"}, "does not exist"),

@@ -576,7 +576,9 @@ def _explain(e: ValidationError) -> tuple[str | None, str]:
         problem = "expected " + " or ".join(dict.fromkeys(members))
     else:
         problem = first["msg"].removeprefix("Value error, ")
-    message = f"{field!r} is required" if first["type"] == "missing" else f"Invalid value for {field!r}: {problem}"
+    # the field itself missing, not an item inside one of its union's members (a [token, bias] pair without a bias)
+    missing = first["type"] == "missing" and len(head) == len(first["loc"])
+    message = f"{field!r} is required" if missing else f"Invalid value for {field!r}: {problem}"
     others = len({place(err["loc"]) for err in errors}) - 1
     return field, message + (f" (and {others} more)" if others else "")
 
