@@ -146,6 +146,17 @@ def test_raw_sse_ends_with_done(server):
     assert json.loads(lines[0][6:])["object"] == "text_completion"
 
 
+def test_sse_events_are_one_line_for_line_readers(server):
+    # U+2028, U+2029 and U+0085, which JSON leaves raw, end a line for str.splitlines() (httpx's iter_lines,
+    # requests' with decode_unicode): an echoed prompt or a generated text holding one split its event
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "stream": True, "echo": True}
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == prompt
+
+
 def test_n_choices(client):
     greedy = client.completions.create(model=MODEL, prompt="for i in", max_tokens=8, temperature=0, n=3)
     assert [c.index for c in greedy.choices] == [0, 1, 2] and len({c.text for c in greedy.choices}) == 1

@@ -591,8 +591,13 @@ def _without_generated(ev: StreamEvent) -> StreamEvent:
     return replace(ev, text="", completion=c)
 
 
+# what JSON leaves raw but str.splitlines() ends a line at (httpx's iter_lines, requests' with decode_unicode):
+# escaped, an event is one line for those readers too
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
