@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import random
 import threading
 import time
@@ -408,6 +409,21 @@ def test_a_chat_longer_than_the_context_names_messages(server):
     r = _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": long})
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages", err
+
+
+def test_refused_requests_have_their_log_line(server, caplog):
+    # each request logs one JSON line: those refused before they ran wrote none (a client sending the wrong
+    # model or key again and again left no trace in the server's log or --log-file)
+    caplog.set_level(logging.INFO, logger="codellama.serve")
+    for path, body, status in (("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404),
+                               ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
+                               ("/v1/nothing", {}, 404)):
+        assert httpx.post(server[0] + path, json=body, timeout=30).status_code == status
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codellama.serve"]
+    lines = [line for line in logged if line["status"] == "refused"]  # not an earlier test's stream ending now
+    assert [(line["path"], line["http_status"]) for line in lines] == [
+        ("/v1/completions", 404), ("/v1/chat/completions", 400), ("/v1/nothing", 404)]
+    assert lines[0]["code"] == "model_not_found" and lines[1]["param"] == "messages"
 
 
 def test_unknown_route_and_method(server):

@@ -623,23 +623,30 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     route("/tokenize", server.tokenize, ["POST"])
     route("/detokenize", server.detokenize, ["POST"])
 
+    def answer(request: Request, exc: OpenAIError, headers: dict | None = None) -> JSONResponse:
+        """The error's answer. A refusal (4xx: nothing ran) gets its request log line here, as a request that
+        ran gets one when it ends (was none: a client refused again and again left no trace in the log); a 500
+        is logged where it happened."""
+        server.metrics.error(exc.status)
+        if exc.status < 500:
+            log.info(json.dumps({"event": "request", "path": request.url.path, "status": "refused",
+                                 "http_status": exc.status, "code": exc.code, "param": exc.param,
+                                 "message": exc.message[:300]}, ensure_ascii=False))
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
-        server.metrics.error(exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return answer(request, exc)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError):
-        server.metrics.error(400)
-        return JSONResponse(OpenAIError(400, str(exc)).body(), status_code=400)
+        return answer(request, OpenAIError(400, str(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        server.metrics.error(exc.status_code)
         code = "unknown_url" if exc.status_code == 404 else None  # what OpenAI answers to an unknown URL
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        body = OpenAIError(exc.status_code, message, code=code).body()
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
+        return answer(request, OpenAIError(exc.status_code, message, code=code), exc.headers)  # a 405's Allow
 
     app.add_middleware(_InternalErrors, on_error=server.metrics.error)
     if config.cors_origins:  # outermost: a 500 and a 401 carry the headers too, so a page can read them
