@@ -725,6 +725,9 @@ def test_auth_accepted_and_refused():
     # an empty key (CODELLAMA_API_KEY= in a script) is no key, as the startup line's "auth off" says
     with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="") as (url, _):
         assert httpx.get(url + "/v1/models").status_code == 200
+    # a key read from a file or an env file keeps its newline: clients' tokens are compared stripped, so it matched none
+    with running_server(tiny_model(), tokenizer(), max_batch=2, api_key="s3cret\n") as (url, _):
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_cors_lets_the_named_origins_pages_call_the_api(server):

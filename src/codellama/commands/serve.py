@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {config.model_name} ({loaded.source}) on http://{args.host}:{sock.getsockname()[1]}/v1 "
           f"[{device}, {args.max_batch} slots x {context} tokens, "
           f"KV cache {_cache_summary(loaded.model)}, "
-          f"auth {'on' if args.api_key else 'off'}, "
+          f"auth {'on' if config.api_key else 'off'}, "
           # llama.vscode and `suffix` requests need the infill tokens: said before a client finds out by a 400
           f"infilling {'on' if loaded.tokenizer is not None and loaded.tokenizer.can_infill else 'off'}]",
           file=sys.stderr)

@@ -57,6 +57,11 @@ class ServerConfig:
     # origins whose web pages may call the API from a browser (CORS; "*": any); none: browsers refuse them
     cors_origins: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # clients' tokens are compared stripped, so a key read with a newline (a file, an env file) matched none
+        if self.api_key is not None:
+            self.api_key = self.api_key.strip() or None
+
 
 @dataclass
 class _Job:
