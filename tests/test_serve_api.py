@@ -426,6 +426,25 @@ def test_refused_requests_have_their_log_line(server, caplog):
     assert lines[0]["code"] == "model_not_found" and lines[1]["param"] == "messages"
 
 
+def test_a_stream_left_midway_logs_the_tokens_it_sent(server, caplog):
+    # its log line and /metrics counted 0 completion tokens, however many were streamed before the client left
+    caplog.set_level(logging.INFO, logger="codellama.serve")
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 200, "stream": True, "temperature": 0,
+            "logit_bias": {str(t): -100 for t in server[1].tokenizer.stop_ids}}  # 200 tokens, no early stop
+    pieces = 0
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            pieces += line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"] != ""
+            if pieces == 3:
+                break
+    deadline = time.monotonic() + 30
+    while not (lines := [json.loads(r.getMessage()) for r in caplog.records
+                         if r.name == "codellama.serve" and '"disconnected"' in r.getMessage()]):
+        assert time.monotonic() < deadline, "no log line for the stream its client left"
+        time.sleep(0.1)
+    assert lines[-1]["completion_tokens"] >= 3
+
+
 def test_unknown_route_and_method(server):
     r = httpx.get(server[0] + "/v1/nothing")
     # OpenAI's own answer to an unknown URL (was type not_found_error, which OpenAI does not use)

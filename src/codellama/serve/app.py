@@ -29,6 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from codellama.engine.batching import Engine
+from codellama.engine.batching import Request as EngineRequest
 from codellama.engine.rows import Completion, StreamEvent
 from codellama.errors import UserError
 from codellama.sampling import SamplingParams
@@ -272,10 +273,12 @@ class Server:
                     self.engine.cancel(r)
 
     def _log(self, kind: str, rid: str, start: float, first: float | None, prompt_tokens: int,
-             completions: list[Completion | None], jobs: list[_Job], stream: bool, status: str) -> None:
+             completions: list[Completion | None], jobs: list[_Job], stream: bool, status: str,
+             reqs: list[EngineRequest]) -> None:
         done = [c for c in completions if c is not None]
         latency = time.perf_counter() - start
-        n_out = sum(len(c.tokens) for c in done)
+        # a request its client left counts the tokens it generated before (streamed ones were sent)
+        n_out = sum(len(c.tokens) if c is not None else len(r.row.tokens) for c, r in zip(completions, reqs))
         cached, reasons = _cached_tokens(completions, jobs), [c.finish_reason for c in done]
         ttft = None if first is None else first - start
         self.metrics.request(kind, status, prompt_tokens, cached, n_out, latency, ttft, reasons)
@@ -469,10 +472,11 @@ class Server:
         self._check_capacity(len(jobs))
         start, first = time.perf_counter(), None
         completions: list[Completion | None] = [None] * len(jobs)
+        reqs: list[EngineRequest] = []  # the engine's requests, as _run submits them
         if not body.stream:
             status = "disconnected"
             try:
-                async for i, ev in self._run(jobs, request, pieces=False):
+                async for i, ev in self._run(jobs, request, reqs, pieces=False):
                     first = first or time.perf_counter()
                     if ev.completion is not None:
                         completions[i] = ev.completion
@@ -485,7 +489,7 @@ class Server:
                     return JSONResponse({}, status_code=499)
                 return JSONResponse(final(completions))
             finally:
-                self._log(kind, rid, start, first, prompt_tokens, completions, jobs, False, status)
+                self._log(kind, rid, start, first, prompt_tokens, completions, jobs, False, status, reqs)
 
         def piece(i: int, text: str | None, finish: str | None) -> str:
             obj = chunk(i, text, finish)
@@ -502,7 +506,7 @@ class Server:
                         yield piece(i, "", None)
                     elif echo[i]:
                         yield piece(i, echo[i], None)
-                async for i, ev in self._run(jobs, request):
+                async for i, ev in self._run(jobs, request, reqs):
                     first = first or time.perf_counter()
                     if ev.text:
                         yield piece(i, ev.text, None)
@@ -520,7 +524,7 @@ class Server:
                 yield "data: [DONE]\n\n"
                 status = "ok"
             finally:
-                self._log(kind, rid, start, first, prompt_tokens, completions, jobs, True, status)
+                self._log(kind, rid, start, first, prompt_tokens, completions, jobs, True, status, reqs)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
