@@ -222,6 +222,11 @@ def test_rope_scalings_we_do_not_implement_are_refused(tmp_path, scaling):
     ("vocab_size", None, "vocab_size must be a positive integer, got None"),
     ("rope_scaling", 2.0, "rope_scaling must be an object"),
     ("num_attention_heads", 6, r"dim \(64\) must be a multiple of n_heads \(6\)"),
+    # were a format error in `info` and a traceback from RMSNorm, or a model of NaNs
+    ("rms_norm_eps", "1e-5", "norm_eps must be a non-negative number, got '1e-5'"),
+    ("rms_norm_eps", None, "norm_eps must be a non-negative number, got None"),
+    ("rope_theta", 0, "rope_theta must be a positive number, got 0.0"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 0}, "rope_scaling must be a positive number, got 0.0"),
 ])
 def test_a_config_json_with_a_wrong_value_is_named(tmp_path, field, value, match):
     """Hand-edited or corrupt config.json values: an error naming the file, not a TypeError or a reshape
