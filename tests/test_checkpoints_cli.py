@@ -79,6 +79,23 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "x.gguf").read_bytes() == b"keep me"
 
 
+def test_convert_refuses_to_write_over_a_file_of_the_source(tmp_path, capsys):
+    """--force onto one of the source's own files: a .gguf written over the memory-mapped consolidated.00.pth
+    it was reading killed the process (SIGBUS) and left both broken; over params.json it destroyed the source.
+    A new .gguf beside the source's files is written as before."""
+    save_meta(random_model(CFG), None, tmp_path / "meta")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "meta").iterdir()}
+    meta = tmp_path / "meta"
+    # (the SIGBUS last: without the fix it ends pytest)
+    for src, out, to in ((meta, "params.json", "gguf"), (meta / "params.json", ".", "hf"),
+                         (meta, "consolidated.00.pth", "gguf")):
+        assert run_cli("convert", src, meta / out, "--to", to, "--force") == 2, out
+        assert "is part of the source checkpoint" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "meta").iterdir()} == before
+    assert run_cli("convert", tmp_path / "meta", tmp_path / "meta" / "m.gguf", "--to", "gguf") == 0
+    torch.testing.assert_close(logits(tmp_path / "meta" / "m.gguf"), logits(tmp_path / "meta"), atol=1e-2, rtol=0)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--to", "hf", "--qtype", "q8_0"], "--qtype applies to --to gguf only"),  # wrote float32, silently
     (["--to", "gguf", "--dtype", "float32"], "a GGUF's tensor type is --qtype"),  # wrote F16, silently
