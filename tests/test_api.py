@@ -320,6 +320,20 @@ def test_infill_file_from_stdin(capsys, monkeypatch):
     assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")
 
 
+def test_text_that_is_not_utf8_is_refused_and_the_chat_goes_on(capsys, monkeypatch, smollm2):
+    """Bytes that are not UTF-8 on stdin or in argv reach Python as lone surrogates: the tokenizers failed on
+    them with a RuntimeError from their bindings (a traceback), which also ended an interactive chat."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def caf\udce9():\n"))  # a Latin-1 file piped in
+    assert main(["complete", "--model", "tiny", "-n", "2"]) == 2
+    assert "error: the text is not UTF-8 (it holds byte 0xe9)" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("caf\udce9\nhi\n"))
+    assert main(["chat", "--model", "tiny", "-n", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "error: the text is not UTF-8" in err and out.count("> ") == 3  # "hi" answered, then EOF
+    with pytest.raises(UserError, match="not UTF-8"):
+        smollm2.encode("\udcff")  # the BPE tokenizer's was "TypeError: TextInputSequence must be str"
+
+
 def test_serve_holds_its_port_while_the_model_loads():
     """_bind's socket was only bound, not listening: with SO_REUSEADDR (as uvicorn binds) a second server
     bound the same port and listened, and the first failed with EADDRINUSE after loading its model."""
