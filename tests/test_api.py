@@ -334,6 +334,15 @@ def test_text_that_is_not_utf8_is_refused_and_the_chat_goes_on(capsys, monkeypat
         smollm2.encode("\udcff")  # the BPE tokenizer's was "TypeError: TextInputSequence must be str"
 
 
+def test_a_kv_cache_larger_than_the_memory_is_refused(capsys):
+    """--max-seq-len and --max-new-tokens past the memory: torch.zeros' allocator traceback (or, nearer the
+    machine's size, the process killed while zeroing the pages)."""
+    huge = str(10**10)  # positions: terabytes of cache on any machine
+    assert main(["complete", "x", "--model", "tiny", "--max-seq-len", huge, "-n", huge]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the KV cache for 1 sequence(s) of {huge} positions needs" in err and "Traceback" not in err
+
+
 def test_serve_holds_its_port_while_the_model_loads():
     """_bind's socket was only bound, not listening: with SO_REUSEADDR (as uvicorn binds) a second server
     bound the same port and listened, and the first failed with EADDRINUSE after loading its model."""
