@@ -343,6 +343,16 @@ def test_a_kv_cache_larger_than_the_memory_is_refused(capsys):
     assert f"error: the KV cache for 1 sequence(s) of {huge} positions needs" in err and "Traceback" not in err
 
 
+def test_a_prompt_that_fails_inside_the_engine_is_not_an_empty_answer():
+    """The engine fails such a request alone (a server goes on serving), and complete() returned "" for it:
+    `codellama complete --dtype bfloat16 --quantize int8` printed nothing and exited 0, and an evaluation
+    would score the empty answer."""
+    gen = codellama.load("tiny", device="cpu")
+    gen.model.layers[0].feed_forward.w2.weight = nn.Parameter(torch.randn(3, 3))  # a layer that cannot run
+    with pytest.raises(RuntimeError, match="prompt 0 failed inside the engine"):
+        gen.complete("def f(x):", max_new_tokens=2)
+
+
 def test_serve_holds_its_port_while_the_model_loads():
     """_bind's socket was only bound, not listening: with SO_REUSEADDR (as uvicorn binds) a second server
     bound the same port and listened, and the first failed with EADDRINUSE after loading its model."""
