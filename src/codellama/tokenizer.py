@@ -483,6 +483,9 @@ def _read_config(directory: Path) -> dict:
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):  # was a TypeError from the first chat
+        raise UserError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string (or a list of "
+                        f"{{name, template}} objects), not {json.dumps(template)[:60]}")
     jinja = directory / "chat_template.jinja"
     if template is None and jinja.is_file():
         template = jinja.read_text(encoding="utf-8")
