@@ -238,3 +238,25 @@ def test_a_config_json_with_a_wrong_value_is_named(tmp_path, field, value, match
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=f"config.json: .*{match}"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),  # ran as SiLU: other outputs, without a word
+    ("quantization_config", {"quant_method": "gptq", "bits": 4}, r"the weights are quantised \(gptq\)"),
+])
+def test_settings_we_cannot_run_are_refused_by_name(tmp_path, field, value, match):
+    save_hf(random_model(GQA), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {field: value}))
+    with pytest.raises(UserError, match=f"config.json: {match}"):
+        load_model(tmp_path)
+
+
+def test_a_sliding_window_bounds_the_context(tmp_path):
+    """Mistral 7B v0.1 attends to 4096 of its 32768 positions: full attention is exact only within the window,
+    so the context is the window's (past it the logits were other than transformers' without a word)."""
+    save_hf(random_model(GQA.replace(max_seq_len=256)), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "mistral", "sliding_window": 64}))
+    with pytest.warns(UserWarning, match="sliding-window attention .* the context is 64 tokens instead of 256"):
+        assert load_model(tmp_path).config.max_seq_len == 64
