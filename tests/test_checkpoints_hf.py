@@ -134,6 +134,25 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("header", [
+    [1, 2],  # was an AttributeError
+    {"model.norm.weight": {"dtype": "F32", "shape": [64]}},  # a KeyError
+    {"model.norm.weight": "F32"},  # a TypeError
+    {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0]}},  # an IndexError
+    {"model.norm.weight": {"dtype": "F32", "shape": "64", "data_offsets": [0, 256]}},  # torch.empty's TypeError
+], ids=["list", "no-offsets", "not-an-object", "one-offset", "shape-string"])
+def test_a_safetensors_header_of_the_wrong_structure_names_the_file(tmp_path, header):
+    """A corrupt header that is still JSON: a traceback from reading it, in `info` and in loading."""
+    from codellama.checkpoints.load import inspect_model
+
+    save_hf(random_model(GQA), None, tmp_path)
+    data = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(data).to_bytes(8, "little") + data + bytes(256))
+    for read in (load_model, inspect_model):
+        with pytest.raises(UserError, match="model.safetensors: not a valid safetensors file"):
+            read(tmp_path)
+
+
 def test_missing_shard_is_named(tmp_path):
     save_hf(random_model(GQA), None, tmp_path, max_shard_size="40KB")
     victim = sorted(tmp_path.glob("model-*.safetensors"))[1]

@@ -165,10 +165,27 @@ def read_safetensors_header(f: Path) -> dict:
     except (OSError, ValueError) as e:
         refuse_web_page(f)
         raise UserError(f"{bad} ({e}); re-download or re-convert it") from None
+    if not isinstance(header, dict):  # was an AttributeError, KeyError or TypeError from the lines below
+        raise UserError(f"{bad} (its header is a JSON {type(header).__name__}, not an object); re-download it")
+    for name, info in header.items():
+        if name != "__metadata__" and not _valid_entry(info):
+            raise UserError(f"{bad} (tensor {name!r}: {json.dumps(info)[:80]} is not a dtype, a shape and two data "
+                            "offsets); re-download or re-convert it")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise UserError(f"{f}: truncated ({size} bytes, its header describes {8 + n + end}); re-download it")
     return header
+
+
+def _valid_entry(info) -> bool:
+    """A safetensors header entry: {"dtype": str, "shape": [n, ...], "data_offsets": [begin, end]}."""
+    def naturals(v) -> bool:
+        return isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not naturals(info.get("shape")):
+        return False
+    offsets = info.get("data_offsets")
+    return naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype | None:
