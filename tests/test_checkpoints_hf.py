@@ -259,6 +259,14 @@ def test_a_config_json_with_a_wrong_value_is_named(tmp_path, field, value, match
         load_model(tmp_path)
 
 
+def test_a_config_json_with_no_eos_ids_loads(tmp_path):
+    """"eos_token_id": [] (a list of end ids, empty) was an IndexError in `info` and in every load."""
+    save_hf(random_model(GQA), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"eos_token_id": []}))
+    assert load_model(tmp_path).config.eos_id is None
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),  # ran as SiLU: other outputs, without a word
     ("quantization_config", {"quant_method": "gptq", "bits": 4}, r"the weights are quantised \(gptq\)"),

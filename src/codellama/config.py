@@ -126,8 +126,8 @@ class ModelConfig:
         if theta is None:  # transformers >= 5 nests it in rope_parameters
             theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         eos = hf.get("eos_token_id", 2)
-        if isinstance(eos, list):
-            eos = eos[0]
+        if isinstance(eos, list):  # several end ids (the tokenizer reads them all); [] was an IndexError
+            eos = eos[0] if eos else None
         n_heads = hf["num_attention_heads"]
         return cls(
             dim=hf["hidden_size"],
