@@ -267,6 +267,21 @@ def test_complete_says_it_reads_the_terminal(tmp_path):
     assert proc.returncode == 0 and "end it with Ctrl-D" in err and out.startswith("def f():\n"), err
 
 
+@pytest.mark.parametrize("argv", [["chat", "-"], ["infill", "--file", "-"], ["complete", "--file", "-"]])
+def test_every_read_of_stdin_at_a_terminal_says_so(argv):
+    """`chat -`, `infill --file -` and `complete --file -` at a terminal waited silently (a bare `complete` said
+    it reads the terminal). The model named here does not exist: the command fails once it has read the text."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", *argv, "--model", "no-such-model"], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(slave)
+    os.write(master, b"a <FILL_ME> b\n\x04")  # the text, then Ctrl-D
+    err = proc.communicate(timeout=120)[1]
+    os.close(master)
+    assert proc.returncode == 2 and "from the terminal; end it with Ctrl-D" in err, err
+
+
 def test_output_piped_into_a_reader_that_leaves_early(tmp_path):
     """`codellama complete ... | head -c 1`: the closed pipe ends the command quietly, as SIGPIPE would."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
