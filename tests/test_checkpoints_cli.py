@@ -309,6 +309,21 @@ def test_convert_force_leaves_no_stale_weights(tmp_path):
         torch.testing.assert_close(logits(tmp_path / "meta"), new(TOKENS), atol=0, rtol=0)
 
 
+def test_convert_force_over_the_other_layout_loads_the_new_model(tmp_path):
+    """--force --to meta over an earlier --to hf (or the reverse): the old config.json (or params.json) and
+    weights stayed beside the new files, and loading the folder gave the old model without a word."""
+    old, new = random_model(CFG, seed=1), random_model(CFG, seed=2)
+    save_hf(old, None, tmp_path / "old")
+    save_meta(new, None, tmp_path / "new")
+    for first, second in (("hf", "meta"), ("meta", "hf")):
+        out = tmp_path / f"{first}-then-{second}"
+        assert run_cli("convert", tmp_path / "old", out, "--to", first) == 0
+        assert run_cli("convert", tmp_path / "new", out, "--to", second, "--force") == 0
+        with torch.no_grad():
+            torch.testing.assert_close(logits(out), new(TOKENS), atol=0, rtol=0)
+        assert not list(out.glob("config.json" if second == "meta" else "params.json"))
+
+
 def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellama, smollm2):
     save_hf(random_model(CFG.replace(vocab_size=codellama.vocab_size)), codellama, tmp_path / "sp")
     save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "bpe")

@@ -90,7 +90,24 @@ def _layout_options(args: argparse.Namespace) -> None:
     args.max_shard_size = parse_size(args.max_shard_size or "5GB")
 
 
+# what makes a folder each layout's checkpoint (load.detect_format) and its weights
+_LAYOUT_FILES = {"hf": ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                        "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json"),
+                 "meta": ("params.json", "consolidated.*.pth")}
+
+
+def _remove_other_layout(out: Path, to: str) -> None:
+    """--force over a folder holding the other layout's checkpoint: its config.json stayed beside the new Meta
+    files, and loading the folder gave the old model (detect_format takes config.json first)."""
+    for layout, patterns in _LAYOUT_FILES.items():
+        if layout != to:
+            for f in (f for pattern in patterns for f in out.glob(pattern)):
+                f.unlink()
+
+
 def _save(args: argparse.Namespace, model: Transformer, tok: Tokenizer | None, out: Path) -> None:
+    if args.to in ("hf", "meta") and out.is_dir():
+        _remove_other_layout(out, args.to)
     if args.to == "hf":
         from codellama.checkpoints.hf import save_hf
 
