@@ -131,7 +131,8 @@ def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
     except Exception as e:  # truncated zip, pickle error
         raise _unreadable(ckpt / TRAINER_STATE, e) from None
     if not isinstance(state, dict):
-        raise UserError(f"{ckpt / TRAINER_STATE}: holds a {type(state).__name__}; it was not written by `codellama train`")
+        raise UserError(f"{ckpt / TRAINER_STATE}: holds a {type(state).__name__}; it was not written by "
+                        "`codellama train`")
     tok_dir = ckpt / TOKENIZER_DIR
     return TrainCheckpoint(ckpt, int(state.get("step", 0)), state.get("recipe", {}).get("stage", "?"),
                            _model_config(state, ckpt), tokenizer_at(tok_dir) if tok_dir.is_dir() else None)
