@@ -267,6 +267,21 @@ def test_complete_says_it_reads_the_terminal(tmp_path):
     assert proc.returncode == 0 and "end it with Ctrl-D" in err and out.startswith("def f():\n"), err
 
 
+@pytest.mark.parametrize("argv", [["chat", "-"], ["infill", "--file", "-"], ["complete", "--file", "-"]])
+def test_every_read_of_stdin_at_a_terminal_says_so(argv):
+    """`chat -`, `infill --file -` and `complete --file -` at a terminal waited silently (a bare `complete` said
+    it reads the terminal). The model named here does not exist: the command fails once it has read the text."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama", *argv, "--model", "no-such-model"], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(slave)
+    os.write(master, b"a <FILL_ME> b\n\x04")  # the text, then Ctrl-D
+    err = proc.communicate(timeout=120)[1]
+    os.close(master)
+    assert proc.returncode == 2 and "from the terminal; end it with Ctrl-D" in err, err
+
+
 def test_output_piped_into_a_reader_that_leaves_early(tmp_path):
     """`codellama complete ... | head -c 1`: the closed pipe ends the command quietly, as SIGPIPE would."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -318,6 +333,39 @@ def test_infill_file_from_stdin(capsys, monkeypatch):
     assert main(["infill", "--model", "tiny", "--file", "-", "--full", "-n", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def f(x):\n    ") and out.endswith("\n    return y\n")
+
+
+def test_text_that_is_not_utf8_is_refused_and_the_chat_goes_on(capsys, monkeypatch, smollm2):
+    """Bytes that are not UTF-8 on stdin or in argv reach Python as lone surrogates: the tokenizers failed on
+    them with a RuntimeError from their bindings (a traceback), which also ended an interactive chat."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def caf\udce9():\n"))  # a Latin-1 file piped in
+    assert main(["complete", "--model", "tiny", "-n", "2"]) == 2
+    assert "error: the text is not UTF-8 (it holds byte 0xe9)" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("caf\udce9\nhi\n"))
+    assert main(["chat", "--model", "tiny", "-n", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "error: the text is not UTF-8" in err and out.count("> ") == 3  # "hi" answered, then EOF
+    with pytest.raises(UserError, match="not UTF-8"):
+        smollm2.encode("\udcff")  # the BPE tokenizer's was "TypeError: TextInputSequence must be str"
+
+
+def test_a_kv_cache_larger_than_the_memory_is_refused(capsys):
+    """--max-seq-len and --max-new-tokens past the memory: torch.zeros' allocator traceback (or, nearer the
+    machine's size, the process killed while zeroing the pages)."""
+    huge = str(10**10)  # positions: terabytes of cache on any machine
+    assert main(["complete", "x", "--model", "tiny", "--max-seq-len", huge, "-n", huge]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the KV cache for 1 sequence(s) of {huge} positions needs" in err and "Traceback" not in err
+
+
+def test_a_prompt_that_fails_inside_the_engine_is_not_an_empty_answer():
+    """The engine fails such a request alone (a server goes on serving), and complete() returned "" for it:
+    `codellama complete --dtype bfloat16 --quantize int8` printed nothing and exited 0, and an evaluation
+    would score the empty answer."""
+    gen = codellama.load("tiny", device="cpu")
+    gen.model.layers[0].feed_forward.w2.weight = nn.Parameter(torch.randn(3, 3))  # a layer that cannot run
+    with pytest.raises(RuntimeError, match="prompt 0 failed inside the engine"):
+        gen.complete("def f(x):", max_new_tokens=2)
 
 
 def test_serve_holds_its_port_while_the_model_loads():

@@ -79,6 +79,23 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "x.gguf").read_bytes() == b"keep me"
 
 
+def test_convert_refuses_to_write_over_a_file_of_the_source(tmp_path, capsys):
+    """--force onto one of the source's own files: a .gguf written over the memory-mapped consolidated.00.pth
+    it was reading killed the process (SIGBUS) and left both broken; over params.json it destroyed the source.
+    A new .gguf beside the source's files is written as before."""
+    save_meta(random_model(CFG), None, tmp_path / "meta")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "meta").iterdir()}
+    meta = tmp_path / "meta"
+    # (the SIGBUS last: without the fix it ends pytest)
+    for src, out, to in ((meta, "params.json", "gguf"), (meta / "params.json", ".", "hf"),
+                         (meta, "consolidated.00.pth", "gguf")):
+        assert run_cli("convert", src, meta / out, "--to", to, "--force") == 2, out
+        assert "is part of the source checkpoint" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "meta").iterdir()} == before
+    assert run_cli("convert", tmp_path / "meta", tmp_path / "meta" / "m.gguf", "--to", "gguf") == 0
+    torch.testing.assert_close(logits(tmp_path / "meta" / "m.gguf"), logits(tmp_path / "meta"), atol=1e-2, rtol=0)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--to", "hf", "--qtype", "q8_0"], "--qtype applies to --to gguf only"),  # wrote float32, silently
     (["--to", "gguf", "--dtype", "float32"], "a GGUF's tensor type is --qtype"),  # wrote F16, silently
@@ -290,6 +307,21 @@ def test_convert_force_leaves_no_stale_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "meta").glob("*.pth")) == ["consolidated.00.pth"]
     with torch.no_grad():
         torch.testing.assert_close(logits(tmp_path / "meta"), new(TOKENS), atol=0, rtol=0)
+
+
+def test_convert_force_over_the_other_layout_loads_the_new_model(tmp_path):
+    """--force --to meta over an earlier --to hf (or the reverse): the old config.json (or params.json) and
+    weights stayed beside the new files, and loading the folder gave the old model without a word."""
+    old, new = random_model(CFG, seed=1), random_model(CFG, seed=2)
+    save_hf(old, None, tmp_path / "old")
+    save_meta(new, None, tmp_path / "new")
+    for first, second in (("hf", "meta"), ("meta", "hf")):
+        out = tmp_path / f"{first}-then-{second}"
+        assert run_cli("convert", tmp_path / "old", out, "--to", first) == 0
+        assert run_cli("convert", tmp_path / "new", out, "--to", second, "--force") == 0
+        with torch.no_grad():
+            torch.testing.assert_close(logits(out), new(TOKENS), atol=0, rtol=0)
+        assert not list(out.glob("config.json" if second == "meta" else "params.json"))
 
 
 def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellama, smollm2):

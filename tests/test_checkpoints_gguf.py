@@ -624,3 +624,17 @@ def test_rope_scalings_we_do_not_implement_are_refused(tmp_path):
     ones = _edit_gguf(tmp_path / "m.gguf", tmp_path / "ones.gguf",
                       tensors={"rope_freqs.weight": np.ones(half, np.float32)})
     assert load_gguf(ones)[2].rope_scaling == 1.0
+
+
+def test_a_mixture_of_experts_gguf_is_refused_by_name(tmp_path):
+    """Mixtral's GGUF files are "llama" files with llama.expert_count: `info` showed a dense model (and its
+    parameter count), and loading failed on the first expert tensor, an "unexpected tensor" of a Llama GGUF."""
+    from gguf import GGUFValueType
+
+    from codellama.checkpoints.load import inspect_model
+
+    save_gguf(random_model(CFG), None, tmp_path / "m.gguf", "F32")
+    moe = _edit_gguf(tmp_path / "m.gguf", tmp_path / "moe.gguf", add={"llama.expert_count": (8, GGUFValueType.UINT32)})
+    for read in (load_gguf, inspect_model):
+        with pytest.raises(UserError, match=r"moe.gguf: a mixture-of-experts model \(8 experts per layer"):
+            read(moe)

@@ -134,6 +134,25 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("header", [
+    [1, 2],  # was an AttributeError
+    {"model.norm.weight": {"dtype": "F32", "shape": [64]}},  # a KeyError
+    {"model.norm.weight": "F32"},  # a TypeError
+    {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0]}},  # an IndexError
+    {"model.norm.weight": {"dtype": "F32", "shape": "64", "data_offsets": [0, 256]}},  # torch.empty's TypeError
+], ids=["list", "no-offsets", "not-an-object", "one-offset", "shape-string"])
+def test_a_safetensors_header_of_the_wrong_structure_names_the_file(tmp_path, header):
+    """A corrupt header that is still JSON: a traceback from reading it, in `info` and in loading."""
+    from codellama.checkpoints.load import inspect_model
+
+    save_hf(random_model(GQA), None, tmp_path)
+    data = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(data).to_bytes(8, "little") + data + bytes(256))
+    for read in (load_model, inspect_model):
+        with pytest.raises(UserError, match="model.safetensors: not a valid safetensors file"):
+            read(tmp_path)
+
+
 def test_missing_shard_is_named(tmp_path):
     save_hf(random_model(GQA), None, tmp_path, max_shard_size="40KB")
     victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
@@ -222,6 +241,11 @@ def test_rope_scalings_we_do_not_implement_are_refused(tmp_path, scaling):
     ("vocab_size", None, "vocab_size must be a positive integer, got None"),
     ("rope_scaling", 2.0, "rope_scaling must be an object"),
     ("num_attention_heads", 6, r"dim \(64\) must be a multiple of n_heads \(6\)"),
+    # were a format error in `info` and a traceback from RMSNorm, or a model of NaNs
+    ("rms_norm_eps", "1e-5", "norm_eps must be a non-negative number, got '1e-5'"),
+    ("rms_norm_eps", None, "norm_eps must be a non-negative number, got None"),
+    ("rope_theta", 0, "rope_theta must be a positive number, got 0.0"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 0}, "rope_scaling must be a positive number, got 0.0"),
 ])
 def test_a_config_json_with_a_wrong_value_is_named(tmp_path, field, value, match):
     """Hand-edited or corrupt config.json values: an error naming the file, not a TypeError or a reshape
@@ -233,3 +257,33 @@ def test_a_config_json_with_a_wrong_value_is_named(tmp_path, field, value, match
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=f"config.json: .*{match}"):
         load_model(tmp_path)
+
+
+def test_a_config_json_with_no_eos_ids_loads(tmp_path):
+    """"eos_token_id": [] (a list of end ids, empty) was an IndexError in `info` and in every load."""
+    save_hf(random_model(GQA), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"eos_token_id": []}))
+    assert load_model(tmp_path).config.eos_id is None
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),  # ran as SiLU: other outputs, without a word
+    ("quantization_config", {"quant_method": "gptq", "bits": 4}, r"the weights are quantised \(gptq\)"),
+])
+def test_settings_we_cannot_run_are_refused_by_name(tmp_path, field, value, match):
+    save_hf(random_model(GQA), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {field: value}))
+    with pytest.raises(UserError, match=f"config.json: {match}"):
+        load_model(tmp_path)
+
+
+def test_a_sliding_window_bounds_the_context(tmp_path):
+    """Mistral 7B v0.1 attends to 4096 of its 32768 positions: full attention is exact only within the window,
+    so the context is the window's (past it the logits were other than transformers' without a word)."""
+    save_hf(random_model(GQA.replace(max_seq_len=256)), None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "mistral", "sliding_window": 64}))
+    with pytest.warns(UserWarning, match="sliding-window attention .* the context is 64 tokens instead of 256"):
+        assert load_model(tmp_path).config.max_seq_len == 64

@@ -261,3 +261,20 @@ def test_a_shard_saved_by_a_training_tool_loads_and_a_non_state_dict_is_named(tm
     torch.save([1, 2, 3], f)
     with pytest.raises(UserError, match="consolidated.00.pth: holds a list, not a state dict of named tensors"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("multiple_of", 0, "multiple_of must be a positive integer, got 0"),  # was a ZeroDivisionError
+    ("ffn_dim_multiplier", "1.3", "ffn_dim_multiplier must be a positive number or null, got '1.3'"),
+    ("norm_eps", "abc", "norm_eps must be a non-negative number, got 'abc'"),  # `info` failed to format it
+])
+def test_a_params_json_with_a_wrong_number_is_named(tmp_path, field, value, match):
+    """Hand-edited params.json numbers: an error naming the file, for loading and for `info`."""
+    from codellama.checkpoints.load import inspect_model
+
+    save_meta(random_model(MHA), None, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params | {field: value}))
+    for read in (load_model, inspect_model):
+        with pytest.raises(UserError, match=f"params.json: {match}"):
+            read(tmp_path)

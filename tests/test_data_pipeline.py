@@ -215,6 +215,12 @@ def test_rebuild_replaces_and_foreign_folder_refused(tmp_path, tok):
     with pytest.raises(UserError, match="not empty"):
         build_corpus(src, tok, tmp_path / "mine", PipelineConfig(), "t")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # an image data set's train/ and val/: their names alone passed for a corpus of ours, and were deleted
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "images" / "train" / "cat.jpg").write_text("keep me")
+    with pytest.raises(UserError, match=r"not a token corpus \(it holds train/cat.jpg\)"):
+        build_corpus(src, tok, tmp_path / "images", PipelineConfig(), "t")
+    assert (tmp_path / "images" / "train" / "cat.jpg").read_text() == "keep me"
 
 
 def test_more_workers_than_cpus_are_capped():

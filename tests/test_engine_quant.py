@@ -188,6 +188,17 @@ def test_packed_layers_compute_the_same_bits_and_hold_the_same_codes(fmt):
     assert not _layer(fmt, 40, 96).pack()  # 40 rows: two blocks and a half
 
 
+def test_packed_int8_layers_take_bfloat16_activations():
+    """`complete --dtype bfloat16 --quantize int8` on a CPU with VNNI: the layers were packed for the kernels,
+    which take float32 activations only, and the bfloat16 forward multiplied the packed 5-d codes: every prompt
+    failed inside the engine, and `complete` printed nothing and exited 0."""
+    layer = _layer("int8", 32, 64)
+    plain = copy.deepcopy(layer)
+    assert layer.pack()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), plain(x))
+
+
 def test_packed_weights_of_the_wrong_shape_are_refused_with_the_shape_wanted():
     k = int8_kernels()
     layer = _layer("int4", 32, 64)

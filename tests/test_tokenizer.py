@@ -313,6 +313,10 @@ def test_config_files_beside_the_tokenizer(tmp_path, sp_dir):
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="JSON object"):
         load_tokenizer(tmp_path)
+    for template in (5, [{"name": "default", "template": 5}]):  # a TypeError at the first chat
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        with pytest.raises(UserError, match="tokenizer_config.json: chat_template must be a string .*, not 5"):
+            load_tokenizer(tmp_path)
 
 
 def test_llama_style_tokenizer_json_infilling(tmp_path, sp_dir, sp_tok):

@@ -197,3 +197,30 @@ def test_loss_mask_selects_the_targets(tmp_path):
     expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
     assert torch.allclose(masked_ce_sum(logits, targets, mask), expected)
     assert masked_ce_sum(logits, targets, torch.zeros_like(mask)) == 0
+
+
+def test_a_damaged_checkpoint_is_named_when_loaded_as_a_model(tmp_path):
+    """A step directory copied short (a truncated DCP shard or trainer_state.pt, a foreign .metadata): `info`,
+    `complete` and `convert` ended in torch's traceback (an EOFError inside DCP's CheckpointException)."""
+    import dataclasses
+
+    from codellama.checkpoints.load import inspect_model, load_model
+    from codellama.train.distributed import DistEnv
+    from helpers import random_model
+
+    model = random_model(w.CFG)
+    state = {"model_config": dataclasses.asdict(w.CFG), "recipe": {"stage": "code"}}
+    step = ckpt_mod.save_checkpoint(tmp_path, 2, model, torch.optim.AdamW(model.parameters()), state, DistEnv())
+    assert load_model(tmp_path).config == w.CFG
+    shard = next(step.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"step_00000002: not a readable training checkpoint \(EOFError\); it is "
+                                        "truncated or damaged: load an older step_"):
+        load_model(tmp_path)
+    (step / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"\.metadata: not a readable training checkpoint"):
+        load_model(tmp_path)
+    (step / "trainer_state.pt").write_bytes(b"garbage")
+    for read in (load_model, inspect_model):
+        with pytest.raises(UserError, match=r"trainer_state.pt: not a readable training checkpoint"):
+            read(tmp_path)

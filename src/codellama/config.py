@@ -59,6 +59,7 @@ class ModelConfig:
             if (value is not None or name not in optional) and (isinstance(value, bool) or not isinstance(value, int)
                                                                 or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self._check_numbers()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -71,6 +72,23 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+
+    def _check_numbers(self) -> None:
+        """The float fields and multiple_of: a string or null norm eps was a format error in `info` and a
+        traceback from RMSNorm, multiple_of 0 a ZeroDivisionError, theta or scaling 0 a model of NaNs."""
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name, low in (("norm_eps", "non-negative"), ("rope_theta", "positive"), ("rope_scaling", "positive")):
+            value = getattr(self, name)
+            if not number(value) or value < 0 or (low == "positive" and value == 0):
+                raise ValueError(f"{name} must be a {low} number, got {value!r}")
+        if self.ffn_hidden is None:  # only then are these used (Meta's rule, llama_ffn_hidden)
+            if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+                raise ValueError(f"multiple_of must be a positive integer, got {self.multiple_of!r}")
+            mult = self.ffn_dim_multiplier
+            if mult is not None and (not number(mult) or mult <= 0):
+                raise ValueError(f"ffn_dim_multiplier must be a positive number or null, got {mult!r}")
 
     @property
     def n_rep(self) -> int:
@@ -108,8 +126,8 @@ class ModelConfig:
         if theta is None:  # transformers >= 5 nests it in rope_parameters
             theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         eos = hf.get("eos_token_id", 2)
-        if isinstance(eos, list):
-            eos = eos[0]
+        if isinstance(eos, list):  # several end ids (the tokenizer reads them all); [] was an IndexError
+            eos = eos[0] if eos else None
         n_heads = hf["num_attention_heads"]
         return cls(
             dim=hf["hidden_size"],

@@ -190,6 +190,8 @@ class Generator:
             if on_text is not None and text:
                 on_text(text)
             if event.completion is not None:
+                if event.completion.finish_reason == "error":  # the engine logged why; "" would pass for an answer
+                    raise RuntimeError(f"prompt {event.row} failed inside the engine (its traceback is logged above)")
                 out[event.row] = event.completion.text.lstrip() if lstrip else event.completion.text
         return out
 

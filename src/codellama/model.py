@@ -375,11 +375,34 @@ class Transformer(nn.Module):
         if self.cache_fits(max_batch, max_seq_len, dtype):
             current.held.clear()
             return
+        self.check_cache_memory(max_batch, max_seq_len, dtype)
         device = self.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device,
                                             reads_as=self.dtype)
         self.cache_version += 1
+
+    def check_cache_memory(self, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        """UserError, before allocating, for a CPU cache larger than the memory available with the current
+        cache freed: `--max-seq-len` and `--max-new-tokens` (or serve's `--context`) past it were an allocator
+        traceback from torch.zeros, or the process was killed while it zeroed the pages."""
+        from codellama.engine.memory import available_memory
+
+        free = available_memory() if self.device.type == "cpu" else None
+        if free is None:
+            return
+        c = self.config
+        per_value = torch.empty((), dtype=dtype).element_size() + (4 / KV_GROUP if dtype == torch.int8 else 0)
+        need = int(2 * c.n_layers * max_batch * c.n_kv_heads * max_seq_len * c.head_dim * per_value)
+        caches = [layer.attention.cache for layer in self.layers if layer.attention.cache is not None]
+        free += sum(t.numel() * t.element_size() for cache in caches for t in (cache.kv, cache.scales))
+        if need <= free:
+            return
+        smaller = "" if dtype == torch.int8 else "; or store it in int8 (--kv-cache int8)"
+        raise UserError(f"the KV cache for {max_batch} sequence(s) of {max_seq_len} positions needs "
+                        f"{need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, more than the "
+                        f"{free / 2**30:.1f} GiB of memory available: ask for fewer new tokens (--max-new-tokens) or "
+                        f"a shorter context (--max-seq-len; serve: --context, --max-batch){smaller}")
 
     def resize_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """A cache of exactly this size stored as dtype (default: the activations'), holding what the old one
@@ -390,6 +413,7 @@ class Transformer(nn.Module):
             self.clear_cache()
             self.setup_cache(max_batch, max_seq_len, dtype)
             return
+        self.check_cache_memory(max_batch, max_seq_len, dtype)
         slots, length = min(old0.shape[0], max_batch), min(old0.shape[2], max_seq_len)
         for layer in self.layers:
             old = layer.attention.cache

@@ -35,6 +35,22 @@ CODELLAMA_EXTRA_PIECES = (["▁<SU", "▁<SUF", "▁<PRE", "▁<M", "▁<MID", "
 CODELLAMA_VARIANTS = ("base", "70b-instruct", "python")
 
 
+def utf8_text(text: str) -> str:
+    """The text, refused when it cannot be UTF-8: bytes that are not UTF-8 (a Latin-1 file on stdin, in argv)
+    reach Python as lone surrogates (surrogateescape), and the tokenizers failed on them with a RuntimeError
+    or TypeError from their bindings (and ended an interactive chat with its history)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"lone surrogate U+{ch:04X}"
+        raise UserError(f"the text is not UTF-8 (it holds {what}); convert it to UTF-8 first, e.g. with "
+                        "iconv") from None
+    except AttributeError:  # not a str: the caller's own check names it
+        pass
+    return text
+
+
 class Tokenizer:
     """The interface every tokenizer implements (see the subclasses for the two backends)."""
 
@@ -144,10 +160,10 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(Path(path).read_bytes(), source=str(path), **kw)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return self._wrap(self.sp.encode(text), bos, eos)
+        return self._wrap(self.sp.encode(utf8_text(text)), bos, eos)
 
     def encode_infilling(self, text: str) -> list[int]:
-        return self._sp_raw.encode(text)
+        return self._sp_raw.encode(utf8_text(text))
 
     def _keep(self, ids: list[int]) -> list[int]:
         # negative ids: Meta's pad (-1) in padded batches
@@ -247,7 +263,7 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # Added/special tokens written in the text are recognised, as HF tokenizers and llama.cpp do.
-        return self._wrap(self.tok.encode(text, add_special_tokens=False).ids, bos, eos)
+        return self._wrap(self.tok.encode(utf8_text(text), add_special_tokens=False).ids, bos, eos)
 
     def encode_infilling(self, text: str) -> list[int]:
         if not self._implicit_space:
@@ -467,6 +483,9 @@ def _read_config(directory: Path) -> dict:
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):  # was a TypeError from the first chat
+        raise UserError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string (or a list of "
+                        f"{{name, template}} objects), not {json.dumps(template)[:60]}")
     jinja = directory / "chat_template.jinja"
     if template is None and jinja.is_file():
         template = jinja.read_text(encoding="utf-8")

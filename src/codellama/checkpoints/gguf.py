@@ -142,6 +142,11 @@ def gguf_config(reader: FastGGUFReader, path: Path) -> ModelConfig:
     if arch != "llama":
         raise UserError(f"{path}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
 
+    experts = _field(reader, "llama.expert_count")
+    if experts:  # Mixtral's GGUFs are "llama" files: `info` showed a dense model, loading an unexpected tensor
+        raise UserError(f"{path}: a mixture-of-experts model ({experts} experts per layer, Mixtral-style); only "
+                        "dense Llama models are supported")
+
     def need(key: str):
         value = _field(reader, f"llama.{key}")
         if value is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,16 +41,37 @@ def read_hf_config(path: Path) -> ModelConfig:
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "codellama"):
         raise UserError(f"{cfg_file}: model_type {model_type!r} is not a Llama-family model")
+    _refuse_unsupported(hf, cfg_file)
     if hf.get("rope_theta") is None and (hf.get("rope_parameters") or {}).get("rope_theta") is None:
         warn_default_theta(hf.get("vocab_size"), str(cfg_file))
     try:
-        return ModelConfig.from_hf(hf)
+        cfg = ModelConfig.from_hf(hf)
     except KeyError as e:
         raise UserError(f"{cfg_file}: missing field {e}") from None
     except ValueError as e:
         raise UserError(f"{cfg_file}: {e}") from None
     except TypeError as e:  # e.g. a head count written as a string
         raise UserError(f"{cfg_file}: a field has the wrong type ({e})") from None
+    window = hf.get("sliding_window")  # Mistral 7B v0.1: 4096 of its 32768 positions
+    if isinstance(window, int) and not isinstance(window, bool) and 0 < window < cfg.max_seq_len:
+        # within the window full attention is exact; past it each token would see other keys than it was trained to
+        warnings.warn(f"{cfg_file}: sliding-window attention ({window} positions) is not implemented, so the "
+                      f"context is {window} tokens instead of {cfg.max_seq_len}")
+        cfg.max_seq_len = window
+    return cfg
+
+
+def _refuse_unsupported(hf: dict, cfg_file: Path) -> None:
+    """Settings our Llama cannot run, refused by name: with another activation it computed other outputs
+    without a word, and GPTQ/AWQ weights failed on their first int32 tensor ("dtype I32")."""
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UserError(f"{cfg_file}: hidden_act {act!r} is not supported (Llama's SwiGLU uses silu)")
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UserError(f"{cfg_file}: the weights are quantised ({method}), which this package does not read; "
+                        "use the unquantised checkpoint, or a GGUF file (its Q4/Q8 types run as llama.cpp runs them)")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -143,10 +165,27 @@ def read_safetensors_header(f: Path) -> dict:
     except (OSError, ValueError) as e:
         refuse_web_page(f)
         raise UserError(f"{bad} ({e}); re-download or re-convert it") from None
+    if not isinstance(header, dict):  # was an AttributeError, KeyError or TypeError from the lines below
+        raise UserError(f"{bad} (its header is a JSON {type(header).__name__}, not an object); re-download it")
+    for name, info in header.items():
+        if name != "__metadata__" and not _valid_entry(info):
+            raise UserError(f"{bad} (tensor {name!r}: {json.dumps(info)[:80]} is not a dtype, a shape and two data "
+                            "offsets); re-download or re-convert it")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise UserError(f"{f}: truncated ({size} bytes, its header describes {8 + n + end}); re-download it")
     return header
+
+
+def _valid_entry(info) -> bool:
+    """A safetensors header entry: {"dtype": str, "shape": [n, ...], "data_offsets": [begin, end]}."""
+    def naturals(v) -> bool:
+        return isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not naturals(info.get("shape")):
+        return False
+    offsets = info.get("data_offsets")
+    return naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype | None:

@@ -48,6 +48,31 @@ def _check_output(out: Path, to: str, force: bool) -> Path:
     return out
 
 
+def _check_not_source(src: str, out: Path) -> None:
+    """Refuse an output that is the source or one of its files: the source is read while the output is written.
+    With --force, a .gguf written over a memory-mapped consolidated.00.pth killed the process (SIGBUS) and left
+    both broken; over a config.json it destroyed the source. A new file beside the source's is fine (llama.cpp
+    writes its .gguf into the checkpoint's folder), and so is an existing .gguf there (no loader reads it)."""
+    from codellama.checkpoints.load import detect_format
+
+    path = Path(src).expanduser()
+    if not path.exists():
+        return  # a preset name, or a missing path that loading reports
+    path, target = path.resolve(), out.resolve()
+    if target == path:
+        raise UserError("the output must differ from the source (the source is read while the output is written)")
+    try:
+        fmt = detect_format(path)
+    except UserError:
+        return  # not a checkpoint: loading says so
+    folder = path if path.is_dir() else None if fmt == "gguf" else path.parent  # a checkpoint file: its folder
+    if folder is None:
+        return
+    if target == folder or (target.is_file() and target.suffix != ".gguf" and target.is_relative_to(folder)):
+        raise UserError(f"{out} is part of the source checkpoint {folder}, which is read while the output is "
+                        "written: write the output elsewhere")
+
+
 def _layout_options(args: argparse.Namespace) -> None:
     """Refuse the options the chosen layout does not read (--to hf --qtype q8_0 wrote float weights without a
     word), check --max-shard-size before loading, then fill in the defaults."""
@@ -65,7 +90,24 @@ def _layout_options(args: argparse.Namespace) -> None:
     args.max_shard_size = parse_size(args.max_shard_size or "5GB")
 
 
+# what makes a folder each layout's checkpoint (load.detect_format) and its weights
+_LAYOUT_FILES = {"hf": ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                        "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json"),
+                 "meta": ("params.json", "consolidated.*.pth")}
+
+
+def _remove_other_layout(out: Path, to: str) -> None:
+    """--force over a folder holding the other layout's checkpoint: its config.json stayed beside the new Meta
+    files, and loading the folder gave the old model (detect_format takes config.json first)."""
+    for layout, patterns in _LAYOUT_FILES.items():
+        if layout != to:
+            for f in (f for pattern in patterns for f in out.glob(pattern)):
+                f.unlink()
+
+
 def _save(args: argparse.Namespace, model: Transformer, tok: Tokenizer | None, out: Path) -> None:
+    if args.to in ("hf", "meta") and out.is_dir():
+        _remove_other_layout(out, args.to)
     if args.to == "hf":
         from codellama.checkpoints.hf import save_hf
 
@@ -85,9 +127,8 @@ def run(args: argparse.Namespace) -> int:
     from codellama.checkpoints.meta import check_meta_layout
 
     _layout_options(args)
+    _check_not_source(args.src, Path(args.out))  # first: --force, which _check_output would advise, cannot help
     out = _check_output(Path(args.out), args.to, args.force)
-    if Path(args.src).exists() and Path(args.src).resolve() == out.resolve():
-        raise UserError("the output must differ from the source (the source is read while the output is written)")
     if args.to == "meta":  # from the config alone: the layout's limits were found only after loading
         check_meta_layout(inspect_model(args.src).config, args.shards)
     loaded = load_model(args.src, device="cpu", dtype=args.dtype)

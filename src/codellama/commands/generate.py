@@ -152,9 +152,15 @@ class _EchoFirst:
         _emit(text)
 
 
+def _read_stdin(what: str) -> str:
+    if sys.stdin.isatty():  # else the command would wait silently
+        print(f"reading {what} from the terminal; end it with Ctrl-D", file=sys.stderr)
+    return sys.stdin.read()
+
+
 def _read_text(path: Path) -> str:
     if str(path) == "-":  # the usual name for stdin, e.g. an editor piping the buffer in
-        return sys.stdin.read()
+        return _read_stdin("the text")
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
@@ -169,9 +175,7 @@ def run_complete(args) -> int:
             raise UserError("give the prompt as text or with --file, not both")
         prompt = _read_text(args.file)
     elif args.prompt is None or args.prompt == "-":
-        if sys.stdin.isatty():  # else a bare `codellama complete` would wait silently
-            print("reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
-        prompt = sys.stdin.read()
+        prompt = _read_stdin("the prompt")  # a bare `codellama complete` too
     else:
         prompt = args.prompt
     if not prompt:
@@ -204,7 +208,7 @@ def run_infill(args) -> int:
 def run_chat(args) -> int:
     message = None
     if args.message is not None:
-        message = sys.stdin.read() if args.message == "-" else args.message  # e.g. a file with blank lines
+        message = _read_stdin("the message") if args.message == "-" else args.message  # e.g. a file with blank lines
         if not message.strip():  # e.g. `chat "$MSG"` with MSG unset: the model would answer nothing, at length
             raise UserError("the message is empty: pass text, '-' to read it from stdin, or no message for an "
                             "interactive chat")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,6 +30,7 @@ from codellama.errors import UserError
 
 REPORT = "decontam_report.jsonl"
 _OURS = {MANIFEST, MANIFEST + ".tmp", REPORT, *SPLITS}  # what an output folder of ours may hold
+_SHARD_FILE = re.compile(r"shard_\d{5,}\.(bin|idx)(\.tmp)?")  # what its splits may hold (ShardWriter)
 
 
 @dataclass
@@ -89,6 +91,9 @@ def prepare_out_dir(out: Path) -> None:
         raise UserError(f"--out {out} is a file: pass a folder")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS)
+        # a train/ or val/ of someone else's (an image data set's splits) was deleted with the corpus it is not
+        foreign += sorted(f"{p.relative_to(out)}" for split in SPLITS if (out / split).is_dir()
+                          for p in (out / split).iterdir() if not _SHARD_FILE.fullmatch(p.name))
         if foreign:
             raise UserError(
                 f"--out {out} is not empty and not a token corpus (it holds {', '.join(foreign[:3])}): "

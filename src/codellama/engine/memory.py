@@ -40,3 +40,19 @@ def keep_freed_memory() -> bool:
     if not done:
         log.warning("glibc refused the malloc thresholds; CPU prefill runs slower (page faults)")
     return done
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give this process without swapping (Linux's MemAvailable: free memory and the
+    reclaimable page cache), else the machine's physical memory; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
