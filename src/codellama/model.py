@@ -398,11 +398,12 @@ class Transformer(nn.Module):
         free += sum(t.numel() * t.element_size() for cache in caches for t in (cache.kv, cache.scales))
         if need <= free:
             return
-        smaller = "" if dtype == torch.int8 else "; or store it in int8 (--kv-cache int8)"
+        int8 = dtype != torch.int8 and c.head_dim % KV_GROUP == 0  # int8 keeps a scale per KV_GROUP values
         raise UserError(f"the KV cache for {max_batch} sequence(s) of {max_seq_len} positions needs "
                         f"{need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, more than the "
                         f"{free / 2**30:.1f} GiB of memory available: ask for fewer new tokens (--max-new-tokens) or "
-                        f"a shorter context (--max-seq-len; serve: --context, --max-batch){smaller}")
+                        "a shorter context (--max-seq-len); serve: a shorter --context or fewer --max-batch slots"
+                        + ("; or store it in int8 (--kv-cache int8)" if int8 else ""))
 
     def resize_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """A cache of exactly this size stored as dtype (default: the activations'), holding what the old one

@@ -8,7 +8,6 @@ storage), and each tensor read from a memory-mapped file is converted and assign
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from codellama.config import ModelConfig
+from codellama.engine.memory import physical_memory
 from codellama.errors import UserError
 from codellama.engine.quant import GROUP, QuantCodes, QuantEmbedding, QuantLinear, quantize_weight
 from codellama.model import Transformer
@@ -125,10 +125,9 @@ def check_fits_memory(cfg: ModelConfig, dtype: torch.dtype, device, source: str,
     if torch.device(device).type != "cpu":
         return
     if total is None:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            return
+        total = physical_memory()
+    if total is None:
+        return
     need = model_bytes(cfg, dtype, quantize)
     if need <= total:
         return

@@ -42,6 +42,14 @@ def keep_freed_memory() -> bool:
     return done
 
 
+def physical_memory() -> int | None:
+    """Bytes of memory this machine has; None where it is not known."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
 def available_memory() -> int | None:
     """Bytes the kernel can give this process without swapping (Linux's MemAvailable: free memory and the
     reclaimable page cache), else the machine's physical memory; None where neither is known."""
@@ -52,7 +60,4 @@ def available_memory() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
+    return physical_memory()
