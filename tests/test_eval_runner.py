@@ -313,3 +313,50 @@ def test_results_of_deleted_samples_are_not_reused(tmp_path):
     (tmp_path / "run" / "samples.jsonl").unlink()
     with pytest.raises(UserError, match="results.jsonl"):
         run_task(cfg(tmp_path, limit=3, temperature=0.8), ModelAdapter(NoisyGenerator(), 4))
+
+
+def _jsonl(path, rows, gz: bool = False) -> None:
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+
+
+def test_benchmark_file_of_another_format_is_refused_by_line(tmp_path, capsys):
+    """A data file whose rows lack a field the task prompts or runs with was a KeyError traceback (at the
+    first prompt, or after generating everything: in the execution phase); now one line naming file, line
+    and field, before anything runs."""
+    from codellama.cli import main
+
+    data = tmp_path / "data"
+    mbpp = [{"task_id": i, "text": "t", "code": "pass", "test_list": ["assert True"]} for i in (2, 3, 4, 11)]
+    shots = [{"question": "q", "answer": "#### 1"}] * 8
+    infill = {"task_id": "SingleLineInfilling/HumanEval/0/L0", "prompt": "p", "suffix": "s", "test": "t",
+              "entry_point": "f"}
+    multipl = {"name": "HumanEval_0_f", "prompt": "p", "tests": "t", "stop_tokens": ["\ndef"]}
+    cases = [  # (task, file, rows, what the error says)
+        ("mbpp", "mbpp/mbpp.jsonl", mbpp[:3] + [
+            {k: v for k, v in mbpp[3].items() if k != "test_list"}], "mbpp.jsonl:4: no test_list field"),
+        ("mbpp", "mbpp/mbpp.jsonl", mbpp[3:], "lacks task ids 2, 3, 4"),
+        ("gsm8k", "gsm8k/test.jsonl", [{"question": "q"}], "test.jsonl:1: no answer field"),
+        ("gsm8k", "gsm8k/test.jsonl", [{"question": "q", "answer": "42"}], "no final `#### N` line"),
+        ("humaneval-infill-single-line", "human-eval-infilling/HumanEval-SingleLineInfilling.jsonl.gz",
+         [{k: v for k, v in infill.items() if k != "suffix"}], "no suffix field"),
+        ("multipl-e-lua", "multipl-e/humaneval-lua.jsonl", [{**multipl, "name": "f"}], "HumanEval_<n>_<name>"),
+        ("multipl-e-lua", "multipl-e/humaneval-lua.jsonl", [{k: v for k, v in multipl.items() if k != "tests"}],
+         "no tests field"),
+        ("humaneval", "HumanEval.jsonl.gz", [{"task_id": "HumanEval/0", "prompt": "p"}], "no test, entry_point"),
+    ]
+    samples = tmp_path / "s.jsonl"
+    for i, (task, name, rows, msg) in enumerate(cases):
+        tid = rows[-1].get("task_id", rows[-1].get("name", "GSM8K/0"))  # a problem of the file: it runs
+        samples.write_text(json.dumps({"task_id": f"MBPP/{tid}" if task == "mbpp" else tid, "completion": ""}))
+        root = data / str(i)
+        _jsonl(root / "gsm8k" / "train.jsonl", shots)
+        _jsonl(root / name, rows, gz=name.endswith(".gz"))
+        argv = ["eval", "--task", task, "--data-dir", str(root), "--samples", str(samples),
+                "--out", str(tmp_path / f"o{i}"), "--no-progress"]
+        assert main(argv) == 2, task
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (task, err)
