@@ -119,6 +119,32 @@ def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
     assert f"resuming from {out / 'step_00000002'} (step 2 of 3)" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("damage", ["shard cut short", "trainer state overwritten", "metadata cut short"])
+def test_cli_damaged_checkpoint_is_one_line_and_an_older_one_resumes(recipe_file, tmp_path, capsys, damage):
+    """A checkpoint damaged after it was written (disk full, an interrupted copy) was a traceback from deep in
+    torch (EOFError, CheckpointException, UnpicklingError); now one line naming it and what to do, and
+    following that advice resumes."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    step = out / "step_00000004"
+    if damage == "shard cut short":
+        [shard] = step.glob("*.distcp")
+        os.truncate(shard, 1000)
+    elif damage == "trainer state overwritten":
+        (step / "trainer_state.pt").write_text("garbage\n")
+    else:
+        os.truncate(step / ".metadata", 100)
+    capsys.readouterr()
+    argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--set", "train.steps=6"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {step} is damaged" in err and "point" in err and "--no-resume" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    (out / "latest").write_text("step_00000002\n")
+    assert main(argv) == 0
+    assert "trained to step 6" in capsys.readouterr().out
+
 def test_cli_says_when_there_is_no_validation_data_or_fim(recipe_file, tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
                  "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]',
