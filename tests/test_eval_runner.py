@@ -141,6 +141,23 @@ def test_other_settings_refused_when_nothing_is_left_to_generate(tmp_path):
     assert gen.calls == 2
 
 
+
+def test_a_training_run_that_moved_on_is_other_settings(tmp_path):
+    """--model RUN_DIR loads the run's latest checkpoint: resumed after the run had trained on, the samples of
+    two checkpoints were mixed in one file under one label, without a word."""
+    run_dir = tmp_path / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    (run_dir / "latest").write_text("step_00000002\n")  # all the eval reads of it (the model is the replay)
+    gen = ReplayGenerator()
+    run_task(cfg(tmp_path, limit=1, model=str(run_dir), phase="generate"), ModelAdapter(gen, 4))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["checkpoint"] == "step_00000002"
+    run_task(cfg(tmp_path, limit=2, model=str(run_dir), phase="generate"), ModelAdapter(gen, 4))  # same: resumes
+    assert gen.calls == 2
+    (run_dir / "latest").write_text("step_00000004\n")
+    with pytest.raises(UserError, match="other settings \\(checkpoint 'step_00000002' -> 'step_00000004'\\)"):
+        run_task(cfg(tmp_path, limit=3, model=str(run_dir), phase="generate"), ModelAdapter(gen, 4))
+    assert gen.calls == 2
+
 def _samples_file(path, completion_of) -> str:
     path.write_text("".join(json.dumps({"task_id": t, "completion": completion_of(t)}) + "\n"
                             for t in ("HumanEval/0", "HumanEval/1")))

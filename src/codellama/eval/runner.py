@@ -294,14 +294,28 @@ def _run_info(out: Path) -> dict:
     return json.loads(meta.read_text()) if meta.exists() else {}
 
 
+def _run_checkpoint(spec: str | None) -> str | None:
+    """The checkpoint a `codellama train` run directory given as --model loads now (its `latest`): the same
+    --model names other weights once the run has trained on. None for any other model."""
+    from codellama.checkpoints.train_run import is_run_dir
+
+    path = Path(spec).expanduser() if spec else None
+    if path is None or not is_run_dir(path):
+        return None
+    return (path / "latest").read_text().strip() or None
+
+
 def check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
     """Resuming must not mix samples of different settings into one file."""
     meta = cfg.out / "run.json"
     mine = {k: getattr(cfg, k) for k in keys}
+    if "model" in keys:  # a run directory's samples were mixed from two checkpoints when it trained between
+        mine["checkpoint"] = _run_checkpoint(cfg.model)
     theirs = _run_info(cfg.out)
     if "task" in theirs and samples.exists():
-        recorded = {k: theirs.get(k, RUN_KEY_DEFAULTS.get(k)) for k in keys}
-        diff = {k: (recorded[k], mine[k]) for k in keys if recorded[k] != mine[k]}
+        # run.json written before "checkpoint" was recorded: not checked
+        recorded = {k: theirs.get(k, RUN_KEY_DEFAULTS.get(k, mine[k] if k == "checkpoint" else None)) for k in mine}
+        diff = {k: (recorded[k], mine[k]) for k in mine if recorded[k] != mine[k]}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
