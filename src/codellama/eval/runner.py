@@ -599,6 +599,8 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
             rows.append({"temperature": t, **{k: v for k, v in s.items() if k.startswith("pass@")}})
             # the samples' settings (from run.json when executed alone), as each summary says
             made_with = made_with or {k: s.get(k, getattr(cfg, k)) for k in ("quantize", "dtype")}
+    if cfg.phase == "generate":  # nothing scored: the table and plot were empty, and replaced any earlier ones
+        return {"task": cfg.task, "rows": [], "plot": None}
     cfg.out.mkdir(parents=True, exist_ok=True)
     result = {"task": cfg.task, "model": cfg.model or "default", **made_with, "n": cfg.n, "top_p": cfg.top_p,
               "rows": rows}
