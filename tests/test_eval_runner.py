@@ -182,6 +182,22 @@ def test_results_of_another_samples_file_refused(tmp_path):
     assert run_task(EvalConfig(**{**vars(gen), "samples": str(gen.out / "samples.jsonl")}))["samples_scored"] == 2
 
 
+
+def test_rerun_with_another_timeout_is_refused(tmp_path):
+    """Rerun with a longer --timeout after a loaded machine timed programs out, every sample was done: the old
+    verdicts stood, labelled as this run's, and nothing ran again."""
+    slow = _samples_file(tmp_path / "slow.jsonl",
+                         lambda t: PROBLEMS[t]["canonical_solution"] + "\nimport time\ntime.sleep(1.5)\n")
+    c = EvalConfig(task="humaneval", out=tmp_path / "o", limit=2, k=(1,), samples=slow, phase="execute",
+                   workers=2, progress=False, timeout=1.0)
+    assert run_task(c)["status_counts"] == {"timed out": 2}
+    assert run_task(c)["status_counts"] == {"timed out": 2}  # the same timeout: resumed, nothing rerun
+    longer = replace(c, timeout=5.0)
+    with pytest.raises(UserError, match="run with a 1 s timeout, not 5 s: remove it to run them all again"):
+        run_task(longer)
+    (c.out / "results.jsonl").unlink()
+    assert run_task(longer)["status_counts"] == {"passed": 2}
+
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
     good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])

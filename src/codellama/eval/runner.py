@@ -347,6 +347,19 @@ def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None
         meta.write_text(json.dumps({**info, "samples": source}, indent=2) + "\n")
 
 
+def _check_same_timeout(cfg: EvalConfig, results: Path, timeout: float) -> None:
+    """A rerun with another --timeout kept every verdict of the first (each sample was done): its "timed out"
+    verdicts stood, scored as if run with the new timeout, without a word."""
+    meta = cfg.out / "run.json"
+    info = _run_info(cfg.out)
+    theirs = info.get("timeout")  # results written before this was recorded: taken as run with this one
+    if theirs is not None and theirs != timeout and results.exists() and results.stat().st_size:
+        raise UserError(f"{results} holds the verdicts of programs run with a {theirs:g} s timeout, not {timeout:g} s: "
+                        "remove it to run them all again with this one, or use another --out")
+    if theirs != timeout:
+        meta.write_text(json.dumps({**info, "timeout": timeout}, indent=2) + "\n")
+
+
 # ------------------------------------------------------------------------------------------- execution
 def read_samples(path: Path, problems: dict[str, dict], task: Task, beyond_limit: set[str] = frozenset()) -> list[dict]:
     """Samples of a human-eval style file, validated; sample_idx is numbered per task when absent. Rows of the
@@ -385,6 +398,8 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     beyond = {p["task_id"] for p in loaded[len(problems) :]}  # --limit's rest: left out of a whole file
     samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task, beyond)
     _check_same_samples(cfg, res_path, task.judge())
+    if task.scoring == "program":
+        _check_same_timeout(cfg, res_path, cfg.timeout or task.limits.timeout)
     done = _done_keys(res_path)
     todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
     stats = {"executed": 0, "seconds": 0.0}
