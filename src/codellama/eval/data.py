@@ -85,7 +85,10 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return rows
-    lines = p.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:  # a --samples file named samples.jsonl, saved in another encoding
+        raise UserError(f"cannot read {p}: {e}; save it as UTF-8") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
