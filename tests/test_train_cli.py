@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -184,6 +185,21 @@ def test_cli_bad_input_is_one_line(recipe_file, tmp_path, capsys, extra, message
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
+
+
+def test_cli_loss_that_diverges_is_one_line_and_keeps_the_checkpoints(recipe_file, tmp_path, capsys):
+    """A learning rate that makes the loss nan stopped the run with a RuntimeError traceback (its message
+    already told the user what to do)."""
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--set", "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0.0", "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"loss became nan at step \d; lower optim.lr", err) and "Traceback" not in err, err
+    (out / "latest").write_text("step_00000002\n")  # as it says: from an earlier checkpoint, the recipe's lr
+    assert main(argv) == 0
+    assert "trained to step 4" in capsys.readouterr().out
 
 def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "train.npy", np.zeros(0, dtype=np.uint16))

@@ -347,9 +347,9 @@ class Trainer:
                     if env.device.type == "cuda":
                         torch.cuda.synchronize(env.device)
                     dt = time.perf_counter() - t0
-                    if not math.isfinite(out["loss"]):
-                        raise RuntimeError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
-                                           "resume from an earlier checkpoint")
+                    if not math.isfinite(out["loss"]):  # the recipe's doing (its lr): one line, not a traceback
+                        raise UserError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
+                                        "resume from an earlier checkpoint")
                     self.step += 1
                     self.tokens_seen += tokens_per_step
                     tps = tokens_per_step / dt
