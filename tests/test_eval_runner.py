@@ -209,6 +209,22 @@ def test_samples_file_not_in_utf8_says_so(tmp_path):
         with pytest.raises(UserError, match=f"cannot read {path}: 'utf-8' codec"):
             run_task(EvalConfig(task="humaneval", out=tmp_path / "o", limit=1, samples=str(path), progress=False))
 
+
+def test_damaged_run_json_says_so(tmp_path):
+    """run.json left empty (a full disk, a kill mid-write: it was written in place) made every rerun of the folder
+    a JSONDecodeError traceback."""
+    gen = ReplayGenerator()
+    c = cfg(tmp_path, limit=2)
+    run_task(c, ModelAdapter(gen, 4))
+    for damage in ("", "[1, 2]\n"):
+        (c.out / "run.json").write_text(damage)
+        with pytest.raises(UserError, match="run.json is damaged .*delete it to go on"):
+            run_task(c, ModelAdapter(gen, 4))
+    (c.out / "run.json").unlink()
+    assert run_task(c, ModelAdapter(gen, 4))["samples_scored"] == 2 and gen.calls == 2  # as it says: goes on
+    assert json.loads((c.out / "run.json").read_text())["task"] == "humaneval"
+    assert sorted(p.name for p in c.out.iterdir()) == ["results.jsonl", "run.json", "samples.jsonl", "summary.json"]
+
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
     good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -291,7 +292,23 @@ RUN_KEY_DEFAULTS = {"quantize": "none", "dtype": None}
 def _run_info(out: Path) -> dict:
     """out/run.json: the settings the folder's samples were made with, and which samples its results are of."""
     meta = out / "run.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
+    if not meta.exists():
+        return {}
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # e.g. left empty by a full disk: was a JSONDecodeError traceback
+        raise UserError(f"{meta} is damaged ({e}); delete it to go on with this run's settings (not checked "
+                        "then against the samples and results already there), or use another --out") from None
+    return info
+
+
+def _write_run_info(out: Path, info: dict) -> None:
+    """Replace out/run.json whole: written in place, a full disk or a kill mid-write left it empty."""
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "run.json")
 
 
 def _run_checkpoint(spec: str | None) -> str | None:
@@ -307,7 +324,6 @@ def _run_checkpoint(spec: str | None) -> str | None:
 
 def check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
     """Resuming must not mix samples of different settings into one file."""
-    meta = cfg.out / "run.json"
     mine = {k: getattr(cfg, k) for k in keys}
     if "model" in keys:  # a run directory's samples were mixed from two checkpoints when it trained between
         mine["checkpoint"] = _run_checkpoint(cfg.model)
@@ -320,7 +336,7 @@ def check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_K
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
     else:
-        meta.write_text(json.dumps({**theirs, **mine}, indent=2) + "\n")
+        _write_run_info(cfg.out, {**theirs, **mine})
 
 
 OWN_SAMPLES = "samples.jsonl"  # run.json's "samples" when the results are of the folder's own samples
@@ -337,27 +353,25 @@ def _samples_source(cfg: EvalConfig) -> str:
 
 def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None) -> None:
     """Resuming the execution phase must not count the results of one samples file (or judge) as another's."""
-    meta = cfg.out / "run.json"
     info = _run_info(cfg.out)
     source = _samples_source(cfg) + (f", judged by {judge}" if judge else "")
     theirs = info.get("samples", OWN_SAMPLES)  # results written before this was recorded: of the own samples
     if theirs != source and results.exists() and results.stat().st_size:
         raise UserError(f"{cfg.out} holds the results of other samples ({theirs}, not {source}); use another --out")
     if info.get("samples") != source:
-        meta.write_text(json.dumps({**info, "samples": source}, indent=2) + "\n")
+        _write_run_info(cfg.out, {**info, "samples": source})
 
 
 def _check_same_timeout(cfg: EvalConfig, results: Path, timeout: float) -> None:
     """A rerun with another --timeout kept every verdict of the first (each sample was done): its "timed out"
     verdicts stood, scored as if run with the new timeout, without a word."""
-    meta = cfg.out / "run.json"
     info = _run_info(cfg.out)
     theirs = info.get("timeout")  # results written before this was recorded: taken as run with this one
     if theirs is not None and theirs != timeout and results.exists() and results.stat().st_size:
         raise UserError(f"{results} holds the verdicts of programs run with a {theirs:g} s timeout, not {timeout:g} s: "
                         "remove it to run them all again with this one, or use another --out")
     if theirs != timeout:
-        meta.write_text(json.dumps({**info, "timeout": timeout}, indent=2) + "\n")
+        _write_run_info(cfg.out, {**info, "timeout": timeout})
 
 
 # ------------------------------------------------------------------------------------------- execution
