@@ -225,6 +225,16 @@ def test_damaged_run_json_says_so(tmp_path):
     assert json.loads((c.out / "run.json").read_text())["task"] == "humaneval"
     assert sorted(p.name for p in c.out.iterdir()) == ["results.jsonl", "run.json", "samples.jsonl", "summary.json"]
 
+
+def test_task_list_checks_every_tasks_data_before_the_first_runs(tmp_path):
+    """`--task humaneval,mbpp` without MBPP's data generated and executed all of HumanEval (hours on a large
+    model) before saying that mbpp/ was missing."""
+    # no model here: the first task would fail to load it, after its own data were read
+    c = replace(cfg(tmp_path, limit=2), task="humaneval,mbpp", data_dir=str(tmp_path), model=str(tmp_path / "none"))
+    with pytest.raises(UserError, match="task mbpp: .*mbpp.jsonl not found"):
+        run(c)
+    assert not (c.out / "humaneval").exists()
+
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
     good = _samples_file(tmp_path / "good.jsonl", lambda t: PROBLEMS[t]["canonical_solution"])

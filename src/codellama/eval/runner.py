@@ -589,9 +589,9 @@ def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     names = tasks or [t for t in cfg.task.split(",") if t]
     if not names:
         raise UserError("--task is empty")
-    for name in names:  # fail fast on a typo before loading anything
-        if name not in SPECIAL_TASKS:
-            get_task(name, cfg.data_dir)
+    for name in names:  # fail fast on a typo, or a data file missing or malformed, before loading anything
+        if name not in SPECIAL_TASKS:  # (a later task's data was found missing after the tasks before it ran)
+            get_task(name, cfg.data_dir, cfg.extra).load()
     _check_options(cfg, names)
     model = None
     if cfg.phase in ("generate", "all"):
