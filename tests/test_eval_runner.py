@@ -223,7 +223,8 @@ def test_damaged_run_json_says_so(tmp_path):
     (c.out / "run.json").unlink()
     assert run_task(c, ModelAdapter(gen, 4))["samples_scored"] == 2 and gen.calls == 2  # as it says: goes on
     assert json.loads((c.out / "run.json").read_text())["task"] == "humaneval"
-    assert sorted(p.name for p in c.out.iterdir()) == ["results.jsonl", "run.json", "samples.jsonl", "summary.json"]
+    assert {p.name for p in c.out.iterdir()} >= {"results.jsonl", "run.json", "samples.jsonl", "summary.json"}
+    assert not (c.out / "run.json.tmp").exists()
 
 
 def test_task_list_checks_every_tasks_data_before_the_first_runs(tmp_path):
@@ -234,6 +235,33 @@ def test_task_list_checks_every_tasks_data_before_the_first_runs(tmp_path):
     with pytest.raises(UserError, match="task mbpp: .*mbpp.jsonl not found"):
         run(c)
     assert not (c.out / "humaneval").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """The same command started twice (two terminals) appended every sample and verdict twice: 12 samples for
+    --limit 3 --n 2, and a summary of n 4."""
+    import subprocess
+    import sys
+    import time
+
+    slow = _samples_file(tmp_path / "slow.jsonl",
+                         lambda t: PROBLEMS[t]["canonical_solution"] + "\nimport time\ntime.sleep(2)\n")
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "codellama", "eval", "--task", "humaneval", "--limit", "2",
+                              "--samples", slow, "--out", str(out), "--k", "1", "--workers", "1", "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while '"timeout"' not in ((out / "run.json").read_text() if (out / "run.json").exists() else ""):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.05)
+        c = EvalConfig(task="humaneval", out=out, limit=2, k=(1,), samples=slow, workers=1, progress=False)
+        with pytest.raises(UserError, match="another codellama eval is writing in .*; wait for it to end"):
+            run_task(c)
+    finally:
+        assert first.wait(60) == 0, first.stderr.read()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert run_task(c)["samples_scored"] == 2  # the first has ended: the folder is free again
 
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
