@@ -201,6 +201,35 @@ def test_cli_loss_that_diverges_is_one_line_and_keeps_the_checkpoints(recipe_fil
     assert main(argv) == 0
     assert "trained to step 4" in capsys.readouterr().out
 
+
+def test_cli_second_run_into_a_running_runs_folder_is_refused(recipe_file, tmp_path, capsys):
+    """A second `codellama train` started in the folder of a running one trained beside it: each replaced the
+    other's checkpoints, both wrote the log (and with --no-resume it moved the first's checkpoints away)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--set", "train.ckpt_every=0",
+            "--set", "train.eval_every=0"]
+    first = subprocess.Popen([sys.executable, "-m", "codellama", *argv, "--set", "train.steps=100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").stat().st_size:
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.05)
+        for extra in ([], ["--no-resume"]):  # (a few steps: before, it trained them beside the first)
+            assert main([*argv, "--set", "train.steps=2", *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"another codellama train is running in {out}" in err and "Traceback" not in err, err
+    finally:
+        first.send_signal(signal.SIGTERM)  # it saves the step it is on and stops
+        assert first.wait(60) == 143, first.stderr.read()
+    step = int((out / "latest").read_text().strip().split("_")[1])
+    assert main([*argv, "--set", f"train.steps={step + 1}"]) == 0  # the first has ended: the folder is free
+    assert f"resuming from {out / f'step_{step:08d}'}" in capsys.readouterr().err
+
 def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "train.npy", np.zeros(0, dtype=np.uint16))
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
