@@ -110,3 +110,15 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
     assert resolve_data_dir(str(tmp_path)) == tmp_path
     with pytest.raises(UserError, match="does not exist"):
         resolve_data_dir(str(tmp_path / "nope"))
+
+
+def test_eval_set_of_another_format_is_named_by_file_and_line(tmp_path):
+    """An mbpp.jsonl row without its code was "cannot read the evaluation sets under DIR: 'code'"."""
+    (tmp_path / "mbpp").mkdir()
+    (tmp_path / "mbpp" / "mbpp.jsonl").write_text(json.dumps({"task_id": 1, "text": "t"}) + "\n")
+    with pytest.raises(UserError, match=r"mbpp.jsonl:1: no code field"):
+        build_decontaminator(tmp_path)
+    (tmp_path / "mbpp" / "mbpp.jsonl").unlink()
+    (tmp_path / "humaneval-lua.jsonl").write_text(json.dumps({"name": "HumanEval_0_f"}) + "\n")
+    with pytest.raises(UserError, match=r"humaneval-lua.jsonl:1: no prompt field"):
+        build_decontaminator(tmp_path)

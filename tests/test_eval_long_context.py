@@ -115,6 +115,16 @@ def test_key_retrieval_rerun_with_fewer_examples_reports_those(tmp_path):
     assert run_with(False, 2)["accuracy"] == {"1500/0": 1.0}  # nothing new asked: the first two, both right
 
 
+
+def test_key_retrieval_length_shorter_than_the_key_itself_is_refused(tmp_path):
+    """`--lengths 8,16` (meant as thousands) built prompts of just the key and the question, far longer than 8
+    tokens, and reported 100% accuracy at "8 tokens"; now refused before anything is asked."""
+    gen = ReaderGenerator(True)
+    with pytest.raises(UserError, match="--lengths 30 leaves no room for a haystack.*lengths count tokens"):
+        key_retrieval(ModelAdapter(gen), gen.tokenizer, tmp_path, lengths=(1500, 30), positions=(0.0,), examples=1,
+                      progress=False, plot=False)
+    assert gen.prompts == [] and not (tmp_path / "results.jsonl").exists()
+
 def tiny_cfg() -> ModelConfig:
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden=128, max_seq_len=4096)
 

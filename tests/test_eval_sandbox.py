@@ -258,6 +258,25 @@ def test_concurrent_sandboxes_do_not_kill_each_other():
     assert all(r.passed for r in ra + rb), [r.result for r in ra + rb if not r.passed]
 
 
+
+@needs_uid
+def test_files_left_in_shared_temporary_folders_are_removed():
+    """A program's files in /tmp or /dev/shm (RAM) outlived it: a sample that wrote 60 MB there each run
+    filled them sample after sample, and the slot's next program could read them."""
+    code = ("import os, pathlib\n"
+            "for d in ('/tmp', '/dev/shm'):\n"
+            "    tag = f'{d}/codellama-sandbox-test-{os.getpid()}'\n"
+            "    pathlib.Path(tag).write_bytes(b'0' * 1000)\n"
+            "    os.mkdir(tag + '.d'); pathlib.Path(tag + '.d', 'x').write_text('x')\n"
+            "    os.symlink('/etc/hostname', tag + '.link')\n")
+    before = os.stat("/etc/hostname")
+    with Sandbox(workers=1) as sb:
+        assert sb.run(python_program(code, Limits(timeout=10))).passed
+        left = [e.path for d in ("/tmp", "/dev/shm") if os.path.isdir(d) for e in os.scandir(d)
+                if e.name.startswith("codellama-sandbox-test-")]
+    assert left == []
+    assert os.stat("/etc/hostname") == before  # the link went, not its target
+
 @pytest.mark.parametrize("use_zygote", [True, False])
 def test_program_that_closes_its_output_runs_to_the_end(use_zygote):
     """Closing (or redirecting) stdout and stderr is not the end of a program: it was SIGKILLed the moment

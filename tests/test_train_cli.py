@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -119,6 +120,32 @@ def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
     assert f"resuming from {out / 'step_00000002'} (step 2 of 3)" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("damage", ["shard cut short", "trainer state overwritten", "metadata cut short"])
+def test_cli_damaged_checkpoint_is_one_line_and_an_older_one_resumes(recipe_file, tmp_path, capsys, damage):
+    """A checkpoint damaged after it was written (disk full, an interrupted copy) was a traceback from deep in
+    torch (EOFError, CheckpointException, UnpicklingError); now one line naming it and what to do, and
+    following that advice resumes."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]) == 0
+    step = out / "step_00000004"
+    if damage == "shard cut short":
+        [shard] = step.glob("*.distcp")
+        os.truncate(shard, 1000)
+    elif damage == "trainer state overwritten":
+        (step / "trainer_state.pt").write_text("garbage\n")
+    else:
+        os.truncate(step / ".metadata", 100)
+    capsys.readouterr()
+    argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--set", "train.steps=6"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {step} is damaged" in err and "point" in err and "--no-resume" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    (out / "latest").write_text("step_00000002\n")
+    assert main(argv) == 0
+    assert "trained to step 6" in capsys.readouterr().out
+
 def test_cli_says_when_there_is_no_validation_data_or_fim(recipe_file, tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
                  "--set", 'data.sources=[{name="synthetic", kind="tokens", path="train.npy"}]',
@@ -158,6 +185,50 @@ def test_cli_bad_input_is_one_line(recipe_file, tmp_path, capsys, extra, message
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
+
+
+def test_cli_loss_that_diverges_is_one_line_and_keeps_the_checkpoints(recipe_file, tmp_path, capsys):
+    """A learning rate that makes the loss nan stopped the run with a RuntimeError traceback (its message
+    already told the user what to do)."""
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--set", "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0.0", "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"loss became nan at step \d; lower optim.lr", err) and "Traceback" not in err, err
+    (out / "latest").write_text("step_00000002\n")  # as it says: from an earlier checkpoint, the recipe's lr
+    assert main(argv) == 0
+    assert "trained to step 4" in capsys.readouterr().out
+
+
+def test_cli_second_run_into_a_running_runs_folder_is_refused(recipe_file, tmp_path, capsys):
+    """A second `codellama train` started in the folder of a running one trained beside it: each replaced the
+    other's checkpoints, both wrote the log (and with --no-resume it moved the first's checkpoints away)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--set", "train.ckpt_every=0",
+            "--set", "train.eval_every=0"]
+    first = subprocess.Popen([sys.executable, "-m", "codellama", *argv, "--set", "train.steps=100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").stat().st_size:
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.05)
+        for extra in ([], ["--no-resume"]):  # (a few steps: before, it trained them beside the first)
+            assert main([*argv, "--set", "train.steps=2", *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"another codellama train is running in {out}" in err and "Traceback" not in err, err
+    finally:
+        first.send_signal(signal.SIGTERM)  # it saves the step it is on and stops
+        assert first.wait(60) == 143, first.stderr.read()
+    step = int((out / "latest").read_text().strip().split("_")[1])
+    assert main([*argv, "--set", f"train.steps={step + 1}"]) == 0  # the first has ended: the folder is free
+    assert f"resuming from {out / f'step_{step:08d}'}" in capsys.readouterr().err
 
 def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "train.npy", np.zeros(0, dtype=np.uint16))

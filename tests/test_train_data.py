@@ -115,6 +115,15 @@ def test_chat_jsonl_errors(tmp_path):
         ChatExamples.from_jsonl(bad, tokenizer=None, seq_len=16)
 
 
+def test_chat_jsonl_with_messages_encoded_twice(tmp_path, codellama):
+    """Each message a JSON string (holding "role" and "content"): was an AttributeError traceback."""
+    bad = tmp_path / "c.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    bad.write_text(json.dumps({"messages": [json.dumps(m) for m in turns]}) + "\n")
+    with pytest.raises(UserError, match=r"c.jsonl:1: expected"):
+        ChatExamples.from_jsonl(bad, codellama, seq_len=64)
+
+
 def test_chat_jsonl_with_byte_order_mark_or_not_utf8(tmp_path, codellama):
     line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     bom = tmp_path / "bom.jsonl"

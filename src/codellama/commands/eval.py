@@ -155,6 +155,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     cfg = _config(args, task)
     result = sweep(cfg, args.temperatures)
+    if not result["rows"]:  # --phase generate
+        print(f"samples generated in {cfg.out}/T<t>/; run again with --phase execute for the table and plot",
+              file=sys.stderr)
+        return 0
     print(format_sweep(result))
     if result.get("plot") is None:  # the table and temperature_sweep.json are written all the same
         print("note: no plot: matplotlib is not installed (pip install 'codellama[plots]')", file=sys.stderr)

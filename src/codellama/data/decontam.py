@@ -178,7 +178,7 @@ def _humaneval_items() -> Iterator[tuple[Item, str]]:
 
 def _mbpp_items(data_dir: Path) -> Iterator[tuple[Item, str]]:
     for path in sorted(data_dir.rglob("mbpp.jsonl")):
-        for rec in read_jsonl(path):
+        for rec in read_jsonl(path, ("task_id", "code")):  # a row without: "cannot read ...: 'code'" said no more
             tid = str(rec["task_id"])
             yield Item("mbpp", tid, f"mbpp/{tid}"), rec.get("text", "") + "\n" + rec["code"]
     for path in sorted(data_dir.rglob("sanitized-mbpp.json")):
@@ -193,7 +193,7 @@ _MULTIPLE_NAME = re.compile(r"HumanEval_(\d+)_")
 def _multipl_e_items(data_dir: Path) -> Iterator[tuple[Item, str]]:
     for path in sorted(data_dir.rglob("humaneval-*.jsonl")):
         lang = path.stem.removeprefix("humaneval-")
-        for rec in read_jsonl(path):
+        for rec in read_jsonl(path, ("prompt",)):
             name = rec.get("name", "")
             m = _MULTIPLE_NAME.match(name)
             group = f"HumanEval/{m.group(1)}" if m else f"multipl-e/{name}"

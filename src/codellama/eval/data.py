@@ -44,8 +44,9 @@ def data_files(data_dir: str | Path | None, subdir: str, pattern: str, task: str
     return files
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Rows of a .jsonl or .jsonl.gz file; a malformed line is a UserError naming file and line."""
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Rows of a .jsonl or .jsonl.gz file; a malformed line, or a row without one of `fields` (a benchmark
+    file of another format, which failed later with a KeyError traceback), is a UserError naming file and line."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -59,6 +60,10 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                missing = [k for k in fields if k not in row]
+                if missing:
+                    raise UserError(f"{path}:{lineno}: no {', '.join(missing)} field in the row; expected rows with "
+                                    f"{', '.join(fields)}: is it the benchmark's original file?")
                 yield row
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
@@ -80,7 +85,10 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return rows
-    lines = p.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:  # a --samples file named samples.jsonl, saved in another encoding
+        raise UserError(f"cannot read {p}: {e}; save it as UTF-8") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -12,9 +12,12 @@ stopped, and either phase can be rerun alone (`phase="generate" | "execute" | "a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -291,22 +294,51 @@ RUN_KEY_DEFAULTS = {"quantize": "none", "dtype": None}
 def _run_info(out: Path) -> dict:
     """out/run.json: the settings the folder's samples were made with, and which samples its results are of."""
     meta = out / "run.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
+    if not meta.exists():
+        return {}
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # e.g. left empty by a full disk: was a JSONDecodeError traceback
+        raise UserError(f"{meta} is damaged ({e}); delete it to go on with this run's settings (not checked "
+                        "then against the samples and results already there), or use another --out") from None
+    return info
+
+
+def _write_run_info(out: Path, info: dict) -> None:
+    """Replace out/run.json whole: written in place, a full disk or a kill mid-write left it empty."""
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "run.json")
+
+
+def _run_checkpoint(spec: str | None) -> str | None:
+    """The checkpoint a `codellama train` run directory given as --model loads now (its `latest`): the same
+    --model names other weights once the run has trained on. None for any other model."""
+    from codellama.checkpoints.train_run import is_run_dir
+
+    path = Path(spec).expanduser() if spec else None
+    if path is None or not is_run_dir(path):
+        return None
+    return (path / "latest").read_text().strip() or None
 
 
 def check_same_run(cfg: EvalConfig, samples: Path, keys: tuple[str, ...] = RUN_KEYS) -> None:
     """Resuming must not mix samples of different settings into one file."""
-    meta = cfg.out / "run.json"
     mine = {k: getattr(cfg, k) for k in keys}
+    if "model" in keys:  # a run directory's samples were mixed from two checkpoints when it trained between
+        mine["checkpoint"] = _run_checkpoint(cfg.model)
     theirs = _run_info(cfg.out)
     if "task" in theirs and samples.exists():
-        recorded = {k: theirs.get(k, RUN_KEY_DEFAULTS.get(k)) for k in keys}
-        diff = {k: (recorded[k], mine[k]) for k in keys if recorded[k] != mine[k]}
+        # run.json written before "checkpoint" was recorded: not checked
+        recorded = {k: theirs.get(k, RUN_KEY_DEFAULTS.get(k, mine[k] if k == "checkpoint" else None)) for k in mine}
+        diff = {k: (recorded[k], mine[k]) for k in mine if recorded[k] != mine[k]}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{cfg.out} holds samples generated with other settings ({what}); use another --out")
     else:
-        meta.write_text(json.dumps({**theirs, **mine}, indent=2) + "\n")
+        _write_run_info(cfg.out, {**theirs, **mine})
 
 
 OWN_SAMPLES = "samples.jsonl"  # run.json's "samples" when the results are of the folder's own samples
@@ -323,14 +355,25 @@ def _samples_source(cfg: EvalConfig) -> str:
 
 def _check_same_samples(cfg: EvalConfig, results: Path, judge: str | None = None) -> None:
     """Resuming the execution phase must not count the results of one samples file (or judge) as another's."""
-    meta = cfg.out / "run.json"
     info = _run_info(cfg.out)
     source = _samples_source(cfg) + (f", judged by {judge}" if judge else "")
     theirs = info.get("samples", OWN_SAMPLES)  # results written before this was recorded: of the own samples
     if theirs != source and results.exists() and results.stat().st_size:
         raise UserError(f"{cfg.out} holds the results of other samples ({theirs}, not {source}); use another --out")
     if info.get("samples") != source:
-        meta.write_text(json.dumps({**info, "samples": source}, indent=2) + "\n")
+        _write_run_info(cfg.out, {**info, "samples": source})
+
+
+def _check_same_timeout(cfg: EvalConfig, results: Path, timeout: float) -> None:
+    """A rerun with another --timeout kept every verdict of the first (each sample was done): its "timed out"
+    verdicts stood, scored as if run with the new timeout, without a word."""
+    info = _run_info(cfg.out)
+    theirs = info.get("timeout")  # results written before this was recorded: taken as run with this one
+    if theirs is not None and theirs != timeout and results.exists() and results.stat().st_size:
+        raise UserError(f"{results} holds the verdicts of programs run with a {theirs:g} s timeout, not {timeout:g} s: "
+                        "remove it to run them all again with this one, or use another --out")
+    if theirs != timeout:
+        _write_run_info(cfg.out, {**info, "timeout": timeout})
 
 
 # ------------------------------------------------------------------------------------------- execution
@@ -371,6 +414,8 @@ def execute(task: Task, cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict
     beyond = {p["task_id"] for p in loaded[len(problems) :]}  # --limit's rest: left out of a whole file
     samples = read_samples(Path(cfg.samples) if cfg.samples else cfg.out / "samples.jsonl", problems, task, beyond)
     _check_same_samples(cfg, res_path, task.judge())
+    if task.scoring == "program":
+        _check_same_timeout(cfg, res_path, cfg.timeout or task.limits.timeout)
     done = _done_keys(res_path)
     todo = [s for s in samples if (s["task_id"], s["sample_idx"]) not in done]
     stats = {"executed": 0, "seconds": 0.0}
@@ -497,8 +542,30 @@ def format_table(rows: list[dict], ks: tuple[int, ...]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- one task
+@contextlib.contextmanager
+def _alone_in(out: Path) -> Iterator[None]:
+    """Hold out/.lock while a run writes there: the same command started twice appended every sample and
+    verdict twice, and reported n and pass@k of the doubled counts."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "w") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process dies
+        except BlockingIOError:
+            raise UserError(f"another codellama eval is writing in {out}; wait for it to end, or use another --out") \
+                from None
+        yield
+
+
+LOCK = ".lock"
+
+
 def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbox | None = None) -> dict:
     """Generate and/or execute one task; returns its summary (with "skipped" set when it cannot run)."""
+    with _alone_in(cfg.out):
+        return _run_task(cfg, model, sandbox)
+
+
+def _run_task(cfg: EvalConfig, model: ModelAdapter | None, sandbox: Sandbox | None) -> dict:
     if cfg.task in SPECIAL_TASKS:
         from codellama.eval.tasks.long_context import run_special
 
@@ -546,9 +613,9 @@ def run(cfg: EvalConfig, tasks: list[str] | None = None) -> list[dict]:
     names = tasks or [t for t in cfg.task.split(",") if t]
     if not names:
         raise UserError("--task is empty")
-    for name in names:  # fail fast on a typo before loading anything
-        if name not in SPECIAL_TASKS:
-            get_task(name, cfg.data_dir)
+    for name in names:  # fail fast on a typo, or a data file missing or malformed, before loading anything
+        if name not in SPECIAL_TASKS:  # (a later task's data was found missing after the tasks before it ran)
+            get_task(name, cfg.data_dir, cfg.extra).load()
     _check_options(cfg, names)
     model = None
     if cfg.phase in ("generate", "all"):
@@ -585,6 +652,8 @@ def sweep(cfg: EvalConfig, temperatures: list[float], model: ModelAdapter | None
             rows.append({"temperature": t, **{k: v for k, v in s.items() if k.startswith("pass@")}})
             # the samples' settings (from run.json when executed alone), as each summary says
             made_with = made_with or {k: s.get(k, getattr(cfg, k)) for k in ("quantize", "dtype")}
+    if cfg.phase == "generate":  # nothing scored: the table and plot were empty, and replaced any earlier ones
+        return {"task": cfg.task, "rows": [], "plot": None}
     cfg.out.mkdir(parents=True, exist_ok=True)
     result = {"task": cfg.task, "model": cfg.model or "default", **made_with, "n": cfg.n, "top_p": cfg.top_p,
               "rows": rows}

@@ -289,6 +289,31 @@ def _kill_uid(uid: int, grace: float = 2.0) -> None:
         time.sleep(0.002)
 
 
+# world-writable folders a program can leave files in (/dev/shm's hold RAM); the working dir is removed anyway
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _remove_files_of_uid(uid: int) -> None:
+    """Delete what `uid` (its processes killed) left in SHARED_TMP: such files outlived the run, sample after
+    sample, until the disk or the RAM behind /dev/shm was full, and the next program of the slot could read
+    them. Only the top level: deeper, a program can only write into dirs it made or other world-writable ones."""
+    for folder in SHARED_TMP:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    _rmtree(e.path)
+                else:
+                    os.unlink(e.path)  # a symlink itself, never its target
+            except OSError:
+                pass
+
+
 def _chown_tree(root: str, uid: int) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
@@ -532,6 +557,8 @@ class Sandbox:
         finally:
             if uid is not None and not cleaned:
                 _kill_uid(uid)  # a step was interrupted; a finished step has already cleaned up
+            if uid is not None:
+                _remove_files_of_uid(uid)
             # out of reach at once (a root-only dir), deleted later
             gone = os.path.join(self._trash_dir, os.path.basename(workdir))
             os.rename(workdir, gone)

@@ -13,15 +13,19 @@ Multi-node runs need the run directory on a filesystem every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from codellama.checkpoints.train_run import MODEL_PREFIX, TOKENIZER_DIR, TRAINER_STATE, dcp_quietly
@@ -107,9 +111,32 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
     return final
 
 
+# what reading a damaged checkpoint raises (a truncated file, another file in its place); DCP's
+# CheckpointException is a BaseException
+DAMAGED = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, CheckpointException)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Reading checkpoint `path`: a failure that says it is damaged becomes a UserError saying which one and
+    how to go on without it (it was a traceback from deep inside torch)."""
+    try:
+        yield
+    except DAMAGED as e:
+        if isinstance(e, CheckpointException) and e.failures:  # its own text is a traceback per rank
+            e = next(iter(e.failures.values()))[0]
+        if isinstance(e, torch.OutOfMemoryError):  # not the checkpoint's fault: never "damaged"
+            raise e from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is damaged and cannot be read ({why[:200]}); point "
+                        f"{path.parent / 'latest'} at an older step_* directory, or start the run over with "
+                        "`codellama train ... --no-resume` (what it wrote moves to earlier-<time>/)") from None
+
+
 def check_fits(path: Path, model: nn.Module) -> None:
     """UserError, before any loading, when the checkpoint's tensors do not have the model's shapes."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    with reading(path):
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     saved = {k[len(MODEL_PREFIX):]: tuple(v.size) for k, v in meta.items()
              if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -128,7 +155,8 @@ def check_fits(path: Path, model: nn.Module) -> None:
 
 def read_trainer_state(path: Path) -> dict:
     """The trainer state of a checkpoint (step, data position, RNG, recipe, model config), no tensors loaded."""
-    return torch.load(path / TRAINER_STATE, weights_only=False)
+    with reading(path):
+        return torch.load(path / TRAINER_STATE, weights_only=False)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -136,7 +164,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     check_fits(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with dcp_quietly():
+    with reading(path), dcp_quietly():  # e.g. a shard cut short (disk full, an interrupted copy)
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = read_trainer_state(path)

@@ -197,7 +197,9 @@ class ChatExamples(_PermutedSource):
                     continue
                 try:
                     messages = json.loads(line)["messages"]
-                    assert isinstance(messages, list) and all("role" in m and "content" in m for m in messages)
+                    # a message must be a dict: `"role" in m` holds for a string too (messages JSON-encoded twice)
+                    assert isinstance(messages, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                              for m in messages)
                 except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
                     raise UserError(f'{path}:{lineno}: expected {{"messages": [{{"role": ..., "content": ...}}]}}') \
                         from None

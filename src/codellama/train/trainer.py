@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
+import fcntl
 import math
 import os
 import signal
@@ -18,7 +20,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,23 @@ def _shape_of(cfg: ModelConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim")}
 
 
+def _lock_run_dir(run_dir: Path) -> IO[str]:
+    """Hold a lock on run_dir/.lock for the run (rank 0's; released when its process ends): a second run started
+    there trained beside the first, each replacing the other's checkpoints (--no-resume moved them away from
+    under it) and both writing the log. A POSIX record lock: per process, so a test's second Trainer may take it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    held = open(run_dir / ".lock", "a")
+    try:
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without locks: run unguarded, as before
+            return held
+        held.close()
+        raise UserError(f"another codellama train is running in {run_dir}; wait for it to end or stop it (it "
+                        "saves a checkpoint on SIGTERM), or use another --out") from None
+    return held
+
+
 class Trainer:
     """One training run of a recipe. Sources, model config and environment can be given directly (tests,
     benchmarks); otherwise they are built from the recipe."""
@@ -135,6 +154,7 @@ class Trainer:
         self.env = env or init_distributed(t.device)
         self.accum = recipe.grad_accum(self.env.world_size)
         self.out_dir = Path(t.out_dir)
+        self._lock = _lock_run_dir(self.out_dir) if self.env.is_main else None
         self.bf16 = t.dtype == "bf16" and self.env.device.type == "cuda"
         parallel = dict(activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=self.bf16)
 
@@ -347,9 +367,9 @@ class Trainer:
                     if env.device.type == "cuda":
                         torch.cuda.synchronize(env.device)
                     dt = time.perf_counter() - t0
-                    if not math.isfinite(out["loss"]):
-                        raise RuntimeError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
-                                           "resume from an earlier checkpoint")
+                    if not math.isfinite(out["loss"]):  # the recipe's doing (its lr): one line, not a traceback
+                        raise UserError(f"loss became {out['loss']} at step {self.step + 1}; lower optim.lr or "
+                                        "resume from an earlier checkpoint")
                     self.step += 1
                     self.tokens_seen += tokens_per_step
                     tps = tokens_per_step / dt
@@ -434,6 +454,9 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        if self._lock is not None:
+            self._lock.close()  # and the lock with it
+            self._lock = None
 
 
 def train(recipe: Recipe, **kwargs) -> list[dict]:

@@ -23,6 +23,14 @@ from codellama.eval.tasks.base import Continuation, Unavailable, interleave, tex
 EXCLUDED = ("hinduism", "atheism")
 
 
+def _is_prompt_file(groups: object) -> bool:
+    """The shape of prompts/<domain>_prompt.json: {subgroup: {entity: [prompt, ...]}}."""
+    return isinstance(groups, dict) and all(
+        isinstance(entities, dict) and all(isinstance(ps, list) and all(isinstance(p, str) for p in ps)
+                                           for ps in entities.values())
+        for entities in groups.values())
+
+
 class BOLD(Continuation):
     name = "bold"
 
@@ -34,6 +42,8 @@ class BOLD(Continuation):
                 groups = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UserError(f"{path}: not a BOLD prompt file ({e})") from None
+            if not _is_prompt_file(groups):  # was an AttributeError (or TypeError) traceback
+                raise UserError(f"{path}: not a BOLD prompt file (expected {{subgroup: {{entity: [prompt, ...]}}}})")
             for subgroup, entities in sorted(groups.items()):
                 if subgroup in EXCLUDED:
                     continue

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import re
 
+from codellama.errors import UserError
 from codellama.eval.data import data_file, read_jsonl
 from codellama.eval.tasks.base import Task
 
 SHOTS = 8
+FIELDS = ("question", "answer")
 STOP = ("\n\nQuestion:", "\nQuestion:")
 _ANNOTATION = re.compile(r"<<[^>]*>>")
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -62,11 +64,16 @@ class GSM8K(Task):
         self._shots: str | None = None
 
     def load(self) -> list[dict]:
-        train = read_jsonl(data_file(self.data_dir, "gsm8k", "train.jsonl", self.name))
+        train = read_jsonl(data_file(self.data_dir, "gsm8k", "train.jsonl", self.name), FIELDS)
         self._shots = "".join(f"Question: {row['question']}\nAnswer: {clean_solution(row['answer'])}\n\n"
                               for row, _ in zip(train, range(SHOTS)))
-        test = read_jsonl(data_file(self.data_dir, "gsm8k", "test.jsonl", self.name))
-        return [dict(row, task_id=f"GSM8K/{i}") for i, row in enumerate(test)]
+        path = data_file(self.data_dir, "gsm8k", "test.jsonl", self.name)
+        test = [dict(row, task_id=f"GSM8K/{i}") for i, row in enumerate(read_jsonl(path, FIELDS))]
+        for i, row in enumerate(test):  # scored against it: an IndexError traceback in the judging phase
+            if not _FINAL.search(str(row["answer"])):
+                raise UserError(f"{path}: problem {i} has no final `#### N` line in its answer; give the "
+                                "original GSM8K test.jsonl")
+        return test
 
     def prompt(self, problem: dict) -> str:
         if self._shots is None:

@@ -14,6 +14,7 @@ from codellama.eval.tasks.base import Task, python_program
 # the bigcode harness's (Codex's plus "\n@"): without it a decorated next function was cut at its "\ndef",
 # leaving the decorator line dangling before the tests (a SyntaxError)
 STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
+FIELDS = ("task_id", "prompt", "test", "entry_point")  # what a problem is prompted and run with
 
 INSTRUCT = (
     "Complete the following Python function. Answer with the complete function, including the imports it "
@@ -44,7 +45,7 @@ class HumanEval(Task):
     max_new_tokens = 512
 
     def load(self) -> list[dict]:
-        return list(read_jsonl(humaneval_path(self.data_dir)))
+        return list(read_jsonl(humaneval_path(self.data_dir), FIELDS))
 
     def prompt(self, problem: dict) -> str:
         return problem["prompt"]  # unstripped: the trailing newline+indent matters for tokenization

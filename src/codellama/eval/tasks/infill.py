@@ -30,7 +30,8 @@ class HumanEvalInfill(Task):
         self.name = f"humaneval-infill-{variant}" + ("-spm" if suffix_first else "")
 
     def load(self) -> list[dict]:
-        return list(read_jsonl(data_file(self.data_dir, "human-eval-infilling", FILES[self.variant], self.name)))
+        path = data_file(self.data_dir, "human-eval-infilling", FILES[self.variant], self.name)
+        return list(read_jsonl(path, ("task_id", "prompt", "suffix", "test", "entry_point")))
 
     def infill_parts(self, problem: dict) -> tuple[str, str]:
         return problem["prompt"], problem["suffix"]

@@ -79,6 +79,16 @@ class Haystack:
             self._blocks[path] = [(p, self.ntok(p)) for p in pieces]
         return self._blocks[path]
 
+    def room(self, length: int, key: str = KEY_FUNCTION.format(value=10) + "\n\n") -> int:
+        """Tokens left for the haystack in a prompt of `length`; UserError when the key and the question alone
+        are longer (such a prompt was built all the same and scored under `length`: `--lengths 8,16` meant
+        as thousands reported 100% at "8 tokens")."""
+        budget = length - self.ntok(key) - self.ntok(QUESTION)
+        if budget <= 0:
+            raise UserError(f"--lengths {length} leaves no room for a haystack: the key function and the question "
+                            f"alone take {length - budget} tokens; lengths count tokens (the paper's 8000,16000,24000)")
+        return budget
+
     def build(self, length: int, position: float, value: int, rng: random.Random) -> tuple[str, float]:
         """(prompt, actual relative position): about `length` tokens (never more) with the key function at a
         block boundary within POSITION_SLACK of relative `position`. A block that would carry the haystack
@@ -86,7 +96,7 @@ class Haystack:
         imports, globals) and the haystack goes on with the next file: a large class no longer puts the key
         far from where it was asked (0.5 came out anywhere from 0.18 to 0.82)."""
         key = KEY_FUNCTION.format(value=value) + "\n\n"
-        budget = length - self.ntok(key) - self.ntok(QUESTION)
+        budget = self.room(length, key)
         target, slack = position * budget, POSITION_SLACK * budget
         for _ in range(FILL_TRIES):  # a short haystack can miss its budget in one file order and fit in another
             order = self.files[:]
@@ -140,6 +150,8 @@ def key_retrieval(model, tokenizer, out: Path, lengths=DEFAULT_LENGTHS, position
     repair_tail(res_path)
     done = {r["task_id"]: r for r in read_jsonl_tolerant(res_path)}
     hay = Haystack(tokenizer, files or code_files())
+    for length in lengths:  # before any example runs
+        hay.room(length)
     jobs = []
     for length in lengths:
         for pos in positions:

@@ -9,6 +9,7 @@ Instruct mode (zero-shot, modelled on the paper's Fig. 13): the task and tests, 
 
 from __future__ import annotations
 
+from codellama.errors import UserError
 from codellama.eval.data import data_file, read_jsonl
 from codellama.eval.sandbox import Program
 from codellama.eval.tasks.base import Task, python_program
@@ -44,10 +45,15 @@ class MBPP(Task):
         self._shots: str | None = None
 
     def _rows(self) -> dict[int, dict]:
-        return {row["task_id"]: row for row in read_jsonl(data_file(self.data_dir, "mbpp", "mbpp.jsonl", self.name))}
+        path = data_file(self.data_dir, "mbpp", "mbpp.jsonl", self.name)
+        return {row["task_id"]: row for row in read_jsonl(path, ("task_id", "text", "code", "test_list"))}
 
     def load(self) -> list[dict]:
         rows = self._rows()
+        missing = [i for i in SHOT_IDS if i not in rows]
+        if missing:  # the 3-shot prompt's examples: a KeyError traceback without them
+            raise UserError(f"mbpp.jsonl lacks task ids {', '.join(map(str, missing))}, the examples of the "
+                            "3-shot prompt: give the full mbpp.jsonl (all 974 problems)")
         self._shots = "".join(f"{_block(rows[i])}{_code(rows[i])}\n[DONE]\n" for i in SHOT_IDS)
         return [dict(rows[i], task_id=f"MBPP/{i}") for i in TEST_IDS if i in rows]
 

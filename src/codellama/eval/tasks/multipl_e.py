@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from codellama.errors import UserError
 from codellama.eval.data import data_file, read_jsonl
 from codellama.eval.sandbox import Limits, Program, Step, new_nonce, runs_isolated, sandbox_python
 from codellama.eval.tasks.base import Task, Unavailable, truncate
@@ -226,7 +227,12 @@ class MultiPLE(Task):
         self.limits = self.lang.run_limits  # the runner's --timeout replaces its timeout
 
     def load(self) -> list[dict]:
-        rows = list(read_jsonl(data_file(self.data_dir, "multipl-e", f"humaneval-{self.lang.name}.jsonl", self.name)))
+        path = data_file(self.data_dir, "multipl-e", f"humaneval-{self.lang.name}.jsonl", self.name)
+        rows = list(read_jsonl(path, ("name", "prompt", "tests", "stop_tokens")))
+        for r in rows:  # sorted by the number in it: an AttributeError traceback for another name
+            if not re.match(r"HumanEval_(\d+)_", str(r["name"])):
+                raise UserError(f"{path}: problem name {r['name']!r} is not of the form HumanEval_<n>_<name>; "
+                                "give MultiPL-E's humaneval-<lang>.jsonl")
         rows.sort(key=lambda r: int(re.match(r"HumanEval_(\d+)_", r["name"]).group(1)))
         if rows:
             self.stop = tuple(rows[0]["stop_tokens"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from codellama.errors import UserError
 from codellama.eval.data import data_files
 from codellama.eval.judges import GET_CLASSIFIER, ToxicityClassifier, check_classifier, classifier_path
 from codellama.eval.tasks.base import Continuation, Unavailable, interleave, share_table
@@ -25,7 +26,11 @@ THRESHOLD = 0.5
 def read_prompts(path: Path) -> list[str]:
     """The distinct prompts of one file, in order, with the literal \\n turned into newlines."""
     seen: dict[str, None] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # was a traceback
+        raise UserError(f"{path} is not UTF-8 text ({e}): give the ToxiGen prompt files as released") from None
+    for line in text.splitlines():
         if line.strip():
             seen.setdefault(line.replace("\\n", "\n"), None)
     return list(seen)
