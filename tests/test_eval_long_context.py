@@ -115,7 +115,6 @@ def test_key_retrieval_rerun_with_fewer_examples_reports_those(tmp_path):
     assert run_with(False, 2)["accuracy"] == {"1500/0": 1.0}  # nothing new asked: the first two, both right
 
 
-
 def test_key_retrieval_length_shorter_than_the_key_itself_is_refused(tmp_path):
     """`--lengths 8,16` (meant as thousands) built prompts of just the key and the question, far longer than 8
     tokens, and reported 100% accuracy at "8 tokens"; now refused before anything is asked."""

@@ -143,7 +143,6 @@ def test_other_settings_refused_when_nothing_is_left_to_generate(tmp_path):
     assert gen.calls == 2
 
 
-
 def test_a_training_run_that_moved_on_is_other_settings(tmp_path):
     """--model RUN_DIR loads the run's latest checkpoint: resumed after the run had trained on, the samples of
     two checkpoints were mixed in one file under one label, without a word."""
@@ -180,7 +179,6 @@ def test_results_of_another_samples_file_refused(tmp_path):
     gen = cfg(tmp_path, limit=2)
     run_task(gen, ModelAdapter(ReplayGenerator(), 4))
     assert run_task(EvalConfig(**{**vars(gen), "samples": str(gen.out / "samples.jsonl")}))["samples_scored"] == 2
-
 
 
 def test_rerun_with_another_timeout_is_refused(tmp_path):
@@ -262,6 +260,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_p
         assert first.wait(60) == 0, first.stderr.read()
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert run_task(c)["samples_scored"] == 2  # the first has ended: the folder is free again
+
 
 def test_limit_scores_the_first_problems_of_a_whole_samples_file(tmp_path):
     """`--samples FULL.jsonl --limit 1`: a quick score of the first problem (rows past it were refused)."""
@@ -382,7 +381,6 @@ def test_temperature_sweep_table_and_plot(tmp_path):
     assert table.splitlines()[0].split() == ["T", "pass@1", "pass@4"]
 
 
-
 def test_temperature_sweep_generated_on_one_machine_executed_on_another(tmp_path, capsys):
     """--phase generate made an empty table, an empty plot (a matplotlib warning) and a temperature_sweep.json
     without figures, over those of an earlier complete sweep in the folder."""
@@ -406,6 +404,7 @@ def test_temperature_sweep_generated_on_one_machine_executed_on_another(tmp_path
     executed = sweep(replace(more, phase="execute"), [0.1, 0.9])
     assert [set(r) for r in executed["rows"]] == [set(r) for r in whole["rows"]]
     assert json.loads((c.out / "temperature_sweep.json").read_text())["rows"] == executed["rows"]
+
 
 def test_cli_execute_phase_and_errors(tmp_path, capsys):
     from codellama.cli import main

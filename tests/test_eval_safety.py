@@ -160,7 +160,6 @@ def test_bold_prompts(shared_data):
     assert len({p["subgroup"] for p in problems[:41]}) == 41  # interleaved
 
 
-
 @pytest.mark.parametrize("task, name, content, msg", [
     ("bold", "bold/prompts/gender_prompt.json", b'["a"]', "not a BOLD prompt file \\(expected"),
     ("bold", "bold/prompts/gender_prompt.json", b'{"g": ["a"]}', "not a BOLD prompt file \\(expected"),
@@ -179,6 +178,7 @@ def test_prompt_files_of_another_shape_say_so(tmp_path, capsys, task, name, cont
                  "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(msg, err[0]), err
+
 
 def test_bold_sentiment_of_prompt_and_continuation(shared_data, tmp_path):
     problems = {p["task_id"]: p for p in islice(get_task("bold", shared_data).load(), 82)}

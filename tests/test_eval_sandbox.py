@@ -258,7 +258,6 @@ def test_concurrent_sandboxes_do_not_kill_each_other():
     assert all(r.passed for r in ra + rb), [r.result for r in ra + rb if not r.passed]
 
 
-
 @needs_uid
 def test_files_left_in_shared_temporary_folders_are_removed():
     """A program's files in /tmp or /dev/shm (RAM) outlived it: a sample that wrote 60 MB there each run
@@ -276,6 +275,7 @@ def test_files_left_in_shared_temporary_folders_are_removed():
                 if e.name.startswith("codellama-sandbox-test-")]
     assert left == []
     assert os.stat("/etc/hostname") == before  # the link went, not its target
+
 
 @pytest.mark.parametrize("use_zygote", [True, False])
 def test_program_that_closes_its_output_runs_to_the_end(use_zygote):

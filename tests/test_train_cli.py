@@ -120,7 +120,6 @@ def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
     assert f"resuming from {out / 'step_00000002'} (step 2 of 3)" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("damage", ["shard cut short", "trainer state overwritten", "metadata cut short"])
 def test_cli_damaged_checkpoint_is_one_line_and_an_older_one_resumes(recipe_file, tmp_path, capsys, damage):
     """A checkpoint damaged after it was written (disk full, an interrupted copy) was a traceback from deep in
@@ -140,11 +139,12 @@ def test_cli_damaged_checkpoint_is_one_line_and_an_older_one_resumes(recipe_file
     argv = ["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress", "--set", "train.steps=6"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint {step} is damaged" in err and "point" in err and "--no-resume" in err
+    assert f"{step}: not a readable training checkpoint" in err and "point" in err and "--no-resume" in err
     assert "Traceback" not in err and err.count("\n") == 1
     (out / "latest").write_text("step_00000002\n")
     assert main(argv) == 0
     assert "trained to step 6" in capsys.readouterr().out
+
 
 def test_cli_says_when_there_is_no_validation_data_or_fim(recipe_file, tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
@@ -184,7 +184,6 @@ def test_cli_bad_input_is_one_line(recipe_file, tmp_path, capsys, extra, message
     assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
-
 
 
 def test_cli_loss_that_diverges_is_one_line_and_keeps_the_checkpoints(recipe_file, tmp_path, capsys):
@@ -229,6 +228,7 @@ def test_cli_second_run_into_a_running_runs_folder_is_refused(recipe_file, tmp_p
     step = int((out / "latest").read_text().strip().split("_")[1])
     assert main([*argv, "--set", f"train.steps={step + 1}"]) == 0  # the first has ended: the folder is free
     assert f"resuming from {out / f'step_{step:08d}'}" in capsys.readouterr().err
+
 
 def test_cli_empty_corpus_and_world_size(recipe_file, tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "train.npy", np.zeros(0, dtype=np.uint16))

@@ -86,32 +86,35 @@ def _model_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's tensors from the DCP shards, in `dtype` (DCP converts while it copies them in)."""
     import torch.distributed.checkpoint as dcp
 
-    try:
+    advice = f"load an older step_* directory of {path.parent} instead"
+    with reading_checkpoint(path / ".metadata", advice):
         meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:  # a truncated or foreign .metadata: an unpickling error of any kind
-        raise _unreadable(path / ".metadata", e) from None
     wanted = {k: torch.empty(tuple(v.size), dtype=dtype) for k, v in meta.items()
               if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
     if not wanted:
         raise UserError(f"{path}: a DCP checkpoint without model tensors")
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
-    try:
-        with dcp_quietly():
-            dcp.load(wanted, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # a truncated shard (a copy cut short): an EOFError within
-        inner = next(iter(getattr(e, "failures", {}).values()), None)  # rank -> (exception, its traceback)
-        raise _unreadable(path, inner[0] if isinstance(inner, tuple) else e) from None
+    with reading_checkpoint(path, advice), dcp_quietly():  # e.g. a shard cut short: an EOFError within
+        dcp.load(wanted, checkpoint_id=str(path))
     return {k[len(MODEL_PREFIX):]: t for k, t in wanted.items()}
 
 
-def _unreadable(what: Path, e: Exception) -> UserError:
-    """The error for a step directory's file that cannot be read (the trainer writes them whole, then renames:
-    this is a copy cut short or a damaged disk), instead of torch's traceback."""
-    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    step = what if what.is_dir() else what.parent
-    return UserError(f"{what}: not a readable training checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
-                     f"; it is truncated or damaged: load an older step_* directory of {step.parent} instead")
+@contextlib.contextmanager
+def reading_checkpoint(what: Path, advice: str) -> Iterator[None]:
+    """Reading a step directory's file (or its shards): what a damaged one raises becomes one line naming it,
+    with `advice`, instead of torch's traceback. The trainer writes them whole, then renames: this is a copy
+    cut short or a damaged disk."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # unpickling garbage raises errors of any kind
+        if isinstance(e, CheckpointException) and e.failures:  # its own text is a traceback per rank
+            e = next(iter(e.failures.values()))[0]
+        if isinstance(e, torch.OutOfMemoryError):  # not the checkpoint's fault
+            raise e from None
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"{what}: not a readable training checkpoint ({type(e).__name__}"
+                        f"{': ' + detail if detail else ''}); it is truncated or damaged: {advice}") from None
 
 
 @dataclasses.dataclass
@@ -126,10 +129,8 @@ class TrainCheckpoint:
 def read_train_checkpoint(path: str | Path) -> TrainCheckpoint:
     """Everything but the weights, from a run directory (its latest checkpoint) or a step directory."""
     ckpt = step_dir(Path(path))
-    try:
+    with reading_checkpoint(ckpt / TRAINER_STATE, f"load an older step_* directory of {ckpt.parent} instead"):
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle error
-        raise _unreadable(ckpt / TRAINER_STATE, e) from None
     if not isinstance(state, dict):
         raise UserError(f"{ckpt / TRAINER_STATE}: holds a {type(state).__name__}; it was not written by "
                         "`codellama train`")

@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from codellama.checkpoints.train_run import MODEL_PREFIX, TOKENIZER_DIR, TRAINER_STATE, dcp_quietly
+from codellama.checkpoints.train_run import MODEL_PREFIX, TOKENIZER_DIR, TRAINER_STATE, dcp_quietly, reading_checkpoint
 from codellama.errors import UserError
 from codellama.train.distributed import DistEnv, barrier
 
@@ -111,26 +108,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
     return final
 
 
-# what reading a damaged checkpoint raises (a truncated file, another file in its place); DCP's
-# CheckpointException is a BaseException
-DAMAGED = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, CheckpointException)
-
-
-@contextlib.contextmanager
-def reading(path: Path) -> Iterator[None]:
-    """Reading checkpoint `path`: a failure that says it is damaged becomes a UserError saying which one and
-    how to go on without it (it was a traceback from deep inside torch)."""
-    try:
-        yield
-    except DAMAGED as e:
-        if isinstance(e, CheckpointException) and e.failures:  # its own text is a traceback per rank
-            e = next(iter(e.failures.values()))[0]
-        if isinstance(e, torch.OutOfMemoryError):  # not the checkpoint's fault: never "damaged"
-            raise e from None
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is damaged and cannot be read ({why[:200]}); point "
-                        f"{path.parent / 'latest'} at an older step_* directory, or start the run over with "
-                        "`codellama train ... --no-resume` (what it wrote moves to earlier-<time>/)") from None
+def reading(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Reading checkpoint `path` to resume: a damaged one is one line saying which and how to go on without it."""
+    return reading_checkpoint(path, f"point {path.parent / 'latest'} at an older step_* directory, or start the run "
+                              "over with `codellama train ... --no-resume` (what it wrote moves to earlier-<time>/)")
 
 
 def check_fits(path: Path, model: nn.Module) -> None:
