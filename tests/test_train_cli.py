@@ -118,6 +118,10 @@ def test_cli_resume_logs_each_step_once(recipe_file, tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
                  "--set", "train.steps=3"]) == 0
     assert f"resuming from {out / 'step_00000002'} (step 2 of 3)" in capsys.readouterr().err
+    # fewer steps than the run has: it said "(step 3 of 2)" and ended without saying why nothing trained
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(out), "--no-progress",
+                 "--set", "train.steps=2"]) == 0
+    assert "is at step 3, train.steps is 2: nothing left to train" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["shard cut short", "trainer state overwritten", "metadata cut short"])

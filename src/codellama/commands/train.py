@@ -58,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
     trainer = Trainer(recipe, progress=not args.no_progress, resume=not args.no_resume)
     if trainer.resumed_from and trainer.env.is_main:  # a rerun after a crash should say where it picks up
-        print(f"resuming from {trainer.resumed_from} (step {trainer.step} of {recipe.train.steps})", file=sys.stderr)
+        if trainer.step >= recipe.train.steps:  # said "(step 10 of 5)" and ended without a word on why
+            print(f"{trainer.resumed_from} is at step {trainer.step}, train.steps is {recipe.train.steps}: nothing "
+                  "left to train (a larger --set train.steps=N trains on)", file=sys.stderr)
+        else:
+            print(f"resuming from {trainer.resumed_from} (step {trainer.step} of {recipe.train.steps})",
+                  file=sys.stderr)
     try:
         records = trainer.run()
     finally:
