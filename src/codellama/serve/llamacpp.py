@@ -249,7 +249,7 @@ async def infill(server: Server, request: Request):
             yield text, None, False
 
     def log(c: Completion | None, stream: bool, status: str) -> None:
-        server._log("infill", rid, start, first, len(ids), [c], [job], stream, status)
+        server._log("infill", rid, start, first, len(ids), [c], [job], stream, status, handles)
 
     if not body.stream:
         completion, status = None, "disconnected"
