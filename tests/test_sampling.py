@@ -142,3 +142,20 @@ def test_repetition_penalty_is_transformers_over_the_prompt_and_the_generated_to
         torch.testing.assert_close(adjusted[i], want)
     history.start(3, [1])  # a new row in the slot forgets the old one's tokens
     assert history.in_prompt[3].nonzero().flatten().tolist() == [1] and not history.generated[3].any()
+
+
+def test_top_p_1_keeps_every_token_where_another_setting_sorts_the_row():
+    # top_k past the vocabulary, or a row batched with one that filters: the row takes the sorted path, where
+    # the cumulative mass rounds past 1 before the tail (a third of these 32000 tokens were dropped)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 32000) * 4
+    rows = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=40000),
+            SamplingParams(temperature=1.0, top_k=40)]
+    sampler = RowSampler.build(rows, torch.device("cpu"))
+    got = filtered_probs(logits, sampler.temperature, sampler.top_p, sampler.top_k, sampler.unfiltered,
+                         min_p=sampler.min_p)
+    want = torch.softmax(logits, -1)
+    for row in (0, 1):
+        assert int((got[row] == 0).sum()) == 0
+        torch.testing.assert_close(got[row], want[row])
+    assert int((got[2] > 0).sum()) == 40

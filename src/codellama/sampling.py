@@ -325,7 +325,8 @@ def filtered_probs(
     drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_above = sorted_probs.cumsum(-1) - sorted_probs
-    drop |= mass_above > top_p[:, None]
+    # top_p 1 is off: the float32 cumsum can pass 1 before the tail, and then it dropped the tail's tokens
+    drop |= (mass_above > top_p[:, None]) & (top_p[:, None] < 1)
     if min_p is not None:  # the likeliest token is the first, and never dropped
         drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
