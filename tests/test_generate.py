@@ -171,6 +171,23 @@ def test_text_decoded_token_by_token_is_the_whole_decode(request, which):
                                                                              rows[1].tokens)
 
 
+def test_text_decoded_token_by_token_keeps_the_space_after_a_dropped_piece(codellama):
+    """decode drops <s> and the infill pieces; a decode window that started at one made
+    the next piece the window's first, and SentencePiece stripped its space: "Labour ▁<MID> ▁реда" streamed as
+    "Labourреда" where decoding it all gives "Labour реда" (a base model completing text can write ▁<MID>)."""
+    from codellama.engine.rows import RowState
+
+    tok = codellama
+    words = tok.encode("Labour реда x")[1:]
+    dropped = [tok.bos_id, tok.middle_id, tok.prefix_id, tok.eot_id]
+    for ids in ([words[0], tok.middle_id, *words[1:]], [words[0], tok.bos_id, tok.middle_id, *words[1:]],
+                [tok.middle_id, *words], [words[0], tok.encode(" ")[-1], tok.bos_id, *words[1:]],
+                [w for word in words for w in (word, *dropped)]):
+        row = RowState(1, SamplingParams(max_new_tokens=len(ids)), set(), len(ids), tok.decode)
+        streamed = "".join(row.push(t) for t in ids)
+        assert row.text == streamed == tok.decode(ids), [tok.id_to_piece(t) for t in ids]
+
+
 def test_context_limits(gen):
     with pytest.raises(UserError, match="more than the context of 128 allows .*: shorten it, or .*--max-seq-len"):
         gen.generate([[1] * 200], SamplingParams(max_new_tokens=4))

@@ -227,6 +227,23 @@ def test_saved_codellama_tokenizer_tokenizes_in_transformers_as_sentencepiece(tm
         assert hf.decode(hf.encode(s), skip_special_tokens=True) == codellama.decode(codellama.encode(s)), repr(s)
 
 
+def test_exported_tokenizer_json_decodes_as_sentencepiece_and_transformers(tmp_path, codellama):
+    """Our export's tokenizer.json holds the infill pieces as ordinary pieces: read as a BPETokenizer it
+    decoded ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT> as text, where the SentencePiece tokenizer and transformers'
+    CodeLlamaTokenizer on the same export drop them."""
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(codellama, tmp_path)
+    bpe = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert isinstance(bpe, BPETokenizer) and bpe.can_infill
+    t = codellama
+    for ids in (t.encode("def f(x):") + [t.prefix_id, t.suffix_id, t.middle_id, t.eot_id] + t.encode(" y"),
+                [t.middle_id] + t.encode_infilling(" return x") + [t.eot_id], t.encode(" <SUF> x <EOT>")):
+        want = hf.decode(ids, skip_special_tokens=True)
+        assert bpe.decode(ids) == t.decode(ids) == want, [t.id_to_piece(i) for i in ids]
+        assert bpe.decode_infilling(ids) == t.decode_infilling(ids), [t.id_to_piece(i) for i in ids]
+
+
 def test_a_fine_tunes_added_tokens_in_tokenizer_json_are_kept(tmp_path, codellama):
     """A Code Llama fine-tune that added ChatML's tokens has them in tokenizer.json only (tokenizer.model is
     the base's): the checkpoint's tokenizer is then tokenizer.json's, as transformers' is, not SentencePiece's

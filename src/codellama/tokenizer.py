@@ -238,6 +238,10 @@ class BPETokenizer(Tokenizer):
             add_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
         self.add_bos = add_bos
         self._find_special_pieces()
+        # Dropped by decode as by SentencePieceTokenizer's and transformers' CodeLlamaTokenizer, also where the
+        # file holds them as ordinary pieces (our exports' tokenizer.json): the infill pieces, <step>.
+        self._dropped = {i for i in (self.prefix_id, self.suffix_id, self.middle_id, self.eot_id, self.step_id)
+                         if i is not None}
         # Llama-style tokenizer.json (Metaspace / Prepend("▁")) has an implicit leading space, byte-level not.
         first = tok.encode("a", add_special_tokens=False).tokens[:1]
         self._implicit_space = bool(first) and first[0].startswith("▁")
@@ -273,7 +277,7 @@ class BPETokenizer(Tokenizer):
         return ids[n:] if ids[:n] == self._sentinel else self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        ids = [i for i in ids if 0 <= i < self.vocab_size and i not in self._dropped]
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def decode_infilling(self, ids: list[int]) -> str:

@@ -149,8 +149,14 @@ class RowState:
         kept = len(self._committed)
         self.text = self._committed + window[len(self._window_text) :]
         if not self.text.endswith("\ufffd"):  # complete characters: the next window starts after these tokens
-            self._committed, self._window, self._read = self.text, self._read, len(self.tokens)
-            self._window_text = self.decode(self.tokens[self._window : self._read])
+            chunk = self.decode(self.tokens[self._read :])
+            # unless they decode to nothing (a piece decode drops, <s> or ▁<MID>, or a first ▁): a window starting
+            # there would make the next piece its first and SentencePiece strip its space, which the whole keeps
+            if chunk:
+                self._window, self._window_text = self._read, chunk
+            else:
+                self._window_text = window  # the tokens from _window, as just decoded
+            self._committed, self._read = self.text, len(self.tokens)
         return kept
 
     def completion(self) -> Completion:
