@@ -114,6 +114,15 @@ def test_quantized_load_and_bad_value():
         codellama.load("tiny", device="cpu", quantize="int3")
 
 
+def test_load_takes_what_generate_load_takes():
+    """codellama.load, which points at codellama.generate.load, refused its lookup and kv_dtype (TypeError)."""
+    g = codellama.load("tiny", device="cpu", quantize="int8", lookup=4, kv_dtype=torch.float32)
+    assert g.lookup == 4
+    assert isinstance(g.complete("def f():", max_new_tokens=4, temperature=0), str)
+    # float32, not the float16 a quantised model's cache has by default
+    assert {layer.attention.cache.kv.dtype for layer in g.model.layers} == {torch.float32}
+
+
 @pytest.mark.parametrize("max_seq_len", [0, "64", 64.5])
 def test_load_refuses_a_max_seq_len_that_is_not_a_token_count(max_seq_len):
     """'64' was a TypeError from comparing it with 1; 64.5 was taken as a context length."""

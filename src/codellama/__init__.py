@@ -8,8 +8,9 @@
 __version__ = "0.1.0"
 
 
-def load(spec=None, device=None, dtype=None, max_seq_len=None, quantize=None):
+def load(spec=None, device=None, dtype=None, max_seq_len=None, quantize=None, lookup=0, kv_dtype=None):
     """See codellama.generate.load (imported lazily so `import codellama` stays light)."""
     from codellama.generate import load as _load
 
-    return _load(spec, device=device, dtype=dtype, max_seq_len=max_seq_len, quantize=quantize)
+    return _load(spec, device=device, dtype=dtype, max_seq_len=max_seq_len, quantize=quantize, lookup=lookup,
+                 kv_dtype=kv_dtype)
