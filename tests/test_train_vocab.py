@@ -135,3 +135,41 @@ def test_training_from_scratch_adds_the_infill_tokens_to_tokenizer_and_model(tmp
     t.close()
     with pytest.raises(UserError, match="needs a tokenizer"):
         trainer(add=True, tokenizer=None)
+
+
+def test_code_recipe_7b_gives_llama2_code_llamas_vocabulary(tmp_path, codellama):
+    """The code recipe's 7b model section on a Llama 2 checkpoint (32000 pieces, here a tiny one with Llama 2's
+    real tokenizer) and a corpus `codellama data` built with its default tokenizer: the model grows to Code
+    Llama's 32016 rows with the infill pieces at 32007-32010 (spec 1.1, 2.1), the corpus's ids. With Llama 2's
+    tokenizer the four pieces went to 32000-32003 (vocab 32004) and the corpus was refused as another model's."""
+    from codellama.checkpoints import hf
+    from codellama.config import preset
+    from codellama.data.fim import FimConfig
+    from codellama.data.pipeline import PipelineConfig, build_corpus
+    from codellama.data.sources import SourceSpec
+    from codellama.tokenizer import codellama_tokenizer
+    from codellama.train.config import load_recipe
+    from codellama.train.trainer import Trainer
+
+    llama2 = codellama_tokenizer("python")  # Llama 2's 32000 pieces, no infilling pieces
+    assert llama2.vocab_size == 32000 and not llama2.can_infill
+    start = random_model(preset("tiny").replace(vocab_size=32000, rope_theta=1e4))
+    hf.save_hf(start, llama2, tmp_path / "llama2")
+    (tmp_path / "src").mkdir()
+    for i in range(20):
+        (tmp_path / "src" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n")
+    build_corpus([SourceSpec("path", str(tmp_path / "src"))], codellama, tmp_path / "data" / "code",
+                 PipelineConfig(seq_len=64, fim=FimConfig(rate=0.9), decontam=False, val_fraction=0.0))
+    recipe = load_recipe("code", scale="7b", overrides=[
+        f"model.init='{tmp_path / 'llama2'}'", "model.preset=''", f"data.root='{tmp_path / 'data'}'",
+        "data.sources=[{name='code', path='code', weight=1.0}]", "train.seq_len=64", "train.global_batch_tokens=128",
+        "train.micro_batch=2", "train.steps=1", "train.compile=false", "train.activation_checkpointing=false",
+        f"train.out_dir='{tmp_path / 'run'}'", "train.device='cpu'", "train.export_hf=false"])
+    t = Trainer(recipe, progress=False)
+    tok = t.tokenizer
+    assert t.model.config.vocab_size == 32016 and t.model.output.weight.shape[0] == 32016
+    assert [tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id] == [32007, 32008, 32009, 32010]
+    assert tok.encode("def f(x):") == llama2.encode("def f(x):")  # Llama 2's pieces keep their ids
+    assert torch.equal(t.model.tok_embeddings.weight[:32000], start.tok_embeddings.weight)
+    t.run()
+    t.close()
