@@ -354,6 +354,18 @@ def test_convert_force_over_a_checkpoint_saved_by_transformers_keeps_no_stale_ch
     assert tok.chat_template is None and tok.pad_id == codellama.pad_id
 
 
+def test_convert_force_without_a_tokenizer_leaves_none_of_the_old_one(tmp_path, capsys, smollm2):
+    """A weights-only conversion (a source without a tokenizer) --force over an HF checkpoint: its tokenizer
+    stayed and loaded as the new model's (SmolLM2's 49152 pieces on a 300-row model), as Meta's layout's
+    tokenizer.model no longer does."""
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "out")
+    save_hf(random_model(CFG), None, tmp_path / "bare")
+    assert run_cli("convert", tmp_path / "bare", tmp_path / "out", "--to", "hf", "--force") == 0
+    assert "writing weights only" in capsys.readouterr().err
+    assert not [p.name for p in (tmp_path / "out").glob("tokenizer*")]
+    assert load_model(tmp_path / "out").tokenizer is None
+
+
 def test_preset_tokenizers_fit_their_models(codellama):
     """A 32000-piece preset (Python, 34B) gets Llama 2's vocabulary, so infilling is refused rather than
     indexing past the embedding (spec 6.5); 70B Instruct gets <step> and its own chat format."""
