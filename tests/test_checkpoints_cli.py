@@ -336,6 +336,36 @@ def test_convert_force_replaces_a_tokenizer_of_the_other_kind(tmp_path, codellam
     assert not (tmp_path / "meta" / "tokenizer.model").exists()  # Meta's layout cannot hold the BPE one
 
 
+def test_convert_force_over_a_checkpoint_saved_by_transformers_keeps_no_stale_chat_template(tmp_path, codellama,
+                                                                                              smollm2):
+    """transformers saves a chat template as chat_template.jinja (and special tokens as special_tokens_map.json):
+    left beside a --force conversion of a model without a template, transformers and our loader both gave the
+    new checkpoint the old model's chat template (SmolLM2's ChatML on a Code Llama base model)."""
+    transformers = pytest.importorskip("transformers")
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "bpe")
+    out = tmp_path / "out"
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "bpe").save_pretrained(out)
+    (out / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|im_end|>"}))  # as transformers 4 wrote
+    assert (out / "chat_template.jinja").is_file()
+    save_hf(random_model(CFG.replace(vocab_size=codellama.vocab_size)), codellama, tmp_path / "sp")
+    assert run_cli("convert", tmp_path / "sp", out, "--to", "hf", "--force") == 0
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template is None
+    tok = load_model(out).tokenizer
+    assert tok.chat_template is None and tok.pad_id == codellama.pad_id
+
+
+def test_convert_force_without_a_tokenizer_leaves_none_of_the_old_one(tmp_path, capsys, smollm2):
+    """A weights-only conversion (a source without a tokenizer) --force over an HF checkpoint: its tokenizer
+    stayed and loaded as the new model's (SmolLM2's 49152 pieces on a 300-row model), as Meta's layout's
+    tokenizer.model no longer does."""
+    save_hf(random_model(CFG.replace(vocab_size=smollm2.vocab_size)), smollm2, tmp_path / "out")
+    save_hf(random_model(CFG), None, tmp_path / "bare")
+    assert run_cli("convert", tmp_path / "bare", tmp_path / "out", "--to", "hf", "--force") == 0
+    assert "writing weights only" in capsys.readouterr().err
+    assert not [p.name for p in (tmp_path / "out").glob("tokenizer*")]
+    assert load_model(tmp_path / "out").tokenizer is None
+
+
 def test_preset_tokenizers_fit_their_models(codellama):
     """A 32000-piece preset (Python, 34B) gets Llama 2's vocabulary, so infilling is refused rather than
     indexing past the embedding (spec 6.5); 70B Instruct gets <step> and its own chat format."""

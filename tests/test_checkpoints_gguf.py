@@ -378,6 +378,23 @@ def test_llama_cpp_loads_our_gguf_with_the_same_logits(tmp_path):
     assert loaded.tokenizer.chat_template == tok.chat_template
 
 
+def test_llama_cpp_loads_our_gguf_written_without_a_tokenizer(tmp_path):
+    """`convert` of a checkpoint without a tokenizer writes weights only: llama.cpp refused such a file
+    ("key not found in model: tokenizer.ggml.model"); it runs token ids through it as through its own
+    converter's --no-vocab files."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = random_model(CFG.replace(rope_theta=1e4))
+    path = save_gguf(model, None, tmp_path / "m.gguf", "F32")
+    ids = [5, 100, 37, 200, 3, 77]
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(ours, np.array(llm.scores[: len(ids)]), atol=1e-5, rtol=0)
+    assert load_model(path).tokenizer is None  # still no tokenizer of ours
+
+
 @pytest.mark.parametrize("ftype,types", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q3_K_M", {"Q3_K", "Q4_K", "Q5_K", "Q6_K"}),
                                           ("IQ4_XS", {"IQ4_XS"}), ("Q4_1", {"Q4_1"}), ("Q8_0", {"Q8_0"})])
 def test_files_llama_cpp_quantised_run_as_codes_as_llama_cpp_runs_them(tmp_path, ftype, types):

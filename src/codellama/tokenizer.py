@@ -612,6 +612,10 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
     (loadable by transformers' AutoTokenizer)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # an overwritten checkpoint's, saved by transformers: it and we complete tokenizer_config.json from them, so
+    # they gave these weights the old model's chat template and special tokens
+    for stale in ("chat_template.jinja", "special_tokens_map.json"):
+        (out / stale).unlink(missing_ok=True)
     config: dict[str, Any] = {"add_bos_token": tok.add_bos, "add_eos_token": False,
                               "clean_up_tokenization_spaces": False}
     for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)):

@@ -453,6 +453,8 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer | None, path: str | Path,
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
         write_tokenizer(w, tokenizer, cfg)
+    else:  # llama.cpp refuses a file without tokenizer.ggml.model; "no_vocab" (its --no-vocab) runs token ids
+        w.add_tokenizer_model("no_vocab")
 
     # two passes over the weights (infos, then data) so no converted copy of the whole model is held
     from gguf import GGMLQuantizationType as Q

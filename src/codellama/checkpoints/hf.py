@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# what transformers and we read as an HF checkpoint's tokenizer
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja")
 
 
 def read_hf_config(path: Path) -> ModelConfig:
@@ -336,6 +339,9 @@ def save_hf(
         from codellama.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, out)
+    else:  # an overwritten checkpoint's tokenizer does not belong to these weights (it loaded as theirs)
+        for name in _TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
     return out
 
 
