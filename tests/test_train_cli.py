@@ -317,3 +317,16 @@ def test_a_missing_corpus_is_reported_before_the_model_loads(recipe_file, tmp_pa
     err = capsys.readouterr().err
     assert f"data source 'synthetic': {tmp_path / 'typo' / 'train.npy'} does not exist" in err
     assert "no-such-checkpoint" not in err
+
+
+def test_cli_error_of_a_torchrun_worker_other_than_local_rank_0_is_still_said(recipe_file, tmp_path, capsys,
+                                                                                monkeypatch):
+    """It waits first (local rank 0 says an error all ranks share, and torchrun ends the rest), then says it:
+    an error of its own must not go unsaid."""
+    import codellama.cli
+
+    monkeypatch.setattr(codellama.cli, "PEER_ERROR_WAIT_S", 0.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["train", "--recipe", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "train.stepz=3"]) == 2
+    assert "unknown recipe key 'train.stepz'" in capsys.readouterr().err

@@ -90,3 +90,22 @@ def test_lora_on_two_ranks_equals_one_rank(tmp_path):
     assert [s for s, _ in two["train"]] == [s for s, _ in full] == [1, 2, 3, 4]
     for (_, l1), (_, l2) in zip(full, two["train"]):
         assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bad_corpus_under_torchrun_is_said_once_not_once_per_rank(tmp_path):
+    """Every rank reads the same recipe and files, so every rank fails the same way: one line on stderr,
+    not one per rank (8 identical lines on a node of 8)."""
+    import numpy as np
+
+    np.save(tmp_path / "bad.npy", np.full(1000, 40000, dtype=np.uint16))  # ids beyond the tiny preset's vocabulary
+    (tmp_path / "r.toml").write_text(
+        f'[model]\npreset = "tiny"\n[data]\nroot = "{tmp_path}"\n[[data.sources]]\nname = "s"\nkind = "tokens"\n'
+        'path = "bad.npy"\n[train]\nsteps = 2\nseq_len = 16\nglobal_batch_tokens = 64\nmicro_batch = 2\n'
+        'device = "cpu"\n')
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "codellama",
+           "train", "--recipe", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--no-progress"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert out.returncode != 0
+    assert out.stderr.count("codellama train: error: source 's' has token ids up to 40000") == 1, out.stderr[-3000:]

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return _python_format_warning(message, category, filename, lineno, line)
 
 
+# how long a torchrun worker other than local rank 0 waits before it says its UserError (_say_error)
+PEER_ERROR_WAIT_S = 5.0
+
+
+def _say_error(command: str, e: UserError) -> None:
+    """Under torchrun every rank reads the same recipe and files, so usually all fail alike, and each printed the
+    same line (8 on a node of 8). Local rank 0 says it; the others wait first, and torchrun ends them when local
+    rank 0 exits. An error of theirs alone (local rank 0 carries on) is still said, after the wait."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(PEER_ERROR_WAIT_S)
+    print(f"codellama {command}: error: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as e:
-        print(f"codellama {args.command}: error: {e}", file=sys.stderr)
+        _say_error(args.command, e)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
