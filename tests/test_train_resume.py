@@ -224,3 +224,18 @@ def test_a_damaged_checkpoint_is_named_when_loaded_as_a_model(tmp_path):
     for read in (load_model, inspect_model):
         with pytest.raises(UserError, match=r"trainer_state.pt: not a readable training checkpoint"):
             read(tmp_path)
+
+
+def test_a_save_killed_at_a_step_never_saved_again_leaves_no_temp_directory(tmp_path):
+    """A save killed midway (SIGKILL, or torchrun's 30 s after SIGTERM running out during the stop's save at a
+    step off ckpt_every) leaves .tmp-step_N: a model and optimizer's worth of disk. The resumed run never saves
+    step N again, so its next save clears it."""
+    make(tmp_path, 6).run(stop_after=2)
+    stale = tmp_path / ".tmp-step_00000003"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"partial")
+    again = make(tmp_path, 6)
+    assert again.step == 2
+    again.run(stop_after=4)  # saves step 4 (ckpt_every 2)
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    assert not stale.exists()

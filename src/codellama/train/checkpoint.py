@@ -82,7 +82,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
     tmp = run_dir / f".tmp-{final.name}"
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        # leftovers of crashed saves, this step's and others' (a stop's save at a step off ckpt_every, killed,
+        # is never saved again); the run directory's lock keeps any other run from writing one now
+        for stale in run_dir.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier(env)
     model_sd, optim_sd = get_state_dict(model, optimizer)
