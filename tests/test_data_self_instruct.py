@@ -145,6 +145,9 @@ def test_bad_input_says_what_to_do(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(UserError, match="is a file"):
         SelfInstructConfig(out=tmp_path / "afile")
+    with pytest.raises(UserError, match="--out .*cannot create the folder"):  # was a NotADirectoryError traceback
+        run(SelfInstructConfig(out=tmp_path / "afile" / "si", rounds=1, progress=False),
+            ModelAdapter(Mute(), batch_size=1))
     with pytest.raises(UserError, match="--solutions must be >= 1"):
         SelfInstructConfig(out=tmp_path / "si", solutions=0)
     # before any model loads (was: --max-questions 0 kept them all, -2 silently dropped two, --timeout 0

@@ -264,7 +264,10 @@ def assemble(cfg: SelfInstructConfig, qs: list[dict], tests: dict[str, list[str]
 def run(cfg: SelfInstructConfig, model, question_model=None, sandbox=None) -> dict:
     """All stages; `model` writes tests and solutions, `question_model` (default: `model`) the questions.
     Models are eval.runner.ModelAdapter objects (loaded on first use, so finished stages load nothing)."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission: was a traceback
+        raise UserError(f"--out {cfg.out}: cannot create the folder ({e.strerror or e})") from None
     ask_questions(cfg, question_model or model)
     qs = questions(cfg)
     if not qs:
