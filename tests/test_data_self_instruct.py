@@ -60,6 +60,11 @@ def test_parsing():
     assert split_questions("Intro:\n1. " + QUESTIONS[0] + "\n2) " + QUESTIONS[1] + "\n- short\n* " + QUESTIONS[2]) == QUESTIONS[:3]
     assert parse_tests(FUNCTIONS[QUESTIONS[0]][0]) == ["assert total([1, 2, 3]) == 6", "assert total([]) == 0"]
     assert parse_tests(FUNCTIONS[QUESTIONS[1]][0]) == ["assert rev('abc') == 'cba'", "assert rev('') == ''"]
+    # tests that call only builtins pass any solution, an empty one too: they would keep a wrong solution
+    assert parse_tests("assert abs(-1) == 1\nassert len('ab') == 2\nassert sorted([2, 1]) == [1, 2]\n"
+                       "assert (lambda x: x)(1) == 1\nassert isinstance(rev('a'), str)\n"
+                       "assert Stack().push(1).pop() == 1\nassert math.gcd(4, 6) == 2") == \
+        ["assert isinstance(rev('a'), str)", "assert Stack().push(1).pop() == 1", "assert math.gcd(4, 6) == 2"]
 
 
 def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codellama):

@@ -22,6 +22,7 @@ Llama - Instruct does (the paper's MBPP instruct prompt asks for them).
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import math
 import re
@@ -101,7 +102,8 @@ def normalise(question: str) -> str:
 
 def parse_tests(text: str) -> list[str]:
     """The `assert` lines between [TESTS] tags (or of the whole answer without them) that are valid Python
-    and call a function: `assert lambda: 1` or `assert True` would pass any solution."""
+    and call a function the solution defines: `assert lambda: 1`, `assert True` or `assert abs(-1) == 1` would
+    pass any solution."""
     m = _TESTS.search(text)
     tests = []
     for line in (m.group(1) if m else text).splitlines():
@@ -112,9 +114,17 @@ def parse_tests(text: str) -> list[str]:
             tree = ast.parse(line)
         except SyntaxError:
             continue
-        if any(isinstance(node, ast.Call) for node in ast.walk(tree)):
+        if any(isinstance(node, ast.Call) and _calls_own(node.func) for node in ast.walk(tree)):
             tests.append(line)
     return tests
+
+
+def _calls_own(func: ast.expr) -> bool:
+    """Whether a call is to something the solution must define (or import): `assert len([1]) == 1` calls
+    only a builtin, so it passes any solution, an empty one too."""
+    while isinstance(func, (ast.Attribute, ast.Call, ast.Subscript)):
+        func = func.value if not isinstance(func, ast.Call) else func.func
+    return isinstance(func, ast.Name) and not hasattr(builtins, func.id)
 
 
 # ------------------------------------------------------------------------------------------------ stages
