@@ -65,6 +65,10 @@ def test_parsing():
                        "assert (lambda x: x)(1) == 1\nassert isinstance(rev('a'), str)\n"
                        "assert Stack().push(1).pop() == 1\nassert math.gcd(4, 6) == 2") == \
         ["assert isinstance(rev('a'), str)", "assert Stack().push(1).pop() == 1", "assert math.gcd(4, 6) == 2"]
+    # an assert of a tuple (a message in the parentheses) is always true; more than one statement is not a test
+    assert parse_tests("assert (total([1, 2]) == 3, 'sums')\n"
+                       "assert total([1]) == 1; import os; os._exit(0)\nassert total([]) == 0, 'empty'") == \
+        ["assert total([]) == 0, 'empty'"]
 
 
 def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codellama):

@@ -114,6 +114,9 @@ def parse_tests(text: str) -> list[str]:
             tree = ast.parse(line)
         except SyntaxError:
             continue
+        # one assert, not `assert (f(1) == 2, "msg")`: a tuple is always true, so it passes a wrong solution
+        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or isinstance(tree.body[0].test, ast.Tuple):
+            continue
         if any(isinstance(node, ast.Call) and _calls_own(node.func) for node in ast.walk(tree)):
             tests.append(line)
     return tests
