@@ -157,6 +157,12 @@ def test_bad_input_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="--out .*cannot create the folder"):  # was a NotADirectoryError traceback
         run(SelfInstructConfig(out=tmp_path / "afile" / "si", rounds=1, progress=False),
             ModelAdapter(Mute(), batch_size=1))
+    # an --out folder holding another tool's tests.jsonl: was a KeyError traceback
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tests.jsonl").write_text('{"task_id": "x", "test": "assert f(1) == 1"}\n')
+    with pytest.raises(UserError, match="tests.jsonl: row 1 is not one of self-instruct's"):
+        run(SelfInstructConfig(out=tmp_path / "other", rounds=1, max_questions=1, solutions=1, decontam=False,
+                               progress=False), ModelAdapter(Scripted(), batch_size=1))
     with pytest.raises(UserError, match="--solutions must be >= 1"):
         SelfInstructConfig(out=tmp_path / "si", solutions=0)
     # before any model loads (was: --max-questions 0 kept them all, -2 silently dropped two, --timeout 0

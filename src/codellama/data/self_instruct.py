@@ -131,9 +131,20 @@ def _calls_own(func: ast.expr) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+# what each stage's rows hold: a file of the same name from elsewhere in --out was a KeyError traceback
+_KEYS = {"question_lists.jsonl": ("round", "text"), "tests.jsonl": ("id", "tests"),
+         "solutions.jsonl": ("id", "sample_idx", "code"), "verdicts.jsonl": ("id", "sample_idx", "passed")}
+
+
 def _rows(path: Path) -> list[dict]:
     repair_tail(path)
-    return read_jsonl_tolerant(path)
+    rows = read_jsonl_tolerant(path)
+    keys = _KEYS.get(path.name, ())
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            raise UserError(f"{path}: row {i + 1} is not one of self-instruct's (it needs {', '.join(keys)}): "
+                            "give a fresh --out, or remove the file to redo its stage")
+    return rows
 
 
 def ask_questions(cfg: SelfInstructConfig, model) -> None:
