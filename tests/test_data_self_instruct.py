@@ -60,6 +60,15 @@ def test_parsing():
     assert split_questions("Intro:\n1. " + QUESTIONS[0] + "\n2) " + QUESTIONS[1] + "\n- short\n* " + QUESTIONS[2]) == QUESTIONS[:3]
     assert parse_tests(FUNCTIONS[QUESTIONS[0]][0]) == ["assert total([1, 2, 3]) == 6", "assert total([]) == 0"]
     assert parse_tests(FUNCTIONS[QUESTIONS[1]][0]) == ["assert rev('abc') == 'cba'", "assert rev('') == ''"]
+    # tests that call only builtins pass any solution, an empty one too: they would keep a wrong solution
+    assert parse_tests("assert abs(-1) == 1\nassert len('ab') == 2\nassert sorted([2, 1]) == [1, 2]\n"
+                       "assert (lambda x: x)(1) == 1\nassert isinstance(rev('a'), str)\n"
+                       "assert Stack().push(1).pop() == 1\nassert math.gcd(4, 6) == 2") == \
+        ["assert isinstance(rev('a'), str)", "assert Stack().push(1).pop() == 1", "assert math.gcd(4, 6) == 2"]
+    # an assert of a tuple (a message in the parentheses) is always true; more than one statement is not a test
+    assert parse_tests("assert (total([1, 2]) == 3, 'sums')\n"
+                       "assert total([1]) == 1; import os; os._exit(0)\nassert total([]) == 0, 'empty'") == \
+        ["assert total([]) == 0, 'empty'"]
 
 
 def test_pipeline_keeps_the_first_passing_solution_and_resumes(tmp_path, codellama):
@@ -145,6 +154,15 @@ def test_bad_input_says_what_to_do(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(UserError, match="is a file"):
         SelfInstructConfig(out=tmp_path / "afile")
+    with pytest.raises(UserError, match="--out .*cannot create the folder"):  # was a NotADirectoryError traceback
+        run(SelfInstructConfig(out=tmp_path / "afile" / "si", rounds=1, progress=False),
+            ModelAdapter(Mute(), batch_size=1))
+    # an --out folder holding another tool's tests.jsonl: was a KeyError traceback
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tests.jsonl").write_text('{"task_id": "x", "test": "assert f(1) == 1"}\n')
+    with pytest.raises(UserError, match="tests.jsonl: row 1 is not one of self-instruct's"):
+        run(SelfInstructConfig(out=tmp_path / "other", rounds=1, max_questions=1, solutions=1, decontam=False,
+                               progress=False), ModelAdapter(Scripted(), batch_size=1))
     with pytest.raises(UserError, match="--solutions must be >= 1"):
         SelfInstructConfig(out=tmp_path / "si", solutions=0)
     # before any model loads (was: --max-questions 0 kept them all, -2 silently dropped two, --timeout 0

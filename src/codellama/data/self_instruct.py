@@ -22,6 +22,7 @@ Llama - Instruct does (the paper's MBPP instruct prompt asks for them).
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import math
 import re
@@ -101,7 +102,8 @@ def normalise(question: str) -> str:
 
 def parse_tests(text: str) -> list[str]:
     """The `assert` lines between [TESTS] tags (or of the whole answer without them) that are valid Python
-    and call a function: `assert lambda: 1` or `assert True` would pass any solution."""
+    and call a function the solution defines: `assert lambda: 1`, `assert True` or `assert abs(-1) == 1` would
+    pass any solution."""
     m = _TESTS.search(text)
     tests = []
     for line in (m.group(1) if m else text).splitlines():
@@ -112,15 +114,37 @@ def parse_tests(text: str) -> list[str]:
             tree = ast.parse(line)
         except SyntaxError:
             continue
-        if any(isinstance(node, ast.Call) for node in ast.walk(tree)):
+        # one assert, not `assert (f(1) == 2, "msg")`: a tuple is always true, so it passes a wrong solution
+        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or isinstance(tree.body[0].test, ast.Tuple):
+            continue
+        if any(isinstance(node, ast.Call) and _calls_own(node.func) for node in ast.walk(tree)):
             tests.append(line)
     return tests
 
 
+def _calls_own(func: ast.expr) -> bool:
+    """Whether a call is to something the solution must define (or import): `assert len([1]) == 1` calls
+    only a builtin, so it passes any solution, an empty one too."""
+    while isinstance(func, (ast.Attribute, ast.Call, ast.Subscript)):
+        func = func.value if not isinstance(func, ast.Call) else func.func
+    return isinstance(func, ast.Name) and not hasattr(builtins, func.id)
+
+
 # ------------------------------------------------------------------------------------------------ stages
+# what each stage's rows hold: a file of the same name from elsewhere in --out was a KeyError traceback
+_KEYS = {"question_lists.jsonl": ("round", "text"), "tests.jsonl": ("id", "tests"),
+         "solutions.jsonl": ("id", "sample_idx", "code"), "verdicts.jsonl": ("id", "sample_idx", "passed")}
+
+
 def _rows(path: Path) -> list[dict]:
     repair_tail(path)
-    return read_jsonl_tolerant(path)
+    rows = read_jsonl_tolerant(path)
+    keys = _KEYS.get(path.name, ())
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            raise UserError(f"{path}: row {i + 1} is not one of self-instruct's (it needs {', '.join(keys)}): "
+                            "give a fresh --out, or remove the file to redo its stage")
+    return rows
 
 
 def ask_questions(cfg: SelfInstructConfig, model) -> None:
@@ -264,7 +288,10 @@ def assemble(cfg: SelfInstructConfig, qs: list[dict], tests: dict[str, list[str]
 def run(cfg: SelfInstructConfig, model, question_model=None, sandbox=None) -> dict:
     """All stages; `model` writes tests and solutions, `question_model` (default: `model`) the questions.
     Models are eval.runner.ModelAdapter objects (loaded on first use, so finished stages load nothing)."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission: was a traceback
+        raise UserError(f"--out {cfg.out}: cannot create the folder ({e.strerror or e})") from None
     ask_questions(cfg, question_model or model)
     qs = questions(cfg)
     if not qs:
