@@ -62,7 +62,7 @@ def _say_error(command: str, e: UserError) -> None:
     """Under torchrun every rank reads the same recipe and files, so usually all fail alike, and each printed the
     same line (8 on a node of 8). Local rank 0 says it; the others wait first, and torchrun ends them when local
     rank 0 exits. An error of theirs alone (local rank 0 carries on) is still said, after the wait."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
+    if command == "train" and os.environ.get("LOCAL_RANK", "0") != "0":  # only train runs under torchrun
         time.sleep(PEER_ERROR_WAIT_S)
     print(f"codellama {command}: error: {e}", file=sys.stderr)
 
