@@ -12,8 +12,6 @@ stopped, and either phase can be rerun alone (`phase="generate" | "execute" | "a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -32,6 +30,7 @@ from codellama.eval.passk import estimate
 from codellama.eval.sandbox import Sandbox
 from codellama.eval.tasks import SPECIAL_TASKS, get_task
 from codellama.eval.tasks.base import Task
+from codellama.folder_lock import lock_folder
 
 
 @dataclass
@@ -542,26 +541,11 @@ def format_table(rows: list[dict], ks: tuple[int, ...]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- one task
-@contextlib.contextmanager
-def _alone_in(out: Path) -> Iterator[None]:
-    """Hold out/.lock while a run writes there: the same command started twice appended every sample and
-    verdict twice, and reported n and pass@k of the doubled counts."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "w") as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process dies
-        except BlockingIOError:
-            raise UserError(f"another codellama eval is writing in {out}; wait for it to end, or use another --out") \
-                from None
-        yield
-
-
-LOCK = ".lock"
-
-
 def run_task(cfg: EvalConfig, model: ModelAdapter | None = None, sandbox: Sandbox | None = None) -> dict:
     """Generate and/or execute one task; returns its summary (with "skipped" set when it cannot run)."""
-    with _alone_in(cfg.out):
+    # the same command started twice appended every sample and verdict twice, and scored the doubled counts
+    with lock_folder(cfg.out, f"another codellama eval is writing in {cfg.out}; wait for it to end, or use another "
+                              "--out"):
         return _run_task(cfg, model, sandbox)
 
 

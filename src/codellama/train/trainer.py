@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
-import fcntl
 import math
 import os
 import signal
@@ -20,7 +18,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from codellama.checkpoints.train_run import latest_checkpoint
 from codellama.config import ModelConfig, PRESETS, preset
 from codellama.errors import UserError
+from codellama.folder_lock import lock_folder
 from codellama.model import Transformer
 from codellama.train.checkpoint import (load_checkpoint, read_trainer_state, save_checkpoint,
                                        set_aside_earlier_run)
@@ -123,23 +122,6 @@ def _shape_of(cfg: ModelConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim")}
 
 
-def _lock_run_dir(run_dir: Path) -> IO[str]:
-    """Hold a lock on run_dir/.lock for the run (rank 0's; released when its process ends): a second run started
-    there trained beside the first, each replacing the other's checkpoints (--no-resume moved them away from
-    under it) and both writing the log. A POSIX record lock: per process, so a test's second Trainer may take it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    held = open(run_dir / ".lock", "a")
-    try:
-        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without locks: run unguarded, as before
-            return held
-        held.close()
-        raise UserError(f"another codellama train is running in {run_dir}; wait for it to end or stop it (it "
-                        "saves a checkpoint on SIGTERM), or use another --out") from None
-    return held
-
-
 class Trainer:
     """One training run of a recipe. Sources, model config and environment can be given directly (tests,
     benchmarks); otherwise they are built from the recipe."""
@@ -154,7 +136,10 @@ class Trainer:
         self.env = env or init_distributed(t.device)
         self.accum = recipe.grad_accum(self.env.world_size)
         self.out_dir = Path(t.out_dir)
-        self._lock = _lock_run_dir(self.out_dir) if self.env.is_main else None
+        self._lock = None
+        if self.env.is_main:  # for the run: a second run there replaced this one's checkpoints, wrote into its log
+            self._lock = lock_folder(self.out_dir, f"another codellama train is running in {self.out_dir}; wait for "
+                                     "it to end or stop it (it saves a checkpoint on SIGTERM), or use another --out")
         self.bf16 = t.dtype == "bf16" and self.env.device.type == "cuda"
         parallel = dict(activation_checkpointing=t.activation_checkpointing, compile=t.compile, bf16=self.bf16)
 
