@@ -249,7 +249,7 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
         quantize_model(loaded.model, quantized)  # what loading left: a tied output projection; then stacks them
     else:
         fuse_projections(loaded.model)  # fewer, larger matmuls (and the fused CPU decode step)
-    if on_cpu:
+    if on_cpu and loaded.model.dtype == torch.float32:  # the kernels' tiles take float32 activations only
         pack_for_int8_activations(loaded.model)
     return loaded
 

@@ -269,7 +269,8 @@ class QuantLinear(nn.Module):
             y = kernels.linear(x2.contiguous(), self.qweight, self.scales, EAGER_TILES_MAX_M)
         elif self.mode == "int8" and x.dtype != torch.float16:  # gpt-fast's form (compiled, the widening can
             # fuse into the matmul); in float16, x times the codes (up to 127) before the scale would overflow
-            c = self.codes() if self.packed else self  # packed for the kernels, which bfloat16 does not reach
+            # packed for the kernels, which bfloat16 does not reach: unpacked at every call (load packs float32 only)
+            c = self.codes() if self.packed else self
             y = F.linear(x2, c.qweight.to(x.dtype)) * c.scales.to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized(x.dtype))
