@@ -16,6 +16,7 @@ import torch
 from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.decode import Decoder
+from codellama.engine.host import staging, to_device
 from codellama.generate import Generator
 from codellama.sampling import RowSampler, SamplingParams, TokenHistory
 from helpers import naive_greedy, naive_penalized_greedy, random_model
@@ -76,6 +77,18 @@ def test_penalised_sampling_is_queued_without_waiting_for_the_gpu():
     tokens = sampler.sample(logits)
     assert not done.query(), "the host waited for the GPU while building or running a penalised sampler"
     assert counts.sum().item() == 2 and counts[2, tokens[0]].item() == 1 and counts[3, tokens[2]].item() == 1
+
+
+def test_small_copies_go_through_the_staging_chunks_until_one_is_still_in_flight():
+    # every chunk lent while the GPU is busy; the next copy must not overwrite a chunk whose copy has not run
+    stage = staging(torch.device("cuda"))
+    done = gpu_busy()
+    copies = [(list(range(i, i + 3)), to_device(range(i, i + 3), torch.device("cuda"))) for i in range(stage.CHUNKS)]
+    assert stage.copy(torch.tensor([1.5]), torch.device("cuda")) is None  # the next chunk's copy is queued
+    last = to_device([2.5, -1.0], torch.device("cuda"), torch.float32)  # through torch's pinned memory instead
+    assert not done.query(), "the host waited for the GPU while copying through the staging buffer"
+    assert all(t.tolist() == values for values, t in copies) and last.tolist() == [2.5, -1.0]
+    assert stage.copy(torch.tensor([7, 8]), torch.device("cuda")).tolist() == [7, 8]  # lent again once run
 
 
 def test_compiled_overlapped_steps_apply_penalties_and_biases():

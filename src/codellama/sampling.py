@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codellama.engine.host import to_device
+from codellama.engine.host import staging, to_device
 from codellama.engine.kernels import argmax_rows
 from codellama.errors import UserError
 
@@ -151,6 +151,8 @@ class TokenHistory:
 
     @classmethod
     def empty(cls, slots: int, vocab: int, device: torch.device) -> TokenHistory:
+        if device.type == "cuda":
+            staging(device)  # now, not first while a step runs: starting a row and building samplers copy through it
         return cls(torch.zeros(slots, vocab, device=device), torch.zeros(slots, vocab, dtype=torch.bool, device=device))
 
     def start(self, slot: int, prompt: Sequence[int]) -> None:

@@ -44,7 +44,7 @@ import torch
 
 from codellama.engine.cpu_decode import FusedCPUDecode
 from codellama.engine.graphs import StepGraphs
-from codellama.engine.host import to_device
+from codellama.engine.host import staging, to_device
 from codellama.engine.kernels import onednn_matmuls, torch_on_one_thread
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
@@ -118,6 +118,8 @@ class Decoder:
         self.device = model.device
         if graphs == "manual" and self.device.type != "cuda":
             raise ValueError("graphs='manual' records CUDA graphs: it needs a model on a CUDA device")
+        if self.device.type == "cuda":
+            staging(self.device)  # now, not first while a step runs (decode steps copy their positions through it)
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile is not False
         self.compile_options = compile if isinstance(compile, dict) else {}

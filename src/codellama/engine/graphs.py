@@ -48,6 +48,9 @@ class StepGraphs:
     def clear(self) -> None:
         """Forget every graph (they read the addresses of a cache that was reallocated)."""
         self.graphs.clear()
+        # and their pool: a tensor made in it can outlive its graphs, and torch's allocator then refuses to
+        # capture into the pool again (an internal assert, seen on an H200 on 2026-11-30)
+        self.pool = torch.cuda.graph_pool_handle()
 
     def _record(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> _Recorded:
         tokens, pos = tokens.clone(), pos.clone()
