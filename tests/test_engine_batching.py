@@ -581,6 +581,26 @@ def test_a_decode_step_that_cannot_compile_decodes_eagerly(caplog):
 
 
 @pytest.mark.slow
+def test_compiled_steps_past_dynamos_recompile_limit_decode_eagerly(monkeypatch, caplog):
+    # each cache size compiles the steps anew (dynamo guards on the cache's shape) and a Generator's cache grows
+    # with its calls: past dynamo's recompile limit a fullgraph compile raises (FailOnRecompileLimitHit), and
+    # generate() failed on the GPU after a few calls of growing lengths. Traced onto eager kernels (fast).
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph, dynamic, options: compile_(
+        fn, fullgraph=fullgraph, dynamic=dynamic, backend="eager"))
+    model = random_model(CFG, seed=1)
+    gen = Generator(random_model(CFG, seed=1), compile=True)
+    prompt = PROMPTS[0][:3]
+    with torch._dynamo.config.patch(recompile_limit=2):  # 8 by default (conftest: 64)
+        for n in (4, 12, 20, 28):  # caches of 8, 16, 24 and 32 positions
+            tokens = gen.generate([prompt], SamplingParams(max_new_tokens=n))[0].tokens
+            assert tokens == naive_greedy(model, prompt, n)
+    assert not gen._decoder.compiled and "recompile_limit" in caplog.text
+
+
+@pytest.mark.slow
 def test_warm_up_compiles_every_variant_the_engine_thread_needs(monkeypatch):
     # after warm_up the serving thread reuses its compiled graphs: more rows and longer positions
     # (other buckets) compile nothing new

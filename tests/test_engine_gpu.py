@@ -1,7 +1,7 @@
 """On a GPU: the decode path queues work without waiting for the device (what overlapped decoding needs),
 the compiled step (CUDA graphs, buckets of rows and positions; also with FlexAttention, and with our own
 CUDA graphs) decodes the eager model's greedy tokens and leaves what free slots held, and the compiled
-prefill computes the eager model's logits.
+prefill computes the eager model's logits; with a second GPU, all of it for a model on cuda:1.
 
 Skipped without CUDA; `bash bench/gpu_checks.sh tests` runs this file on the device machine.
 """
@@ -16,13 +16,16 @@ import torch
 from codellama.engine import decode
 from codellama.engine.batching import Engine, Scheduler
 from codellama.engine.decode import Decoder
-from codellama.engine.host import staging, to_device
+from codellama.engine.host import HostTokens, staging, to_device
 from codellama.generate import Generator
 from codellama.sampling import RowSampler, SamplingParams, TokenHistory
 from helpers import naive_greedy, naive_penalized_greedy, random_model
 from test_engine_batching import CFG, PROMPTS, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU (a model on cuda:1)")
 
 
 def gpu_busy() -> torch.cuda.Event:
@@ -207,3 +210,31 @@ def test_cached_attention_in_bf16_matches_the_definition(backend, T):
             pytest.skip(f"{backend} cannot run these inputs on this card")
         raise
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@two_gpus
+def test_host_tokens_wait_for_their_copy_on_the_tokens_device():
+    # the event was recorded on the current device's stream (cuda:0), not on cuda:1's where the copy runs
+    tokens = torch.arange(5, device="cuda:1") * 3
+    with torch.cuda.device(1):
+        torch.cuda._sleep(2_000_000_000)  # the copy queues behind a second of work
+    assert torch.cuda.current_device() == 0  # as on the engine's thread
+    assert HostTokens(tokens).wait() == [0, 3, 6, 9, 12]
+
+
+@two_gpus
+@pytest.mark.parametrize("attention, graphs", [("sdpa", "trees"), ("flex", "trees"), ("sdpa", "manual")])
+def test_compiled_overlapped_steps_on_the_second_gpu(monkeypatch, attention, graphs):
+    # a model on cuda:1 while cuda:0 is current: FlexAttention's block mask was made on cuda:0, our graphs
+    # captured nothing (their streams were cuda:0's), the sampled tokens were read before their copy landed
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    assert torch.cuda.current_device() == 0
+    model = random_model(CFG, seed=1)
+    decoder = Decoder(random_model(CFG, seed=1).to("cuda:1"), max_batch=4, max_seq_len=96, compile=True,
+                      attention=attention, graphs=graphs)
+    lengths = [8, 3, 6]
+    out = run(Scheduler(decoder, stop_ids=(), overlap=True),
+              {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
+    assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    assert decoder.compiled

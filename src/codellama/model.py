@@ -101,7 +101,8 @@ class CacheStep(NamedTuple):  # a NamedTuple: torch.compile traces it without a 
                 return kv_idx <= row_pos[b]
 
             # blocks of keys past a row's position are skipped, not masked
-            mask = create_block_mask(causal, B, None, flex_rows, keys, device=device.type, BLOCK_SIZE=FLEX_BLOCK)
+            # the device with its index: "cuda" alone is the current device's (cuda:0 for a model on cuda:1)
+            mask = create_block_mask(causal, B, None, flex_rows, keys, device=device, BLOCK_SIZE=FLEX_BLOCK)
             return cls(input_pos, slots, kv_len, idx, None, mask)
         if T > 1 and device.type == "cpu" and not torch.compiler.is_compiling():
             start = int(input_pos[0, 0])  # CPU only: reading a position would wait for a GPU

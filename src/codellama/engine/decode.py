@@ -368,7 +368,7 @@ class Decoder:
         try:
             # clone: CUDA-graph outputs are overwritten by the next replay
             return self._step(tokens, pos, kv_len // KV_UNIT).clone()
-        except torch._dynamo.exc.BackendCompilerFailed as e:
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             self._compile_failed(e)
             return self._eager_step(tokens, pos, kv_len)
 
@@ -384,7 +384,7 @@ class Decoder:
         kv_units = max(kv_len // PREFILL_KV_UNIT, min(2, self.model.cache_shape[1] // PREFILL_KV_UNIT))
         try:
             return self._prefill(tokens, pos, slots, kv_units, last_only)
-        except torch._dynamo.exc.BackendCompilerFailed as e:
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
             self._compile_failed(e)
             return self._eager_chunk(tokens, pos, slots, kv_len, last_only)
 
@@ -401,8 +401,17 @@ class Decoder:
         return self._eager_chunk(tokens, pos, slots, kv_units * PREFILL_KV_UNIT, last_only)
 
     def _compile_failed(self, error: Exception) -> None:
-        """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on."""
-        log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
+        """e.g. no triton or no C compiler: not the input. Decode and prefill eagerly from now on.
+
+        Or dynamo's recompile limit: each cache size compiles the steps anew (dynamo guards on the cache's
+        static shape), a Generator's cache grows with its calls, and past torch._dynamo.config.recompile_limit
+        a fullgraph compile raises FailOnRecompileLimitHit instead of running eagerly."""
+        if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
+            log.warning("the prefill and decode steps were compiled for more cache sizes than "
+                        "torch._dynamo.config.recompile_limit (%d) allows; running them eagerly (slower)",
+                        torch._dynamo.config.recompile_limit)
+        else:
+            log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
         self.compiled, self._step, self._prefill = False, None, None
 
 

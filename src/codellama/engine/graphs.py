@@ -54,14 +54,17 @@ class StepGraphs:
 
     def _record(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> _Recorded:
         tokens, pos = tokens.clone(), pos.clone()
-        # Compile (the first call for a size) and warm up outside the capture, on a side stream as CUDA
-        # graphs want. It writes the cache where the replay writes the same values.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step(tokens, pos, kv_units)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.step(tokens, pos, kv_units)
+        # On the step's device: streams are made, and capture runs, on the current device, and a model on
+        # cuda:1 while cuda:0 is current launched its kernels outside them (an empty graph, stale logits)
+        with torch.cuda.device(tokens.device):
+            # Compile (the first call for a size) and warm up outside the capture, on a side stream as CUDA
+            # graphs want. It writes the cache where the replay writes the same values.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(tokens, pos, kv_units)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.step(tokens, pos, kv_units)
         return _Recorded(graph, tokens, pos, logits)

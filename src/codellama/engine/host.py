@@ -85,7 +85,9 @@ class HostTokens:
             self.buf = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self.buf.copy_(tokens, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            # on the copy's stream, the tokens' device's: a model on cuda:1 while cuda:0 is current read the
+            # buffer before its copy ran
+            self.event.record(torch.cuda.current_stream(tokens.device))
         else:
             self.buf = tokens
 
