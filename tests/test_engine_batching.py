@@ -580,6 +580,20 @@ def test_a_decode_step_that_cannot_compile_decodes_eagerly(caplog):
     assert not decoder.compiled and "could not compile the prefill and decode steps" in caplog.text
 
 
+def test_a_compiled_decoders_cache_only_grows_and_doubles_its_positions(monkeypatch):
+    # each cache size compiles the steps anew: a chat's growing turns must not make a new size every turn
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=10, compile=True)
+    shapes = [decoder.model.cache_shape]
+    for rows, length in ((1, 20), (2, 20), (1, 12), (1, 90), (1, 100)):
+        decoder.ensure(rows, length, limit=100)
+        shapes.append(decoder.model.cache_shape)
+    assert shapes == [(1, 16), (1, 32), (2, 32), (2, 32), (2, 96), (2, 104)]
+    eager = Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=10, compile=False)
+    eager.ensure(1, 20, limit=100)  # eager steps take any size: the cache is what is asked for
+    assert eager.model.cache_shape == (1, 20)
+
+
 @pytest.mark.slow
 def test_compiled_steps_past_dynamos_recompile_limit_decode_eagerly(monkeypatch, caplog):
     # each cache size compiles the steps anew (dynamo guards on the cache's shape) and a Generator's cache grows

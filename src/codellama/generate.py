@@ -117,7 +117,7 @@ class Generator:
         if self._decoder is None:
             self._decoder = Decoder(self.model, batch, cache_len, self.prefill_chunk, self.compile, **self.step_options)
         else:
-            self._decoder.ensure(batch, cache_len)
+            self._decoder.ensure(batch, cache_len, limit=self.context_len)
         return self._decoder
 
     def _default_stop_ids(self) -> set[int]:

@@ -131,16 +131,27 @@ class Decoder:
         self.kv_dtype = kv_dtype
         self.ensure(max_batch, max_seq_len)
 
-    def ensure(self, max_batch: int, max_seq_len: int) -> None:
+    def ensure(self, max_batch: int, max_seq_len: int, limit: int | None = None) -> None:
         """Make sure the cache holds max_batch slots of max_seq_len positions (else a new one of this size,
         keeping what the old one's slots held: a Generator's next call, a chat's longer turn, needs a longer
-        cache)."""
+        cache). A compiled decoder only grows it, its positions to at least twice as many, at most `limit`: the
+        compiled steps are specialised on the cache's size, so each size compiles them anew (a minute on a GPU,
+        and past torch._dynamo.config.recompile_limit they run eagerly); doubling keeps the sizes few."""
         cache_len = round_up(max_seq_len, MIN_KV_BUCKET) if self.compiled else max_seq_len
         kv_dtype = self.kv_dtype or (self._fused.kv_dtype if self._fused is not None else None)  # None: activations'
         if not self.model.cache_fits(max_batch, cache_len, kv_dtype):  # else we use the first rows of the larger one
+            cache_rows = max_batch
+            if self.compiled and self.model.cache_shape is not None:
+                rows, positions = self.model.cache_shape
+                cache_rows = max(rows, max_batch)
+                if positions < cache_len:
+                    cap = round_up(max(limit or 0, max_seq_len), MIN_KV_BUCKET)
+                    cache_len = max(cache_len, min(2 * positions, cap))
+                else:
+                    cache_len = positions
             if self._fused is not None:
                 self._fused.release_caches()
-            self.model.resize_cache(max_batch, cache_len, kv_dtype)
+            self.model.resize_cache(cache_rows, cache_len, kv_dtype)
             if isinstance(self._step, StepGraphs):
                 self._step.clear()  # recorded over the old cache
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
