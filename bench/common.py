@@ -42,13 +42,14 @@ class GpuVariant:
     attention: str = "sdpa"  # the decode step's attention (engine/decode.py)
     graphs: str = "trees"  # whose CUDA graphs: torch.compile's, or ours (engine/graphs.py)
     stacked: bool = True  # q/k/v and w1/w3 stacked into one matmul each (as codellama.load prepares a model)
+    compile_scope: str = "step"  # what torch.compile compiles: the whole step, or one block for every layer
 
     def generator(self, model: Transformer, max_seq_len: int) -> Generator:
         """A Generator decoding `model` (prepared in place) this way."""
         if self.stacked:
             fuse_projections(model)
         return Generator(model, max_seq_len=max_seq_len, compile=self.compile, attention=self.attention,
-                         graphs=self.graphs)
+                         graphs=self.graphs, compile_scope=self.compile_scope)
 
 
 _CD = {"coordinate_descent_tuning": True}
@@ -65,6 +66,9 @@ GPU_VARIANTS = {
                          "checks or cudagraph-tree bookkeeping on the host per step)", graphs="manual"),
     "flex-graphs": GpuVariant("flex and graphs together (one compile for both; profile_decode.py tells the "
                               "device's time from the host's)", attention="flex", graphs="manual"),
+    "blocks": GpuVariant("one transformer block compiled for every layer instead of the whole step (a fifth of "
+                         "the compile time on the CPU; no fusion across layers), our own CUDA graphs around the step",
+                         graphs="manual", compile_scope="blocks"),
     "combo": GpuVariant("inductor's combo kernels: independent small kernels (RoPE of q and of k, ...) as one "
                         "launch", {"combo_kernels": True}),
 }

@@ -7,13 +7,13 @@
 #   smollm2   [300 s] issue 5: batch-1 decode of the SmolLM2-135M shape, ours (bf16, compiled with CUDA
 #                     graphs) vs transformers' generate (target >= 1000 tok/s)
 #   7b        [240 s] issue 5: the same for the Code Llama 7B shape (target >= 170 tok/s, >= 5x)
-#   candidates [590 s] smollm2 then 7b, each with ours as it is and the candidates for the step in the same
+#   candidates [585 s] smollm2 then 7b, each with ours as it is and the candidates for the step in the same
 #                     run (`--variants`): our own CUDA graphs instead of torch.compile's (~300 us of guard checks
-#                     and cudagraph-tree bookkeeping per step on the host, pytorch#150488), alone and (smollm2)
-#                     with FlexAttention's Triton kernel instead of cuDNN's (8.4 us per layer to read the 7B's
-#                     4 MB of keys and values); each variant's greedy tokens are compared. On 2026-11-30 (H200)
-#                     a cold machine compiled the first variant of each shape in 174-186 s and the next in 44 s;
-#                     the 7B with flex-graphs was 0.98x its default (so 7b runs graphs alone here)
+#                     and cudagraph-tree bookkeeping per step on the host, pytorch#150488), alone and with one
+#                     block compiled for every layer (`blocks`: a fifth of the compile time on the CPU); each
+#                     variant's greedy tokens are compared. On 2026-11-30 (H200) a cold machine compiled the
+#                     first variant of each shape in 174-186 s and the next in 44 s; FlexAttention's kernel
+#                     (flex-graphs) was 0.98x the default on the 7B (1.12x on SmolLM2 on 2026-11-27)
 #   7b-each   [540 s] 7b with flex, graphs and combo (inductor's combo kernels) each alone, in the same run
 #   smollm2-each [540 s] the same for smollm2
 #   smollm2-cd [540 s] smollm2, plus ours compiled with coordinate-descent tuning (gpt-fast's setting: inductor
@@ -74,9 +74,10 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     smollm2) timeout 300 $decode --preset smollm2-135m --reps 5 2>&1 | tee "$out/decode_smollm2.txt" ;;
     7b) timeout 240 $decode --preset codellama-7b --reps 3 2>&1 | tee "$out/decode_7b.txt" ;;
     candidates)
-      timeout 320 $decode --preset smollm2-135m --reps 5 --variants graphs,flex-graphs 2>&1 \
+      timeout 300 $decode --preset smollm2-135m --reps 5 --variants graphs,blocks 2>&1 \
         | tee "$out/decode_smollm2_candidates.txt"
-      timeout 270 $decode --preset codellama-7b --reps 3 --variants graphs 2>&1 | tee "$out/decode_7b_candidates.txt" ;;
+      timeout 285 $decode --preset codellama-7b --reps 3 --variants graphs,blocks 2>&1 \
+        | tee "$out/decode_7b_candidates.txt" ;;
     7b-each) timeout 540 $decode --preset codellama-7b --reps 3 --variants flex,graphs,combo 2>&1 \
         | tee "$out/decode_7b_each.txt" ;;
     smollm2-each) timeout 540 $decode --preset smollm2-135m --reps 5 --variants flex,graphs,combo 2>&1 \

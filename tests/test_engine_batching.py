@@ -381,6 +381,30 @@ def test_compiled_decode_step_same_greedy_tokens(scheduler, monkeypatch):
     assert decoder.compiled  # (not fallen back to eager)
 
 
+def test_blocks_compiled_once_for_every_layer_decode_the_greedy_tokens(monkeypatch):
+    # compile_scope "blocks" (a candidate for the GPU: a fifth of the compile time): one compiled block that
+    # every layer runs, by inductor, through buckets of rows and positions and prefills of several lengths
+    monkeypatch.setattr(decode, "KV_UNIT", 4)
+    monkeypatch.setattr(decode, "MIN_KV_BUCKET", 8)
+    compiled, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or compile_(fn, **kw))
+    model = random_model(CFG, seed=1)
+    decoder = Decoder(random_model(CFG, seed=1), max_batch=4, max_seq_len=96, compile=True, compile_scope="blocks")
+    torch._dynamo.utils.counters.clear()
+    lengths = [8, 3, 6]
+    out = run(Scheduler(decoder, stop_ids=(), overlap=True),
+              {0: [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]})
+    assert [out[i].tokens for i in range(3)] == [naive_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    assert decoder.compiled and compiled == [model_module.TransformerBlock.forward]
+    # a graph for steps, one for prefill chunks (a first one static, before dynamo saw a second size): not
+    # one per layer
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    with pytest.raises(ValueError, match="needs attention='sdpa'"):
+        Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=96, compile_scope="blocks", attention="flex")
+    with pytest.raises(ValueError, match="'step' or 'blocks'"):
+        Decoder(random_model(CFG, seed=1), max_batch=1, max_seq_len=96, compile_scope="layers")
+
+
 @pytest.mark.slow
 def test_flex_decode_step_traces_whole_and_decodes_the_greedy_tokens(monkeypatch):
     # The GPU candidate's trace as the previous test's (buckets of rows and positions, the block mask made

@@ -34,9 +34,10 @@ class Generator:
 
     compile: compile prefill and the decode step, the latter with CUDA graphs (default: on CUDA; a dict of
     inductor options compiles with them). prefill_chunk: prompt tokens per prefill forward (bounds memory
-    for very long prompts). attention ("sdpa" or "flex") and graphs ("trees" or "manual"): candidates for
-    the GPU's decode step (engine/decode.py). lookup: greedy rows guess up to this many tokens per step by
-    prompt lookup, checked in the same step (engine/batching.py; the CPU's fused step only), 0: off.
+    for very long prompts). attention ("sdpa" or "flex"), graphs ("trees" or "manual") and compile_scope
+    ("step" or "blocks"): candidates for the GPU's decode step (engine/decode.py). lookup: greedy rows guess
+    up to this many tokens per step by prompt lookup, checked in the same step (engine/batching.py; the CPU's
+    fused step only), 0: off.
     kv_dtype: how the KV cache stores keys and values (default: float16 for a quantised model on the CPU, as
     llama.cpp keeps them; else the activations' dtype; torch.int8 on the CPU: half the memory, model.KVCache).
     """
@@ -53,6 +54,7 @@ class Generator:
         reuse_prefixes: bool = True,
         lookup: int = 0,
         kv_dtype: torch.dtype | None = None,
+        compile_scope: str = "step",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -63,7 +65,7 @@ class Generator:
         # passed to the Decoder (reuse_prefixes: a call's prompts that start like what a slot holds from an
         # earlier call are prefilled from where they differ, engine/decode.py)
         self.step_options = {"attention": attention, "graphs": graphs, "reuse_prefixes": reuse_prefixes,
-                             "kv_dtype": kv_dtype}
+                             "kv_dtype": kv_dtype, "compile_scope": compile_scope}
         self.lookup = lookup
         self._decoder: Decoder | None = None
         # every call decodes in the same cache slots: calls from several threads take turns

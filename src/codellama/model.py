@@ -10,6 +10,7 @@ permute Meta's interleaved order into this one on load, and back on save.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -454,6 +455,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         kv_len: int | None = None,
         attention: str = "sdpa",
+        block: Callable | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only).
 
@@ -465,6 +467,8 @@ class Transformer(nn.Module):
         "flex" (FlexAttention with a block mask: its own Triton kernel when compiled, a slow reference when
         not) for a step of one row. Longer chunks and steps of several rows use sdpa.
         Without input_pos the call is a plain causal pass over positions 0..T-1 (training).
+        block: runs each layer as block(layer, h, cos, sin, step) (TransformerBlock.forward compiled once for
+        every layer: engine/decode.py's compile_scope "blocks"); default: the layer itself.
         """
         B, T = tokens.shape
         c = self.config
@@ -484,7 +488,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, step)
+            h = layer(h, cos, sin, step) if block is None else block(layer, h, cos, sin, step)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

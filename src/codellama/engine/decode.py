@@ -38,7 +38,7 @@ checked before each prefill and admission.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ from codellama.engine.kernels import onednn_matmuls, torch_on_one_thread
 from codellama.engine.quant import QuantLinear
 from codellama.engine.rows import TokenLogprob, token_logprobs
 from codellama.errors import UserError
-from codellama.model import KVCache, Transformer, kv_read_len, round_up
+from codellama.model import KVCache, Transformer, TransformerBlock, kv_read_len, round_up
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Decoder:
         graphs: str = "trees",
         reuse_prefixes: bool = True,
         kv_dtype: torch.dtype | None = None,
+        compile_scope: str = "step",
     ):
         """compile: compile prefill and decode (default: on CUDA); a dict compiles them with these inductor
         options too, e.g. {"coordinate_descent_tuning": True} (bench/bench_decode.py compares settings).
@@ -100,7 +101,17 @@ class Decoder:
         differs from what its slot holds (module docstring); off, every prompt is prefilled whole.
         kv_dtype: how the KV cache stores keys and values; default: the fused CPU step's choice
         (FusedCPUDecode.kv_dtype: float16 for quantised weights), else the activations' dtype; torch.int8 (CPU):
-        model.KVCache, half the memory of float16."""
+        model.KVCache, half the memory of float16.
+        compile_scope: what torch.compile compiles, "step" (the whole decode step and prefill chunk: inductor
+        fuses across layers) or "blocks" (one transformer block, whose compiled code every layer runs: on the
+        CPU the SmolLM2 step compiled in a fifth of the time; on CUDA only with graphs="manual", which records
+        the whole step, and attention="sdpa")."""
+        if compile_scope not in ("step", "blocks"):
+            raise ValueError(f"compile_scope must be 'step' or 'blocks', got {compile_scope!r}")
+        if compile_scope == "blocks" and (attention != "sdpa" or (model.device.type == "cuda" and graphs != "manual")):
+            raise ValueError("compile_scope='blocks' runs the step between the blocks eagerly: it needs "
+                             "attention='sdpa' (FlexAttention's mask is made there) and, on CUDA, graphs='manual' "
+                             "(to launch it as one graph)")
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         if graphs not in ("trees", "manual"):
@@ -123,8 +134,10 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile is not False
         self.compile_options = compile if isinstance(compile, dict) else {}
+        self.compile_scope = compile_scope
         self._step = None  # the compiled decode step
         self._prefill = None  # the compiled prefill chunk
+        self._block: Callable | None = None  # TransformerBlock.forward compiled (compile_scope "blocks")
         # the fused CPU step has its own attention: a Decoder asked for flex runs the model
         self._fused = None if self.compiled or attention != "sdpa" else FusedCPUDecode.for_model(model)
         self.reuse_prefixes = reuse_prefixes
@@ -362,18 +375,34 @@ class Decoder:
         return logits if len(slots) == n else logits[slots_t]
 
     def _eager_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return self.model(tokens, input_pos=pos, kv_len=kv_len, attention=self.attention)[:, -1]
+        return self.model(tokens, input_pos=pos, kv_len=kv_len, attention=self.attention, block=self._block)[:, -1]
+
+    def _compile_options(self) -> dict:
+        # torch.compile's CUDA graphs (mode="reduce-overhead"), or ours around the compiled step
+        options = {"triton.cudagraphs": self.graphs == "trees", **self.compile_options}
+        if any(isinstance(m, QuantLinear) for m in self.model.modules()):
+            # gpt-fast's setting: inductor then turns a one-row matmul into a reduction, into which the
+            # int8 weights' widening fuses (else the widened weights are written out and read again)
+            options["coordinate_descent_tuning"] = True
+        return options
+
+    def _compiled_block(self) -> Callable:
+        """TransformerBlock.forward compiled once for every layer (compile_scope "blocks"): the layer is an
+        input, so one graph serves all of them (one more for prefill chunks)."""
+        if self._block is None:
+            self._block = torch.compile(TransformerBlock.forward, fullgraph=True, dynamic=True,
+                                        options=self._compile_options())
+        return self._block
 
     def _compiled_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         if self._step is None:
-            # torch.compile's CUDA graphs (mode="reduce-overhead"), or ours around the compiled step
-            options = {"triton.cudagraphs": self.graphs == "trees", **self.compile_options}
-            if any(isinstance(m, QuantLinear) for m in self.model.modules()):
-                # gpt-fast's setting: inductor then turns a one-row matmul into a reduction, into which the
-                # int8 weights' widening fuses (else the widened weights are written out and read again)
-                options["coordinate_descent_tuning"] = True
-            # dynamic: one compiled graph serves every bucket (cudagraph trees record one CUDA graph per size)
-            self._step = torch.compile(self._unit_step, fullgraph=True, dynamic=True, options=options)
+            if self.compile_scope == "blocks":  # the step runs eagerly between the compiled blocks
+                self._compiled_block()
+                self._step = self._unit_step
+            else:
+                # dynamic: one compiled graph serves every bucket (cudagraph trees record one CUDA graph per size)
+                self._step = torch.compile(self._unit_step, fullgraph=True, dynamic=True,
+                                           options=self._compile_options())
             if self.graphs == "manual":
                 self._step = StepGraphs(self._step)
         try:
@@ -391,7 +420,12 @@ class Decoder:
     ) -> torch.Tensor:
         """One prefill chunk, tokens [1, t] with t >= 2, by the compiled model -> logits [1, t or 1, V]."""
         if self._prefill is None:
-            self._prefill = torch.compile(self._unit_chunk, fullgraph=True, dynamic=True, options=self.compile_options)
+            if self.compile_scope == "blocks":
+                self._compiled_block()
+                self._prefill = self._unit_chunk
+            else:
+                self._prefill = torch.compile(self._unit_chunk, fullgraph=True, dynamic=True,
+                                              options=self.compile_options)
         kv_units = max(kv_len // PREFILL_KV_UNIT, min(2, self.model.cache_shape[1] // PREFILL_KV_UNIT))
         try:
             return self._prefill(tokens, pos, slots, kv_units, last_only)
@@ -402,8 +436,9 @@ class Decoder:
     def _eager_chunk(
         self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int, last_only: bool
     ) -> torch.Tensor:
-        if self.device.type != "cpu" or torch.compiler.is_compiling():  # (the compiled chunk traces this)
-            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
+        if self.device.type != "cpu" or torch.compiler.is_compiling() or self._block is not None:
+            # (the compiled chunk traces this; compiled blocks run inductor's kernels, not torch's matmuls)
+            return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len, block=self._block)
         with onednn_matmuls():
             return self.model(tokens, input_pos=pos, slots=slots, last_only=last_only, kv_len=kv_len)
 
@@ -423,7 +458,7 @@ class Decoder:
                         torch._dynamo.config.recompile_limit)
         else:
             log.warning("could not compile the prefill and decode steps; running them eagerly (slower): %s", error)
-        self.compiled, self._step, self._prefill = False, None, None
+        self.compiled, self._step, self._prefill, self._block = False, None, None, None
 
 
 def weights_stamp(model: Transformer) -> tuple[tuple[int, int, int], ...]:
