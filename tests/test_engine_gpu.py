@@ -118,6 +118,19 @@ def test_our_cuda_graphs_are_recorded_again_over_a_reallocated_cache():
         assert [o.tokens for o in out] == [naive_greedy(model, p, n) for p, n in zip(prompts, lengths)]
 
 
+def test_our_cuda_graphs_are_recorded_again_over_a_cache_set_up_elsewhere():
+    # a new cache of the same size, set up by another user of the model (an eval task's own pass): the graphs
+    # recorded over the old one must not replay. The old one is kept alive, so the new one has other addresses
+    model = random_model(CFG, seed=1)
+    gen = Generator(random_model(CFG, seed=1).cuda(), compile=True, graphs="manual")
+    gen.generate([PROMPTS[1]], SamplingParams(max_new_tokens=6))
+    old, shape = [layer.attention.cache for layer in gen.model.layers], gen.model.cache_shape
+    gen.model.clear_cache()
+    gen.model.setup_cache(*shape)
+    out = gen.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6))
+    assert out[0].tokens == naive_greedy(model, PROMPTS[0], 6) and old
+
+
 def test_compiled_steps_dummy_rows_leave_what_a_free_slot_held(monkeypatch):
     # steps over slots 0..2 with slots 0 and 1 free: their dummy rows write at the cache's last position,
     # so slot 0 still holds its prompt, and a prompt extending it is prefilled from where they differ

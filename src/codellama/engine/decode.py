@@ -164,9 +164,7 @@ class Decoder:
                     cache_len = positions
             if self._fused is not None:
                 self._fused.release_caches()
-            self.model.resize_cache(cache_rows, cache_len, kv_dtype)
-            if isinstance(self._step, StepGraphs):
-                self._step.clear()  # recorded over the old cache
+            self.model.resize_cache(cache_rows, cache_len, kv_dtype)  # (our CUDA graphs see its new cache_version)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @property
@@ -404,7 +402,7 @@ class Decoder:
                 self._step = torch.compile(self._unit_step, fullgraph=True, dynamic=True,
                                            options=self._compile_options())
             if self.graphs == "manual":
-                self._step = StepGraphs(self._step)
+                self._step = StepGraphs(self._step, lambda: self.model.cache_version)
         try:
             # clone: CUDA-graph outputs are overwritten by the next replay
             return self._step(tokens, pos, kv_len // KV_UNIT).clone()

@@ -5,7 +5,7 @@ and the trees' invariants: about 300 µs of host time per call for one small gra
 third of a SmolLM2 step, and more with our ~300 weight and cache inputs. Here a step is one dict lookup,
 two small copies into the graph's static inputs and a replay: vLLM's way. What the trees check is the
 caller's promise instead: the model's weights and cache keep their addresses (`clear()` when the cache
-is reallocated), and steps run one at a time on one stream.
+is reallocated: a new `cache_version` clears them), and steps run one at a time on one stream.
 """
 
 from __future__ import annotations
@@ -29,13 +29,18 @@ class _Recorded:
 class StepGraphs:
     """One CUDA graph per bucket (rows, key units) of a compiled step, recorded on first use."""
 
-    def __init__(self, step: Step):
-        self.step = step
+    def __init__(self, step: Step, cache_version: Callable[[], int]):
+        """cache_version: the model's (Transformer.cache_version), which every new cache changes."""
+        self.step, self.cache_version = step, cache_version
         self.graphs: dict[tuple[int, int], _Recorded] = {}
         self.pool = torch.cuda.graph_pool_handle()  # shared: steps never overlap, and outputs stay referenced
+        self.recorded_over = cache_version()
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, kv_units: int) -> torch.Tensor:
         """The step's logits [n, V] in the graph's output buffer: read or copy them before the next call."""
+        if self.cache_version() != self.recorded_over:  # the graphs read the addresses of a cache now gone
+            self.clear()
+            self.recorded_over = self.cache_version()
         key = (tokens.shape[0], kv_units)
         recorded = self.graphs.get(key)
         if recorded is None:
