@@ -178,7 +178,7 @@ class Trainer:
         if ckpt is not None:
             # checked before any tensor loads: a shape error would not say which setting changed
             _check_same_lora(read_trainer_state(ckpt), recipe, ckpt)
-            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.env.device)
             changed = apply_recipe_settings(self.optimizer, recipe.optim)
             if changed and self.env.is_main:
                 print(f"resuming with the recipe's optimizer settings, not the checkpoint's: {'; '.join(changed)}",
