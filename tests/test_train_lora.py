@@ -167,3 +167,20 @@ def test_lora_trains_on_a_gpu_in_bfloat16(tmp_path, start):
     exported, _, _ = hf.load_hf(tmp_path / "run" / "hf")
     assert not torch.equal(exported.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
     t.close()
+
+
+def test_validation_is_without_lora_dropout(tmp_path, start):
+    """The validation loss is the model's, the same each time: LoRA's dropout (on in training) is off, and
+    draws nothing from the generator the training's dropout masks come from."""
+    path, _ = start
+    toks = w.corpus()
+    t = Trainer(lora_recipe(tmp_path / "run", str(path), steps=4, dropout=0.5),
+                train_source=InMemoryTokens(toks[:3000], w.SEQ, 1), valid_source=InMemoryTokens(toks[3000:], w.SEQ, 2),
+                progress=False)
+    t.run(stop_after=2)  # the adapters' B is no longer zero, so dropout would change the outputs
+    rng = torch.get_rng_state()
+    first = t.evaluate()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert t.evaluate() == first
+    assert t.model.layers[0].attention.wq.training  # and training goes on with dropout
+    t.close()

@@ -4,9 +4,13 @@ parameter name (so checkpoints stay interchangeable)."""
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
 import train_worker as w
+from codellama.model import Transformer
 from codellama.train.data import InMemoryTokens
+from codellama.train.distributed import DistEnv, build_from_scratch, init_params
 from codellama.train.trainer import Trainer
 from train_worker import one_thread  # noqa: F401  (fixture)
 
@@ -35,3 +39,32 @@ def test_compile_with_activation_checkpointing(tmp_path):
     compiled, c_names = run(tmp_path, True, True)  # inductor on CPU: about half a minute
     assert c_names == names
     assert compiled == pytest.approx(base, rel=1e-4)
+
+
+class _OneRankFSDP(DistEnv):
+    """One rank that still takes parallelize's FSDP2 path (a process group of one)."""
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def process_group_of_one(tmp_path):
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
+    yield _OneRankFSDP()
+    dist.destroy_process_group()
+
+
+def test_fsdp_bf16_computes_what_the_bf16_model_does(process_group_of_one):
+    """FSDP2's bf16 mixed precision (N GPUs) gathers the weights in bf16 and changes nothing else: the RoPE
+    tables stay float32 as under autocast (1 GPU) and at inference. FSDP2 cast every floating input of a
+    block to bf16, cos and sin too: logits 4e-3 off the bf16 model's."""
+    cfg = w.CFG.replace(dim=64, n_heads=4, ffn_hidden=128, max_seq_len=256, rope_theta=1e6)
+    sharded = build_from_scratch(cfg, process_group_of_one, seed=0, bf16=True)
+    plain = Transformer(cfg)
+    init_params(plain, seed=0)
+    plain = plain.to(torch.bfloat16)
+    x = torch.randint(0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(x), plain(x), rtol=0, atol=0)

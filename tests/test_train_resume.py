@@ -239,3 +239,21 @@ def test_a_save_killed_at_a_step_never_saved_again_leaves_no_temp_directory(tmp_
     again.run(stop_after=4)  # saves step 4 (ckpt_every 2)
     assert latest_checkpoint(tmp_path).name == "step_00000004"
     assert not stale.exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU (a run on cuda:1)")
+def test_a_run_on_a_second_gpu_resumes_that_gpus_random_state(tmp_path):
+    """A run on cuda:1 saves and restores cuda:1's generator (LoRA's dropout draws from it), not the current
+    device's (cuda:0): `torch.cuda.get_rng_state()` alone reads cuda:0's."""
+    from codellama.train.distributed import DistEnv
+
+    device = torch.device("cuda", 1)
+    run = make(tmp_path, 8, env=DistEnv(device=device))
+    run.run(stop_after=2)  # saves step 2 (ckpt_every 2)
+    run.close()
+    expected = torch.rand(16, device=device)
+    torch.rand(16, device=device)  # the run's generator moves on; a resume puts it back
+    resumed = make(tmp_path, 8, env=DistEnv(device=device))
+    assert resumed.step == 2
+    assert torch.equal(torch.rand(16, device=device), expected)
+    resumed.close()

@@ -33,17 +33,23 @@ from codellama.train.distributed import DistEnv, barrier
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def rng_state() -> dict:
+def _cuda_generator(device: torch.device | None) -> torch.device | str:
+    """The CUDA generator a run's RNG state is: its device's. "cuda" alone is the current device's, cuda:0
+    for a run on cuda:1 (whose dropout masks a resume then did not restore)."""
+    return device if device is not None and device.type == "cuda" else "cuda"
+
+
+def rng_state(device: torch.device | None = None) -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state(_cuda_generator(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], _cuda_generator(device))
 
 
 # what a run writes into its directory (checkpoints, the pointer, logs, the export)
@@ -93,7 +99,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, trainer_st
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     barrier(env)
     if env.is_main:
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+        torch.save({**trainer_state, "step": step, "rng": rng_state(env.device)}, tmp / TRAINER_STATE)
         if tokenizer is not None:
             from codellama.tokenizer import save_tokenizer
 
@@ -143,8 +149,10 @@ def read_trainer_state(path: Path) -> dict:
         return torch.load(path / TRAINER_STATE, weights_only=False)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Collective. Restores model, optimizer and RNG in place; returns the trainer state (step, data...)."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device | None = None) -> dict:
+    """Collective. Restores model, optimizer and RNG (on CUDA: `device`'s) in place; returns the trainer state
+    (step, data...)."""
     check_fits(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -152,5 +160,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = read_trainer_state(path)
-    set_rng_state(trainer_state["rng"])
+    set_rng_state(trainer_state["rng"], device)
     return trainer_state

@@ -121,8 +121,11 @@ def parallelize(model: Transformer, env: DistEnv, *, activation_checkpointing: b
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-            MixedPrecisionPolicy()
+        # cast_forward_inputs=False: by default each block cast its floating inputs to bf16, the RoPE cos/sin
+        # tables too (the residual stream already is bf16), so N GPUs rotated q and k by bf16-rounded tables
+        # where 1 GPU (autocast) and inference use float32 ones (apply_rope computes in float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
         n = len(model.layers)
         for i, block in enumerate(model.layers):
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)

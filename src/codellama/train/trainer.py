@@ -178,7 +178,7 @@ class Trainer:
         if ckpt is not None:
             # checked before any tensor loads: a shape error would not say which setting changed
             _check_same_lora(read_trainer_state(ckpt), recipe, ckpt)
-            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.env.device)
             changed = apply_recipe_settings(self.optimizer, recipe.optim)
             if changed and self.env.is_main:
                 print(f"resuming with the recipe's optimizer settings, not the checkpoint's: {'; '.join(changed)}",
@@ -310,13 +310,18 @@ class Trainer:
         self.valid.load_state_dict(self.valid_start)
         total = torch.zeros((), device=self.env.device)
         count = torch.zeros((), device=self.env.device)
-        for _ in range(self.recipe.train.eval_batches):
-            batch = self.valid.next_batch()
-            for x, y, m in self._micro_batches(batch):
-                with self.autocast:
-                    logits = self.model(x)
-                total += masked_ce_sum(logits, y, m)
-                count += m.sum()
+        # LoRA's dropout off: it made the validation loss noisy and drew from the training's generator
+        self.model.eval()
+        try:
+            for _ in range(self.recipe.train.eval_batches):
+                batch = self.valid.next_batch()
+                for x, y, m in self._micro_batches(batch):
+                    with self.autocast:
+                        logits = self.model(x)
+                    total += masked_ce_sum(logits, y, m)
+                    count += m.sum()
+        finally:
+            self.model.train()
         all_reduce_sum(total, self.env)
         all_reduce_sum(count, self.env)
         return (total / count.clamp(min=1)).item()
