@@ -68,3 +68,19 @@ def test_fsdp_bf16_computes_what_the_bf16_model_does(process_group_of_one):
     x = torch.randint(0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(sharded(x), plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_local_rank_past_the_visible_gpus_is_a_clear_error_or_the_one_gpu():
+    # launchers that show each process its own GPU alone give it LOCAL_RANK > 0 and one device, cuda:0; more
+    # processes than GPUs on a node was an "invalid device ordinal" traceback
+    from codellama.errors import UserError
+    from codellama.train.distributed import pick_device
+
+    count = torch.cuda.device_count()
+    assert pick_device("cuda", count - 1) == torch.device("cuda", count - 1)
+    if count == 1:
+        assert pick_device("auto", 3) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(UserError, match=f"sees {count} CUDA devices"):
+            pick_device("cuda", count)

@@ -41,12 +41,20 @@ class DistEnv:
 
 
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    """The process's device: cuda:LOCAL_RANK, or cuda:0 where a launcher shows each process its own GPU alone."""
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            from codellama.errors import UserError
+        from codellama.errors import UserError
 
+        if not torch.cuda.is_available():
             raise UserError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if local_rank < count:
+            return torch.device("cuda", local_rank)
+        if count == 1:  # e.g. SLURM's --gpus-per-task=1: every process sees its own GPU as cuda:0
+            return torch.device("cuda", 0)
+        # (else an "invalid device ordinal" traceback from the first allocation)
+        raise UserError(f"this process has LOCAL_RANK {local_rank} but sees {count} CUDA devices: start at most "
+                        f"{count} processes per node (torchrun --nproc-per-node {count})")
     return torch.device("cpu")
 
 
