@@ -50,8 +50,8 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
         count = torch.cuda.device_count()
         if local_rank < count:
             return torch.device("cuda", local_rank)
-        if count == 1:  # e.g. SLURM's --gpus-per-task=1: every process sees its own GPU as cuda:0
-            return torch.device("cuda", 0)
+        if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return torch.device("cuda", 0)  # e.g. SLURM's --gpus-per-task=1: each process sees its own GPU alone
         # (else an "invalid device ordinal" traceback from the first allocation)
         raise UserError(f"this process has LOCAL_RANK {local_rank} but sees {count} CUDA devices: start at most "
                         f"{count} processes per node (torchrun --nproc-per-node {count})")
