@@ -90,3 +90,20 @@ for p in model.parameters():
     peak = peak_rss(setup, "fuse_projections(model)")
     # the originals are freed after each layer: one stacked copy at a time beside them, not two
     assert peak < 1.5 * stacked, f"{peak / MB:.0f} MB at the peak for {stacked / MB:.0f} MB of stacked weights"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stacking_projections_on_a_gpu_allocates_one_stacked_copy_at_a_time():
+    """The same on the GPU, where it counts: the allocator's peak is the model and one layer's w13."""
+    from codellama.checkpoints.common import empty_model
+    from codellama.engine.quant import fuse_projections
+
+    cfg = ModelConfig(dim=512, n_layers=2, n_heads=8, vocab_size=64, ffn_hidden=32768, max_seq_len=64)
+    model = empty_model(cfg).to(torch.bfloat16).to_empty(device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fuse_projections(model)
+    stacked = 2 * 512 * 32768 * 2  # a layer's w13 in bfloat16: 64 MB
+    assert torch.cuda.max_memory_allocated() - before < 1.5 * stacked
+    assert torch.cuda.memory_allocated() <= before + MB  # the originals are gone
