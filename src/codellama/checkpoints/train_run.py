@@ -82,20 +82,32 @@ def _model_config(state: dict, source: Path) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def _model_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's tensors from the DCP shards, in `dtype` (DCP converts while it copies them in)."""
+def _model_tensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors from the DCP shards, in `dtype` (DCP converts while it copies them in), a layer (or
+    a top-level module) at a time with its LoRA adapters merged: one dcp.load of the whole model held all of
+    it on the host at once, the model's size again in host memory for a load onto a GPU (68 GB for a 34B)."""
     import torch.distributed.checkpoint as dcp
+
+    from codellama.train.lora import merge_lora_tensors
 
     advice = f"load an older step_* directory of {path.parent} instead"
     with reading_checkpoint(path / ".metadata", advice):
         meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    wanted = {k: torch.empty(tuple(v.size), dtype=dtype) for k, v in meta.items()
-              if k.startswith(MODEL_PREFIX) and hasattr(v, "size")}
-    if not wanted:
+    groups: dict[str, dict[str, torch.Size]] = {}  # "layers.N" or a top-level module -> its tensors' shapes
+    for k, v in meta.items():
+        if k.startswith(MODEL_PREFIX) and hasattr(v, "size"):
+            name = k[len(MODEL_PREFIX):]
+            parts = name.split(".")
+            key = ".".join(parts[:2]) if parts[0] == "layers" else name.rpartition(".")[0]
+            groups.setdefault(key, {})[k] = v.size
+    if not groups:
         raise UserError(f"{path}: a DCP checkpoint without model tensors")
-    with reading_checkpoint(path, advice), dcp_quietly():  # e.g. a shard cut short: an EOFError within
-        dcp.load(wanted, checkpoint_id=str(path))
-    return {k[len(MODEL_PREFIX):]: t for k, t in wanted.items()}
+    for shapes in groups.values():
+        wanted = {k: torch.empty(tuple(size), dtype=dtype) for k, size in shapes.items()}
+        with reading_checkpoint(path, advice), dcp_quietly():  # e.g. a shard cut short: an EOFError within
+            dcp.load(wanted, checkpoint_id=str(path))
+        # a LoRA run's adapters into their weights (a module's adapters and weight are in the same group)
+        yield from merge_lora_tensors({k[len(MODEL_PREFIX):]: t for k, t in wanted.items()}).items()
 
 
 @contextlib.contextmanager
@@ -144,10 +156,8 @@ def load_train_run(
 ) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """-> (model, tokenizer or None, config) from a training run directory or one of its step directories;
     quantize: see fill_model."""
-    from codellama.train.lora import merge_lora_tensors
-
     info = read_train_checkpoint(path)
     dt = resolve_dtype(device, dtype, torch.float32)  # training keeps float32 master weights
-    tensors = merge_lora_tensors(_model_tensors(info.path, dt))  # a LoRA run's adapters into their weights
-    model = fill_model(info.config, tensors.items(), device=device, dtype=dt, source=str(info.path), quantize=quantize)
+    tensors = _model_tensors(info.path, dt)
+    model = fill_model(info.config, tensors, device=device, dtype=dt, source=str(info.path), quantize=quantize)
     return model, info.tokenizer, info.config
