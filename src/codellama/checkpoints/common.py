@@ -119,14 +119,17 @@ def model_bytes(cfg: ModelConfig, dtype: torch.dtype, quantize: str | None = Non
 
 def check_fits_memory(cfg: ModelConfig, dtype: torch.dtype, device, source: str, quantize: str | None = None,
                       total: int | None = None, quantize_on_load: bool = True) -> None:
-    """Refuse, before allocating it, a model larger than this machine's memory (`total` bytes, default: all
-    of it) on the CPU: it would be killed half-loaded, or swap for hours. Names the settings it fits with
-    (quantisation only where it happens while loading: random-weight presets are made in floating point)."""
-    if torch.device(device).type != "cpu":
-        return
-    if total is None:
+    """Refuse, before allocating it, a model larger than the memory it goes to (`total` bytes, default: all of
+    the machine's on the CPU, the card's on a CUDA device): on the CPU it would be killed half-loaded, or swap
+    for hours; on a GPU it failed with an allocator traceback after reading up to the card's size. Names the
+    settings it fits with (quantisation only where it happens while loading: random-weight presets are made
+    in floating point)."""
+    device = torch.device(device)
+    if total is None and device.type == "cpu":
         total = physical_memory()
-    if total is None:
+    elif total is None and device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
+    if total is None or device.type not in ("cpu", "cuda"):
         return
     need = model_bytes(cfg, dtype, quantize)
     if need <= total:
@@ -137,9 +140,10 @@ def check_fits_memory(cfg: ModelConfig, dtype: torch.dtype, device, source: str,
     if dtype == torch.float32 and not quantize:
         options.insert(0, ("--dtype bfloat16", model_bytes(cfg, torch.bfloat16)))
     fits = [f"{how}: about {n / GiB:.1f} GiB" for how, n in options if n < min(need, total)]
-    advice = f"load it with {'; or '.join(fits)}" if fits else "it does not fit this machine"
-    raise UserError(f"{source} needs about {need / GiB:.1f} GiB {held}, more than this machine's "
-                    f"{total / GiB:.1f} GiB of memory; {advice}")
+    owner = "this machine" if device.type == "cpu" else f"the GPU ({device})"
+    advice = f"load it with {'; or '.join(fits)}" if fits else f"it does not fit {owner}"
+    raise UserError(f"{source} needs about {need / GiB:.1f} GiB {held}, more than the {total / GiB:.1f} GiB of "
+                    f"memory of {owner}; {advice}")
 
 
 def fill_model(
