@@ -88,6 +88,7 @@ print(f'device-to-device copy: {2 * x.nbytes * 10 / (a.elapsed_time(b) / 1e3) / 
     tests) timeout 240 python3 -m pytest -q -p no:cacheprovider --show-capture=no tests/test_engine_gpu.py \
       tests/test_train_lora.py::test_lora_trains_on_a_gpu_in_bfloat16 \
       tests/test_train_parallel.py::test_a_local_rank_past_the_visible_gpus_is_a_clear_error_or_the_one_gpu \
+      tests/test_train_parallel.py::test_a_loaded_model_is_sharded_onto_the_gpu_a_block_at_a_time \
       tests/test_checkpoints_memory.py 2>&1 \
       | tee "$out/tests.txt" ;;
     profile)

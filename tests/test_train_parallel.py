@@ -86,3 +86,31 @@ def test_a_local_rank_past_the_visible_gpus_is_a_clear_error_or_the_one_gpu():
     else:  # more processes than GPUs: two ranks on one GPU would fail in NCCL
         with pytest.raises(UserError, match=f"sees {count} CUDA devices"):
             pick_device("cuda", count)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_loaded_model_is_sharded_onto_the_gpu_a_block_at_a_time(tmp_path, monkeypatch):
+    # a loaded model was moved whole to every GPU before FSDP2 sharded it (a 34B in float32: 135 GB per GPU);
+    # now each fully_shard moves its own block. A process group of one (NCCL) takes the FSDP2 path; what the
+    # GPU holds as each block is sharded is read as fully_shard (the real one) is called
+    import torch.distributed.fsdp as fsdp
+
+    from codellama.train.distributed import place_loaded
+
+    held = []
+    shard = fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: held.append(torch.cuda.memory_allocated())
+                        or shard(module, **kw))
+    dist.init_process_group("nccl", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
+    try:
+        cfg = w.CFG.replace(dim=256, n_layers=8, n_heads=4, ffn_hidden=1024, vocab_size=256)
+        model = Transformer(cfg)
+        block = sum(p.numel() * 4 for p in model.layers[0].parameters())
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        sharded = place_loaded(model, _OneRankFSDP(device=torch.device("cuda", 0)))
+        assert all(p.device.type == "cuda" for p in sharded.parameters())
+        assert held[0] - before < block  # nothing on the GPU yet as the first block is sharded
+        assert all(b - a <= 1.1 * block for a, b in zip(held, held[1:]))  # then a block's shards at a time
+    finally:
+        dist.destroy_process_group()

@@ -193,6 +193,10 @@ def build_from_scratch(cfg: ModelConfig, env: DistEnv, seed: int, **parallel) ->
 
 
 def place_loaded(model: Transformer, env: DistEnv, **parallel) -> Transformer:
-    """A model loaded in full on CPU: move it, then parallelize (fully_shard keeps each rank's shard)."""
-    model.to(device=env.device, dtype=torch.float32)
+    """A model loaded in full on the CPU, in float32, parallelized on the run's device. Under FSDP2 it is not
+    moved first: each fully_shard moves its block's tensors to the mesh's device and keeps this rank's shard,
+    so a GPU holds one block whole at a time, not the whole model (135 GB for a 34B, on every GPU)."""
+    model.to(dtype=torch.float32)
+    if not env.distributed:
+        model.to(device=env.device)
     return parallelize(model, env, **parallel)
