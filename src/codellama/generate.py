@@ -253,6 +253,11 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
         fuse_projections(loaded.model)  # fewer, larger matmuls (and the fused CPU decode step)
     if on_cpu and loaded.model.dtype == torch.float32:  # the kernels' tiles take float32 activations only
         pack_for_int8_activations(loaded.model)
+    if loaded.model.device.type == "cuda":
+        # the unstacked projections' memory back to the driver: torch's allocator keeps freed blocks cached,
+        # and while a CUDA graph is captured it cannot release them (a model near the card's size would run
+        # out of memory in its first compiled step)
+        torch.cuda.empty_cache()
     return loaded
 
 
