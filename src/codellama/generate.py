@@ -255,8 +255,9 @@ def load_for_inference(spec: str | None, device: str, dtype: torch.dtype | None,
         pack_for_int8_activations(loaded.model)
     if loaded.model.device.type == "cuda":
         # the unstacked projections' memory back to the driver: torch's allocator keeps freed blocks cached,
-        # and while a CUDA graph is captured it cannot release them (a model near the card's size would run
-        # out of memory in its first compiled step)
+        # a CUDA graph's private pool does not take them, and during capture they cannot be released
+        # (cudaFree is not allowed then): a model near the card's size could run out of memory in its first
+        # compiled step (reasoned from the allocator, not seen)
         torch.cuda.empty_cache()
     return loaded
 
