@@ -229,11 +229,15 @@ class MultiPLE(Task):
     def load(self) -> list[dict]:
         path = data_file(self.data_dir, "multipl-e", f"humaneval-{self.lang.name}.jsonl", self.name)
         rows = list(read_jsonl(path, ("name", "prompt", "tests", "stop_tokens")))
-        for r in rows:  # sorted by the number in it: an AttributeError traceback for another name
-            if not re.match(r"HumanEval_(\d+)_", str(r["name"])):
-                raise UserError(f"{path}: problem name {r['name']!r} is not of the form HumanEval_<n>_<name>; "
+
+        def number(row: dict) -> int:  # rows are sorted by it: an AttributeError traceback for another name
+            found = re.match(r"HumanEval_(\d+)_", str(row["name"]))
+            if not found:
+                raise UserError(f"{path}: problem name {row['name']!r} is not of the form HumanEval_<n>_<name>; "
                                 "give MultiPL-E's humaneval-<lang>.jsonl")
-        rows.sort(key=lambda r: int(re.match(r"HumanEval_(\d+)_", r["name"]).group(1)))
+            return int(found.group(1))
+
+        rows.sort(key=number)
         if rows:
             self.stop = tuple(rows[0]["stop_tokens"])
         return [dict(r, task_id=r["name"]) for r in rows]
